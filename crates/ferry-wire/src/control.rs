@@ -1,0 +1,50 @@
+//! Messages on the control stream (one bidirectional stream per migration).
+
+use serde::{Deserialize, Serialize};
+
+/// A control-stream message. Encoded with postcard inside a [`crate::Frame::Control`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlMessage {
+    /// First message from the source: who it is and what it will send.
+    Hello {
+        version: u8,
+        migration_id: String,
+        /// One-time token the target handed out in Prepare.
+        token: String,
+        ram_bytes: u64,
+        page_size: u32,
+        page_streams: u16,
+    },
+    /// The target accepts the migration.
+    HelloOk { version: u8 },
+    /// The source finished round `round`; `batches_total` frames (page and zero batches)
+    /// have been sent on all page streams since the start of the migration.
+    RoundEnd { round: u32, batches_total: u64 },
+    /// The target has written every page of every batch up to `batches_applied`.
+    RoundApplied { round: u32, batches_applied: u64 },
+    /// The source asks for a digest of the target's RAM file (both sides paused).
+    DigestRequest,
+    /// BLAKE3 of the target's whole RAM file.
+    Digest { blake3: [u8; 32] },
+    /// The target QEMU finished loading the device state (or failed to).
+    DeviceStateLoaded { ok: bool, error: Option<String> },
+    /// Something went wrong on the sender's side; the migration is over.
+    Error { message: String },
+}
+
+impl ControlMessage {
+    /// Encodes to postcard bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, crate::WireError> {
+        postcard::to_allocvec(self).map_err(|e| crate::WireError::Control(e.to_string()))
+    }
+
+    /// Decodes postcard bytes; any malformed input is an error.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, crate::WireError> {
+        let (msg, rest) = postcard::take_from_bytes::<ControlMessage>(bytes)
+            .map_err(|e| crate::WireError::Control(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(crate::WireError::TrailingBytes(rest.len()));
+        }
+        Ok(msg)
+    }
+}

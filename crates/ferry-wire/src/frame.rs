@@ -1,0 +1,432 @@
+//! Stream headers and frames.
+//!
+//! ```text
+//! stream header (8 bytes): "FRRY" | version u8 | kind u8 | index u16 LE
+//! frame:                   length u32 LE | type u8 | body[length]
+//! page batch body:         round u32 | codec u8 | runs u16 | runs × (first u64, count u32)
+//!                          | crc32 u32 (of the raw pages) | payload
+//! zero pages body:         round u32 | runs u16 | runs × (first u64, count u32)
+//! control body:            postcard(ControlMessage)
+//! ```
+//! All integers little-endian. Page numbers are indices into the guest RAM file.
+
+use crate::{Codec, ControlMessage, WireError, PAGE_SIZE, PROTOCOL_VERSION};
+
+/// Bytes in a [`StreamHeader`].
+pub const STREAM_HEADER_LEN: usize = 8;
+/// Bytes before a frame body: length and type.
+pub const FRAME_HEADER_LEN: usize = 5;
+/// Most pages one batch may carry (4 MiB of guest memory).
+pub const MAX_BATCH_PAGES: usize = 1024;
+/// Largest frame body accepted: a full raw batch plus its header, with room to spare.
+pub const MAX_FRAME_BODY: usize = MAX_BATCH_PAGES * PAGE_SIZE + 64 * 1024;
+/// Most runs a batch header may list.
+const MAX_RUNS: usize = MAX_BATCH_PAGES;
+const MAGIC: [u8; 4] = *b"FRRY";
+
+/// What a QUIC stream carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    /// Bidirectional: [`ControlMessage`] frames both ways.
+    Control = 1,
+    /// Unidirectional, source to target: page batch and zero-page frames.
+    Pages = 2,
+    /// Bidirectional: QEMU's migration stream (device state), relayed byte for byte.
+    DeviceState = 3,
+}
+
+/// The first bytes of every stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamHeader {
+    pub version: u8,
+    pub kind: StreamKind,
+    /// Which page stream this is (0 for other kinds).
+    pub index: u16,
+}
+
+impl StreamHeader {
+    /// A header for this build's protocol version.
+    pub fn new(kind: StreamKind, index: u16) -> Self {
+        StreamHeader { version: PROTOCOL_VERSION, kind, index }
+    }
+
+    pub fn encode(&self) -> [u8; STREAM_HEADER_LEN] {
+        let i = self.index.to_le_bytes();
+        [MAGIC[0], MAGIC[1], MAGIC[2], MAGIC[3], self.version, self.kind as u8, i[0], i[1]]
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        if b.len() < STREAM_HEADER_LEN {
+            return Err(WireError::Truncated { what: "stream header", need: STREAM_HEADER_LEN, have: b.len() });
+        }
+        let magic = [b[0], b[1], b[2], b[3]];
+        if magic != MAGIC {
+            return Err(WireError::BadMagic(magic));
+        }
+        if !crate::version_supported(b[4]) {
+            return Err(WireError::UnsupportedVersion { got: b[4], ours: PROTOCOL_VERSION });
+        }
+        let kind = match b[5] {
+            1 => StreamKind::Control,
+            2 => StreamKind::Pages,
+            3 => StreamKind::DeviceState,
+            k => return Err(WireError::UnknownStreamKind(k)),
+        };
+        Ok(StreamHeader { version: b[4], kind, index: u16::from_le_bytes([b[6], b[7]]) })
+    }
+}
+
+/// Frame type byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameType {
+    Control = 1,
+    Pages = 2,
+    ZeroPages = 3,
+}
+
+impl FrameType {
+    fn from_u8(t: u8) -> Result<Self, WireError> {
+        match t {
+            1 => Ok(FrameType::Control),
+            2 => Ok(FrameType::Pages),
+            3 => Ok(FrameType::ZeroPages),
+            other => Err(WireError::UnknownFrameType(other)),
+        }
+    }
+}
+
+/// `count` consecutive pages starting at page `first`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRun {
+    pub first: u64,
+    pub count: u32,
+}
+
+impl PageRun {
+    /// Page indices of this run.
+    pub fn pages(&self) -> impl Iterator<Item = u64> {
+        self.first..self.first + u64::from(self.count)
+    }
+}
+
+/// Decoded page batch: raw page bytes in run order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageBatch {
+    pub round: u32,
+    /// The codec the payload travelled with.
+    pub codec: Codec,
+    pub runs: Vec<PageRun>,
+    /// `page_count() * PAGE_SIZE` bytes.
+    pub data: Vec<u8>,
+    /// Payload bytes on the wire (compressed size).
+    pub wire_payload: usize,
+}
+
+impl PageBatch {
+    /// Number of pages in the batch.
+    pub fn page_count(&self) -> usize {
+        self.runs.iter().map(|r| r.count as usize).sum()
+    }
+
+    /// Encodes one batch as a complete frame. `raw` holds the pages of `runs` in order.
+    /// The payload is compressed with `codec` unless that does not make it smaller.
+    pub fn encode(round: u32, runs: &[PageRun], raw: &[u8], codec: Codec) -> Result<EncodedBatch, WireError> {
+        let pages = checked_page_count(runs)?;
+        if raw.len() != pages * PAGE_SIZE {
+            return Err(WireError::InvalidBatch(format!(
+                "{} bytes of page data for {pages} pages",
+                raw.len()
+            )));
+        }
+        let crc = crc32fast::hash(raw);
+        let compressed = codec.compress(raw)?;
+        let (used, payload): (Codec, &[u8]) = match &compressed {
+            Some(c) => (codec, c.as_slice()),
+            None => (Codec::None, raw),
+        };
+        let head = 4 + 1 + 2 + runs.len() * 12 + 4;
+        let body_len = head + payload.len();
+        let mut out = Vec::with_capacity(FRAME_HEADER_LEN + body_len);
+        out.extend_from_slice(&(body_len as u32).to_le_bytes());
+        out.push(FrameType::Pages as u8);
+        out.extend_from_slice(&round.to_le_bytes());
+        out.push(used.id());
+        out.extend_from_slice(&(runs.len() as u16).to_le_bytes());
+        put_runs(&mut out, runs);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(payload);
+        Ok(EncodedBatch { bytes: out, pages, codec: used, payload_len: payload.len() })
+    }
+}
+
+/// Pages that are all zero on the source: the target writes zeros (no payload travels).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZeroPages {
+    pub round: u32,
+    pub runs: Vec<PageRun>,
+}
+
+impl ZeroPages {
+    /// Encodes as a complete frame.
+    pub fn encode(round: u32, runs: &[PageRun]) -> Result<EncodedBatch, WireError> {
+        let pages = checked_page_count(runs)?;
+        let body_len = 4 + 2 + runs.len() * 12;
+        let mut out = Vec::with_capacity(FRAME_HEADER_LEN + body_len);
+        out.extend_from_slice(&(body_len as u32).to_le_bytes());
+        out.push(FrameType::ZeroPages as u8);
+        out.extend_from_slice(&round.to_le_bytes());
+        out.extend_from_slice(&(runs.len() as u16).to_le_bytes());
+        put_runs(&mut out, runs);
+        Ok(EncodedBatch { bytes: out, pages, codec: Codec::None, payload_len: 0 })
+    }
+}
+
+/// A frame ready to send, with what it carries for the statistics.
+#[derive(Debug, Clone)]
+pub struct EncodedBatch {
+    /// The whole frame, header included.
+    pub bytes: Vec<u8>,
+    pub pages: usize,
+    /// The codec actually used (`None` when compression did not pay).
+    pub codec: Codec,
+    pub payload_len: usize,
+}
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Control(ControlMessage),
+    Pages(PageBatch),
+    ZeroPages(ZeroPages),
+}
+
+impl Frame {
+    /// Parses a frame header: the body length (checked against [`MAX_FRAME_BODY`]) and type.
+    pub fn parse_header(h: &[u8]) -> Result<(FrameType, usize), WireError> {
+        if h.len() < FRAME_HEADER_LEN {
+            return Err(WireError::Truncated { what: "frame header", need: FRAME_HEADER_LEN, have: h.len() });
+        }
+        let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+        if len > MAX_FRAME_BODY {
+            return Err(WireError::FrameTooLarge { len, max: MAX_FRAME_BODY });
+        }
+        Ok((FrameType::from_u8(h[4])?, len))
+    }
+
+    /// Decodes a frame body of the given type.
+    pub fn decode_body(ty: FrameType, body: &[u8]) -> Result<Frame, WireError> {
+        let mut r = Reader { buf: body, pos: 0 };
+        let frame = match ty {
+            FrameType::Control => return Ok(Frame::Control(ControlMessage::from_bytes(body)?)),
+            FrameType::ZeroPages => {
+                let round = r.u32("zero-pages round")?;
+                let runs = r.runs()?;
+                checked_page_count(&runs)?;
+                Frame::ZeroPages(ZeroPages { round, runs })
+            }
+            FrameType::Pages => {
+                let round = r.u32("batch round")?;
+                let codec = Codec::from_id(r.u8("batch codec")?)?;
+                let runs = r.runs()?;
+                let pages = checked_page_count(&runs)?;
+                let crc = r.u32("batch checksum")?;
+                let payload = r.rest();
+                let mut data = vec![0u8; pages * PAGE_SIZE];
+                codec.decompress_into(payload, &mut data)?;
+                let actual = crc32fast::hash(&data);
+                if actual != crc {
+                    return Err(WireError::ChecksumMismatch { expected: crc, actual });
+                }
+                return Ok(Frame::Pages(PageBatch { round, codec, runs, data, wire_payload: payload.len() }));
+            }
+        };
+        if r.pos != body.len() {
+            return Err(WireError::TrailingBytes(body.len() - r.pos));
+        }
+        Ok(frame)
+    }
+
+    /// Decodes one whole frame from the front of `buf`; returns it and the bytes consumed.
+    pub fn decode(buf: &[u8]) -> Result<(Frame, usize), WireError> {
+        let (ty, len) = Frame::parse_header(buf)?;
+        let end = FRAME_HEADER_LEN + len;
+        if buf.len() < end {
+            return Err(WireError::Truncated { what: "frame body", need: end, have: buf.len() });
+        }
+        Ok((Frame::decode_body(ty, &buf[FRAME_HEADER_LEN..end])?, end))
+    }
+
+    /// Encodes a control message as a complete frame.
+    pub fn encode_control(msg: &ControlMessage) -> Result<Vec<u8>, WireError> {
+        let body = msg.to_bytes()?;
+        if body.len() > MAX_FRAME_BODY {
+            return Err(WireError::FrameTooLarge { len: body.len(), max: MAX_FRAME_BODY });
+        }
+        let mut out = Vec::with_capacity(FRAME_HEADER_LEN + body.len());
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.push(FrameType::Control as u8);
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+}
+
+fn put_runs(out: &mut Vec<u8>, runs: &[PageRun]) {
+    for run in runs {
+        out.extend_from_slice(&run.first.to_le_bytes());
+        out.extend_from_slice(&run.count.to_le_bytes());
+    }
+}
+
+/// Total pages of `runs`, rejecting empty runs, overflow and oversized batches.
+fn checked_page_count(runs: &[PageRun]) -> Result<usize, WireError> {
+    if runs.len() > MAX_RUNS {
+        return Err(WireError::InvalidBatch(format!("{} runs (max {MAX_RUNS})", runs.len())));
+    }
+    let mut total = 0usize;
+    for run in runs {
+        if run.count == 0 {
+            return Err(WireError::InvalidBatch("empty page run".into()));
+        }
+        if run.first.checked_add(u64::from(run.count)).is_none() {
+            return Err(WireError::InvalidBatch(format!("page run at {} overflows", run.first)));
+        }
+        total = total.saturating_add(run.count as usize);
+    }
+    if total == 0 || total > MAX_BATCH_PAGES {
+        return Err(WireError::InvalidBatch(format!("{total} pages (must be 1..={MAX_BATCH_PAGES})")));
+    }
+    Ok(total)
+}
+
+/// Bounds-checked little-endian reader.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], WireError> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or(WireError::Truncated {
+            what,
+            need: self.pos.saturating_add(n),
+            have: self.buf.len(),
+        })?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self, what: &'static str) -> Result<u8, WireError> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn u16(&mut self, what: &'static str) -> Result<u16, WireError> {
+        let b = self.take(2, what)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self, what: &'static str) -> Result<u32, WireError> {
+        let b = self.take(4, what)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self, what: &'static str) -> Result<u64, WireError> {
+        let b = self.take(8, what)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn runs(&mut self) -> Result<Vec<PageRun>, WireError> {
+        let n = self.u16("run count")? as usize;
+        if n > MAX_RUNS {
+            return Err(WireError::InvalidBatch(format!("{n} runs (max {MAX_RUNS})")));
+        }
+        let mut runs = Vec::with_capacity(n);
+        for _ in 0..n {
+            runs.push(PageRun { first: self.u64("run start")?, count: self.u32("run length")? });
+        }
+        Ok(runs)
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        let s = &self.buf[self.pos..];
+        self.pos = self.buf.len();
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_pages(n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n * PAGE_SIZE);
+        for p in 0..n {
+            for i in 0..PAGE_SIZE {
+                v.push(if p % 2 == 0 { b"guest memory "[i % 13] } else { ((i * 31 + p * 7) % 251) as u8 });
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn stream_header_round_trip_and_errors() {
+        let h = StreamHeader::new(StreamKind::Pages, 3);
+        assert_eq!(StreamHeader::decode(&h.encode()), Ok(h));
+        assert!(matches!(StreamHeader::decode(b"HTTP/1.1"), Err(WireError::BadMagic(_))));
+        let mut b = h.encode();
+        b[4] = 99;
+        assert!(matches!(StreamHeader::decode(&b), Err(WireError::UnsupportedVersion { got: 99, .. })));
+        assert!(matches!(StreamHeader::decode(&b[..3]), Err(WireError::Truncated { .. })));
+    }
+
+    #[test]
+    fn page_batch_round_trip_each_codec() {
+        let runs = [PageRun { first: 10, count: 3 }, PageRun { first: 100, count: 1 }];
+        let raw = sample_pages(4);
+        for codec in [Codec::None, Codec::Lz4, Codec::Zstd { level: 3 }] {
+            let enc = PageBatch::encode(7, &runs, &raw, codec).unwrap();
+            let (frame, used) = Frame::decode(&enc.bytes).unwrap();
+            assert_eq!(used, enc.bytes.len());
+            match frame {
+                Frame::Pages(b) => {
+                    assert_eq!(b.round, 7);
+                    assert_eq!(b.runs, runs);
+                    assert_eq!(b.data, raw);
+                    assert_eq!(b.codec.id(), enc.codec.id(), "decoders know the codec, not its level");
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+            if codec != Codec::None {
+                assert!(enc.payload_len < raw.len(), "{codec} should shrink the sample");
+            }
+        }
+    }
+
+    #[test]
+    fn zero_pages_and_control_round_trip() {
+        let runs = [PageRun { first: 0, count: 1024 }];
+        let enc = ZeroPages::encode(2, &runs).unwrap();
+        assert_eq!(Frame::decode(&enc.bytes).unwrap().0, Frame::ZeroPages(ZeroPages { round: 2, runs: runs.to_vec() }));
+        let msg = ControlMessage::RoundEnd { round: 4, batches_total: 99 };
+        let bytes = Frame::encode_control(&msg).unwrap();
+        assert_eq!(Frame::decode(&bytes).unwrap().0, Frame::Control(msg));
+    }
+
+    #[test]
+    fn corrupt_payload_is_detected() {
+        let runs = [PageRun { first: 0, count: 2 }];
+        let raw = sample_pages(2);
+        let mut enc = PageBatch::encode(1, &runs, &raw, Codec::None).unwrap().bytes;
+        let last = enc.len() - 1;
+        enc[last] ^= 0xff;
+        assert!(matches!(Frame::decode(&enc), Err(WireError::ChecksumMismatch { .. })));
+    }
+
+    #[test]
+    fn rejects_oversized_and_empty_batches() {
+        let too_many = [PageRun { first: 0, count: (MAX_BATCH_PAGES + 1) as u32 }];
+        assert!(PageBatch::encode(0, &too_many, &[], Codec::None).is_err());
+        assert!(ZeroPages::encode(0, &[PageRun { first: 5, count: 0 }]).is_err());
+        assert!(ZeroPages::encode(0, &[PageRun { first: u64::MAX, count: 2 }]).is_err());
+        let mut huge = vec![0u8; 5];
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        huge[4] = 2;
+        assert!(matches!(Frame::decode(&huge), Err(WireError::FrameTooLarge { .. })));
+    }
+}

@@ -1,0 +1,60 @@
+//! ferry's data-plane wire format: the bytes that travel on the QUIC streams between
+//! two agents during a migration.
+//!
+//! This crate knows nothing about sockets, QUIC or QEMU; it turns typed values into bytes
+//! and back, and its decoder returns an error — never panics — on any input. The layout is
+//! documented in `ARCHITECTURE.md` ("Wire format").
+//!
+//! * Every stream starts with a [`StreamHeader`] naming its [`StreamKind`].
+//! * Control and page streams then carry [`Frame`]s: `u32 length | u8 type | body`.
+//! * The device-state stream carries QEMU's own migration bytes, unframed.
+
+mod codec;
+mod control;
+mod frame;
+
+pub use codec::{Codec, CodecError};
+pub use control::ControlMessage;
+pub use frame::{
+    Frame, FrameType, PageBatch, PageRun, StreamHeader, StreamKind, ZeroPages, EncodedBatch,
+    FRAME_HEADER_LEN, MAX_BATCH_PAGES, MAX_FRAME_BODY, STREAM_HEADER_LEN,
+};
+
+/// Version of the data-plane protocol this build speaks. A receiver accepts its own
+/// version and the previous one (see [`version_supported`]).
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Guest page size the wire format is written for.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Whether a peer speaking `version` can be served: the current and the previous version.
+pub fn version_supported(version: u8) -> bool {
+    version == PROTOCOL_VERSION || (PROTOCOL_VERSION > 1 && version == PROTOCOL_VERSION - 1)
+}
+
+/// Everything that can be wrong with bytes received from a peer.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("truncated {what}: need {need} bytes, have {have}")]
+    Truncated { what: &'static str, need: usize, have: usize },
+    #[error("bad stream magic {0:02x?} (not a ferry stream)")]
+    BadMagic([u8; 4]),
+    #[error("unsupported protocol version {got} (this agent speaks {ours})")]
+    UnsupportedVersion { got: u8, ours: u8 },
+    #[error("unknown stream kind {0}")]
+    UnknownStreamKind(u8),
+    #[error("unknown frame type {0}")]
+    UnknownFrameType(u8),
+    #[error("frame body of {len} bytes exceeds the limit of {max}")]
+    FrameTooLarge { len: usize, max: usize },
+    #[error("invalid page batch: {0}")]
+    InvalidBatch(String),
+    #[error("page batch checksum mismatch: expected {expected:08x}, computed {actual:08x}")]
+    ChecksumMismatch { expected: u32, actual: u32 },
+    #[error("codec: {0}")]
+    Codec(#[from] CodecError),
+    #[error("control message: {0}")]
+    Control(String),
+    #[error("{0} trailing bytes after frame body")]
+    TrailingBytes(usize),
+}
