@@ -1,0 +1,112 @@
+//! Typed reading and writing of ferry-wire frames on QUIC streams.
+
+use crate::TransportError;
+use ferry_wire::{ControlMessage, Frame, StreamHeader, FRAME_HEADER_LEN, STREAM_HEADER_LEN};
+use quinn::{ReadExactError, RecvStream, SendStream};
+
+fn read_err(e: ReadExactError) -> TransportError {
+    match e {
+        ReadExactError::FinishedEarly(_) => TransportError::Closed,
+        ReadExactError::ReadError(e) => TransportError::Stream(e.to_string()),
+    }
+}
+
+/// Writes the stream header that opens every stream.
+pub async fn write_stream_header(send: &mut SendStream, header: StreamHeader) -> Result<(), TransportError> {
+    send.write_all(&header.encode()).await.map_err(|e| TransportError::Stream(e.to_string()))
+}
+
+/// Reads and validates the stream header.
+pub async fn read_stream_header(recv: &mut RecvStream) -> Result<StreamHeader, TransportError> {
+    let mut b = [0u8; STREAM_HEADER_LEN];
+    recv.read_exact(&mut b).await.map_err(read_err)?;
+    Ok(StreamHeader::decode(&b)?)
+}
+
+/// Reads frames from a stream, enforcing the frame size limit before allocating.
+pub struct FrameReader {
+    recv: RecvStream,
+    body: Vec<u8>,
+    /// Bytes read from the stream so far.
+    pub bytes_read: u64,
+}
+
+impl FrameReader {
+    pub fn new(recv: RecvStream) -> Self {
+        FrameReader { recv, body: Vec::new(), bytes_read: 0 }
+    }
+
+    /// Next frame; `Ok(None)` when the peer finished the stream cleanly between frames.
+    pub async fn next(&mut self) -> Result<Option<Frame>, TransportError> {
+        let mut h = [0u8; FRAME_HEADER_LEN];
+        match self.recv.read_exact(&mut h).await {
+            Ok(()) => {}
+            Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
+            Err(e) => return Err(read_err(e)),
+        }
+        let (ty, len) = Frame::parse_header(&h)?;
+        self.body.resize(len, 0);
+        self.recv.read_exact(&mut self.body).await.map_err(read_err)?;
+        self.bytes_read += (FRAME_HEADER_LEN + len) as u64;
+        Ok(Some(Frame::decode_body(ty, &self.body)?))
+    }
+
+    /// Stops the peer from sending more (used when aborting).
+    pub fn stop(&mut self) {
+        let _ = self.recv.stop(0u32.into());
+    }
+}
+
+/// Writes already-encoded frames.
+pub struct FrameWriter {
+    send: SendStream,
+    /// Bytes written so far.
+    pub bytes_written: u64,
+}
+
+impl FrameWriter {
+    pub fn new(send: SendStream) -> Self {
+        FrameWriter { send, bytes_written: 0 }
+    }
+
+    pub async fn write(&mut self, frame: &[u8]) -> Result<(), TransportError> {
+        self.send.write_all(frame).await.map_err(|e| TransportError::Stream(e.to_string()))?;
+        self.bytes_written += frame.len() as u64;
+        Ok(())
+    }
+
+    /// Finishes the stream (the reader then sees a clean end).
+    pub fn finish(&mut self) -> Result<(), TransportError> {
+        self.send.finish().map_err(|e| TransportError::Stream(e.to_string()))
+    }
+}
+
+/// The control stream: request/response messages in both directions.
+pub struct ControlChannel {
+    writer: FrameWriter,
+    reader: FrameReader,
+}
+
+impl ControlChannel {
+    pub fn new(send: SendStream, recv: RecvStream) -> Self {
+        ControlChannel { writer: FrameWriter::new(send), reader: FrameReader::new(recv) }
+    }
+
+    pub async fn send(&mut self, msg: &ControlMessage) -> Result<(), TransportError> {
+        self.writer.write(&Frame::encode_control(msg)?).await
+    }
+
+    /// Next control message; a closed stream is [`TransportError::Closed`].
+    pub async fn recv(&mut self) -> Result<ControlMessage, TransportError> {
+        match self.reader.next().await? {
+            Some(Frame::Control(m)) => Ok(m),
+            Some(_) => Err(TransportError::UnexpectedFrame("control")),
+            None => Err(TransportError::Closed),
+        }
+    }
+
+    /// Splits into halves so one task can send while another receives.
+    pub fn split(self) -> (FrameWriter, FrameReader) {
+        (self.writer, self.reader)
+    }
+}
