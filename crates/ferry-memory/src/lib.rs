@@ -1,0 +1,49 @@
+//! ferry-memory: guest RAM access and dirty-page tracking for live migration.
+//!
+//! * [`RamFile`]: QEMU's guest RAM file (`memory-backend-file,share=on`), mapped `MAP_SHARED`.
+//! * [`DirtyBitmap`]: one bit per guest page.
+//! * [`DirtyTracker`]: "which pages did the guest write since last time", implemented by
+//!   [`UffdTracker`] (userfaultfd async write-protect + `PAGEMAP_SCAN`, Linux >= 6.7) and
+//!   [`SoftDirtyTracker`] (needs CONFIG_MEM_SOFT_DIRTY). Never trust a tracker that has not
+//!   passed [`self_test`]: a kernel without soft-dirty accepts the interface and reports nothing.
+//! * [`UFFD_SHIM_SO`] / [`install_shim`]: the LD_PRELOAD shim that creates the userfaultfd
+//!   inside QEMU, where it has to live.
+
+// `is_multiple_of` needs Rust 1.87; the workspace's rust-version is 1.85.
+#![allow(clippy::manual_is_multiple_of)]
+
+mod bitmap;
+mod error;
+pub mod maps;
+mod ram;
+mod selftest;
+mod shim;
+mod softdirty;
+pub mod uffd;
+
+pub use bitmap::DirtyBitmap;
+pub use error::{MemoryError, TrackerError};
+pub use ram::RamFile;
+pub use selftest::{
+    choose_tracker, self_test, verify_tracker, TrackerKind, MAX_EXTRA_PAGES, MAX_IDLE_PAGES,
+};
+pub use shim::{install_shim, DEFAULT_SHIM_FD, SHIM_FD_ENV, SHIM_FILE_NAME, UFFD_SHIM_SO};
+pub use softdirty::SoftDirtyTracker;
+pub use uffd::UffdTracker;
+
+/// Guest page size ferry works in (x86_64 base pages).
+pub const PAGE_SIZE: usize = 4096;
+
+/// Reports which guest pages were written.
+///
+/// Page indices are indices into the RAM *file* (the mapping's file offset is accounted for).
+pub trait DirtyTracker: Send {
+    /// Short name for logs and errors.
+    fn name(&self) -> &'static str;
+    /// Start tracking: from now on every write is reported by the next [`collect`](Self::collect).
+    fn arm(&mut self) -> Result<(), TrackerError>;
+    /// Pages written since `arm` or the previous `collect`; tracking continues (re-armed).
+    fn collect(&mut self) -> Result<DirtyBitmap, TrackerError>;
+    /// Stop tracking.
+    fn disarm(&mut self) -> Result<(), TrackerError>;
+}

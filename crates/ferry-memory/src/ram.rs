@@ -1,0 +1,637 @@
+//! [`RamFile`]: a QEMU guest RAM file (`memory-backend-file,share=on`, usually in /dev/shm)
+//! mapped `MAP_SHARED` into the agent.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use blake3::hazmat::{self, ChainingValue, HasherExt, Mode};
+use memmap2::{MmapOptions, MmapRaw};
+
+use crate::{DirtyBitmap, MemoryError, PAGE_SIZE};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// Bytes copied out of the mapping per hasher update.
+const HASH_CHUNK: usize = 1 << 20;
+/// Smallest subtree one thread hashes in `digest_parallel`.
+const MIN_PARALLEL_LEAF: u64 = 4 << 20;
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// A guest RAM file mapped `MAP_SHARED`.
+///
+/// QEMU (or the guest) writes this memory concurrently, so no `&[u8]` into the mapping ever
+/// escapes: every accessor copies with raw pointer copies into caller buffers.
+///
+/// Holes: on tmpfs, *reading* a hole through a shared mapping allocates a page (shmem faults
+/// allocate). [`nonzero_pages`](Self::nonzero_pages), [`digest`](Self::digest) and
+/// [`digest_parallel`](Self::digest_parallel) therefore skip holes with `SEEK_DATA`/`SEEK_HOLE`
+/// and never touch them; the per-page accessors do touch the page they are asked about.
+///
+/// Truncating the file while it is mapped would make accesses fault with SIGBUS; QEMU never
+/// does that to its RAM file.
+pub struct RamFile {
+    file: File,
+    map: MmapRaw,
+    path: PathBuf,
+    len: u64,
+    writable: bool,
+}
+
+impl std::fmt::Debug for RamFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RamFile")
+            .field("path", &self.path)
+            .field("len", &self.len)
+            .field("writable", &self.writable)
+            .finish()
+    }
+}
+
+// `MmapRaw` is Send + Sync (it is only an address and a length) and `File` is too, so
+// `RamFile` is Send + Sync without any `unsafe impl`: concurrent accessors only do raw-pointer
+// copies into/out of the shared mapping, which is exactly what another process does to it anyway.
+
+fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> MemoryError {
+    MemoryError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl RamFile {
+    /// Map an existing RAM file. Its size must be a non-zero multiple of [`PAGE_SIZE`].
+    pub fn open(path: impl AsRef<Path>, writable: bool) -> Result<Self, MemoryError> {
+        let path = path.as_ref();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|e| io_err("open", path, e))?;
+        let len = file.metadata().map_err(|e| io_err("stat", path, e))?.len();
+        Self::map(file, path, len, writable)
+    }
+
+    /// Create a new sparse RAM file of `size_bytes` (a non-zero multiple of [`PAGE_SIZE`]) and
+    /// map it writable. Fails if the file already exists.
+    pub fn create(path: impl AsRef<Path>, size_bytes: u64) -> Result<Self, MemoryError> {
+        let path = path.as_ref();
+        if size_bytes == 0 || size_bytes % PAGE != 0 {
+            return Err(MemoryError::BadSize {
+                path: path.to_path_buf(),
+                len: size_bytes,
+            });
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| io_err("create", path, e))?;
+        let made = file
+            .set_len(size_bytes)
+            .map_err(|e| io_err("set_len", path, e))
+            .and_then(|()| Self::map(file, path, size_bytes, true));
+        if made.is_err() {
+            // Do not leave a half-made RAM file behind for the next attempt to trip over.
+            let _ = std::fs::remove_file(path);
+        }
+        made
+    }
+
+    fn map(file: File, path: &Path, len: u64, writable: bool) -> Result<Self, MemoryError> {
+        if len == 0 || len % PAGE != 0 || usize::try_from(len).is_err() {
+            return Err(MemoryError::BadSize {
+                path: path.to_path_buf(),
+                len,
+            });
+        }
+        let mut opts = MmapOptions::new();
+        opts.len(len as usize);
+        let map = if writable {
+            opts.map_raw(&file)
+        } else {
+            opts.map_raw_read_only(&file)
+        }
+        .map_err(|e| io_err("mmap", path, e))?;
+        Ok(RamFile {
+            file,
+            map,
+            path: path.to_path_buf(),
+            len,
+            writable,
+        })
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Always `false` (empty RAM files are refused); present for API symmetry.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Size in pages.
+    pub fn page_count(&self) -> u64 {
+        self.len / PAGE
+    }
+
+    /// The file's path as given to `open`/`create`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the mapping is writable.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// Address of the mapping in this process (for attaching a tracker to our own mapping).
+    pub fn mapping_addr(&self) -> usize {
+        self.map.as_ptr() as usize
+    }
+
+    fn check_range(&self, first: u64, count: u64) -> Result<(), MemoryError> {
+        let pages = self.page_count();
+        match first.checked_add(count) {
+            Some(end) if first < pages && end <= pages => Ok(()),
+            _ => Err(MemoryError::PageOutOfRange { idx: first, pages }),
+        }
+    }
+
+    fn check_writable(&self) -> Result<(), MemoryError> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(MemoryError::ReadOnly {
+                path: self.path.clone(),
+            })
+        }
+    }
+
+    fn page_ptr(&self, idx: u64) -> *mut u8 {
+        // In range by the callers' check_range; idx * PAGE < len <= usize::MAX.
+        self.map.as_mut_ptr().wrapping_add((idx * PAGE) as usize)
+    }
+
+    /// Copy page `idx` into `buf` (exactly [`PAGE_SIZE`] bytes).
+    pub fn read_page(&self, idx: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        if buf.len() != PAGE_SIZE {
+            return Err(MemoryError::BufferSize {
+                expected: PAGE_SIZE,
+                got: buf.len(),
+            });
+        }
+        self.read_pages(idx, buf)
+    }
+
+    /// Copy `buf.len() / PAGE_SIZE` pages starting at `first_idx` into `buf`, whose length must
+    /// be a non-zero multiple of [`PAGE_SIZE`].
+    pub fn read_pages(&self, first_idx: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        if buf.is_empty() || buf.len() % PAGE_SIZE != 0 {
+            return Err(MemoryError::BufferSize {
+                expected: buf.len().div_ceil(PAGE_SIZE).max(1) * PAGE_SIZE,
+                got: buf.len(),
+            });
+        }
+        self.check_range(first_idx, (buf.len() / PAGE_SIZE) as u64)?;
+        // SAFETY: the source range lies inside the live mapping (checked above) and cannot
+        // overlap `buf`, which is Rust-owned memory. A plain copy (no reference into the shared
+        // memory) is the right tool for memory another process may be writing.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.page_ptr(first_idx), buf.as_mut_ptr(), buf.len())
+        };
+        Ok(())
+    }
+
+    /// Overwrite page `idx` with `data` (exactly [`PAGE_SIZE`] bytes).
+    pub fn write_page(&self, idx: u64, data: &[u8]) -> Result<(), MemoryError> {
+        if data.len() != PAGE_SIZE {
+            return Err(MemoryError::BufferSize {
+                expected: PAGE_SIZE,
+                got: data.len(),
+            });
+        }
+        self.write_pages(idx, data)
+    }
+
+    /// Overwrite `data.len() / PAGE_SIZE` pages starting at `first_idx`; `data.len()` must be a
+    /// non-zero multiple of [`PAGE_SIZE`].
+    pub fn write_pages(&self, first_idx: u64, data: &[u8]) -> Result<(), MemoryError> {
+        if data.is_empty() || data.len() % PAGE_SIZE != 0 {
+            return Err(MemoryError::BufferSize {
+                expected: data.len().div_ceil(PAGE_SIZE).max(1) * PAGE_SIZE,
+                got: data.len(),
+            });
+        }
+        self.check_writable()?;
+        self.check_range(first_idx, (data.len() / PAGE_SIZE) as u64)?;
+        // SAFETY: destination inside the live, writable mapping (checked above); source is a
+        // Rust slice that cannot overlap a mapping we never hand out.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.page_ptr(first_idx), data.len())
+        };
+        Ok(())
+    }
+
+    /// Fill page `idx` with zeros.
+    pub fn zero_page(&self, idx: u64) -> Result<(), MemoryError> {
+        self.check_writable()?;
+        self.check_range(idx, 1)?;
+        // SAFETY: in-range page of the live writable mapping.
+        unsafe { std::ptr::write_bytes(self.page_ptr(idx), 0, PAGE_SIZE) };
+        Ok(())
+    }
+
+    /// Whether page `idx` is all zeros (compared 64 bytes at a time as u64 words).
+    ///
+    /// Touches the page: on a tmpfs hole this allocates it. Prefer
+    /// [`nonzero_pages`](Self::nonzero_pages) for whole-file scans.
+    pub fn is_zero_page(&self, idx: u64) -> Result<bool, MemoryError> {
+        self.check_range(idx, 1)?;
+        // SAFETY: in-range page of the live mapping; page-aligned, so u64-aligned.
+        Ok(unsafe { is_zero_raw(self.page_ptr(idx), PAGE_SIZE) })
+    }
+
+    /// Every page that is not all zeros. Holes are skipped without being touched.
+    pub fn nonzero_pages(&self) -> Result<DirtyBitmap, MemoryError> {
+        let mut bm = DirtyBitmap::new(self.page_count());
+        self.for_each_segment(0, self.len, |start, end, is_data| {
+            if is_data {
+                for idx in start / PAGE..end.div_ceil(PAGE) {
+                    // SAFETY: segments lie inside 0..len, so idx is an in-range page.
+                    if !unsafe { is_zero_raw(self.page_ptr(idx), PAGE_SIZE) } {
+                        bm.set(idx);
+                    }
+                }
+            }
+        });
+        Ok(bm)
+    }
+
+    /// BLAKE3 of the whole file content (holes hash as zeros, without being touched).
+    pub fn digest(&self) -> Result<blake3::Hash, MemoryError> {
+        let mut hasher = blake3::Hasher::new();
+        self.hash_range(&mut hasher, 0, self.len);
+        Ok(hasher.finalize())
+    }
+
+    /// Same value as [`digest`](Self::digest), computed by up to `threads` threads hashing
+    /// disjoint BLAKE3 subtrees (via `blake3::hazmat`) and merging them.
+    pub fn digest_parallel(&self, threads: usize) -> Result<blake3::Hash, MemoryError> {
+        let leaf = (self.len / (threads.max(1) as u64 * 4)).max(MIN_PARALLEL_LEAF);
+        self.digest_tree(threads, leaf)
+    }
+
+    fn digest_tree(&self, threads: usize, leaf_max: u64) -> Result<blake3::Hash, MemoryError> {
+        if threads <= 1 || self.len <= leaf_max {
+            return self.digest();
+        }
+        // Split with left_subtree_len, which always yields valid BLAKE3 subtrees.
+        enum Node {
+            Leaf(usize),
+            Parent(Box<Node>, Box<Node>),
+        }
+        fn build(start: u64, len: u64, leaf_max: u64, leaves: &mut Vec<(u64, u64)>) -> Node {
+            if len <= leaf_max {
+                leaves.push((start, len));
+                Node::Leaf(leaves.len() - 1)
+            } else {
+                let left = hazmat::left_subtree_len(len);
+                Node::Parent(
+                    Box::new(build(start, left, leaf_max, leaves)),
+                    Box::new(build(start + left, len - left, leaf_max, leaves)),
+                )
+            }
+        }
+        fn cv(node: &Node, cvs: &[ChainingValue]) -> ChainingValue {
+            match node {
+                Node::Leaf(i) => cvs[*i],
+                Node::Parent(l, r) => {
+                    hazmat::merge_subtrees_non_root(&cv(l, cvs), &cv(r, cvs), Mode::Hash)
+                }
+            }
+        }
+        let mut leaves = Vec::new();
+        let root = build(0, self.len, leaf_max, &mut leaves);
+
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let mut cvs: Vec<ChainingValue> = vec![[0; 32]; leaves.len()];
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads.min(leaves.len()))
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut done = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(&(start, len)) = leaves.get(i) else {
+                                break;
+                            };
+                            let mut h = blake3::Hasher::new();
+                            h.set_input_offset(start);
+                            self.hash_range(&mut h, start, start + len);
+                            done.push((i, h.finalize_non_root()));
+                        }
+                        done
+                    })
+                })
+                .collect();
+            for w in workers {
+                // A worker only panics if blake3 asserts, i.e. a bug in the split above:
+                // re-raise it rather than return a wrong digest.
+                match w.join() {
+                    Ok(done) => done.into_iter().for_each(|(i, c)| cvs[i] = c),
+                    Err(p) => std::panic::resume_unwind(p),
+                }
+            }
+        });
+        match &root {
+            Node::Parent(l, r) => Ok(hazmat::merge_subtrees_root(
+                &cv(l, &cvs),
+                &cv(r, &cvs),
+                Mode::Hash,
+            )),
+            // len > leaf_max, so the root is always split.
+            Node::Leaf(_) => self.digest(),
+        }
+    }
+
+    /// Feed bytes `start..end` to `hasher`: data copied out in chunks, holes as zeros.
+    fn hash_range(&self, hasher: &mut blake3::Hasher, start: u64, end: u64) {
+        let mut buf = vec![0u8; HASH_CHUNK];
+        self.for_each_segment(start, end, |s, e, is_data| {
+            let mut pos = s;
+            while pos < e {
+                if is_data {
+                    let n = ((e - pos) as usize).min(HASH_CHUNK);
+                    // SAFETY: pos..pos+n lies inside the mapping (segments are clamped to
+                    // 0..len) and buf is Rust-owned with room for n bytes.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            self.map.as_ptr().add(pos as usize),
+                            buf.as_mut_ptr(),
+                            n,
+                        )
+                    };
+                    hasher.update(&buf[..n]);
+                    pos += n as u64;
+                } else {
+                    let n = ((e - pos) as usize).min(ZEROS.len());
+                    hasher.update(&ZEROS[..n]);
+                    pos += n as u64;
+                }
+            }
+        });
+    }
+
+    /// Walk `start..end` (page aligned) as alternating hole / data segments found with
+    /// `SEEK_DATA`/`SEEK_HOLE`. If the filesystem cannot tell, everything is data.
+    /// `lseek` moves the shared file offset, which nothing else here uses.
+    fn for_each_segment(&self, start: u64, end: u64, mut f: impl FnMut(u64, u64, bool)) {
+        let fd = self.file.as_raw_fd();
+        let mut pos = start;
+        while pos < end {
+            // SAFETY: lseek on an fd we own; no memory is passed.
+            let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+            if data < 0 {
+                let enxio = std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+                // ENXIO: only a hole up to EOF. Anything else: no hole support, treat as data.
+                f(pos, end, !enxio);
+                return;
+            }
+            // Round down to a page: segments must be page aligned for the page-based callers.
+            let data = ((data as u64) / PAGE * PAGE).clamp(pos, end);
+            if data > pos {
+                f(pos, data, false);
+            }
+            if data >= end {
+                return;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+            let hole = if hole < 0 {
+                end
+            } else {
+                (hole as u64)
+                    .div_ceil(PAGE)
+                    .saturating_mul(PAGE)
+                    .clamp(data + PAGE, end)
+            };
+            f(data, hole, true);
+            pos = hole;
+        }
+    }
+}
+
+/// Whether `len` bytes at `p` are zero. `p` must be 8-byte aligned and `len` a multiple of 64.
+///
+/// # Safety
+/// `p..p+len` must be readable for the duration of the call.
+unsafe fn is_zero_raw(p: *const u8, len: usize) -> bool {
+    let w = p as *const u64;
+    let words = len / 8;
+    let mut i = 0;
+    while i < words {
+        // OR 8 words (one cache line) before branching: cheap and vectorizable.
+        let mut acc = 0u64;
+        for j in 0..8 {
+            acc |= w.add(i + j).read();
+        }
+        if acc != 0 {
+            return false;
+        }
+        i += 8;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn shm_dir() -> tempfile::TempDir {
+        // /dev/shm is tmpfs like QEMU's RAM files; fall back to the default temp dir.
+        tempfile::Builder::new()
+            .prefix("ferry-mem-test")
+            .tempdir_in("/dev/shm")
+            .or_else(|_| tempfile::tempdir())
+            .unwrap()
+    }
+
+    fn page_of(b: u8) -> Vec<u8> {
+        (0..PAGE_SIZE).map(|i| b.wrapping_add(i as u8)).collect()
+    }
+
+    #[test]
+    fn create_write_read() {
+        let dir = shm_dir();
+        let p = dir.path().join("ram");
+        let ram = RamFile::create(&p, 16 * PAGE).unwrap();
+        assert_eq!(ram.len(), 16 * PAGE);
+        assert_eq!(ram.page_count(), 16);
+        assert_eq!(ram.path(), p.as_path());
+        assert!(
+            RamFile::create(&p, 16 * PAGE).is_err(),
+            "create must fail if the file exists"
+        );
+
+        let data = page_of(7);
+        ram.write_page(3, &data).unwrap();
+        let mut buf = vec![0u8; PAGE_SIZE];
+        ram.read_page(3, &mut buf).unwrap();
+        assert_eq!(buf, data);
+
+        let mut two = vec![0u8; 2 * PAGE_SIZE];
+        ram.read_pages(2, &mut two).unwrap();
+        assert!(two[..PAGE_SIZE].iter().all(|&b| b == 0));
+        assert_eq!(&two[PAGE_SIZE..], &data[..]);
+
+        // Visible through a second, independent mapping (MAP_SHARED).
+        let ro = RamFile::open(&p, false).unwrap();
+        ro.read_page(3, &mut buf).unwrap();
+        assert_eq!(buf, data);
+        assert!(matches!(
+            ro.write_page(3, &data),
+            Err(MemoryError::ReadOnly { .. })
+        ));
+        assert!(matches!(ro.zero_page(3), Err(MemoryError::ReadOnly { .. })));
+
+        ram.zero_page(3).unwrap();
+        assert!(ram.is_zero_page(3).unwrap());
+    }
+
+    #[test]
+    fn zero_detection() {
+        let dir = shm_dir();
+        let ram = RamFile::create(dir.path().join("ram"), 64 * PAGE).unwrap();
+        assert!((0..64).all(|i| ram.is_zero_page(i).unwrap()));
+        assert!(ram.nonzero_pages().unwrap().is_empty());
+        // One non-zero byte at the very end of a page, one at the start of another.
+        let mut p = vec![0u8; PAGE_SIZE];
+        p[PAGE_SIZE - 1] = 1;
+        ram.write_page(10, &p).unwrap();
+        let mut q = vec![0u8; PAGE_SIZE];
+        q[0] = 0x80;
+        ram.write_page(63, &q).unwrap();
+        // A data page that holds only zeros is still a zero page.
+        ram.write_page(20, &vec![0u8; PAGE_SIZE]).unwrap();
+        assert!(!ram.is_zero_page(10).unwrap());
+        assert!(!ram.is_zero_page(63).unwrap());
+        assert!(ram.is_zero_page(20).unwrap());
+        assert_eq!(
+            ram.nonzero_pages().unwrap().iter().collect::<Vec<_>>(),
+            vec![10, 63]
+        );
+    }
+
+    #[test]
+    fn scanning_does_not_populate_holes() {
+        let dir = shm_dir();
+        let p = dir.path().join("ram");
+        let ram = RamFile::create(&p, 8192 * PAGE).unwrap(); // 32 MiB, sparse
+        ram.write_page(4000, &page_of(1)).unwrap();
+        let before = std::fs::metadata(&p).unwrap().blocks();
+        assert_eq!(
+            ram.nonzero_pages().unwrap().iter().collect::<Vec<_>>(),
+            vec![4000]
+        );
+        let _ = ram.digest().unwrap();
+        let _ = ram.digest_parallel(2).unwrap();
+        let after = std::fs::metadata(&p).unwrap().blocks();
+        assert_eq!(before, after, "scans must not allocate holes");
+    }
+
+    #[test]
+    fn digests() {
+        let dir = shm_dir();
+        let a = RamFile::create(dir.path().join("a"), 300 * PAGE).unwrap();
+        let b = RamFile::create(dir.path().join("b"), 300 * PAGE).unwrap();
+        for i in [0u64, 1, 150, 299] {
+            a.write_page(i, &page_of(i as u8)).unwrap();
+            b.write_page(i, &page_of(i as u8)).unwrap();
+        }
+        // b has an explicit zero page where a has a hole: same content, same digest.
+        b.zero_page(77).unwrap();
+        let da = a.digest().unwrap();
+        assert_eq!(da, b.digest().unwrap());
+
+        // Check against a plain in-memory hash of the same bytes.
+        let mut all = vec![0u8; 300 * PAGE_SIZE];
+        a.read_pages(0, &mut all).unwrap();
+        assert_eq!(da, blake3::hash(&all));
+
+        // Parallel digests equal the serial one, also with forced tiny leaves.
+        for threads in [1, 2, 3, 8] {
+            assert_eq!(a.digest_parallel(threads).unwrap(), da);
+            for leaf in [PAGE, 3 * PAGE, 64 * PAGE] {
+                assert_eq!(
+                    a.digest_tree(threads, leaf).unwrap(),
+                    da,
+                    "t={threads} leaf={leaf}"
+                );
+            }
+        }
+
+        // One byte changes the digest.
+        let mut p = page_of(150);
+        p[1234] ^= 1;
+        b.write_page(150, &p).unwrap();
+        assert_ne!(b.digest().unwrap(), da);
+        assert_ne!(b.digest_tree(4, PAGE).unwrap(), da);
+    }
+
+    #[test]
+    fn out_of_range_and_bad_buffers_are_errors() {
+        let dir = shm_dir();
+        let ram = RamFile::create(dir.path().join("ram"), 4 * PAGE).unwrap();
+        let mut buf = vec![0u8; PAGE_SIZE];
+        let oor = |r: Result<(), MemoryError>| {
+            assert!(
+                matches!(r, Err(MemoryError::PageOutOfRange { .. })),
+                "{r:?}"
+            )
+        };
+        oor(ram.read_page(4, &mut buf));
+        oor(ram.read_page(u64::MAX, &mut buf));
+        oor(ram.write_page(4, &buf));
+        oor(ram.zero_page(4));
+        assert!(matches!(
+            ram.is_zero_page(4),
+            Err(MemoryError::PageOutOfRange { .. })
+        ));
+        let mut two = vec![0u8; 2 * PAGE_SIZE];
+        oor(ram.read_pages(3, &mut two)); // straddles the end
+        oor(ram.read_pages(u64::MAX, &mut two)); // overflow
+        let mut short = vec![0u8; 100];
+        assert!(matches!(
+            ram.read_page(0, &mut short),
+            Err(MemoryError::BufferSize { .. })
+        ));
+        assert!(matches!(
+            ram.read_pages(0, &mut []),
+            Err(MemoryError::BufferSize { .. })
+        ));
+        assert!(matches!(
+            ram.write_page(0, &short),
+            Err(MemoryError::BufferSize { .. })
+        ));
+
+        assert!(matches!(
+            RamFile::create(dir.path().join("odd"), 100),
+            Err(MemoryError::BadSize { .. })
+        ));
+        assert!(!dir.path().join("odd").exists());
+        std::fs::write(dir.path().join("short"), [1u8; 10]).unwrap();
+        assert!(matches!(
+            RamFile::open(dir.path().join("short"), false),
+            Err(MemoryError::BadSize { .. })
+        ));
+        assert!(matches!(
+            RamFile::open(dir.path().join("missing"), false),
+            Err(MemoryError::Io { op: "open", .. })
+        ));
+    }
+}
