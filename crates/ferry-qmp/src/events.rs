@@ -69,7 +69,7 @@ pub async fn wait_for_event<F>(
     mut pred: F,
 ) -> Result<QmpEvent, QmpError>
 where
-    F: FnMut(&QmpEvent) -> bool,
+    F: FnMut(&QmpEvent) -> bool + Send,
 {
     wait_inner(rx, timeout, &mut pred, || "a matching QMP event".to_owned()).await
 }
@@ -96,7 +96,7 @@ pub async fn wait_migration_status(
 async fn wait_inner(
     rx: &mut broadcast::Receiver<QmpEvent>,
     timeout: Duration,
-    pred: &mut dyn FnMut(&QmpEvent) -> bool,
+    pred: &mut (dyn FnMut(&QmpEvent) -> bool + Send),
     what: impl FnOnce() -> String,
 ) -> Result<QmpEvent, QmpError> {
     let deadline = tokio::time::Instant::now() + timeout;

@@ -1,0 +1,105 @@
+//! ferryd's TOML configuration.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The agent's configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Name of this host in the mesh (shown in errors and reports).
+    pub host_name: String,
+    /// gRPC listen address (control API for clients, peer API for agents).
+    pub grpc_listen: SocketAddr,
+    /// QUIC data-plane listen address.
+    pub quic_listen: SocketAddr,
+    /// Where guest RAM files live (a tmpfs: /dev/shm/ferry by default).
+    #[serde(default = "default_ram_dir")]
+    pub ram_dir: PathBuf,
+    /// Journal, per-VM run directories, the uffd shim.
+    pub state_dir: PathBuf,
+    /// QEMU accelerator for VMs whose spec names none: "kvm" in production, "tcg" where
+    /// /dev/kvm cannot run guests (tests, nested hosts).
+    #[serde(default = "default_accel")]
+    pub accel: String,
+    #[serde(default = "default_qemu")]
+    pub qemu_binary: PathBuf,
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub migration: MigrationDefaults,
+}
+
+/// Mesh certificates (PEM files).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Defaults for migrations that do not say otherwise.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigrationDefaults {
+    pub page_streams: u32,
+    pub downtime_ms: u32,
+    pub max_rounds: u32,
+    /// Seconds a prepared incoming migration waits for its source before removing itself.
+    pub prepare_timeout_s: u64,
+    /// Seconds of silence after which a QUIC peer is declared gone.
+    pub idle_timeout_s: u64,
+}
+
+impl Default for MigrationDefaults {
+    fn default() -> Self {
+        MigrationDefaults { page_streams: 4, downtime_ms: 30, max_rounds: 30, prepare_timeout_s: 60, idle_timeout_s: 10 }
+    }
+}
+
+fn default_ram_dir() -> PathBuf {
+    PathBuf::from("/dev/shm/ferry")
+}
+fn default_accel() -> String {
+    "kvm".into()
+}
+fn default_qemu() -> PathBuf {
+    PathBuf::from("qemu-system-x86_64")
+}
+
+impl AgentConfig {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> anyhow::Result<AgentConfig> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let cfg: AgentConfig = toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        cfg.check().with_context(|| format!("checking config {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// Consistency checks that serde cannot express.
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.host_name.is_empty(), "host_name is empty");
+        anyhow::ensure!(matches!(self.accel.as_str(), "kvm" | "tcg"), "accel must be kvm or tcg, not '{}'", self.accel);
+        let m = &self.migration;
+        anyhow::ensure!((1..=16).contains(&m.page_streams), "migration.page_streams must be 1..=16");
+        anyhow::ensure!(m.max_rounds >= 1, "migration.max_rounds must be at least 1");
+        Ok(())
+    }
+
+    /// The journal database file.
+    pub fn journal_path(&self) -> PathBuf {
+        self.state_dir.join("ferry.redb")
+    }
+
+    /// Per-VM run directory (QMP socket, console, pidfile, logs).
+    pub fn run_dir(&self, vm: &str) -> PathBuf {
+        self.state_dir.join("run").join(vm)
+    }
+
+    /// Guest RAM file of a VM on this host.
+    pub fn ram_path(&self, vm: &str) -> PathBuf {
+        self.ram_dir.join(format!("{vm}.ram"))
+    }
+}

@@ -1,0 +1,32 @@
+//! ferryd, the per-host agent: runs VMs as supervised QEMU processes, serves the gRPC
+//! control and peer APIs, and migrates VMs to and from other agents over QUIC.
+//!
+//! Layout: [`config`] (TOML), [`journal`] (redb), [`vms`] (VM registry and supervisor),
+//! [`migration`] (the state machine, both sides), [`service`] (gRPC), [`server`]
+//! (start-up and wiring).
+
+pub mod config;
+pub mod convert;
+pub mod journal;
+pub mod migration;
+pub mod server;
+pub mod service;
+pub mod tls;
+pub mod vms;
+
+use std::sync::Arc;
+
+/// Everything a request handler or a migration task needs from its agent.
+pub struct AgentCtx {
+    pub cfg: Arc<config::AgentConfig>,
+    pub identity: ferry_transport::pki::Identity,
+    pub journal: Arc<journal::Journal>,
+    pub vms: Arc<vms::VmManager>,
+    pub outgoing: Arc<migration::Outgoing>,
+    pub incoming: Arc<migration::target::IncomingRegistry>,
+    pub quic: ferry_transport::QuicEndpoint,
+    /// The dirty tracker that passed its self-test at start-up, or why none did.
+    pub tracker: Result<ferry_memory::TrackerKind, String>,
+    /// This host's QEMU version, e.g. "10.0.2".
+    pub qemu_version: String,
+}

@@ -1,0 +1,127 @@
+//! Live migration: the source-side state machine ([`source`]), the target side
+//! ([`target`]), and the page movers both use ([`pages`]).
+//!
+//! Phases follow DESIGN.md: Preparing → Connecting → Precopy → Switchover → Verifying →
+//! Committing → Completed; any failure before the commit rolls back to the source.
+
+pub mod pages;
+pub mod relay;
+pub mod source;
+pub mod target;
+
+use crate::journal::{Journal, MigrationRecord, Role};
+use ferry_api::v1 as pb;
+use prost::Message;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Whether a phase is final.
+pub fn is_terminal(phase: i32) -> bool {
+    use pb::MigrationPhase as P;
+    matches!(P::try_from(phase), Ok(P::Completed | P::Failed | P::Cancelled | P::InDoubt))
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// A migration this host is the source of: its live status and its cancel switch.
+pub struct OutgoingHandle {
+    pub id: String,
+    pub status: watch::Sender<pb::MigrationStatus>,
+    pub cancel: CancellationToken,
+}
+
+impl OutgoingHandle {
+    /// Changes the published status.
+    pub fn update(&self, f: impl FnOnce(&mut pb::MigrationStatus)) {
+        self.status.send_modify(f);
+    }
+
+    /// The current status.
+    pub fn snapshot(&self) -> pb::MigrationStatus {
+        self.status.borrow().clone()
+    }
+}
+
+/// Outgoing migrations, live and past (history comes from the journal).
+pub struct Outgoing {
+    live: std::sync::Mutex<HashMap<String, Arc<OutgoingHandle>>>,
+    journal: Arc<Journal>,
+}
+
+impl Outgoing {
+    pub fn new(journal: Arc<Journal>) -> Arc<Self> {
+        Arc::new(Outgoing { live: std::sync::Mutex::new(HashMap::new()), journal })
+    }
+
+    /// Registers a new migration with its initial status.
+    pub fn register(&self, status: pb::MigrationStatus) -> Arc<OutgoingHandle> {
+        let (tx, _rx) = watch::channel(status.clone());
+        let h = Arc::new(OutgoingHandle { id: status.id.clone(), status: tx, cancel: CancellationToken::new() });
+        if let Ok(mut live) = self.live.lock() {
+            live.insert(status.id.clone(), h.clone());
+        }
+        self.persist(&h);
+        h
+    }
+
+    /// Writes the current status to the journal.
+    pub fn persist(&self, h: &OutgoingHandle) {
+        let s = h.snapshot();
+        let rec = MigrationRecord {
+            id: s.id.clone(),
+            role: Role::Source,
+            vm: s.vm.clone(),
+            peer: s.target.clone(),
+            state: pb::MigrationPhase::try_from(s.phase).map(|p| p.as_str_name().to_string()).unwrap_or_default(),
+            token: None,
+            status: Some(s.encode_to_vec()),
+        };
+        if let Err(e) = self.journal.put_migration(&rec) {
+            tracing::error!(migration = %s.id, "journal: {e}");
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<OutgoingHandle>> {
+        self.live.lock().ok()?.get(id).cloned()
+    }
+
+    /// Status of a live or past migration.
+    pub fn status(&self, id: &str) -> Option<pb::MigrationStatus> {
+        if let Some(h) = self.get(id) {
+            return Some(h.snapshot());
+        }
+        self.history().into_iter().find(|s| s.id == id)
+    }
+
+    /// Past migrations from the journal (source side).
+    pub fn history(&self) -> Vec<pb::MigrationStatus> {
+        let recs = self.journal.migrations().unwrap_or_default();
+        recs.into_iter()
+            .filter(|r| r.role == Role::Source)
+            .filter_map(|r| r.status.and_then(|b| pb::MigrationStatus::decode(b.as_slice()).ok()))
+            .collect()
+    }
+
+    /// Every migration, live ones with their current status, newest first.
+    pub fn list(&self) -> Vec<pb::MigrationStatus> {
+        let mut by_id: HashMap<String, pb::MigrationStatus> = self.history().into_iter().map(|s| (s.id.clone(), s)).collect();
+        if let Ok(live) = self.live.lock() {
+            for h in live.values() {
+                by_id.insert(h.id.clone(), h.snapshot());
+            }
+        }
+        let mut v: Vec<_> = by_id.into_values().collect();
+        v.sort_by(|a, b| b.started_unix_ms.cmp(&a.started_unix_ms));
+        v
+    }
+
+    /// A source migration journaled as in progress when the agent stopped.
+    pub fn unfinished(&self) -> Vec<pb::MigrationStatus> {
+        self.history().into_iter().filter(|s| !is_terminal(s.phase)).collect()
+    }
+}

@@ -1,0 +1,253 @@
+//! Moving guest pages: the source's [`PageSender`] (shards pages over several QUIC
+//! streams, compresses per batch) and the target's [`apply_page_stream`].
+//!
+//! A page always travels on the same stream (streams are chosen by 2 MiB region), so a
+//! newer copy of a page can never overtake an older one: QUIC keeps order within a stream.
+
+use ferry_memory::{DirtyBitmap, RamFile, PAGE_SIZE};
+use ferry_transport::{FrameReader, FrameWriter, TransportError};
+use ferry_wire::{Codec, EncodedBatch, Frame, PageBatch, PageRun, ZeroPages};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+/// Pages per batch: 1 MiB of guest memory compresses well and keeps latency low.
+pub const BATCH_PAGES: usize = 256;
+/// Pages per shard region (2 MiB): keeps runs contiguous inside a stream.
+const REGION_SHIFT: u32 = 9;
+
+/// Counters of what the sender moved.
+#[derive(Default, Debug)]
+pub struct PageCounters {
+    pub pages: AtomicU64,
+    pub zero_pages: AtomicU64,
+    pub page_bytes: AtomicU64,
+    pub payload_bytes: AtomicU64,
+    pub wire_bytes: AtomicU64,
+    pub batches: AtomicU64,
+}
+
+/// Errors while moving pages.
+#[derive(Debug, thiserror::Error)]
+pub enum PageError {
+    #[error("reading guest RAM: {0}")]
+    Memory(#[from] ferry_memory::MemoryError),
+    #[error("encoding: {0}")]
+    Wire(#[from] ferry_wire::WireError),
+    #[error("sending pages: {0}")]
+    Transport(#[from] TransportError),
+    #[error("page worker failed: {0}")]
+    Join(String),
+    #[error("page {page} is outside the {pages}-page RAM file")]
+    OutOfRange { page: u64, pages: u64 },
+}
+
+/// Source side: sends rounds of pages.
+pub struct PageSender {
+    writers: Vec<FrameWriter>,
+    ram: Arc<RamFile>,
+    codec: Codec,
+    pub counters: Arc<PageCounters>,
+    ever_sent: DirtyBitmap,
+    /// Pages sent more than once.
+    pub resent: u64,
+}
+
+impl PageSender {
+    pub fn new(writers: Vec<FrameWriter>, ram: Arc<RamFile>, codec: Codec) -> Self {
+        let pages = ram.page_count();
+        PageSender { writers, ram, codec, counters: Arc::new(PageCounters::default()), ever_sent: DirtyBitmap::new(pages), resent: 0 }
+    }
+
+    /// Sends `pages`. With `skip_zero` (round 0: the target file starts all-zero) zero
+    /// pages are not sent at all; otherwise they travel as zero-page runs.
+    pub async fn send_round(&mut self, round: u32, pages: &DirtyBitmap, skip_zero: bool) -> Result<(), PageError> {
+        let n = self.writers.len().max(1);
+        let mut shards: Vec<Vec<u64>> = vec![Vec::new(); n];
+        for p in pages.iter() {
+            if !self.ever_sent.set(p) {
+                return Err(PageError::OutOfRange { page: p, pages: self.ram.page_count() });
+            }
+            shards[((p >> REGION_SHIFT) % n as u64) as usize].push(p);
+        }
+        let mut tasks = Vec::with_capacity(n);
+        for (w, shard) in std::mem::take(&mut self.writers).into_iter().zip(shards) {
+            let (ram, counters, codec) = (self.ram.clone(), self.counters.clone(), self.codec);
+            tasks.push(tokio::spawn(send_shard(w, ram, shard, round, codec, skip_zero, counters)));
+        }
+        let mut first_err = None;
+        for t in tasks {
+            match t.await {
+                Ok(Ok(w)) => self.writers.push(w),
+                Ok(Err(e)) => first_err = first_err.or(Some(e)),
+                Err(e) => first_err = first_err.or(Some(PageError::Join(e.to_string()))),
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks pages as sent before (for the resent counter) without sending them.
+    pub fn note_resent(&mut self, pages: &DirtyBitmap) {
+        self.resent += pages.iter().filter(|&p| self.ever_sent.get(p)).count() as u64;
+    }
+
+    /// Frames sent so far on all streams.
+    pub fn batches_total(&self) -> u64 {
+        self.counters.batches.load(Ordering::Relaxed)
+    }
+
+    /// Finishes every page stream.
+    pub fn finish(&mut self) {
+        for w in &mut self.writers {
+            let _ = w.finish();
+        }
+    }
+}
+
+async fn send_shard(
+    mut w: FrameWriter,
+    ram: Arc<RamFile>,
+    shard: Vec<u64>,
+    round: u32,
+    codec: Codec,
+    skip_zero: bool,
+    counters: Arc<PageCounters>,
+) -> Result<FrameWriter, PageError> {
+    for chunk in shard.chunks(BATCH_PAGES) {
+        let chunk = chunk.to_vec();
+        let ram = ram.clone();
+        // Reading and compressing are CPU work: keep them off the async workers.
+        let frames = tokio::task::spawn_blocking(move || encode_chunk(&ram, round, &chunk, codec, skip_zero))
+            .await
+            .map_err(|e| PageError::Join(e.to_string()))??;
+        for f in frames {
+            w.write(&f.bytes).await?;
+            counters.batches.fetch_add(1, Ordering::Relaxed);
+            counters.wire_bytes.fetch_add(f.bytes.len() as u64, Ordering::Relaxed);
+            if f.payload_len == 0 {
+                // Only zero-page frames carry no payload.
+                counters.zero_pages.fetch_add(f.pages as u64, Ordering::Relaxed);
+            } else {
+                counters.pages.fetch_add(f.pages as u64, Ordering::Relaxed);
+                counters.page_bytes.fetch_add((f.pages * PAGE_SIZE) as u64, Ordering::Relaxed);
+                counters.payload_bytes.fetch_add(f.payload_len as u64, Ordering::Relaxed);
+            }
+        }
+    }
+    Ok(w)
+}
+
+fn push_run(runs: &mut Vec<PageRun>, page: u64) {
+    if let Some(last) = runs.last_mut() {
+        if last.first + u64::from(last.count) == page {
+            last.count += 1;
+            return;
+        }
+    }
+    runs.push(PageRun { first: page, count: 1 });
+}
+
+fn is_zero(buf: &[u8]) -> bool {
+    buf.chunks_exact(8).all(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) == 0)
+}
+
+/// Reads `pages` (sorted, at most BATCH_PAGES) and encodes a data batch and, where
+/// needed, a zero-page batch.
+fn encode_chunk(ram: &RamFile, round: u32, pages: &[u64], codec: Codec, skip_zero: bool) -> Result<Vec<EncodedBatch>, PageError> {
+    let mut data = Vec::with_capacity(pages.len() * PAGE_SIZE);
+    let (mut data_runs, mut zero_runs) = (Vec::new(), Vec::new());
+    let mut buf = vec![0u8; PAGE_SIZE];
+    for &p in pages {
+        ram.read_page(p, &mut buf)?;
+        if is_zero(&buf) {
+            if !skip_zero {
+                push_run(&mut zero_runs, p);
+            }
+        } else {
+            data.extend_from_slice(&buf);
+            push_run(&mut data_runs, p);
+        }
+    }
+    let mut out = Vec::with_capacity(2);
+    if !data_runs.is_empty() {
+        out.push(PageBatch::encode(round, &data_runs, &data, codec)?);
+    }
+    if !zero_runs.is_empty() {
+        out.push(ZeroPages::encode(round, &zero_runs)?);
+    }
+    Ok(out)
+}
+
+/// Target side: how many frames have been written into the RAM file.
+#[derive(Default)]
+pub struct AppliedCounter {
+    pub frames: AtomicU64,
+    pub pages: AtomicU64,
+    pub notify: Notify,
+}
+
+impl AppliedCounter {
+    /// Waits until at least `n` frames have been applied.
+    pub async fn wait_for(&self, n: u64) {
+        loop {
+            let notified = self.notify.notified();
+            if self.frames.load(Ordering::Acquire) >= n {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Applies one page stream to the target's RAM file until the source finishes it.
+pub async fn apply_page_stream(mut reader: FrameReader, ram: Arc<RamFile>, applied: Arc<AppliedCounter>) -> Result<(), PageError> {
+    while let Some(frame) = reader.next().await? {
+        let ram = ram.clone();
+        let pages = tokio::task::spawn_blocking(move || apply_frame(&ram, frame))
+            .await
+            .map_err(|e| PageError::Join(e.to_string()))??;
+        applied.pages.fetch_add(pages, Ordering::Relaxed);
+        applied.frames.fetch_add(1, Ordering::AcqRel);
+        applied.notify.notify_waiters();
+    }
+    Ok(())
+}
+
+fn apply_frame(ram: &RamFile, frame: Frame) -> Result<u64, PageError> {
+    let limit = ram.page_count();
+    let check = |run: &PageRun| {
+        let end = run.first + u64::from(run.count);
+        if end > limit {
+            Err(PageError::OutOfRange { page: end - 1, pages: limit })
+        } else {
+            Ok(())
+        }
+    };
+    match frame {
+        Frame::Pages(b) => {
+            let mut off = 0usize;
+            for run in &b.runs {
+                check(run)?;
+                let len = run.count as usize * PAGE_SIZE;
+                ram.write_pages(run.first, &b.data[off..off + len])?;
+                off += len;
+            }
+            Ok(b.page_count() as u64)
+        }
+        Frame::ZeroPages(z) => {
+            let mut n = 0;
+            for run in &z.runs {
+                check(run)?;
+                for p in run.pages() {
+                    ram.zero_page(p)?;
+                    n += 1;
+                }
+            }
+            Ok(n)
+        }
+        Frame::Control(_) => Err(PageError::Transport(TransportError::UnexpectedFrame("page"))),
+    }
+}

@@ -1,0 +1,596 @@
+//! The source side of a live migration: one function per phase, driven by [`run`].
+//!
+//! Ownership rule: until the target has journaled COMMITTED, any failure resumes the
+//! guest here and removes everything the target made. Once the commit may have happened
+//! (the Commit call was sent), the source never resumes on its own: it asks the target
+//! what happened and, if it cannot find out, stays paused IN_DOUBT.
+
+use super::pages::PageSender;
+use super::relay::relay;
+use super::{now_ms, OutgoingHandle};
+use crate::convert::spec_to_pb;
+use crate::AgentCtx;
+use ferry_api::v1 as pb;
+use ferry_api::v1::ferry_peer_client::FerryPeerClient;
+use ferry_memory::{DirtyBitmap, DirtyTracker, RamFile, DEFAULT_SHIM_FD, PAGE_SIZE};
+use ferry_qemu::{QemuProcess, VmSpec};
+use ferry_qmp::{wait_for_event, QmpClient, QmpEvent};
+use ferry_transport::{write_stream_header, ControlChannel, FrameWriter};
+use ferry_wire::{Codec, ControlMessage, StreamHeader, StreamKind, PROTOCOL_VERSION};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+/// What the caller asked for.
+#[derive(Debug, Clone)]
+pub struct MigrationParams {
+    pub id: String,
+    pub vm: String,
+    pub target: String,
+    pub codec: Codec,
+    pub downtime_ms: u32,
+    pub max_rounds: u32,
+    pub page_streams: u32,
+    pub verify: bool,
+}
+
+/// A failure, with the step it happened in. Its text names VM, hosts and step.
+#[derive(Debug)]
+pub struct MigrationError {
+    pub step: &'static str,
+    pub message: String,
+    pub cancelled: bool,
+}
+
+type Res<T> = Result<T, MigrationError>;
+
+fn fail<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> MigrationError {
+    move |e| MigrationError { step, message: e.to_string(), cancelled: false }
+}
+
+fn status_msg(s: tonic::Status) -> String {
+    format!("{} ({:?})", s.message(), s.code())
+}
+
+/// What has to be undone if the migration fails.
+#[derive(Default)]
+struct Undo {
+    peer: Option<FerryPeerClient<Channel>>,
+    conn: Option<quinn::Connection>,
+    tracker: Option<Box<dyn DirtyTracker>>,
+    migrate_issued: bool,
+    relay_path: Option<PathBuf>,
+}
+
+/// How the commit ended.
+enum CommitOutcome {
+    Committed { resume_us: i64 },
+    NotCommitted(String),
+    Unknown(String),
+}
+
+/// Runs a migration whose VM the caller already marked as migrating, to its end.
+pub async fn run(ctx: Arc<AgentCtx>, p: MigrationParams, h: Arc<OutgoingHandle>, spec: VmSpec, proc: Arc<QemuProcess>) {
+    let started = Instant::now();
+    let mut undo = Undo::default();
+    let mut m = Migration { ctx: ctx.clone(), p: p.clone(), h: h.clone(), spec, proc: proc.clone(), started, stop_time: None, token: String::new() };
+    let result = tokio::select! {
+        r = m.drive(&mut undo) => r,
+        _ = h.cancel.cancelled() => Err(MigrationError { step: "cancel", message: "cancelled by request".into(), cancelled: true }),
+    };
+    let result = match result {
+        Ok(()) => m.commit(&mut undo).await,
+        Err(e) => Err(e),
+    };
+    let result = match result {
+        Ok(resume_us) => Ok(resume_us),
+        Err(e) if undo.peer.is_some() && e.step == "commit" => {
+            // The Commit call may have reached the target: find out before touching the source.
+            match m.resolve_commit(&mut undo).await {
+                CommitOutcome::Committed { resume_us } => Ok(resume_us),
+                CommitOutcome::NotCommitted(why) => Err(MigrationError { step: "commit", message: why, cancelled: false }),
+                CommitOutcome::Unknown(why) => {
+                    m.in_doubt(&why, undo).await;
+                    return;
+                }
+            }
+        }
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(resume_us) => m.finish_committed(resume_us, undo).await,
+        Err(e) => m.roll_back(e, undo).await,
+    }
+}
+
+struct Migration {
+    ctx: Arc<AgentCtx>,
+    p: MigrationParams,
+    h: Arc<OutgoingHandle>,
+    spec: VmSpec,
+    proc: Arc<QemuProcess>,
+    started: Instant,
+    /// When the source vCPUs stopped (QMP STOP event).
+    stop_time: Option<SystemTime>,
+    token: String,
+}
+
+impl Migration {
+    fn phase(&self, phase: pb::MigrationPhase, message: impl Into<String>) {
+        let message = message.into();
+        info!(migration = %self.p.id, vm = %self.p.vm, ?phase, "{message}");
+        self.h.update(|s| {
+            s.phase = phase as i32;
+            s.message = message;
+        });
+        self.ctx.outgoing.persist(&self.h);
+    }
+
+    fn qmp(&self) -> &QmpClient {
+        self.proc.qmp()
+    }
+
+    /// Phases 1-4, all cancellable; ends with the target holding RAM and device state.
+    async fn drive(&mut self, undo: &mut Undo) -> Res<()> {
+        let tracker_kind = self.ctx.tracker.clone().map_err(|why| MigrationError {
+            step: "tracker",
+            message: format!("no dirty-page tracker works on host {}: {why}", self.ctx.cfg.host_name),
+            cancelled: false,
+        })?;
+
+        // Phase 1: the target prepares an empty QEMU waiting for us.
+        self.phase(pb::MigrationPhase::Preparing, format!("asking {} to prepare", self.p.target));
+        let chan = crate::tls::connect(&self.p.target, &self.ctx.identity)
+            .await
+            .map_err(|e| fail("prepare")(format!("cannot reach target agent {}: {e}", self.p.target)))?;
+        let mut peer = FerryPeerClient::new(chan);
+        let prep = peer
+            .prepare(pb::PrepareRequest {
+                migration_id: self.p.id.clone(),
+                spec: Some(spec_to_pb(&self.spec)),
+                source_host: self.ctx.cfg.host_name.clone(),
+                protocol_version: u32::from(PROTOCOL_VERSION),
+            })
+            .await
+            .map_err(|s| fail("prepare")(format!("target {} refused to prepare: {}", self.p.target, status_msg(s))))?
+            .into_inner();
+        undo.peer = Some(peer);
+        self.token = prep.token.clone();
+
+        // Data plane: QUIC with mutual TLS, a control stream and N page streams.
+        self.phase(pb::MigrationPhase::Connecting, format!("connecting data plane to {}", prep.quic_addr));
+        let quic_addr: SocketAddr = prep.quic_addr.parse().map_err(fail("connect"))?;
+        let conn = self.ctx.quic.connect(quic_addr, &quic_addr.ip().to_string()).await.map_err(fail("connect"))?;
+        undo.conn = Some(conn.clone());
+        let (mut cs, cr) = conn.open_bi().await.map_err(fail("connect"))?;
+        write_stream_header(&mut cs, StreamHeader::new(StreamKind::Control, 0)).await.map_err(fail("connect"))?;
+        let mut ctl = ControlChannel::new(cs, cr);
+        let ram = Arc::new(RamFile::open(self.ctx.cfg.ram_path(&self.spec.name), false).map_err(fail("open RAM"))?);
+        ctl.send(&ControlMessage::Hello {
+            version: PROTOCOL_VERSION,
+            migration_id: self.p.id.clone(),
+            token: prep.token.clone(),
+            ram_bytes: ram.len(),
+            page_size: PAGE_SIZE as u32,
+            page_streams: self.p.page_streams as u16,
+        })
+        .await
+        .map_err(fail("handshake"))?;
+        match tokio::time::timeout(Duration::from_secs(15), ctl.recv()).await {
+            Ok(Ok(ControlMessage::HelloOk { .. })) => {}
+            Ok(Ok(ControlMessage::Error { message })) => return Err(fail("handshake")(format!("target refused: {message}"))),
+            Ok(Ok(other)) => return Err(fail("handshake")(format!("unexpected {other:?}"))),
+            Ok(Err(e)) => return Err(fail("handshake")(e)),
+            Err(_) => return Err(fail("handshake")("no answer from target within 15 s")),
+        }
+        let (mut ctl_tx, ctl_rx) = ctl.split();
+        let mut ctl_rx = spawn_control_reader(ctl_rx);
+        let mut writers = Vec::new();
+        for i in 0..self.p.page_streams {
+            let mut s = conn.open_uni().await.map_err(fail("connect"))?;
+            write_stream_header(&mut s, StreamHeader::new(StreamKind::Pages, i as u16)).await.map_err(fail("connect"))?;
+            writers.push(FrameWriter::new(s));
+        }
+
+        // Write tracking inside the source QEMU (uffd taken from the process).
+        let ram_path = self.ctx.cfg.ram_path(&self.spec.name);
+        let mut tracker = tracker_kind
+            .attach(self.proc.pid() as i32, DEFAULT_SHIM_FD, &ram_path, ram.len())
+            .map_err(fail("arm tracker"))?;
+        tracker.arm().map_err(fail("arm tracker"))?;
+        let tracker_name = tracker.name();
+        undo.tracker = Some(tracker);
+        self.qmp()
+            .migrate_set_capabilities(&[("x-ignore-shared", true), ("events", true), ("return-path", true), ("pause-before-switchover", true)])
+            .await
+            .map_err(fail("set capabilities"))?;
+
+        // Phase 3: pre-copy rounds while the guest runs.
+        self.phase(pb::MigrationPhase::Precopy, "copying guest memory (round 0: every non-zero page)");
+        self.h.update(|s| {
+            if let Some(st) = s.stats.as_mut() {
+                st.tracker = tracker_name.into();
+            }
+        });
+        let mut sender = PageSender::new(writers, ram.clone(), self.p.codec);
+        let ram2 = ram.clone();
+        let mut pending = tokio::task::spawn_blocking(move || ram2.nonzero_pages())
+            .await
+            .map_err(fail("scan RAM"))?
+            .map_err(fail("scan RAM"))?;
+        let mut round: u32 = 0;
+        let mut bandwidth: Option<f64> = None; // wire bytes per second
+        loop {
+            let wire0 = sender.counters.wire_bytes.load(Ordering::Relaxed);
+            let t0 = Instant::now();
+            sender.note_resent(&pending);
+            sender.send_round(round, &pending, round == 0).await.map_err(fail("send pages"))?;
+            let secs = t0.elapsed().as_secs_f64().max(1e-6);
+            let sent = sender.counters.wire_bytes.load(Ordering::Relaxed) - wire0;
+            // Only rounds big enough to fill the pipe say anything about the link.
+            if sent >= 4 << 20 || bandwidth.is_none() {
+                let bw = sent as f64 / secs;
+                bandwidth = Some(match bandwidth {
+                    Some(prev) if sent < 4 << 20 => prev,
+                    Some(prev) => 0.5 * prev + 0.5 * bw,
+                    None => bw,
+                });
+            }
+            let dirty = undo.tracker.as_mut().map(|t| t.collect()).transpose().map_err(fail("collect dirty pages"))?.unwrap_or_else(|| DirtyBitmap::new(0));
+            round += 1;
+            let ratio = ratio(&sender);
+            let bw = bandwidth.unwrap_or(1e9).max(1.0);
+            let predicted_ms = dirty.count() as f64 * PAGE_SIZE as f64 / ratio / bw * 1000.0;
+            let dirty_rate = dirty.count() as f64 / secs;
+            self.publish(&sender, round, &dirty, dirty_rate, bw, predicted_ms, &format!("round {round}: {} pages written meanwhile", dirty.count()));
+            pending = dirty;
+            if predicted_ms <= f64::from(self.p.downtime_ms) {
+                break;
+            }
+            if round >= self.p.max_rounds {
+                warn!(migration = %self.p.id, round, predicted_ms, "round limit reached; switching over with a longer downtime");
+                break;
+            }
+        }
+
+        // Phase 4: switchover. QEMU pauses the guest before sending device state.
+        self.phase(pb::MigrationPhase::Switchover, "pausing guest for switchover");
+        let relay_path = self.ctx.cfg.run_dir(&self.spec.name).join(format!("migrate-{}.sock", &self.p.id[..8.min(self.p.id.len())]));
+        let _ = std::fs::remove_file(&relay_path);
+        let listener = tokio::net::UnixListener::bind(&relay_path).map_err(fail("device-state relay"))?;
+        undo.relay_path = Some(relay_path.clone());
+        let (mut ds, dr) = conn.open_bi().await.map_err(fail("device-state stream"))?;
+        write_stream_header(&mut ds, StreamHeader::new(StreamKind::DeviceState, 0)).await.map_err(fail("device-state stream"))?;
+        let relay_task = tokio::spawn(async move {
+            let (unix, _) = listener.accept().await?;
+            relay(unix, ds, dr).await
+        });
+        let mut events = self.qmp().subscribe();
+        self.qmp().migrate(&format!("unix:{}", relay_path.display())).await.map_err(fail("start QEMU migration"))?;
+        undo.migrate_issued = true;
+        self.wait_pre_switchover(&mut events).await?;
+
+        // The guest is paused: last round, then the target must hold every page.
+        let mut last = undo.tracker.as_mut().map(|t| t.collect()).transpose().map_err(fail("collect dirty pages"))?.unwrap_or_else(|| DirtyBitmap::new(0));
+        last.union_with(&pending);
+        sender.note_resent(&last);
+        sender.send_round(round, &last, false).await.map_err(fail("send final pages"))?;
+        round += 1;
+        ctl_tx
+            .write(&ferry_wire::Frame::encode_control(&ControlMessage::RoundEnd { round, batches_total: sender.batches_total() }).map_err(fail("final round"))?)
+            .await
+            .map_err(fail("final round"))?;
+        match recv_control(&mut ctl_rx, Duration::from_secs(60)).await? {
+            ControlMessage::RoundApplied { batches_applied, .. } if batches_applied >= sender.batches_total() => {}
+            other => return Err(fail("final round")(format!("target did not confirm the pages: {other:?}"))),
+        }
+        if let Some(mut t) = undo.tracker.take() {
+            let _ = t.disarm();
+        }
+        self.publish(&sender, round, &last, 0.0, bandwidth.unwrap_or(0.0), 0.0, &format!("final round: {} pages", last.count()));
+
+        // Verify: both RAM files must be identical before QEMU loads device state.
+        if self.p.verify {
+            self.phase(pb::MigrationPhase::Verifying, "comparing RAM digests");
+            ctl_tx.write(&ferry_wire::Frame::encode_control(&ControlMessage::DigestRequest).map_err(fail("verify"))?).await.map_err(fail("verify"))?;
+            let ram2 = ram.clone();
+            let local = tokio::task::spawn_blocking(move || ram2.digest_parallel(2)).await.map_err(fail("verify"))?.map_err(fail("verify"))?;
+            let remote = match recv_control(&mut ctl_rx, Duration::from_secs(120)).await? {
+                ControlMessage::Digest { blake3 } => blake3,
+                other => return Err(fail("verify")(format!("unexpected {other:?}"))),
+            };
+            if *local.as_bytes() != remote {
+                return Err(fail("verify")(format!(
+                    "RAM digest mismatch: source {} vs target {}; the target copy is wrong, so the VM stays on {}",
+                    local.to_hex(),
+                    blake3::Hash::from_bytes(remote).to_hex(),
+                    self.ctx.cfg.host_name
+                )));
+            }
+            self.h.update(|s| {
+                if let Some(st) = s.stats.as_mut() {
+                    st.ram_digest = local.to_hex().to_string();
+                }
+            });
+        }
+
+        // Device state: QEMU sends only vCPU and device state now.
+        self.phase(pb::MigrationPhase::Switchover, "sending device state");
+        self.qmp().migrate_continue("pre-switchover").await.map_err(fail("migrate-continue"))?;
+        let ev = ferry_qmp::wait_migration_status(&mut events, Duration::from_secs(120), &["completed", "failed", "cancelled"])
+            .await
+            .map_err(fail("device state"))?;
+        if ev.migration_status() != Some("completed") {
+            let why = self.qmp().query_migrate().await.ok().and_then(|i| i.error_desc).unwrap_or_default();
+            return Err(fail("device state")(format!("source QEMU reports {:?} {why}", ev.migration_status())));
+        }
+        match recv_control(&mut ctl_rx, Duration::from_secs(60)).await? {
+            ControlMessage::DeviceStateLoaded { ok: true, .. } => {}
+            ControlMessage::DeviceStateLoaded { ok: false, error } => {
+                return Err(fail("device state")(format!("target QEMU failed to load the device state: {}", error.unwrap_or_default())))
+            }
+            other => return Err(fail("device state")(format!("unexpected {other:?}"))),
+        }
+        let dev = match tokio::time::timeout(Duration::from_secs(10), relay_task).await {
+            Ok(Ok(Ok(b))) => b,
+            _ => Default::default(),
+        };
+        sender.finish();
+        self.h.update(|s| {
+            if let Some(st) = s.stats.as_mut() {
+                st.device_state_bytes = dev.unix_to_quic;
+                st.wire_bytes = sender.counters.wire_bytes.load(Ordering::Relaxed) + dev.unix_to_quic + dev.quic_to_unix;
+            }
+        });
+
+        Ok(())
+    }
+
+    /// Phase 5: commit. Not cancellable: from here on the source never resumes by itself.
+    async fn commit(&mut self, undo: &mut Undo) -> Res<i64> {
+        self.phase(pb::MigrationPhase::Committing, format!("committing on {}", self.p.target));
+        let mut peer = undo.peer.clone().ok_or_else(|| fail("commit")("no peer"))?;
+        let resp = tokio::time::timeout(
+            Duration::from_secs(30),
+            peer.commit(pb::CommitRequest { migration_id: self.p.id.clone(), token: self.token.clone() }),
+        )
+        .await
+        .map_err(|_| fail("commit")("no answer from target within 30 s"))?
+        .map_err(|s| fail("commit")(status_msg(s)))?
+        .into_inner();
+        Ok(resp.resume_unix_us)
+    }
+
+    /// Waits for QEMU to pause the guest at `pre-switchover`, noting when vCPUs stopped.
+    async fn wait_pre_switchover(&mut self, events: &mut tokio::sync::broadcast::Receiver<QmpEvent>) -> Res<()> {
+        loop {
+            let ev = wait_for_event(events, Duration::from_secs(120), |e| e.name == "STOP" || e.name == "MIGRATION")
+                .await
+                .map_err(fail("switchover"))?;
+            if ev.name == "STOP" {
+                self.stop_time = Some(ev.timestamp);
+                continue;
+            }
+            match ev.migration_status() {
+                Some("pre-switchover") => return Ok(()),
+                Some("failed") | Some("cancelled") => {
+                    let why = self.qmp().query_migrate().await.ok().and_then(|i| i.error_desc).unwrap_or_default();
+                    return Err(fail("switchover")(format!("QEMU migration {}: {why}", ev.migration_status().unwrap_or(""))));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn publish(&self, sender: &PageSender, round: u32, dirty: &DirtyBitmap, dirty_rate: f64, bw: f64, predicted_ms: f64, msg: &str) {
+        let c = &sender.counters;
+        let elapsed = self.started.elapsed();
+        self.h.update(|s| {
+            s.message = msg.to_string();
+            let st = s.stats.get_or_insert_with(Default::default);
+            st.guest_ram_bytes = self.spec.memory_mib << 20;
+            st.pages_sent = c.pages.load(Ordering::Relaxed);
+            st.zero_pages_sent = c.zero_pages.load(Ordering::Relaxed);
+            st.pages_resent = sender.resent;
+            st.page_bytes = c.page_bytes.load(Ordering::Relaxed);
+            st.wire_bytes = c.wire_bytes.load(Ordering::Relaxed);
+            st.rounds = round;
+            st.last_round_dirty_pages = dirty.count();
+            st.dirty_rate_pages_per_sec = dirty_rate;
+            st.throughput_bytes_per_sec = bw;
+            st.compression_ratio = ratio(sender);
+            st.elapsed_ms = elapsed.as_millis() as u64;
+            st.expected_downtime_ms = predicted_ms as u64;
+            st.codec = self.p.codec.to_string();
+        });
+    }
+
+    /// After a failed or lost Commit call: ask the target what happened, for a while.
+    async fn resolve_commit(&self, undo: &mut Undo) -> CommitOutcome {
+        let Some(peer) = undo.peer.clone() else { return CommitOutcome::Unknown("no peer".into()) };
+        let mut last_err = String::new();
+        for attempt in 0..6 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            match ask_outcome(&self.ctx, &self.p.target, peer.clone(), &self.p.id, &self.token).await {
+                Ok(o @ CommitOutcome::Committed { .. }) | Ok(o @ CommitOutcome::NotCommitted(_)) => return o,
+                Ok(CommitOutcome::Unknown(e)) | Err(e) => last_err = e,
+            }
+        }
+        CommitOutcome::Unknown(last_err)
+    }
+
+    async fn finish_committed(&mut self, resume_us: i64, mut undo: Undo) {
+        let downtime_ms = match (self.stop_time, resume_us) {
+            (Some(stop), r) if r > 0 => {
+                let stop_us = stop.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+                ((r - stop_us).max(0) / 1000) as u64
+            }
+            _ => 0,
+        };
+        if let Some(c) = undo.conn.take() {
+            c.close(0u32.into(), b"committed");
+        }
+        if let Some(p) = undo.relay_path.take() {
+            let _ = std::fs::remove_file(p);
+        }
+        // The VM lives on the target now: tear down the source copy.
+        let _ = self.ctx.vms.end_outgoing(&self.p.vm, true).await;
+        if let Err(e) = self.proc.shutdown(Duration::from_secs(10)).await {
+            warn!(migration = %self.p.id, "stopping source QEMU after commit: {e}");
+        }
+        crate::vms::remove_vm_files(&self.ctx.cfg, &self.spec.name);
+        let elapsed = self.started.elapsed().as_millis() as u64;
+        self.h.update(|s| {
+            s.finished_unix_ms = now_ms();
+            let st = s.stats.get_or_insert_with(Default::default);
+            st.downtime_ms = downtime_ms;
+            st.elapsed_ms = elapsed;
+        });
+        self.phase(pb::MigrationPhase::Completed, format!("VM '{}' now runs on {}", self.p.vm, self.p.target));
+    }
+
+    async fn roll_back(&mut self, e: MigrationError, mut undo: Undo) {
+        let reason = format!(
+            "migration of VM '{}' from {} to {} failed at {}: {}",
+            self.p.vm, self.ctx.cfg.host_name, self.p.target, e.step, e.message
+        );
+        warn!(migration = %self.p.id, "{reason}; rolling back");
+        if let Some(mut t) = undo.tracker.take() {
+            let _ = t.disarm();
+        }
+        if undo.migrate_issued {
+            let mut ev = self.qmp().subscribe();
+            if self.qmp().migrate_cancel().await.is_ok() {
+                let _ = ferry_qmp::wait_migration_status(&mut ev, Duration::from_secs(15), &["cancelled", "failed", "completed"]).await;
+            }
+        }
+        // QEMU resumes a guest it paused itself; make sure, whatever state it is in.
+        match self.qmp().query_status().await {
+            Ok(st) if !st.running => {
+                if let Err(err) = self.qmp().cont().await {
+                    warn!(migration = %self.p.id, "resuming source guest: {err}");
+                }
+            }
+            Ok(_) => {}
+            Err(err) => warn!(migration = %self.p.id, "querying source guest: {err}"),
+        }
+        if let Some(mut peer) = undo.peer.take() {
+            let req = pb::AbortRequest { migration_id: self.p.id.clone(), reason: reason.clone() };
+            if let Err(err) = tokio::time::timeout(Duration::from_secs(10), peer.abort(req)).await {
+                warn!(migration = %self.p.id, "target abort call: {err}");
+            }
+        }
+        if let Some(c) = undo.conn.take() {
+            c.close(1u32.into(), b"aborted");
+        }
+        if let Some(p) = undo.relay_path.take() {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = self.ctx.vms.end_outgoing(&self.p.vm, false).await;
+        let phase = if e.cancelled { pb::MigrationPhase::Cancelled } else { pb::MigrationPhase::Failed };
+        let elapsed = self.started.elapsed().as_millis() as u64;
+        self.h.update(|s| {
+            s.error = reason.clone();
+            s.finished_unix_ms = now_ms();
+            s.stats.get_or_insert_with(Default::default).elapsed_ms = elapsed;
+        });
+        self.phase(phase, format!("rolled back: VM '{}' runs on {}", self.p.vm, self.ctx.cfg.host_name));
+    }
+
+    /// Commit outcome unknown: stay paused (never run on two hosts) and keep asking.
+    async fn in_doubt(&mut self, why: &str, undo: Undo) {
+        let msg = format!(
+            "commit of VM '{}' on {} could not be confirmed ({why}); the VM stays paused on {} until the target answers",
+            self.p.vm, self.p.target, self.ctx.cfg.host_name
+        );
+        self.h.update(|s| s.error = msg.clone());
+        self.phase(pb::MigrationPhase::InDoubt, msg);
+        let Some(peer) = undo.peer.clone() else { return };
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            match ask_outcome(&self.ctx, &self.p.target, peer.clone(), &self.p.id, &self.token).await {
+                Ok(CommitOutcome::Committed { resume_us }) => return self.finish_committed(resume_us, undo).await,
+                Ok(CommitOutcome::NotCommitted(why)) => {
+                    return self.roll_back(MigrationError { step: "commit", message: why, cancelled: false }, undo).await
+                }
+                _ => continue,
+            }
+        }
+    }
+}
+
+/// Asks the target whether the migration committed; aborts it there if it did not.
+async fn ask_outcome(ctx: &AgentCtx, target: &str, mut peer: FerryPeerClient<Channel>, id: &str, token: &str) -> Result<CommitOutcome, String> {
+    // A fresh channel in case the old one is wedged.
+    if let Ok(chan) = crate::tls::connect(target, &ctx.identity).await {
+        peer = FerryPeerClient::new(chan);
+    }
+    let st = peer
+        .incoming_status(pb::MigrationRef { id: id.to_string() })
+        .await
+        .map_err(|s| status_msg(s))?
+        .into_inner();
+    match pb::IncomingState::try_from(st.state) {
+        Ok(pb::IncomingState::Committed) => {
+            // Idempotent: returns the resume time of the earlier commit.
+            let r = peer.commit(pb::CommitRequest { migration_id: id.into(), token: token.into() }).await;
+            Ok(CommitOutcome::Committed { resume_us: r.map(|r| r.into_inner().resume_unix_us).unwrap_or(0) })
+        }
+        Ok(pb::IncomingState::Prepared) => {
+            peer.abort(pb::AbortRequest { migration_id: id.into(), reason: "commit not confirmed".into() })
+                .await
+                .map_err(|s| status_msg(s))?;
+            Ok(CommitOutcome::NotCommitted("the target had not committed; aborted it".into()))
+        }
+        _ => Ok(CommitOutcome::NotCommitted("the target no longer knows the migration (it aborted)".into())),
+    }
+}
+
+/// Compression ratio so far (page bytes over payload bytes).
+fn ratio(sender: &PageSender) -> f64 {
+    let c = &sender.counters;
+    let payload = c.payload_bytes.load(Ordering::Relaxed);
+    if payload == 0 {
+        1.0
+    } else {
+        c.page_bytes.load(Ordering::Relaxed) as f64 / payload as f64
+    }
+}
+
+/// Reads control messages on a task of its own (reads are not cancel-safe).
+pub fn spawn_control_reader(mut r: ferry_transport::FrameReader) -> mpsc::Receiver<Result<ControlMessage, String>> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let msg = match r.next().await {
+                Ok(Some(ferry_wire::Frame::Control(m))) => Ok(m),
+                Ok(Some(_)) => Err("unexpected page frame on control stream".to_string()),
+                Ok(None) => Err("peer closed the control stream".to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let end = msg.is_err();
+            if tx.send(msg).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+async fn recv_control(rx: &mut mpsc::Receiver<Result<ControlMessage, String>>, timeout: Duration) -> Res<ControlMessage> {
+    match tokio::time::timeout(timeout, rx.recv()).await {
+        Ok(Some(Ok(ControlMessage::Error { message }))) => Err(fail("target")(format!("target reported: {message}"))),
+        Ok(Some(Ok(m))) => Ok(m),
+        Ok(Some(Err(e))) => Err(fail("control stream")(e)),
+        Ok(None) => Err(fail("control stream")("closed")),
+        Err(_) => Err(fail("control stream")(format!("no answer from target within {timeout:?}"))),
+    }
+}

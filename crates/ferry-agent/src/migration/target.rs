@@ -1,0 +1,495 @@
+//! The target side of a live migration: Prepare, the data plane of one migration,
+//! Commit and Abort.
+//!
+//! A prepared migration owns a paused QEMU (`-S -incoming defer`) and a sparse RAM file.
+//! It is resumed only after COMMITTED is journaled; anything else (Abort, the source
+//! vanishing, a bad frame, a timeout) removes the QEMU, the RAM file and every record.
+
+use super::pages::{apply_page_stream, AppliedCounter};
+use super::relay::relay;
+use super::source::spawn_control_reader;
+use crate::config::AgentConfig;
+use crate::convert::spec_from_pb;
+use crate::journal::{Journal, MigrationRecord, Role};
+use crate::vms::{prepare_dirs, remove_vm_files, VmManager};
+use ferry_api::v1 as pb;
+use ferry_memory::{RamFile, PAGE_SIZE};
+use ferry_qemu::{QemuProcess, VmSpec};
+use ferry_transport::{read_stream_header, ControlChannel, FrameReader};
+use ferry_wire::{ControlMessage, Frame, StreamKind, PROTOCOL_VERSION};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+use tokio::sync::{mpsc, watch, Mutex};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tracing::{info, warn};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum State {
+    Prepared { connected: bool },
+    Committed { resume_us: i64 },
+    Aborted,
+}
+
+/// One prepared incoming migration.
+pub struct Incoming {
+    id: String,
+    token: String,
+    spec: VmSpec,
+    ram: Arc<RamFile>,
+    proc: Arc<QemuProcess>,
+    state: Mutex<State>,
+    applied: Arc<AppliedCounter>,
+    /// Set once the target QEMU finished (or failed) loading the device state.
+    loaded: watch::Receiver<Option<Result<(), String>>>,
+    cancel: CancellationToken,
+    incoming_sock: PathBuf,
+}
+
+/// Incoming migrations of this host.
+pub struct IncomingRegistry {
+    cfg: Arc<AgentConfig>,
+    vms: Arc<VmManager>,
+    journal: Arc<Journal>,
+    qemu_version: String,
+    map: std::sync::Mutex<HashMap<String, Arc<Incoming>>>,
+}
+
+impl IncomingRegistry {
+    pub fn new(cfg: Arc<AgentConfig>, vms: Arc<VmManager>, journal: Arc<Journal>, qemu_version: String) -> Arc<Self> {
+        Arc::new(IncomingRegistry { cfg, vms, journal, qemu_version, map: std::sync::Mutex::new(HashMap::new()) })
+    }
+
+    fn get(&self, id: &str) -> Option<Arc<Incoming>> {
+        self.map.lock().ok()?.get(id).cloned()
+    }
+
+    fn host(&self) -> &str {
+        &self.cfg.host_name
+    }
+
+    /// Prepare: an empty RAM file and a paused QEMU waiting for this migration.
+    pub async fn prepare(self: &Arc<Self>, req: pb::PrepareRequest) -> Result<pb::PrepareResponse, Status> {
+        if !ferry_wire::version_supported(req.protocol_version.min(255) as u8) {
+            return Err(Status::failed_precondition(format!(
+                "protocol version {} not supported by host {} (speaks {PROTOCOL_VERSION})",
+                req.protocol_version,
+                self.host()
+            )));
+        }
+        if uuid::Uuid::parse_str(&req.migration_id).is_err() {
+            return Err(Status::invalid_argument("migration_id must be a UUID"));
+        }
+        let spec = spec_from_pb(req.spec.as_ref().ok_or_else(|| Status::invalid_argument("spec is missing"))?)?;
+        if self.get(&req.migration_id).is_some() {
+            return Err(Status::already_exists(format!("migration {} is already prepared on {}", req.migration_id, self.host())));
+        }
+        self.vms.reserve_incoming(&spec, &req.migration_id).await?;
+        match self.create(&req.migration_id, &spec).await {
+            Ok(inc) => {
+                let token = inc.token.clone();
+                self.journal
+                    .put_migration(&MigrationRecord {
+                        id: inc.id.clone(),
+                        role: Role::Target,
+                        vm: spec.name.clone(),
+                        peer: req.source_host.clone(),
+                        state: "prepared".into(),
+                        token: Some(token.clone()),
+                        status: None,
+                    })
+                    .map_err(|e| Status::internal(format!("journal: {e}")))?;
+                if let Ok(mut m) = self.map.lock() {
+                    m.insert(inc.id.clone(), inc.clone());
+                }
+                self.spawn_watchdog(inc.clone());
+                info!(migration = %inc.id, vm = %spec.name, source = %req.source_host, "prepared incoming migration");
+                Ok(pb::PrepareResponse {
+                    quic_addr: self.cfg.quic_listen.to_string(),
+                    token,
+                    qemu_version: self.qemu_version.clone(),
+                    target_host: self.host().to_string(),
+                })
+            }
+            Err(e) => {
+                let _ = self.vms.drop_incoming(&spec.name, &req.migration_id).await;
+                remove_vm_files(&self.cfg, &spec.name);
+                Err(e)
+            }
+        }
+    }
+
+    async fn create(&self, id: &str, spec: &VmSpec) -> Result<Arc<Incoming>, Status> {
+        let host = self.host().to_string();
+        let err = |what: &str, e: &dyn std::fmt::Display| Status::internal(format!("preparing VM '{}' on {host}: {what}: {e}", spec.name));
+        let launch = self.vms.launch_for(spec, true);
+        prepare_dirs(&launch).map_err(|e| err("run directory", &e))?;
+        let _ = std::fs::remove_file(&launch.ram_path);
+        let ram = RamFile::create(&launch.ram_path, spec.memory_mib << 20).map_err(|e| {
+            Status::resource_exhausted(format!("cannot create the {} MiB RAM file on {host}: {e}", spec.memory_mib))
+        })?;
+        let proc = Arc::new(QemuProcess::spawn(&launch, &self.cfg.qemu_binary).await.map_err(|e| err("starting QEMU", &e))?);
+        let setup = async {
+            self.vms.attach_incoming(&spec.name, proc.clone()).await?;
+            let qmp = proc.qmp();
+            let mut events = qmp.subscribe();
+            qmp.migrate_set_capabilities(&[("x-ignore-shared", true), ("events", true), ("return-path", true)])
+                .await
+                .map_err(|e| err("capabilities", &e))?;
+            let sock = launch.run_dir.join("incoming.sock");
+            let _ = std::fs::remove_file(&sock);
+            qmp.migrate_incoming(&format!("unix:{}", sock.display())).await.map_err(|e| err("migrate-incoming", &e))?;
+            let (tx, rx) = watch::channel(None);
+            tokio::spawn(async move {
+                let r = ferry_qmp::wait_migration_status(&mut events, Duration::from_secs(24 * 3600), &["completed", "failed"]).await;
+                let v = match r {
+                    Ok(ev) if ev.migration_status() == Some("completed") => Ok(()),
+                    Ok(ev) => Err(format!("target QEMU migration {}", ev.migration_status().unwrap_or("?"))),
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = tx.send(Some(v));
+            });
+            Ok::<_, Status>((sock, rx))
+        };
+        match setup.await {
+            Ok((incoming_sock, loaded)) => Ok(Arc::new(Incoming {
+                id: id.to_string(),
+                token: uuid::Uuid::new_v4().simple().to_string(),
+                spec: spec.clone(),
+                ram: Arc::new(ram),
+                proc,
+                state: Mutex::new(State::Prepared { connected: false }),
+                applied: Arc::new(AppliedCounter::default()),
+                loaded,
+                cancel: CancellationToken::new(),
+                incoming_sock,
+            })),
+            Err(e) => {
+                let _ = proc.kill().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// A prepared migration whose source never connects removes itself.
+    fn spawn_watchdog(self: &Arc<Self>, inc: Arc<Incoming>) {
+        let me = Arc::downgrade(self);
+        let wait = Duration::from_secs(self.cfg.migration.prepare_timeout_s);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = inc.cancel.cancelled() => return,
+            }
+            if *inc.state.lock().await == (State::Prepared { connected: false }) {
+                if let Some(me) = me.upgrade() {
+                    let _ = me.abort_internal(&inc, "the source never connected").await;
+                }
+            }
+        });
+    }
+
+    /// Commit: journal COMMITTED, then resume the guest here and announce it.
+    pub async fn commit(&self, id: &str, token: &str) -> Result<i64, Status> {
+        let inc = self.get(id).ok_or_else(|| {
+            Status::not_found(format!("no incoming migration {id} on {}: it was aborted or never prepared", self.host()))
+        })?;
+        if inc.token != token {
+            return Err(Status::permission_denied("wrong migration token"));
+        }
+        let mut st = inc.state.lock().await;
+        match *st {
+            State::Committed { resume_us } => return Ok(resume_us),
+            State::Aborted => return Err(Status::not_found(format!("migration {id} was aborted on {}", self.host()))),
+            State::Prepared { .. } => {}
+        }
+        match inc.loaded.borrow().clone() {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(Status::failed_precondition(format!("target QEMU did not load the device state: {e}"))),
+            None => return Err(Status::failed_precondition("target QEMU has not loaded the device state yet")),
+        }
+        // The order matters: journal first, so a crash after this line keeps the VM here.
+        let rec = MigrationRecord {
+            id: id.to_string(),
+            role: Role::Target,
+            vm: inc.spec.name.clone(),
+            peer: String::new(),
+            state: "committed".into(),
+            token: None,
+            status: None,
+        };
+        self.journal.put_migration(&rec).map_err(|e| Status::internal(format!("journal: {e}")))?;
+        self.vms.commit_incoming(&inc.spec.name).await?;
+        *st = State::Committed { resume_us: 0 };
+        inc.cancel.cancel();
+        let qmp = inc.proc.qmp();
+        let mut events = qmp.subscribe();
+        qmp.cont().await.map_err(|e| Status::internal(format!("committed, but resuming VM '{}' on {} failed: {e}", inc.spec.name, self.host())))?;
+        let resume = ferry_qmp::wait_for_event(&mut events, Duration::from_secs(10), |e| e.name == "RESUME")
+            .await
+            .map(|e| e.timestamp)
+            .unwrap_or_else(|_| SystemTime::now());
+        if let Err(e) = qmp.announce_self().await {
+            warn!(migration = %id, "announce-self: {e}");
+        }
+        let resume_us = resume.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+        *st = State::Committed { resume_us };
+        info!(migration = %id, vm = %inc.spec.name, "committed; guest resumed here");
+        Ok(resume_us)
+    }
+
+    /// Abort: remove the QEMU, the RAM file and every record. Refused once committed.
+    pub async fn abort(&self, id: &str, reason: &str) -> Result<bool, Status> {
+        match self.get(id) {
+            Some(inc) => self.abort_internal(&inc, reason).await.map(|_| true),
+            None => Ok(false),
+        }
+    }
+
+    async fn abort_internal(&self, inc: &Incoming, reason: &str) -> Result<(), Status> {
+        {
+            let mut st = inc.state.lock().await;
+            match *st {
+                State::Committed { .. } => {
+                    return Err(Status::failed_precondition(format!(
+                        "migration {} is committed: VM '{}' runs on {} now",
+                        inc.id,
+                        inc.spec.name,
+                        self.host()
+                    )))
+                }
+                State::Aborted => return Ok(()),
+                State::Prepared { .. } => *st = State::Aborted,
+            }
+        }
+        warn!(migration = %inc.id, vm = %inc.spec.name, "aborting incoming migration: {reason}");
+        inc.cancel.cancel();
+        let _ = inc.proc.kill().await;
+        let _ = self.vms.drop_incoming(&inc.spec.name, &inc.id).await;
+        remove_vm_files(&self.cfg, &inc.spec.name);
+        let _ = self.journal.remove_migration(&inc.id);
+        if let Ok(mut m) = self.map.lock() {
+            m.remove(&inc.id);
+        }
+        Ok(())
+    }
+
+    /// Whether a migration is prepared, committed, or unknown here.
+    pub async fn status(&self, id: &str) -> pb::IncomingState {
+        if let Some(inc) = self.get(id) {
+            return match *inc.state.lock().await {
+                State::Prepared { .. } => pb::IncomingState::Prepared,
+                State::Committed { .. } => pb::IncomingState::Committed,
+                State::Aborted => pb::IncomingState::Unknown,
+            };
+        }
+        // After a restart only the journal remembers commits.
+        let committed = self.journal.migrations().unwrap_or_default().into_iter().any(|r| r.id == id && r.state == "committed");
+        if committed {
+            pb::IncomingState::Committed
+        } else {
+            pb::IncomingState::Unknown
+        }
+    }
+
+    /// Removes target-side records of migrations that never committed (after a restart).
+    pub fn forget_uncommitted(&self) {
+        for r in self.journal.migrations().unwrap_or_default() {
+            if r.role == Role::Target && r.state != "committed" {
+                let _ = self.journal.remove_migration(&r.id);
+            }
+        }
+    }
+
+    /// Serves one QUIC connection from a source agent.
+    pub async fn handle_connection(self: Arc<Self>, conn: quinn::Connection) {
+        let remote = conn.remote_address();
+        let inc = match self.handshake(&conn).await {
+            Ok(inc) => inc,
+            Err(e) => {
+                warn!(%remote, "refused data-plane connection: {e}");
+                conn.close(2u32.into(), e.as_bytes());
+                return;
+            }
+        };
+        let (inc, ctl) = inc;
+        let reason = self.serve(&conn, &inc, ctl).await;
+        let committed = matches!(*inc.state.lock().await, State::Committed { .. });
+        if !committed {
+            let _ = self.abort_internal(&inc, &reason).await;
+            conn.close(3u32.into(), reason.as_bytes());
+        }
+    }
+
+    async fn handshake(&self, conn: &quinn::Connection) -> Result<(Arc<Incoming>, ControlChannel), String> {
+        let (send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
+            .await
+            .map_err(|_| "no control stream within 10 s".to_string())?
+            .map_err(|e| e.to_string())?;
+        let header = read_stream_header(&mut recv).await.map_err(|e| e.to_string())?;
+        if header.kind != StreamKind::Control {
+            return Err(format!("first stream is {:?}, expected control", header.kind));
+        }
+        let mut ctl = ControlChannel::new(send, recv);
+        let hello = tokio::time::timeout(Duration::from_secs(10), ctl.recv()).await.map_err(|_| "no hello".to_string())?.map_err(|e| e.to_string())?;
+        let ControlMessage::Hello { version, migration_id, token, ram_bytes, page_size, .. } = hello else {
+            return Err("first message is not hello".into());
+        };
+        let refuse = |m: String| m;
+        let inc = self.get(&migration_id).ok_or_else(|| refuse(format!("unknown migration {migration_id}")))?;
+        if token != inc.token {
+            return Err("wrong migration token".into());
+        }
+        if !ferry_wire::version_supported(version) {
+            return Err(format!("protocol version {version} not supported"));
+        }
+        if ram_bytes != inc.ram.len() || page_size as usize != PAGE_SIZE {
+            return Err(format!("RAM size {ram_bytes} / page size {page_size} do not match the prepared VM ({} bytes)", inc.ram.len()));
+        }
+        {
+            let mut st = inc.state.lock().await;
+            if *st != (State::Prepared { connected: false }) {
+                return Err("migration already connected or finished".into());
+            }
+            *st = State::Prepared { connected: true };
+        }
+        ctl.send(&ControlMessage::HelloOk { version: PROTOCOL_VERSION }).await.map_err(|e| e.to_string())?;
+        Ok((inc, ctl))
+    }
+
+    /// Runs the data plane until the connection ends; returns why it ended.
+    async fn serve(&self, conn: &quinn::Connection, inc: &Arc<Incoming>, ctl: ControlChannel) -> String {
+        let (mut w, r) = ctl.split();
+        let mut rx = spawn_control_reader(r);
+        let (err_tx, mut err_rx) = mpsc::channel::<String>(8);
+        let acceptor = tokio::spawn(accept_streams(conn.clone(), inc.clone(), err_tx));
+        let mut loaded = inc.loaded.clone();
+        let mut loaded_sent = false;
+        let reason = loop {
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(Ok(ControlMessage::RoundEnd { round, batches_total })) => {
+                        tokio::select! {
+                            _ = inc.applied.wait_for(batches_total) => {}
+                            e = err_rx.recv() => break e.unwrap_or_else(|| "page streams ended".into()),
+                            _ = tokio::time::sleep(Duration::from_secs(120)) => break "timed out waiting for page batches".into(),
+                        }
+                        let batches_applied = inc.applied.frames.load(Ordering::Acquire);
+                        if let Err(e) = send(&mut w, &ControlMessage::RoundApplied { round, batches_applied }).await {
+                            break e;
+                        }
+                    }
+                    Some(Ok(ControlMessage::DigestRequest)) => {
+                        let ram = inc.ram.clone();
+                        let digest = match tokio::task::spawn_blocking(move || ram.digest_parallel(2)).await {
+                            Ok(Ok(h)) => h,
+                            Ok(Err(e)) => break format!("digest of the RAM file: {e}"),
+                            Err(e) => break format!("digest task: {e}"),
+                        };
+                        if let Err(e) = send(&mut w, &ControlMessage::Digest { blake3: *digest.as_bytes() }).await {
+                            break e;
+                        }
+                    }
+                    Some(Ok(ControlMessage::Error { message })) => break format!("source reported: {message}"),
+                    Some(Ok(other)) => break format!("unexpected control message {other:?}"),
+                    Some(Err(e)) => break format!("source connection lost: {e}"),
+                    None => break "control stream ended".into(),
+                },
+                e = err_rx.recv() => break e.unwrap_or_else(|| "stream acceptor ended".into()),
+                r = loaded.changed(), if !loaded_sent => {
+                    if r.is_err() {
+                        loaded_sent = true;
+                        continue;
+                    }
+                    let v = loaded.borrow().clone();
+                    if let Some(v) = v {
+                        loaded_sent = true;
+                        let msg = ControlMessage::DeviceStateLoaded { ok: v.is_ok(), error: v.err() };
+                        if let Err(e) = send(&mut w, &msg).await {
+                            break e;
+                        }
+                    }
+                }
+                _ = inc.cancel.cancelled() => break "finished".into(),
+            }
+        };
+        acceptor.abort();
+        reason
+    }
+}
+
+async fn send(w: &mut ferry_transport::FrameWriter, msg: &ControlMessage) -> Result<(), String> {
+    let bytes = Frame::encode_control(msg).map_err(|e| e.to_string())?;
+    w.write(&bytes).await.map_err(|e| format!("control stream: {e}"))
+}
+
+/// Accepts the page streams and the device-state stream of one migration.
+async fn accept_streams(conn: quinn::Connection, inc: Arc<Incoming>, err_tx: mpsc::Sender<String>) {
+    loop {
+        tokio::select! {
+            s = conn.accept_uni() => match s {
+                Ok(mut recv) => {
+                    let (inc, err_tx) = (inc.clone(), err_tx.clone());
+                    tokio::spawn(async move {
+                        let r = match read_stream_header(&mut recv).await {
+                            Ok(h) if h.kind == StreamKind::Pages => {
+                                apply_page_stream(FrameReader::new(recv), inc.ram.clone(), inc.applied.clone()).await.map_err(|e| format!("page stream {}: {e}", h.index))
+                            }
+                            Ok(h) => Err(format!("unexpected {:?} stream", h.kind)),
+                            Err(e) => Err(format!("page stream header: {e}")),
+                        };
+                        if let Err(e) = r {
+                            let _ = err_tx.send(e).await;
+                        }
+                    });
+                }
+                Err(e) => {
+                    let _ = err_tx.send(format!("source connection: {e}")).await;
+                    return;
+                }
+            },
+            s = conn.accept_bi() => match s {
+                Ok((send, mut recv)) => {
+                    let (inc, err_tx) = (inc.clone(), err_tx.clone());
+                    tokio::spawn(async move {
+                        match read_stream_header(&mut recv).await {
+                            Ok(h) if h.kind == StreamKind::DeviceState => {}
+                            Ok(h) => {
+                                let _ = err_tx.send(format!("unexpected {:?} stream", h.kind)).await;
+                                return;
+                            }
+                            Err(e) => {
+                                let _ = err_tx.send(format!("device-state header: {e}")).await;
+                                return;
+                            }
+                        }
+                        // QEMU listens once migrate-incoming ran; retry briefly in case of a race.
+                        let mut unix = None;
+                        for _ in 0..50 {
+                            match tokio::net::UnixStream::connect(&inc.incoming_sock).await {
+                                Ok(u) => {
+                                    unix = Some(u);
+                                    break;
+                                }
+                                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                            }
+                        }
+                        let Some(unix) = unix else {
+                            let _ = err_tx.send(format!("cannot connect to target QEMU at {}", inc.incoming_sock.display())).await;
+                            return;
+                        };
+                        if let Err(e) = relay(unix, send, recv).await {
+                            warn!(migration = %inc.id, "device-state relay: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    let _ = err_tx.send(format!("source connection: {e}")).await;
+                    return;
+                }
+            },
+        }
+    }
+}

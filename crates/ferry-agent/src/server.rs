@@ -1,0 +1,126 @@
+//! Start-up: directories, journal, tracker self-test, recovery, QUIC and gRPC servers.
+
+use crate::config::AgentConfig;
+use crate::journal::Journal;
+use crate::migration::target::IncomingRegistry;
+use crate::migration::Outgoing;
+use crate::service::{ControlService, PeerService};
+use crate::vms::VmManager;
+use crate::AgentCtx;
+use anyhow::Context;
+use ferry_api::v1::ferry_control_server::FerryControlServer;
+use ferry_api::v1::ferry_peer_server::FerryPeerServer;
+use ferry_transport::{QuicEndpoint, TransportTuning};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{error, info, warn};
+
+/// Builds the agent's context: everything but the servers.
+pub async fn build(cfg: AgentConfig) -> anyhow::Result<Arc<AgentCtx>> {
+    let cfg = Arc::new(cfg);
+    std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("creating state dir {}", cfg.state_dir.display()))?;
+    std::fs::create_dir_all(&cfg.ram_dir).with_context(|| format!("creating RAM dir {}", cfg.ram_dir.display()))?;
+    let identity = crate::tls::load_identity(&cfg.tls)?;
+    let journal = Arc::new(Journal::open(&cfg.journal_path()).context("opening journal")?);
+
+    // Never trust silence: a tracker is used only if it reports pages we wrote.
+    let tracker = match tokio::task::spawn_blocking(ferry_memory::choose_tracker).await? {
+        Ok(k) => {
+            info!(tracker = k.name(), "dirty-page tracker passed its self-test");
+            Ok(k)
+        }
+        Err(e) => {
+            warn!("no dirty-page tracker passed its self-test: {e}; live migration is unavailable on this host");
+            Err(e.to_string())
+        }
+    };
+    let shim = ferry_memory::install_shim(&cfg.state_dir).context("installing the uffd shim")?;
+    let qemu_version = ferry_qemu::qemu_version(&cfg.qemu_binary)
+        .await
+        .with_context(|| format!("probing QEMU at {}", cfg.qemu_binary.display()))?
+        .to_string();
+    info!(qemu = %qemu_version, accel = %cfg.accel, "QEMU found");
+
+    let vms = VmManager::new(cfg.clone(), journal.clone(), Some(shim));
+    vms.recover().await.context("recovering VMs from the journal")?;
+    let incoming = IncomingRegistry::new(cfg.clone(), vms.clone(), journal.clone(), qemu_version.clone());
+    incoming.forget_uncommitted();
+    let tuning = TransportTuning { idle_timeout: Duration::from_secs(cfg.migration.idle_timeout_s.max(1)), ..Default::default() };
+    let quic = QuicEndpoint::bind(cfg.quic_listen, &identity, &tuning).context("binding QUIC endpoint")?;
+    let outgoing = Outgoing::new(journal.clone());
+    let ctx = Arc::new(AgentCtx { cfg, identity, journal, vms, outgoing, incoming, quic, tracker, qemu_version });
+    recover_outgoing(&ctx).await;
+    Ok(ctx)
+}
+
+/// Source-side migrations that were in flight when the agent stopped: the journal says
+/// the VM was ours; settle with the target before anything runs.
+async fn recover_outgoing(ctx: &Arc<AgentCtx>) {
+    for mut s in ctx.outgoing.unfinished() {
+        warn!(migration = %s.id, vm = %s.vm, "migration was in progress when the agent stopped; marking it failed");
+        s.phase = ferry_api::v1::MigrationPhase::Failed as i32;
+        s.error = format!("agent on {} restarted during the migration", ctx.cfg.host_name);
+        let h = ctx.outgoing.register(s);
+        ctx.outgoing.persist(&h);
+    }
+}
+
+/// Runs the agent until SIGINT/SIGTERM.
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let ctx = build(cfg).await?;
+    serve(ctx, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Serves gRPC and QUIC until `shutdown` completes.
+pub async fn serve(ctx: Arc<AgentCtx>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    // Data plane: each connection is one incoming migration.
+    let quic = ctx.quic.clone();
+    let incoming = ctx.incoming.clone();
+    tokio::spawn(async move {
+        while let Some(conn) = quic.accept().await {
+            match conn {
+                Ok(conn) => {
+                    tokio::spawn(incoming.clone().handle_connection(conn));
+                }
+                Err(e) => warn!("data-plane handshake refused: {e}"),
+            }
+        }
+    });
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<FerryControlServer<ControlService>>().await;
+    health_reporter.set_serving::<FerryPeerServer<PeerService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ferry_api::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building reflection service")?;
+
+    let addr = ctx.cfg.grpc_listen;
+    info!(host = %ctx.cfg.host_name, grpc = %addr, quic = %ctx.cfg.quic_listen, "ferryd serving");
+    let result = tonic::transport::Server::builder()
+        .tls_config(crate::tls::server_tls(&ctx.identity))
+        .context("gRPC TLS")?
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(FerryControlServer::new(ControlService { ctx: ctx.clone() }))
+        .add_service(FerryPeerServer::new(PeerService { ctx: ctx.clone() }))
+        .serve_with_shutdown(addr, shutdown)
+        .await;
+    ctx.quic.close();
+    if let Err(e) = &result {
+        error!("gRPC server: {e}");
+    }
+    result.with_context(|| format!("serving gRPC on {addr}"))
+}

@@ -1,0 +1,179 @@
+//! gRPC services: `FerryControl` for clients, `FerryPeer` for other agents.
+
+use crate::convert::spec_from_pb;
+use crate::migration::source::{self, MigrationParams};
+use crate::migration::{is_terminal, now_ms};
+use crate::AgentCtx;
+use ferry_api::v1 as pb;
+use ferry_api::v1::ferry_control_server::FerryControl;
+use ferry_api::v1::ferry_peer_server::FerryPeer;
+use ferry_wire::Codec;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+/// The client-facing API.
+pub struct ControlService {
+    pub ctx: Arc<AgentCtx>,
+}
+
+/// The agent-to-agent API.
+pub struct PeerService {
+    pub ctx: Arc<AgentCtx>,
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::MigrationStatus, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl FerryControl for ControlService {
+    async fn define_vm(&self, req: Request<pb::DefineVmRequest>) -> Result<Response<pb::VmInfo>, Status> {
+        let spec = req.into_inner().spec.ok_or_else(|| Status::invalid_argument("spec is missing"))?;
+        let spec = spec_from_pb(&spec)?;
+        Ok(Response::new(self.ctx.vms.define(spec).await?))
+    }
+
+    async fn undefine_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::VmInfo>, Status> {
+        Ok(Response::new(self.ctx.vms.undefine(&req.into_inner().name).await?))
+    }
+
+    async fn start_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::VmInfo>, Status> {
+        Ok(Response::new(self.ctx.vms.start(&req.into_inner().name).await?))
+    }
+
+    async fn stop_vm(&self, req: Request<pb::StopVmRequest>) -> Result<Response<pb::VmInfo>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(self.ctx.vms.stop(&r.name, r.force).await?))
+    }
+
+    async fn get_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::VmInfo>, Status> {
+        Ok(Response::new(self.ctx.vms.get(&req.into_inner().name).await?))
+    }
+
+    async fn list_vms(&self, _req: Request<pb::ListVmsRequest>) -> Result<Response<pb::ListVmsResponse>, Status> {
+        Ok(Response::new(pb::ListVmsResponse { vms: self.ctx.vms.list().await }))
+    }
+
+    async fn start_migration(&self, req: Request<pb::StartMigrationRequest>) -> Result<Response<pb::MigrationStatus>, Status> {
+        let r = req.into_inner();
+        let codec: Codec = if r.compress.is_empty() {
+            Codec::None
+        } else {
+            r.compress.parse().map_err(|e| Status::invalid_argument(format!("compress: {e}")))?
+        };
+        if r.target.is_empty() {
+            return Err(Status::invalid_argument("target: the target agent's address (host:port) is required"));
+        }
+        if r.target == self.ctx.cfg.grpc_listen.to_string() {
+            return Err(Status::invalid_argument(format!("target {} is this host ({})", r.target, self.ctx.cfg.host_name)));
+        }
+        let d = &self.ctx.cfg.migration;
+        let page_streams = if r.page_streams == 0 { d.page_streams } else { r.page_streams };
+        if !(1..=16).contains(&page_streams) {
+            return Err(Status::invalid_argument("page_streams must be 1..=16"));
+        }
+        let params = MigrationParams {
+            id: uuid::Uuid::new_v4().to_string(),
+            vm: r.vm.clone(),
+            target: r.target.clone(),
+            codec,
+            downtime_ms: if r.downtime_ms == 0 { d.downtime_ms } else { r.downtime_ms },
+            max_rounds: if r.max_rounds == 0 { d.max_rounds } else { r.max_rounds },
+            page_streams,
+            verify: !r.skip_verify,
+        };
+        // Marks the VM as migrating, or says why it cannot (unknown, stopped, busy).
+        let (spec, proc) = self.ctx.vms.begin_outgoing(&r.vm, &params.id).await?;
+        let status = pb::MigrationStatus {
+            id: params.id.clone(),
+            vm: r.vm,
+            source: self.ctx.cfg.host_name.clone(),
+            target: r.target,
+            phase: pb::MigrationPhase::Preparing as i32,
+            stats: Some(pb::MigrationStats { codec: codec.to_string(), guest_ram_bytes: spec.memory_mib << 20, ..Default::default() }),
+            started_unix_ms: now_ms(),
+            message: "starting".into(),
+            ..Default::default()
+        };
+        let handle = self.ctx.outgoing.register(status.clone());
+        tokio::spawn(source::run(self.ctx.clone(), params, handle, spec, proc));
+        Ok(Response::new(status))
+    }
+
+    type WatchMigrationStream = WatchStream;
+
+    async fn watch_migration(&self, req: Request<pb::MigrationRef>) -> Result<Response<WatchStream>, Status> {
+        let id = req.into_inner().id;
+        let Some(h) = self.ctx.outgoing.get(&id) else {
+            // A finished migration from the journal: one message.
+            let s = self.ctx.outgoing.status(&id).ok_or_else(|| unknown_migration(&self.ctx, &id))?;
+            return Ok(Response::new(Box::pin(tokio_stream::iter([Ok(s)]))));
+        };
+        let mut rx = h.status.subscribe();
+        let (tx, out) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                let s = rx.borrow_and_update().clone();
+                let done = is_terminal(s.phase);
+                if tx.send(Ok(s)).await.is_err() || done {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+    }
+
+    async fn cancel_migration(&self, req: Request<pb::MigrationRef>) -> Result<Response<pb::MigrationStatus>, Status> {
+        let id = req.into_inner().id;
+        let h = self.ctx.outgoing.get(&id).ok_or_else(|| unknown_migration(&self.ctx, &id))?;
+        let s = h.snapshot();
+        if is_terminal(s.phase) {
+            return Err(Status::failed_precondition(format!("migration {id} already ended")));
+        }
+        if s.phase >= pb::MigrationPhase::Committing as i32 {
+            return Err(Status::failed_precondition(format!("migration {id} is committing and can no longer be cancelled")));
+        }
+        h.cancel.cancel();
+        Ok(Response::new(h.snapshot()))
+    }
+
+    async fn get_migration(&self, req: Request<pb::MigrationRef>) -> Result<Response<pb::MigrationStatus>, Status> {
+        let id = req.into_inner().id;
+        self.ctx.outgoing.status(&id).map(Response::new).ok_or_else(|| unknown_migration(&self.ctx, &id))
+    }
+
+    async fn list_migrations(&self, _req: Request<pb::ListMigrationsRequest>) -> Result<Response<pb::ListMigrationsResponse>, Status> {
+        Ok(Response::new(pb::ListMigrationsResponse { migrations: self.ctx.outgoing.list() }))
+    }
+}
+
+fn unknown_migration(ctx: &AgentCtx, id: &str) -> Status {
+    Status::not_found(format!("no migration {id} on host {}", ctx.cfg.host_name))
+}
+
+#[tonic::async_trait]
+impl FerryPeer for PeerService {
+    async fn prepare(&self, req: Request<pb::PrepareRequest>) -> Result<Response<pb::PrepareResponse>, Status> {
+        Ok(Response::new(self.ctx.incoming.prepare(req.into_inner()).await?))
+    }
+
+    async fn commit(&self, req: Request<pb::CommitRequest>) -> Result<Response<pb::CommitResponse>, Status> {
+        let r = req.into_inner();
+        let resume_unix_us = self.ctx.incoming.commit(&r.migration_id, &r.token).await?;
+        Ok(Response::new(pb::CommitResponse { resume_unix_us }))
+    }
+
+    async fn abort(&self, req: Request<pb::AbortRequest>) -> Result<Response<pb::AbortResponse>, Status> {
+        let r = req.into_inner();
+        let existed = self.ctx.incoming.abort(&r.migration_id, &r.reason).await?;
+        Ok(Response::new(pb::AbortResponse { existed }))
+    }
+
+    async fn incoming_status(&self, req: Request<pb::MigrationRef>) -> Result<Response<pb::IncomingStatusResponse>, Status> {
+        let state = self.ctx.incoming.status(&req.into_inner().id).await;
+        Ok(Response::new(pb::IncomingStatusResponse { state: state as i32 }))
+    }
+}

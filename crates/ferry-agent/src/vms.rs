@@ -1,0 +1,336 @@
+//! The VMs this host owns: definitions, their supervised QEMU processes, and the
+//! states they move through (including the two sides of a migration).
+
+use crate::config::AgentConfig;
+use crate::convert::spec_to_pb;
+use crate::journal::{Journal, VmRecord};
+use ferry_api::v1 as pb;
+use ferry_qemu::{QemuLaunch, QemuProcess, VmSpec};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::Status;
+use tracing::{info, warn};
+
+/// One VM known to this host.
+pub struct VmEntry {
+    pub spec: VmSpec,
+    pub state: pb::VmState,
+    pub process: Option<Arc<QemuProcess>>,
+    /// Migration this VM takes part in right now (either side).
+    pub migration: Option<String>,
+}
+
+/// Registry and supervisor of this host's VMs.
+pub struct VmManager {
+    cfg: Arc<AgentConfig>,
+    journal: Arc<Journal>,
+    /// LD_PRELOAD shim that gives every QEMU a userfaultfd the agent can take.
+    shim: Option<PathBuf>,
+    vms: tokio::sync::Mutex<HashMap<String, VmEntry>>,
+}
+
+fn journal_err(e: crate::journal::JournalError) -> Status {
+    Status::internal(format!("journal: {e}"))
+}
+
+impl VmManager {
+    pub fn new(cfg: Arc<AgentConfig>, journal: Arc<Journal>, shim: Option<PathBuf>) -> Arc<Self> {
+        Arc::new(VmManager { cfg, journal, shim, vms: tokio::sync::Mutex::new(HashMap::new()) })
+    }
+
+    /// The QEMU launch of `spec` on this host.
+    pub fn launch_for(&self, spec: &VmSpec, incoming: bool) -> QemuLaunch {
+        let mut l = QemuLaunch::new(spec.clone(), self.cfg.accel.clone(), self.cfg.ram_path(&spec.name), self.cfg.run_dir(&spec.name));
+        l.incoming = incoming;
+        l.preload = self.shim.clone();
+        l
+    }
+
+    fn info(&self, e: &VmEntry) -> pb::VmInfo {
+        let l = self.launch_for(&e.spec, false);
+        pb::VmInfo {
+            spec: Some(spec_to_pb(&e.spec)),
+            state: e.state as i32,
+            pid: e.process.as_ref().map(|p| p.pid()).unwrap_or(0),
+            qmp_socket: l.qmp_path().display().to_string(),
+            console_socket: l.console_path().display().to_string(),
+            console_log: l.console_log().display().to_string(),
+            ram_file: l.ram_path.display().to_string(),
+        }
+    }
+
+    fn persist(&self, e: &VmEntry) -> Result<(), Status> {
+        let rec = VmRecord {
+            spec: e.spec.clone(),
+            pid: e.process.as_ref().map(|p| p.pid()),
+            incoming_migration: (e.state == pb::VmState::Incoming).then(|| e.migration.clone()).flatten(),
+        };
+        self.journal.put_vm(&rec).map_err(journal_err)
+    }
+
+    /// Defines a new VM. A name already in use is refused.
+    pub async fn define(&self, spec: VmSpec) -> Result<pb::VmInfo, Status> {
+        spec.validate().map_err(|e| Status::invalid_argument(format!("VM spec: {e}")))?;
+        let mut vms = self.vms.lock().await;
+        if vms.contains_key(&spec.name) {
+            return Err(Status::already_exists(format!("VM '{}' is already defined on host {}", spec.name, self.cfg.host_name)));
+        }
+        let e = VmEntry { spec, state: pb::VmState::Defined, process: None, migration: None };
+        self.persist(&e)?;
+        let info = self.info(&e);
+        vms.insert(e.spec.name.clone(), e);
+        Ok(info)
+    }
+
+    /// Removes a stopped VM's definition.
+    pub async fn undefine(&self, name: &str) -> Result<pb::VmInfo, Status> {
+        let mut vms = self.vms.lock().await;
+        let e = vms.get(name).ok_or_else(|| self.unknown(name))?;
+        if !matches!(e.state, pb::VmState::Defined | pb::VmState::Crashed) {
+            return Err(Status::failed_precondition(format!("VM '{name}' is {}: stop it before undefining", state_name(e.state))));
+        }
+        let info = self.info(e);
+        self.journal.remove_vm(name).map_err(journal_err)?;
+        vms.remove(name);
+        Ok(info)
+    }
+
+    fn unknown(&self, name: &str) -> Status {
+        Status::not_found(format!("no VM named '{name}' on host {}", self.cfg.host_name))
+    }
+
+    /// Starts a defined VM's QEMU.
+    pub async fn start(self: &Arc<Self>, name: &str) -> Result<pb::VmInfo, Status> {
+        let mut vms = self.vms.lock().await;
+        let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
+        if !matches!(e.state, pb::VmState::Defined | pb::VmState::Crashed) {
+            return Err(Status::failed_precondition(format!("VM '{name}' is already {}", state_name(e.state))));
+        }
+        let launch = self.launch_for(&e.spec, false);
+        prepare_dirs(&launch).map_err(|err| Status::internal(format!("VM '{name}': {err}")))?;
+        // A RAM file left by a crash would be reused by QEMU: start from a clean one.
+        let _ = std::fs::remove_file(&launch.ram_path);
+        let proc = QemuProcess::spawn(&launch, &self.cfg.qemu_binary)
+            .await
+            .map_err(|err| Status::internal(format!("starting VM '{name}' on host {}: {err}", self.cfg.host_name)))?;
+        let proc = Arc::new(proc);
+        e.process = Some(proc.clone());
+        e.state = pb::VmState::Running;
+        self.persist(e)?;
+        let info = self.info(e);
+        drop(vms);
+        self.supervise(name.to_string(), proc);
+        info!(vm = name, "started");
+        Ok(info)
+    }
+
+    /// Watches a QEMU process: an exit nobody asked for marks the VM crashed.
+    pub fn supervise(self: &Arc<Self>, name: String, proc: Arc<QemuProcess>) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let exit = proc.wait_exit().await;
+            let Some(me) = me.upgrade() else { return };
+            let mut vms = me.vms.lock().await;
+            if let Some(e) = vms.get_mut(&name) {
+                let same = e.process.as_ref().is_some_and(|p| p.pid() == proc.pid());
+                if same {
+                    warn!(vm = %name, ?exit, "QEMU exited unexpectedly");
+                    e.process = None;
+                    e.state = pb::VmState::Crashed;
+                    let _ = me.persist(e);
+                }
+            }
+        });
+    }
+
+    /// Stops a VM: ACPI power-down with a grace period, or at once with `force`.
+    pub async fn stop(&self, name: &str, force: bool) -> Result<pb::VmInfo, Status> {
+        let proc = {
+            let mut vms = self.vms.lock().await;
+            let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
+            if e.migration.is_some() {
+                return Err(Status::failed_precondition(format!("VM '{name}' is migrating: cancel the migration first")));
+            }
+            let Some(p) = e.process.take() else {
+                return Err(Status::failed_precondition(format!("VM '{name}' is not running")));
+            };
+            e.state = pb::VmState::Defined;
+            self.persist(e)?;
+            p
+        };
+        if !force {
+            let _ = proc.qmp().system_powerdown().await;
+            if tokio::time::timeout(Duration::from_secs(20), proc.wait_exit()).await.is_err() {
+                warn!(vm = name, "guest ignored power-down; quitting QEMU");
+            }
+        }
+        proc.shutdown(Duration::from_secs(5)).await.map_err(|e| Status::internal(format!("stopping VM '{name}': {e}")))?;
+        let _ = std::fs::remove_file(self.cfg.ram_path(name));
+        self.get(name).await
+    }
+
+    pub async fn get(&self, name: &str) -> Result<pb::VmInfo, Status> {
+        let vms = self.vms.lock().await;
+        vms.get(name).map(|e| self.info(e)).ok_or_else(|| self.unknown(name))
+    }
+
+    pub async fn list(&self) -> Vec<pb::VmInfo> {
+        let vms = self.vms.lock().await;
+        let mut v: Vec<_> = vms.values().map(|e| self.info(e)).collect();
+        v.sort_by(|a, b| a.spec.as_ref().map(|s| &s.name).cmp(&b.spec.as_ref().map(|s| &s.name)));
+        v
+    }
+
+    /// Marks a running VM as the source of `migration` and hands out its spec and process.
+    pub async fn begin_outgoing(&self, name: &str, migration: &str) -> Result<(VmSpec, Arc<QemuProcess>), Status> {
+        let mut vms = self.vms.lock().await;
+        let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
+        if let Some(m) = &e.migration {
+            return Err(Status::failed_precondition(format!("VM '{name}' is already migrating ({m})")));
+        }
+        let proc = match (&e.process, e.state) {
+            (Some(p), pb::VmState::Running | pb::VmState::Paused) => p.clone(),
+            _ => {
+                return Err(Status::failed_precondition(format!(
+                    "VM '{name}' is {} on host {}: live migration needs a running VM",
+                    state_name(e.state),
+                    self.cfg.host_name
+                )))
+            }
+        };
+        e.migration = Some(migration.to_string());
+        e.state = pb::VmState::Migrating;
+        Ok((e.spec.clone(), proc))
+    }
+
+    /// Ends the source side. Committed: the VM now lives on the target, so this host
+    /// forgets it (its QEMU is torn down by the caller). Otherwise it runs here again.
+    pub async fn end_outgoing(&self, name: &str, committed: bool) -> Result<(), Status> {
+        let mut vms = self.vms.lock().await;
+        if committed {
+            vms.remove(name);
+            self.journal.remove_vm(name).map_err(journal_err)?;
+        } else if let Some(e) = vms.get_mut(name) {
+            e.migration = None;
+            if e.process.is_some() {
+                e.state = pb::VmState::Running;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reserves `spec.name` for an incoming migration; refuses a name already defined here.
+    pub async fn reserve_incoming(&self, spec: &VmSpec, migration: &str) -> Result<(), Status> {
+        let mut vms = self.vms.lock().await;
+        if vms.contains_key(&spec.name) {
+            return Err(Status::already_exists(format!(
+                "VM name '{}' is already defined on target host {}: undefine it there or rename the VM",
+                spec.name, self.cfg.host_name
+            )));
+        }
+        let e = VmEntry { spec: spec.clone(), state: pb::VmState::Incoming, process: None, migration: Some(migration.into()) };
+        self.persist(&e)?;
+        vms.insert(spec.name.clone(), e);
+        Ok(())
+    }
+
+    /// Records the incoming QEMU process (paused, waiting for state).
+    pub async fn attach_incoming(&self, name: &str, proc: Arc<QemuProcess>) -> Result<(), Status> {
+        let mut vms = self.vms.lock().await;
+        let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
+        e.process = Some(proc);
+        self.persist(e)
+    }
+
+    /// The incoming migration committed: the VM is owned and running here now.
+    pub async fn commit_incoming(self: &Arc<Self>, name: &str) -> Result<(), Status> {
+        let proc = {
+            let mut vms = self.vms.lock().await;
+            let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
+            e.state = pb::VmState::Running;
+            e.migration = None;
+            self.persist(e)?;
+            e.process.clone()
+        };
+        if let Some(p) = proc {
+            self.supervise(name.to_string(), p);
+        }
+        Ok(())
+    }
+
+    /// Forgets an uncommitted incoming VM (its QEMU and files are removed by the caller).
+    pub async fn drop_incoming(&self, name: &str, migration: &str) -> Result<(), Status> {
+        let mut vms = self.vms.lock().await;
+        let ours = vms.get(name).is_some_and(|e| e.state == pb::VmState::Incoming && e.migration.as_deref() == Some(migration));
+        if ours {
+            vms.remove(name);
+            self.journal.remove_vm(name).map_err(journal_err)?;
+        }
+        Ok(())
+    }
+
+    /// After a restart: re-adopt QEMUs still running, remove half-made incoming VMs.
+    pub async fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
+        for rec in self.journal.vms()? {
+            let name = rec.spec.name.clone();
+            let run_dir = self.cfg.run_dir(&name);
+            let adopted = match rec.pid {
+                Some(pid) => QemuProcess::adopt(pid, &run_dir).await.ok().map(Arc::new),
+                None => None,
+            };
+            if rec.incoming_migration.is_some() {
+                // Never committed here: the source still owns the VM. Remove every trace.
+                if let Some(p) = adopted {
+                    let _ = p.kill().await;
+                }
+                remove_vm_files(&self.cfg, &name);
+                self.journal.remove_vm(&name)?;
+                info!(vm = %name, "removed uncommitted incoming VM after restart");
+                continue;
+            }
+            let state = if adopted.is_some() { pb::VmState::Running } else { pb::VmState::Defined };
+            let e = VmEntry { spec: rec.spec, state, process: adopted.clone(), migration: None };
+            self.persist(&e)?;
+            self.vms.lock().await.insert(name.clone(), e);
+            if let Some(p) = adopted {
+                info!(vm = %name, pid = p.pid(), "re-adopted running QEMU");
+                self.supervise(name, p);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Creates a VM's run directory and RAM directory.
+pub fn prepare_dirs(l: &QemuLaunch) -> std::io::Result<()> {
+    std::fs::create_dir_all(&l.run_dir)?;
+    if let Some(parent) = l.ram_path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    // Sockets of a previous run would make QEMU fail to bind.
+    for p in [l.qmp_path(), l.console_path()] {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+/// Removes a VM's RAM file and run directory.
+pub fn remove_vm_files(cfg: &AgentConfig, name: &str) {
+    let _ = std::fs::remove_file(cfg.ram_path(name));
+    let _ = std::fs::remove_dir_all(cfg.run_dir(name));
+}
+
+/// Lower-case state name for messages.
+pub fn state_name(s: pb::VmState) -> &'static str {
+    match s {
+        pb::VmState::Unspecified => "unknown",
+        pb::VmState::Defined => "stopped",
+        pb::VmState::Running => "running",
+        pb::VmState::Paused => "paused",
+        pb::VmState::Migrating => "migrating",
+        pb::VmState::Incoming => "an incoming migration target",
+        pb::VmState::Crashed => "crashed",
+    }
+}
