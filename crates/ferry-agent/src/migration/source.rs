@@ -65,6 +65,9 @@ struct Undo {
     tracker: Option<Box<dyn DirtyTracker>>,
     migrate_issued: bool,
     relay_path: Option<PathBuf>,
+    /// The control stream's send half: dropping it would finish the stream, which the
+    /// target rightly takes as the source giving up. Kept open until the commit is done.
+    control: Option<FrameWriter>,
 }
 
 /// How the commit ended.
@@ -341,6 +344,7 @@ impl Migration {
             _ => Default::default(),
         };
         sender.finish();
+        undo.control = Some(ctl_tx);
         self.h.update(|s| {
             if let Some(st) = s.stats.as_mut() {
                 st.device_state_bytes = dev.unix_to_quic;
@@ -466,7 +470,11 @@ impl Migration {
         if let Some(mut t) = undo.tracker.take() {
             let _ = t.disarm();
         }
-        if undo.migrate_issued {
+        let active = match self.qmp().query_migrate().await {
+            Ok(info) => !matches!(info.status.as_deref(), None | Some("completed" | "failed" | "cancelled" | "none")),
+            Err(_) => true,
+        };
+        if undo.migrate_issued && active {
             let mut ev = self.qmp().subscribe();
             if self.qmp().migrate_cancel().await.is_ok() {
                 let _ = ferry_qmp::wait_migration_status(&mut ev, Duration::from_secs(15), &["cancelled", "failed", "completed"]).await;

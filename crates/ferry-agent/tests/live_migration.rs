@@ -1,0 +1,301 @@
+//! End-to-end live migration between two real ferryd processes on this machine, with
+//! real QEMU guests (TCG) running ferry's workload, over real QUIC.
+//!
+//! Tests in this file share the machine's two cores: they run one at a time (a global
+//! lock), and each builds its own pair of agents, certificates and directories.
+
+use ferry_api::v1 as pb;
+use ferry_api::v1::ferry_control_client::FerryControlClient;
+use ferry_api::v1::ferry_peer_client::FerryPeerClient;
+use ferry_testkit::{guest_artifacts, parse_check, workload_cmdline, GuestConsole, TestAgent, TestPki};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const VM_MIB: u64 = 384;
+const WORKLOAD_MIB: u64 = 160;
+
+struct Pair {
+    _dir: tempfile::TempDir,
+    pki: TestPki,
+    a: TestAgent,
+    b: TestAgent,
+}
+
+fn ferryd() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ferryd"))
+}
+
+async fn pair() -> Pair {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = TestPki::new(&dir.path().join("pki"), &["a", "b", "rogue-free-client"]).expect("pki");
+    let a = TestAgent::start(&ferryd(), "a", &pki, dir.path(), "tcg").await.expect("agent a");
+    let b = TestAgent::start(&ferryd(), "b", &pki, dir.path(), "tcg").await.expect("agent b");
+    Pair { _dir: dir, pki, a, b }
+}
+
+fn guest_spec(name: &str, dirty_mibps: f64) -> pb::VmSpec {
+    let g = guest_artifacts().expect("guest artifacts: run scripts/build-guest.sh");
+    pb::VmSpec {
+        name: name.into(),
+        vcpus: 1,
+        memory_mib: VM_MIB,
+        kernel: g.kernel.display().to_string(),
+        initrd: g.initrd.display().to_string(),
+        cmdline: workload_cmdline(WORKLOAD_MIB, dirty_mibps, "realistic", 7),
+        ..Default::default()
+    }
+}
+
+/// Defines and starts a guest on `agent` and waits for its workload to be ready.
+async fn boot_guest(agent: &TestAgent, name: &str, dirty_mibps: f64) -> pb::VmInfo {
+    let mut c = agent.client().await.expect("client");
+    c.define_vm(pb::DefineVmRequest { spec: Some(guest_spec(name, dirty_mibps)) }).await.expect("define");
+    let info = c.start_vm(pb::VmRef { name: name.into() }).await.expect("start").into_inner();
+    ferry_testkit::wait_for_log_line(Path::new(&info.console_log), "FERRY-READY", Duration::from_secs(120))
+        .await
+        .expect("guest workload ready");
+    info
+}
+
+async fn console(info: &pb::VmInfo) -> GuestConsole {
+    GuestConsole::connect(Path::new(&info.console_socket), Duration::from_secs(10)).await.expect("console")
+}
+
+/// Asks the guest workload to verify every page it wrote.
+async fn guest_check(info: &pb::VmInfo) {
+    let mut con = console(info).await;
+    let line = con.command("check", "FERRY-CHECK", Duration::from_secs(120)).await.expect("check reply");
+    let r = parse_check(&line).expect("parse check");
+    assert!(r.ok, "guest memory check failed: {line}");
+}
+
+/// The workload's write counter (grows while the guest runs).
+async fn guest_writes(info: &pb::VmInfo) -> u64 {
+    let mut con = console(info).await;
+    let line = con.command("ping", "FERRY-PONG", Duration::from_secs(30)).await.expect("pong");
+    ferry_testkit::parse_pong(&line).expect("parse pong")
+}
+
+async fn watch_to_end(c: &mut FerryControlClient<Channel>, id: &str) -> pb::MigrationStatus {
+    let mut stream = c.watch_migration(pb::MigrationRef { id: id.into() }).await.expect("watch").into_inner();
+    let mut last = None;
+    while let Some(s) = stream.next().await {
+        last = Some(s.expect("status"));
+    }
+    last.expect("at least one status")
+}
+
+async fn wait_phase(c: &mut FerryControlClient<Channel>, id: &str, phase: pb::MigrationPhase) {
+    for _ in 0..600 {
+        let s = c.get_migration(pb::MigrationRef { id: id.into() }).await.expect("get").into_inner();
+        if s.phase == phase as i32 {
+            return;
+        }
+        assert!(s.phase < pb::MigrationPhase::Committing as i32, "migration went past {phase:?}: {s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("migration never reached {phase:?}");
+}
+
+fn pid_alive(pid: u32) -> bool {
+    pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
+}
+
+/// The target holds nothing of the VM: no QEMU, no RAM file, no record.
+async fn assert_target_clean(b: &TestAgent, vm: &str, migration_id: &str, pki: &TestPki) {
+    let mut cb = b.client().await.expect("client b");
+    let vms = cb.list_vms(pb::ListVmsRequest {}).await.expect("list").into_inner().vms;
+    assert!(vms.iter().all(|v| v.spec.as_ref().map(|s| s.name.as_str()) != Some(vm)), "target still lists {vm}: {vms:?}");
+    assert!(files_in(&b.ram_dir()).is_empty(), "target RAM dir not empty: {:?}", files_in(&b.ram_dir()));
+    assert!(b.qemu_pids().is_empty(), "a QEMU still runs for the target: {:?}", b.qemu_pids());
+    let chan = ferry_agent::tls::connect(&b.grpc_addr(), &pki.identity("a").expect("identity")).await.expect("peer channel");
+    let st = FerryPeerClient::new(chan).incoming_status(pb::MigrationRef { id: migration_id.into() }).await.expect("status").into_inner();
+    assert_eq!(st.state, pb::IncomingState::Unknown as i32, "target still has a record of the migration");
+}
+
+async fn migrate_with_codec(codec: &str) {
+    let _serial = SERIAL.lock().await;
+    let p = pair().await;
+    let src = boot_guest(&p.a, "web01", 20.0).await;
+    // Let the workload dirty memory for a while before moving it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let writes_before = guest_writes(&src).await;
+    let mut ca = p.a.client().await.expect("client a");
+    let started = ca
+        .start_migration(pb::StartMigrationRequest { vm: "web01".into(), target: p.b.grpc_addr(), compress: codec.into(), ..Default::default() })
+        .await
+        .expect("start migration")
+        .into_inner();
+    let end = watch_to_end(&mut ca, &started.id).await;
+    assert_eq!(end.phase, pb::MigrationPhase::Completed as i32, "migration failed: {end:?}\nA log:\n{}\nB log:\n{}", p.a.log_tail(), p.b.log_tail());
+    let stats = end.stats.expect("stats");
+    // Both agents digested their RAM files with both guests paused and found them equal.
+    assert_eq!(stats.ram_digest.len(), 64, "RAM digest compared: {stats:?}");
+    assert!(stats.rounds >= 2, "pre-copy rounds plus the final round: {stats:?}");
+    assert!(stats.pages_sent > (WORKLOAD_MIB << 20) / 4096 / 2, "pages sent: {stats:?}");
+    assert!(stats.device_state_bytes > 0, "device state relayed: {stats:?}");
+    assert_eq!(stats.tracker, "uffd-wp-async");
+    if codec != "none" {
+        assert!(stats.compression_ratio > 1.2, "{codec} should compress guest RAM: {stats:?}");
+        assert!(stats.wire_bytes < stats.page_bytes, "{codec}: wire bytes below page bytes: {stats:?}");
+    }
+
+    // The VM left A entirely…
+    let gone = ca.get_vm(pb::VmRef { name: "web01".into() }).await.expect_err("VM must be gone from A");
+    assert_eq!(gone.code(), tonic::Code::NotFound);
+    assert!(!pid_alive(src.pid), "source QEMU still alive");
+    assert!(!Path::new(&src.ram_file).exists(), "source RAM file left behind");
+    // …and runs on B, with every page it wrote intact.
+    let mut cb = p.b.client().await.expect("client b");
+    let dst = cb.get_vm(pb::VmRef { name: "web01".into() }).await.expect("VM on B").into_inner();
+    assert_eq!(dst.state, pb::VmState::Running as i32);
+    assert!(pid_alive(dst.pid));
+    guest_check(&dst).await;
+    let w1 = guest_writes(&dst).await;
+    assert!(w1 > writes_before, "workload kept its counter across the move ({w1} > {writes_before})");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let w2 = guest_writes(&dst).await;
+    assert!(w2 > w1, "guest keeps running on B ({w2} > {w1})");
+    cb.stop_vm(pb::StopVmRequest { name: "web01".into(), force: true }).await.expect("stop on B");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_migration_raw() {
+    migrate_with_codec("none").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_migration_lz4() {
+    migrate_with_codec("lz4").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_migration_zstd() {
+    migrate_with_codec("zstd").await;
+}
+
+/// zstd at level 19 compresses a few MB/s: round 0 takes long enough to act during it.
+fn slow_migration(vm: &str, target: String) -> pb::StartMigrationRequest {
+    pb::StartMigrationRequest { vm: vm.into(), target, compress: "zstd:19".into(), ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_during_precopy_keeps_guest_on_source() {
+    let _serial = SERIAL.lock().await;
+    let p = pair().await;
+    let src = boot_guest(&p.a, "db01", 20.0).await;
+    let mut ca = p.a.client().await.expect("client a");
+    let m = ca.start_migration(slow_migration("db01", p.b.grpc_addr())).await.expect("start").into_inner();
+    wait_phase(&mut ca, &m.id, pb::MigrationPhase::Precopy).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ca.cancel_migration(pb::MigrationRef { id: m.id.clone() }).await.expect("cancel");
+    let end = watch_to_end(&mut ca, &m.id).await;
+    assert_eq!(end.phase, pb::MigrationPhase::Cancelled as i32, "{end:?}");
+    assert!(end.error.contains("cancelled"), "{}", end.error);
+
+    let vm = ca.get_vm(pb::VmRef { name: "db01".into() }).await.expect("VM on A").into_inner();
+    assert_eq!(vm.state, pb::VmState::Running as i32);
+    assert_eq!(vm.pid, src.pid, "same QEMU process keeps running");
+    let w1 = guest_writes(&vm).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(guest_writes(&vm).await > w1, "guest runs on A");
+    guest_check(&vm).await;
+    assert_target_clean(&p.b, "db01", &m.id, &p.pki).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_killed_mid_precopy_keeps_guest_on_source() {
+    let _serial = SERIAL.lock().await;
+    let mut p = pair().await;
+    let src = boot_guest(&p.a, "app01", 20.0).await;
+    let mut ca = p.a.client().await.expect("client a");
+    let m = ca.start_migration(slow_migration("app01", p.b.grpc_addr())).await.expect("start").into_inner();
+    wait_phase(&mut ca, &m.id, pb::MigrationPhase::Precopy).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    p.b.kill().expect("kill b");
+    let end = watch_to_end(&mut ca, &m.id).await;
+    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+    assert!(end.error.contains("app01") && end.error.contains("failed at"), "error names the VM and the step: {}", end.error);
+
+    let vm = ca.get_vm(pb::VmRef { name: "app01".into() }).await.expect("VM on A").into_inner();
+    assert_eq!(vm.state, pb::VmState::Running as i32);
+    assert_eq!(vm.pid, src.pid);
+    let w1 = guest_writes(&vm).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(guest_writes(&vm).await > w1, "guest runs on A");
+    guest_check(&vm).await;
+
+    // The restarted target removes the half-made VM its predecessor left.
+    p.b.restart().await.expect("restart b");
+    assert_target_clean(&p.b, "app01", &m.id, &p.pki).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors() {
+    let _serial = SERIAL.lock().await;
+    let p = pair().await;
+    let mut ca = p.a.client().await.expect("client a");
+
+    // Unknown VM.
+    let e = ca
+        .start_migration(pb::StartMigrationRequest { vm: "nope".into(), target: p.b.grpc_addr(), ..Default::default() })
+        .await
+        .expect_err("unknown VM");
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert!(e.message().contains("nope"), "{}", e.message());
+
+    // Bad codec.
+    let src = boot_guest(&p.a, "web02", 5.0).await;
+    let e = ca
+        .start_migration(pb::StartMigrationRequest { vm: "web02".into(), target: p.b.grpc_addr(), compress: "gzip".into(), ..Default::default() })
+        .await
+        .expect_err("bad codec");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("gzip"), "{}", e.message());
+
+    // Name already defined on the target: refused at prepare, guest stays on A.
+    let mut cb = p.b.client().await.expect("client b");
+    cb.define_vm(pb::DefineVmRequest { spec: Some(guest_spec("web02", 0.0)) }).await.expect("define clash on B");
+    let m = ca
+        .start_migration(pb::StartMigrationRequest { vm: "web02".into(), target: p.b.grpc_addr(), ..Default::default() })
+        .await
+        .expect("start")
+        .into_inner();
+    let end = watch_to_end(&mut ca, &m.id).await;
+    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32);
+    assert!(end.error.contains("already defined on target host b"), "{}", end.error);
+    let vm = ca.get_vm(pb::VmRef { name: "web02".into() }).await.expect("VM on A").into_inner();
+    assert_eq!(vm.state, pb::VmState::Running as i32);
+    assert_eq!(vm.pid, src.pid);
+    // B's own definition is untouched.
+    let own = cb.get_vm(pb::VmRef { name: "web02".into() }).await.expect("B's VM").into_inner();
+    assert_eq!(own.state, pb::VmState::Defined as i32);
+
+    // Malformed spec.
+    let e = ca
+        .define_vm(pb::DefineVmRequest { spec: Some(pb::VmSpec { name: "../evil".into(), memory_mib: 64, ..Default::default() }) })
+        .await
+        .expect_err("bad name");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+    // A client whose certificate comes from another CA is refused by the gRPC server.
+    let rogue_dir = p._dir.path().join("rogue");
+    let rogue = TestPki::new(&rogue_dir, &["a"]).expect("rogue pki");
+    let mut id = rogue.identity("a").expect("rogue identity");
+    id.ca_pem = p.pki.identity("a").expect("identity").ca_pem; // trusts the real server, but is not trusted by it
+    let refused = async {
+        let mut c = ferry_testkit::connect_control(&p.a.grpc_addr(), &id).await?;
+        c.list_vms(pb::ListVmsRequest {}).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    assert!(refused.is_err(), "a certificate from another CA must be refused");
+}
