@@ -1,0 +1,25 @@
+//! Helpers for ferry's integration tests and demo.
+//!
+//! * [`guest`]: the test guest's boot files ([`guest_artifacts`]) and the kernel command
+//!   line of its workload ([`workload_cmdline`]).
+//! * [`console`]: the workload's line protocol on the serial console ([`GuestConsole`],
+//!   [`wait_for_log_line`], reply parsers).
+//! * [`agent`]: real `ferryd` processes for tests ([`TestAgent`], [`TestPki`]).
+//!
+//! The console and agent helpers are async (tokio), to sit beside tonic clients in
+//! `#[tokio::test]`s.
+
+#![warn(missing_docs)]
+
+pub mod agent;
+pub mod console;
+pub mod guest;
+
+pub use agent::{connect_control, TestAgent, TestPki, AGENT_START_TIMEOUT};
+pub use console::{
+    parse_check, parse_digest, parse_heartbeat, parse_pong, parse_ready, reply_prefix_for,
+    wait_for_log_line, CheckResult, GuestConsole, Ready,
+};
+pub use guest::{
+    find_workspace_root, guest_artifacts, repo_root, workload_cmdline, GuestArtifacts,
+};

@@ -1,0 +1,445 @@
+//! Command-line syntax (clap derive). Everything that can be checked without an agent —
+//! codec names, numeric ranges, certificate host specs — is checked while parsing.
+
+use clap::{Args, Parser, Subcommand};
+use ferry_wire::Codec;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// ferryctl: run VMs on ferry agents and live-migrate them between hosts.
+#[derive(Debug, Parser)]
+#[command(name = "ferryctl", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Options shared by every command.
+    #[command(flatten)]
+    pub global: GlobalOpts,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options shared by every command.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Global options")]
+pub struct GlobalOpts {
+    /// gRPC address (host:port) of the agent to talk to.
+    #[arg(
+        long,
+        global = true,
+        env = "FERRY_AGENT",
+        default_value = "127.0.0.1:7701",
+        value_name = "ADDR"
+    )]
+    pub agent: String,
+    /// Print the agent's responses as JSON instead of tables and reports
+    /// (`migrate`/`watch`: one JSON object per line per progress update).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// TLS identity (mutual TLS with the mesh CA).
+    #[command(flatten)]
+    pub tls: TlsOpts,
+}
+
+/// Where the client's TLS files are: `--ca/--cert/--key`, or `--pki-dir DIR --identity NAME`
+/// for `DIR/ca.pem`, `DIR/NAME.pem`, `DIR/NAME.key`. Explicit files override the
+/// directory's.
+#[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "TLS (mutual, with the mesh CA)")]
+pub struct TlsOpts {
+    /// Mesh CA certificate (PEM).
+    #[arg(long, global = true, env = "FERRY_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) issued by the mesh CA.
+    #[arg(long, global = true, env = "FERRY_CERT", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of the client certificate.
+    #[arg(long, global = true, env = "FERRY_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Directory made by `ferryctl certs init` (use with --identity).
+    #[arg(long, global = true, env = "FERRY_PKI_DIR", value_name = "DIR")]
+    pub pki_dir: Option<PathBuf>,
+    /// Host name whose certificate to use from --pki-dir.
+    #[arg(long, global = true, env = "FERRY_IDENTITY", value_name = "NAME")]
+    pub identity: Option<String>,
+}
+
+/// The top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Define, start, stop, inspect VMs on the agent.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Live-migrate a VM from the agent (--agent) to another agent.
+    Migrate(MigrateArgs),
+    /// List, inspect, watch and cancel migrations.
+    #[command(subcommand)]
+    Migrations(MigrationsCommand),
+    /// Development certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+/// `ferryctl vm ...`
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Define a VM from a TOML spec file.
+    Define {
+        /// Spec file (the fields of ferry_qemu::VmSpec).
+        spec: PathBuf,
+    },
+    /// Start a defined VM.
+    Start {
+        /// VM name.
+        name: String,
+    },
+    /// Stop a running VM (ACPI power-down unless --force).
+    Stop {
+        /// VM name.
+        name: String,
+        /// Kill QEMU instead of asking the guest to power down.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove a stopped VM's definition.
+    Undefine {
+        /// VM name.
+        name: String,
+    },
+    /// Show every field of a VM (spec, state, pid, sockets, RAM file).
+    Show {
+        /// VM name.
+        name: String,
+    },
+    /// List the agent's VMs.
+    List,
+}
+
+/// `ferryctl migrate VM --to ADDR ...`
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// Name of the VM to move (it runs on --agent).
+    pub vm: String,
+    /// gRPC address (host:port) of the target agent.
+    #[arg(long, value_name = "TARGET_ADDR")]
+    pub to: String,
+    /// Page compression: none, lz4, zstd or zstd:LEVEL (1-19). Default: none.
+    #[arg(long, value_name = "CODEC", value_parser = parse_codec)]
+    pub compress: Option<Codec>,
+    /// Downtime target in milliseconds (agent default: 30).
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub downtime: Option<u32>,
+    /// Most pre-copy rounds before the switchover (agent default: 30).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_rounds: Option<u32>,
+    /// Parallel QUIC page streams, 1-16 (agent default: 4).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub streams: Option<u32>,
+    /// Skip the RAM digest comparison at switchover.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Print the migration id and exit instead of watching.
+    #[arg(long)]
+    pub detach: bool,
+}
+
+/// `ferryctl migrations ...`
+#[derive(Debug, Subcommand)]
+pub enum MigrationsCommand {
+    /// List the migrations the agent knows.
+    List,
+    /// Show a migration's status and statistics.
+    Show {
+        /// Migration id.
+        id: String,
+    },
+    /// Follow a migration's progress until it finishes (exit code as for `migrate`).
+    Watch {
+        /// Migration id.
+        id: String,
+    },
+    /// Cancel a migration (rolled back: the VM keeps running on the source).
+    Cancel {
+        /// Migration id.
+        id: String,
+    },
+}
+
+/// `ferryctl certs ...`
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create (or extend) a development PKI: a CA and one certificate per host.
+    Init {
+        /// Output directory (an existing CA there is reused).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// A host: NAME or NAME:SAN,SAN,... (DNS names or IPs it is reached at;
+        /// localhost and 127.0.0.1 are always included). Repeat for more hosts.
+        #[arg(long = "host", value_name = "NAME[:SAN,...]", required = true, value_parser = parse_host_spec)]
+        hosts: Vec<HostSpec>,
+    },
+}
+
+/// A host of `certs init`: its name and extra subject alternative names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostSpec {
+    /// Host name (certificate CN, file name stem).
+    pub name: String,
+    /// Extra DNS names or IP addresses.
+    pub sans: Vec<String>,
+}
+
+/// Parses `NAME[:SAN,SAN...]`. The name is everything before the first `:`, so IPv6 SANs
+/// work (`kvm1:::1,fe80::2`).
+pub fn parse_host_spec(s: &str) -> Result<HostSpec, String> {
+    let (name, sans) = match s.split_once(':') {
+        Some((name, sans)) => (name, sans),
+        None => (s, ""),
+    };
+    let name = name.trim();
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && !name.starts_with(['.', '-']);
+    if !ok {
+        return Err(format!(
+            "host name {name:?} must be letters, digits, '.', '_' or '-' (it becomes a file name)"
+        ));
+    }
+    let sans: Vec<String> = sans
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    Ok(HostSpec {
+        name: name.to_string(),
+        sans,
+    })
+}
+
+/// Parses a codec name with [`Codec::from_str`] so a bad one fails before any network call.
+pub fn parse_codec(s: &str) -> Result<Codec, String> {
+    Codec::from_str(s).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("ferryctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn vm_commands() {
+        let c = parse(&["vm", "define", "web1.toml"]).expect("parse");
+        assert!(
+            matches!(c.command, Command::Vm(VmCommand::Define { ref spec }) if spec == &PathBuf::from("web1.toml"))
+        );
+        let c = parse(&["vm", "stop", "web1", "--force"]).expect("parse");
+        assert!(
+            matches!(c.command, Command::Vm(VmCommand::Stop { ref name, force: true }) if name == "web1")
+        );
+        let c = parse(&["vm", "stop", "web1"]).expect("parse");
+        assert!(matches!(
+            c.command,
+            Command::Vm(VmCommand::Stop { force: false, .. })
+        ));
+        for (args, ok) in [
+            (&["vm", "start", "a"][..], true),
+            (&["vm", "undefine", "a"], true),
+            (&["vm", "show", "a"], true),
+            (&["vm", "list"], true),
+            (&["vm", "start"], false),
+            (&["vm", "reboot", "a"], false),
+        ] {
+            assert_eq!(parse(args).is_ok(), ok, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn global_options_go_anywhere() {
+        let c = parse(&[
+            "--agent",
+            "10.0.0.1:7701",
+            "vm",
+            "list",
+            "--json",
+            "--pki-dir",
+            "/p",
+            "--identity",
+            "ops",
+        ])
+        .expect("parse");
+        assert_eq!(c.global.agent, "10.0.0.1:7701");
+        assert!(c.global.json);
+        assert_eq!(c.global.tls.pki_dir, Some(PathBuf::from("/p")));
+        assert_eq!(c.global.tls.identity.as_deref(), Some("ops"));
+        let c = parse(&[
+            "vm", "list", "--ca", "/c", "--cert", "/x.pem", "--key", "/x.key",
+        ])
+        .expect("parse");
+        assert_eq!(c.global.tls.ca, Some(PathBuf::from("/c")));
+        assert_eq!(c.global.tls.key, Some(PathBuf::from("/x.key")));
+    }
+
+    #[test]
+    fn migrate_options() {
+        let c = parse(&[
+            "migrate",
+            "web1",
+            "--to",
+            "kvm02:7701",
+            "--compress",
+            "zstd:3",
+            "--downtime",
+            "50",
+            "--max-rounds",
+            "10",
+            "--streams",
+            "8",
+            "--no-verify",
+        ])
+        .expect("parse");
+        let Command::Migrate(m) = c.command else {
+            panic!("not migrate")
+        };
+        assert_eq!(m.vm, "web1");
+        assert_eq!(m.to, "kvm02:7701");
+        assert_eq!(m.compress, Some(Codec::Zstd { level: 3 }));
+        assert_eq!(
+            (m.downtime, m.max_rounds, m.streams),
+            (Some(50), Some(10), Some(8))
+        );
+        assert!(m.no_verify && !m.detach);
+
+        let c = parse(&["migrate", "web1", "--to", "b:1", "--detach"]).expect("parse");
+        let Command::Migrate(m) = c.command else {
+            panic!("not migrate")
+        };
+        assert_eq!((m.compress, m.downtime, m.streams), (None, None, None));
+        assert!(m.detach && !m.no_verify);
+        for codec in ["none", "lz4", "zstd", "ZSTD:19"] {
+            parse(&["migrate", "v", "--to", "b:1", "--compress", codec]).expect(codec);
+        }
+    }
+
+    #[test]
+    fn migrate_rejects_bad_values_before_any_network_call() {
+        for (args, needle) in [
+            (
+                &["migrate", "v", "--to", "b:1", "--compress", "gzip"][..],
+                "unknown codec",
+            ),
+            (
+                &["migrate", "v", "--to", "b:1", "--compress", "zstd:25"],
+                "out of range",
+            ),
+            (
+                &["migrate", "v", "--to", "b:1", "--compress", "zstd:x"],
+                "unknown codec",
+            ),
+            (
+                &["migrate", "v", "--to", "b:1", "--streams", "0"],
+                "--streams",
+            ),
+            (
+                &["migrate", "v", "--to", "b:1", "--streams", "17"],
+                "--streams",
+            ),
+            (
+                &["migrate", "v", "--to", "b:1", "--downtime", "0"],
+                "--downtime",
+            ),
+            (
+                &["migrate", "v", "--to", "b:1", "--max-rounds", "x"],
+                "--max-rounds",
+            ),
+        ] {
+            let e = parse(args).expect_err("must be rejected");
+            assert_eq!(e.kind(), ErrorKind::ValueValidation, "{args:?}: {e}");
+            assert!(e.to_string().contains(needle), "{args:?}: {e}");
+        }
+        let e = parse(&["migrate", "v"]).expect_err("--to is required");
+        assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn migrations_commands() {
+        let c = parse(&["migrations", "watch", "m-1"]).expect("parse");
+        assert!(
+            matches!(c.command, Command::Migrations(MigrationsCommand::Watch { ref id }) if id == "m-1")
+        );
+        let c = parse(&["migrations", "cancel", "m-1"]).expect("parse");
+        assert!(matches!(
+            c.command,
+            Command::Migrations(MigrationsCommand::Cancel { .. })
+        ));
+        parse(&["migrations", "list"]).expect("parse");
+        parse(&["migrations", "show", "m-1"]).expect("parse");
+        assert!(parse(&["migrations", "show"]).is_err());
+    }
+
+    #[test]
+    fn certs_init_hosts() {
+        let c = parse(&[
+            "certs",
+            "init",
+            "--dir",
+            "/tmp/pki",
+            "--host",
+            "a",
+            "--host",
+            "b:b.example,10.0.0.2",
+        ])
+        .expect("parse");
+        let Command::Certs(CertsCommand::Init { dir, hosts }) = c.command else {
+            panic!("not certs init")
+        };
+        assert_eq!(dir, PathBuf::from("/tmp/pki"));
+        assert_eq!(
+            hosts[0],
+            HostSpec {
+                name: "a".into(),
+                sans: vec![]
+            }
+        );
+        assert_eq!(
+            hosts[1],
+            HostSpec {
+                name: "b".into(),
+                sans: vec!["b.example".into(), "10.0.0.2".into()]
+            }
+        );
+        assert!(
+            parse(&["certs", "init", "--dir", "/tmp/pki"]).is_err(),
+            "needs a host"
+        );
+        assert!(parse(&["certs", "init", "--dir", "/p", "--host", "../x"]).is_err());
+        assert!(parse(&["certs", "init", "--dir", "/p", "--host", ":san"]).is_err());
+    }
+
+    #[test]
+    fn host_specs() {
+        assert_eq!(
+            parse_host_spec("kvm1:::1,fe80::2").expect("ipv6"),
+            HostSpec {
+                name: "kvm1".into(),
+                sans: vec!["::1".into(), "fe80::2".into()]
+            }
+        );
+        assert_eq!(
+            parse_host_spec("a:").expect("empty sans").sans,
+            Vec::<String>::new()
+        );
+        assert!(parse_host_spec("a/b").is_err());
+    }
+}

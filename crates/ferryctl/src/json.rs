@@ -1,0 +1,141 @@
+//! `--json` output: the gRPC responses as JSON objects whose keys are the proto field names
+//! and whose enums are their short names (`"RUNNING"`, `"PRECOPY"`). The prost types do not
+//! derive serde, so the mapping is written out here.
+
+use crate::report::{phase_name, vm_state_name};
+use ferry_api::v1::{MigrationStats, MigrationStatus, VmInfo, VmSpec};
+use serde_json::{json, Value};
+
+/// A VM spec as JSON.
+pub fn vm_spec(s: &VmSpec) -> Value {
+    json!({
+        "name": s.name,
+        "vcpus": s.vcpus,
+        "memory_mib": s.memory_mib,
+        "cpu_model": s.cpu_model,
+        "machine": s.machine,
+        "accel": s.accel,
+        "kernel": s.kernel,
+        "initrd": s.initrd,
+        "cmdline": s.cmdline,
+        "disks": s.disks.iter().map(|d| json!({
+            "id": d.id, "path": d.path, "format": d.format, "read_only": d.read_only,
+        })).collect::<Vec<_>>(),
+        "nics": s.nics.iter().map(|n| json!({
+            "id": n.id, "mac": n.mac, "bridge": n.bridge,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// A `VmInfo` as JSON.
+pub fn vm_info(vm: &VmInfo) -> Value {
+    json!({
+        "spec": vm.spec.as_ref().map(vm_spec),
+        "state": vm_state_name(vm.state()),
+        "pid": vm.pid,
+        "qmp_socket": vm.qmp_socket,
+        "console_socket": vm.console_socket,
+        "console_log": vm.console_log,
+        "ram_file": vm.ram_file,
+    })
+}
+
+/// A list of VMs as `{"vms": [...]}` (the shape of `ListVmsResponse`).
+pub fn vm_list(vms: &[VmInfo]) -> Value {
+    json!({ "vms": vms.iter().map(vm_info).collect::<Vec<_>>() })
+}
+
+/// Migration statistics as JSON.
+pub fn migration_stats(s: &MigrationStats) -> Value {
+    json!({
+        "guest_ram_bytes": s.guest_ram_bytes,
+        "pages_sent": s.pages_sent,
+        "zero_pages_sent": s.zero_pages_sent,
+        "pages_resent": s.pages_resent,
+        "page_bytes": s.page_bytes,
+        "wire_bytes": s.wire_bytes,
+        "device_state_bytes": s.device_state_bytes,
+        "rounds": s.rounds,
+        "last_round_dirty_pages": s.last_round_dirty_pages,
+        "dirty_rate_pages_per_sec": finite(s.dirty_rate_pages_per_sec),
+        "throughput_bytes_per_sec": finite(s.throughput_bytes_per_sec),
+        "compression_ratio": finite(s.compression_ratio),
+        "elapsed_ms": s.elapsed_ms,
+        "downtime_ms": s.downtime_ms,
+        "expected_downtime_ms": s.expected_downtime_ms,
+        "codec": s.codec,
+        "tracker": s.tracker,
+        "ram_digest": s.ram_digest,
+    })
+}
+
+/// A `MigrationStatus` as JSON.
+pub fn migration_status(m: &MigrationStatus) -> Value {
+    json!({
+        "id": m.id,
+        "vm": m.vm,
+        "source": m.source,
+        "target": m.target,
+        "phase": phase_name(m.phase()),
+        "stats": m.stats.as_ref().map(migration_stats),
+        "error": m.error,
+        "message": m.message,
+        "started_unix_ms": m.started_unix_ms,
+        "finished_unix_ms": m.finished_unix_ms,
+    })
+}
+
+/// A list of migrations as `{"migrations": [...]}` (the shape of `ListMigrationsResponse`).
+pub fn migration_list(ms: &[MigrationStatus]) -> Value {
+    json!({ "migrations": ms.iter().map(migration_status).collect::<Vec<_>>() })
+}
+
+/// JSON has no NaN or infinity: those become `null`.
+fn finite(x: f64) -> Value {
+    if x.is_finite() {
+        json!(x)
+    } else {
+        Value::Null
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_api::v1::{MigrationPhase, VmState};
+
+    #[test]
+    fn enums_are_short_names_and_fields_are_proto_names() {
+        let vm = VmInfo {
+            spec: Some(VmSpec {
+                name: "a".into(),
+                memory_mib: 64,
+                ..Default::default()
+            }),
+            state: VmState::Paused as i32,
+            pid: 7,
+            ..Default::default()
+        };
+        let v = vm_info(&vm);
+        assert_eq!(v["state"], "PAUSED");
+        assert_eq!(v["spec"]["memory_mib"], 64);
+        assert_eq!(vm_list(&[vm])["vms"][0]["pid"], 7);
+
+        let m = MigrationStatus {
+            id: "x".into(),
+            phase: MigrationPhase::InDoubt as i32,
+            stats: Some(MigrationStats {
+                compression_ratio: f64::NAN,
+                rounds: 3,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let v = migration_status(&m);
+        assert_eq!(v["phase"], "IN_DOUBT");
+        assert_eq!(v["stats"]["rounds"], 3);
+        assert!(v["stats"]["compression_ratio"].is_null());
+        assert!(serde_json::to_string(&v).is_ok());
+        assert_eq!(migration_list(&[m])["migrations"][0]["id"], "x");
+    }
+}

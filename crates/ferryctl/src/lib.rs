@@ -1,0 +1,15 @@
+//! ferryctl: the operator CLI for ferry agents, virsh-like.
+//!
+//! The binary is a thin `main` over this library: [`cli`] is the command-line syntax,
+//! [`app::run`] executes a command against an agent, [`report`] and [`json`] format the
+//! responses, [`spec`] turns TOML VM specs into gRPC ones, and [`connect`] opens the
+//! mutual-TLS channel.
+
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod cli;
+pub mod connect;
+pub mod json;
+pub mod report;
+pub mod spec;

@@ -1,0 +1,800 @@
+//! Human-readable output: sizes, durations, rates, tables, the migration progress line and
+//! the final migration report. Pure functions of the gRPC messages, so they can be tested
+//! without an agent.
+
+use ferry_api::v1::{MigrationPhase, MigrationStats, MigrationStatus, VmInfo, VmState};
+use std::fmt::Write as _;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// Guest page size the statistics count in.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// A byte count in binary units: `512 B`, `1.5 KiB`, `547.8 MiB`, `2.00 GiB`.
+///
+/// One decimal below GiB, two from GiB up (a 2 GiB guest shows as `2.00 GiB`).
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit >= 2 {
+        format!("{v:.2} {}", UNITS[unit])
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// A transfer rate in bytes per second: `130.2 MiB/s`; `-` when unknown (zero, negative or
+/// not finite).
+pub fn rate(bytes_per_sec: f64) -> String {
+    if !bytes_per_sec.is_finite() || bytes_per_sec <= 0.0 {
+        return "-".into();
+    }
+    format!("{}/s", bytes(bytes_per_sec.round() as u64))
+}
+
+/// A duration given in milliseconds: `0 ms`, `11 ms`, `4.21 s`, `2m 03s`, `1h 02m 03s`.
+pub fn millis(ms: u64) -> String {
+    if ms < 1000 {
+        return format!("{ms} ms");
+    }
+    if ms < 60_000 {
+        return format!("{:.2} s", ms as f64 / 1000.0);
+    }
+    let secs = ms / 1000;
+    let (h, m, s) = (secs / 3600, (secs / 60) % 60, secs % 60);
+    if h > 0 {
+        format!("{h}h {m:02}m {s:02}s")
+    } else {
+        format!("{m}m {s:02}s")
+    }
+}
+
+/// A [`Duration`] formatted like [`millis`].
+pub fn duration(d: Duration) -> String {
+    millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A compression ratio: `1.82x`; `-` when not measured (zero or not finite).
+pub fn ratio(r: f64) -> String {
+    if !r.is_finite() || r <= 0.0 {
+        return "-".into();
+    }
+    format!("{r:.2}x")
+}
+
+/// A count with thousands separators: `140,233`.
+pub fn count(n: u64) -> String {
+    let digits = n.to_string();
+    // Groups of three from the right; the digits are ASCII, so every chunk is UTF-8.
+    let groups: Vec<&str> = digits
+        .as_bytes()
+        .rchunks(3)
+        .rev()
+        .map(|g| std::str::from_utf8(g).unwrap_or("?"))
+        .collect();
+    groups.join(",")
+}
+
+/// A dirty rate given in pages per second: `2,100 pages/s (8.2 MiB/s)`; `-` when zero.
+pub fn dirty_rate(pages_per_sec: f64) -> String {
+    if !pages_per_sec.is_finite() || pages_per_sec <= 0.0 {
+        return "-".into();
+    }
+    format!(
+        "{} pages/s ({})",
+        count(pages_per_sec.round() as u64),
+        rate(pages_per_sec * PAGE_SIZE as f64)
+    )
+}
+
+/// A Unix time in milliseconds as RFC 3339 UTC (`2025-01-31T12:00:00Z`); `-` when zero.
+pub fn unix_ms(ms: i64) -> String {
+    match u64::try_from(ms) {
+        Ok(ms) if ms > 0 => {
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+        }
+        _ => "-".into(),
+    }
+}
+
+/// `-` for an empty string.
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() {
+        "-"
+    } else {
+        s
+    }
+}
+
+/// The short name of a VM state: `RUNNING`, `DEFINED`, ….
+pub fn vm_state_name(state: VmState) -> &'static str {
+    let full = state.as_str_name();
+    full.strip_prefix("VM_STATE_").unwrap_or(full)
+}
+
+/// The short name of a migration phase: `PRECOPY`, `COMPLETED`, ….
+pub fn phase_name(phase: MigrationPhase) -> &'static str {
+    let full = phase.as_str_name();
+    full.strip_prefix("MIGRATION_PHASE_").unwrap_or(full)
+}
+
+/// Whether a migration in this phase has finished (successfully or not).
+pub fn is_terminal(phase: MigrationPhase) -> bool {
+    matches!(
+        phase,
+        MigrationPhase::Completed
+            | MigrationPhase::Failed
+            | MigrationPhase::Cancelled
+            | MigrationPhase::InDoubt
+    )
+}
+
+/// Process exit code for a finished migration: 0 completed, 1 failed, 3 cancelled, 4 in
+/// doubt (2 is left to usage errors). A phase that is not terminal gives 1.
+pub fn exit_code(phase: MigrationPhase) -> u8 {
+    match phase {
+        MigrationPhase::Completed => 0,
+        MigrationPhase::Cancelled => 3,
+        MigrationPhase::InDoubt => 4,
+        _ => 1,
+    }
+}
+
+/// Renders rows as a left-aligned table with a header, columns two spaces apart.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::new();
+        for (i, cell) in cells.enumerate() {
+            if i > 0 {
+                l.push_str("  ");
+            }
+            let w = widths.get(i).copied().unwrap_or(0);
+            let _ = write!(l, "{cell:<w$}");
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+/// `vm list`: name, state, vCPUs, memory, pid.
+pub fn vm_table(vms: &[VmInfo]) -> String {
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|vm| {
+            let spec = vm.spec.clone().unwrap_or_default();
+            vec![
+                spec.name,
+                vm_state_name(vm.state()).to_string(),
+                spec.vcpus.to_string(),
+                bytes(spec.memory_mib.saturating_mul(1024 * 1024)),
+                if vm.pid == 0 {
+                    "-".into()
+                } else {
+                    vm.pid.to_string()
+                },
+            ]
+        })
+        .collect();
+    table(&["NAME", "STATE", "VCPUS", "MEMORY", "PID"], &rows)
+}
+
+/// `vm show`: every field of a VM, spec included.
+pub fn vm_details(vm: &VmInfo) -> String {
+    let spec = vm.spec.clone().unwrap_or_default();
+    let mut o = String::new();
+    let mut kv = |k: &str, v: &str| {
+        let _ = writeln!(o, "{k:<16}{v}");
+    };
+    kv("name", or_dash(&spec.name));
+    kv("state", vm_state_name(vm.state()));
+    kv("vcpus", &spec.vcpus.to_string());
+    kv("memory", &format!("{} MiB", spec.memory_mib));
+    kv(
+        "cpu model",
+        if spec.cpu_model.is_empty() {
+            "(default)"
+        } else {
+            &spec.cpu_model
+        },
+    );
+    kv(
+        "machine",
+        if spec.machine.is_empty() {
+            "(default)"
+        } else {
+            &spec.machine
+        },
+    );
+    kv(
+        "accel",
+        if spec.accel.is_empty() {
+            "(agent default)"
+        } else {
+            &spec.accel
+        },
+    );
+    kv("kernel", or_dash(&spec.kernel));
+    kv("initrd", or_dash(&spec.initrd));
+    kv("cmdline", or_dash(&spec.cmdline));
+    if spec.disks.is_empty() {
+        kv("disks", "-");
+    }
+    for d in &spec.disks {
+        let fmt = if d.format.is_empty() {
+            "qcow2"
+        } else {
+            &d.format
+        };
+        let ro = if d.read_only { ", read-only" } else { "" };
+        kv(
+            &format!("disk {}", d.id),
+            &format!("{} ({fmt}{ro})", d.path),
+        );
+    }
+    if spec.nics.is_empty() {
+        kv("nics", "-");
+    }
+    for n in &spec.nics {
+        let backend = if n.bridge.is_empty() {
+            "user networking".to_string()
+        } else {
+            format!("bridge {}", n.bridge)
+        };
+        let mac = if n.mac.is_empty() { "auto MAC" } else { &n.mac };
+        kv(&format!("nic {}", n.id), &format!("{backend}, {mac}"));
+    }
+    kv(
+        "pid",
+        &if vm.pid == 0 {
+            "-".to_string()
+        } else {
+            vm.pid.to_string()
+        },
+    );
+    kv("qmp socket", or_dash(&vm.qmp_socket));
+    kv("console socket", or_dash(&vm.console_socket));
+    kv("console log", or_dash(&vm.console_log));
+    kv("ram file", or_dash(&vm.ram_file));
+    o
+}
+
+/// `migrations list`: id, VM, source, target, phase, elapsed time, downtime, start time.
+pub fn migration_table(migrations: &[MigrationStatus]) -> String {
+    let rows: Vec<Vec<String>> = migrations
+        .iter()
+        .map(|m| {
+            let st = m.stats.clone().unwrap_or_default();
+            vec![
+                m.id.clone(),
+                m.vm.clone(),
+                or_dash(&m.source).to_string(),
+                or_dash(&m.target).to_string(),
+                phase_name(m.phase()).to_string(),
+                millis(st.elapsed_ms),
+                if st.downtime_ms == 0 {
+                    "-".into()
+                } else {
+                    millis(st.downtime_ms)
+                },
+                unix_ms(m.started_unix_ms),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID", "VM", "SOURCE", "TARGET", "PHASE", "ELAPSED", "DOWNTIME", "STARTED",
+        ],
+        &rows,
+    )
+}
+
+/// Progress bar length and position for a migration: guest RAM bytes, and how much of the
+/// first full pass is done. During the first round that is the pages sent with data plus
+/// zero pages (an underestimate: never-touched RAM is skipped, not counted); from the second
+/// round on, and once the guest is paused, the pass is complete and the bar full.
+/// `(0, 0)` while the RAM size is not known yet.
+pub fn progress_position(status: &MigrationStatus) -> (u64, u64) {
+    let st = status.stats.clone().unwrap_or_default();
+    if st.guest_ram_bytes == 0 {
+        return (0, 0);
+    }
+    let first_pass_done = st.rounds >= 2
+        || matches!(
+            status.phase(),
+            MigrationPhase::Switchover
+                | MigrationPhase::Verifying
+                | MigrationPhase::Committing
+                | MigrationPhase::Completed
+        );
+    if first_pass_done {
+        return (st.guest_ram_bytes, st.guest_ram_bytes);
+    }
+    let covered = st
+        .pages_sent
+        .saturating_add(st.zero_pages_sent)
+        .saturating_mul(PAGE_SIZE);
+    (covered.min(st.guest_ram_bytes), st.guest_ram_bytes)
+}
+
+/// First line of the live progress display: phase, round and elapsed time, e.g.
+/// `PRECOPY round 3  4.21 s`.
+pub fn progress_prefix(status: &MigrationStatus) -> String {
+    let st = status.stats.clone().unwrap_or_default();
+    let phase = phase_name(status.phase());
+    if st.rounds > 0 {
+        format!(
+            "{phase:<10} round {:<3} {:>8}",
+            st.rounds,
+            millis(st.elapsed_ms)
+        )
+    } else {
+        format!("{phase:<10} {:>18}", millis(st.elapsed_ms))
+    }
+}
+
+/// Transfer line of the live display: pages sent, guest and wire bytes, compression ratio,
+/// rate. `29,251 pages  114.3 MiB -> 66.9 MiB wire (1.71x)  260.6 MiB/s`.
+pub fn progress_transfer(status: &MigrationStatus) -> String {
+    let st = status.stats.clone().unwrap_or_default();
+    format!(
+        "{} pages  {} -> {} wire ({})  {}",
+        count(st.pages_sent),
+        bytes(st.page_bytes),
+        bytes(st.wire_bytes),
+        ratio(st.compression_ratio),
+        rate(st.throughput_bytes_per_sec)
+    )
+}
+
+/// Convergence line of the live display: dirty rate, last round's dirty pages, expected
+/// downtime. `dirty 2,100 pages/s (8.2 MiB/s)  last round 320 pages  downtime ~9 ms`.
+pub fn progress_dirty(status: &MigrationStatus) -> String {
+    let st = status.stats.clone().unwrap_or_default();
+    let mut parts = vec![format!("dirty {}", dirty_rate(st.dirty_rate_pages_per_sec))];
+    if st.rounds > 1 || st.last_round_dirty_pages > 0 {
+        parts.push(format!(
+            "last round {} pages",
+            count(st.last_round_dirty_pages)
+        ));
+    }
+    if st.expected_downtime_ms > 0 {
+        parts.push(format!("downtime ~{}", millis(st.expected_downtime_ms)));
+    }
+    parts.join("  ")
+}
+
+/// The whole live display on one line, for logs (stderr not a terminal).
+pub fn progress_line(status: &MigrationStatus) -> String {
+    format!(
+        "{} | {} | {}",
+        progress_prefix(status)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
+        progress_transfer(status),
+        progress_dirty(status)
+    )
+}
+
+/// What a non-completed final phase means for the VM, in one sentence.
+fn outcome_note(status: &MigrationStatus) -> Option<String> {
+    let source = or_dash(&status.source);
+    let target = or_dash(&status.target);
+    match status.phase() {
+        MigrationPhase::Failed => Some(format!("rolled back: VM {} keeps running on the source {source}", status.vm)),
+        MigrationPhase::Cancelled => {
+            Some(format!("cancelled and rolled back: VM {} keeps running on the source {source}", status.vm))
+        }
+        MigrationPhase::InDoubt => Some(format!(
+            "the commit outcome on the target {target} is unknown: VM {} stays PAUSED on the source {source} \
+             pending resolution (it is not resumed automatically, so it never runs on two hosts)",
+            status.vm
+        )),
+        _ => None,
+    }
+}
+
+/// The final report of a migration: result (with the error, prominently, when it did not
+/// complete) and every statistic.
+pub fn final_report(status: &MigrationStatus) -> String {
+    let st = status.stats.clone().unwrap_or_default();
+    let phase = status.phase();
+    let mut o = String::new();
+    if phase != MigrationPhase::Completed && is_terminal(phase) {
+        let _ = writeln!(
+            o,
+            "*** MIGRATION {} ***",
+            phase_name(phase).replace('_', " ")
+        );
+        let _ = writeln!(
+            o,
+            "error: {}",
+            if status.error.is_empty() {
+                "(no error message from the agent)"
+            } else {
+                &status.error
+            }
+        );
+        if let Some(note) = outcome_note(status) {
+            let _ = writeln!(o, "{note}");
+        }
+        o.push('\n');
+    }
+    let _ = writeln!(
+        o,
+        "migration {} of VM {}: {} -> {}",
+        or_dash(&status.id),
+        or_dash(&status.vm),
+        or_dash(&status.source),
+        or_dash(&status.target)
+    );
+    let mut kv = |k: &str, v: String| {
+        let _ = writeln!(o, "  {k:<18}{v}");
+    };
+    kv(
+        if is_terminal(phase) {
+            "result"
+        } else {
+            "phase (running)"
+        },
+        phase_name(phase).to_string(),
+    );
+    if !is_terminal(phase) && !status.message.is_empty() {
+        kv("latest event", status.message.clone());
+    }
+    stats_lines(&st, phase, &mut kv);
+    kv("started", unix_ms(status.started_unix_ms));
+    kv("finished", unix_ms(status.finished_unix_ms));
+    o
+}
+
+fn stats_lines(st: &MigrationStats, phase: MigrationPhase, kv: &mut dyn FnMut(&str, String)) {
+    kv("total time", millis(st.elapsed_ms));
+    let downtime = if st.downtime_ms == 0 && phase != MigrationPhase::Completed {
+        "-".to_string()
+    } else {
+        millis(st.downtime_ms)
+    };
+    let expected = if st.expected_downtime_ms > 0 {
+        format!(" (expected {})", millis(st.expected_downtime_ms))
+    } else {
+        String::new()
+    };
+    kv("downtime", format!("{downtime}{expected}"));
+    kv("guest RAM", bytes(st.guest_ram_bytes));
+    kv(
+        "pages sent",
+        format!(
+            "{} (resent {}, zero {})",
+            count(st.pages_sent),
+            count(st.pages_resent),
+            count(st.zero_pages_sent)
+        ),
+    );
+    kv("page bytes", bytes(st.page_bytes));
+    kv("wire bytes", bytes(st.wire_bytes));
+    kv("device state", bytes(st.device_state_bytes));
+    kv("compression", ratio(st.compression_ratio));
+    kv("codec", or_dash(&st.codec).to_string());
+    kv("rounds", st.rounds.to_string());
+    kv("throughput", rate(st.throughput_bytes_per_sec));
+    kv("dirty rate", dirty_rate(st.dirty_rate_pages_per_sec));
+    kv(
+        "last round dirty",
+        format!("{} pages", count(st.last_round_dirty_pages)),
+    );
+    kv("tracker", or_dash(&st.tracker).to_string());
+    let digest = if st.ram_digest.is_empty() {
+        "- (not compared)".to_string()
+    } else if phase == MigrationPhase::Completed {
+        format!("{} (verified: equal on both sides)", st.ram_digest)
+    } else {
+        st.ram_digest.clone()
+    };
+    kv("RAM digest", digest);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1024), "1.0 KiB");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(512 * 1024 * 1024), "512.0 MiB");
+        assert_eq!(bytes(2 * 1024 * 1024 * 1024), "2.00 GiB");
+        assert_eq!(bytes(3 * 1024u64.pow(4) / 2), "1.50 TiB");
+        assert_eq!(bytes(u64::MAX), "16.00 EiB");
+    }
+
+    #[test]
+    fn rates_and_ratios() {
+        assert_eq!(rate(0.0), "-");
+        assert_eq!(rate(f64::NAN), "-");
+        assert_eq!(rate(-5.0), "-");
+        assert_eq!(rate(100.0), "100 B/s");
+        assert_eq!(rate(130.25 * 1024.0 * 1024.0), "130.2 MiB/s");
+        assert_eq!(ratio(0.0), "-");
+        assert_eq!(ratio(f64::INFINITY), "-");
+        assert_eq!(ratio(1.8234), "1.82x");
+        assert_eq!(ratio(1.0), "1.00x");
+        assert_eq!(dirty_rate(0.0), "-");
+        assert_eq!(dirty_rate(2100.0), "2,100 pages/s (8.2 MiB/s)");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(millis(0), "0 ms");
+        assert_eq!(millis(11), "11 ms");
+        assert_eq!(millis(999), "999 ms");
+        assert_eq!(millis(1000), "1.00 s");
+        assert_eq!(millis(4210), "4.21 s");
+        assert_eq!(millis(59_999), "60.00 s");
+        assert_eq!(millis(123_000), "2m 03s");
+        assert_eq!(millis(3_723_000), "1h 02m 03s");
+        assert_eq!(duration(Duration::from_micros(1500)), "1 ms");
+    }
+
+    #[test]
+    fn counts_and_times() {
+        assert_eq!(count(0), "0");
+        assert_eq!(count(999), "999");
+        assert_eq!(count(1000), "1,000");
+        assert_eq!(count(140_233), "140,233");
+        assert_eq!(count(1_234_567), "1,234,567");
+        assert_eq!(unix_ms(0), "-");
+        assert_eq!(unix_ms(-1), "-");
+        assert_eq!(unix_ms(1_700_000_000_123), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(phase_name(MigrationPhase::Precopy), "PRECOPY");
+        assert_eq!(phase_name(MigrationPhase::InDoubt), "IN_DOUBT");
+        assert_eq!(vm_state_name(VmState::Running), "RUNNING");
+        assert!(is_terminal(MigrationPhase::Cancelled));
+        assert!(!is_terminal(MigrationPhase::Switchover));
+        assert_eq!(exit_code(MigrationPhase::Completed), 0);
+        assert_eq!(exit_code(MigrationPhase::Failed), 1);
+        assert_eq!(exit_code(MigrationPhase::Cancelled), 3);
+        assert_eq!(exit_code(MigrationPhase::InDoubt), 4);
+        assert_eq!(exit_code(MigrationPhase::Precopy), 1);
+    }
+
+    #[test]
+    fn tables_align() {
+        let t = table(
+            &["A", "LONG"],
+            &[
+                vec!["xxx".into(), "1".into()],
+                vec!["y".into(), "22".into()],
+            ],
+        );
+        assert_eq!(t, "A    LONG\nxxx  1\ny    22\n");
+    }
+
+    fn vm() -> VmInfo {
+        VmInfo {
+            spec: Some(ferry_api::v1::VmSpec {
+                name: "web01".into(),
+                vcpus: 2,
+                memory_mib: 512,
+                kernel: "/k".into(),
+                disks: vec![ferry_api::v1::DiskSpec {
+                    id: "disk0".into(),
+                    path: "/d.raw".into(),
+                    format: "raw".into(),
+                    read_only: true,
+                }],
+                nics: vec![ferry_api::v1::NicSpec {
+                    id: "net0".into(),
+                    mac: String::new(),
+                    bridge: "br0".into(),
+                }],
+                ..Default::default()
+            }),
+            state: VmState::Running as i32,
+            pid: 4242,
+            qmp_socket: "/s/qmp.sock".into(),
+            console_socket: "/s/console.sock".into(),
+            console_log: "/s/console.log".into(),
+            ram_file: "/dev/shm/ferry/web01.ram".into(),
+        }
+    }
+
+    #[test]
+    fn vm_output() {
+        let t = vm_table(&[vm(), VmInfo::default()]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "NAME   STATE        VCPUS  MEMORY     PID");
+        assert_eq!(lines[1], "web01  RUNNING      2      512.0 MiB  4242");
+        assert_eq!(lines[2], "       UNSPECIFIED  0      0 B        -");
+        let d = vm_details(&vm());
+        for want in [
+            "state           RUNNING",
+            "pid             4242",
+            "console socket  /s/console.sock",
+            "ram file        /dev/shm/ferry/web01.ram",
+            "disk disk0      /d.raw (raw, read-only)",
+            "nic net0        bridge br0, auto MAC",
+            "cpu model       (default)",
+        ] {
+            assert!(d.contains(want), "missing {want:?} in\n{d}");
+        }
+    }
+
+    fn status(phase: MigrationPhase) -> MigrationStatus {
+        MigrationStatus {
+            id: "m-1".into(),
+            vm: "web01".into(),
+            source: "alpha".into(),
+            target: "beta".into(),
+            phase: phase as i32,
+            stats: Some(MigrationStats {
+                guest_ram_bytes: 512 << 20,
+                pages_sent: 140_233,
+                zero_pages_sent: 3000,
+                pages_resent: 12_001,
+                page_bytes: 140_233 * 4096,
+                wire_bytes: 300 << 20,
+                device_state_bytes: 600 << 10,
+                rounds: 7,
+                last_round_dirty_pages: 320,
+                dirty_rate_pages_per_sec: 2100.0,
+                throughput_bytes_per_sec: 130.0 * 1048576.0,
+                compression_ratio: 1.826,
+                elapsed_ms: 4210,
+                downtime_ms: 11,
+                expected_downtime_ms: 9,
+                codec: "zstd:1".into(),
+                tracker: "uffd-wp".into(),
+                ram_digest: "ab12".into(),
+            }),
+            error: String::new(),
+            message: "round 7".into(),
+            started_unix_ms: 1_700_000_000_000,
+            finished_unix_ms: 1_700_000_004_210,
+        }
+    }
+
+    #[test]
+    fn completed_report() {
+        let r = final_report(&status(MigrationPhase::Completed));
+        assert!(!r.contains("***"), "{r}");
+        for want in [
+            "migration m-1 of VM web01: alpha -> beta",
+            "result            COMPLETED",
+            "total time        4.21 s",
+            "downtime          11 ms (expected 9 ms)",
+            "guest RAM         512.0 MiB",
+            "pages sent        140,233 (resent 12,001, zero 3,000)",
+            "page bytes        547.8 MiB",
+            "wire bytes        300.0 MiB",
+            "compression       1.83x",
+            "codec             zstd:1",
+            "rounds            7",
+            "tracker           uffd-wp",
+            "RAM digest        ab12 (verified: equal on both sides)",
+        ] {
+            assert!(r.contains(want), "missing {want:?} in\n{r}");
+        }
+    }
+
+    #[test]
+    fn failed_reports_are_prominent() {
+        let mut s = status(MigrationPhase::Failed);
+        s.error = "beta: preflight: bridge br0 missing".into();
+        let r = final_report(&s);
+        assert!(
+            r.starts_with("*** MIGRATION FAILED ***\nerror: beta: preflight: bridge br0 missing\n"),
+            "{r}"
+        );
+        assert!(r.contains("keeps running on the source alpha"), "{r}");
+        assert!(
+            r.contains("RAM digest        ab12\n"),
+            "not verified when failed: {r}"
+        );
+
+        let mut s = status(MigrationPhase::InDoubt);
+        s.error = "commit: beta unreachable".into();
+        let r = final_report(&s);
+        assert!(r.starts_with("*** MIGRATION IN DOUBT ***"), "{r}");
+        assert!(
+            r.contains("stays PAUSED on the source alpha pending resolution"),
+            "{r}"
+        );
+
+        let mut s = status(MigrationPhase::Cancelled);
+        s.stats = None;
+        let r = final_report(&s);
+        assert!(
+            r.contains("error: (no error message from the agent)"),
+            "{r}"
+        );
+        assert!(r.contains("downtime          -\n"), "{r}");
+        assert!(r.contains("RAM digest        - (not compared)"), "{r}");
+    }
+
+    #[test]
+    fn progress_display() {
+        let mut s = status(MigrationPhase::Precopy);
+        assert_eq!(
+            progress_position(&s),
+            (512 << 20, 512 << 20),
+            "round 7: full"
+        );
+        if let Some(st) = s.stats.as_mut() {
+            st.pages_sent = 1000;
+            st.zero_pages_sent = 24;
+            st.rounds = 1;
+        }
+        assert_eq!(progress_position(&s), (1024 * 4096, 512 << 20));
+        s.phase = MigrationPhase::Switchover as i32;
+        assert_eq!(progress_position(&s), (512 << 20, 512 << 20));
+        s.phase = MigrationPhase::Precopy as i32;
+        assert_eq!(progress_prefix(&s), "PRECOPY    round 1     4.21 s");
+        assert_eq!(
+            progress_transfer(&s),
+            "1,000 pages  547.8 MiB -> 300.0 MiB wire (1.83x)  130.0 MiB/s"
+        );
+        assert_eq!(
+            progress_dirty(&s),
+            "dirty 2,100 pages/s (8.2 MiB/s)  last round 320 pages  downtime ~9 ms"
+        );
+        assert_eq!(
+            progress_line(&s),
+            "PRECOPY round 1 4.21 s | 1,000 pages  547.8 MiB -> 300.0 MiB wire (1.83x)  130.0 MiB/s \
+             | dirty 2,100 pages/s (8.2 MiB/s)  last round 320 pages  downtime ~9 ms"
+        );
+        let empty = MigrationStatus {
+            phase: MigrationPhase::Preparing as i32,
+            ..Default::default()
+        };
+        assert_eq!(progress_position(&empty), (0, 0));
+        assert_eq!(progress_prefix(&empty), "PREPARING                0 ms");
+        assert_eq!(progress_transfer(&empty), "0 pages  0 B -> 0 B wire (-)  -");
+        assert_eq!(progress_dirty(&empty), "dirty -");
+    }
+
+    #[test]
+    fn migration_list() {
+        let t = migration_table(&[status(MigrationPhase::Completed)]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(
+            lines[0]
+                .starts_with("ID   VM     SOURCE  TARGET  PHASE      ELAPSED  DOWNTIME  STARTED"),
+            "{t}"
+        );
+        assert!(
+            lines[1].starts_with(
+                "m-1  web01  alpha   beta    COMPLETED  4.21 s   11 ms     2023-11-14T22:13:20Z"
+            ),
+            "{t}"
+        );
+    }
+}
