@@ -137,6 +137,7 @@ async fn migrate_with_codec(codec: &str) {
     let end = watch_to_end(&mut ca, &started.id).await;
     assert_eq!(end.phase, pb::MigrationPhase::Completed as i32, "migration failed: {end:?}\nA log:\n{}\nB log:\n{}", p.a.log_tail(), p.b.log_tail());
     let stats = end.stats.expect("stats");
+    eprintln!("{codec}: {stats:?}");
     // Both agents digested their RAM files with both guests paused and found them equal.
     assert_eq!(stats.ram_digest.len(), 64, "RAM digest compared: {stats:?}");
     assert!(stats.rounds >= 2, "pre-copy rounds plus the final round: {stats:?}");

@@ -134,6 +134,12 @@ impl Migration {
         self.ctx.outgoing.persist(&self.h);
     }
 
+    /// Records a switchover step, in microseconds since the guest stopped.
+    fn mark(&self, f: impl FnOnce(&mut pb::DowntimeBreakdown, u64)) {
+        let us = self.stop_time.and_then(|t| SystemTime::now().duration_since(t).ok()).map(|d| d.as_micros() as u64).unwrap_or(0);
+        self.h.update(|s| f(s.stats.get_or_insert_with(Default::default).downtime_breakdown.get_or_insert_with(Default::default), us));
+    }
+
     fn qmp(&self) -> &QmpClient {
         self.proc.qmp()
     }
@@ -233,6 +239,9 @@ impl Migration {
             let t0 = Instant::now();
             sender.note_resent(&pending);
             sender.send_round(round, &pending, round == 0).await.map_err(fail("send pages"))?;
+            // A round ends when the target has written it, not when QUIC buffered it:
+            // otherwise throughput is overestimated and a backlog lands in the downtime.
+            confirm_round(&mut ctl_tx, &mut ctl_rx, round, sender.batches_total()).await?;
             let secs = t0.elapsed().as_secs_f64().max(1e-6);
             let sent = sender.counters.wire_bytes.load(Ordering::Relaxed) - wire0;
             // Only rounds big enough to fill the pipe say anything about the link.
@@ -277,53 +286,37 @@ impl Migration {
         self.qmp().migrate(&format!("unix:{}", relay_path.display())).await.map_err(fail("start QEMU migration"))?;
         undo.migrate_issued = true;
         self.wait_pre_switchover(&mut events).await?;
+        self.mark(|b, us| b.pre_switchover_us = us);
 
         // The guest is paused: last round, then the target must hold every page.
+        let t_final = Instant::now();
         let mut last = undo.tracker.as_mut().map(|t| t.collect()).transpose().map_err(fail("collect dirty pages"))?.unwrap_or_else(|| DirtyBitmap::new(0));
         last.union_with(&pending);
         sender.note_resent(&last);
+        let t_collected = t_final.elapsed();
         sender.send_round(round, &last, false).await.map_err(fail("send final pages"))?;
+        let t_sent = t_final.elapsed();
         round += 1;
-        ctl_tx
-            .write(&ferry_wire::Frame::encode_control(&ControlMessage::RoundEnd { round, batches_total: sender.batches_total() }).map_err(fail("final round"))?)
-            .await
-            .map_err(fail("final round"))?;
-        match recv_control(&mut ctl_rx, Duration::from_secs(60)).await? {
-            ControlMessage::RoundApplied { batches_applied, .. } if batches_applied >= sender.batches_total() => {}
-            other => return Err(fail("final round")(format!("target did not confirm the pages: {other:?}"))),
-        }
+        confirm_round(&mut ctl_tx, &mut ctl_rx, round, sender.batches_total()).await?;
         if let Some(mut t) = undo.tracker.take() {
             let _ = t.disarm();
         }
+        self.mark(|b, us| b.final_round_us = us);
+        tracing::debug!(migration = %self.p.id, pages = last.count(), ?t_collected, ?t_sent, confirmed = ?t_final.elapsed(), "final round");
         self.publish(&sender, round, &last, 0.0, bandwidth.unwrap_or(0.0), 0.0, &format!("final round: {} pages", last.count()));
 
-        // Verify: both RAM files must be identical before QEMU loads device state.
-        if self.p.verify {
-            self.phase(pb::MigrationPhase::Verifying, "comparing RAM digests");
+        // The RAM files are final now. Their digests are computed while QEMU moves the
+        // device state (a paused target QEMU loading state does not write guest RAM);
+        // both must agree before the commit.
+        let digests = if self.p.verify {
+            self.phase(pb::MigrationPhase::Verifying, "comparing RAM digests while sending device state");
             ctl_tx.write(&ferry_wire::Frame::encode_control(&ControlMessage::DigestRequest).map_err(fail("verify"))?).await.map_err(fail("verify"))?;
             let ram2 = ram.clone();
-            let local = tokio::task::spawn_blocking(move || ram2.digest_parallel(2)).await.map_err(fail("verify"))?.map_err(fail("verify"))?;
-            let remote = match recv_control(&mut ctl_rx, Duration::from_secs(120)).await? {
-                ControlMessage::Digest { blake3 } => blake3,
-                other => return Err(fail("verify")(format!("unexpected {other:?}"))),
-            };
-            if *local.as_bytes() != remote {
-                return Err(fail("verify")(format!(
-                    "RAM digest mismatch: source {} vs target {}; the target copy is wrong, so the VM stays on {}",
-                    local.to_hex(),
-                    blake3::Hash::from_bytes(remote).to_hex(),
-                    self.ctx.cfg.host_name
-                )));
-            }
-            self.h.update(|s| {
-                if let Some(st) = s.stats.as_mut() {
-                    st.ram_digest = local.to_hex().to_string();
-                }
-            });
-        }
-
-        // Device state: QEMU sends only vCPU and device state now.
-        self.phase(pb::MigrationPhase::Switchover, "sending device state");
+            Some(tokio::task::spawn_blocking(move || ram2.digest_parallel(2)))
+        } else {
+            self.phase(pb::MigrationPhase::Switchover, "sending device state");
+            None
+        };
         self.qmp().migrate_continue("pre-switchover").await.map_err(fail("migrate-continue"))?;
         let ev = ferry_qmp::wait_migration_status(&mut events, Duration::from_secs(120), &["completed", "failed", "cancelled"])
             .await
@@ -332,12 +325,36 @@ impl Migration {
             let why = self.qmp().query_migrate().await.ok().and_then(|i| i.error_desc).unwrap_or_default();
             return Err(fail("device state")(format!("source QEMU reports {:?} {why}", ev.migration_status())));
         }
-        match recv_control(&mut ctl_rx, Duration::from_secs(60)).await? {
-            ControlMessage::DeviceStateLoaded { ok: true, .. } => {}
-            ControlMessage::DeviceStateLoaded { ok: false, error } => {
-                return Err(fail("device state")(format!("target QEMU failed to load the device state: {}", error.unwrap_or_default())))
+        let (mut remote_digest, mut loaded) = (None, false);
+        while (digests.is_some() && remote_digest.is_none()) || !loaded {
+            match recv_control(&mut ctl_rx, Duration::from_secs(120)).await? {
+                ControlMessage::Digest { blake3 } => remote_digest = Some(blake3),
+                ControlMessage::DeviceStateLoaded { ok: true, .. } => {
+                    loaded = true;
+                    self.mark(|b, us| b.device_state_us = us);
+                }
+                ControlMessage::DeviceStateLoaded { ok: false, error } => {
+                    return Err(fail("device state")(format!("target QEMU failed to load the device state: {}", error.unwrap_or_default())))
+                }
+                other => return Err(fail("device state")(format!("unexpected {other:?}"))),
             }
-            other => return Err(fail("device state")(format!("unexpected {other:?}"))),
+        }
+        if let (Some(task), Some(remote)) = (digests, remote_digest) {
+            let local = task.await.map_err(fail("verify"))?.map_err(fail("verify"))?;
+            if *local.as_bytes() != remote {
+                return Err(fail("verify")(format!(
+                    "RAM digest mismatch: source {} vs target {}; the target copy is wrong, so the VM stays on {}",
+                    local.to_hex(),
+                    blake3::Hash::from_bytes(remote).to_hex(),
+                    self.ctx.cfg.host_name
+                )));
+            }
+            self.mark(|b, us| b.verify_us = us);
+            self.h.update(|s| {
+                if let Some(st) = s.stats.as_mut() {
+                    st.ram_digest = local.to_hex().to_string();
+                }
+            });
         }
         let dev = match tokio::time::timeout(Duration::from_secs(10), relay_task).await {
             Ok(Ok(Ok(b))) => b,
@@ -456,6 +473,10 @@ impl Migration {
             s.finished_unix_ms = now_ms();
             let st = s.stats.get_or_insert_with(Default::default);
             st.downtime_ms = downtime_ms;
+            if let Some(stop) = self.stop_time {
+                let stop_us = stop.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+                st.downtime_breakdown.get_or_insert_with(Default::default).commit_us = (resume_us - stop_us).max(0) as u64;
+            }
             st.elapsed_ms = elapsed;
         });
         self.phase(pb::MigrationPhase::Completed, format!("VM '{}' now runs on {}", self.p.vm, self.p.target));
@@ -559,6 +580,21 @@ async fn ask_outcome(ctx: &AgentCtx, target: &str, mut peer: FerryPeerClient<Cha
             Ok(CommitOutcome::NotCommitted("the target had not committed; aborted it".into()))
         }
         _ => Ok(CommitOutcome::NotCommitted("the target no longer knows the migration (it aborted)".into())),
+    }
+}
+
+/// Tells the target a round is complete and waits until it has written every batch.
+async fn confirm_round(
+    tx: &mut FrameWriter,
+    rx: &mut mpsc::Receiver<Result<ControlMessage, String>>,
+    round: u32,
+    batches_total: u64,
+) -> Res<()> {
+    let msg = ferry_wire::Frame::encode_control(&ControlMessage::RoundEnd { round, batches_total }).map_err(fail("round end"))?;
+    tx.write(&msg).await.map_err(fail("round end"))?;
+    match recv_control(rx, Duration::from_secs(120)).await? {
+        ControlMessage::RoundApplied { batches_applied, .. } if batches_applied >= batches_total => Ok(()),
+        other => Err(fail("round end")(format!("target did not confirm round {round}: {other:?}"))),
     }
 }
 
