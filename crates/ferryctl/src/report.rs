@@ -482,6 +482,21 @@ fn stats_lines(st: &MigrationStats, phase: MigrationPhase, kv: &mut dyn FnMut(&s
         String::new()
     };
     kv("downtime", format!("{downtime}{expected}"));
+    if let Some(b) = st.downtime_breakdown.as_ref().filter(|b| b.commit_us > 0) {
+        // Each step's end, measured from the moment the source guest stopped.
+        let ms = |us: u64| format!("{:.1}", us as f64 / 1000.0);
+        kv(
+            "  pause timeline",
+            format!(
+                "QEMU ready {} ms, last pages {} ms, device state {} ms, digests {} ms, resumed {} ms",
+                ms(b.pre_switchover_us),
+                ms(b.final_round_us),
+                ms(b.device_state_us),
+                ms(b.verify_us),
+                ms(b.commit_us)
+            ),
+        );
+    }
     kv("guest RAM", bytes(st.guest_ram_bytes));
     kv(
         "pages sent",
@@ -673,6 +688,7 @@ mod tests {
                 codec: "zstd:1".into(),
                 tracker: "uffd-wp".into(),
                 ram_digest: "ab12".into(),
+                downtime_breakdown: None,
             }),
             error: String::new(),
             message: "round 7".into(),

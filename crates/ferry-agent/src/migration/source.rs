@@ -170,6 +170,8 @@ impl Migration {
             .into_inner();
         undo.peer = Some(peer);
         self.token = prep.token.clone();
+        let target_label = format!("{} ({})", prep.target_host, self.p.target);
+        self.h.update(|s| s.target = target_label);
 
         // Data plane: QUIC with mutual TLS, a control stream and N page streams.
         self.phase(pb::MigrationPhase::Connecting, format!("connecting data plane to {}", prep.quic_addr));
@@ -234,6 +236,7 @@ impl Migration {
             .map_err(fail("scan RAM"))?;
         let mut round: u32 = 0;
         let mut bandwidth: Option<f64> = None; // wire bytes per second
+        let mut dirty_rate: f64; // pages per second during the last pre-copy round
         loop {
             let wire0 = sender.counters.wire_bytes.load(Ordering::Relaxed);
             let t0 = Instant::now();
@@ -258,7 +261,7 @@ impl Migration {
             let ratio = ratio(&sender);
             let bw = bandwidth.unwrap_or(1e9).max(1.0);
             let predicted_ms = dirty.count() as f64 * PAGE_SIZE as f64 / ratio / bw * 1000.0;
-            let dirty_rate = dirty.count() as f64 / secs;
+            dirty_rate = dirty.count() as f64 / secs;
             self.publish(&sender, round, &dirty, dirty_rate, bw, predicted_ms, &format!("round {round}: {} pages written meanwhile", dirty.count()));
             pending = dirty;
             if predicted_ms <= f64::from(self.p.downtime_ms) {
@@ -303,7 +306,7 @@ impl Migration {
         }
         self.mark(|b, us| b.final_round_us = us);
         tracing::debug!(migration = %self.p.id, pages = last.count(), ?t_collected, ?t_sent, confirmed = ?t_final.elapsed(), "final round");
-        self.publish(&sender, round, &last, 0.0, bandwidth.unwrap_or(0.0), 0.0, &format!("final round: {} pages", last.count()));
+        self.publish(&sender, round, &last, dirty_rate, bandwidth.unwrap_or(0.0), 0.0, &format!("final round: {} pages", last.count()));
 
         // The RAM files are final now. Their digests are computed while QEMU moves the
         // device state (a paused target QEMU loading state does not write guest RAM);
