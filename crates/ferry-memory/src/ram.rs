@@ -447,6 +447,76 @@ unsafe fn is_zero_raw(p: *const u8, len: usize) -> bool {
     true
 }
 
+/// Pages per fingerprint chunk (64 MiB): chunks are hashed independently, in parallel.
+const FINGERPRINT_CHUNK_PAGES: u64 = 16 * 1024;
+
+impl RamFile {
+    /// A 128-bit XXH3 fingerprint of the file's *content*: every non-zero page with its
+    /// index, in order, so holes and explicit zero pages fingerprint the same. Much
+    /// cheaper than [`digest`](Self::digest) (holes are skipped without reading, zero pages
+    /// are not hashed), which matters because it runs while the guest is paused. Not
+    /// cryptographic: it detects accidental differences (a missed write), not forgeries;
+    /// the peers are already authenticated. The value does not depend on `threads`.
+    pub fn fingerprint(&self, threads: usize) -> Result<u128, MemoryError> {
+        let pages = self.page_count();
+        let chunks = pages.div_ceil(FINGERPRINT_CHUNK_PAGES).max(1);
+        let mut sums = vec![0u128; chunks as usize];
+        let next = std::sync::atomic::AtomicU64::new(0);
+        let results = std::sync::Mutex::new(&mut sums);
+        std::thread::scope(|s| {
+            for _ in 0..threads.clamp(1, chunks as usize) {
+                s.spawn(|| loop {
+                    let c = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if c >= chunks {
+                        return;
+                    }
+                    let first = c * FINGERPRINT_CHUNK_PAGES;
+                    let end = (first + FINGERPRINT_CHUNK_PAGES).min(pages);
+                    let h = self.fingerprint_pages(first, end);
+                    if let Ok(mut r) = results.lock() {
+                        r[c as usize] = h;
+                    }
+                });
+            }
+        });
+        let mut total = twox_hash::XxHash3_128::new();
+        total.write(&pages.to_le_bytes());
+        for h in &sums {
+            total.write(&h.to_le_bytes());
+        }
+        Ok(total.finish_128())
+    }
+
+    fn fingerprint_pages(&self, first: u64, end: u64) -> u128 {
+        let mut h = twox_hash::XxHash3_128::new();
+        let mut buf = vec![0u8; HASH_CHUNK];
+        self.for_each_segment(first * PAGE, end * PAGE, |s, e, is_data| {
+            if !is_data {
+                return;
+            }
+            let mut pos = s;
+            while pos < e {
+                let n = ((e - pos) as usize).min(HASH_CHUNK);
+                // SAFETY: pos..pos+n lies inside the mapping (segments are clamped to the
+                // requested range) and buf is Rust-owned with room for n bytes.
+                unsafe { std::ptr::copy_nonoverlapping(self.map.as_ptr().add(pos as usize), buf.as_mut_ptr(), n) };
+                for (i, page) in buf[..n].chunks_exact(PAGE_SIZE).enumerate() {
+                    if !is_zero(page) {
+                        h.write(&(pos / PAGE + i as u64).to_le_bytes());
+                        h.write(page);
+                    }
+                }
+                pos += n as u64;
+            }
+        });
+        h.finish_128()
+    }
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(16).all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -542,6 +612,35 @@ mod tests {
         let _ = ram.digest_parallel(2).unwrap();
         let after = std::fs::metadata(&p).unwrap().blocks();
         assert_eq!(before, after, "scans must not allocate holes");
+    }
+
+    #[test]
+    fn fingerprint_is_content_based() {
+        let dir = shm_dir();
+        let pages = FINGERPRINT_CHUNK_PAGES + 300;
+        let a = RamFile::create(dir.path().join("fa"), pages * PAGE).unwrap();
+        let b = RamFile::create(dir.path().join("fb"), pages * PAGE).unwrap();
+        for i in [0u64, 1, 150, FINGERPRINT_CHUNK_PAGES + 7, pages - 1] {
+            a.write_page(i, &page_of(i as u8 | 1)).unwrap();
+            b.write_page(i, &page_of(i as u8 | 1)).unwrap();
+        }
+        // An explicit zero page where the other file has a hole: same content.
+        b.zero_page(77).unwrap();
+        let fa = a.fingerprint(1).unwrap();
+        assert_eq!(fa, b.fingerprint(1).unwrap());
+        assert_eq!(fa, a.fingerprint(3).unwrap(), "independent of thread count");
+        // The same bytes at another page index differ.
+        let c = RamFile::create(dir.path().join("fc"), pages * PAGE).unwrap();
+        for i in [0u64, 1, 150, FINGERPRINT_CHUNK_PAGES + 7] {
+            c.write_page(i, &page_of(i as u8 | 1)).unwrap();
+        }
+        c.write_page(pages - 2, &page_of((pages - 1) as u8 | 1)).unwrap();
+        assert_ne!(fa, c.fingerprint(2).unwrap());
+        // One flipped bit in the second chunk changes it.
+        let mut p = page_of((FINGERPRINT_CHUNK_PAGES + 7) as u8 | 1);
+        p[4000] ^= 0x10;
+        b.write_page(FINGERPRINT_CHUNK_PAGES + 7, &p).unwrap();
+        assert_ne!(fa, b.fingerprint(2).unwrap());
     }
 
     #[test]

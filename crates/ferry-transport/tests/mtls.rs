@@ -27,7 +27,7 @@ async fn same_ca_peers_exchange_control_messages() {
         let mut ch = ControlChannel::new(send, recv);
         let msg = ch.recv().await.unwrap();
         assert_eq!(msg, ControlMessage::DigestRequest);
-        ch.send(&ControlMessage::Digest { blake3: [7; 32] }).await.unwrap();
+        ch.send(&ControlMessage::Digest { xxh3_128: [7; 16] }).await.unwrap();
         // Keep the connection open until the client has read the reply.
         conn.closed().await;
     });
@@ -37,7 +37,7 @@ async fn same_ca_peers_exchange_control_messages() {
     write_stream_header(&mut send, StreamHeader::new(StreamKind::Control, 0)).await.unwrap();
     let mut ch = ControlChannel::new(send, recv);
     ch.send(&ControlMessage::DigestRequest).await.unwrap();
-    assert_eq!(ch.recv().await.unwrap(), ControlMessage::Digest { blake3: [7; 32] });
+    assert_eq!(ch.recv().await.unwrap(), ControlMessage::Digest { xxh3_128: [7; 16] });
     conn.close(0u32.into(), b"done");
     srv.await.unwrap();
 }

@@ -22,10 +22,11 @@ pub enum ControlMessage {
     RoundEnd { round: u32, batches_total: u64 },
     /// The target has written every page of every batch up to `batches_applied`.
     RoundApplied { round: u32, batches_applied: u64 },
-    /// The source asks for a digest of the target's RAM file (both sides paused).
+    /// The source asks for the fingerprint of the target's RAM file (both sides paused).
     DigestRequest,
-    /// BLAKE3 of the target's whole RAM file.
-    Digest { blake3: [u8; 32] },
+    /// XXH3-128 content fingerprint of the target's whole RAM file (see
+    /// `ferry_memory::RamFile::fingerprint`), little-endian.
+    Digest { xxh3_128: [u8; 16] },
     /// The target QEMU finished loading the device state (or failed to).
     DeviceStateLoaded { ok: bool, error: Option<String> },
     /// Something went wrong on the sender's side; the migration is over.

@@ -315,7 +315,7 @@ impl Migration {
             self.phase(pb::MigrationPhase::Verifying, "comparing RAM digests while sending device state");
             ctl_tx.write(&ferry_wire::Frame::encode_control(&ControlMessage::DigestRequest).map_err(fail("verify"))?).await.map_err(fail("verify"))?;
             let ram2 = ram.clone();
-            Some(tokio::task::spawn_blocking(move || ram2.digest_parallel(2)))
+            Some(tokio::task::spawn_blocking(move || ram2.fingerprint(2)))
         } else {
             self.phase(pb::MigrationPhase::Switchover, "sending device state");
             None
@@ -331,7 +331,7 @@ impl Migration {
         let (mut remote_digest, mut loaded) = (None, false);
         while (digests.is_some() && remote_digest.is_none()) || !loaded {
             match recv_control(&mut ctl_rx, Duration::from_secs(120)).await? {
-                ControlMessage::Digest { blake3 } => remote_digest = Some(blake3),
+                ControlMessage::Digest { xxh3_128 } => remote_digest = Some(u128::from_le_bytes(xxh3_128)),
                 ControlMessage::DeviceStateLoaded { ok: true, .. } => {
                     loaded = true;
                     self.mark(|b, us| b.device_state_us = us);
@@ -344,18 +344,16 @@ impl Migration {
         }
         if let (Some(task), Some(remote)) = (digests, remote_digest) {
             let local = task.await.map_err(fail("verify"))?.map_err(fail("verify"))?;
-            if *local.as_bytes() != remote {
+            if local != remote {
                 return Err(fail("verify")(format!(
-                    "RAM digest mismatch: source {} vs target {}; the target copy is wrong, so the VM stays on {}",
-                    local.to_hex(),
-                    blake3::Hash::from_bytes(remote).to_hex(),
+                    "RAM fingerprint mismatch: source {local:032x} vs target {remote:032x}; the target copy is wrong, so the VM stays on {}",
                     self.ctx.cfg.host_name
                 )));
             }
             self.mark(|b, us| b.verify_us = us);
             self.h.update(|s| {
                 if let Some(st) = s.stats.as_mut() {
-                    st.ram_digest = local.to_hex().to_string();
+                    st.ram_digest = format!("{local:032x}");
                 }
             });
         }

@@ -367,8 +367,17 @@ impl IncomingRegistry {
         let acceptor = tokio::spawn(accept_streams(conn.clone(), inc.clone(), err_tx));
         let mut loaded = inc.loaded.clone();
         let mut loaded_sent = false;
+        let (digest_tx, mut digest_rx) = mpsc::channel::<Result<u128, String>>(1);
         let reason = loop {
             tokio::select! {
+                Some(d) = digest_rx.recv() => match d {
+                    Ok(f) => {
+                        if let Err(e) = send(&mut w, &ControlMessage::Digest { xxh3_128: f.to_le_bytes() }).await {
+                            break e;
+                        }
+                    }
+                    Err(e) => break format!("fingerprint of the RAM file: {e}"),
+                },
                 msg = rx.recv() => match msg {
                     Some(Ok(ControlMessage::RoundEnd { round, batches_total })) => {
                         tokio::select! {
@@ -382,15 +391,11 @@ impl IncomingRegistry {
                         }
                     }
                     Some(Ok(ControlMessage::DigestRequest)) => {
-                        let ram = inc.ram.clone();
-                        let digest = match tokio::task::spawn_blocking(move || ram.digest_parallel(2)).await {
-                            Ok(Ok(h)) => h,
-                            Ok(Err(e)) => break format!("digest of the RAM file: {e}"),
-                            Err(e) => break format!("digest task: {e}"),
-                        };
-                        if let Err(e) = send(&mut w, &ControlMessage::Digest { blake3: *digest.as_bytes() }).await {
-                            break e;
-                        }
+                        // Hashed on the side so the device-state report is not held up.
+                        let (ram, tx) = (inc.ram.clone(), digest_tx.clone());
+                        tokio::task::spawn_blocking(move || {
+                            let _ = tx.try_send(ram.fingerprint(2).map_err(|e| e.to_string()));
+                        });
                     }
                     Some(Ok(ControlMessage::Error { message })) => break format!("source reported: {message}"),
                     Some(Ok(other)) => break format!("unexpected control message {other:?}"),
