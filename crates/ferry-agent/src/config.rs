@@ -26,6 +26,9 @@ pub struct AgentConfig {
     #[serde(default = "default_qemu")]
     pub qemu_binary: PathBuf,
     pub tls: TlsConfig,
+    /// Prometheus metrics endpoint (plain HTTP, `GET /metrics`); none when unset.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     pub migration: MigrationDefaults,
 }

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod convert;
 pub mod journal;
+pub mod metrics;
 pub mod migration;
 pub mod server;
 pub mod service;
@@ -29,4 +30,5 @@ pub struct AgentCtx {
     pub tracker: Result<ferry_memory::TrackerKind, String>,
     /// This host's QEMU version, e.g. "10.0.2".
     pub qemu_version: String,
+    pub metrics: Arc<metrics::Metrics>,
 }

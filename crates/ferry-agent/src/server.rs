@@ -43,12 +43,13 @@ pub async fn build(cfg: AgentConfig) -> anyhow::Result<Arc<AgentCtx>> {
 
     let vms = VmManager::new(cfg.clone(), journal.clone(), Some(shim));
     vms.recover().await.context("recovering VMs from the journal")?;
-    let incoming = IncomingRegistry::new(cfg.clone(), vms.clone(), journal.clone(), qemu_version.clone());
+    let metrics = crate::metrics::Metrics::new().context("metrics registry")?;
+    let incoming = IncomingRegistry::new(cfg.clone(), vms.clone(), journal.clone(), qemu_version.clone(), metrics.clone());
     incoming.forget_uncommitted();
     let tuning = TransportTuning { idle_timeout: Duration::from_secs(cfg.migration.idle_timeout_s.max(1)), ..Default::default() };
     let quic = QuicEndpoint::bind(cfg.quic_listen, &identity, &tuning).context("binding QUIC endpoint")?;
     let outgoing = Outgoing::new(journal.clone());
-    let ctx = Arc::new(AgentCtx { cfg, identity, journal, vms, outgoing, incoming, quic, tracker, qemu_version });
+    let ctx = Arc::new(AgentCtx { cfg, identity, journal, vms, outgoing, incoming, quic, tracker, qemu_version, metrics });
     recover_outgoing(&ctx).await;
     Ok(ctx)
 }
@@ -98,6 +99,17 @@ pub async fn serve(ctx: Arc<AgentCtx>, shutdown: impl std::future::Future<Output
         }
     });
 
+    if let Some(addr) = ctx.cfg.metrics_listen {
+        let m = ctx.metrics.clone();
+        let listener_check = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics endpoint {addr}"))?;
+        drop(listener_check);
+        tokio::spawn(async move {
+            if let Err(e) = m.serve(addr).await {
+                error!("metrics endpoint {addr}: {e}");
+            }
+        });
+        info!(%addr, "metrics at http://{addr}/metrics");
+    }
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<FerryControlServer<ControlService>>().await;
     health_reporter.set_serving::<FerryPeerServer<PeerService>>().await;

@@ -406,8 +406,8 @@ fn stats_text(sh: &Shared, title: &str) -> String {
     let _ = writeln!(s, "ferry-linkem counters ({title}, up {:.1} s)", sh.start.elapsed().as_secs_f64());
     let _ = writeln!(
         s,
-        "  {:<30} {:>10} {:>12} {:>14} {:>10} {:>12} {:>10}  {}",
-        "link", "packets", "segments", "bytes", "q-drop pk", "q-drop segs", "loss segs", "spec"
+        "  {:<30} {:>10} {:>12} {:>14} {:>10} {:>12} {:>10}  spec",
+        "link", "packets", "segments", "bytes", "q-drop pk", "q-drop segs", "loss segs"
     );
     for from in 0..sh.n {
         for to in 0..sh.n {

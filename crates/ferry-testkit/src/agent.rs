@@ -139,6 +139,7 @@ pub struct TestAgent {
     ram_dir: PathBuf,
     grpc_addr: String,
     quic_addr: String,
+    metrics_addr: String,
     identity: Identity,
     child: Option<Child>,
 }
@@ -165,11 +166,13 @@ impl TestAgent {
             .with_context(|| format!("creating {}", ram_dir.display()))?;
         let grpc_addr = format!("127.0.0.1:{}", free_port_tcp()?);
         let quic_addr = format!("127.0.0.1:{}", free_port_udp()?);
+        let metrics_addr = format!("127.0.0.1:{}", free_port_tcp()?);
         let tls = pki.files(name);
         let config = format!(
             "host_name = {}\n\
              grpc_listen = {}\n\
              quic_listen = {}\n\
+             metrics_listen = {}\n\
              ram_dir = {}\n\
              state_dir = {}\n\
              accel = {}\n\
@@ -189,6 +192,7 @@ impl TestAgent {
             toml_str(name),
             toml_str(&grpc_addr),
             toml_str(&quic_addr),
+            toml_str(&metrics_addr),
             toml_str(path_str(&ram_dir)?),
             toml_str(path_str(&state_dir)?),
             toml_str(accel),
@@ -210,6 +214,7 @@ impl TestAgent {
             ram_dir,
             grpc_addr,
             quic_addr,
+            metrics_addr,
             identity: pki.identity(name)?,
             child: None,
         };
@@ -278,6 +283,11 @@ impl TestAgent {
     /// The agent's host name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The agent's Prometheus endpoint, `host:port` (serves `GET /metrics`).
+    pub fn metrics_addr(&self) -> String {
+        self.metrics_addr.clone()
     }
 
     /// gRPC address, `127.0.0.1:PORT` (what `StartMigrationRequest.target` wants).
@@ -487,6 +497,7 @@ mod tests {
             ram_dir,
             grpc_addr: "127.0.0.1:1".into(),
             quic_addr: "127.0.0.1:1".into(),
+            metrics_addr: "127.0.0.1:1".into(),
             identity: pki.identity("a").expect("identity"),
             child: Some(fake_agent),
         };

@@ -81,7 +81,8 @@ enum CommitOutcome {
 pub async fn run(ctx: Arc<AgentCtx>, p: MigrationParams, h: Arc<OutgoingHandle>, spec: VmSpec, proc: Arc<QemuProcess>) {
     let started = Instant::now();
     let mut undo = Undo::default();
-    let mut m = Migration { ctx: ctx.clone(), p: p.clone(), h: h.clone(), spec, proc: proc.clone(), started, stop_time: None, token: String::new() };
+    let mut m = Migration { ctx: ctx.clone(), p: p.clone(), h: h.clone(), spec, proc: proc.clone(), started, stop_time: None, token: String::new(), reported: (0, 0, 0) };
+    ctx.metrics.active.inc();
     let result = tokio::select! {
         r = m.drive(&mut undo) => r,
         _ = h.cancel.cancelled() => Err(MigrationError { step: "cancel", message: "cancelled by request".into(), cancelled: true }),
@@ -121,6 +122,8 @@ struct Migration {
     /// When the source vCPUs stopped (QMP STOP event).
     stop_time: Option<SystemTime>,
     token: String,
+    /// Counter values already added to the metrics (they are published as deltas).
+    reported: (u64, u64, u64),
 }
 
 impl Migration {
@@ -410,9 +413,17 @@ impl Migration {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn publish(&self, sender: &PageSender, round: u32, dirty: &DirtyBitmap, dirty_rate: f64, bw: f64, predicted_ms: f64, msg: &str) {
+    fn publish(&mut self, sender: &PageSender, round: u32, dirty: &DirtyBitmap, dirty_rate: f64, bw: f64, predicted_ms: f64, msg: &str) {
         let c = &sender.counters;
         let elapsed = self.started.elapsed();
+        let now = (c.page_bytes.load(Ordering::Relaxed), c.wire_bytes.load(Ordering::Relaxed), c.pages.load(Ordering::Relaxed));
+        let codec = self.p.codec.to_string();
+        let m = &self.ctx.metrics;
+        m.page_bytes.with_label_values(&[&codec]).inc_by(now.0.saturating_sub(self.reported.0));
+        m.wire_bytes.with_label_values(&[&codec]).inc_by(now.1.saturating_sub(self.reported.1));
+        m.pages.with_label_values(&[&codec]).inc_by(now.2.saturating_sub(self.reported.2));
+        m.dirty_rate.set(dirty_rate);
+        self.reported = now;
         self.h.update(|s| {
             s.message = msg.to_string();
             let st = s.stats.get_or_insert_with(Default::default);
@@ -480,6 +491,12 @@ impl Migration {
             }
             st.elapsed_ms = elapsed;
         });
+        let m = &self.ctx.metrics;
+        m.migrations.with_label_values(&["source", "completed"]).inc();
+        m.active.dec();
+        m.downtime.observe(downtime_ms as f64 / 1000.0);
+        m.duration.observe(elapsed as f64 / 1000.0);
+        m.rounds.observe(f64::from(self.h.snapshot().stats.map(|s| s.rounds).unwrap_or(0)));
         self.phase(pb::MigrationPhase::Completed, format!("VM '{}' now runs on {}", self.p.vm, self.p.target));
     }
 
@@ -532,6 +549,9 @@ impl Migration {
             s.finished_unix_ms = now_ms();
             s.stats.get_or_insert_with(Default::default).elapsed_ms = elapsed;
         });
+        let result = if e.cancelled { "cancelled" } else { "failed" };
+        self.ctx.metrics.migrations.with_label_values(&["source", result]).inc();
+        self.ctx.metrics.active.dec();
         self.phase(phase, format!("rolled back: VM '{}' runs on {}", self.p.vm, self.ctx.cfg.host_name));
     }
 

@@ -55,12 +55,19 @@ pub struct IncomingRegistry {
     vms: Arc<VmManager>,
     journal: Arc<Journal>,
     qemu_version: String,
+    metrics: Arc<crate::metrics::Metrics>,
     map: std::sync::Mutex<HashMap<String, Arc<Incoming>>>,
 }
 
 impl IncomingRegistry {
-    pub fn new(cfg: Arc<AgentConfig>, vms: Arc<VmManager>, journal: Arc<Journal>, qemu_version: String) -> Arc<Self> {
-        Arc::new(IncomingRegistry { cfg, vms, journal, qemu_version, map: std::sync::Mutex::new(HashMap::new()) })
+    pub fn new(
+        cfg: Arc<AgentConfig>,
+        vms: Arc<VmManager>,
+        journal: Arc<Journal>,
+        qemu_version: String,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(IncomingRegistry { cfg, vms, journal, qemu_version, metrics, map: std::sync::Mutex::new(HashMap::new()) })
     }
 
     fn get(&self, id: &str) -> Option<Arc<Incoming>> {
@@ -236,6 +243,7 @@ impl IncomingRegistry {
         }
         let resume_us = resume.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
         *st = State::Committed { resume_us };
+        self.metrics.migrations.with_label_values(&["target", "committed"]).inc();
         info!(migration = %id, vm = %inc.spec.name, "committed; guest resumed here");
         Ok(resume_us)
     }
@@ -265,6 +273,7 @@ impl IncomingRegistry {
             }
         }
         warn!(migration = %inc.id, vm = %inc.spec.name, "aborting incoming migration: {reason}");
+        self.metrics.migrations.with_label_values(&["target", "aborted"]).inc();
         inc.cancel.cancel();
         let _ = inc.proc.kill().await;
         let _ = self.vms.drop_incoming(&inc.spec.name, &inc.id).await;

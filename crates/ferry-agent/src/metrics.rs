@@ -1,0 +1,77 @@
+//! Prometheus metrics, served as text on `metrics_listen` (`GET /metrics`).
+
+use prometheus::{Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// The agent's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Migrations that ended, by role and result.
+    pub migrations: IntCounterVec,
+    /// Migrations in progress on this host (source side).
+    pub active: IntGauge,
+    /// Raw guest-page bytes moved, by codec.
+    pub page_bytes: IntCounterVec,
+    /// Bytes written to the data plane, by codec.
+    pub wire_bytes: IntCounterVec,
+    /// Pages sent, by codec.
+    pub pages: IntCounterVec,
+    pub downtime: Histogram,
+    pub duration: Histogram,
+    pub rounds: Histogram,
+    /// Dirty rate (pages/s) seen in the latest pre-copy round of any migration.
+    pub dirty_rate: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Arc<Metrics>, prometheus::Error> {
+        let registry = Registry::new_custom(Some("ferry".into()), None)?;
+        let migrations = IntCounterVec::new(Opts::new("migrations_total", "Migrations that ended, by role and result"), &["role", "result"])?;
+        let active = IntGauge::new("migrations_active", "Migrations in progress with this host as source")?;
+        let page_bytes = IntCounterVec::new(Opts::new("page_bytes_total", "Raw guest page bytes sent"), &["codec"])?;
+        let wire_bytes = IntCounterVec::new(Opts::new("wire_bytes_total", "Bytes written to the data plane"), &["codec"])?;
+        let pages = IntCounterVec::new(Opts::new("pages_sent_total", "Guest pages sent with data"), &["codec"])?;
+        let ms = |name: &str, help: &str, buckets: Vec<f64>| Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets));
+        let downtime = ms(
+            "downtime_seconds",
+            "Guest pause of completed migrations (source STOP to target RESUME)",
+            vec![0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0],
+        )?;
+        let duration = ms("duration_seconds", "Total time of completed migrations", prometheus::exponential_buckets(0.25, 2.0, 12)?)?;
+        let rounds = ms("rounds", "Rounds of completed migrations", vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0])?;
+        let dirty_rate = Gauge::new("dirty_rate_pages_per_second", "Pages written per second during the latest pre-copy round")?;
+        for c in [&migrations, &page_bytes, &wire_bytes, &pages] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        registry.register(Box::new(active.clone()))?;
+        for h in [&downtime, &duration, &rounds] {
+            registry.register(Box::new(h.clone()))?;
+        }
+        registry.register(Box::new(dirty_rate.clone()))?;
+        Ok(Arc::new(Metrics { registry, migrations, active, page_bytes, wire_bytes, pages, downtime, duration, rounds, dirty_rate }))
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            return format!("# encoding failed: {e}\n");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    /// Serves `GET /metrics` until the process ends.
+    pub async fn serve(self: Arc<Self>, addr: SocketAddr) -> std::io::Result<()> {
+        let me = self.clone();
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let me = me.clone();
+                async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], me.render()) }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        axum::serve(listener, app).await
+    }
+}
