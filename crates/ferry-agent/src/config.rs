@@ -31,6 +31,20 @@ pub struct AgentConfig {
     pub metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     pub migration: MigrationDefaults,
+    #[serde(default)]
+    pub preflight: PreflightConfig,
+}
+
+/// What this host reports about itself in preflight, where it should not be read from
+/// the machine. Meant for tests and for hosts whose /proc/cpuinfo does not tell the
+/// truth about what guests get.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreflightConfig {
+    /// CPU features offered to guests (cpuinfo names), instead of the detected ones.
+    pub cpu_features: Option<Vec<String>>,
+    /// CPU vendor string, instead of /proc/cpuinfo's.
+    pub cpu_vendor: Option<String>,
 }
 
 /// Mesh certificates (PEM files).

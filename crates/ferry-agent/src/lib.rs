@@ -10,8 +10,10 @@ pub mod convert;
 pub mod journal;
 pub mod metrics;
 pub mod migration;
+pub mod preflight;
 pub mod server;
 pub mod service;
+pub mod throttle;
 pub mod tls;
 pub mod vms;
 
@@ -30,5 +32,7 @@ pub struct AgentCtx {
     pub tracker: Result<ferry_memory::TrackerKind, String>,
     /// This host's QEMU version, e.g. "10.0.2".
     pub qemu_version: String,
+    /// Machine types this host's QEMU offers.
+    pub machine_types: Vec<String>,
     pub metrics: Arc<metrics::Metrics>,
 }

@@ -40,6 +40,7 @@ pub async fn build(cfg: AgentConfig) -> anyhow::Result<Arc<AgentCtx>> {
         .with_context(|| format!("probing QEMU at {}", cfg.qemu_binary.display()))?
         .to_string();
     info!(qemu = %qemu_version, accel = %cfg.accel, "QEMU found");
+    let machine_types = ferry_qemu::machine_types(&cfg.qemu_binary).await.context("listing QEMU machine types")?;
 
     let vms = VmManager::new(cfg.clone(), journal.clone(), Some(shim));
     vms.recover().await.context("recovering VMs from the journal")?;
@@ -49,7 +50,7 @@ pub async fn build(cfg: AgentConfig) -> anyhow::Result<Arc<AgentCtx>> {
     let tuning = TransportTuning { idle_timeout: Duration::from_secs(cfg.migration.idle_timeout_s.max(1)), ..Default::default() };
     let quic = QuicEndpoint::bind(cfg.quic_listen, &identity, &tuning).context("binding QUIC endpoint")?;
     let outgoing = Outgoing::new(journal.clone());
-    let ctx = Arc::new(AgentCtx { cfg, identity, journal, vms, outgoing, incoming, quic, tracker, qemu_version, metrics });
+    let ctx = Arc::new(AgentCtx { cfg, identity, journal, vms, outgoing, incoming, quic, tracker, qemu_version, machine_types, metrics });
     recover_outgoing(&ctx).await;
     Ok(ctx)
 }

@@ -81,6 +81,10 @@ impl FerryControl for ControlService {
             max_rounds: if r.max_rounds == 0 { d.max_rounds } else { r.max_rounds },
             page_streams,
             verify: !r.skip_verify,
+            force: r.force,
+            bandwidth: r.bandwidth_bytes_per_sec,
+            timeout: (r.timeout_s > 0).then(|| std::time::Duration::from_secs(u64::from(r.timeout_s))),
+            on_stall: r.on_stall.parse().map_err(Status::invalid_argument)?,
         };
         // Marks the VM as migrating, or says why it cannot (unknown, stopped, busy).
         let (spec, proc) = self.ctx.vms.begin_outgoing(&r.vm, &params.id).await?;
@@ -96,7 +100,7 @@ impl FerryControl for ControlService {
             ..Default::default()
         };
         let handle = self.ctx.outgoing.register(status.clone());
-        tokio::spawn(source::run(self.ctx.clone(), params, handle, spec, proc));
+        tokio::spawn(source::run_guarded(self.ctx.clone(), params, handle, spec, proc));
         Ok(Response::new(status))
     }
 
@@ -148,6 +152,15 @@ impl FerryControl for ControlService {
     async fn list_migrations(&self, _req: Request<pb::ListMigrationsRequest>) -> Result<Response<pb::ListMigrationsResponse>, Status> {
         Ok(Response::new(pb::ListMigrationsResponse { migrations: self.ctx.outgoing.list() }))
     }
+
+    async fn preflight(&self, req: Request<pb::PreflightRequest>) -> Result<Response<pb::PreflightReport>, Status> {
+        let r = req.into_inner();
+        let codec: Codec = if r.compress.is_empty() { Codec::None } else { r.compress.parse().map_err(|e| Status::invalid_argument(format!("compress: {e}")))? };
+        let (spec, proc) = self.ctx.vms.spec_and_process(&r.vm).await?;
+        let downtime = if r.downtime_ms == 0 { self.ctx.cfg.migration.downtime_ms } else { r.downtime_ms };
+        let report = crate::preflight::run(&self.ctx, &spec, proc.as_deref(), &r.target, codec, downtime, r.bandwidth_bytes_per_sec).await?;
+        Ok(Response::new(report))
+    }
 }
 
 fn unknown_migration(ctx: &AgentCtx, id: &str) -> Status {
@@ -170,6 +183,10 @@ impl FerryPeer for PeerService {
         let r = req.into_inner();
         let existed = self.ctx.incoming.abort(&r.migration_id, &r.reason).await?;
         Ok(Response::new(pb::AbortResponse { existed }))
+    }
+
+    async fn host_facts(&self, _req: Request<pb::HostFactsRequest>) -> Result<Response<pb::HostFacts>, Status> {
+        Ok(Response::new(crate::preflight::host_facts(&self.ctx).await))
     }
 
     async fn incoming_status(&self, req: Request<pb::MigrationRef>) -> Result<Response<pb::IncomingStatusResponse>, Status> {

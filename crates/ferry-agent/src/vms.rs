@@ -171,6 +171,13 @@ impl VmManager {
         self.get(name).await
     }
 
+    /// A VM's spec and, if it runs, its QEMU.
+    pub async fn spec_and_process(&self, name: &str) -> Result<(VmSpec, Option<Arc<QemuProcess>>), Status> {
+        let vms = self.vms.lock().await;
+        let e = vms.get(name).ok_or_else(|| self.unknown(name))?;
+        Ok((e.spec.clone(), e.process.clone()))
+    }
+
     pub async fn get(&self, name: &str) -> Result<pb::VmInfo, Status> {
         let vms = self.vms.lock().await;
         vms.get(name).map(|e| self.info(e)).ok_or_else(|| self.unknown(name))

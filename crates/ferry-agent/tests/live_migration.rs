@@ -185,7 +185,9 @@ async fn live_migration_zstd() {
 
 /// zstd at level 19 compresses a few MB/s: round 0 takes long enough to act during it.
 fn slow_migration(vm: &str, target: String) -> pb::StartMigrationRequest {
-    pb::StartMigrationRequest { vm: vm.into(), target, compress: "zstd:19".into(), ..Default::default() }
+    // Preflight rightly predicts this cannot converge (zstd-19 is slower than the guest
+    // writes): force past that soft check, the test is about what happens mid-copy.
+    pb::StartMigrationRequest { vm: vm.into(), target, compress: "zstd:19".into(), force: true, ..Default::default() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -272,7 +274,8 @@ async fn bad_requests_get_clear_errors() {
         .into_inner();
     let end = watch_to_end(&mut ca, &m.id).await;
     assert_eq!(end.phase, pb::MigrationPhase::Failed as i32);
-    assert!(end.error.contains("already defined on target host b"), "{}", end.error);
+    // Preflight finds the clash before the target is asked to prepare anything.
+    assert!(end.error.contains("failed at preflight") && end.error.contains("'web02' is already defined on b"), "{}", end.error);
     let vm = ca.get_vm(pb::VmRef { name: "web02".into() }).await.expect("VM on A").into_inner();
     assert_eq!(vm.state, pb::VmState::Running as i32);
     assert_eq!(vm.pid, src.pid);

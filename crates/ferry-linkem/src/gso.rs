@@ -32,7 +32,14 @@ impl VnetHdr {
             return None;
         }
         let u = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
-        Some(VnetHdr { flags: b[0], gso_type: b[1], hdr_len: u(2), gso_size: u(4), csum_start: u(6), csum_offset: u(8) })
+        Some(VnetHdr {
+            flags: b[0],
+            gso_type: b[1],
+            hdr_len: u(2),
+            gso_size: u(4),
+            csum_start: u(6),
+            csum_offset: u(8),
+        })
     }
 
     pub fn write(&self, b: &mut [u8]) {
@@ -94,15 +101,23 @@ pub struct WireSize {
 
 /// Segment count and wire bytes of an IPv4 packet with its virtio header.
 pub fn wire_size(hdr: &VnetHdr, ip: &[u8]) -> WireSize {
-    let single = WireSize { segments: 1, bytes: ip.len() as u64 };
+    let single = WireSize {
+        segments: 1,
+        bytes: ip.len() as u64,
+    };
     if hdr.gso_kind() == VIRTIO_NET_HDR_GSO_NONE || hdr.gso_size == 0 {
         return single;
     }
-    let Some((ihl, l4)) = headers_len(hdr, ip) else { return single };
+    let Some((ihl, l4)) = headers_len(hdr, ip) else {
+        return single;
+    };
     let h = ihl + l4;
     let payload = ip.len().saturating_sub(h);
     let n = payload.div_ceil(hdr.gso_size as usize).max(1);
-    WireSize { segments: n as u32, bytes: (payload + n * h) as u64 }
+    WireSize {
+        segments: n as u32,
+        bytes: (payload + n * h) as u64,
+    }
 }
 
 /// Internet checksum accumulation (ones' complement sum, not folded).
@@ -181,7 +196,11 @@ pub fn split_segments(pkt: &[u8], mut emit: impl FnMut(u32, &[u8])) -> Option<u3
     let n = payload.len().div_ceil(mss).max(1);
     let is_tcp = ip[9] == PROTO_TCP;
     let id0 = u16::from_be_bytes([ip[4], ip[5]]);
-    let seq0 = if is_tcp { u32::from_be_bytes([ip[ihl + 4], ip[ihl + 5], ip[ihl + 6], ip[ihl + 7]]) } else { 0 };
+    let seq0 = if is_tcp {
+        u32::from_be_bytes([ip[ihl + 4], ip[ihl + 5], ip[ihl + 6], ip[ihl + 7]])
+    } else {
+        0
+    };
     let mut seg = vec![0u8; VNET_HDR_LEN + h + mss];
     for i in 0..n {
         let body = &payload[(i * mss).min(payload.len())..((i + 1) * mss).min(payload.len())];
@@ -299,7 +318,14 @@ mod tests {
 
     #[test]
     fn header_round_trip() {
-        let h = VnetHdr { flags: 1, gso_type: 0x81, hdr_len: 52, gso_size: 1448, csum_start: 20, csum_offset: 16 };
+        let h = VnetHdr {
+            flags: 1,
+            gso_type: 0x81,
+            hdr_len: 52,
+            gso_size: 1448,
+            csum_start: 20,
+            csum_offset: 16,
+        };
         let mut b = [0u8; VNET_HDR_LEN];
         h.write(&mut b);
         assert_eq!(VnetHdr::parse(&b), Some(h));
@@ -311,8 +337,8 @@ mod tests {
     fn ipv4_header_checksum_known_value() {
         // Example header from RFC 1071 discussions (checksum 0xb861).
         let h = [
-            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8,
-            0x00, 0xc7,
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
+            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
         ];
         assert_eq!(ipv4_header_checksum(&h), 0xb861);
     }
@@ -326,7 +352,13 @@ mod tests {
         assert_eq!(w.bytes, (10 * 1448 + 100 + 11 * 52) as u64);
         // A plain packet is one segment.
         let plain = VnetHdr::default();
-        assert_eq!(wire_size(&plain, &[0x45; 60]), WireSize { segments: 1, bytes: 60 });
+        assert_eq!(
+            wire_size(&plain, &[0x45; 60]),
+            WireSize {
+                segments: 1,
+                bytes: 60
+            }
+        );
         assert_eq!(ipv4_dst(&p[VNET_HDR_LEN..]), Some([10, 77, 0, 2]));
         assert_eq!(ipv4_dst(&[0x60; 40]), None, "IPv6 is not forwarded");
     }
@@ -352,8 +384,14 @@ mod tests {
             let len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
             assert_eq!(len, ip.len());
             assert_eq!(len, 52 + if *i < 5 { 1448 } else { 17 });
-            assert_eq!(ipv4_header_checksum(&ip[..20]), u16::from_be_bytes([ip[10], ip[11]]));
-            assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 0xfffeu16.wrapping_add(*i as u16));
+            assert_eq!(
+                ipv4_header_checksum(&ip[..20]),
+                u16::from_be_bytes([ip[10], ip[11]])
+            );
+            assert_eq!(
+                u16::from_be_bytes([ip[4], ip[5]]),
+                0xfffeu16.wrapping_add(*i as u16)
+            );
             let seq = u32::from_be_bytes([ip[24], ip[25], ip[26], ip[27]]);
             assert_eq!(seq, 0xffff_f000u32.wrapping_add(*i * 1448));
             let flags = ip[33];
@@ -382,8 +420,15 @@ mod tests {
         let mut data = Vec::new();
         let n = split_segments(&p, |_, s| {
             let ip = &s[VNET_HDR_LEN..];
-            assert_eq!(u16::from_be_bytes([ip[24], ip[25]]) as usize, ip.len() - 20, "UDP length");
-            assert_eq!(ipv4_header_checksum(&ip[..20]), u16::from_be_bytes([ip[10], ip[11]]));
+            assert_eq!(
+                u16::from_be_bytes([ip[24], ip[25]]) as usize,
+                ip.len() - 20,
+                "UDP length"
+            );
+            assert_eq!(
+                ipv4_header_checksum(&ip[..20]),
+                u16::from_be_bytes([ip[10], ip[11]])
+            );
             sizes.push(ip.len());
             data.extend_from_slice(&ip[28..]);
         })

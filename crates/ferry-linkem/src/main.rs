@@ -93,16 +93,30 @@ struct HostArg {
 }
 
 fn parse_host(s: &str) -> Result<HostArg, String> {
-    let (ns, a) = s.split_once('=').ok_or_else(|| format!("'{s}': expected NETNS=ADDR[/PREFIX]"))?;
+    let (ns, a) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}': expected NETNS=ADDR[/PREFIX]"))?;
     if ns.is_empty() || ns.contains('/') {
         return Err(format!("'{s}': bad namespace name"));
     }
     let (addr, prefix) = match a.split_once('/') {
-        Some((a, p)) => (a, p.parse::<u8>().ok().filter(|p| (1..=32).contains(p)).ok_or_else(|| format!("'{s}': bad prefix"))?),
+        Some((a, p)) => (
+            a,
+            p.parse::<u8>()
+                .ok()
+                .filter(|p| (1..=32).contains(p))
+                .ok_or_else(|| format!("'{s}': bad prefix"))?,
+        ),
         None => (a, 24),
     };
-    let addr: Ipv4Addr = addr.parse().map_err(|_| format!("'{s}': bad IPv4 address '{addr}'"))?;
-    Ok(HostArg { netns: ns.to_string(), addr, prefix })
+    let addr: Ipv4Addr = addr
+        .parse()
+        .map_err(|_| format!("'{s}': bad IPv4 address '{addr}'"))?;
+    Ok(HostArg {
+        netns: ns.to_string(),
+        addr,
+        prefix,
+    })
 }
 
 #[derive(Clone, Debug)]
@@ -113,9 +127,17 @@ struct LinkOverride {
 }
 
 fn parse_link_override(s: &str) -> Result<LinkOverride, String> {
-    let (pair, spec) = s.split_once('=').ok_or_else(|| format!("'{s}': expected NETNS1,NETNS2=SPEC"))?;
-    let (a, b) = pair.split_once(',').ok_or_else(|| format!("'{s}': expected NETNS1,NETNS2=SPEC"))?;
-    Ok(LinkOverride { a: a.to_string(), b: b.to_string(), spec: LinkSpec::parse_spec(spec)? })
+    let (pair, spec) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}': expected NETNS1,NETNS2=SPEC"))?;
+    let (a, b) = pair
+        .split_once(',')
+        .ok_or_else(|| format!("'{s}': expected NETNS1,NETNS2=SPEC"))?;
+    Ok(LinkOverride {
+        a: a.to_string(),
+        b: b.to_string(),
+        spec: LinkSpec::parse_spec(spec)?,
+    })
 }
 
 /// A packet in a link: the bytes to write (virtio header included when offloading).
@@ -160,8 +182,16 @@ const POOL_KEEP: usize = 4096;
 
 impl Pool {
     fn get(&self, data: &[u8]) -> Vec<u8> {
-        let (list, cap) = if data.len() <= SMALL_BUF { (&self.small, SMALL_BUF) } else { (&self.big, BIG_BUF) };
-        let mut v = list.lock().unwrap().pop().unwrap_or_else(|| Vec::with_capacity(cap));
+        let (list, cap) = if data.len() <= SMALL_BUF {
+            (&self.small, SMALL_BUF)
+        } else {
+            (&self.big, BIG_BUF)
+        };
+        let mut v = list
+            .lock()
+            .unwrap()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(cap));
         v.clear();
         v.extend_from_slice(data);
         v
@@ -241,7 +271,11 @@ impl Shared {
             }
             return;
         }
-        let pkt = Pkt { buf: self.pool.get(bytes), segments, wire_bytes: wire };
+        let pkt = Pkt {
+            buf: self.pool.get(bytes),
+            segments,
+            wire_bytes: wire,
+        };
         let mut core = self.core.lock().unwrap();
         let was_empty = core.links[li].is_empty();
         let earliest = core.heap.peek().map(|Reverse((t, _))| *t);
@@ -274,8 +308,14 @@ impl Shared {
 fn reader(sh: Arc<Shared>, from: usize, seed: u64) {
     let fd = sh.fds[from];
     let mut buf = vec![0u8; BIG_BUF];
-    let mut loss: Vec<LossGen> =
-        (0..sh.n).map(|to| LossGen::new(sh.specs[from * sh.n + to].loss, seed ^ ((from * 1000 + to) as u64).wrapping_mul(0x9E37_79B9))).collect();
+    let mut loss: Vec<LossGen> = (0..sh.n)
+        .map(|to| {
+            LossGen::new(
+                sh.specs[from * sh.n + to].loss,
+                seed ^ ((from * 1000 + to) as u64).wrapping_mul(0x9E37_79B9),
+            )
+        })
+        .collect();
     let ts = &sh.tuns[from];
     while !sh.stopping() {
         // SAFETY: read(2) into a buffer we own.
@@ -285,15 +325,26 @@ fn reader(sh: Arc<Shared>, from: usize, seed: u64) {
             match e.raw_os_error() {
                 Some(libc::EAGAIN) | Some(libc::EINTR) => {
                     let mut p = [
-                        libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
-                        libc::pollfd { fd: sh.stop_pipe[0], events: libc::POLLIN, revents: 0 },
+                        libc::pollfd {
+                            fd,
+                            events: libc::POLLIN,
+                            revents: 0,
+                        },
+                        libc::pollfd {
+                            fd: sh.stop_pipe[0],
+                            events: libc::POLLIN,
+                            revents: 0,
+                        },
                     ];
                     // SAFETY: poll(2) on two pollfds we own.
                     unsafe { libc::poll(p.as_mut_ptr(), 2, 1000) };
                     continue;
                 }
                 _ => {
-                    eprintln!("ferry-linkem: reading TUN of {}: {e}; this host's reader stops", sh.hosts[from].netns);
+                    eprintln!(
+                        "ferry-linkem: reading TUN of {}: {e}; this host's reader stops",
+                        sh.hosts[from].netns
+                    );
                     return;
                 }
             }
@@ -403,7 +454,11 @@ fn scheduler(sh: Arc<Shared>) {
 fn stats_text(sh: &Shared, title: &str) -> String {
     use std::fmt::Write;
     let mut s = String::new();
-    let _ = writeln!(s, "ferry-linkem counters ({title}, up {:.1} s)", sh.start.elapsed().as_secs_f64());
+    let _ = writeln!(
+        s,
+        "ferry-linkem counters ({title}, up {:.1} s)",
+        sh.start.elapsed().as_secs_f64()
+    );
     let _ = writeln!(
         s,
         "  {:<30} {:>10} {:>12} {:>14} {:>10} {:>12} {:>10}  spec",
@@ -520,7 +575,8 @@ fn stats_json(sh: &Shared) -> String {
 fn write_stats_file(sh: &Shared, path: &Option<PathBuf>) {
     if let Some(p) = path {
         let tmp = p.with_extension("tmp");
-        if let Err(e) = std::fs::write(&tmp, stats_json(sh)).and_then(|_| std::fs::rename(&tmp, p)) {
+        if let Err(e) = std::fs::write(&tmp, stats_json(sh)).and_then(|_| std::fs::rename(&tmp, p))
+        {
             eprintln!("ferry-linkem: writing {}: {e}", p.display());
         }
     }
@@ -580,7 +636,10 @@ fn run(cli: Cli) -> Result<()> {
     let mut specs = vec![base; n * n];
     for o in &cli.links {
         let idx = |name: &str| {
-            cli.hosts.iter().position(|h| h.netns == name).with_context(|| format!("--link names '{name}', which is not a --host"))
+            cli.hosts
+                .iter()
+                .position(|h| h.netns == name)
+                .with_context(|| format!("--link names '{name}', which is not a --host"))
         };
         let (a, b) = (idx(&o.a)?, idx(&o.b)?);
         if a == b {
@@ -628,40 +687,69 @@ fn run(cli: Cli) -> Result<()> {
         n,
         fds: tuns.iter().map(|t| t.as_raw_fd()).collect(),
         vnet: offload.vnet_hdr(),
-        core: Mutex::new(Core { links: specs.iter().map(Link::from_spec).collect(), heap: BinaryHeap::new() }),
+        core: Mutex::new(Core {
+            links: specs.iter().map(Link::from_spec).collect(),
+            heap: BinaryHeap::new(),
+        }),
         specs: specs.clone(),
         wake: Condvar::new(),
         stop: AtomicBool::new(false),
         stop_pipe: pipe,
         links: (0..n * n).map(|_| LinkStats::default()).collect(),
         tuns: (0..n).map(|_| TunStats::default()).collect(),
-        pool: Pool { small: Mutex::new(Vec::new()), big: Mutex::new(Vec::new()) },
+        pool: Pool {
+            small: Mutex::new(Vec::new()),
+            big: Mutex::new(Vec::new()),
+        },
         start: Instant::now(),
     });
     let seed = cli.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
     });
     let mut threads = Vec::new();
     {
         let sh = sh.clone();
-        threads.push(std::thread::Builder::new().name("scheduler".into()).spawn(move || scheduler(sh))?);
+        threads.push(
+            std::thread::Builder::new()
+                .name("scheduler".into())
+                .spawn(move || scheduler(sh))?,
+        );
     }
     for i in 0..n {
         let sh = sh.clone();
-        threads.push(std::thread::Builder::new().name(format!("rx-{}", cli.hosts[i].netns)).spawn(move || reader(sh, i, seed))?);
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("rx-{}", cli.hosts[i].netns))
+                .spawn(move || reader(sh, i, seed))?,
+        );
     }
 
-    let differs = specs.iter().enumerate().any(|(i, s)| i / n != i % n && *s != base);
+    let differs = specs
+        .iter()
+        .enumerate()
+        .any(|(i, s)| i / n != i % n && *s != base);
     eprintln!(
         "ferry-linkem: {n} hosts ({}), device {} mtu {mtu}, offload {}; profile {}: {base}{}",
-        cli.hosts.iter().map(|h| format!("{}={}", h.netns, h.addr)).collect::<Vec<_>>().join(" "),
+        cli.hosts
+            .iter()
+            .map(|h| format!("{}={}", h.netns, h.addr))
+            .collect::<Vec<_>>()
+            .join(" "),
         cli.tun_name,
         offload.describe(),
         cli.profile,
-        if differs { " (with --link overrides)" } else { "" }
+        if differs {
+            " (with --link overrides)"
+        } else {
+            ""
+        }
     );
     if let Some(p) = &cli.ready_file {
-        std::fs::write(p, format!("{}\n", std::process::id())).with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing {}", p.display()))?;
     }
 
     // Main thread: signals and the periodic stats file.
@@ -672,8 +760,15 @@ fn run(cli: Cli) -> Result<()> {
             write_stats_file(&sh, &cli.stats_file);
             next_file = Instant::now() + interval;
         }
-        let timeout = if cli.stats_file.is_some() { next_file.saturating_duration_since(Instant::now()) } else { Duration::from_secs(3600) };
-        let ts = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
+        let timeout = if cli.stats_file.is_some() {
+            next_file.saturating_duration_since(Instant::now())
+        } else {
+            Duration::from_secs(3600)
+        };
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
         // SAFETY: sigtimedwait on a set blocked in every thread.
         let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
         match sig {
@@ -713,5 +808,84 @@ fn main() -> std::process::ExitCode {
             eprintln!("ferry-linkem: error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_arguments() {
+        let h = parse_host("ferry-h1=10.77.0.1/24").unwrap();
+        assert_eq!(
+            (h.netns.as_str(), h.addr, h.prefix),
+            ("ferry-h1", Ipv4Addr::new(10, 77, 0, 1), 24)
+        );
+        assert_eq!(parse_host("x=10.0.0.9").unwrap().prefix, 24);
+        assert!(parse_host("x").is_err());
+        assert!(parse_host("=10.0.0.1").is_err());
+        assert!(parse_host("../x=10.0.0.1").is_err());
+        assert!(parse_host("x=10.0.0.300").is_err());
+        assert!(parse_host("x=10.0.0.1/0").is_err());
+    }
+
+    #[test]
+    fn link_overrides() {
+        let o = parse_link_override("a,b=far").unwrap();
+        assert_eq!((o.a.as_str(), o.b.as_str()), ("a", "b"));
+        assert_eq!(o.spec, LinkSpec::profile("far").unwrap());
+        let o = parse_link_override("a,b=rate=100mbit,rtt=80ms").unwrap();
+        assert_eq!(o.spec.rate_bps, Some(100_000_000));
+        assert_eq!(o.spec.rtt_ns, 80_000_000);
+        assert!(parse_link_override("a=far").is_err());
+        assert!(parse_link_override("a,b=moon").is_err());
+    }
+
+    #[test]
+    fn cli_parses() {
+        let c = Cli::try_parse_from([
+            "ferry-linkem",
+            "--host",
+            "a=10.0.0.1",
+            "--host",
+            "b=10.0.0.2",
+            "--profile",
+            "wan",
+            "--rate",
+            "500mbit",
+            "--loss",
+            "1%",
+        ])
+        .unwrap();
+        assert_eq!(c.hosts.len(), 2);
+        assert_eq!(c.rate.unwrap().0, Some(500_000_000));
+        assert_eq!(c.loss, Some(0.01));
+        assert!(
+            Cli::try_parse_from(["ferry-linkem", "--host", "a=10.0.0.1", "--profile", "moon"])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn pool_recycles_by_size() {
+        let p = Pool {
+            small: Mutex::new(Vec::new()),
+            big: Mutex::new(Vec::new()),
+        };
+        let a = p.get(&[1, 2, 3]);
+        assert_eq!(a, vec![1, 2, 3]);
+        assert!(a.capacity() >= SMALL_BUF && a.capacity() < BIG_BUF);
+        let b = p.get(&vec![7u8; 30000]);
+        assert!(b.capacity() >= BIG_BUF);
+        p.put(a);
+        p.put(b);
+        assert_eq!(p.small.lock().unwrap().len(), 1);
+        assert_eq!(p.big.lock().unwrap().len(), 1);
+        assert_eq!(
+            p.get(&[9]),
+            vec![9],
+            "a recycled buffer holds only the new bytes"
+        );
     }
 }

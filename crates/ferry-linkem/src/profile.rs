@@ -21,16 +21,36 @@ pub struct LinkSpec {
 
 impl LinkSpec {
     /// No shaping at all.
-    pub const LAN: LinkSpec = LinkSpec { rate_bps: None, rtt_ns: 0, loss: 0.0, queue_bytes: None };
+    pub const LAN: LinkSpec = LinkSpec {
+        rate_bps: None,
+        rtt_ns: 0,
+        loss: 0.0,
+        queue_bytes: None,
+    };
 
     /// A named profile: `lan`, `dc`, `wan`, `far`.
     pub fn profile(name: &str) -> Option<LinkSpec> {
         let ms = 1_000_000u64;
         Some(match name {
             "lan" => LinkSpec::LAN,
-            "dc" => LinkSpec { rate_bps: Some(10_000_000_000), rtt_ns: ms / 2, loss: 0.0, queue_bytes: None },
-            "wan" => LinkSpec { rate_bps: Some(1_000_000_000), rtt_ns: 20 * ms, loss: 0.0, queue_bytes: None },
-            "far" => LinkSpec { rate_bps: Some(200_000_000), rtt_ns: 50 * ms, loss: 0.001, queue_bytes: None },
+            "dc" => LinkSpec {
+                rate_bps: Some(10_000_000_000),
+                rtt_ns: ms / 2,
+                loss: 0.0,
+                queue_bytes: None,
+            },
+            "wan" => LinkSpec {
+                rate_bps: Some(1_000_000_000),
+                rtt_ns: 20 * ms,
+                loss: 0.0,
+                queue_bytes: None,
+            },
+            "far" => LinkSpec {
+                rate_bps: Some(200_000_000),
+                rtt_ns: 50 * ms,
+                loss: 0.001,
+                queue_bytes: None,
+            },
             _ => return None,
         })
     }
@@ -70,16 +90,25 @@ impl LinkSpec {
         }
         let mut spec = LinkSpec::LAN;
         for part in text.split(',') {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("'{part}' is neither a profile ({}) nor key=value", LinkSpec::PROFILES.join(", ")))?;
+            let (k, v) = part.split_once('=').ok_or_else(|| {
+                format!(
+                    "'{part}' is neither a profile ({}) nor key=value",
+                    LinkSpec::PROFILES.join(", ")
+                )
+            })?;
             match k {
-                "profile" => spec = LinkSpec::profile(v).ok_or_else(|| format!("unknown profile '{v}'"))?,
+                "profile" => {
+                    spec = LinkSpec::profile(v).ok_or_else(|| format!("unknown profile '{v}'"))?
+                }
                 "rate" => spec.rate_bps = parse_rate(v)?,
                 "rtt" => spec.rtt_ns = parse_duration_ns(v)?,
                 "loss" => spec.loss = parse_loss(v)?,
                 "queue" => spec.queue_bytes = Some(parse_bytes(v)?),
-                _ => return Err(format!("unknown link key '{k}' (rate, rtt, loss, queue, profile)")),
+                _ => {
+                    return Err(format!(
+                        "unknown link key '{k}' (rate, rtt, loss, queue, profile)"
+                    ))
+                }
             }
         }
         Ok(spec)
@@ -92,7 +121,12 @@ impl fmt::Display for LinkSpec {
             None => write!(f, "rate unlimited")?,
             Some(r) => write!(f, "rate {}", format_rate(r))?,
         }
-        write!(f, ", rtt {} ms, loss {}%", self.rtt_ns as f64 / 1e6, self.loss * 100.0)?;
+        write!(
+            f,
+            ", rtt {} ms, loss {}%",
+            self.rtt_ns as f64 / 1e6,
+            self.loss * 100.0
+        )?;
         if self.rate_bps.is_some() {
             write!(f, ", queue {} B", self.queue_limit())?;
         }
@@ -116,9 +150,13 @@ pub fn format_rate(bps: u64) -> String {
 
 fn split_number(text: &str) -> Result<(f64, String), String> {
     let t = text.trim();
-    let end = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let end = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(end);
-    let n: f64 = num.parse().map_err(|_| format!("'{text}': expected a number with a unit"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{text}': expected a number with a unit"))?;
     if !n.is_finite() || n < 0.0 {
         return Err(format!("'{text}': must be a non-negative number"));
     }
@@ -134,14 +172,17 @@ pub fn parse_rate(text: &str) -> Result<Option<u64>, String> {
     }
     let (n, unit) = split_number(&t)?;
     let unit = unit.strip_suffix("/s").unwrap_or(&unit);
-    let mult = match unit {
-        "" | "bit" => 1.0,
-        "k" | "kbit" => 1e3,
-        "m" | "mbit" => 1e6,
-        "g" | "gbit" => 1e9,
-        "t" | "tbit" => 1e12,
-        _ => return Err(format!("'{text}': unknown rate unit '{unit}' (use bit, kbit, mbit, gbit: bits per second)")),
-    };
+    let mult =
+        match unit {
+            "" | "bit" => 1.0,
+            "k" | "kbit" => 1e3,
+            "m" | "mbit" => 1e6,
+            "g" | "gbit" => 1e9,
+            "t" | "tbit" => 1e12,
+            _ => return Err(format!(
+                "'{text}': unknown rate unit '{unit}' (use bit, kbit, mbit, gbit: bits per second)"
+            )),
+        };
     let bps = (n * mult).round() as u64;
     Ok(if bps == 0 { None } else { Some(bps) })
 }
@@ -164,12 +205,18 @@ pub fn parse_duration_ns(text: &str) -> Result<u64, String> {
 pub fn parse_loss(text: &str) -> Result<f64, String> {
     let t = text.trim();
     let p = if let Some(pct) = t.strip_suffix('%') {
-        pct.trim().parse::<f64>().map_err(|_| format!("'{text}': not a percentage"))? / 100.0
+        pct.trim()
+            .parse::<f64>()
+            .map_err(|_| format!("'{text}': not a percentage"))?
+            / 100.0
     } else {
-        t.parse::<f64>().map_err(|_| format!("'{text}': not a probability (0.01 or 1%)"))?
+        t.parse::<f64>()
+            .map_err(|_| format!("'{text}': not a probability (0.01 or 1%)"))?
     };
     if !(0.0..=1.0).contains(&p) {
-        return Err(format!("'{text}': loss must be between 0 and 1 (or 0% and 100%)"));
+        return Err(format!(
+            "'{text}': loss must be between 0 and 1 (or 0% and 100%)"
+        ));
     }
     Ok(p)
 }
@@ -211,7 +258,12 @@ mod tests {
 
     #[test]
     fn small_bdp_still_fits_two_super_packets() {
-        let s = LinkSpec { rate_bps: Some(1_000_000), rtt_ns: 1_000_000, loss: 0.0, queue_bytes: None };
+        let s = LinkSpec {
+            rate_bps: Some(1_000_000),
+            rtt_ns: 1_000_000,
+            loss: 0.0,
+            queue_bytes: None,
+        };
         assert_eq!(s.queue_limit(), 2 * MAX_PACKET as u64);
     }
 
@@ -227,7 +279,10 @@ mod tests {
         assert_eq!(parse_rate("unlimited").unwrap(), None);
         assert!(parse_rate("5 furlongs").is_err());
         assert!(parse_rate("mbit").is_err());
-        assert!(parse_rate("100mbps").is_err(), "bytes/s units are ambiguous: refused");
+        assert!(
+            parse_rate("100mbps").is_err(),
+            "bytes/s units are ambiguous: refused"
+        );
     }
 
     #[test]
@@ -251,8 +306,19 @@ mod tests {
     #[test]
     fn specs() {
         let s = LinkSpec::parse_spec("rate=500mbit,rtt=10ms,loss=0.01").unwrap();
-        assert_eq!(s, LinkSpec { rate_bps: Some(500_000_000), rtt_ns: 10_000_000, loss: 0.01, queue_bytes: None });
-        assert_eq!(LinkSpec::parse_spec("far").unwrap(), LinkSpec::profile("far").unwrap());
+        assert_eq!(
+            s,
+            LinkSpec {
+                rate_bps: Some(500_000_000),
+                rtt_ns: 10_000_000,
+                loss: 0.01,
+                queue_bytes: None
+            }
+        );
+        assert_eq!(
+            LinkSpec::parse_spec("far").unwrap(),
+            LinkSpec::profile("far").unwrap()
+        );
         let s = LinkSpec::parse_spec("profile=wan,loss=1%,queue=1m").unwrap();
         assert_eq!(s.rate_bps, Some(1_000_000_000));
         assert_eq!(s.queue_limit(), 1 << 20);

@@ -67,7 +67,12 @@ pub struct LossGen {
 
 impl LossGen {
     pub fn new(p: f64, seed: u64) -> LossGen {
-        let mut g = LossGen { p, ln_q: (1.0 - p).ln(), gap: 0, rng: Rng::new(seed) };
+        let mut g = LossGen {
+            p,
+            ln_q: (1.0 - p).ln(),
+            gap: 0,
+            rng: Rng::new(seed),
+        };
         g.gap = g.draw_gap();
         g
     }
@@ -147,7 +152,13 @@ pub struct Link<P> {
 
 impl<P> Link<P> {
     pub fn new(rate_bps: Option<u64>, one_way_delay_ns: u64, queue_limit: u64) -> Link<P> {
-        Link { rate_bps, delay_ns: one_way_delay_ns, queue_limit, next_free_ns: 0, line: VecDeque::new() }
+        Link {
+            rate_bps,
+            delay_ns: one_way_delay_ns,
+            queue_limit,
+            next_free_ns: 0,
+            line: VecDeque::new(),
+        }
     }
 
     /// From a profile's spec.
@@ -260,7 +271,10 @@ mod tests {
             t += 262_144; // 65536 B every 262 us = 2 Gbit/s offered
         }
         let rate = delivered_bytes as f64 * 8.0 / 1.0;
-        assert!((rate - 1e9).abs() / 1e9 < 0.01, "delivered {rate} bit/s, sent {sent}, last {last_release}");
+        assert!(
+            (rate - 1e9).abs() / 1e9 < 0.01,
+            "delivered {rate} bit/s, sent {sent}, last {last_release}"
+        );
     }
 
     #[test]

@@ -57,7 +57,8 @@ pub fn netns_path(ns: &str) -> String {
 }
 
 fn open_path(path: &str, flags: libc::c_int) -> std::io::Result<OwnedFd> {
-    let c = CString::new(path).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let c =
+        CString::new(path).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     // SAFETY: plain open(2) of a NUL-terminated path.
     let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
     if fd < 0 {
@@ -92,7 +93,12 @@ fn setns(fd: RawFd, what: &str) -> Result<()> {
 }
 
 fn ifreq(name: &str, flags: libc::c_short) -> Result<[u8; 40]> {
-    if name.is_empty() || name.len() > 15 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
+    if name.is_empty()
+        || name.len() > 15
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
         bail!("bad TUN device name '{name}' (1 to 15 characters: letters, digits, - _ .)");
     }
     let mut r = [0u8; 40];
@@ -102,7 +108,8 @@ fn ifreq(name: &str, flags: libc::c_short) -> Result<[u8; 40]> {
 }
 
 fn open_tun_here(ns: &str, dev: &str, want_offload: bool) -> Result<Tun> {
-    let fd = open_path("/dev/net/tun", libc::O_RDWR).map_err(|e| anyhow!("opening /dev/net/tun in namespace '{ns}': {e}"))?;
+    let fd = open_path("/dev/net/tun", libc::O_RDWR)
+        .map_err(|e| anyhow!("opening /dev/net/tun in namespace '{ns}': {e}"))?;
     let flags = IFF_TUN | IFF_NO_PI | if want_offload { IFF_VNET_HDR } else { 0 };
     let mut req = ifreq(dev, flags)?;
     // SAFETY: TUNSETIFF reads and writes a struct ifreq (40 bytes) that we own.
@@ -117,9 +124,18 @@ fn open_tun_here(ns: &str, dev: &str, want_offload: bool) -> Result<Tun> {
     if want_offload {
         let base = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
         // SAFETY: TUNSETOFFLOAD takes the flags as the ioctl argument.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD as _, (base | TUN_F_USO4 | TUN_F_USO6) as libc::c_ulong) } == 0 {
+        if unsafe {
+            libc::ioctl(
+                fd.as_raw_fd(),
+                TUNSETOFFLOAD as _,
+                (base | TUN_F_USO4 | TUN_F_USO6) as libc::c_ulong,
+            )
+        } == 0
+        {
             offload = Offload::TsoUso;
-        } else if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD as _, base as libc::c_ulong) } == 0 {
+        } else if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD as _, base as libc::c_ulong) }
+            == 0
+        {
             offload = Offload::Tso;
         } else {
             bail!("enabling offloads on TUN '{dev}' in namespace '{ns}' (TUNSETOFFLOAD): {}; try --no-offload", errno());
@@ -140,8 +156,10 @@ pub fn open_tun_in_netns(ns: &str, dev: &str, want_offload: bool) -> Result<Tun>
     std::thread::Builder::new()
         .name(format!("netns-{ns}"))
         .spawn(move || -> Result<Tun> {
-            let target = open_path(&netns_path(&ns), libc::O_RDONLY).map_err(|e| anyhow!("opening {}: {e}", netns_path(&ns)))?;
-            let home = open_path("/proc/thread-self/ns/net", libc::O_RDONLY).context("opening this thread's network namespace")?;
+            let target = open_path(&netns_path(&ns), libc::O_RDONLY)
+                .map_err(|e| anyhow!("opening {}: {e}", netns_path(&ns)))?;
+            let home = open_path("/proc/thread-self/ns/net", libc::O_RDONLY)
+                .context("opening this thread's network namespace")?;
             setns(target.as_raw_fd(), &format!("network namespace '{ns}'"))?;
             let tun = open_tun_here(&ns, &dev, want_offload);
             setns(home.as_raw_fd(), "the original network namespace")?;
@@ -153,12 +171,18 @@ pub fn open_tun_in_netns(ns: &str, dev: &str, want_offload: bool) -> Result<Tun>
 }
 
 fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| anyhow!("running `ip {}`: {e} (is iproute2 installed?)", args.join(" ")))?;
+    let out = Command::new("ip").args(args).output().map_err(|e| {
+        anyhow!(
+            "running `ip {}`: {e} (is iproute2 installed?)",
+            args.join(" ")
+        )
+    })?;
     if !out.status.success() {
-        bail!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -166,8 +190,27 @@ fn ip(args: &[&str]) -> Result<()> {
 /// Brings loopback up and gives the TUN device its address, MTU and up state.
 pub fn configure(ns: &str, dev: &str, addr: &str, prefix: u8, mtu: u32) -> Result<()> {
     ip(&["-n", ns, "link", "set", "dev", "lo", "up"])?;
-    ip(&["-n", ns, "link", "set", "dev", dev, "mtu", &mtu.to_string(), "txqueuelen", "1000"])?;
-    ip(&["-n", ns, "addr", "add", &format!("{addr}/{prefix}"), "dev", dev])?;
+    ip(&[
+        "-n",
+        ns,
+        "link",
+        "set",
+        "dev",
+        dev,
+        "mtu",
+        &mtu.to_string(),
+        "txqueuelen",
+        "1000",
+    ])?;
+    ip(&[
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{addr}/{prefix}"),
+        "dev",
+        dev,
+    ])?;
     ip(&["-n", ns, "link", "set", "dev", dev, "up"])?;
     Ok(())
 }

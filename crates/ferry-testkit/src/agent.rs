@@ -156,6 +156,19 @@ impl TestAgent {
         base_dir: &Path,
         accel: &str,
     ) -> Result<TestAgent> {
+        Self::start_with_config(ferryd_bin, name, pki, base_dir, accel, "").await
+    }
+
+    /// Like [`TestAgent::start`], with `extra_toml` appended to the config (new tables
+    /// only, e.g. `[preflight]`).
+    pub async fn start_with_config(
+        ferryd_bin: &Path,
+        name: &str,
+        pki: &TestPki,
+        base_dir: &Path,
+        accel: &str,
+        extra_toml: &str,
+    ) -> Result<TestAgent> {
         let dir = base_dir.join(name);
         let state_dir = dir.join("state");
         let shm_root = unique_shm_root();
@@ -200,6 +213,7 @@ impl TestAgent {
             toml_str(path_str(&tls.cert)?),
             toml_str(path_str(&tls.key)?),
         );
+        let config = format!("{config}\n{extra_toml}\n");
         let config_path = dir.join("ferryd.toml");
         std::fs::write(&config_path, config)
             .with_context(|| format!("writing {}", config_path.display()))?;

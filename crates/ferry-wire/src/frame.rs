@@ -33,6 +33,9 @@ pub enum StreamKind {
     Pages = 2,
     /// Bidirectional: QEMU's migration stream (device state), relayed byte for byte.
     DeviceState = 3,
+    /// Bidirectional, on a connection of its own: preflight's bandwidth probe. The source
+    /// sends bytes and finishes; the target answers with the count (u64) and finishes.
+    Probe = 4,
 }
 
 /// The first bytes of every stream.
@@ -70,6 +73,7 @@ impl StreamHeader {
             1 => StreamKind::Control,
             2 => StreamKind::Pages,
             3 => StreamKind::DeviceState,
+            4 => StreamKind::Probe,
             k => return Err(WireError::UnknownStreamKind(k)),
         };
         Ok(StreamHeader { version: b[4], kind, index: u16::from_le_bytes([b[6], b[7]]) })

@@ -1,7 +1,7 @@
 //! Running a parsed command against an agent.
 
 use crate::cli::{
-    CertsCommand, Cli, Command, GlobalOpts, MigrateArgs, MigrationsCommand, VmCommand,
+    CertsCommand, Cli, Command, GlobalOpts, MigrateArgs, MigrationsCommand, PreflightArgs, VmCommand,
 };
 use crate::connect::{connect_with, rpc_error};
 use crate::{json, report, spec};
@@ -58,11 +58,36 @@ pub async fn run(cli: Cli) -> Result<u8> {
             let mut client = connect_with(&g.agent, &g.tls).await?;
             migrate(&mut client, &g, args).await
         }
+        Command::Preflight(args) => {
+            let mut client = connect_with(&g.agent, &g.tls).await?;
+            preflight(&mut client, &g, args).await
+        }
         Command::Migrations(cmd) => {
             let mut client = connect_with(&g.agent, &g.tls).await?;
             migrations(&mut client, &g, cmd).await
         }
     }
+}
+
+async fn preflight(client: &mut Client, g: &GlobalOpts, a: PreflightArgs) -> Result<u8> {
+    let req = pb::PreflightRequest {
+        vm: a.vm.clone(),
+        target: a.to.clone(),
+        compress: a.compress.map(|c| c.to_string()).unwrap_or_default(),
+        downtime_ms: a.downtime.unwrap_or(0),
+        bandwidth_bytes_per_sec: a.bandwidth.unwrap_or(0),
+    };
+    let r = client
+        .preflight(req)
+        .await
+        .map_err(|s| rpc_error(&format!("preflight of VM {} to {}", a.vm, a.to), s))?
+        .into_inner();
+    if g.json {
+        print_json(&json::preflight_report(&r));
+    } else {
+        print!("{}", report::preflight_report(&r));
+    }
+    Ok(if r.ok { 0 } else if r.ok_with_force { 5 } else { 1 })
 }
 
 fn print_json(v: &serde_json::Value) {
@@ -170,6 +195,10 @@ async fn migrate(client: &mut Client, g: &GlobalOpts, a: MigrateArgs) -> Result<
         max_rounds: a.max_rounds.unwrap_or(0),
         page_streams: a.streams.unwrap_or(0),
         skip_verify: a.no_verify,
+        force: a.force,
+        bandwidth_bytes_per_sec: a.bandwidth.unwrap_or(0),
+        timeout_s: a.timeout.map(|d| d.as_secs().clamp(1, u64::from(u32::MAX)) as u32).unwrap_or(0),
+        on_stall: a.on_stall.clone().unwrap_or_default(),
     };
     let status = client
         .start_migration(req)

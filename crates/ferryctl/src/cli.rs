@@ -71,6 +71,8 @@ pub enum Command {
     Vm(VmCommand),
     /// Live-migrate a VM from the agent (--agent) to another agent.
     Migrate(MigrateArgs),
+    /// Check whether a VM can move to a target, and predict how the migration will go.
+    Preflight(PreflightArgs),
     /// List, inspect, watch and cancel migrations.
     #[command(subcommand)]
     Migrations(MigrationsCommand),
@@ -140,6 +142,66 @@ pub struct MigrateArgs {
     /// Print the migration id and exit instead of watching.
     #[arg(long)]
     pub detach: bool,
+    /// Go ahead although soft preflight checks failed (e.g. predicted non-convergence).
+    #[arg(long)]
+    pub force: bool,
+    /// Cap the data plane: bytes per second with an optional K/M/G suffix (powers of
+    /// 1024), or bits with `bit`: `200M`, `1G`, `500mbit`.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub bandwidth: Option<u64>,
+    /// Roll back if the migration is not ready to commit in time, e.g. `90s`, `5m`.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub timeout: Option<std::time::Duration>,
+    /// When pre-copy rounds stop shrinking: pause (stop-and-copy), abort, or throttle
+    /// (lower the guest's CPU quota step by step).
+    #[arg(long, value_name = "POLICY", value_parser = ["pause", "abort", "throttle"])]
+    pub on_stall: Option<String>,
+}
+
+/// `ferryctl preflight VM --to ADDR`: the checks and prediction, without migrating.
+#[derive(Debug, Clone, Args)]
+pub struct PreflightArgs {
+    /// VM to check.
+    pub vm: String,
+    /// Target agent's gRPC address (host:port).
+    #[arg(long, value_name = "TARGET_ADDR")]
+    pub to: String,
+    /// Codec to predict with.
+    #[arg(long, value_name = "CODEC", value_parser = parse_codec)]
+    pub compress: Option<Codec>,
+    /// Downtime target in milliseconds.
+    #[arg(long, value_name = "MS")]
+    pub downtime: Option<u32>,
+    /// Bandwidth cap to predict with (same syntax as `migrate --bandwidth`).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub bandwidth: Option<u64>,
+}
+
+/// Parses a rate: `123` (bytes/s), `200K`/`200M`/`2G` (binary multiples of bytes/s),
+/// `500kbit`/`500mbit`/`1gbit` (decimal bits/s).
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let (num, mult): (&str, f64) = if let Some(n) = t.strip_suffix("gbit") {
+        (n, 1e9 / 8.0)
+    } else if let Some(n) = t.strip_suffix("mbit") {
+        (n, 1e6 / 8.0)
+    } else if let Some(n) = t.strip_suffix("kbit") {
+        (n, 1e3 / 8.0)
+    } else if let Some(n) = t.strip_suffix('g') {
+        (n, 1073741824.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 1048576.0)
+    } else if let Some(n) = t.strip_suffix('k') {
+        (n, 1024.0)
+    } else {
+        (t.as_str(), 1.0)
+    };
+    let v: f64 = num.trim().parse().map_err(|_| format!("bad rate '{s}': use e.g. 200M, 1G or 500mbit"))?;
+    let bytes = (v * mult) as u64;
+    if bytes == 0 {
+        return Err(format!("rate '{s}' is zero"));
+    }
+    Ok(bytes)
 }
 
 /// `ferryctl migrations ...`

@@ -174,6 +174,10 @@ impl FerryControl for Fake {
             migrations: vec![status("m-web1", pb::MigrationPhase::Completed, 3)],
         }))
     }
+
+    async fn preflight(&self, _: Request<pb::PreflightRequest>) -> Result<Response<pb::PreflightReport>, Status> {
+        Err(Status::unimplemented("the fake agent has no preflight"))
+    }
 }
 
 /// Starts the fake agent with `fake-a`'s certificate; returns its address.

@@ -42,6 +42,31 @@ pub enum PageError {
     OutOfRange { page: u64, pages: u64 },
 }
 
+/// Caps the data plane's bytes per second (all page streams together).
+pub struct RateLimiter {
+    bytes_per_sec: u64,
+    state: std::sync::Mutex<(std::time::Instant, u64)>,
+}
+
+impl RateLimiter {
+    pub fn new(bytes_per_sec: u64) -> Self {
+        RateLimiter { bytes_per_sec: bytes_per_sec.max(1), state: std::sync::Mutex::new((std::time::Instant::now(), 0)) }
+    }
+
+    /// Waits until `n` more bytes fit under the cap.
+    pub async fn acquire(&self, n: usize) {
+        let wait = {
+            let Ok(mut st) = self.state.lock() else { return };
+            st.1 += n as u64;
+            let due = std::time::Duration::from_secs_f64(st.1 as f64 / self.bytes_per_sec as f64);
+            due.checked_sub(st.0.elapsed())
+        };
+        if let Some(w) = wait {
+            tokio::time::sleep(w).await;
+        }
+    }
+}
+
 /// Source side: sends rounds of pages.
 pub struct PageSender {
     writers: Vec<FrameWriter>,
@@ -51,12 +76,19 @@ pub struct PageSender {
     ever_sent: DirtyBitmap,
     /// Pages sent more than once.
     pub resent: u64,
+    limiter: Option<Arc<RateLimiter>>,
 }
 
 impl PageSender {
     pub fn new(writers: Vec<FrameWriter>, ram: Arc<RamFile>, codec: Codec) -> Self {
         let pages = ram.page_count();
-        PageSender { writers, ram, codec, counters: Arc::new(PageCounters::default()), ever_sent: DirtyBitmap::new(pages), resent: 0 }
+        PageSender { writers, ram, codec, counters: Arc::new(PageCounters::default()), ever_sent: DirtyBitmap::new(pages), resent: 0, limiter: None }
+    }
+
+    /// Caps the bytes per second written to the page streams.
+    pub fn with_rate_limit(mut self, bytes_per_sec: u64) -> Self {
+        self.limiter = (bytes_per_sec > 0).then(|| Arc::new(RateLimiter::new(bytes_per_sec)));
+        self
     }
 
     /// Sends `pages`. With `skip_zero` (round 0: the target file starts all-zero) zero
@@ -72,8 +104,8 @@ impl PageSender {
         }
         let mut tasks = Vec::with_capacity(n);
         for (w, shard) in std::mem::take(&mut self.writers).into_iter().zip(shards) {
-            let (ram, counters, codec) = (self.ram.clone(), self.counters.clone(), self.codec);
-            tasks.push(tokio::spawn(send_shard(w, ram, shard, round, codec, skip_zero, counters)));
+            let (ram, counters, codec, limiter) = (self.ram.clone(), self.counters.clone(), self.codec, self.limiter.clone());
+            tasks.push(tokio::spawn(send_shard(w, ram, shard, round, codec, skip_zero, counters, limiter)));
         }
         let mut first_err = None;
         for t in tasks {
@@ -107,6 +139,7 @@ impl PageSender {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn send_shard(
     mut w: FrameWriter,
     ram: Arc<RamFile>,
@@ -115,6 +148,7 @@ async fn send_shard(
     codec: Codec,
     skip_zero: bool,
     counters: Arc<PageCounters>,
+    limiter: Option<Arc<RateLimiter>>,
 ) -> Result<FrameWriter, PageError> {
     for chunk in shard.chunks(BATCH_PAGES) {
         let chunk = chunk.to_vec();
@@ -124,6 +158,9 @@ async fn send_shard(
             .await
             .map_err(|e| PageError::Join(e.to_string()))??;
         for f in frames {
+            if let Some(l) = &limiter {
+                l.acquire(f.bytes.len()).await;
+            }
             w.write(&f.bytes).await?;
             counters.batches.fetch_add(1, Ordering::Relaxed);
             counters.wire_bytes.fetch_add(f.bytes.len() as u64, Ordering::Relaxed);

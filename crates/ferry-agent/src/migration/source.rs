@@ -37,6 +37,36 @@ pub struct MigrationParams {
     pub max_rounds: u32,
     pub page_streams: u32,
     pub verify: bool,
+    /// Go ahead despite failed soft preflight checks.
+    pub force: bool,
+    /// Data-plane cap in bytes per second (0: none).
+    pub bandwidth: u64,
+    /// Roll back if not committing within this time.
+    pub timeout: Option<Duration>,
+    pub on_stall: StallPolicy,
+}
+
+/// What to do when pre-copy rounds stop shrinking (or the round limit is reached).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StallPolicy {
+    /// Stop-and-copy: pause the guest and send the rest (longer downtime). The seeds' advice.
+    Pause,
+    /// Give up: roll back, the guest keeps running on the source.
+    Abort,
+    /// Lower the guest's CPU quota step by step until rounds shrink; then stop-and-copy.
+    Throttle,
+}
+
+impl std::str::FromStr for StallPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "" | "pause" => Ok(StallPolicy::Pause),
+            "abort" => Ok(StallPolicy::Abort),
+            "throttle" => Ok(StallPolicy::Throttle),
+            other => Err(format!("on_stall: unknown policy '{other}' (pause, abort or throttle)")),
+        }
+    }
 }
 
 /// A failure, with the step it happened in. Its text names VM, hosts and step.
@@ -65,6 +95,7 @@ struct Undo {
     tracker: Option<Box<dyn DirtyTracker>>,
     migrate_issued: bool,
     relay_path: Option<PathBuf>,
+    throttle: Option<crate::throttle::CpuThrottle>,
     /// The control stream's send half: dropping it would finish the stream, which the
     /// target rightly takes as the source giving up. Kept open until the commit is done.
     control: Option<FrameWriter>,
@@ -77,15 +108,71 @@ enum CommitOutcome {
     Unknown(String),
 }
 
+/// Runs [`run`] and, should it panic (a bug), still settles who owns the VM: the target
+/// keeps it if it committed, otherwise it is aborted there and the guest resumes here.
+pub async fn run_guarded(ctx: Arc<AgentCtx>, p: MigrationParams, h: Arc<OutgoingHandle>, spec: VmSpec, proc: Arc<QemuProcess>) {
+    let (ctx2, p2, h2, proc2) = (ctx.clone(), p.clone(), h.clone(), proc.clone());
+    let Err(panic) = tokio::spawn(run(ctx, p, h, spec, proc)).await else { return };
+    tracing::error!(migration = %p2.id, "migration task panicked: {panic}");
+    let committed = match crate::tls::connect(&p2.target, &ctx2.identity).await {
+        Ok(chan) => {
+            let mut peer = FerryPeerClient::new(chan);
+            match peer.incoming_status(pb::MigrationRef { id: p2.id.clone() }).await.map(|r| r.into_inner().state) {
+                Ok(s) if s == pb::IncomingState::Committed as i32 => Some(true),
+                Ok(_) => {
+                    let req = pb::AbortRequest { migration_id: p2.id.clone(), reason: "source failed internally".into() };
+                    peer.abort(req).await.ok().map(|_| false)
+                }
+                Err(_) => None,
+            }
+        }
+        Err(_) => None,
+    };
+    let qmp = proc2.qmp();
+    let outcome = match committed {
+        Some(true) => {
+            let _ = ctx2.vms.end_outgoing(&p2.vm, true).await;
+            let _ = proc2.shutdown(Duration::from_secs(10)).await;
+            crate::vms::remove_vm_files(&ctx2.cfg, &p2.vm);
+            pb::MigrationPhase::Completed
+        }
+        Some(false) => {
+            let _ = qmp.migrate_cancel().await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if let Ok(st) = qmp.query_status().await {
+                if !st.running {
+                    let _ = qmp.cont().await;
+                }
+            }
+            let _ = ctx2.vms.end_outgoing(&p2.vm, false).await;
+            pb::MigrationPhase::Failed
+        }
+        None => pb::MigrationPhase::InDoubt,
+    };
+    ctx2.metrics.active.dec();
+    h2.update(|s| {
+        s.phase = outcome as i32;
+        s.error = format!("internal error in the migration of VM '{}' (a bug: {panic}); settled as {outcome:?}", p2.vm);
+        s.finished_unix_ms = now_ms();
+    });
+    ctx2.outgoing.persist(&h2);
+}
+
 /// Runs a migration whose VM the caller already marked as migrating, to its end.
 pub async fn run(ctx: Arc<AgentCtx>, p: MigrationParams, h: Arc<OutgoingHandle>, spec: VmSpec, proc: Arc<QemuProcess>) {
     let started = Instant::now();
     let mut undo = Undo::default();
     let mut m = Migration { ctx: ctx.clone(), p: p.clone(), h: h.clone(), spec, proc: proc.clone(), started, stop_time: None, token: String::new(), reported: (0, 0, 0) };
     ctx.metrics.active.inc();
+    let deadline = p.timeout.unwrap_or(Duration::from_secs(u64::MAX / 4));
     let result = tokio::select! {
         r = m.drive(&mut undo) => r,
         _ = h.cancel.cancelled() => Err(MigrationError { step: "cancel", message: "cancelled by request".into(), cancelled: true }),
+        _ = tokio::time::sleep(deadline) => Err(MigrationError {
+            step: "timeout",
+            message: format!("not ready to commit after {} s (--timeout)", deadline.as_secs()),
+            cancelled: false,
+        }),
     };
     let result = match result {
         Ok(()) => m.commit(&mut undo).await,
@@ -143,6 +230,15 @@ impl Migration {
         self.h.update(|s| f(s.stats.get_or_insert_with(Default::default).downtime_breakdown.get_or_insert_with(Default::default), us));
     }
 
+    /// Records (and shows) a policy decision.
+    fn policy(&self, msg: &str) {
+        self.h.update(|s| {
+            s.message = msg.to_string();
+            let st = s.stats.get_or_insert_with(Default::default);
+            st.policy_applied = msg.to_string();
+        });
+    }
+
     fn qmp(&self) -> &QmpClient {
         self.proc.qmp()
     }
@@ -154,6 +250,26 @@ impl Migration {
             message: format!("no dirty-page tracker works on host {}: {why}", self.ctx.cfg.host_name),
             cancelled: false,
         })?;
+
+        // Phase 0: preflight. Hard failures stop here; soft ones unless forced.
+        self.phase(pb::MigrationPhase::Preparing, format!("preflight checks against {}", self.p.target));
+        let report = crate::preflight::run(&self.ctx, &self.spec, Some(&self.proc), &self.p.target, self.p.codec, self.p.downtime_ms, self.p.bandwidth)
+            .await
+            .map_err(|s| fail("preflight")(s.message().to_string()))?;
+        let failed: Vec<String> = report
+            .checks
+            .iter()
+            .filter(|c| c.status == pb::CheckStatus::Fail as i32)
+            .map(|c| format!("{}: {}{}", c.name, c.detail, if c.fix.is_empty() { String::new() } else { format!(" (fix: {})", c.fix) }))
+            .collect();
+        self.h.update(|s| s.stats.get_or_insert_with(Default::default).prediction = report.prediction.clone());
+        if !report.ok && !(report.ok_with_force && self.p.force) {
+            let hint = if report.ok_with_force { " — only soft checks failed: --force overrides them" } else { "" };
+            return Err(fail("preflight")(format!("{}{hint}", failed.join("; "))));
+        }
+        if !failed.is_empty() {
+            self.phase(pb::MigrationPhase::Preparing, format!("forced past soft preflight failures: {}", failed.join("; ")));
+        }
 
         // Phase 1: the target prepares an empty QEMU waiting for us.
         self.phase(pb::MigrationPhase::Preparing, format!("asking {} to prepare", self.p.target));
@@ -231,7 +347,8 @@ impl Migration {
                 st.tracker = tracker_name.into();
             }
         });
-        let mut sender = PageSender::new(writers, ram.clone(), self.p.codec);
+        let mut sender = PageSender::new(writers, ram.clone(), self.p.codec).with_rate_limit(self.p.bandwidth);
+        let mut prev_dirty = u64::MAX;
         let ram2 = ram.clone();
         let mut pending = tokio::task::spawn_blocking(move || ram2.nonzero_pages())
             .await
@@ -266,13 +383,51 @@ impl Migration {
             let predicted_ms = dirty.count() as f64 * PAGE_SIZE as f64 / ratio / bw * 1000.0;
             dirty_rate = dirty.count() as f64 / secs;
             self.publish(&sender, round, &dirty, dirty_rate, bw, predicted_ms, &format!("round {round}: {} pages written meanwhile", dirty.count()));
+            let count = dirty.count();
             pending = dirty;
             if predicted_ms <= f64::from(self.p.downtime_ms) {
                 break;
             }
-            if round >= self.p.max_rounds {
-                warn!(migration = %self.p.id, round, predicted_ms, "round limit reached; switching over with a longer downtime");
-                break;
+            // Stalled: the round limit, or a round that did not shrink by a tenth.
+            let stalled = round >= self.p.max_rounds || (round >= 3 && count.saturating_mul(10) >= prev_dirty.saturating_mul(9));
+            prev_dirty = count;
+            if stalled {
+                match self.p.on_stall {
+                    StallPolicy::Pause => {
+                        let msg = format!("stop-and-copy after {round} rounds: {count} pages left (predicted pause {predicted_ms:.0} ms)");
+                        warn!(migration = %self.p.id, "{msg}");
+                        self.policy(&msg);
+                        break;
+                    }
+                    StallPolicy::Abort => {
+                        return Err(fail("converge")(format!(
+                            "pre-copy does not converge after {round} rounds: the guest wrote {count} pages during the last round \
+                             ({:.1} MiB/s) and the link moves {:.1} MiB/s of pages (--on-stall abort)",
+                            dirty_rate * PAGE_SIZE as f64 / 1048576.0,
+                            bw * ratio / 1048576.0
+                        )))
+                    }
+                    StallPolicy::Throttle => {
+                        if undo.throttle.is_none() {
+                            let t = crate::throttle::CpuThrottle::attach(&self.spec.name, self.proc.pid()).map_err(fail("throttle"))?;
+                            undo.throttle = Some(t);
+                        }
+                        let stepped = match undo.throttle.as_mut() {
+                            Some(t) => t.step_down().map_err(fail("throttle"))?,
+                            None => false,
+                        };
+                        let pct = undo.throttle.as_ref().map(|t| t.percent).unwrap_or(100);
+                        if !stepped || round >= self.p.max_rounds {
+                            let msg = format!("throttled guest CPU to {pct}%, then stop-and-copy after {round} rounds ({count} pages left)");
+                            self.policy(&msg);
+                            break;
+                        }
+                        let msg = format!("throttled guest CPU to {pct}% after round {round}: it wrote {count} pages during the round");
+                        info!(migration = %self.p.id, "{msg}");
+                        self.policy(&msg);
+                        prev_dirty = u64::MAX;
+                    }
+                }
             }
         }
 
@@ -471,6 +626,9 @@ impl Migration {
         if let Some(c) = undo.conn.take() {
             c.close(0u32.into(), b"committed");
         }
+        if let Some(t) = undo.throttle.take() {
+            t.release();
+        }
         if let Some(p) = undo.relay_path.take() {
             let _ = std::fs::remove_file(p);
         }
@@ -508,6 +666,10 @@ impl Migration {
         warn!(migration = %self.p.id, "{reason}; rolling back");
         if let Some(mut t) = undo.tracker.take() {
             let _ = t.disarm();
+        }
+        // The guest runs here again: at full speed.
+        if let Some(t) = undo.throttle.take() {
+            t.release();
         }
         let active = match self.qmp().query_migrate().await {
             Ok(info) => !matches!(info.status.as_deref(), None | Some("completed" | "failed" | "cancelled" | "none")),

@@ -312,10 +312,33 @@ impl IncomingRegistry {
         }
     }
 
-    /// Serves one QUIC connection from a source agent.
+    /// Serves one QUIC connection from a source agent: a migration's data plane, or a
+    /// preflight bandwidth probe.
     pub async fn handle_connection(self: Arc<Self>, conn: quinn::Connection) {
         let remote = conn.remote_address();
-        let inc = match self.handshake(&conn).await {
+        let first = async {
+            let (send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
+                .await
+                .map_err(|_| "no stream within 10 s".to_string())?
+                .map_err(|e| e.to_string())?;
+            let header = read_stream_header(&mut recv).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((send, recv, header))
+        };
+        let (send, recv, header) = match first.await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(%remote, "refused data-plane connection: {e}");
+                conn.close(2u32.into(), e.as_bytes());
+                return;
+            }
+        };
+        if header.kind == StreamKind::Probe {
+            if let Err(e) = serve_probe(send, recv).await {
+                warn!(%remote, "bandwidth probe: {e}");
+            }
+            return;
+        }
+        let inc = match self.handshake(header, send, recv).await {
             Ok(inc) => inc,
             Err(e) => {
                 warn!(%remote, "refused data-plane connection: {e}");
@@ -332,12 +355,12 @@ impl IncomingRegistry {
         }
     }
 
-    async fn handshake(&self, conn: &quinn::Connection) -> Result<(Arc<Incoming>, ControlChannel), String> {
-        let (send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
-            .await
-            .map_err(|_| "no control stream within 10 s".to_string())?
-            .map_err(|e| e.to_string())?;
-        let header = read_stream_header(&mut recv).await.map_err(|e| e.to_string())?;
+    async fn handshake(
+        &self,
+        header: ferry_wire::StreamHeader,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) -> Result<(Arc<Incoming>, ControlChannel), String> {
         if header.kind != StreamKind::Control {
             return Err(format!("first stream is {:?}, expected control", header.kind));
         }
@@ -432,6 +455,24 @@ impl IncomingRegistry {
         acceptor.abort();
         reason
     }
+}
+
+/// Counts the probe bytes until the source finishes, then answers with the count.
+async fn serve_probe(mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), String> {
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    // A probe is bounded: never read more than 1 GiB.
+    while total < 1 << 30 {
+        match recv.read(&mut buf).await.map_err(|e| e.to_string())? {
+            Some(n) => total += n as u64,
+            None => break,
+        }
+    }
+    send.write_all(&total.to_le_bytes()).await.map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    // Let the answer leave before the connection is dropped.
+    let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+    Ok(())
 }
 
 async fn send(w: &mut ferry_transport::FrameWriter, msg: &ControlMessage) -> Result<(), String> {

@@ -1,0 +1,499 @@
+//! Preflight: before a migration starts, the source gathers the target's facts (peer
+//! `HostFacts`), probes the data path, measures the guest's dirty rate and the codec on
+//! the guest's own pages, and produces a table of checks and a convergence prediction.
+//!
+//! Every check says what was found and what to do. Hard failures block the migration;
+//! soft ones (`soft = true`) can be overridden with `force`.
+
+use crate::AgentCtx;
+use ferry_api::v1 as pb;
+use ferry_api::v1::ferry_peer_client::FerryPeerClient;
+use ferry_memory::{RamFile, DEFAULT_SHIM_FD, PAGE_SIZE};
+use ferry_qemu::{NicBackend, QemuProcess, VmSpec};
+use ferry_transport::write_stream_header;
+use ferry_wire::{Codec, StreamHeader, StreamKind, PROTOCOL_VERSION};
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// CPU features worth comparing (cpuinfo names). Virtualisation flags (svm, vmx) and
+/// QEMU-internal properties are left out: QEMU drops those quietly when the host lacks them.
+const CPU_FEATURES: &[&str] = &[
+    "fpu", "vme", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "mtrr", "pge", "mca", "cmov", "pat",
+    "pse36", "clflush", "mmx", "fxsr", "sse", "sse2", "ss", "syscall", "nx", "mmxext", "fxsr_opt", "pdpe1gb", "rdtscp",
+    "lm", "pni", "pclmulqdq", "ssse3", "fma", "cx16", "sse4_1", "sse4_2", "x2apic", "movbe", "popcnt", "aes", "xsave",
+    "avx", "f16c", "rdrand", "lahf_lm", "abm", "sse4a", "3dnowprefetch", "fsgsbase", "bmi1", "avx2", "smep", "bmi2",
+    "erms", "invpcid", "avx512f", "avx512dq", "rdseed", "adx", "smap", "clflushopt", "clwb", "avx512cd", "sha_ni",
+    "avx512bw", "avx512vl", "xsaveopt", "xsavec", "xsaves", "umip", "pku", "avx512vbmi", "gfni", "vaes", "vpclmulqdq",
+];
+
+/// The features the seeds single out: checked and named first.
+const KEY_FEATURES: &[&str] = &["lm", "nx"];
+
+/// QEMU property name to cpuinfo name.
+pub fn normalize_feature(name: &str) -> String {
+    let n = name.to_ascii_lowercase().replace(['-', '.'], "_");
+    match n.as_str() {
+        "sse3" => "pni".into(),
+        "xd" => "nx".into(),
+        "i64" => "lm".into(),
+        _ => n,
+    }
+}
+
+/// Vendor and feature flags of this host's first CPU in /proc/cpuinfo.
+fn cpuinfo() -> (String, Vec<String>) {
+    let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |key: &str| {
+        text.lines()
+            .find(|l| l.split(':').next().map(str::trim) == Some(key))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    (field("vendor_id"), field("flags").split_whitespace().map(str::to_string).collect())
+}
+
+fn bridges() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.path().join("bridge").exists())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn mem_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .unwrap_or(0)
+}
+
+fn fs_free(path: &Path) -> u64 {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return 0 };
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid C string and st a properly sized out-parameter.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return 0;
+    }
+    st.f_bavail as u64 * st.f_frsize as u64
+}
+
+/// This host's facts, as reported to a peer.
+pub async fn host_facts(ctx: &AgentCtx) -> pb::HostFacts {
+    let (vendor, flags) = cpuinfo();
+    let pf = &ctx.cfg.preflight;
+    let (cpu_features, source) = match (&pf.cpu_features, ctx.cfg.accel.as_str()) {
+        (Some(f), _) => (f.clone(), "configured ([preflight] cpu_features)".to_string()),
+        (None, "kvm") => (flags, "/proc/cpuinfo".to_string()),
+        (None, _) => (Vec::new(), "tcg (QEMU emulates the CPU model)".to_string()),
+    };
+    pb::HostFacts {
+        host_name: ctx.cfg.host_name.clone(),
+        protocol_version: u32::from(PROTOCOL_VERSION),
+        qemu_version: ctx.qemu_version.clone(),
+        machine_types: ctx.machine_types.clone(),
+        accel: ctx.cfg.accel.clone(),
+        cpu_vendor: pf.cpu_vendor.clone().unwrap_or(vendor),
+        cpu_features,
+        cpu_features_source: source,
+        bridges: bridges(),
+        mem_available_bytes: mem_available(),
+        ram_dir_free_bytes: fs_free(&ctx.cfg.ram_dir),
+        vm_names: ctx.vms.list().await.into_iter().filter_map(|v| v.spec.map(|s| s.name)).collect(),
+        quic_addr: ctx.cfg.quic_listen.to_string(),
+        tracker: match &ctx.tracker {
+            Ok(k) => k.name().to_string(),
+            Err(e) => format!("none: {e}"),
+        },
+    }
+}
+
+/// The guest CPU model's features, expanded by the VM's own QEMU.
+async fn guest_cpu_features(proc: &QemuProcess, model: &str) -> Result<BTreeSet<String>, String> {
+    let args = serde_json::json!({"type": "full", "model": {"name": model}});
+    let r = proc.qmp().execute("query-cpu-model-expansion", Some(args)).await.map_err(|e| e.to_string())?;
+    let props = r.pointer("/model/props").and_then(|p| p.as_object()).ok_or("no props in query-cpu-model-expansion")?;
+    Ok(props
+        .iter()
+        .filter(|(_, v)| v.as_bool() == Some(true))
+        .map(|(k, _)| normalize_feature(k))
+        .filter(|f| CPU_FEATURES.contains(&f.as_str()))
+        .collect())
+}
+
+fn check(name: &str, status: pb::CheckStatus, detail: String, fix: &str, soft: bool) -> pb::PreflightCheck {
+    pb::PreflightCheck { name: name.into(), status: status as i32, detail, fix: fix.into(), soft }
+}
+
+use pb::CheckStatus::{Fail, Pass, Warn};
+
+/// The checks that compare the VM with the target's facts (no I/O: unit-testable).
+pub fn compare(
+    spec: &VmSpec,
+    guest_features: Option<&BTreeSet<String>>,
+    source_vendor: &str,
+    source_accel: &str,
+    t: &pb::HostFacts,
+) -> Vec<pb::PreflightCheck> {
+    let host = &t.host_name;
+    let mut out = Vec::new();
+    out.push(if ferry_wire::version_supported(t.protocol_version.min(255) as u8) {
+        check("protocol", Pass, format!("both speak ferry data-plane protocol {}", t.protocol_version), "", false)
+    } else {
+        check(
+            "protocol",
+            Fail,
+            format!("host {host} speaks protocol {}, this host {PROTOCOL_VERSION}", t.protocol_version),
+            "upgrade ferryd so both hosts run compatible versions",
+            false,
+        )
+    });
+    out.push(if t.vm_names.iter().any(|n| n == &spec.name) {
+        check(
+            "vm-name",
+            Fail,
+            format!("a VM named '{}' is already defined on {host}", spec.name),
+            "undefine it on the target, or rename one of them",
+            false,
+        )
+    } else {
+        check("vm-name", Pass, format!("'{}' is free on {host}", spec.name), "", false)
+    });
+    out.push(if t.machine_types.iter().any(|m| m == &spec.machine) {
+        check("machine", Pass, format!("{host}'s QEMU {} has machine type {}", t.qemu_version, spec.machine), "", false)
+    } else {
+        check(
+            "machine",
+            Fail,
+            format!("{host}'s QEMU {} lacks machine type {}", t.qemu_version, spec.machine),
+            "pin a machine type both QEMU versions have (e.g. pc-i440fx-7.2)",
+            false,
+        )
+    });
+    if !t.tracker.starts_with("none") || t.tracker.is_empty() {
+        out.push(check("tracker", Pass, format!("{host} can track dirty pages ({})", t.tracker), "", false));
+    } else {
+        out.push(check("tracker", Warn, format!("{host} has no dirty tracker ({}): it can receive but not send live", t.tracker), "", true));
+    }
+    // CPU: vendor, then the features the guest's model uses.
+    let kvm = t.accel == "kvm" || source_accel == "kvm";
+    let configured = t.cpu_features_source.starts_with("configured");
+    if !t.cpu_vendor.is_empty() && !source_vendor.is_empty() && t.cpu_vendor != source_vendor {
+        let status = if kvm { Fail } else { Warn };
+        out.push(check(
+            "cpu-vendor",
+            status,
+            format!("CPU vendor differs: {source_vendor} here, {} on {host}", t.cpu_vendor),
+            "migrate between hosts of the same CPU vendor",
+            false,
+        ));
+    }
+    match guest_features {
+        None => out.push(check("cpu", Warn, "the VM is not running: its CPU model was not expanded".into(), "", true)),
+        Some(features) if t.cpu_features.is_empty() && !configured => out.push(check(
+            "cpu",
+            Pass,
+            format!("{host} emulates the CPU model ({}); {} guest features not compared", t.cpu_features_source, features.len()),
+            "",
+            false,
+        )),
+        Some(features) => {
+            let offered: BTreeSet<String> = t.cpu_features.iter().map(|f| normalize_feature(f)).collect();
+            let mut missing: Vec<&String> = features.iter().filter(|f| !offered.contains(*f)).collect();
+            missing.sort_by_key(|f| (!KEY_FEATURES.contains(&f.as_str()), f.as_str().to_string()));
+            out.push(if missing.is_empty() {
+                check("cpu", Pass, format!("{host} offers all {} features of CPU model {}", features.len(), spec.cpu_model), "", false)
+            } else {
+                let names: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+                check(
+                    "cpu",
+                    Fail,
+                    format!("{host} lacks CPU features the guest ({}) uses: {} (from {})", spec.cpu_model, names.join(", "), t.cpu_features_source),
+                    "pick a CPU model both hosts support (e.g. a named baseline model), or another target",
+                    false,
+                )
+            });
+        }
+    }
+    // Networks the VM's NICs use.
+    let wanted: Vec<&str> = spec
+        .nics
+        .iter()
+        .filter_map(|n| match &n.backend {
+            NicBackend::Bridge { name } => Some(name.as_str()),
+            NicBackend::User => None,
+        })
+        .collect();
+    let absent: Vec<&str> = wanted.iter().copied().filter(|b| !t.bridges.iter().any(|x| x == b)).collect();
+    out.push(if absent.is_empty() {
+        check("bridges", Pass, if wanted.is_empty() { "the VM uses no host bridge".into() } else { format!("{host} has bridge(s) {}", wanted.join(", ")) }, "", false)
+    } else {
+        check(
+            "bridges",
+            Fail,
+            format!("bridge(s) {} do not exist on {host}", absent.join(", ")),
+            "create the bridge on the target (same name) or change the VM's NIC",
+            false,
+        )
+    });
+    // Memory for the RAM file.
+    let need = spec.memory_mib << 20;
+    let free = t.mem_available_bytes.min(if t.ram_dir_free_bytes == 0 { u64::MAX } else { t.ram_dir_free_bytes });
+    out.push(if free >= need {
+        check("memory", Pass, format!("{host} has {} MiB available for {} MiB of guest RAM", free >> 20, spec.memory_mib), "", false)
+    } else {
+        check(
+            "memory",
+            Fail,
+            format!("{host} has only {} MiB available (memory and RAM directory) for {} MiB of guest RAM", free >> 20, spec.memory_mib),
+            "free memory on the target or pick another target",
+            false,
+        )
+    });
+    out
+}
+
+/// Sends bytes over a fresh QUIC connection for about a second; returns bytes/s and RTT.
+async fn probe(ctx: &AgentCtx, quic_addr: SocketAddr, cap: u64) -> Result<(f64, f64), String> {
+    let conn = ctx.quic.connect(quic_addr, &quic_addr.ip().to_string()).await.map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    write_stream_header(&mut send, StreamHeader::new(StreamKind::Probe, 0)).await.map_err(|e| e.to_string())?;
+    let chunk = vec![0x5au8; 256 * 1024];
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < Duration::from_millis(800) && sent < (256 << 20) {
+        send.write_all(&chunk).await.map_err(|e| e.to_string())?;
+        sent += chunk.len() as u64;
+        if cap > 0 {
+            // Respect the migration's cap while probing.
+            let ahead = sent as f64 / cap as f64 - start.elapsed().as_secs_f64();
+            if ahead > 0.0 {
+                tokio::time::sleep(Duration::from_secs_f64(ahead)).await;
+            }
+        }
+    }
+    send.finish().map_err(|e| e.to_string())?;
+    let mut b = [0u8; 8];
+    recv.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+    let secs = start.elapsed().as_secs_f64().max(1e-6);
+    let got = u64::from_le_bytes(b);
+    let rtt = conn.rtt().as_secs_f64() * 1000.0;
+    conn.close(0u32.into(), b"probe done");
+    Ok((got as f64 / secs, rtt))
+}
+
+/// Pages written per second by the running guest, with ferry's own tracker.
+async fn dirty_rate(ctx: &AgentCtx, spec: &VmSpec, proc: &QemuProcess) -> Result<f64, String> {
+    let kind = ctx.tracker.clone()?;
+    let path = ctx.cfg.ram_path(&spec.name);
+    let len = spec.memory_mib << 20;
+    let pid = proc.pid() as i32;
+    let mut t = kind.attach(pid, DEFAULT_SHIM_FD, &path, len).map_err(|e| e.to_string())?;
+    t.arm().map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let pages = t.collect().map_err(|e| e.to_string())?.count();
+    let _ = t.disarm();
+    Ok(pages as f64 / start.elapsed().as_secs_f64())
+}
+
+/// QEMU's own estimate (MiB/s), for comparison; 0 when unavailable.
+async fn qemu_dirty_rate(proc: &QemuProcess) -> f64 {
+    if proc.qmp().calc_dirty_rate(1).await.is_err() {
+        return 0.0;
+    }
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(info) = proc.qmp().query_dirty_rate().await {
+            if info.status.as_deref() == Some("measured") {
+                return info.dirty_rate.unwrap_or(0) as f64;
+            }
+        }
+    }
+    0.0
+}
+
+/// Compression ratio and one core's speed on a sample of the guest's non-zero pages.
+fn codec_sample(ram: &RamFile, codec: Codec) -> Result<(f64, f64, u64), String> {
+    let nonzero = ram.nonzero_pages().map_err(|e| e.to_string())?;
+    let count = nonzero.count();
+    let step = (count / 2048).max(1);
+    let sample: Vec<u64> = nonzero.iter().step_by(step as usize).take(2048).collect();
+    let (mut raw, mut packed) = (0u64, 0u64);
+    let mut buf = vec![0u8; 256 * PAGE_SIZE];
+    let start = Instant::now();
+    for chunk in sample.chunks(256) {
+        let data = &mut buf[..chunk.len() * PAGE_SIZE];
+        for (i, p) in chunk.iter().enumerate() {
+            ram.read_page(*p, &mut data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]).map_err(|e| e.to_string())?;
+        }
+        raw += data.len() as u64;
+        packed += codec.compress(data).map_err(|e| e.to_string())?.map(|c| c.len()).unwrap_or(data.len()) as u64;
+    }
+    let secs = start.elapsed().as_secs_f64().max(1e-6);
+    let ratio = if packed == 0 { 1.0 } else { raw as f64 / packed as f64 };
+    let speed = if codec == Codec::None { f64::INFINITY } else { raw as f64 / secs };
+    Ok((ratio, speed, count * PAGE_SIZE as u64))
+}
+
+/// Pre-copy as a geometric series: each round lasts as long as it takes to send what
+/// the guest wrote during the previous one. Pure function of the measurements.
+pub fn predict(p: &mut pb::Prediction, ram_bytes: u64, streams: u32, downtime_ms: u32, max_rounds: u32) {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(streams.max(1) as usize) as f64;
+    let link_pages = p.link_bytes_per_sec * p.codec_ratio.max(1.0);
+    let cpu_pages = if p.codec_bytes_per_sec.is_finite() { p.codec_bytes_per_sec * cores } else { f64::INFINITY };
+    let rate = link_pages.min(cpu_pages).max(1.0); // guest bytes per second moved
+    let dirty = p.dirty_pages_per_sec * PAGE_SIZE as f64;
+    // Fixed switchover cost: device state, commit, and the RAM fingerprints (~6 GB/s here).
+    let fixed_ms = 15.0 + ram_bytes as f64 / 6e9 * 1000.0;
+    let mut round_s = p.first_round_bytes as f64 / rate;
+    let mut total_s = round_s;
+    let mut rounds = 1;
+    let target_s = f64::from(downtime_ms) / 1000.0;
+    p.converges = dirty < rate * 0.9;
+    // A round never has more to send than the whole guest.
+    let max_round_s = ram_bytes as f64 / rate;
+    loop {
+        let next_s = (dirty * round_s / rate).min(max_round_s);
+        if next_s <= target_s || rounds >= max_rounds.max(1) {
+            round_s = next_s;
+            break;
+        }
+        round_s = next_s;
+        total_s += round_s;
+        rounds += 1;
+    }
+    p.predicted_rounds = rounds + 1;
+    p.predicted_downtime_ms = (round_s * 1000.0 + fixed_ms) as u64;
+    p.predicted_total_ms = if p.converges { ((total_s + round_s) * 1000.0 + fixed_ms) as u64 } else { 0 };
+}
+
+/// Runs the whole preflight for a VM and a target.
+pub async fn run(
+    ctx: &AgentCtx,
+    spec: &VmSpec,
+    proc: Option<&QemuProcess>,
+    target: &str,
+    codec: Codec,
+    downtime_ms: u32,
+    bandwidth_cap: u64,
+) -> Result<pb::PreflightReport, tonic::Status> {
+    let chan = crate::tls::connect(target, &ctx.identity)
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("cannot reach target agent {target} from {}: {e}", ctx.cfg.host_name)))?;
+    let facts = FerryPeerClient::new(chan)
+        .host_facts(pb::HostFactsRequest {})
+        .await
+        .map_err(|s| tonic::Status::unavailable(format!("target {target} did not report its facts: {}", s.message())))?
+        .into_inner();
+    let (vendor, _) = cpuinfo();
+    let vendor = ctx.cfg.preflight.cpu_vendor.clone().unwrap_or(vendor);
+    let guest_features = match proc {
+        Some(p) => guest_cpu_features(p, &spec.cpu_model).await.ok(),
+        None => None,
+    };
+    let mut checks = compare(spec, guest_features.as_ref(), &vendor, spec.accel.as_deref().unwrap_or(&ctx.cfg.accel), &facts);
+
+    // QEMU versions: same major.minor is the tested case; others work with a pinned type.
+    let major_minor = |v: &str| v.split('.').take(2).collect::<Vec<_>>().join(".");
+    checks.push(if major_minor(&facts.qemu_version) == major_minor(&ctx.qemu_version) {
+        check("qemu", Pass, format!("QEMU {} here, {} on {}", ctx.qemu_version, facts.qemu_version, facts.host_name), "", false)
+    } else {
+        check(
+            "qemu",
+            Warn,
+            format!("QEMU {} here, {} on {}: works only with a machine type both have", ctx.qemu_version, facts.qemu_version, facts.host_name),
+            "",
+            true,
+        )
+    });
+
+    let mut prediction = pb::Prediction::default();
+    // The data path, as the migration will use it.
+    match facts.quic_addr.parse::<SocketAddr>().ok() {
+        Some(addr) => match probe(ctx, addr, bandwidth_cap).await {
+            Ok((bw, rtt)) => {
+                prediction.link_bytes_per_sec = bw;
+                prediction.rtt_ms = rtt;
+                checks.push(check(
+                    "reachability",
+                    Pass,
+                    format!("QUIC to {} ({addr}): {:.0} Mbit/s, RTT {:.1} ms", facts.host_name, bw * 8.0 / 1e6, rtt),
+                    "",
+                    false,
+                ));
+            }
+            Err(e) => checks.push(check(
+                "reachability",
+                Fail,
+                format!("the data path to {} ({addr}) failed: {e}", facts.host_name),
+                "open UDP to the target's quic_listen port and check both certificates come from the mesh CA",
+                false,
+            )),
+        },
+        None => checks.push(check("reachability", Fail, format!("no QUIC address for {target}"), "", false)),
+    }
+
+    // Convergence: needs the guest running.
+    if let Some(p) = proc {
+        let ram = RamFile::open(ctx.cfg.ram_path(&spec.name), false).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let sample = tokio::task::spawn_blocking(move || codec_sample(&ram, codec));
+        let (ours, qemu) = tokio::join!(dirty_rate(ctx, spec, p), qemu_dirty_rate(p));
+        match (ours, sample.await) {
+            (Ok(d), Ok(Ok((ratio, speed, first)))) => {
+                prediction.dirty_pages_per_sec = d;
+                prediction.qemu_dirty_mib_per_sec = qemu;
+                prediction.codec_ratio = ratio;
+                prediction.codec_bytes_per_sec = if speed.is_finite() { speed } else { 0.0 };
+                prediction.first_round_bytes = first;
+                let mut p2 = prediction.clone();
+                p2.codec_bytes_per_sec = speed;
+                predict(&mut p2, spec.memory_mib << 20, ctx.cfg.migration.page_streams, downtime_ms, ctx.cfg.migration.max_rounds);
+                prediction.converges = p2.converges;
+                prediction.predicted_total_ms = p2.predicted_total_ms;
+                prediction.predicted_downtime_ms = p2.predicted_downtime_ms;
+                prediction.predicted_rounds = p2.predicted_rounds;
+                let mib = |b: f64| b / f64::from(1u32 << 20);
+                let detail = format!(
+                    "guest writes {:.1} MiB/s (QEMU estimate {:.1}); {codec} {:.2}x; link {:.0} MiB/s; predicted {} ms total, {} ms downtime, {} rounds",
+                    mib(d * PAGE_SIZE as f64),
+                    qemu,
+                    ratio,
+                    mib(prediction.link_bytes_per_sec),
+                    prediction.predicted_total_ms,
+                    prediction.predicted_downtime_ms,
+                    prediction.predicted_rounds
+                );
+                checks.push(if prediction.converges {
+                    check("convergence", Pass, detail, "", true)
+                } else {
+                    check(
+                        "convergence",
+                        Fail,
+                        format!("will not converge: {detail}"),
+                        "raise --bandwidth, use a faster codec (a stronger one if the link is the limit), or choose --on-stall throttle|pause",
+                        true,
+                    )
+                });
+            }
+            (Err(e), _) => checks.push(check("convergence", Warn, format!("dirty rate not measured: {e}"), "", true)),
+            (_, Err(e)) => checks.push(check("convergence", Warn, format!("codec sample failed: {e}"), "", true)),
+            (_, Ok(Err(e))) => checks.push(check("convergence", Warn, format!("codec sample failed: {e}"), "", true)),
+        }
+    }
+    let failed = |c: &pb::PreflightCheck| c.status == Fail as i32;
+    let ok = !checks.iter().any(failed);
+    let ok_with_force = !checks.iter().any(|c| failed(c) && !c.soft);
+    Ok(pb::PreflightReport { checks, prediction: Some(prediction), ok, ok_with_force, target: Some(facts) })
+}
+
