@@ -8,7 +8,7 @@ pub mod pki;
 mod quic;
 mod stream;
 
-pub use quic::{QuicEndpoint, TransportTuning, ALPN};
+pub use quic::{Congestion, QuicEndpoint, TransportTuning, ALPN};
 pub use stream::{read_stream_header, write_stream_header, ControlChannel, FrameReader, FrameWriter};
 
 pub use quinn::{Connection, RecvStream, SendStream};

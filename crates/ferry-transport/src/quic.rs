@@ -10,6 +10,15 @@ use std::time::Duration;
 /// ALPN protocol id of ferry's data plane.
 pub const ALPN: &[u8] = b"ferry/1";
 
+/// Congestion controller of the data plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Congestion {
+    /// Model-based: keeps the pipe full on long, lossy links (default).
+    Bbr,
+    /// Loss-based (quinn's default): collapses at 0.1% loss and 50 ms RTT.
+    Cubic,
+}
+
 /// Flow-control and liveness settings.
 #[derive(Debug, Clone)]
 pub struct TransportTuning {
@@ -19,12 +28,22 @@ pub struct TransportTuning {
     pub stream_window: u32,
     /// Receive and send window per connection.
     pub connection_window: u32,
+    pub congestion: Congestion,
+    /// UDP socket send and receive buffers (bytes). The kernel default (~200 KiB) drops
+    /// datagrams at 1 Gbit/s, which QUIC takes as congestion.
+    pub socket_buffer: usize,
 }
 
 impl Default for TransportTuning {
     fn default() -> Self {
         // Windows sized for a 1 Gbit/s, 50 ms link (BDP ~6 MiB) with several streams.
-        TransportTuning { idle_timeout: Duration::from_secs(10), stream_window: 16 << 20, connection_window: 64 << 20 }
+        TransportTuning {
+            idle_timeout: Duration::from_secs(10),
+            stream_window: 16 << 20,
+            connection_window: 64 << 20,
+            congestion: Congestion::Bbr,
+            socket_buffer: 8 << 20,
+        }
     }
 }
 
@@ -38,6 +57,9 @@ fn transport_config(t: &TransportTuning) -> Result<quinn::TransportConfig, Trans
     cfg.send_window(u64::from(t.connection_window));
     cfg.max_concurrent_uni_streams(64u32.into());
     cfg.max_concurrent_bidi_streams(16u32.into());
+    if t.congestion == Congestion::Bbr {
+        cfg.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    }
     Ok(cfg)
 }
 
@@ -81,7 +103,9 @@ pub struct QuicEndpoint {
 impl QuicEndpoint {
     /// Binds a server endpoint on `addr` (port 0 picks a free port); it can also dial out.
     pub fn bind(addr: SocketAddr, id: &Identity, tuning: &TransportTuning) -> Result<Self, TransportError> {
-        let mut endpoint = quinn::Endpoint::server(server_config(id, tuning)?, addr)
+        let socket = udp_socket(addr, tuning.socket_buffer)?;
+        let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+        let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server_config(id, tuning)?), socket, runtime)
             .map_err(|source| TransportError::Bind { addr, source })?;
         endpoint.set_default_client_config(client_config(id, tuning)?);
         Ok(QuicEndpoint { endpoint })
@@ -92,7 +116,10 @@ impl QuicEndpoint {
         let bind: SocketAddr = if family_of.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
             .parse()
             .map_err(|e: std::net::AddrParseError| TransportError::QuicConfig(e.to_string()))?;
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|source| TransportError::Bind { addr: bind, source })?;
+        let socket = udp_socket(bind, tuning.socket_buffer)?;
+        let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+        let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+            .map_err(|source| TransportError::Bind { addr: bind, source })?;
         endpoint.set_default_client_config(client_config(id, tuning)?);
         Ok(QuicEndpoint { endpoint })
     }
@@ -121,4 +148,26 @@ impl QuicEndpoint {
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"shutdown");
     }
+}
+
+/// A UDP socket with large buffers: forced past `net.core.*mem_max` when running as root
+/// (`SO_*BUFFORCE`), else as large as the limits allow.
+fn udp_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, TransportError> {
+    use std::os::fd::AsRawFd;
+    let socket = std::net::UdpSocket::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
+    socket.set_nonblocking(true).map_err(|source| TransportError::Bind { addr, source })?;
+    let fd = socket.as_raw_fd();
+    let size = buffer.min(i32::MAX as usize) as libc::c_int;
+    for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
+        let set = |opt| {
+            // SAFETY: fd is a valid socket; the option value is a c_int that outlives the call.
+            unsafe {
+                libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&size as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+            }
+        };
+        if set(force) != 0 {
+            set(plain);
+        }
+    }
+    Ok(socket)
 }
