@@ -114,11 +114,14 @@ pub async fn serve(ctx: Arc<AgentCtx>, shutdown: impl std::future::Future<Output
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<FerryControlServer<ControlService>>().await;
     health_reporter.set_serving::<FerryPeerServer<PeerService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(ferry_api::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("building reflection service")?;
+    // Both reflection versions: grpcurl speaks v1, many client libraries still v1alpha.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(ferry_api::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder().build_v1().context("building reflection service")?;
+    let reflection_alpha = reflection_builder().build_v1alpha().context("building reflection service (v1alpha)")?;
 
     let addr = ctx.cfg.grpc_listen;
     info!(host = %ctx.cfg.host_name, grpc = %addr, quic = %ctx.cfg.quic_listen, "ferryd serving");
@@ -127,6 +130,7 @@ pub async fn serve(ctx: Arc<AgentCtx>, shutdown: impl std::future::Future<Output
         .context("gRPC TLS")?
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(FerryControlServer::new(ControlService { ctx: ctx.clone() }))
         .add_service(FerryPeerServer::new(PeerService { ctx: ctx.clone() }))
         .serve_with_shutdown(addr, shutdown)
