@@ -120,3 +120,25 @@ impl AgentConfig {
         self.ram_dir.join(format!("{vm}.ram"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_config_parses_and_checks() {
+        let cfg: AgentConfig = toml::from_str(include_str!("../../../dist/ferryd.toml")).expect("dist/ferryd.toml parses");
+        cfg.check().expect("dist/ferryd.toml is consistent");
+        assert_eq!(cfg.host_name, "kvm01");
+        assert_eq!(cfg.migration.downtime_ms, 30);
+        assert!(cfg.metrics_listen.is_some());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_accel_are_refused() {
+        let base = "host_name='a'\ngrpc_listen='127.0.0.1:1'\nquic_listen='127.0.0.1:2'\nstate_dir='/tmp/x'\n[tls]\nca='c'\ncert='c'\nkey='k'\n";
+        assert!(toml::from_str::<AgentConfig>(&format!("bogus = 1\n{base}")).is_err());
+        let cfg: AgentConfig = toml::from_str(&format!("accel = 'xen'\n{base}")).expect("parses");
+        assert!(cfg.check().unwrap_err().to_string().contains("accel"));
+    }
+}
