@@ -19,4 +19,4 @@ bash scripts/build-guest.sh
 cargo build --workspace --all-targets
 # Integration tests inside one binary serialise themselves (they share two cores);
 # binaries run one after another.
-cargo test --workspace
+cargo test --workspace --no-fail-fast

@@ -105,7 +105,7 @@ async fn history_and_vms_survive_an_agent_restart() {
     let mut a = TestAgent::start(&ferryd(), "a", &pki, dir.path(), "tcg").await.expect("a");
     let vm = boot_guest(&a, "h01").await;
     let mut ca = a.client().await.expect("client");
-    // Nothing listens there: the migration fails at prepare and is journaled.
+    // Nothing listens there: the migration fails (at preflight) and is journaled.
     let m = ca
         .start_migration(pb::StartMigrationRequest { vm: "h01".into(), target: "127.0.0.1:9".into(), ..Default::default() })
         .await
@@ -115,7 +115,7 @@ async fn history_and_vms_survive_an_agent_restart() {
         let st = ca.get_migration(pb::MigrationRef { id: m.id.clone() }).await.expect("get").into_inner();
         if st.phase >= pb::MigrationPhase::Completed as i32 {
             assert_eq!(st.phase, pb::MigrationPhase::Failed as i32);
-            assert!(st.error.contains("prepare") && st.error.contains("h01"), "{}", st.error);
+            assert!(st.error.contains("cannot reach target agent 127.0.0.1:9") && st.error.contains("h01"), "{}", st.error);
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -126,7 +126,7 @@ async fn history_and_vms_survive_an_agent_restart() {
     let list = ca.list_migrations(pb::ListMigrationsRequest {}).await.expect("list").into_inner().migrations;
     let old = list.iter().find(|s| s.id == m.id).expect("the earlier migration is still listed");
     assert_eq!(old.phase, pb::MigrationPhase::Failed as i32);
-    assert!(old.error.contains("prepare"));
+    assert!(old.error.contains("cannot reach target agent"));
     // The guest kept running through the agent's restart and was adopted again.
     let again = ca.get_vm(pb::VmRef { name: "h01".into() }).await.expect("vm").into_inner();
     assert_eq!(again.state, pb::VmState::Running as i32);

@@ -270,6 +270,10 @@ impl Migration {
         if !failed.is_empty() {
             self.phase(pb::MigrationPhase::Preparing, format!("forced past soft preflight failures: {}", failed.join("; ")));
         }
+        // Total time counts the migration itself, not the checks before it.
+        let preflight = self.started.elapsed();
+        self.started = Instant::now();
+        info!(migration = %self.p.id, ?preflight, "preflight done");
 
         // Phase 1: the target prepares an empty QEMU waiting for us.
         self.phase(pb::MigrationPhase::Preparing, format!("asking {} to prepare", self.p.target));
