@@ -263,15 +263,28 @@ pub fn compare(
     out
 }
 
-/// Sends bytes over a fresh QUIC connection for about a second; returns bytes/s and RTT.
+/// Sends bytes over a fresh QUIC connection and returns the steady rate (bytes/s) and RTT.
+/// The target reports its running count every 100 ms. The probe lasts 0.8 s, or 40 RTTs
+/// on long links (at most 3 s), so the congestion controller gets past its start-up.
 async fn probe(ctx: &AgentCtx, quic_addr: SocketAddr, cap: u64) -> Result<(f64, f64), String> {
     let conn = ctx.quic.connect(quic_addr, &quic_addr.ip().to_string()).await.map_err(|e| e.to_string())?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     write_stream_header(&mut send, StreamHeader::new(StreamKind::Probe, 0)).await.map_err(|e| e.to_string())?;
-    let chunk = vec![0x5au8; 256 * 1024];
     let start = Instant::now();
+    // The target's reports, timestamped on arrival.
+    let reports = tokio::spawn(async move {
+        let mut v: Vec<(f64, u64)> = Vec::new();
+        let mut b = [0u8; 8];
+        while recv.read_exact(&mut b).await.is_ok() {
+            v.push((start.elapsed().as_secs_f64(), u64::from_le_bytes(b)));
+        }
+        v
+    });
+    let handshake_rtt = conn.rtt();
+    let duration = (handshake_rtt * 40).clamp(Duration::from_millis(800), Duration::from_secs(3));
+    let chunk = vec![0x5au8; 256 * 1024];
     let mut sent = 0u64;
-    while start.elapsed() < Duration::from_millis(800) && sent < (256 << 20) {
+    while start.elapsed() < duration && sent < (1 << 30) - chunk.len() as u64 {
         send.write_all(&chunk).await.map_err(|e| e.to_string())?;
         sent += chunk.len() as u64;
         if cap > 0 {
@@ -283,13 +296,13 @@ async fn probe(ctx: &AgentCtx, quic_addr: SocketAddr, cap: u64) -> Result<(f64, 
         }
     }
     send.finish().map_err(|e| e.to_string())?;
-    let mut b = [0u8; 8];
-    recv.read_exact(&mut b).await.map_err(|e| e.to_string())?;
-    let secs = start.elapsed().as_secs_f64().max(1e-6);
-    let got = u64::from_le_bytes(b);
+    let v = tokio::time::timeout(Duration::from_secs(30), reports).await.map_err(|_| "no answer to the probe".to_string())?.map_err(|e| e.to_string())?;
     let rtt = conn.rtt().as_secs_f64() * 1000.0;
     conn.close(0u32.into(), b"probe done");
-    Ok((got as f64 / secs, rtt))
+    let (t_end, n_end) = *v.last().ok_or("the target reported nothing")?;
+    // The average over the whole probe, start-up included: a migration starts on a fresh
+    // connection too. (The steady rate alone over-predicted by 33-43% on wan and far.)
+    Ok((n_end as f64 / t_end.max(1e-6), rtt))
 }
 
 /// Pages written per second by the running guest, with ferry's own tracker.

@@ -66,6 +66,27 @@ pub fn migration_stats(s: &MigrationStats) -> Value {
         "codec": s.codec,
         "tracker": s.tracker,
         "ram_digest": s.ram_digest,
+        "policy_applied": s.policy_applied,
+        "downtime_breakdown": s.downtime_breakdown.as_ref().map(|b| json!({
+            "pre_switchover_us": b.pre_switchover_us,
+            "final_round_us": b.final_round_us,
+            "device_state_us": b.device_state_us,
+            "verify_us": b.verify_us,
+            "commit_us": b.commit_us,
+        })),
+        "prediction": s.prediction.as_ref().map(|p| json!({
+            "link_bytes_per_sec": finite(p.link_bytes_per_sec),
+            "rtt_ms": finite(p.rtt_ms),
+            "dirty_pages_per_sec": finite(p.dirty_pages_per_sec),
+            "qemu_dirty_mib_per_sec": finite(p.qemu_dirty_mib_per_sec),
+            "codec_ratio": finite(p.codec_ratio),
+            "codec_bytes_per_sec": finite(p.codec_bytes_per_sec),
+            "first_round_bytes": p.first_round_bytes,
+            "converges": p.converges,
+            "predicted_total_ms": p.predicted_total_ms,
+            "predicted_downtime_ms": p.predicted_downtime_ms,
+            "predicted_rounds": p.predicted_rounds,
+        })),
     })
 }
 

@@ -457,15 +457,22 @@ impl IncomingRegistry {
     }
 }
 
-/// Counts the probe bytes until the source finishes, then answers with the count.
+/// Counts the probe bytes until the source finishes, reporting the running count (u64)
+/// every 100 ms and once more at the end, so the source can measure the steady rate
+/// after the congestion controller's start-up.
 async fn serve_probe(mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), String> {
     let mut total = 0u64;
     let mut buf = vec![0u8; 256 * 1024];
+    let mut last_report = std::time::Instant::now();
     // A probe is bounded: never read more than 1 GiB.
     while total < 1 << 30 {
         match recv.read(&mut buf).await.map_err(|e| e.to_string())? {
             Some(n) => total += n as u64,
             None => break,
+        }
+        if last_report.elapsed() >= Duration::from_millis(100) {
+            last_report = std::time::Instant::now();
+            send.write_all(&total.to_le_bytes()).await.map_err(|e| e.to_string())?;
         }
     }
     send.write_all(&total.to_le_bytes()).await.map_err(|e| e.to_string())?;
