@@ -1,90 +1,12 @@
-//! Conversions between the gRPC messages and the crate types.
+//! Conversions between the gRPC messages and the crate types (the shared part lives in
+//! `ferry_api::spec`; this adds the gRPC status codes).
 
 use ferry_api::v1 as pb;
-use ferry_qemu::{DiskBus, DiskFormat, DiskSpec, NicBackend, NicSpec, VmSpec};
-use std::path::PathBuf;
+use ferry_qemu::VmSpec;
 
-/// A gRPC VM spec to a validated [`VmSpec`] (empty fields take their defaults).
+/// A gRPC VM spec to a validated [`VmSpec`]; a bad spec is `InvalidArgument`.
 pub fn spec_from_pb(p: &pb::VmSpec) -> Result<VmSpec, tonic::Status> {
-    let mut s = VmSpec::new(p.name.clone(), p.memory_mib);
-    if p.vcpus != 0 {
-        s.vcpus = p.vcpus;
-    }
-    if !p.cpu_model.is_empty() {
-        s.cpu_model = p.cpu_model.clone();
-    }
-    if !p.machine.is_empty() {
-        s.machine = p.machine.clone();
-    }
-    s.accel = non_empty(&p.accel);
-    s.kernel = non_empty(&p.kernel).map(PathBuf::from);
-    s.initrd = non_empty(&p.initrd).map(PathBuf::from);
-    s.cmdline = non_empty(&p.cmdline);
-    for d in &p.disks {
-        let format = match d.format.as_str() {
-            "qcow2" | "" => DiskFormat::Qcow2,
-            "raw" => DiskFormat::Raw,
-            other => {
-                return Err(tonic::Status::invalid_argument(format!(
-                    "disks[{}].format: unknown format '{other}' (qcow2 or raw)",
-                    d.id
-                )))
-            }
-        };
-        s.disks.push(DiskSpec { id: d.id.clone(), path: PathBuf::from(&d.path), format, bus: DiskBus::VirtioBlk, read_only: d.read_only });
-    }
-    for n in &p.nics {
-        let backend = if n.bridge.is_empty() { NicBackend::User } else { NicBackend::Bridge { name: n.bridge.clone() } };
-        s.nics.push(NicSpec { id: n.id.clone(), mac: non_empty(&n.mac), backend });
-    }
-    s.validate().map_err(|e| tonic::Status::invalid_argument(format!("VM spec: {e}")))?;
-    Ok(s)
+    ferry_api::spec::from_pb(p).map_err(tonic::Status::invalid_argument)
 }
 
-/// A [`VmSpec`] to its gRPC form.
-pub fn spec_to_pb(s: &VmSpec) -> pb::VmSpec {
-    pb::VmSpec {
-        name: s.name.clone(),
-        vcpus: s.vcpus,
-        memory_mib: s.memory_mib,
-        cpu_model: s.cpu_model.clone(),
-        machine: s.machine.clone(),
-        accel: s.accel.clone().unwrap_or_default(),
-        kernel: path_str(&s.kernel),
-        initrd: path_str(&s.initrd),
-        cmdline: s.cmdline.clone().unwrap_or_default(),
-        disks: s
-            .disks
-            .iter()
-            .map(|d| pb::DiskSpec {
-                id: d.id.clone(),
-                path: d.path.display().to_string(),
-                format: match d.format {
-                    DiskFormat::Qcow2 => "qcow2".into(),
-                    DiskFormat::Raw => "raw".into(),
-                },
-                read_only: d.read_only,
-            })
-            .collect(),
-        nics: s
-            .nics
-            .iter()
-            .map(|n| pb::NicSpec {
-                id: n.id.clone(),
-                mac: n.mac.clone().unwrap_or_default(),
-                bridge: match &n.backend {
-                    NicBackend::User => String::new(),
-                    NicBackend::Bridge { name } => name.clone(),
-                },
-            })
-            .collect(),
-    }
-}
-
-fn non_empty(s: &str) -> Option<String> {
-    (!s.is_empty()).then(|| s.to_string())
-}
-
-fn path_str(p: &Option<PathBuf>) -> String {
-    p.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
-}
+pub use ferry_api::spec::to_pb as spec_to_pb;

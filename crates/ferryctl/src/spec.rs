@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use ferry_api::v1 as pb;
-use ferry_qemu::{DiskFormat, NicBackend, VmSpec};
+use ferry_qemu::VmSpec;
 use std::path::Path;
 
 const SPEC_KEYS: &[&str] = &[
@@ -78,51 +78,8 @@ fn check_keys(table: &toml::Table) -> Result<()> {
     Ok(())
 }
 
-/// Converts a spec to its gRPC form: absent optional fields become empty strings, disk
-/// formats `"qcow2"`/`"raw"`, a NIC's bridge name (empty for user networking).
-pub fn spec_to_pb(s: &VmSpec) -> pb::VmSpec {
-    let path = |p: &Option<std::path::PathBuf>| {
-        p.as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default()
-    };
-    pb::VmSpec {
-        name: s.name.clone(),
-        vcpus: s.vcpus,
-        memory_mib: s.memory_mib,
-        cpu_model: s.cpu_model.clone(),
-        machine: s.machine.clone(),
-        accel: s.accel.clone().unwrap_or_default(),
-        kernel: path(&s.kernel),
-        initrd: path(&s.initrd),
-        cmdline: s.cmdline.clone().unwrap_or_default(),
-        disks: s
-            .disks
-            .iter()
-            .map(|d| pb::DiskSpec {
-                id: d.id.clone(),
-                path: d.path.display().to_string(),
-                format: match d.format {
-                    DiskFormat::Qcow2 => "qcow2".into(),
-                    DiskFormat::Raw => "raw".into(),
-                },
-                read_only: d.read_only,
-            })
-            .collect(),
-        nics: s
-            .nics
-            .iter()
-            .map(|n| pb::NicSpec {
-                id: n.id.clone(),
-                mac: n.mac.clone().unwrap_or_default(),
-                bridge: match &n.backend {
-                    NicBackend::User => String::new(),
-                    NicBackend::Bridge { name } => name.clone(),
-                },
-            })
-            .collect(),
-    }
-}
+/// Converts a spec to its gRPC form (shared with the agent: `ferry_api::spec::to_pb`).
+pub use ferry_api::spec::to_pb as spec_to_pb;
 
 #[cfg(test)]
 mod tests {
