@@ -86,6 +86,7 @@ pub fn migration_stats(s: &MigrationStats) -> Value {
             "predicted_total_ms": p.predicted_total_ms,
             "predicted_downtime_ms": p.predicted_downtime_ms,
             "predicted_rounds": p.predicted_rounds,
+            "link_ramp_ms": finite(p.link_ramp_ms),
         })),
     })
 }
