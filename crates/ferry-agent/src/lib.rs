@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod convert;
+pub mod cpuid;
 pub mod journal;
 pub mod metrics;
 pub mod migration;

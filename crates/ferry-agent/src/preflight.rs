@@ -94,7 +94,12 @@ pub async fn host_facts(ctx: &AgentCtx) -> pb::HostFacts {
     let pf = &ctx.cfg.preflight;
     let (cpu_features, source) = match (&pf.cpu_features, ctx.cfg.accel.as_str()) {
         (Some(f), _) => (f.clone(), "configured ([preflight] cpu_features)".to_string()),
-        (None, "kvm") => (flags, "/proc/cpuinfo".to_string()),
+        // What KVM can give guests, where /dev/kvm answers; else what the host CPU has.
+        (None, "kvm") => match tokio::task::spawn_blocking(crate::cpuid::kvm_supported).await {
+            Ok(Ok((_, names))) => (names, "KVM_GET_SUPPORTED_CPUID".to_string()),
+            Ok(Err(e)) => (flags, format!("/proc/cpuinfo ({e})")),
+            Err(e) => (flags, format!("/proc/cpuinfo ({e})")),
+        },
         (None, _) => (Vec::new(), "tcg (QEMU emulates the CPU model)".to_string()),
     };
     pb::HostFacts {
