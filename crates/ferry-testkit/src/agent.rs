@@ -515,7 +515,17 @@ mod tests {
             identity: pki.identity("a").expect("identity"),
             child: Some(fake_agent),
         };
-        assert_eq!(agent.qemu_pids(), vec![qemu_pid]);
+        // A just-spawned process can take a moment to show its new command line under
+        // load (seen once on a busy CI run): look again for up to 2 s.
+        let mut found = agent.qemu_pids();
+        for _ in 0..100 {
+            if found == vec![qemu_pid] {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            found = agent.qemu_pids();
+        }
+        assert_eq!(found, vec![qemu_pid]);
         drop(agent);
         // The fake QEMU is our child: reap it to see how it ended.
         let status = fake_qemu.wait().expect("wait");
