@@ -60,12 +60,9 @@ pub fn report_dir() -> PathBuf {
     target.join("ferry-bench")
 }
 
-/// Whether a page is all zeros: the check ferry's page sender runs on every page it reads
-/// (`migration/pages.rs`: 8-byte words).
-pub fn is_zero_page(page: &[u8]) -> bool {
-    page.chunks_exact(8)
-        .all(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) == 0)
-}
+/// The zero check ferry runs on every page it reads (one implementation, in ferry-memory).
+pub use ferry_memory::is_zero_page;
+
 
 /// A captured guest RAM file, mapped, with its non-zero pages copied out.
 #[derive(Debug)]

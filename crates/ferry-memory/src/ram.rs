@@ -501,7 +501,7 @@ impl RamFile {
                 // requested range) and buf is Rust-owned with room for n bytes.
                 unsafe { std::ptr::copy_nonoverlapping(self.map.as_ptr().add(pos as usize), buf.as_mut_ptr(), n) };
                 for (i, page) in buf[..n].chunks_exact(PAGE_SIZE).enumerate() {
-                    if !is_zero(page) {
+                    if !is_zero_page(page) {
                         h.write(&(pos / PAGE + i as u64).to_le_bytes());
                         h.write(page);
                     }
@@ -513,8 +513,21 @@ impl RamFile {
     }
 }
 
-fn is_zero(page: &[u8]) -> bool {
-    page.chunks_exact(16).all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0)
+/// Whether a buffer (a page, or several) is all zeros. One cache line is OR-ed together
+/// before each branch: cheap and vectorisable. The one zero check ferry uses on copies of
+/// guest pages (the page sender, the fingerprint, the benchmarks).
+pub fn is_zero_page(buf: &[u8]) -> bool {
+    let mut lines = buf.chunks_exact(64);
+    for line in &mut lines {
+        let mut acc = 0u64;
+        for w in line.chunks_exact(8) {
+            acc |= u64::from_ne_bytes(w.try_into().unwrap_or([0xff; 8]));
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    lines.remainder().iter().all(|&b| b == 0)
 }
 
 #[cfg(test)]

@@ -45,12 +45,7 @@ impl SoftDirtyTracker {
         len: u64,
         file_offset_pages: u64,
     ) -> Result<Self, TrackerError> {
-        let page = PAGE_SIZE as u64;
-        if start % page != 0 || len % page != 0 || len == 0 {
-            return Err(TrackerError::Unsupported(format!(
-                "range {start:#x}+{len:#x} is not a non-empty page-aligned range"
-            )));
-        }
+        crate::maps::check_page_range(start, len)?;
         let path = format!("/proc/{pid}/pagemap");
         let pagemap = File::open(&path).map_err(|e| TrackerError::io(format!("open {path}"), e))?;
         Ok(SoftDirtyTracker {

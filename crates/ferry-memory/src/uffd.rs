@@ -286,12 +286,7 @@ impl UffdTracker {
         len: u64,
         file_offset_pages: u64,
     ) -> Result<Self, TrackerError> {
-        let page = PAGE_SIZE as u64;
-        if start % page != 0 || len % page != 0 || len == 0 {
-            return Err(TrackerError::Unsupported(format!(
-                "range {start:#x}+{len:#x} is not a non-empty page-aligned range"
-            )));
-        }
+        crate::maps::check_page_range(start, len)?;
         let want =
             UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
         let mut api = UffdioApi {

@@ -4,7 +4,7 @@
 //! A page always travels on the same stream (streams are chosen by 2 MiB region), so a
 //! newer copy of a page can never overtake an older one: QUIC keeps order within a stream.
 
-use ferry_memory::{DirtyBitmap, RamFile, PAGE_SIZE};
+use ferry_memory::{is_zero_page, DirtyBitmap, RamFile, PAGE_SIZE};
 use ferry_transport::{FrameReader, FrameWriter, TransportError};
 use ferry_wire::{Codec, EncodedBatch, Frame, PageBatch, PageRun, ZeroPages};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -187,10 +187,6 @@ fn push_run(runs: &mut Vec<PageRun>, page: u64) {
     runs.push(PageRun { first: page, count: 1 });
 }
 
-fn is_zero(buf: &[u8]) -> bool {
-    buf.chunks_exact(8).all(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) == 0)
-}
-
 /// Reads `pages` (sorted, at most BATCH_PAGES) and encodes a data batch and, where
 /// needed, a zero-page batch.
 fn encode_chunk(ram: &RamFile, round: u32, pages: &[u64], codec: Codec, skip_zero: bool) -> Result<Vec<EncodedBatch>, PageError> {
@@ -199,7 +195,7 @@ fn encode_chunk(ram: &RamFile, round: u32, pages: &[u64], codec: Codec, skip_zer
     let mut buf = vec![0u8; PAGE_SIZE];
     for &p in pages {
         ram.read_page(p, &mut buf)?;
-        if is_zero(&buf) {
+        if is_zero_page(&buf) {
             if !skip_zero {
                 push_run(&mut zero_runs, p);
             }
