@@ -6,7 +6,7 @@
 #
 #   testbed/up.sh [--hosts N] [--profile lan|dc|wan|far] [--rate R] [--rtt T] [--loss P]
 #                 [--ferryd PATH] [--ferryctl PATH] [--linkem PATH] [--dir DIR]
-#                 [-- EXTRA FERRY-LINKEM ARGS...]
+#                 [--retain-source-ram] [-- EXTRA FERRY-LINKEM ARGS...]
 #
 #   --hosts N       number of hosts (default 3, at most 250)
 #   --profile P     lan (no shaping, default), dc (10 Gbit/s, 0.5 ms RTT),
@@ -18,6 +18,7 @@
 #                   else it is built with cargo)
 #   --dir DIR       where configs, logs, PKI and testbed.env go
 #                   (default /tmp/$FERRY_TB_PREFIX-testbed)
+#   --retain-source-ram  ferryd keeps a migrated guest's source RAM (benchmark check)
 #   after --         more ferry-linkem arguments, e.g. -- --link ferry-h1,ferry-h3=far
 #
 # Environment: FERRY_TB_PREFIX (default "ferry") names the namespaces PREFIX-hI and the
@@ -34,9 +35,10 @@ LINKEM=""
 DIR=""
 SHAPE_ARGS=()
 EXTRA=()
+RETAIN=false
 
 die() { echo "up.sh: $*" >&2; exit 1; }
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -47,6 +49,7 @@ while [ $# -gt 0 ]; do
     --ferryctl) FERRYCTL=${2:?}; shift 2 ;;
     --linkem) LINKEM=${2:?}; shift 2 ;;
     --dir) DIR=${2:?}; shift 2 ;;
+    --retain-source-ram) RETAIN=true; shift ;;
     -h|--help) usage 0 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "up.sh: unknown argument '$1'" >&2; usage 2 ;;
@@ -161,6 +164,8 @@ accel = "tcg"            # /dev/kvm here cannot boot a guest; production uses kv
 ca = "$DIR/pki/ca.pem"
 cert = "$DIR/pki/$h.pem"
 key = "$DIR/pki/$h.key"
+[migration]
+retain_source_ram = $RETAIN
 TOML
     # `ip netns exec` execs ferryd in place, so $! is ferryd's pid.
     setsid ip netns exec "$(ns "$i")" "$FERRYD" --config "$DIR/$h/ferryd.toml" \

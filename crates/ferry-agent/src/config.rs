@@ -67,11 +67,20 @@ pub struct MigrationDefaults {
     pub prepare_timeout_s: u64,
     /// Seconds of silence after which a QUIC peer is declared gone.
     pub idle_timeout_s: u64,
+    /// Benchmark instrumentation: after a committed outgoing migration keep the guest RAM
+    /// file as it was at switchover (`<vm>.after-migration` in ram_dir) so a harness can
+    /// compare it page by page with the target's. Off in production: it costs a RAM copy.
+    pub retain_source_ram: bool,
+    /// Pace page streams at 0.88x the link rate the preflight probe measured instead of
+    /// leaving it to QUIC congestion control alone. Off by default: on the testbed's `wan`
+    /// link it cut queue drops from ~40% to ~10% of what was sent, but the probe's
+    /// estimate varies by +-15% run to run, so a fixed pace also cost 10-20% of goodput.
+    pub pace_to_link: bool,
 }
 
 impl Default for MigrationDefaults {
     fn default() -> Self {
-        MigrationDefaults { page_streams: 4, downtime_ms: 30, max_rounds: 30, prepare_timeout_s: 60, idle_timeout_s: 10 }
+        MigrationDefaults { page_streams: 4, downtime_ms: 30, max_rounds: 30, prepare_timeout_s: 60, idle_timeout_s: 10, retain_source_ram: false, pace_to_link: false }
     }
 }
 

@@ -46,6 +46,14 @@ impl FerryControl for ControlService {
         Ok(Response::new(self.ctx.vms.stop(&r.name, r.force).await?))
     }
 
+    async fn suspend_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::VmInfo>, Status> {
+        Ok(Response::new(self.ctx.vms.suspend(&req.into_inner().name).await?))
+    }
+
+    async fn resume_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::VmInfo>, Status> {
+        Ok(Response::new(self.ctx.vms.resume(&req.into_inner().name).await?))
+    }
+
     async fn get_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::VmInfo>, Status> {
         Ok(Response::new(self.ctx.vms.get(&req.into_inner().name).await?))
     }
@@ -85,6 +93,7 @@ impl FerryControl for ControlService {
             bandwidth: r.bandwidth_bytes_per_sec,
             timeout: (r.timeout_s > 0).then(|| std::time::Duration::from_secs(u64::from(r.timeout_s))),
             on_stall: r.on_stall.parse().map_err(Status::invalid_argument)?,
+            leave_paused: r.leave_paused,
         };
         // Marks the VM as migrating, or says why it cannot (unknown, stopped, busy).
         let (spec, proc) = self.ctx.vms.begin_outgoing(&r.vm, &params.id).await?;
@@ -175,8 +184,8 @@ impl FerryPeer for PeerService {
 
     async fn commit(&self, req: Request<pb::CommitRequest>) -> Result<Response<pb::CommitResponse>, Status> {
         let r = req.into_inner();
-        let resume_unix_us = self.ctx.incoming.commit(&r.migration_id, &r.token).await?;
-        Ok(Response::new(pb::CommitResponse { resume_unix_us }))
+        let (resume_unix_us, ready_unix_us) = self.ctx.incoming.commit(&r.migration_id, &r.token, r.leave_paused).await?;
+        Ok(Response::new(pb::CommitResponse { resume_unix_us, ready_unix_us }))
     }
 
     async fn abort(&self, req: Request<pb::AbortRequest>) -> Result<Response<pb::AbortResponse>, Status> {

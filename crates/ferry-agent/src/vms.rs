@@ -20,6 +20,8 @@ pub struct VmEntry {
     pub process: Option<Arc<QemuProcess>>,
     /// Migration this VM takes part in right now (either side).
     pub migration: Option<String>,
+    /// QMP `cont` to RESUME of the last [`VmManager::resume`] (microseconds).
+    pub resume_latency_us: u64,
 }
 
 /// Registry and supervisor of this host's VMs.
@@ -58,6 +60,7 @@ impl VmManager {
             console_socket: l.console_path().display().to_string(),
             console_log: l.console_log().display().to_string(),
             ram_file: l.ram_path.display().to_string(),
+            resume_latency_us: e.resume_latency_us,
         }
     }
 
@@ -77,7 +80,7 @@ impl VmManager {
         if vms.contains_key(&spec.name) {
             return Err(Status::already_exists(format!("VM '{}' is already defined on host {}", spec.name, self.cfg.host_name)));
         }
-        let e = VmEntry { spec, state: pb::VmState::Defined, process: None, migration: None };
+        let e = VmEntry { spec, state: pb::VmState::Defined, process: None, migration: None, resume_latency_us: 0 };
         self.persist(&e)?;
         let info = self.info(&e);
         vms.insert(e.spec.name.clone(), e);
@@ -171,6 +174,40 @@ impl VmManager {
         self.get(name).await
     }
 
+    /// Pauses a running guest's vCPUs (QMP `stop`); its QEMU keeps running.
+    pub async fn suspend(&self, name: &str) -> Result<pb::VmInfo, Status> {
+        let mut vms = self.vms.lock().await;
+        let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
+        let proc = match (&e.process, e.state) {
+            (Some(p), pb::VmState::Running) if e.migration.is_none() => p.clone(),
+            _ => return Err(Status::failed_precondition(format!("VM '{name}' is {}: only a running VM can be suspended", state_name(e.state)))),
+        };
+        proc.qmp().stop().await.map_err(|err| Status::internal(format!("suspending VM '{name}': {err}")))?;
+        e.state = pb::VmState::Paused;
+        Ok(self.info(e))
+    }
+
+    /// Resumes a paused guest (QMP `cont`), noting how long QEMU took to report RESUME.
+    pub async fn resume(&self, name: &str) -> Result<pb::VmInfo, Status> {
+        let mut vms = self.vms.lock().await;
+        let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
+        let proc = match (&e.process, e.state) {
+            (Some(p), pb::VmState::Paused) => p.clone(),
+            _ => return Err(Status::failed_precondition(format!("VM '{name}' is {}: only a paused VM can be resumed", state_name(e.state)))),
+        };
+        let qmp = proc.qmp();
+        let mut events = qmp.subscribe();
+        let asked = std::time::SystemTime::now();
+        qmp.cont().await.map_err(|err| Status::internal(format!("resuming VM '{name}': {err}")))?;
+        let resumed = ferry_qmp::wait_for_event(&mut events, Duration::from_secs(10), |ev| ev.name == "RESUME")
+            .await
+            .map(|ev| ev.timestamp)
+            .unwrap_or_else(|_| std::time::SystemTime::now());
+        e.resume_latency_us = resumed.duration_since(asked).map(|d| d.as_micros() as u64).unwrap_or(0);
+        e.state = pb::VmState::Running;
+        Ok(self.info(e))
+    }
+
     /// A VM's spec and, if it runs, its QEMU.
     pub async fn spec_and_process(&self, name: &str) -> Result<(VmSpec, Option<Arc<QemuProcess>>), Status> {
         let vms = self.vms.lock().await;
@@ -237,7 +274,7 @@ impl VmManager {
                 spec.name, self.cfg.host_name
             )));
         }
-        let e = VmEntry { spec: spec.clone(), state: pb::VmState::Incoming, process: None, migration: Some(migration.into()) };
+        let e = VmEntry { spec: spec.clone(), state: pb::VmState::Incoming, process: None, migration: Some(migration.into()), resume_latency_us: 0 };
         self.persist(&e)?;
         vms.insert(spec.name.clone(), e);
         Ok(())
@@ -251,12 +288,13 @@ impl VmManager {
         self.persist(e)
     }
 
-    /// The incoming migration committed: the VM is owned and running here now.
-    pub async fn commit_incoming(self: &Arc<Self>, name: &str) -> Result<(), Status> {
+    /// The incoming migration committed: the VM is owned here now, running or (`paused`)
+    /// left paused for the operator.
+    pub async fn commit_incoming(self: &Arc<Self>, name: &str, paused: bool) -> Result<(), Status> {
         let proc = {
             let mut vms = self.vms.lock().await;
             let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
-            e.state = pb::VmState::Running;
+            e.state = if paused { pb::VmState::Paused } else { pb::VmState::Running };
             e.migration = None;
             self.persist(e)?;
             e.process.clone()
@@ -297,8 +335,15 @@ impl VmManager {
                 info!(vm = %name, "removed uncommitted incoming VM after restart");
                 continue;
             }
-            let state = if adopted.is_some() { pb::VmState::Running } else { pb::VmState::Defined };
-            let e = VmEntry { spec: rec.spec, state, process: adopted.clone(), migration: None };
+            let state = match &adopted {
+                // A guest left suspended stays suspended across an agent restart.
+                Some(p) => match p.qmp().query_status().await {
+                    Ok(st) if !st.running => pb::VmState::Paused,
+                    _ => pb::VmState::Running,
+                },
+                None => pb::VmState::Defined,
+            };
+            let e = VmEntry { spec: rec.spec, state, process: adopted.clone(), migration: None, resume_latency_us: 0 };
             self.persist(&e)?;
             self.vms.lock().await.insert(name.clone(), e);
             if let Some(p) = adopted {

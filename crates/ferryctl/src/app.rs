@@ -151,6 +151,20 @@ async fn vm(
                 .map_err(|s| rpc_error(&format!("stop VM {name}"), s))?,
             if force { "killed" } else { "stopped" },
         ),
+        VmCommand::Suspend { name } => (
+            client
+                .suspend_vm(name_ref(&name))
+                .await
+                .map_err(|s| rpc_error(&format!("suspend VM {name}"), s))?,
+            "suspended",
+        ),
+        VmCommand::Resume { name } => (
+            client
+                .resume_vm(name_ref(&name))
+                .await
+                .map_err(|s| rpc_error(&format!("resume VM {name}"), s))?,
+            "resumed",
+        ),
         VmCommand::Undefine { name } => (
             client
                 .undefine_vm(name_ref(&name))
@@ -199,6 +213,7 @@ async fn migrate(client: &mut Client, g: &GlobalOpts, a: MigrateArgs) -> Result<
         bandwidth_bytes_per_sec: a.bandwidth.unwrap_or(0),
         timeout_s: a.timeout.map(|d| d.as_secs().clamp(1, u64::from(u32::MAX)) as u32).unwrap_or(0),
         on_stall: a.on_stall.clone().unwrap_or_default(),
+        leave_paused: a.suspend,
     };
     let status = client
         .start_migration(req)

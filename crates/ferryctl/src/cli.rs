@@ -102,6 +102,16 @@ pub enum VmCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Pause a running guest's vCPUs (QEMU keeps running; like `virsh suspend`).
+    Suspend {
+        /// VM name.
+        name: String,
+    },
+    /// Resume a paused guest (like `virsh resume`).
+    Resume {
+        /// VM name.
+        name: String,
+    },
     /// Remove a stopped VM's definition.
     Undefine {
         /// VM name.
@@ -142,6 +152,10 @@ pub struct MigrateArgs {
     /// Print the migration id and exit instead of watching.
     #[arg(long)]
     pub detach: bool,
+    /// Leave the guest paused on the target after the switchover (like `virsh migrate
+    /// --suspend`); `ferryctl vm resume` runs it.
+    #[arg(long)]
+    pub suspend: bool,
     /// Go ahead although soft preflight checks failed (e.g. predicted non-convergence).
     #[arg(long)]
     pub force: bool,

@@ -37,6 +37,7 @@ pub fn vm_info(vm: &VmInfo) -> Value {
         "console_socket": vm.console_socket,
         "console_log": vm.console_log,
         "ram_file": vm.ram_file,
+        "resume_latency_us": vm.resume_latency_us,
     })
 }
 
@@ -61,6 +62,7 @@ pub fn migration_stats(s: &MigrationStats) -> Value {
         "throughput_bytes_per_sec": finite(s.throughput_bytes_per_sec),
         "compression_ratio": finite(s.compression_ratio),
         "elapsed_ms": s.elapsed_ms,
+        "preflight_ms": s.preflight_ms,
         "downtime_ms": s.downtime_ms,
         "expected_downtime_ms": s.expected_downtime_ms,
         "codec": s.codec,

@@ -471,6 +471,9 @@ pub fn final_report(status: &MigrationStatus) -> String {
 
 fn stats_lines(st: &MigrationStats, phase: MigrationPhase, kv: &mut dyn FnMut(&str, String)) {
     kv("total time", millis(st.elapsed_ms));
+    if st.preflight_ms > 0 {
+        kv("preflight", millis(st.preflight_ms));
+    }
     let downtime = if st.downtime_ms == 0 && phase != MigrationPhase::Completed {
         "-".to_string()
     } else {
@@ -641,6 +644,7 @@ mod tests {
             console_socket: "/s/console.sock".into(),
             console_log: "/s/console.log".into(),
             ram_file: "/dev/shm/ferry/web01.ram".into(),
+            resume_latency_us: 0,
         }
     }
 
@@ -694,6 +698,7 @@ mod tests {
                 downtime_breakdown: None,
                 policy_applied: String::new(),
                 prediction: None,
+                preflight_ms: 0,
             }),
             error: String::new(),
             message: "round 7".into(),

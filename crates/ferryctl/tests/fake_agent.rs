@@ -104,6 +104,12 @@ impl FerryControl for Fake {
     async fn stop_vm(&self, r: Request<pb::StopVmRequest>) -> Result<Response<pb::VmInfo>, Status> {
         Ok(Response::new(vm(&r.into_inner().name)))
     }
+    async fn suspend_vm(&self, r: Request<pb::VmRef>) -> Result<Response<pb::VmInfo>, Status> {
+        Ok(Response::new(vm(&r.into_inner().name)))
+    }
+    async fn resume_vm(&self, r: Request<pb::VmRef>) -> Result<Response<pb::VmInfo>, Status> {
+        Ok(Response::new(vm(&r.into_inner().name)))
+    }
     async fn get_vm(&self, r: Request<pb::VmRef>) -> Result<Response<pb::VmInfo>, Status> {
         let name = r.into_inner().name;
         if name == "missing" {

@@ -45,21 +45,36 @@ pub enum PageError {
 /// Caps the data plane's bytes per second (all page streams together).
 pub struct RateLimiter {
     bytes_per_sec: u64,
-    state: std::sync::Mutex<(std::time::Instant, u64)>,
+    /// When the bytes admitted so far are due at the cap.
+    next: std::sync::Mutex<std::time::Instant>,
 }
+
+/// Credit a quiet sender may build up: a burst of at most this much time at the cap, so
+/// a pause between rounds does not turn into a line-rate burst that overflows the
+/// bottleneck queue.
+const RATE_BURST: std::time::Duration = std::time::Duration::from_millis(5);
 
 impl RateLimiter {
     pub fn new(bytes_per_sec: u64) -> Self {
-        RateLimiter { bytes_per_sec: bytes_per_sec.max(1), state: std::sync::Mutex::new((std::time::Instant::now(), 0)) }
+        RateLimiter { bytes_per_sec: bytes_per_sec.max(1), next: std::sync::Mutex::new(std::time::Instant::now()) }
+    }
+
+    /// The cap in bytes per second.
+    pub fn bytes_per_sec(&self) -> u64 {
+        self.bytes_per_sec
     }
 
     /// Waits until `n` more bytes fit under the cap.
     pub async fn acquire(&self, n: usize) {
         let wait = {
-            let Ok(mut st) = self.state.lock() else { return };
-            st.1 += n as u64;
-            let due = std::time::Duration::from_secs_f64(st.1 as f64 / self.bytes_per_sec as f64);
-            due.checked_sub(st.0.elapsed())
+            let Ok(mut next) = self.next.lock() else { return };
+            let now = std::time::Instant::now();
+            let earliest = now.checked_sub(RATE_BURST).unwrap_or(now);
+            if *next < earliest {
+                *next = earliest;
+            }
+            *next += std::time::Duration::from_secs_f64(n as f64 / self.bytes_per_sec as f64);
+            next.checked_duration_since(now)
         };
         if let Some(w) = wait {
             tokio::time::sleep(w).await;

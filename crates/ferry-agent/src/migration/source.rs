@@ -26,6 +26,9 @@ use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
+/// Pacing rate relative to the probed steady rate of the link.
+const PACE_HEADROOM: f64 = 0.88;
+
 /// What the caller asked for.
 #[derive(Debug, Clone)]
 pub struct MigrationParams {
@@ -44,6 +47,8 @@ pub struct MigrationParams {
     /// Roll back if not committing within this time.
     pub timeout: Option<Duration>,
     pub on_stall: StallPolicy,
+    /// Commit but leave the guest paused on the target (`virsh migrate --suspend`).
+    pub leave_paused: bool,
 }
 
 /// What to do when pre-copy rounds stop shrinking (or the round limit is reached).
@@ -162,7 +167,7 @@ pub async fn run_guarded(ctx: Arc<AgentCtx>, p: MigrationParams, h: Arc<Outgoing
 pub async fn run(ctx: Arc<AgentCtx>, p: MigrationParams, h: Arc<OutgoingHandle>, spec: VmSpec, proc: Arc<QemuProcess>) {
     let started = Instant::now();
     let mut undo = Undo::default();
-    let mut m = Migration { ctx: ctx.clone(), p: p.clone(), h: h.clone(), spec, proc: proc.clone(), started, stop_time: None, token: String::new(), reported: (0, 0, 0) };
+    let mut m = Migration { ctx: ctx.clone(), p: p.clone(), h: h.clone(), spec, proc: proc.clone(), started, stop_time: None, token: String::new(), reported: (0, 0, 0), link_rate: 0.0 };
     ctx.metrics.active.inc();
     let deadline = p.timeout.unwrap_or(Duration::from_secs(u64::MAX / 4));
     let result = tokio::select! {
@@ -211,6 +216,8 @@ struct Migration {
     token: String,
     /// Counter values already added to the metrics (they are published as deltas).
     reported: (u64, u64, u64),
+    /// Steady rate the preflight probe measured on the data path (bytes/s, 0: unknown).
+    link_rate: f64,
 }
 
 impl Migration {
@@ -263,6 +270,7 @@ impl Migration {
             .map(|c| format!("{}: {}{}", c.name, c.detail, if c.fix.is_empty() { String::new() } else { format!(" (fix: {})", c.fix) }))
             .collect();
         self.h.update(|s| s.stats.get_or_insert_with(Default::default).prediction = report.prediction.clone());
+        self.link_rate = report.prediction.as_ref().map(|p| p.link_bytes_per_sec).unwrap_or(0.0);
         if !report.ok && !(report.ok_with_force && self.p.force) {
             let hint = if report.ok_with_force { " — only soft checks failed: --force overrides them" } else { "" };
             return Err(fail("preflight")(format!("{}{hint}", failed.join("; "))));
@@ -273,6 +281,7 @@ impl Migration {
         // Total time counts the migration itself, not the checks before it.
         let preflight = self.started.elapsed();
         self.started = Instant::now();
+        self.h.update(|s| s.stats.get_or_insert_with(Default::default).preflight_ms = preflight.as_millis() as u64);
         info!(migration = %self.p.id, ?preflight, "preflight done");
 
         // Phase 1: the target prepares an empty QEMU waiting for us.
@@ -351,7 +360,16 @@ impl Migration {
                 st.tracker = tracker_name.into();
             }
         });
-        let mut sender = PageSender::new(writers, ram.clone(), self.p.codec).with_rate_limit(self.p.bandwidth);
+        // Pace to the probed link rate: QUIC's BBR alone overshot the testbed's one-BDP
+        // bottleneck queue and lost ~40% of what it sent (benches/RESULTS.md).
+        let pace = if self.p.bandwidth > 0 {
+            self.p.bandwidth
+        } else if self.ctx.cfg.migration.pace_to_link && self.link_rate > 0.0 {
+            (self.link_rate * PACE_HEADROOM) as u64
+        } else {
+            0
+        };
+        let mut sender = PageSender::new(writers, ram.clone(), self.p.codec).with_rate_limit(pace);
         let mut prev_dirty = u64::MAX;
         let ram2 = ram.clone();
         let mut pending = tokio::task::spawn_blocking(move || ram2.nonzero_pages())
@@ -541,13 +559,14 @@ impl Migration {
         let mut peer = undo.peer.clone().ok_or_else(|| fail("commit")("no peer"))?;
         let resp = tokio::time::timeout(
             Duration::from_secs(30),
-            peer.commit(pb::CommitRequest { migration_id: self.p.id.clone(), token: self.token.clone() }),
+            peer.commit(pb::CommitRequest { migration_id: self.p.id.clone(), token: self.token.clone(), leave_paused: self.p.leave_paused }),
         )
         .await
         .map_err(|_| fail("commit")("no answer from target within 30 s"))?
         .map_err(|s| fail("commit")(status_msg(s)))?
         .into_inner();
-        Ok(resp.resume_unix_us)
+        // Left paused, the guest's pause ends when the target was ready to resume it.
+        Ok(if self.p.leave_paused { resp.ready_unix_us } else { resp.resume_unix_us })
     }
 
     /// Waits for QEMU to pause the guest at `pre-switchover`, noting when vCPUs stopped.
@@ -640,6 +659,14 @@ impl Migration {
         let _ = self.ctx.vms.end_outgoing(&self.p.vm, true).await;
         if let Err(e) = self.proc.shutdown(Duration::from_secs(10)).await {
             warn!(migration = %self.p.id, "stopping source QEMU after commit: {e}");
+        }
+        if self.ctx.cfg.migration.retain_source_ram {
+            // Benchmark instrumentation: keep the RAM as it was at switchover for comparison.
+            let ram = self.ctx.cfg.ram_path(&self.spec.name);
+            let kept = ram.with_extension("after-migration");
+            if let Err(e) = std::fs::rename(&ram, &kept) {
+                warn!(migration = %self.p.id, "keeping source RAM as {}: {e}", kept.display());
+            }
         }
         crate::vms::remove_vm_files(&self.ctx.cfg, &self.spec.name);
         let elapsed = self.started.elapsed().as_millis() as u64;
@@ -757,8 +784,9 @@ async fn ask_outcome(ctx: &AgentCtx, target: &str, mut peer: FerryPeerClient<Cha
     match pb::IncomingState::try_from(st.state) {
         Ok(pb::IncomingState::Committed) => {
             // Idempotent: returns the resume time of the earlier commit.
-            let r = peer.commit(pb::CommitRequest { migration_id: id.into(), token: token.into() }).await;
-            Ok(CommitOutcome::Committed { resume_us: r.map(|r| r.into_inner().resume_unix_us).unwrap_or(0) })
+            let r = peer.commit(pb::CommitRequest { migration_id: id.into(), token: token.into(), leave_paused: false }).await;
+            let resume_us = r.map(|r| r.into_inner()).map(|r| if r.resume_unix_us > 0 { r.resume_unix_us } else { r.ready_unix_us });
+            Ok(CommitOutcome::Committed { resume_us: resume_us.unwrap_or(0) })
         }
         Ok(pb::IncomingState::Prepared) => {
             peer.abort(pb::AbortRequest { migration_id: id.into(), reason: "commit not confirmed".into() })

@@ -30,7 +30,8 @@ use tracing::{info, warn};
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum State {
     Prepared { connected: bool },
-    Committed { resume_us: i64 },
+    /// `resume_us` 0: left paused. `ready_us`: when the VM was ours and about to resume.
+    Committed { resume_us: i64, ready_us: i64 },
     Aborted,
 }
 
@@ -199,7 +200,9 @@ impl IncomingRegistry {
     }
 
     /// Commit: journal COMMITTED, then resume the guest here and announce it.
-    pub async fn commit(&self, id: &str, token: &str) -> Result<i64, Status> {
+    /// Commit: journal, own the VM, resume it unless `leave_paused`. Returns
+    /// (RESUME time or 0, ready time) in Unix microseconds.
+    pub async fn commit(&self, id: &str, token: &str, leave_paused: bool) -> Result<(i64, i64), Status> {
         let inc = self.get(id).ok_or_else(|| {
             Status::not_found(format!("no incoming migration {id} on {}: it was aborted or never prepared", self.host()))
         })?;
@@ -208,7 +211,7 @@ impl IncomingRegistry {
         }
         let mut st = inc.state.lock().await;
         match *st {
-            State::Committed { resume_us } => return Ok(resume_us),
+            State::Committed { resume_us, ready_us } => return Ok((resume_us, ready_us)),
             State::Aborted => return Err(Status::not_found(format!("migration {id} was aborted on {}", self.host()))),
             State::Prepared { .. } => {}
         }
@@ -228,9 +231,15 @@ impl IncomingRegistry {
             status: None,
         };
         self.journal.put_migration(&rec).map_err(|e| Status::internal(format!("journal: {e}")))?;
-        self.vms.commit_incoming(&inc.spec.name).await?;
-        *st = State::Committed { resume_us: 0 };
+        self.vms.commit_incoming(&inc.spec.name, leave_paused).await?;
+        let ready_us = unix_us(SystemTime::now());
+        *st = State::Committed { resume_us: 0, ready_us };
         inc.cancel.cancel();
+        if leave_paused {
+            self.metrics.migrations.with_label_values(&["target", "committed"]).inc();
+            info!(migration = %id, vm = %inc.spec.name, "committed; guest left paused here as asked");
+            return Ok((0, ready_us));
+        }
         let qmp = inc.proc.qmp();
         let mut events = qmp.subscribe();
         qmp.cont().await.map_err(|e| Status::internal(format!("committed, but resuming VM '{}' on {} failed: {e}", inc.spec.name, self.host())))?;
@@ -241,11 +250,11 @@ impl IncomingRegistry {
         if let Err(e) = qmp.announce_self().await {
             warn!(migration = %id, "announce-self: {e}");
         }
-        let resume_us = resume.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
-        *st = State::Committed { resume_us };
+        let resume_us = unix_us(resume);
+        *st = State::Committed { resume_us, ready_us };
         self.metrics.migrations.with_label_values(&["target", "committed"]).inc();
         info!(migration = %id, vm = %inc.spec.name, "committed; guest resumed here");
-        Ok(resume_us)
+        Ok((resume_us, ready_us))
     }
 
     /// Abort: remove the QEMU, the RAM file and every record. Refused once committed.
@@ -463,19 +472,28 @@ impl IncomingRegistry {
 async fn serve_probe(mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), String> {
     let mut total = 0u64;
     let mut buf = vec![0u8; 256 * 1024];
-    let mut last_report = std::time::Instant::now();
+    let start = std::time::Instant::now();
+    let mut last_report = start;
+    // Each report: bytes received so far and when (µs on this side's clock), so the
+    // source's rate estimate does not depend on when the reports reach it.
+    let report = |total: u64| {
+        let mut r = [0u8; 16];
+        r[..8].copy_from_slice(&total.to_le_bytes());
+        r[8..].copy_from_slice(&(start.elapsed().as_micros() as u64).to_le_bytes());
+        r
+    };
     // A probe is bounded: never read more than 1 GiB.
     while total < 1 << 30 {
         match recv.read(&mut buf).await.map_err(|e| e.to_string())? {
             Some(n) => total += n as u64,
             None => break,
         }
-        if last_report.elapsed() >= Duration::from_millis(100) {
+        if last_report.elapsed() >= Duration::from_millis(50) {
             last_report = std::time::Instant::now();
-            send.write_all(&total.to_le_bytes()).await.map_err(|e| e.to_string())?;
+            send.write_all(&report(total)).await.map_err(|e| e.to_string())?;
         }
     }
-    send.write_all(&total.to_le_bytes()).await.map_err(|e| e.to_string())?;
+    send.write_all(&report(total)).await.map_err(|e| e.to_string())?;
     send.finish().map_err(|e| e.to_string())?;
     // Let the answer leave before the connection is dropped.
     let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
@@ -554,4 +572,8 @@ async fn accept_streams(conn: quinn::Connection, inc: Arc<Incoming>, err_tx: mps
             },
         }
     }
+}
+
+fn unix_us(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }

@@ -5,6 +5,9 @@
 //! * `ferry-guest cmd SOCKET COMMAND... [--expect PREFIX] [--timeout S]`: sends a command on
 //!   the console socket and prints the reply line. Exits non-zero on timeout, on a
 //!   `FERRY-ERR` reply and, for `check`, on a `fail` result.
+//! * `ferry-guest qemu-argv SPEC.toml --ram FILE --run-dir DIR [--accel A] [--incoming]`:
+//!   prints, as a JSON array, the QEMU argv ferryd would use for that VM spec, so the
+//!   benchmark harness runs QEMU's own migration on exactly the same guest.
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
@@ -45,6 +48,23 @@ enum Cmd {
         #[arg(long, default_value_t = 120.0)]
         timeout: f64,
     },
+    /// Print ferryd's QEMU argv for a VM spec (TOML) as a JSON array.
+    QemuArgv {
+        /// VM spec file (the fields of ferry_qemu::VmSpec).
+        spec: PathBuf,
+        /// Guest RAM file.
+        #[arg(long)]
+        ram: PathBuf,
+        /// Directory for QEMU's sockets, pidfile and logs.
+        #[arg(long)]
+        run_dir: PathBuf,
+        /// Accelerator (tcg or kvm).
+        #[arg(long, default_value = "tcg")]
+        accel: String,
+        /// Start as a migration target (`-S -incoming defer`).
+        #[arg(long)]
+        incoming: bool,
+    },
 }
 
 fn seconds(s: f64) -> Result<Duration> {
@@ -54,6 +74,16 @@ fn seconds(s: f64) -> Result<Duration> {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Cmd::QemuArgv { spec, ram, run_dir, accel, incoming } => {
+            let text = std::fs::read_to_string(&spec)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", spec.display()))?;
+            let spec: ferry_qemu::VmSpec = toml::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("VM spec {}: {e}", spec.display()))?;
+            let mut launch = ferry_qemu::QemuLaunch::new(spec, accel, ram, run_dir);
+            launch.incoming = incoming;
+            launch.validate()?;
+            println!("{}", serde_json::to_string(&launch.argv())?);
+        }
         Cmd::WaitReady { log, timeout } => {
             println!(
                 "{}",
