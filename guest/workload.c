@@ -9,6 +9,9 @@
  *   ferry.dirty_mibps=R    dirty rate in MiB/s, float (default 0)
  *   ferry.mix=M            realistic|zero|text|random (default realistic)
  *   ferry.seed=S           content seed (default 1)
+ *   ferry.disk=DEV         block device to write to (e.g. /dev/vda; default none)
+ *   ferry.disk_mib=N       first N MiB of DEV are used (default 64)
+ *   ferry.disk_wps=W       4 KiB block writes per second to DEV (default 0)
  * For testing on a host, FERRY_CMDLINE in the environment replaces /proc/cmdline.
  *
  * Every 4 KiB page holds content that is a pure function of
@@ -17,8 +20,12 @@
  * increments its generation and rewrites it.
  *
  * Console protocol (one command per line in, one reply line out):
- *   check       -> FERRY-CHECK ok pages=<n> writes=<w>
- *                  FERRY-CHECK fail bad=<count> first=<page index>
+ *   check       -> FERRY-CHECK ok pages=<n> writes=<w> [disk_blocks=<b> disk_writes=<dw>]
+ *                  FERRY-CHECK fail bad=<count> first=<page index> [disk_bad=<k> disk_first=<block>]
+ *                  With a disk, check also reads back (O_DIRECT, past the page cache)
+ *                  every block this workload wrote and compares it with what it wrote:
+ *                  the table of block generations lives in guest RAM, so a check after a
+ *                  migration proves that no acknowledged disk write was lost.
  *   digest      -> FERRY-DIGEST <16 hex digits>   (FNV-1a 64 over the region's bytes)
  *   rate <R>    -> FERRY-RATE <R>                 (FERRY-ERR bad rate if R is invalid)
  *   pause       -> FERRY-PAUSED
@@ -70,6 +77,24 @@ static uint32_t *generation;
 static uint8_t *ptype;
 static uint64_t npages;
 static uint64_t total_writes;
+
+/* Disk writer: block i (4 KiB) holds a function of (seed, i, disk_gen[i]); generation 0
+ * means "never written by us" and is not checked. */
+static char cfg_disk[64];
+static unsigned long cfg_disk_mib = 64;
+static double cfg_disk_wps = 0.0;
+static int disk_fd = -1;
+static uint32_t *disk_gen;
+static uint64_t disk_blocks;
+static uint64_t disk_writes;
+static uint64_t disk_written_blocks; /* blocks with generation > 0 */
+static uint8_t *disk_buf;             /* O_DIRECT needs aligned buffers */
+static uint8_t *disk_rbuf;
+static int paused;
+static double now_s(void);
+static double disk_t0;
+static uint64_t disk_due;
+static uint64_t disk_pick;
 
 /* ------------------------------------------------------------------ */
 /* Hashing and PRNGs                                                   */
@@ -271,6 +296,16 @@ static void write_page(uint64_t idx)
     }
 }
 
+static void disk_block_content(uint8_t *dst, uint64_t idx, uint32_t gen)
+{
+    uint64_t st = mix64((cfg_seed ^ 0x6a09e667f3bcc909ULL) * 0x9e3779b97f4a7c15ULL + idx * 0xbb67ae8584caa73bULL + gen);
+    uint64_t *w = (uint64_t *)dst;
+    w[0] = 0x4b5349442d595246ULL; /* "FRY-DISK" */
+    w[1] = idx;
+    w[2] = gen;
+    for (size_t i = 3; i < PAGE_SIZE / 8; i++) w[i] = xorshift64(&st);
+}
+
 static int page_is_zero(const uint8_t *p)
 {
     const uint64_t *w = (const uint64_t *)p;
@@ -416,6 +451,16 @@ static void parse_cmdline(void)
             int m = parse_mix(val);
             if (m >= 0) cfg_mix = m;
             else say("FERRY-ERR bad ferry.mix=%s", val);
+        } else if (strcmp(key, "disk") == 0) {
+            if (strlen(val) < sizeof cfg_disk) strcpy(cfg_disk, val);
+            else say("FERRY-ERR bad ferry.disk=%s", val);
+        } else if (strcmp(key, "disk_mib") == 0) {
+            char *end;
+            unsigned long v = strtoul(val, &end, 10);
+            if (*end == '\0' && v > 0) cfg_disk_mib = v;
+            else say("FERRY-ERR bad ferry.disk_mib=%s", val);
+        } else if (strcmp(key, "disk_wps") == 0) {
+            if (parse_rate(val, &cfg_disk_wps) != 0) say("FERRY-ERR bad ferry.disk_wps=%s", val);
         } else if (strcmp(key, "seed") == 0) {
             char *end;
             unsigned long long v = strtoull(val, &end, 10);
@@ -440,6 +485,76 @@ static int alloc_region(void)
     ptype = calloc(npages, 1);
     if (!generation || !ptype) return -1;
     return 0;
+}
+
+static int disk_open(void)
+{
+    if (cfg_disk[0] == '\0') return 0;
+    /* The virtio disk may show up a moment after the module loaded. */
+    for (int i = 0; i < 100 && disk_fd < 0; i++) {
+        disk_fd = open(cfg_disk, O_RDWR | O_DIRECT | O_CLOEXEC);
+        if (disk_fd < 0) usleep(50000);
+    }
+    if (disk_fd < 0) return -1;
+    disk_blocks = (uint64_t)cfg_disk_mib * (1024 * 1024 / PAGE_SIZE);
+    disk_gen = calloc(disk_blocks, sizeof *disk_gen);
+    disk_buf = aligned_alloc(4096, PAGE_SIZE);
+    disk_rbuf = aligned_alloc(4096, PAGE_SIZE);
+    if (!disk_gen || !disk_buf || !disk_rbuf) return -1;
+    disk_pick = mix64(cfg_seed ^ 0x510e527fade682d1ULL) | 1;
+    return 0;
+}
+
+static int disk_write_one(void)
+{
+    uint64_t r = xorshift64(&disk_pick);
+    uint64_t idx = ((r >> 32) * disk_blocks) >> 32;
+    uint32_t gen = disk_gen[idx] + 1;
+    disk_block_content(disk_buf, idx, gen);
+    if (pwrite(disk_fd, disk_buf, PAGE_SIZE, (off_t)(idx * PAGE_SIZE)) != (ssize_t)PAGE_SIZE) {
+        say("FERRY-ERR disk write at block %llu: %s", (unsigned long long)idx, strerror(errno));
+        return -1;
+    }
+    /* Counted only once the device acknowledged the write. */
+    if (disk_gen[idx] == 0) disk_written_blocks++;
+    disk_gen[idx] = gen;
+    disk_writes++;
+    return 0;
+}
+
+/* Writes the disk blocks due now (same pacing scheme as the page dirtier). */
+static void disk_tick(void)
+{
+    if (disk_fd < 0 || paused || cfg_disk_wps <= 0.0) return;
+    uint64_t target = (uint64_t)((now_s() - disk_t0) * cfg_disk_wps);
+    if (target <= disk_due) return;
+    uint64_t due = target - disk_due;
+    uint64_t max_backlog = (uint64_t)(cfg_disk_wps * 0.25) + 1;
+    if (due > max_backlog) {
+        disk_due += due - max_backlog;
+        due = max_backlog;
+    }
+    for (uint64_t i = 0; i < due; i++) {
+        disk_due++;
+        if (disk_write_one() != 0) return;
+    }
+}
+
+/* Reads back every block written so far; returns how many differ. */
+static uint64_t disk_check(uint64_t *first_bad)
+{
+    uint64_t bad = 0;
+    *first_bad = 0;
+    for (uint64_t i = 0; i < disk_blocks; i++) {
+        if (disk_gen[i] == 0) continue;
+        disk_block_content(disk_buf, i, disk_gen[i]);
+        if (pread(disk_fd, disk_rbuf, PAGE_SIZE, (off_t)(i * PAGE_SIZE)) != (ssize_t)PAGE_SIZE ||
+            memcmp(disk_buf, disk_rbuf, PAGE_SIZE) != 0) {
+            if (bad == 0) *first_bad = i;
+            bad++;
+        }
+    }
+    return bad;
 }
 
 static void console_setup(void)
@@ -472,7 +587,6 @@ static double now_s(void)
 /* ------------------------------------------------------------------ */
 /* Main loop                                                           */
 
-static int paused;
 static double pace_t0;    /* start of the current pacing period */
 static uint64_t pace_due; /* writes scheduled-and-accounted in this period */
 static uint64_t pick_state;
@@ -481,6 +595,8 @@ static void pace_rebase(void)
 {
     pace_t0 = now_s();
     pace_due = 0;
+    disk_t0 = pace_t0;
+    disk_due = 0;
 }
 
 static void dirty_one(void)
@@ -530,14 +646,22 @@ static void handle_command(char *line)
     trim(line);
     if (line[0] == '\0') return;
     if (strcmp(line, "check") == 0) {
-        uint64_t first;
+        uint64_t first, dfirst = 0;
         uint64_t bad = check_region(&first);
-        if (bad == 0)
-            say("FERRY-CHECK ok pages=%llu writes=%llu", (unsigned long long)npages,
-                (unsigned long long)total_writes);
+        uint64_t dbad = disk_fd >= 0 ? disk_check(&dfirst) : 0;
+        char disk_ok[96] = "", disk_fail[96] = "";
+        if (disk_fd >= 0) {
+            snprintf(disk_ok, sizeof disk_ok, " disk_blocks=%llu disk_writes=%llu",
+                     (unsigned long long)disk_written_blocks, (unsigned long long)disk_writes);
+            snprintf(disk_fail, sizeof disk_fail, " disk_bad=%llu disk_first=%llu",
+                     (unsigned long long)dbad, (unsigned long long)dfirst);
+        }
+        if (bad == 0 && dbad == 0)
+            say("FERRY-CHECK ok pages=%llu writes=%llu%s", (unsigned long long)npages,
+                (unsigned long long)total_writes, disk_ok);
         else
-            say("FERRY-CHECK fail bad=%llu first=%llu", (unsigned long long)bad,
-                (unsigned long long)first);
+            say("FERRY-CHECK fail bad=%llu first=%llu%s", (unsigned long long)bad,
+                (unsigned long long)(bad ? first : 0), disk_fail);
         pace_rebase();
     } else if (strcmp(line, "digest") == 0) {
         say("FERRY-DIGEST %016llx", (unsigned long long)digest_region());
@@ -634,6 +758,10 @@ int main(int argc, char **argv)
     }
     fill_region();
     pick_state = mix64(cfg_seed ^ 0x3c6ef372fe94f82bULL) | 1;
+    if (disk_open() != 0) {
+        say("FERRY-ERR cannot use disk %s: %s", cfg_disk, strerror(errno));
+        return 1;
+    }
 
     double ready = now_s();
     say("FERRY-READY pages=%llu mix=%s rate=%g", (unsigned long long)npages, mix_names[cfg_mix],
@@ -643,6 +771,7 @@ int main(int argc, char **argv)
 
     for (;;) {
         int more = dirty_tick();
+        disk_tick();
 
         double t = now_s();
         if (t >= ready + (double)hb_n) {
@@ -657,7 +786,7 @@ int main(int argc, char **argv)
             timeout_ms = 0;
         } else {
             double until_hb = ready + (double)hb_n - now_s();
-            timeout_ms = (!paused && cfg_rate > 0.0) ? 5 : 1000;
+            timeout_ms = (!paused && (cfg_rate > 0.0 || (disk_fd >= 0 && cfg_disk_wps > 0.0))) ? 5 : 1000;
             int hb_ms = until_hb <= 0 ? 0 : (int)(until_hb * 1000.0) + 1;
             if (hb_ms < timeout_ms) timeout_ms = hb_ms;
         }

@@ -160,6 +160,7 @@ quic_listen = "$(addr "$i"):7711"
 ram_dir = "$RAM_ROOT/$h"
 state_dir = "$DIR/$h/state"
 accel = "tcg"            # /dev/kvm here cannot boot a guest; production uses kvm
+storage_roots = ["$DIR/$h/images"]
 [tls]
 ca = "$DIR/pki/ca.pem"
 cert = "$DIR/pki/$h.pem"

@@ -29,6 +29,10 @@ pub struct AgentConfig {
     /// Prometheus metrics endpoint (plain HTTP, `GET /metrics`); none when unset.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Directories this agent may read and write disk images in. A VM spec or a peer
+    /// request naming an image outside them (after resolving `..` and symlinks) is refused.
+    #[serde(default)]
+    pub storage_roots: Vec<PathBuf>,
     #[serde(default)]
     pub migration: MigrationDefaults,
     #[serde(default)]

@@ -36,4 +36,6 @@ pub struct AgentCtx {
     /// Machine types this host's QEMU offers.
     pub machine_types: Vec<String>,
     pub metrics: Arc<metrics::Metrics>,
+    /// Where disk images may live on this host.
+    pub storage: Arc<ferry_disk::StorageRoots>,
 }

@@ -42,15 +42,19 @@ pub async fn build(cfg: AgentConfig) -> anyhow::Result<Arc<AgentCtx>> {
     info!(qemu = %qemu_version, accel = %cfg.accel, "QEMU found");
     let machine_types = ferry_qemu::machine_types(&cfg.qemu_binary).await.context("listing QEMU machine types")?;
 
-    let vms = VmManager::new(cfg.clone(), journal.clone(), Some(shim));
+    for root in &cfg.storage_roots {
+        std::fs::create_dir_all(root).with_context(|| format!("creating storage root {}", root.display()))?;
+    }
+    let storage = Arc::new(ferry_disk::StorageRoots::new(&cfg.storage_roots).context("storage_roots")?);
+    let vms = VmManager::new(cfg.clone(), journal.clone(), Some(shim), storage.clone());
     vms.recover().await.context("recovering VMs from the journal")?;
     let metrics = crate::metrics::Metrics::new().context("metrics registry")?;
-    let incoming = IncomingRegistry::new(cfg.clone(), vms.clone(), journal.clone(), qemu_version.clone(), metrics.clone());
+    let incoming = IncomingRegistry::new(cfg.clone(), vms.clone(), journal.clone(), qemu_version.clone(), metrics.clone(), storage.clone());
     incoming.forget_uncommitted();
     let tuning = TransportTuning { idle_timeout: Duration::from_secs(cfg.migration.idle_timeout_s.max(1)), ..Default::default() };
     let quic = QuicEndpoint::bind(cfg.quic_listen, &identity, &tuning).context("binding QUIC endpoint")?;
     let outgoing = Outgoing::new(journal.clone());
-    let ctx = Arc::new(AgentCtx { cfg, identity, journal, vms, outgoing, incoming, quic, tracker, qemu_version, machine_types, metrics });
+    let ctx = Arc::new(AgentCtx { cfg, identity, journal, vms, outgoing, incoming, quic, tracker, qemu_version, machine_types, metrics, storage });
     recover_outgoing(&ctx).await;
     Ok(ctx)
 }

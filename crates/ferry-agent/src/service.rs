@@ -75,6 +75,10 @@ impl FerryControl for ControlService {
         if r.target == self.ctx.cfg.grpc_listen.to_string() {
             return Err(Status::invalid_argument(format!("target {} is this host ({})", r.target, self.ctx.cfg.host_name)));
         }
+        if r.offline {
+            // Cold migration: a stopped VM's images and definition (migration/cold.rs).
+            return Ok(Response::new(crate::migration::cold::start(self.ctx.clone(), r, codec).await?));
+        }
         let d = &self.ctx.cfg.migration;
         let page_streams = if r.page_streams == 0 { d.page_streams } else { r.page_streams };
         if !(1..=16).contains(&page_streams) {
@@ -94,6 +98,7 @@ impl FerryControl for ControlService {
             timeout: (r.timeout_s > 0).then(|| std::time::Duration::from_secs(u64::from(r.timeout_s))),
             on_stall: r.on_stall.parse().map_err(Status::invalid_argument)?,
             leave_paused: r.leave_paused,
+            storage: r.storage.parse().map_err(Status::invalid_argument)?,
         };
         // Marks the VM as migrating, or says why it cannot (unknown, stopped, busy).
         let (spec, proc) = self.ctx.vms.begin_outgoing(&r.vm, &params.id).await?;
@@ -146,7 +151,8 @@ impl FerryControl for ControlService {
         if is_terminal(s.phase) {
             return Err(Status::failed_precondition(format!("migration {id} already ended")));
         }
-        if s.phase >= pb::MigrationPhase::Committing as i32 {
+        // By value, not order: COPYING_DISKS (11) was added after COMMITTING (6).
+        if s.phase == pb::MigrationPhase::Committing as i32 {
             return Err(Status::failed_precondition(format!("migration {id} is committing and can no longer be cancelled")));
         }
         h.cancel.cancel();
@@ -178,6 +184,10 @@ fn unknown_migration(ctx: &AgentCtx, id: &str) -> Status {
 
 #[tonic::async_trait]
 impl FerryPeer for PeerService {
+    async fn check_storage(&self, req: Request<pb::CheckStorageRequest>) -> Result<Response<pb::CheckStorageResponse>, Status> {
+        Ok(Response::new(self.ctx.incoming.check_storage(&req.into_inner())))
+    }
+
     async fn prepare(&self, req: Request<pb::PrepareRequest>) -> Result<Response<pb::PrepareResponse>, Status> {
         Ok(Response::new(self.ctx.incoming.prepare(req.into_inner()).await?))
     }
@@ -196,6 +206,27 @@ impl FerryPeer for PeerService {
 
     async fn host_facts(&self, _req: Request<pb::HostFactsRequest>) -> Result<Response<pb::HostFacts>, Status> {
         Ok(Response::new(crate::preflight::host_facts(&self.ctx).await))
+    }
+
+    async fn prepare_cold_migration(
+        &self,
+        req: Request<pb::PrepareColdMigrationRequest>,
+    ) -> Result<Response<pb::PrepareColdMigrationResponse>, Status> {
+        Ok(Response::new(crate::migration::cold::prepare(&self.ctx, req.into_inner()).await?))
+    }
+
+    async fn finish_cold_migration(
+        &self,
+        req: Request<pb::FinishColdMigrationRequest>,
+    ) -> Result<Response<pb::FinishColdMigrationResponse>, Status> {
+        Ok(Response::new(crate::migration::cold::finish(&self.ctx, req.into_inner()).await?))
+    }
+
+    async fn abort_cold_migration(
+        &self,
+        req: Request<pb::AbortColdMigrationRequest>,
+    ) -> Result<Response<pb::AbortColdMigrationResponse>, Status> {
+        Ok(Response::new(crate::migration::cold::abort(&self.ctx, req.into_inner()).await?))
     }
 
     async fn incoming_status(&self, req: Request<pb::MigrationRef>) -> Result<Response<pb::IncomingStatusResponse>, Status> {

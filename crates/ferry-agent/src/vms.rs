@@ -30,6 +30,7 @@ pub struct VmManager {
     journal: Arc<Journal>,
     /// LD_PRELOAD shim that gives every QEMU a userfaultfd the agent can take.
     shim: Option<PathBuf>,
+    storage: Arc<ferry_disk::StorageRoots>,
     vms: tokio::sync::Mutex<HashMap<String, VmEntry>>,
 }
 
@@ -38,8 +39,24 @@ fn journal_err(e: crate::journal::JournalError) -> Status {
 }
 
 impl VmManager {
-    pub fn new(cfg: Arc<AgentConfig>, journal: Arc<Journal>, shim: Option<PathBuf>) -> Arc<Self> {
-        Arc::new(VmManager { cfg, journal, shim, vms: tokio::sync::Mutex::new(HashMap::new()) })
+    pub fn new(cfg: Arc<AgentConfig>, journal: Arc<Journal>, shim: Option<PathBuf>, storage: Arc<ferry_disk::StorageRoots>) -> Arc<Self> {
+        Arc::new(VmManager { cfg, journal, shim, storage, vms: tokio::sync::Mutex::new(HashMap::new()) })
+    }
+
+    /// Refuses a spec whose disk images lie outside this host's storage roots.
+    pub fn check_disk_paths(&self, spec: &VmSpec) -> Result<(), Status> {
+        for d in &spec.disks {
+            if self.storage.roots().is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "disk '{}' of VM '{}': host {} has no storage_roots configured, so it keeps no disk images",
+                    d.id, spec.name, self.cfg.host_name
+                )));
+            }
+            self.storage
+                .confine(&d.path)
+                .map_err(|e| Status::invalid_argument(format!("disk '{}' of VM '{}' on host {}: {e}", d.id, spec.name, self.cfg.host_name)))?;
+        }
+        Ok(())
     }
 
     /// The QEMU launch of `spec` on this host.
@@ -76,6 +93,7 @@ impl VmManager {
     /// Defines a new VM. A name already in use is refused.
     pub async fn define(&self, spec: VmSpec) -> Result<pb::VmInfo, Status> {
         spec.validate().map_err(|e| Status::invalid_argument(format!("VM spec: {e}")))?;
+        self.check_disk_paths(&spec)?;
         let mut vms = self.vms.lock().await;
         if vms.contains_key(&spec.name) {
             return Err(Status::already_exists(format!("VM '{}' is already defined on host {}", spec.name, self.cfg.host_name)));
@@ -108,6 +126,10 @@ impl VmManager {
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<pb::VmInfo, Status> {
         let mut vms = self.vms.lock().await;
         let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
+        if let Some(m) = &e.migration {
+            // A VM being copied away (cold migration) must not change under the copy.
+            return Err(Status::failed_precondition(format!("VM '{name}' is migrating ({m}): wait for the migration or cancel it")));
+        }
         if !matches!(e.state, pb::VmState::Defined | pb::VmState::Crashed) {
             return Err(Status::failed_precondition(format!("VM '{name}' is already {}", state_name(e.state))));
         }
@@ -352,6 +374,61 @@ impl VmManager {
             }
         }
         Ok(())
+    }
+
+    // ---- cold (offline) migration, see migration/cold.rs ----
+
+    /// Marks a stopped VM as the source of cold migration `migration` and returns its
+    /// spec. While marked it cannot be started, undefined or migrated again; nothing of
+    /// this is journaled, so an agent restart frees it.
+    pub async fn begin_offline(&self, name: &str, migration: &str) -> Result<VmSpec, Status> {
+        let mut vms = self.vms.lock().await;
+        let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
+        if let Some(m) = &e.migration {
+            return Err(Status::failed_precondition(format!("VM '{name}' is already migrating ({m})")));
+        }
+        if e.process.is_some() || !matches!(e.state, pb::VmState::Defined | pb::VmState::Crashed) {
+            return Err(Status::failed_precondition(format!(
+                "VM '{name}' is {} on host {}: stop it or pass --stop-source",
+                state_name(e.state),
+                self.cfg.host_name
+            )));
+        }
+        e.migration = Some(migration.to_string());
+        e.state = pb::VmState::Migrating;
+        Ok(e.spec.clone())
+    }
+
+    /// Ends the source side of cold migration `migration`: with `undefine` the definition
+    /// is removed (the VM now lives on the target; its image files stay here), otherwise
+    /// the VM is stopped and free here again. A VM not marked by `migration` is left alone.
+    pub async fn end_offline(&self, name: &str, migration: &str, undefine: bool) -> Result<(), Status> {
+        let mut vms = self.vms.lock().await;
+        if !vms.get(name).is_some_and(|e| e.migration.as_deref() == Some(migration)) {
+            return Ok(());
+        }
+        if undefine {
+            self.journal.remove_vm(name).map_err(journal_err)?;
+            vms.remove(name);
+        } else if let Some(e) = vms.get_mut(name) {
+            e.migration = None;
+            e.state = pb::VmState::Defined;
+        }
+        Ok(())
+    }
+
+    /// Target side of a cold migration: the name reserved by [`Self::reserve_incoming`] for
+    /// `migration` becomes a VM defined (stopped) here, journaled like [`Self::define`].
+    pub async fn commit_offline(&self, name: &str, migration: &str) -> Result<pb::VmInfo, Status> {
+        let mut vms = self.vms.lock().await;
+        let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
+        if e.state != pb::VmState::Incoming || e.migration.as_deref() != Some(migration) {
+            return Err(Status::failed_precondition(format!("VM '{name}' on host {} is not reserved for migration {migration}", self.cfg.host_name)));
+        }
+        e.state = pb::VmState::Defined;
+        e.migration = None;
+        self.persist(e)?;
+        Ok(self.info(e))
     }
 }
 

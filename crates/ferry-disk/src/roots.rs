@@ -89,6 +89,40 @@ impl StorageRoots {
     pub fn contains(&self, path: &Path) -> bool {
         self.confine(path).is_ok()
     }
+
+    /// Where `path` lies inside the roots: the path relative to the root that holds it.
+    ///
+    /// Across hosts an image is named by this relative path: each host may mount its
+    /// storage somewhere else, and [`StorageRoots::candidates`] maps the name back.
+    pub fn relative(&self, path: &Path) -> Result<PathBuf, DiskError> {
+        let resolved = self.confine(path)?;
+        self.roots
+            .iter()
+            .filter(|root| resolved.starts_with(root))
+            .max_by_key(|root| root.as_os_str().len())
+            .and_then(|root| resolved.strip_prefix(root).ok())
+            .map(Path::to_path_buf)
+            .ok_or_else(|| DiskError::OutsideStorageRoots { path: path.to_path_buf(), resolved: resolved.clone(), roots: self.roots.clone() })
+    }
+
+    /// The local paths a peer's relative image name may denote, one per root in order,
+    /// each confined. A name that is absolute or climbs out (`..`) is refused.
+    pub fn candidates(&self, rel: &Path) -> Result<Vec<PathBuf>, DiskError> {
+        if rel.as_os_str().is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+            return Err(DiskError::InvalidPath { path: rel.to_path_buf(), reason: "an image name must be a relative path without `.` or `..`" });
+        }
+        let mut out = Vec::new();
+        for root in &self.roots {
+            let p = self.confine(&root.join(rel))?;
+            if p.starts_with(root) {
+                out.push(p);
+            }
+        }
+        if out.is_empty() {
+            return Err(DiskError::OutsideStorageRoots { path: rel.to_path_buf(), resolved: rel.to_path_buf(), roots: self.roots.clone() });
+        }
+        Ok(out)
+    }
 }
 
 /// Resolve an absolute path whose tail may not exist yet.
@@ -324,5 +358,24 @@ mod tests {
         symlink(&b, &a).unwrap();
         symlink(&a, &b).unwrap();
         assert!(f.roots.confine(&a).is_err());
+    }
+
+    #[test]
+    fn relative_names_map_between_roots() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(a.path().join("vm")).unwrap();
+        let ra = StorageRoots::new([a.path()]).unwrap();
+        let rb = StorageRoots::new([b.path()]).unwrap();
+        let rel = ra.relative(&a.path().join("vm/disk0.qcow2")).unwrap();
+        assert_eq!(rel, Path::new("vm/disk0.qcow2"));
+        let local = rb.candidates(&rel).unwrap();
+        assert_eq!(local, vec![std::fs::canonicalize(b.path()).unwrap().join("vm/disk0.qcow2")]);
+        assert!(rb.candidates(Path::new("../etc/passwd")).is_err());
+        assert!(rb.candidates(Path::new("/etc/passwd")).is_err());
+        assert!(ra.relative(Path::new("/etc/passwd")).is_err());
+        // A symlink inside B's root that leads out is refused, not followed.
+        std::os::unix::fs::symlink("/etc", b.path().join("out")).unwrap();
+        assert!(rb.candidates(Path::new("out/passwd")).is_err());
     }
 }

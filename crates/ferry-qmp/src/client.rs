@@ -320,7 +320,7 @@ impl QmpClient {
             .map_err(|e| QmpError::Protocol(format!("cannot decode reply to {command}: {e}")))
     }
 
-    async fn execute_unit(&self, command: &str, arguments: Option<Value>) -> Result<(), QmpError> {
+    pub(crate) async fn execute_unit(&self, command: &str, arguments: Option<Value>) -> Result<(), QmpError> {
         self.execute(command, arguments).await.map(drop)
     }
 

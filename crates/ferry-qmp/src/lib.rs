@@ -23,11 +23,13 @@
 //! # Ok(()) }
 //! ```
 
+mod block;
 mod client;
 mod error;
 mod events;
 mod types;
 
+pub use block::{BlockJobInfo, MirrorCopyMode};
 pub use client::QmpClient;
 pub use error::QmpError;
 pub use events::{wait_for_event, wait_migration_status, QmpEvent};

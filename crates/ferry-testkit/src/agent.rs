@@ -137,6 +137,7 @@ pub struct TestAgent {
     state_dir: PathBuf,
     shm_root: PathBuf,
     ram_dir: PathBuf,
+    storage_dir: PathBuf,
     grpc_addr: String,
     quic_addr: String,
     metrics_addr: String,
@@ -169,6 +170,21 @@ impl TestAgent {
         accel: &str,
         extra_toml: &str,
     ) -> Result<TestAgent> {
+        Self::start_with_storage(ferryd_bin, name, pki, base_dir, accel, extra_toml, None).await
+    }
+
+    /// Like [`TestAgent::start_with_config`], with the agent's storage root (disk images)
+    /// at `storage_root` instead of its own `images/` directory: two agents given the same
+    /// directory share storage, like hosts mounting one NFS export.
+    pub async fn start_with_storage(
+        ferryd_bin: &Path,
+        name: &str,
+        pki: &TestPki,
+        base_dir: &Path,
+        accel: &str,
+        extra_toml: &str,
+        storage_root: Option<&Path>,
+    ) -> Result<TestAgent> {
         let dir = base_dir.join(name);
         let state_dir = dir.join("state");
         let shm_root = unique_shm_root();
@@ -177,6 +193,12 @@ impl TestAgent {
             .with_context(|| format!("creating {}", state_dir.display()))?;
         std::fs::create_dir_all(&ram_dir)
             .with_context(|| format!("creating {}", ram_dir.display()))?;
+        let storage_dir = match storage_root {
+            Some(p) => p.to_path_buf(),
+            None => dir.join("images"),
+        };
+        std::fs::create_dir_all(&storage_dir)
+            .with_context(|| format!("creating {}", storage_dir.display()))?;
         let grpc_addr = format!("127.0.0.1:{}", free_port_tcp()?);
         let quic_addr = format!("127.0.0.1:{}", free_port_udp()?);
         let metrics_addr = format!("127.0.0.1:{}", free_port_tcp()?);
@@ -189,6 +211,7 @@ impl TestAgent {
              ram_dir = {}\n\
              state_dir = {}\n\
              accel = {}\n\
+             storage_roots = [{}]\n\
              qemu_binary = \"qemu-system-x86_64\"\n\
              \n\
              [tls]\n\
@@ -209,6 +232,7 @@ impl TestAgent {
             toml_str(path_str(&ram_dir)?),
             toml_str(path_str(&state_dir)?),
             toml_str(accel),
+            toml_str(path_str(&storage_dir)?),
             toml_str(path_str(&tls.ca)?),
             toml_str(path_str(&tls.cert)?),
             toml_str(path_str(&tls.key)?),
@@ -226,6 +250,7 @@ impl TestAgent {
             state_dir,
             shm_root,
             ram_dir,
+            storage_dir,
             grpc_addr,
             quic_addr,
             metrics_addr,
@@ -370,6 +395,11 @@ impl TestAgent {
     /// The agent's RAM directory (`/dev/shm/ferry-test-<unique>/NAME`).
     pub fn ram_dir(&self) -> &Path {
         &self.ram_dir
+    }
+
+    /// The agent's storage root (where its disk images may live).
+    pub fn storage_dir(&self) -> &Path {
+        &self.storage_dir
     }
 
     /// The agent's state directory (`base_dir/NAME/state`).

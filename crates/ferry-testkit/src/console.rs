@@ -299,6 +299,20 @@ pub struct CheckResult {
     pub bad: u64,
     /// Index of the first bad page (`None` when `ok`).
     pub first: Option<u64>,
+    /// Disk blocks the workload wrote and verified (`ok` with a disk; else 0).
+    pub disk_blocks: u64,
+    /// Disk block writes since start (`ok` with a disk; else 0).
+    pub disk_writes: u64,
+    /// Disk blocks that did not read back as written (`fail` with a disk; else 0).
+    pub disk_bad: u64,
+}
+
+fn field_u64_or0(line: &str, key: &str) -> Result<u64> {
+    if fields(line).any(|(k, _)| k == key) {
+        field_u64(line, key)
+    } else {
+        Ok(0)
+    }
 }
 
 /// The `key=value` fields of a line after its first word.
@@ -315,7 +329,8 @@ fn field_u64(line: &str, key: &str) -> Result<u64> {
         .map_err(|_| anyhow!("{key}={v:?} is not a number in {line:?}"))
 }
 
-/// Parses `FERRY-CHECK ok pages=<n> writes=<w>` or `FERRY-CHECK fail bad=<k> first=<i>`.
+/// Parses `FERRY-CHECK ok pages=<n> writes=<w> [disk_blocks=<b> disk_writes=<dw>]` or
+/// `FERRY-CHECK fail bad=<k> first=<i> [disk_bad=<d> disk_first=<j>]`.
 pub fn parse_check(line: &str) -> Result<CheckResult> {
     let line = line.trim();
     let mut words = line.split_whitespace();
@@ -329,6 +344,9 @@ pub fn parse_check(line: &str) -> Result<CheckResult> {
             writes: field_u64(line, "writes")?,
             bad: 0,
             first: None,
+            disk_blocks: field_u64_or0(line, "disk_blocks")?,
+            disk_writes: field_u64_or0(line, "disk_writes")?,
+            disk_bad: 0,
         }),
         Some("fail") => Ok(CheckResult {
             ok: false,
@@ -336,6 +354,9 @@ pub fn parse_check(line: &str) -> Result<CheckResult> {
             writes: 0,
             bad: field_u64(line, "bad")?,
             first: Some(field_u64(line, "first")?),
+            disk_blocks: 0,
+            disk_writes: 0,
+            disk_bad: field_u64_or0(line, "disk_bad")?,
         }),
         _ => bail!("FERRY-CHECK line is neither ok nor fail: {line:?}"),
     }
@@ -421,9 +442,16 @@ mod tests {
                 pages: 32768,
                 writes: 1234,
                 bad: 0,
-                first: None
+                first: None,
+                disk_blocks: 0,
+                disk_writes: 0,
+                disk_bad: 0,
             }
         );
+        let disk = parse_check("FERRY-CHECK ok pages=4 writes=0 disk_blocks=372 disk_writes=397").expect("disk ok");
+        assert!(disk.ok && disk.disk_blocks == 372 && disk.disk_writes == 397);
+        let disk = parse_check("FERRY-CHECK fail bad=0 first=0 disk_bad=3 disk_first=12").expect("disk fail");
+        assert!(!disk.ok && disk.bad == 0 && disk.disk_bad == 3);
         assert_eq!(
             parse_check("FERRY-CHECK fail bad=3 first=17").expect("fail"),
             CheckResult {
@@ -431,7 +459,10 @@ mod tests {
                 pages: 0,
                 writes: 0,
                 bad: 3,
-                first: Some(17)
+                first: Some(17),
+                disk_blocks: 0,
+                disk_writes: 0,
+                disk_bad: 0,
             }
         );
         for bad in [

@@ -31,6 +31,12 @@ pub enum ControlMessage {
     DeviceStateLoaded { ok: bool, error: Option<String> },
     /// Something went wrong on the sender's side; the migration is over.
     Error { message: String },
+    /// First frame of a cold migration's disk-image stream: which migration (and its
+    /// one-time token), which image, and the offset the data starts at (the target's
+    /// resume offset).
+    DiskImageBegin { migration_id: String, token: String, index: u32, offset: u64 },
+    /// Last frame of a disk-image stream: the sender scanned the whole file, `length` bytes.
+    DiskImageEnd { length: u64 },
 }
 
 impl ControlMessage {

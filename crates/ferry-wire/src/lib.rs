@@ -16,8 +16,8 @@ mod frame;
 pub use codec::{Codec, CodecError};
 pub use control::ControlMessage;
 pub use frame::{
-    Frame, FrameType, PageBatch, PageRun, StreamHeader, StreamKind, ZeroPages, EncodedBatch,
-    FRAME_HEADER_LEN, MAX_BATCH_PAGES, MAX_FRAME_BODY, STREAM_HEADER_LEN,
+    DataChunk, Frame, FrameType, PageBatch, PageRun, StreamHeader, StreamKind, ZeroPages, EncodedBatch,
+    FRAME_HEADER_LEN, MAX_BATCH_PAGES, MAX_CHUNK, MAX_FRAME_BODY, STREAM_HEADER_LEN,
 };
 
 /// Version of the data-plane protocol this build speaks. A receiver accepts its own

@@ -214,6 +214,12 @@ async fn migrate(client: &mut Client, g: &GlobalOpts, a: MigrateArgs) -> Result<
         timeout_s: a.timeout.map(|d| d.as_secs().clamp(1, u64::from(u32::MAX)) as u32).unwrap_or(0),
         on_stall: a.on_stall.clone().unwrap_or_default(),
         leave_paused: a.suspend,
+        storage: a.storage.clone().unwrap_or_default(),
+        offline: a.offline,
+        start_on_target: a.start,
+        undefine_source: a.undefine_source,
+        stop_source: a.stop_source,
+        ..Default::default()
     };
     let status = client
         .start_migration(req)

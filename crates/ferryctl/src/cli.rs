@@ -156,6 +156,26 @@ pub struct MigrateArgs {
     /// --suspend`); `ferryctl vm resume` runs it.
     #[arg(long)]
     pub suspend: bool,
+    /// Disks: `auto` (detect shared storage with a token file beside each image; copy the
+    /// rest), `shared` (refuse unless the target sees the same images) or `copy` (always
+    /// mirror the disks to the target; refused if it sees the same files).
+    #[arg(long, value_name = "MODE", value_parser = ["auto", "shared", "copy"])]
+    pub storage: Option<String>,
+    /// Cold migration (like `virsh migrate --offline --persistent` with the disks copied):
+    /// move a stopped VM's disk images and definition. Interrupted copies resume.
+    #[arg(long)]
+    pub offline: bool,
+    /// With --offline: start the VM on the target once it is there.
+    #[arg(long, requires = "offline")]
+    pub start: bool,
+    /// With --offline: remove the VM's definition from the source afterwards (its image
+    /// files stay there).
+    #[arg(long, requires = "offline")]
+    pub undefine_source: bool,
+    /// With --offline: stop a running VM first (ACPI power-down, then quit) instead of
+    /// refusing.
+    #[arg(long, requires = "offline")]
+    pub stop_source: bool,
     /// Go ahead although soft preflight checks failed (e.g. predicted non-convergence).
     #[arg(long)]
     pub force: bool,
@@ -405,6 +425,27 @@ mod tests {
         assert!(m.detach && !m.no_verify);
         for codec in ["none", "lz4", "zstd", "ZSTD:19"] {
             parse(&["migrate", "v", "--to", "b:1", "--compress", codec]).expect(codec);
+        }
+    }
+
+    #[test]
+    fn offline_migrate_options() {
+        let c = parse(&[
+            "migrate", "web1", "--to", "b:1", "--offline", "--start", "--undefine-source", "--stop-source",
+        ])
+        .expect("parse");
+        let Command::Migrate(m) = c.command else {
+            panic!("not migrate")
+        };
+        assert!(m.offline && m.start && m.undefine_source && m.stop_source);
+        let c = parse(&["migrate", "web1", "--to", "b:1"]).expect("parse");
+        let Command::Migrate(m) = c.command else {
+            panic!("not migrate")
+        };
+        assert!(!m.offline && !m.start && !m.undefine_source && !m.stop_source);
+        for flag in ["--start", "--undefine-source", "--stop-source"] {
+            let e = parse(&["migrate", "v", "--to", "b:1", flag]).expect_err(flag);
+            assert!(e.to_string().contains("--offline"), "{flag}: {e}");
         }
     }
 

@@ -316,6 +316,10 @@ pub fn migration_table(migrations: &[MigrationStatus]) -> String {
 /// `(0, 0)` while the RAM size is not known yet.
 pub fn progress_position(status: &MigrationStatus) -> (u64, u64) {
     let st = status.stats.clone().unwrap_or_default();
+    if is_offline(&st) {
+        // A cold migration: the bar follows the disk images.
+        return (st.disk_bytes_done.min(st.disk_bytes_total), st.disk_bytes_total);
+    }
     if st.guest_ram_bytes == 0 {
         return (0, 0);
     }
@@ -337,6 +341,11 @@ pub fn progress_position(status: &MigrationStatus) -> (u64, u64) {
     (covered.min(st.guest_ram_bytes), st.guest_ram_bytes)
 }
 
+/// Whether these are the statistics of a cold (offline) migration: no guest RAM moves.
+pub fn is_offline(st: &MigrationStats) -> bool {
+    st.guest_ram_bytes == 0 && !st.storage.is_empty()
+}
+
 /// First line of the live progress display: phase, round and elapsed time, e.g.
 /// `PRECOPY round 3  4.21 s`.
 pub fn progress_prefix(status: &MigrationStatus) -> String {
@@ -355,16 +364,26 @@ pub fn progress_prefix(status: &MigrationStatus) -> String {
 
 /// Transfer line of the live display: pages sent, guest and wire bytes, compression ratio,
 /// rate. `29,251 pages  114.3 MiB -> 66.9 MiB wire (1.71x)  260.6 MiB/s`.
+/// Disks moving too: `| disks 96.0 MiB of 128.0 MiB -> 40.1 MiB wire` after it.
 pub fn progress_transfer(status: &MigrationStatus) -> String {
     let st = status.stats.clone().unwrap_or_default();
-    format!(
+    let mut line = format!(
         "{} pages  {} -> {} wire ({})  {}",
         count(st.pages_sent),
         bytes(st.page_bytes),
         bytes(st.wire_bytes),
         ratio(st.compression_ratio),
         rate(st.throughput_bytes_per_sec)
-    )
+    );
+    if st.disk_bytes_total > 0 {
+        line.push_str(&format!(
+            " | disks {} of {} -> {} wire",
+            bytes(st.disk_bytes_done),
+            bytes(st.disk_bytes_total),
+            bytes(st.disk_wire_bytes)
+        ));
+    }
+    line
 }
 
 /// Convergence line of the live display: dirty rate, last round's dirty pages, expected
@@ -401,7 +420,13 @@ pub fn progress_line(status: &MigrationStatus) -> String {
 fn outcome_note(status: &MigrationStatus) -> Option<String> {
     let source = or_dash(&status.source);
     let target = or_dash(&status.target);
+    let offline = status.stats.as_ref().is_some_and(is_offline);
     match status.phase() {
+        MigrationPhase::Failed | MigrationPhase::Cancelled if offline => Some(format!(
+            "VM {} stays defined on the source {source}, stopped, its images unchanged{}",
+            status.vm,
+            if status.phase() == MigrationPhase::Failed { "; what reached the target is kept there, so a new attempt resumes" } else { "" }
+        )),
         MigrationPhase::Failed => Some(format!("rolled back: VM {} keeps running on the source {source}", status.vm)),
         MigrationPhase::Cancelled => {
             Some(format!("cancelled and rolled back: VM {} keeps running on the source {source}", status.vm))
@@ -463,6 +488,10 @@ pub fn final_report(status: &MigrationStatus) -> String {
     if !is_terminal(phase) && !status.message.is_empty() {
         kv("latest event", status.message.clone());
     }
+    if is_terminal(phase) && is_offline(&st) && !status.message.is_empty() {
+        // Where the VM and its images are now (cold migrations say it in the message).
+        kv("outcome", status.message.clone());
+    }
     stats_lines(&st, phase, &mut kv);
     kv("started", unix_ms(status.started_unix_ms));
     kv("finished", unix_ms(status.finished_unix_ms));
@@ -473,6 +502,35 @@ fn stats_lines(st: &MigrationStats, phase: MigrationPhase, kv: &mut dyn FnMut(&s
     kv("total time", millis(st.elapsed_ms));
     if st.preflight_ms > 0 {
         kv("preflight", millis(st.preflight_ms));
+    }
+    if !st.storage.is_empty() && st.storage != "none" {
+        kv("storage", st.storage.clone());
+    }
+    if st.disk_bytes_total > 0 {
+        kv(
+            "disk bytes",
+            format!(
+                "{} of {} -> {} wire",
+                bytes(st.disk_bytes_done),
+                bytes(st.disk_bytes_total),
+                bytes(st.disk_wire_bytes)
+            ),
+        );
+    }
+    if is_offline(st) {
+        // Cold migration: no guest RAM, no downtime; what the copy skipped and resumed.
+        kv(
+            "disk detail",
+            format!(
+                "{} skipped (holes, zeros), {} already on the target",
+                bytes(st.disk_bytes_skipped),
+                bytes(st.disk_bytes_resumed)
+            ),
+        );
+        kv("compression", ratio(st.compression_ratio));
+        kv("codec", or_dash(&st.codec).to_string());
+        kv("throughput", rate(st.throughput_bytes_per_sec));
+        return;
     }
     let downtime = if st.downtime_ms == 0 && phase != MigrationPhase::Completed {
         "-".to_string()
@@ -698,7 +756,7 @@ mod tests {
                 downtime_breakdown: None,
                 policy_applied: String::new(),
                 prediction: None,
-                preflight_ms: 0,
+                ..Default::default()
             }),
             error: String::new(),
             message: "round 7".into(),

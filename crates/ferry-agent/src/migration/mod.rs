@@ -1,9 +1,13 @@
 //! Live migration: the source-side state machine ([`source`]), the target side
 //! ([`target`]), and the page movers both use ([`pages`]).
 //!
+//! Cold (offline) migration of a stopped VM's images and definition is [`cold`].
+//!
 //! Phases follow DESIGN.md: Preparing → Connecting → Precopy → Switchover → Verifying →
 //! Committing → Completed; any failure before the commit rolls back to the source.
 
+pub mod disks;
+pub mod cold;
 pub mod pages;
 pub mod relay;
 pub mod source;

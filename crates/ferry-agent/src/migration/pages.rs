@@ -296,6 +296,6 @@ fn apply_frame(ram: &RamFile, frame: Frame) -> Result<u64, PageError> {
             }
             Ok(n)
         }
-        Frame::Control(_) => Err(PageError::Transport(TransportError::UnexpectedFrame("page"))),
+        Frame::Control(_) | Frame::Chunk(_) => Err(PageError::Transport(TransportError::UnexpectedFrame("page"))),
     }
 }

@@ -14,7 +14,7 @@ use ferry_api::v1 as pb;
 use ferry_api::v1::ferry_peer_client::FerryPeerClient;
 use ferry_memory::{DirtyBitmap, DirtyTracker, RamFile, DEFAULT_SHIM_FD, PAGE_SIZE};
 use ferry_qemu::{QemuProcess, VmSpec};
-use ferry_qmp::{wait_for_event, QmpClient, QmpEvent};
+use ferry_qmp::{wait_for_event, MirrorCopyMode, QmpClient, QmpEvent};
 use ferry_transport::{write_stream_header, ControlChannel, FrameWriter};
 use ferry_wire::{Codec, ControlMessage, StreamHeader, StreamKind, PROTOCOL_VERSION};
 use std::net::SocketAddr;
@@ -49,6 +49,8 @@ pub struct MigrationParams {
     pub on_stall: StallPolicy,
     /// Commit but leave the guest paused on the target (`virsh migrate --suspend`).
     pub leave_paused: bool,
+    /// Shared storage, copied disks, or detect.
+    pub storage: super::disks::StorageMode,
 }
 
 /// What to do when pre-copy rounds stop shrinking (or the round limit is reached).
@@ -104,6 +106,10 @@ struct Undo {
     /// The control stream's send half: dropping it would finish the stream, which the
     /// target rightly takes as the source giving up. Kept open until the commit is done.
     control: Option<FrameWriter>,
+    /// Disk mirror jobs still running in the source QEMU (job id = NBD node name).
+    mirrors: Vec<String>,
+    /// The unix socket the source QEMU's NBD clients connect to.
+    nbd_relay_path: Option<PathBuf>,
 }
 
 /// How the commit ended.
@@ -167,7 +173,7 @@ pub async fn run_guarded(ctx: Arc<AgentCtx>, p: MigrationParams, h: Arc<Outgoing
 pub async fn run(ctx: Arc<AgentCtx>, p: MigrationParams, h: Arc<OutgoingHandle>, spec: VmSpec, proc: Arc<QemuProcess>) {
     let started = Instant::now();
     let mut undo = Undo::default();
-    let mut m = Migration { ctx: ctx.clone(), p: p.clone(), h: h.clone(), spec, proc: proc.clone(), started, stop_time: None, token: String::new(), reported: (0, 0, 0), link_rate: 0.0 };
+    let mut m = Migration { ctx: ctx.clone(), p: p.clone(), h: h.clone(), spec, proc: proc.clone(), started, stop_time: None, token: String::new(), reported: (0, 0, 0), link_rate: 0.0, disk_counters: None };
     ctx.metrics.active.inc();
     let deadline = p.timeout.unwrap_or(Duration::from_secs(u64::MAX / 4));
     let result = tokio::select! {
@@ -218,6 +224,8 @@ struct Migration {
     reported: (u64, u64, u64),
     /// Steady rate the preflight probe measured on the data path (bytes/s, 0: unknown).
     link_rate: f64,
+    /// Bytes through the NBD tunnels of the disk mirrors.
+    disk_counters: Option<Arc<super::disks::TunnelCounters>>,
 }
 
 impl Migration {
@@ -290,12 +298,27 @@ impl Migration {
             .await
             .map_err(|e| fail("prepare")(format!("cannot reach target agent {}: {e}", self.p.target)))?;
         let mut peer = FerryPeerClient::new(chan);
+        // Disks: shared storage stays put, the rest travels through an NBD mirror.
+        let plans = super::disks::plan(&self.ctx.storage, &self.spec, &mut peer, self.p.storage).await.map_err(fail("storage"))?;
+        let copies: Vec<pb::DiskProbe> = plans.iter().filter(|p| !p.shared).map(|p| p.probe.clone()).collect();
+        let storage = match (plans.len(), copies.len()) {
+            (0, _) => "none".to_string(),
+            (_, 0) => "shared".to_string(),
+            (n, c) if c == n => "copied".to_string(),
+            (n, c) => format!("shared ({}), copied ({c})", n - c),
+        };
+        if !plans.is_empty() {
+            self.phase(pb::MigrationPhase::Preparing, format!("storage: {storage}"));
+        }
+        self.h.update(|s| s.stats.get_or_insert_with(Default::default).storage = storage.clone());
         let prep = peer
             .prepare(pb::PrepareRequest {
                 migration_id: self.p.id.clone(),
                 spec: Some(spec_to_pb(&self.spec)),
                 source_host: self.ctx.cfg.host_name.clone(),
                 protocol_version: u32::from(PROTOCOL_VERSION),
+                copy_disks: copies.clone(),
+                shared_disks: plans.iter().filter(|p| p.shared).map(|p| p.probe.clone()).collect(),
             })
             .await
             .map_err(|s| fail("prepare")(format!("target {} refused to prepare: {}", self.p.target, status_msg(s))))?
@@ -338,6 +361,11 @@ impl Migration {
             let mut s = conn.open_uni().await.map_err(fail("connect"))?;
             write_stream_header(&mut s, StreamHeader::new(StreamKind::Pages, i as u16)).await.map_err(fail("connect"))?;
             writers.push(FrameWriter::new(s));
+        }
+
+        // Disks first: the bulk copy runs until every mirror is READY, then stays in step.
+        if !copies.is_empty() {
+            self.mirror_disks(&conn, &copies, undo).await?;
         }
 
         // Write tracking inside the source QEMU (uffd taken from the process).
@@ -470,6 +498,11 @@ impl Migration {
         undo.migrate_issued = true;
         self.wait_pre_switchover(&mut events).await?;
         self.mark(|b, us| b.pre_switchover_us = us);
+        // Disks: the mirrors are in step (write-blocking) and the guest is paused; a READY
+        // mirror cancelled now completes with both sides equal. Now, never later.
+        if !undo.mirrors.is_empty() {
+            self.finish_mirrors(undo).await?;
+        }
 
         // The guest is paused: last round, then the target must hold every page.
         let t_final = Instant::now();
@@ -569,6 +602,116 @@ impl Migration {
         Ok(if self.p.leave_paused { resp.ready_unix_us } else { resp.resume_unix_us })
     }
 
+    /// Mirrors every travelling disk into the target's NBD export, tunnelled over QUIC,
+    /// until all mirrors are READY; then switches them to write-blocking so they stay in
+    /// step while RAM moves.
+    async fn mirror_disks(&mut self, conn: &quinn::Connection, copies: &[pb::DiskProbe], undo: &mut Undo) -> Res<()> {
+        self.phase(pb::MigrationPhase::CopyingDisks, format!("mirroring {} disk(s) to the target", copies.len()));
+        let relay_path = self.ctx.cfg.run_dir(&self.spec.name).join(format!("nbd-{}.sock", &self.p.id[..8.min(self.p.id.len())]));
+        let _ = std::fs::remove_file(&relay_path);
+        let listener = tokio::net::UnixListener::bind(&relay_path).map_err(fail("NBD relay"))?;
+        undo.nbd_relay_path = Some(relay_path.clone());
+        let counters = Arc::new(super::disks::TunnelCounters::default());
+        // Every NBD connection QEMU opens becomes one QUIC stream to the target's QEMU.
+        let (conn2, codec, c2, id) = (conn.clone(), self.p.codec, counters.clone(), self.p.id.clone());
+        tokio::spawn(async move {
+            while let Ok((unix, _)) = listener.accept().await {
+                let (conn, c, id) = (conn2.clone(), c2.clone(), id.clone());
+                tokio::spawn(async move {
+                    let r = async {
+                        let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+                        write_stream_header(&mut send, StreamHeader::new(StreamKind::NbdTunnel, 0)).await.map_err(|e| e.to_string())?;
+                        super::disks::tunnel(unix, send, recv, codec, c).await
+                    };
+                    if let Err(e) = r.await {
+                        warn!(migration = %id, "NBD tunnel: {e}");
+                    }
+                });
+            }
+        });
+        // QEMU before 8.2 cannot switch a running mirror to write-blocking: use it from the start.
+        let v = self.qmp().version();
+        let can_switch = (v.major, v.minor) >= (8, 2);
+        let first_mode = if can_switch { MirrorCopyMode::Background } else { MirrorCopyMode::WriteBlocking };
+        let relay = relay_path.display().to_string();
+        for c in copies {
+            let node = super::disks::mirror_node(&c.id);
+            self.qmp().blockdev_add_nbd_unix(&node, &relay, &c.id).await.map_err(|e| fail("disk mirror")(format!("disk '{}': NBD client: {e}", c.id)))?;
+            undo.mirrors.push(node.clone());
+            self.qmp().blockdev_mirror(&node, &c.id, &node, first_mode).await.map_err(|e| fail("disk mirror")(format!("disk '{}': {e}", c.id)))?;
+        }
+        let started = Instant::now();
+        loop {
+            let jobs = self.qmp().query_block_jobs().await.map_err(fail("disk mirror"))?;
+            let ours: Vec<_> = jobs.iter().filter(|j| undo.mirrors.contains(&j.device)).collect();
+            if ours.len() < undo.mirrors.len() {
+                return Err(fail("disk mirror")("a mirror job ended by itself (the NBD connection to the target failed?)"));
+            }
+            let (len, done) = ours.iter().fold((0, 0), |(l, d), j| (l + j.len, d + j.offset));
+            let ready = ours.iter().all(|j| j.ready);
+            let wire = counters.wire.load(Ordering::Relaxed);
+            self.h.update(|s| {
+                let st = s.stats.get_or_insert_with(Default::default);
+                st.disk_bytes_total = len;
+                st.disk_bytes_done = done;
+                st.disk_wire_bytes = wire;
+                s.message = format!("mirroring disks: {} of {} MiB", done >> 20, len >> 20);
+            });
+            if ready {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        if can_switch {
+            for node in &undo.mirrors {
+                self.qmp().block_job_set_copy_mode(node, MirrorCopyMode::WriteBlocking).await.map_err(fail("disk mirror"))?;
+            }
+        }
+        info!(migration = %self.p.id, elapsed = ?started.elapsed(), "disk mirrors ready; guest writes now reach both sides");
+        self.disk_counters = Some(counters);
+        Ok(())
+    }
+
+    /// At pre-switchover: completes every (READY, write-blocking) mirror and removes its
+    /// NBD node, leaving the source QEMU on its own disks.
+    async fn finish_mirrors(&mut self, undo: &mut Undo) -> Res<()> {
+        let mut events = self.qmp().subscribe();
+        for node in &undo.mirrors {
+            self.qmp().block_job_cancel(node, false).await.map_err(fail("disk mirror"))?;
+        }
+        let mut pending: Vec<String> = undo.mirrors.clone();
+        while !pending.is_empty() {
+            let ev = wait_for_event(&mut events, Duration::from_secs(60), |e| {
+                matches!(e.name.as_str(), "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" | "BLOCK_JOB_ERROR")
+            })
+            .await
+            .map_err(fail("disk mirror"))?;
+            let dev = ev.data.get("device").and_then(|d| d.as_str()).unwrap_or_default().to_string();
+            if !pending.contains(&dev) {
+                continue;
+            }
+            if ev.name != "BLOCK_JOB_COMPLETED" || ev.data.get("error").is_some() {
+                return Err(fail("disk mirror")(format!("mirror {dev} ended with {} {}", ev.name, ev.data)));
+            }
+            pending.retain(|p| *p != dev);
+        }
+        for node in std::mem::take(&mut undo.mirrors) {
+            if let Err(e) = self.qmp().blockdev_del(&node).await {
+                warn!(migration = %self.p.id, "blockdev-del {node}: {e}");
+            }
+        }
+        if let Some(c) = &self.disk_counters {
+            let (raw, wire) = (c.raw.load(Ordering::Relaxed), c.wire.load(Ordering::Relaxed));
+            self.h.update(|s| {
+                let st = s.stats.get_or_insert_with(Default::default);
+                st.disk_bytes_done = st.disk_bytes_total.max(st.disk_bytes_done);
+                st.disk_wire_bytes = wire;
+                let _ = raw;
+            });
+        }
+        Ok(())
+    }
+
     /// Waits for QEMU to pause the guest at `pre-switchover`, noting when vCPUs stopped.
     async fn wait_pre_switchover(&mut self, events: &mut tokio::sync::broadcast::Receiver<QmpEvent>) -> Res<()> {
         loop {
@@ -652,7 +795,7 @@ impl Migration {
         if let Some(t) = undo.throttle.take() {
             t.release();
         }
-        if let Some(p) = undo.relay_path.take() {
+        for p in [undo.relay_path.take(), undo.nbd_relay_path.take()].into_iter().flatten() {
             let _ = std::fs::remove_file(p);
         }
         // The VM lives on the target now: tear down the source copy.
@@ -711,6 +854,23 @@ impl Migration {
             if self.qmp().migrate_cancel().await.is_ok() {
                 let _ = ferry_qmp::wait_migration_status(&mut ev, Duration::from_secs(15), &["cancelled", "failed", "completed"]).await;
             }
+        }
+        // Disk mirrors still running: stop them (the guest keeps its own disks) and drop
+        // the NBD clients, before the guest runs on.
+        for node in std::mem::take(&mut undo.mirrors) {
+            let mut ev = self.qmp().subscribe();
+            if self.qmp().block_job_cancel(&node, true).await.is_ok() {
+                let _ = wait_for_event(&mut ev, Duration::from_secs(10), |e| {
+                    matches!(e.name.as_str(), "BLOCK_JOB_CANCELLED" | "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_ERROR")
+                })
+                .await;
+            }
+            if let Err(err) = self.qmp().blockdev_del(&node).await {
+                warn!(migration = %self.p.id, "blockdev-del {node}: {err}");
+            }
+        }
+        if let Some(p) = undo.nbd_relay_path.take() {
+            let _ = std::fs::remove_file(p);
         }
         // QEMU resumes a guest it paused itself; make sure, whatever state it is in.
         match self.qmp().query_status().await {

@@ -40,7 +40,9 @@ pub struct Incoming {
     id: String,
     token: String,
     spec: VmSpec,
-    ram: Arc<RamFile>,
+    /// The guest RAM file, mapped. Released once the migration ends (committed or
+    /// aborted): kept, the mapping of a later-deleted file would pin its memory.
+    ram: std::sync::Mutex<Option<Arc<RamFile>>>,
     proc: Arc<QemuProcess>,
     state: Mutex<State>,
     applied: Arc<AppliedCounter>,
@@ -48,6 +50,22 @@ pub struct Incoming {
     loaded: watch::Receiver<Option<Result<(), String>>>,
     cancel: CancellationToken,
     incoming_sock: PathBuf,
+    /// Empty images made for disks that travel (removed if this does not commit).
+    copies: Vec<PathBuf>,
+    /// NBD server socket of the target QEMU and its exports, when disks travel.
+    nbd: Option<(PathBuf, Vec<String>)>,
+}
+
+impl Incoming {
+    fn ram(&self) -> Option<Arc<RamFile>> {
+        self.ram.lock().ok().and_then(|r| r.clone())
+    }
+
+    fn release_ram(&self) {
+        if let Ok(mut r) = self.ram.lock() {
+            r.take();
+        }
+    }
 }
 
 /// Incoming migrations of this host.
@@ -57,6 +75,7 @@ pub struct IncomingRegistry {
     journal: Arc<Journal>,
     qemu_version: String,
     metrics: Arc<crate::metrics::Metrics>,
+    storage: Arc<ferry_disk::StorageRoots>,
     map: std::sync::Mutex<HashMap<String, Arc<Incoming>>>,
 }
 
@@ -67,8 +86,14 @@ impl IncomingRegistry {
         journal: Arc<Journal>,
         qemu_version: String,
         metrics: Arc<crate::metrics::Metrics>,
+        storage: Arc<ferry_disk::StorageRoots>,
     ) -> Arc<Self> {
-        Arc::new(IncomingRegistry { cfg, vms, journal, qemu_version, metrics, map: std::sync::Mutex::new(HashMap::new()) })
+        Arc::new(IncomingRegistry { cfg, vms, journal, qemu_version, metrics, storage, map: std::sync::Mutex::new(HashMap::new()) })
+    }
+
+    /// Shared-storage detection and room for disk copies (peer `CheckStorage`).
+    pub fn check_storage(&self, req: &pb::CheckStorageRequest) -> pb::CheckStorageResponse {
+        super::disks::check(&self.storage, self.host(), req)
     }
 
     fn get(&self, id: &str) -> Option<Arc<Incoming>> {
@@ -95,8 +120,10 @@ impl IncomingRegistry {
         if self.get(&req.migration_id).is_some() {
             return Err(Status::already_exists(format!("migration {} is already prepared on {}", req.migration_id, self.host())));
         }
+        // Disk paths in the spec are the source's: map them to this host's storage.
+        let spec = super::disks::localize(&self.storage, self.host(), spec, &req.shared_disks, &req.copy_disks)?;
         self.vms.reserve_incoming(&spec, &req.migration_id).await?;
-        match self.create(&req.migration_id, &spec).await {
+        match self.create(&req.migration_id, &spec, &req.copy_disks).await {
             Ok(inc) => {
                 let token = inc.token.clone();
                 self.journal
@@ -130,7 +157,7 @@ impl IncomingRegistry {
         }
     }
 
-    async fn create(&self, id: &str, spec: &VmSpec) -> Result<Arc<Incoming>, Status> {
+    async fn create(&self, id: &str, spec: &VmSpec, copy_disks: &[pb::DiskProbe]) -> Result<Arc<Incoming>, Status> {
         let host = self.host().to_string();
         let err = |what: &str, e: &dyn std::fmt::Display| Status::internal(format!("preparing VM '{}' on {host}: {what}: {e}", spec.name));
         let launch = self.vms.launch_for(spec, true);
@@ -139,10 +166,33 @@ impl IncomingRegistry {
         let ram = RamFile::create(&launch.ram_path, spec.memory_mib << 20).map_err(|e| {
             Status::resource_exhausted(format!("cannot create the {} MiB RAM file on {host}: {e}", spec.memory_mib))
         })?;
-        let proc = Arc::new(QemuProcess::spawn(&launch, &self.cfg.qemu_binary).await.map_err(|e| err("starting QEMU", &e))?);
+        // Disks that travel: empty images of the same format and size, made before QEMU
+        // opens them. Shared disks are opened in place (inactive until the switchover).
+        let copies = super::disks::create_copies(&self.storage, &host, spec, copy_disks)?;
+        let proc = match QemuProcess::spawn(&launch, &self.cfg.qemu_binary).await {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                super::disks::remove_copies(&copies);
+                return Err(err("starting QEMU", &e));
+            }
+        };
         let setup = async {
             self.vms.attach_incoming(&spec.name, proc.clone()).await?;
             let qmp = proc.qmp();
+            let nbd = if copy_disks.is_empty() {
+                None
+            } else {
+                let sock = launch.run_dir.join("nbd.sock");
+                let _ = std::fs::remove_file(&sock);
+                qmp.nbd_server_start_unix(&sock.display().to_string()).await.map_err(|e| err("nbd-server-start", &e))?;
+                let mut exports = Vec::new();
+                for d in copy_disks {
+                    let export = format!("ferry-exp-{}", d.id);
+                    qmp.block_export_add_nbd(&export, &d.id, &d.id, true).await.map_err(|e| err("block-export-add", &e))?;
+                    exports.push(export);
+                }
+                Some((sock, exports))
+            };
             let mut events = qmp.subscribe();
             qmp.migrate_set_capabilities(&[("x-ignore-shared", true), ("events", true), ("return-path", true)])
                 .await
@@ -160,23 +210,26 @@ impl IncomingRegistry {
                 };
                 let _ = tx.send(Some(v));
             });
-            Ok::<_, Status>((sock, rx))
+            Ok::<_, Status>((sock, rx, nbd))
         };
         match setup.await {
-            Ok((incoming_sock, loaded)) => Ok(Arc::new(Incoming {
+            Ok((incoming_sock, loaded, nbd)) => Ok(Arc::new(Incoming {
                 id: id.to_string(),
                 token: uuid::Uuid::new_v4().simple().to_string(),
                 spec: spec.clone(),
-                ram: Arc::new(ram),
+                ram: std::sync::Mutex::new(Some(Arc::new(ram))),
                 proc,
                 state: Mutex::new(State::Prepared { connected: false }),
                 applied: Arc::new(AppliedCounter::default()),
                 loaded,
                 cancel: CancellationToken::new(),
                 incoming_sock,
+                copies,
+                nbd,
             })),
             Err(e) => {
                 let _ = proc.kill().await;
+                super::disks::remove_copies(&copies);
                 Err(e)
             }
         }
@@ -220,6 +273,19 @@ impl IncomingRegistry {
             Some(Err(e)) => return Err(Status::failed_precondition(format!("target QEMU did not load the device state: {e}"))),
             None => return Err(Status::failed_precondition("target QEMU has not loaded the device state yet")),
         }
+        // The mirror is over (the source cancelled it at pre-switchover): close the exports
+        // so nothing but the guest writes these disks from now on.
+        if let Some((_, exports)) = &inc.nbd {
+            let qmp = inc.proc.qmp();
+            for e in exports {
+                if let Err(err) = qmp.block_export_del(e).await {
+                    warn!(migration = %id, "block-export-del {e}: {err}");
+                }
+            }
+            if let Err(err) = qmp.nbd_server_stop().await {
+                warn!(migration = %id, "nbd-server-stop: {err}");
+            }
+        }
         // The order matters: journal first, so a crash after this line keeps the VM here.
         let rec = MigrationRecord {
             id: id.to_string(),
@@ -237,6 +303,7 @@ impl IncomingRegistry {
         inc.cancel.cancel();
         if leave_paused {
             self.metrics.migrations.with_label_values(&["target", "committed"]).inc();
+            inc.release_ram();
             info!(migration = %id, vm = %inc.spec.name, "committed; guest left paused here as asked");
             return Ok((0, ready_us));
         }
@@ -252,6 +319,7 @@ impl IncomingRegistry {
         }
         let resume_us = unix_us(resume);
         *st = State::Committed { resume_us, ready_us };
+        inc.release_ram();
         self.metrics.migrations.with_label_values(&["target", "committed"]).inc();
         info!(migration = %id, vm = %inc.spec.name, "committed; guest resumed here");
         Ok((resume_us, ready_us))
@@ -285,8 +353,10 @@ impl IncomingRegistry {
         self.metrics.migrations.with_label_values(&["target", "aborted"]).inc();
         inc.cancel.cancel();
         let _ = inc.proc.kill().await;
+        inc.release_ram();
         let _ = self.vms.drop_incoming(&inc.spec.name, &inc.id).await;
         remove_vm_files(&self.cfg, &inc.spec.name);
+        super::disks::remove_copies(&inc.copies);
         let _ = self.journal.remove_migration(&inc.id);
         if let Ok(mut m) = self.map.lock() {
             m.remove(&inc.id);
@@ -325,9 +395,13 @@ impl IncomingRegistry {
     /// preflight bandwidth probe.
     pub async fn handle_connection(self: Arc<Self>, conn: quinn::Connection) {
         let remote = conn.remote_address();
+        let accepted = tokio::select! {
+            bi = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()) => bi,
+            // A cold migration's connection carries only unidirectional DiskImage streams.
+            Ok(uni) = conn.accept_uni() => return super::cold::serve_disk_streams(conn, uni).await,
+        };
         let first = async {
-            let (send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
-                .await
+            let (send, mut recv) = accepted
                 .map_err(|_| "no stream within 10 s".to_string())?
                 .map_err(|e| e.to_string())?;
             let header = read_stream_header(&mut recv).await.map_err(|e| e.to_string())?;
@@ -386,8 +460,9 @@ impl IncomingRegistry {
         if !ferry_wire::version_supported(version) {
             return Err(format!("protocol version {version} not supported"));
         }
-        if ram_bytes != inc.ram.len() || page_size as usize != PAGE_SIZE {
-            return Err(format!("RAM size {ram_bytes} / page size {page_size} do not match the prepared VM ({} bytes)", inc.ram.len()));
+        let ram_len = inc.ram().map(|r| r.len()).ok_or("the migration has ended")?;
+        if ram_bytes != ram_len || page_size as usize != PAGE_SIZE {
+            return Err(format!("RAM size {ram_bytes} / page size {page_size} do not match the prepared VM ({ram_len} bytes)"));
         }
         {
             let mut st = inc.state.lock().await;
@@ -433,9 +508,13 @@ impl IncomingRegistry {
                     }
                     Some(Ok(ControlMessage::DigestRequest)) => {
                         // Hashed on the side so the device-state report is not held up.
-                        let (ram, tx) = (inc.ram.clone(), digest_tx.clone());
+                        let (ram, tx) = (inc.ram(), digest_tx.clone());
                         tokio::task::spawn_blocking(move || {
-                            let _ = tx.try_send(ram.fingerprint(2).map_err(|e| e.to_string()));
+                            let r = match ram {
+                                Some(ram) => ram.fingerprint(2).map_err(|e| e.to_string()),
+                                None => Err("the migration has ended".to_string()),
+                            };
+                            let _ = tx.try_send(r);
                         });
                     }
                     Some(Ok(ControlMessage::Error { message })) => break format!("source reported: {message}"),
@@ -515,7 +594,10 @@ async fn accept_streams(conn: quinn::Connection, inc: Arc<Incoming>, err_tx: mps
                     tokio::spawn(async move {
                         let r = match read_stream_header(&mut recv).await {
                             Ok(h) if h.kind == StreamKind::Pages => {
-                                apply_page_stream(FrameReader::new(recv), inc.ram.clone(), inc.applied.clone()).await.map_err(|e| format!("page stream {}: {e}", h.index))
+                                match inc.ram() {
+                                    Some(ram) => apply_page_stream(FrameReader::new(recv), ram, inc.applied.clone()).await.map_err(|e| format!("page stream {}: {e}", h.index)),
+                                    None => Err("page stream after the migration ended".to_string()),
+                                }
                             }
                             Ok(h) => Err(format!("unexpected {:?} stream", h.kind)),
                             Err(e) => Err(format!("page stream header: {e}")),
@@ -536,6 +618,25 @@ async fn accept_streams(conn: quinn::Connection, inc: Arc<Incoming>, err_tx: mps
                     tokio::spawn(async move {
                         match read_stream_header(&mut recv).await {
                             Ok(h) if h.kind == StreamKind::DeviceState => {}
+                            Ok(h) if h.kind == StreamKind::NbdTunnel => {
+                                let Some((sock, _)) = inc.nbd.clone() else {
+                                    let _ = err_tx.send("NBD tunnel opened but no disk travels".to_string()).await;
+                                    return;
+                                };
+                                match tokio::net::UnixStream::connect(&sock).await {
+                                    Ok(unix) => {
+                                        // Replies are small: not worth compressing.
+                                        let counters = Arc::new(super::disks::TunnelCounters::default());
+                                        if let Err(e) = super::disks::tunnel(unix, send, recv, ferry_wire::Codec::None, counters).await {
+                                            warn!(migration = %inc.id, "NBD tunnel: {e}");
+                                        }
+                                    }
+                                    Err(e) => {
+                                        let _ = err_tx.send(format!("cannot connect to the target QEMU's NBD server at {}: {e}", sock.display())).await;
+                                    }
+                                }
+                                return;
+                            }
                             Ok(h) => {
                                 let _ = err_tx.send(format!("unexpected {:?} stream", h.kind)).await;
                                 return;

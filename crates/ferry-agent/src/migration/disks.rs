@@ -1,0 +1,321 @@
+//! Disks in a live migration: whether storage is shared (a token file the source writes
+//! beside each image and the target looks for at the same path), the target's empty
+//! copies exported over NBD, and the tunnel that carries the source QEMU's mirror
+//! traffic to them over QUIC, compressed like pages.
+//!
+//! Source and target run the same QEMU block sequence as `notes/qemu-mechanics.md`:
+//! target `nbd-server-start` + `block-export-add`; source `blockdev-add` (NBD client on
+//! a unix socket the source agent listens on) + `blockdev-mirror` (sync full); READY,
+//! then write-blocking; at `pre-switchover` `block-job-cancel` (a READY mirror completes
+//! in sync) + `blockdev-del`. Never cancel after the migration completed: that crashes
+//! the source QEMU.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use ferry_api::v1 as pb;
+use ferry_api::v1::ferry_peer_client::FerryPeerClient;
+use ferry_disk::{image, token::SharedStorageToken, ImageFormat, StorageRoots};
+use ferry_qemu::{DiskFormat, VmSpec};
+use ferry_transport::{FrameReader, FrameWriter};
+use ferry_wire::{Codec, DataChunk, Frame, MAX_CHUNK};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+use tonic::Status;
+
+/// How the caller wants disks handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageMode {
+    /// Shared where the target sees the source's token, copied elsewhere.
+    Auto,
+    /// Every disk must be shared; refuse otherwise.
+    Shared,
+    /// Every disk travels; refuse if the target sees the same file (copying onto the
+    /// source's own image would destroy it).
+    Copy,
+}
+
+impl std::str::FromStr for StorageMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "" | "auto" => Ok(StorageMode::Auto),
+            "shared" => Ok(StorageMode::Shared),
+            "copy" => Ok(StorageMode::Copy),
+            other => Err(format!("storage must be auto, shared or copy, not {other:?}")),
+        }
+    }
+}
+
+/// What happens to one disk.
+#[derive(Debug, Clone)]
+pub struct DiskPlan {
+    pub probe: pb::DiskProbe,
+    /// Stays put: the target sees the same file.
+    pub shared: bool,
+}
+
+/// The block node, job and export names ferry uses for disk `id` of migration `mig`.
+pub fn mirror_node(id: &str) -> String {
+    format!("ferry-mir-{id}")
+}
+
+fn ferry_format(f: DiskFormat) -> ImageFormat {
+    match f {
+        DiskFormat::Qcow2 => ImageFormat::Qcow2,
+        DiskFormat::Raw => ImageFormat::Raw,
+    }
+}
+
+/// Source side: decides, with the target, which disks are shared and which travel.
+/// Holds the token files only while the target looks for them.
+pub async fn plan(
+    storage: &StorageRoots,
+    spec: &VmSpec,
+    peer: &mut FerryPeerClient<Channel>,
+    mode: StorageMode,
+) -> Result<Vec<DiskPlan>, String> {
+    if spec.disks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut probes = Vec::new();
+    let mut tokens = Vec::new();
+    for d in &spec.disks {
+        let path = storage.confine(&d.path).map_err(|e| format!("disk '{}': {e}", d.id))?;
+        let rel = storage.relative(&path).map_err(|e| format!("disk '{}': {e}", d.id))?;
+        let fmt = ferry_format(d.format);
+        let p2 = path.clone();
+        let info = tokio::task::spawn_blocking(move || image::inspect_as(&p2, fmt))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("disk '{}': {e}", d.id))?;
+        let p2 = path.clone();
+        let token = tokio::task::spawn_blocking(move || SharedStorageToken::place_beside(&p2))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("disk '{}': shared-storage token: {e}", d.id))?;
+        probes.push(pb::DiskProbe {
+            id: d.id.clone(),
+            path: rel.display().to_string(),
+            token: token.value().to_string(),
+            format: fmt.as_str().to_string(),
+            virtual_size: info.virtual_size,
+            allocated_bytes: info.actual_size.max(1 << 20),
+        });
+        tokens.push(token);
+    }
+    let verdicts = peer
+        .check_storage(pb::CheckStorageRequest { vm: spec.name.clone(), disks: probes.clone() })
+        .await
+        .map_err(|s| format!("target storage check: {}", s.message()))?
+        .into_inner()
+        .disks;
+    drop(tokens);
+    let mut plans = Vec::new();
+    for (probe, d) in probes.into_iter().zip(&spec.disks) {
+        let v = verdicts.iter().find(|v| v.id == probe.id).ok_or_else(|| format!("target said nothing about disk '{}'", probe.id))?;
+        let shared = v.shared;
+        match (mode, shared) {
+            (StorageMode::Shared, false) => {
+                return Err(format!(
+                    "disk '{}' ({}) is not on storage the target shares (it did not see the token file): \
+                     use --storage auto or copy",
+                    probe.id, probe.path
+                ))
+            }
+            (StorageMode::Copy, true) => {
+                return Err(format!(
+                    "disk '{}' ({}) is on storage the target shares: copying it would overwrite the VM's own image; \
+                     use --storage auto or shared",
+                    probe.id, probe.path
+                ))
+            }
+            _ => {}
+        }
+        if !shared {
+            if !v.error.is_empty() {
+                return Err(format!("disk '{}' cannot be copied to the target: {}", probe.id, v.error));
+            }
+            if d.read_only {
+                return Err(format!(
+                    "disk '{}' is read-only and not on shared storage: live copy handles writable disks only \
+                     (use shared storage or an offline migration)",
+                    probe.id
+                ));
+            }
+        }
+        plans.push(DiskPlan { probe, shared });
+    }
+    Ok(plans)
+}
+
+/// Target side of [`plan`]: for each disk, is the source's token visible at the same
+/// path, and if not, could a copy go there.
+pub fn check(storage: &StorageRoots, host: &str, req: &pb::CheckStorageRequest) -> pb::CheckStorageResponse {
+    let mut needed: std::collections::HashMap<PathBuf, u64> = std::collections::HashMap::new();
+    let mut out = Vec::new();
+    for d in &req.disks {
+        let mut v = pb::DiskVerdict { id: d.id.clone(), shared: false, error: String::new() };
+        match storage.candidates(Path::new(&d.path)) {
+            Err(e) => v.error = format!("on {host}: {e}"),
+            Ok(cands) => {
+                if cands.iter().any(|p| SharedStorageToken::probe(p, &d.token).unwrap_or(false)) {
+                    v.shared = true;
+                } else if let Some(p) = cands.iter().find(|p| p.exists()) {
+                    v.error = format!("an image already exists at {} on {host} (and it is not the source's: no token beside it)", p.display());
+                } else if let Some(dir) = cands[0].parent() {
+                    *needed.entry(dir.to_path_buf()).or_default() += d.allocated_bytes;
+                }
+            }
+        }
+        out.push(v);
+    }
+    // Room for every copy going into the same directory, together.
+    for (dir, bytes) in needed {
+        let probe_dir = nearest_existing(&dir);
+        if let Err(e) = ferry_disk::space::ensure_space(&probe_dir, bytes, "the disk copies") {
+            for v in out.iter_mut().filter(|v| !v.shared && v.error.is_empty()) {
+                v.error = format!("on {host}: {e}");
+            }
+        }
+    }
+    pb::CheckStorageResponse { disks: out }
+}
+
+fn nearest_existing(dir: &Path) -> PathBuf {
+    let mut d = dir;
+    while !d.exists() {
+        match d.parent() {
+            Some(p) => d = p,
+            None => break,
+        }
+    }
+    d.to_path_buf()
+}
+
+/// Target side: rewrites the spec's disk paths (the source's) to this host's: a shared
+/// disk to where its image already is, a travelling one (`copies`) under the first
+/// storage root. Every path is confined to this host's storage roots.
+pub fn localize(storage: &StorageRoots, host: &str, mut spec: VmSpec, shared: &[pb::DiskProbe], copies: &[pb::DiskProbe]) -> Result<VmSpec, Status> {
+    for d in spec.disks.iter_mut() {
+        let rel = shared
+            .iter()
+            .chain(copies)
+            .find(|c| c.id == d.id)
+            .map(|c| PathBuf::from(&c.path))
+            .ok_or_else(|| Status::invalid_argument(format!("disk '{}': the source did not name its image", d.id)))?;
+        let cands = storage.candidates(&rel).map_err(|e| Status::permission_denied(format!("disk '{}' on {host}: {e}", d.id)))?;
+        let travels = copies.iter().any(|c| c.id == d.id);
+        d.path = if travels {
+            cands[0].clone()
+        } else {
+            cands.iter().find(|p| p.exists()).cloned().ok_or_else(|| {
+                Status::failed_precondition(format!("disk '{}': shared image {} not found on {host}", d.id, rel.display()))
+            })?
+        };
+    }
+    Ok(spec)
+}
+
+/// Target side: creates empty images for the disks that travel (`spec` already
+/// [`localize`]d); returns what it made (removed again if the migration does not commit).
+pub fn create_copies(storage: &StorageRoots, host: &str, spec: &VmSpec, copies: &[pb::DiskProbe]) -> Result<Vec<PathBuf>, Status> {
+    let mut made = Vec::new();
+    let result = (|| {
+        for c in copies {
+            let disk = spec.disks.iter().find(|d| d.id == c.id).ok_or_else(|| Status::invalid_argument(format!("copy of unknown disk '{}'", c.id)))?;
+            let path = storage.confine(&disk.path).map_err(|e| Status::permission_denied(format!("disk '{}' on {host}: {e}", c.id)))?;
+            if path.exists() {
+                return Err(Status::already_exists(format!("disk '{}': an image already exists at {} on {host}", c.id, path.display())));
+            }
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| Status::internal(format!("disk '{}' on {host}: creating {}: {e}", c.id, dir.display())))?;
+                ferry_disk::space::ensure_space(dir, c.allocated_bytes, &format!("disk '{}'", c.id))
+                    .map_err(|e| Status::resource_exhausted(format!("on {host}: {e}")))?;
+            }
+            image::create(&path, ferry_format(disk.format), c.virtual_size, None)
+                .map_err(|e| Status::failed_precondition(format!("disk '{}' on {host}: {e}", c.id)))?;
+            made.push(path);
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => Ok(made),
+        Err(e) => {
+            remove_copies(&made);
+            Err(e)
+        }
+    }
+}
+
+/// Removes images [`create_copies`] made.
+pub fn remove_copies(paths: &[PathBuf]) {
+    for p in paths {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// Bytes through one direction of a tunnel.
+#[derive(Debug, Default)]
+pub struct TunnelCounters {
+    /// NBD bytes carried (before compression).
+    pub raw: AtomicU64,
+    /// Frame bytes on QUIC.
+    pub wire: AtomicU64,
+}
+
+/// Carries one NBD connection between a unix socket and a QUIC bidirectional stream:
+/// each direction as [`DataChunk`] frames compressed with `codec` (when that pays).
+/// Ends when both directions have ended.
+pub async fn tunnel(
+    unix: tokio::net::UnixStream,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    codec: Codec,
+    out: Arc<TunnelCounters>,
+) -> Result<(), String> {
+    let (mut ur, mut uw) = unix.into_split();
+    let up = async {
+        let mut w = FrameWriter::new(send);
+        let mut buf = vec![0u8; MAX_CHUNK.min(256 * 1024)];
+        let mut pos = 0u64;
+        loop {
+            let n = ur.read(&mut buf).await.map_err(|e| format!("NBD socket: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            // Compression runs on the blocking pool only for big chunks: NBD requests
+            // and replies are mostly small, and latency matters for them.
+            let frame = if n >= 64 * 1024 && codec != Codec::None {
+                let data = buf[..n].to_vec();
+                tokio::task::spawn_blocking(move || DataChunk::encode(pos, &data, codec)).await.map_err(|e| e.to_string())?
+            } else {
+                DataChunk::encode(pos, &buf[..n], if n >= 4096 { codec } else { Codec::None })
+            }
+            .map_err(|e| e.to_string())?;
+            w.write(&frame).await.map_err(|e| format!("tunnel stream: {e}"))?;
+            pos += n as u64;
+            out.raw.fetch_add(n as u64, Ordering::Relaxed);
+            out.wire.fetch_add(frame.len() as u64, Ordering::Relaxed);
+        }
+        let _ = w.finish();
+        Ok::<(), String>(())
+    };
+    let down = async {
+        let mut r = FrameReader::new(recv);
+        let mut pos = 0u64;
+        while let Some(frame) = r.next().await.map_err(|e| format!("tunnel stream: {e}"))? {
+            let Frame::Chunk(c) = frame else { return Err("unexpected frame in NBD tunnel".to_string()) };
+            if c.offset != pos {
+                return Err(format!("NBD tunnel out of order: chunk at {} where {pos} was due", c.offset));
+            }
+            uw.write_all(&c.data).await.map_err(|e| format!("NBD socket: {e}"))?;
+            pos += c.data.len() as u64;
+        }
+        let _ = uw.shutdown().await;
+        Ok::<(), String>(())
+    };
+    let (a, b) = tokio::join!(up, down);
+    a.and(b)
+}

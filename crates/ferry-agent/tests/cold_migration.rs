@@ -1,0 +1,522 @@
+//! Cold (offline) migration between real ferryd processes: real qcow2 images written with
+//! qemu-io, the copy over QUIC, and a real QEMU boot on the target.
+//!
+//! A disk image travels to the *same absolute path* on the target. To have two hosts on
+//! one machine, every agent runs in a mount namespace of its own (`unshare -m`) in which
+//! the shared storage-root path shows that host's private directory; the test reads each
+//! host's images in its private directory. Needs root (mounts), like the rest of the suite.
+//!
+//! The tests share the machine's two cores: they run one at a time (a global lock).
+
+use ferry_api::v1 as pb;
+use ferry_api::v1::ferry_control_client::FerryControlClient;
+use ferry_testkit::{guest_artifacts, workload_cmdline, TestAgent, TestPki};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const MIB: u64 = 1 << 20;
+
+fn ferryd() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ferryd"))
+}
+
+/// Agents of one test: their PKI and scratch directory.
+struct Mesh {
+    dir: tempfile::TempDir,
+    pki: TestPki,
+}
+
+impl Mesh {
+    fn new() -> Mesh {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = TestPki::new(&dir.path().join("pki"), &["a", "b", "small", "other"]).expect("pki");
+        Mesh { dir, pki }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// The storage root every host sees at the same path.
+    fn root(&self) -> PathBuf {
+        self.path("images")
+    }
+
+    /// Host `name`'s private image directory (what `root` shows inside its namespace).
+    fn private(&self, name: &str) -> PathBuf {
+        self.path(&format!("{name}-images"))
+    }
+
+    /// Starts agent `name` in a mount namespace where `root` is its private directory.
+    async fn host(&self, name: &str, root: &Path) -> TestAgent {
+        let private = self.private(name);
+        std::fs::create_dir_all(&private).expect("private dir");
+        std::fs::create_dir_all(root).expect("root dir");
+        let script = self.path(&format!("{name}-ferryd.sh"));
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n# {name}: its own mount namespace, where {root} is {private}\n\
+                 exec unshare -m --propagation private /bin/sh -c 'mount --bind \"$0\" \"$1\" && shift && exec \"$@\"' {private} {root} {ferryd} \"$@\"\n",
+                root = root.display(),
+                private = private.display(),
+                ferryd = ferryd().display()
+            ),
+        )
+        .expect("wrapper script");
+        run(Command::new("chmod").arg("+x").arg(&script));
+        TestAgent::start_with_storage(&script, name, &self.pki, self.dir.path(), "tcg", "", Some(root)).await.expect("agent")
+    }
+}
+
+/// A tmpfs mounted for the test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).expect("tmpfs dir");
+        run(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir));
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn qemu_img_create(path: &Path, fmt: &str, size: &str, backing: Option<&str>) {
+    let mut c = Command::new("qemu-img");
+    c.args(["create", "-q", "-f", fmt]);
+    if let Some(b) = backing {
+        c.args(["-b", b, "-F", "qcow2"]);
+    }
+    run(c.arg(path).arg(size));
+}
+
+/// Writes `(pattern file, offset, length)` into the guest view of an image.
+fn qemu_io_write(path: &Path, fmt: &str, writes: &[(&Path, u64, u64)]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", fmt]);
+    for (pat, off, len) in writes {
+        c.arg("-c").arg(format!("write -q -s {} {off} {len}", pat.display()));
+    }
+    run(c.arg(path));
+}
+
+/// Log-like text: words from a small vocabulary, numbers, line breaks (compresses ~4x).
+fn text_pattern(path: &Path, len: usize) {
+    const WORDS: [&str; 32] = [
+        "ferry", "migrates", "virtual", "machines", "between", "hosts", "the", "disk", "image", "travels", "over", "quic", "with",
+        "zstd", "and", "blake3", "checks", "every", "byte", "on", "both", "sides", "while", "guest", "stays", "stopped", "log",
+        "entry", "error", "warning", "info", "debug",
+    ];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut s = String::with_capacity(len + 64);
+    while s.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.push_str(WORDS[(x % 32) as usize]);
+        if x % 13 == 0 {
+            s.push_str(&format!(" {}", (x >> 20) % 100_000));
+        }
+        s.push(if x % 11 == 0 { '\n' } else { ' ' });
+    }
+    s.truncate(len);
+    std::fs::write(path, s).expect("text pattern");
+}
+
+fn random_pattern(path: &Path, len: u64) {
+    let mut f = std::fs::File::create(path).expect("random pattern");
+    let mut r = std::fs::File::open("/dev/urandom").expect("urandom");
+    std::io::copy(&mut std::io::Read::take(&mut r, len), &mut f).expect("random bytes");
+}
+
+fn spec(name: &str, disks: &[(&str, &Path, &str)]) -> pb::VmSpec {
+    let g = guest_artifacts().expect("guest artifacts: run scripts/build-guest.sh");
+    pb::VmSpec {
+        name: name.into(),
+        vcpus: 1,
+        memory_mib: 128,
+        kernel: g.kernel.display().to_string(),
+        initrd: g.initrd.display().to_string(),
+        cmdline: workload_cmdline(16, 0.0, "realistic", 3),
+        disks: disks
+            .iter()
+            .map(|(id, path, format)| pb::DiskSpec { id: (*id).into(), path: path.display().to_string(), format: (*format).into(), read_only: false })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+async fn define(agent: &TestAgent, s: pb::VmSpec) {
+    agent.client().await.expect("client").define_vm(pb::DefineVmRequest { spec: Some(s) }).await.expect("define");
+}
+
+fn offline(vm: &str, target: &TestAgent) -> pb::StartMigrationRequest {
+    pb::StartMigrationRequest { vm: vm.into(), target: target.grpc_addr(), offline: true, ..Default::default() }
+}
+
+async fn watch_to_end(c: &mut FerryControlClient<Channel>, id: &str) -> pb::MigrationStatus {
+    let mut stream = c.watch_migration(pb::MigrationRef { id: id.into() }).await.expect("watch").into_inner();
+    let mut last = None;
+    while let Some(s) = stream.next().await {
+        last = Some(s.expect("status"));
+    }
+    last.expect("at least one status")
+}
+
+async fn migrate(source: &TestAgent, req: pb::StartMigrationRequest) -> pb::MigrationStatus {
+    let mut c = source.client().await.expect("client");
+    let started = c.start_migration(req).await.expect("start migration").into_inner();
+    watch_to_end(&mut c, &started.id).await
+}
+
+async fn vm_state(agent: &TestAgent, vm: &str) -> Option<pb::VmState> {
+    let mut c = agent.client().await.expect("client");
+    c.get_vm(pb::VmRef { name: vm.into() }).await.ok().map(|r| r.into_inner().state())
+}
+
+fn digest(path: &Path) -> String {
+    ferry_disk::file_blake3(path).expect("blake3").to_hex()
+}
+
+/// Every file under `dir`, relative, sorted.
+fn tree(dir: &Path) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(base, &p, out);
+            }
+            out.push(p.strip_prefix(base).unwrap_or(&p).display().to_string());
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+fn stats(s: &pb::MigrationStatus) -> pb::MigrationStats {
+    s.stats.clone().expect("stats")
+}
+
+fn logs(a: &TestAgent, b: &TestAgent) -> String {
+    format!("\n--- {} log:\n{}\n--- {} log:\n{}", a.name(), a.log_tail(), b.name(), b.log_tail())
+}
+
+/// a) A 2 GiB qcow2 holding ~200 MiB (150 MiB of text, 50 MiB random) moves with zstd and
+/// boots on the target; a second VM moves with --undefine-source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_migration_compresses_and_boots_on_target() {
+    let _serial = SERIAL.lock().await;
+    let m = Mesh::new();
+    let a = m.host("a", &m.root()).await;
+    let b = m.host("b", &m.root()).await;
+
+    let text = m.path("text.pat");
+    let random = m.path("random.pat");
+    text_pattern(&text, 8 << 20);
+    random_pattern(&random, 50 * MIB);
+    let img_a = m.private("a").join("web.qcow2");
+    qemu_img_create(&img_a, "qcow2", "2G", None);
+    let mut writes: Vec<(&Path, u64, u64)> = (0..10).map(|k| (text.as_path(), k * 190 * MIB, 15 * MIB)).collect();
+    writes.push((random.as_path(), 1950 * MIB, 50 * MIB));
+    qemu_io_write(&img_a, "qcow2", &writes);
+    let data = 200 * MIB;
+    let before = digest(&img_a);
+    define(&a, spec("web", &[("vda", &m.root().join("web.qcow2"), "qcow2")])).await;
+
+    let t0 = Instant::now();
+    let end = migrate(&a, pb::StartMigrationRequest { compress: "zstd:3".into(), start_on_target: true, ..offline("web", &b) }).await;
+    let took = t0.elapsed();
+    assert_eq!(end.phase, pb::MigrationPhase::Completed as i32, "migration failed: {end:?}{}", logs(&a, &b));
+    let st = stats(&end);
+    eprintln!(
+        "a) {} MiB of data in a {} MiB qcow2 file: {} MiB on the wire ({:.2}x of the data), {} MiB skipped, {:?}",
+        data >> 20,
+        st.disk_bytes_total >> 20,
+        st.disk_wire_bytes >> 20,
+        st.disk_wire_bytes as f64 / data as f64,
+        st.disk_bytes_skipped >> 20,
+        took
+    );
+    assert_eq!(st.storage, "copied");
+    assert_eq!(st.codec, "zstd:3");
+    assert!(st.disk_bytes_total >= data, "the qcow2 file holds the data: {st:?}");
+    assert_eq!(st.disk_bytes_done, st.disk_bytes_total, "{st:?}");
+    assert_eq!(st.disk_bytes_resumed, 0, "{st:?}");
+    assert!((st.disk_wire_bytes as f64) < 0.6 * data as f64, "zstd should shrink the text: {st:?}");
+    assert!(st.disk_wire_bytes > 50 * MIB, "random data does not compress: {st:?}");
+    assert!(end.message.contains("running on"), "{}", end.message);
+
+    let img_b = m.private("b").join("web.qcow2");
+    assert!(ferry_disk::image::compare(&img_a, &img_b).expect("qemu-img compare"), "images differ");
+    assert_eq!(digest(&img_b), before, "the file arrived byte for byte");
+    assert_eq!(digest(&img_a), before, "the source image is unchanged");
+    assert!(tree(&m.private("b")).iter().all(|f| !f.contains("ferry-part")), "no part file left: {:?}", tree(&m.private("b")));
+
+    // It runs on B, and boots from B's copy of the image.
+    let mut cb = b.client().await.expect("client b");
+    let info = cb.get_vm(pb::VmRef { name: "web".into() }).await.expect("VM on B").into_inner();
+    assert_eq!(info.state(), pb::VmState::Running);
+    ferry_testkit::wait_for_log_line(Path::new(&info.console_log), "FERRY-READY", Duration::from_secs(180))
+        .await
+        .expect("guest boots on B");
+    // A keeps its definition, stopped (no --undefine-source).
+    assert_eq!(vm_state(&a, "web").await, Some(pb::VmState::Defined));
+    // And A can start its own copy again (the migration released it).
+    let listed = a.client().await.expect("client").list_migrations(pb::ListMigrationsRequest {}).await.expect("list").into_inner();
+    assert!(listed.migrations.iter().any(|s| s.id == end.id && s.phase == pb::MigrationPhase::Completed as i32));
+    cb.stop_vm(pb::StopVmRequest { name: "web".into(), force: true }).await.expect("stop on B");
+
+    // --undefine-source, no start: a small raw disk.
+    let raw_a = m.private("a").join("db.raw");
+    qemu_img_create(&raw_a, "raw", "64M", None);
+    qemu_io_write(&raw_a, "raw", &[(text.as_path(), 4 * MIB, 3 * MIB)]);
+    define(&a, spec("db", &[("vda", &m.root().join("db.raw"), "raw")])).await;
+    let end = migrate(&a, pb::StartMigrationRequest { undefine_source: true, ..offline("db", &b) }).await;
+    assert_eq!(end.phase, pb::MigrationPhase::Completed as i32, "migration failed: {end:?}{}", logs(&a, &b));
+    let st = stats(&end);
+    assert!(st.disk_bytes_skipped >= 60 * MIB, "holes of the raw image are not sent: {st:?}");
+    assert!(st.disk_wire_bytes < 4 * MIB, "{st:?}");
+    assert_eq!(vm_state(&a, "db").await, None, "undefined on A");
+    assert_eq!(vm_state(&b, "db").await, Some(pb::VmState::Defined), "defined, stopped, on B");
+    assert!(raw_a.exists(), "the source's image file stays");
+    assert!(end.message.contains("image files stay"), "{}", end.message);
+    assert!(ferry_disk::image::compare(&raw_a, &m.private("b").join("db.raw")).expect("compare"));
+}
+
+/// b) The source agent dies mid-copy; the next attempt resumes from the target's
+/// checkpoint instead of starting over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_cold_migration_resumes() {
+    let _serial = SERIAL.lock().await;
+    let m = Mesh::new();
+    let mut a = m.host("a", &m.root()).await;
+    let b = m.host("b", &m.root()).await;
+    let random = m.path("random.pat");
+    random_pattern(&random, 96 * MIB);
+    let img_a = m.private("a").join("big.qcow2");
+    qemu_img_create(&img_a, "qcow2", "1G", None);
+    qemu_io_write(&img_a, "qcow2", &[(random.as_path(), 100 * MIB, 96 * MIB)]);
+    let before = digest(&img_a);
+    define(&a, spec("big", &[("vda", &m.root().join("big.qcow2"), "qcow2")])).await;
+
+    // 8 MiB/s: the copy takes ~12 s.
+    let mut ca = a.client().await.expect("client a");
+    let first = ca
+        .start_migration(pb::StartMigrationRequest { bandwidth_bytes_per_sec: 8 * MIB, ..offline("big", &b) })
+        .await
+        .expect("start")
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let at_kill = loop {
+        let s = ca.get_migration(pb::MigrationRef { id: first.id.clone() }).await.expect("get").into_inner();
+        let st = stats(&s);
+        assert!(s.phase != pb::MigrationPhase::Completed as i32 && s.phase != pb::MigrationPhase::Failed as i32, "ended too early: {s:?}");
+        if st.disk_bytes_total > 0 && st.disk_bytes_done * 100 > st.disk_bytes_total * 45 {
+            assert_eq!(s.phase, pb::MigrationPhase::CopyingDisks as i32);
+            break st;
+        }
+        assert!(Instant::now() < deadline, "copy never got to 45%: {s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    a.kill().expect("kill source agent");
+    a.restart().await.expect("restart source agent");
+    let total = at_kill.disk_bytes_total;
+
+    // After the restart the first attempt is history, failed; the VM is free again.
+    let mut ca = a.client().await.expect("client a");
+    let old = ca.get_migration(pb::MigrationRef { id: first.id.clone() }).await.expect("old migration").into_inner();
+    assert_eq!(old.phase, pb::MigrationPhase::Failed as i32, "{old:?}");
+    assert_eq!(vm_state(&a, "big").await, Some(pb::VmState::Defined));
+    assert_eq!(vm_state(&b, "big").await, Some(pb::VmState::Incoming), "B still holds the stale reservation");
+
+    let t0 = Instant::now();
+    let end = migrate(&a, offline("big", &b)).await;
+    assert_eq!(end.phase, pb::MigrationPhase::Completed as i32, "second attempt failed: {end:?}{}", logs(&a, &b));
+    let st = stats(&end);
+    eprintln!(
+        "b) killed at {} of {} MiB ({} MiB on the wire); second attempt: {} MiB resumed, {} MiB on the wire, {:?}",
+        at_kill.disk_bytes_done >> 20,
+        total >> 20,
+        at_kill.disk_wire_bytes >> 20,
+        st.disk_bytes_resumed >> 20,
+        st.disk_wire_bytes >> 20,
+        t0.elapsed()
+    );
+    assert_eq!(st.disk_bytes_total, total);
+    assert!(st.disk_bytes_resumed * 100 > total * 30, "resumed {} of {total}: {st:?}", st.disk_bytes_resumed);
+    assert!(st.disk_wire_bytes + st.disk_bytes_resumed <= total + 2 * MIB, "only the rest travelled: {st:?}");
+    assert!(st.disk_wire_bytes * 100 < total * 70, "well under a full copy: {st:?}");
+    let img_b = m.private("b").join("big.qcow2");
+    assert_eq!(digest(&img_b), before, "resumed image is byte for byte the source's");
+    assert!(ferry_disk::image::compare(&img_a, &img_b).expect("compare"));
+    assert_eq!(vm_state(&b, "big").await, Some(pb::VmState::Defined));
+    assert_eq!(vm_state(&a, "big").await, Some(pb::VmState::Defined));
+    assert!(tree(&m.private("b")).iter().all(|f| !f.contains("ferry-part")), "{:?}", tree(&m.private("b")));
+}
+
+/// c) What the target refuses leaves nothing there and nothing changed on the source; a
+/// two-layer backing chain arrives intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_migration_refusals_and_backing_chain() {
+    let _serial = SERIAL.lock().await;
+    let m = Mesh::new();
+    let a = m.host("a", &m.root()).await;
+    let b = m.host("b", &m.root()).await;
+    // A target whose storage is a 32 MiB tmpfs, and one whose storage root is elsewhere.
+    let tmpfs = Tmpfs::mount(&m.private("small"), "32m");
+    let small = m.host("small", &m.root()).await;
+    let other_root = m.path("other-root");
+    let other = m.host("other", &other_root).await;
+    let random = m.path("random.pat");
+    random_pattern(&random, 64 * MIB);
+
+    // A disk outside A's storage roots is refused when the VM is defined.
+    let outside = m.path("elsewhere/x.qcow2");
+    let e = a
+        .client()
+        .await
+        .expect("client")
+        .define_vm(pb::DefineVmRequest { spec: Some(spec("stray", &[("vda", &outside, "qcow2")])) })
+        .await
+        .expect_err("outside the roots");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("outside the storage roots"), "{}", e.message());
+
+    let img = m.private("a").join("fat.qcow2");
+    qemu_img_create(&img, "qcow2", "1G", None);
+    qemu_io_write(&img, "qcow2", &[(random.as_path(), 0, 64 * MIB)]);
+    let before = digest(&img);
+    define(&a, spec("fat", &[("vda", &m.root().join("fat.qcow2"), "qcow2")])).await;
+
+    // Not enough room on the target.
+    let end = migrate(&a, offline("fat", &small)).await;
+    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+    eprintln!("c) no space: {}", end.error);
+    assert!(end.error.contains("not enough free space") && end.error.contains("need"), "{}", end.error);
+    assert!(end.error.contains("'fat'") && end.error.contains("small"), "names VM and host: {}", end.error);
+    assert!(tree(&m.private("small")).is_empty(), "nothing on the target: {:?}", tree(&m.private("small")));
+    assert_eq!(vm_state(&small, "fat").await, None);
+
+    // A path the source may use but the target may not.
+    let end = migrate(&a, offline("fat", &other)).await;
+    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+    eprintln!("c) outside target roots: {}", end.error);
+    assert!(end.error.contains("outside the storage roots") && end.error.contains("fat.qcow2"), "{}", end.error);
+    assert!(tree(&m.private("other")).is_empty(), "{:?}", tree(&m.private("other")));
+    assert_eq!(vm_state(&other, "fat").await, None);
+    // Neither refusal touched the source.
+    assert_eq!(vm_state(&a, "fat").await, Some(pb::VmState::Defined));
+    assert_eq!(digest(&img), before);
+
+    // An overlay whose backing file is gone: refused on the source, naming the file.
+    let gone_base = m.private("a").join("gone-base.qcow2");
+    qemu_img_create(&gone_base, "qcow2", "256M", None);
+    let orphan = m.private("a").join("orphan.qcow2");
+    qemu_img_create(&orphan, "qcow2", "256M", Some("gone-base.qcow2"));
+    std::fs::remove_file(&gone_base).expect("delete the base");
+    define(&a, spec("orphan", &[("vda", &m.root().join("orphan.qcow2"), "qcow2")])).await;
+    let b_before = tree(&m.private("b"));
+    let end = migrate(&a, offline("orphan", &b)).await;
+    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+    eprintln!("c) missing backing: {}", end.error);
+    assert!(end.error.contains("gone-base.qcow2") && end.error.contains("does not exist"), "{}", end.error);
+    assert!(end.error.contains("orphan.qcow2"), "names the image: {}", end.error);
+    assert_eq!(tree(&m.private("b")), b_before, "nothing sent");
+    assert_eq!(vm_state(&b, "orphan").await, None);
+    assert_eq!(vm_state(&a, "orphan").await, Some(pb::VmState::Defined));
+
+    // A two-layer chain arrives intact: both files, same paths, same bytes.
+    let base = m.private("a").join("chain-base.qcow2");
+    qemu_img_create(&base, "qcow2", "256M", None);
+    qemu_io_write(&base, "qcow2", &[(random.as_path(), 0, 8 * MIB)]);
+    let top = m.private("a").join("chain-top.qcow2");
+    qemu_img_create(&top, "qcow2", "256M", Some("chain-base.qcow2"));
+    qemu_io_write(&top, "qcow2", &[(random.as_path(), 4 * MIB, 2 * MIB)]);
+    define(&a, spec("chain", &[("vda", &m.root().join("chain-top.qcow2"), "qcow2")])).await;
+    let end = migrate(&a, offline("chain", &b)).await;
+    assert_eq!(end.phase, pb::MigrationPhase::Completed as i32, "{end:?}{}", logs(&a, &b));
+    let st = stats(&end);
+    let files = std::fs::metadata(&base).expect("base").len() + std::fs::metadata(&top).expect("top").len();
+    assert_eq!(st.disk_bytes_total, files, "both layers travel: {st:?}");
+    for layer in ["chain-base.qcow2", "chain-top.qcow2"] {
+        let (la, lb) = (m.private("a").join(layer), m.private("b").join(layer));
+        assert_eq!(digest(&la), digest(&lb), "{layer} arrived byte for byte");
+        assert!(ferry_disk::image::compare(&la, &lb).expect("compare"), "{layer} differs");
+    }
+    assert_eq!(vm_state(&b, "chain").await, Some(pb::VmState::Defined));
+
+    drop(small);
+    drop(tmpfs);
+}
+
+/// d) A running VM is refused unless --stop-source; a VM being copied cannot be started;
+/// an operator's cancel leaves nothing on the target, not even partial images.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_vm_is_refused_without_stop_source() {
+    let _serial = SERIAL.lock().await;
+    let m = Mesh::new();
+    let a = m.host("a", &m.root()).await;
+    let b = m.host("b", &m.root()).await;
+    let img = m.private("a").join("live.qcow2");
+    qemu_img_create(&img, "qcow2", "64M", None);
+    define(&a, spec("live", &[("vda", &m.root().join("live.qcow2"), "qcow2")])).await;
+    let mut ca = a.client().await.expect("client");
+    ca.start_vm(pb::VmRef { name: "live".into() }).await.expect("start");
+    let e = ca.start_migration(offline("live", &b)).await.expect_err("running VM refused");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("'live' is running") && e.message().contains("--stop-source"), "{}", e.message());
+    assert_eq!(vm_state(&a, "live").await, Some(pb::VmState::Running), "untouched");
+    assert_eq!(vm_state(&b, "live").await, None);
+
+    // Stopped, it may go; while it is copied (slowly) nobody can start or undefine it.
+    ca.stop_vm(pb::StopVmRequest { name: "live".into(), force: true }).await.expect("stop");
+    let random = m.path("random.pat");
+    random_pattern(&random, 8 * MIB);
+    qemu_io_write(&img, "qcow2", &[(random.as_path(), 0, 8 * MIB)]);
+    let before = digest(&img);
+    let b_before = tree(&m.private("b"));
+    let mig = ca
+        .start_migration(pb::StartMigrationRequest { bandwidth_bytes_per_sec: MIB, ..offline("live", &b) })
+        .await
+        .expect("start")
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = ca.get_migration(pb::MigrationRef { id: mig.id.clone() }).await.expect("get").into_inner();
+        if s.phase == pb::MigrationPhase::CopyingDisks as i32 && stats(&s).disk_bytes_done > MIB {
+            break;
+        }
+        assert!(Instant::now() < deadline && s.phase != pb::MigrationPhase::Committing as i32, "{s:?}{}", logs(&a, &b));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let e = ca.start_vm(pb::VmRef { name: "live".into() }).await.expect_err("busy VM cannot start");
+    assert!(e.message().contains("migrating"), "{}", e.message());
+    ca.undefine_vm(pb::VmRef { name: "live".into() }).await.expect_err("busy VM cannot be undefined");
+    ca.cancel_migration(pb::MigrationRef { id: mig.id.clone() }).await.expect("cancel");
+    let end = watch_to_end(&mut ca, &mig.id).await;
+    assert_eq!(end.phase, pb::MigrationPhase::Cancelled as i32, "{end:?}");
+    assert_eq!(vm_state(&a, "live").await, Some(pb::VmState::Defined));
+    assert_eq!(digest(&img), before);
+    assert_eq!(vm_state(&b, "live").await, None);
+    assert_eq!(tree(&m.private("b")), b_before, "cancelled: the partial image is discarded too");
+    // Released: it starts again here.
+    ca.start_vm(pb::VmRef { name: "live".into() }).await.expect("start after cancel");
+    ca.stop_vm(pb::StopVmRequest { name: "live".into(), force: true }).await.expect("stop");
+}
