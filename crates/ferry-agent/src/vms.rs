@@ -404,7 +404,7 @@ impl VmManager {
     /// the VM is stopped and free here again. A VM not marked by `migration` is left alone.
     pub async fn end_offline(&self, name: &str, migration: &str, undefine: bool) -> Result<(), Status> {
         let mut vms = self.vms.lock().await;
-        if !vms.get(name).is_some_and(|e| e.migration.as_deref() == Some(migration)) {
+        if vms.get(name).is_none_or(|e| e.migration.as_deref() != Some(migration)) {
             return Ok(());
         }
         if undefine {

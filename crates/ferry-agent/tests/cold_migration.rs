@@ -129,10 +129,10 @@ fn text_pattern(path: &Path, len: usize) {
         x ^= x >> 7;
         x ^= x << 17;
         s.push_str(WORDS[(x % 32) as usize]);
-        if x % 13 == 0 {
+        if x.is_multiple_of(13) {
             s.push_str(&format!(" {}", (x >> 20) % 100_000));
         }
-        s.push(if x % 11 == 0 { '\n' } else { ' ' });
+        s.push(if x.is_multiple_of(11) { '\n' } else { ' ' });
     }
     s.truncate(len);
     std::fs::write(path, s).expect("text pattern");
@@ -278,7 +278,7 @@ async fn cold_migration_compresses_and_boots_on_target() {
         .expect("guest boots on B");
     // A keeps its definition, stopped (no --undefine-source).
     assert_eq!(vm_state(&a, "web").await, Some(pb::VmState::Defined));
-    // And A can start its own copy again (the migration released it).
+    // `migrations list` on A shows it.
     let listed = a.client().await.expect("client").list_migrations(pb::ListMigrationsRequest {}).await.expect("list").into_inner();
     assert!(listed.migrations.iter().any(|s| s.id == end.id && s.phase == pb::MigrationPhase::Completed as i32));
     cb.stop_vm(pb::StopVmRequest { name: "web".into(), force: true }).await.expect("stop on B");
@@ -461,6 +461,43 @@ async fn cold_migration_refusals_and_backing_chain() {
         assert!(ferry_disk::image::compare(&la, &lb).expect("compare"), "{layer} differs");
     }
     assert_eq!(vm_state(&b, "chain").await, Some(pb::VmState::Defined));
+
+    // The name is taken on B now: a second attempt is refused, nothing changes.
+    let b_before = tree(&m.private("b"));
+    let end = migrate(&a, offline("chain", &b)).await;
+    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+    assert!(end.error.contains("already defined on target host b"), "{}", end.error);
+    assert_eq!(tree(&m.private("b")), b_before);
+
+    // Another overlay on the same base: the identical base already on B is not sent again.
+    let top2 = m.private("a").join("chain-top2.qcow2");
+    qemu_img_create(&top2, "qcow2", "256M", Some("chain-base.qcow2"));
+    qemu_io_write(&top2, "qcow2", &[(random.as_path(), 9 * MIB, MIB)]);
+    define(&a, spec("chain2", &[("vda", &m.root().join("chain-top2.qcow2"), "qcow2")])).await;
+    let end = migrate(&a, offline("chain2", &b)).await;
+    assert_eq!(end.phase, pb::MigrationPhase::Completed as i32, "{end:?}{}", logs(&a, &b));
+    let st = stats(&end);
+    let base_len = std::fs::metadata(&base).expect("base").len();
+    assert_eq!(st.disk_bytes_resumed, base_len, "the base counts as already there: {st:?}");
+    assert!(st.disk_wire_bytes < 3 * MIB, "only the new overlay travelled: {st:?}");
+    assert_eq!(digest(&top2), digest(&m.private("b").join("chain-top2.qcow2")));
+
+    // A different file at the same path on B is never overwritten.
+    let clash_a = m.private("a").join("clash.raw");
+    qemu_img_create(&clash_a, "raw", "4M", None);
+    qemu_io_write(&clash_a, "raw", &[(random.as_path(), 0, MIB)]);
+    let clash_b = m.private("b").join("clash.raw");
+    qemu_img_create(&clash_b, "raw", "4M", None);
+    let clash_b_before = digest(&clash_b);
+    define(&a, spec("clash", &[("vda", &m.root().join("clash.raw"), "raw")])).await;
+    let b_before = tree(&m.private("b"));
+    let end = migrate(&a, offline("clash", &b)).await;
+    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+    eprintln!("c) clash: {}", end.error);
+    assert!(end.error.contains("clash.raw already exists on host b with different content"), "{}", end.error);
+    assert_eq!(digest(&clash_b), clash_b_before, "B's file untouched");
+    assert_eq!(tree(&m.private("b")), b_before);
+    assert_eq!(vm_state(&b, "clash").await, None);
 
     drop(small);
     drop(tmpfs);

@@ -219,7 +219,6 @@ async fn migrate(client: &mut Client, g: &GlobalOpts, a: MigrateArgs) -> Result<
         start_on_target: a.start,
         undefine_source: a.undefine_source,
         stop_source: a.stop_source,
-        ..Default::default()
     };
     let status = client
         .start_migration(req)

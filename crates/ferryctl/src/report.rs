@@ -367,6 +367,17 @@ pub fn progress_prefix(status: &MigrationStatus) -> String {
 /// Disks moving too: `| disks 96.0 MiB of 128.0 MiB -> 40.1 MiB wire` after it.
 pub fn progress_transfer(status: &MigrationStatus) -> String {
     let st = status.stats.clone().unwrap_or_default();
+    if is_offline(&st) {
+        // Cold migration: only disk images move.
+        return format!(
+            "disks {} of {} -> {} wire ({})  {}",
+            bytes(st.disk_bytes_done),
+            bytes(st.disk_bytes_total),
+            bytes(st.disk_wire_bytes),
+            ratio(st.compression_ratio),
+            rate(st.throughput_bytes_per_sec)
+        );
+    }
     let mut line = format!(
         "{} pages  {} -> {} wire ({})  {}",
         count(st.pages_sent),
@@ -390,6 +401,13 @@ pub fn progress_transfer(status: &MigrationStatus) -> String {
 /// downtime. `dirty 2,100 pages/s (8.2 MiB/s)  last round 320 pages  downtime ~9 ms`.
 pub fn progress_dirty(status: &MigrationStatus) -> String {
     let st = status.stats.clone().unwrap_or_default();
+    if is_offline(&st) {
+        return format!(
+            "skipped {} (holes, zeros)  already on the target {}",
+            bytes(st.disk_bytes_skipped),
+            bytes(st.disk_bytes_resumed)
+        );
+    }
     let mut parts = vec![format!("dirty {}", dirty_rate(st.dirty_rate_pages_per_sec))];
     if st.rounds > 1 || st.last_round_dirty_pages > 0 {
         parts.push(format!(
@@ -662,6 +680,40 @@ mod tests {
         assert_eq!(exit_code(MigrationPhase::Cancelled), 3);
         assert_eq!(exit_code(MigrationPhase::InDoubt), 4);
         assert_eq!(exit_code(MigrationPhase::Precopy), 1);
+    }
+
+    #[test]
+    fn offline_report_shows_disks_not_ram() {
+        let status = MigrationStatus {
+            id: "m1".into(),
+            vm: "web".into(),
+            source: "a".into(),
+            target: "b".into(),
+            phase: MigrationPhase::Completed as i32,
+            message: "VM 'web' is now running on b; a keeps its definition (stopped) and image files".into(),
+            stats: Some(MigrationStats {
+                storage: "copied".into(),
+                disk_bytes_total: 200 << 20,
+                disk_bytes_done: 200 << 20,
+                disk_wire_bytes: 88 << 20,
+                disk_bytes_skipped: 1 << 20,
+                disk_bytes_resumed: 46 << 20,
+                codec: "zstd:3".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let r = final_report(&status);
+        assert!(r.contains("disk bytes        200.0 MiB of 200.0 MiB -> 88.0 MiB wire"), "{r}");
+        assert!(r.contains("1.0 MiB skipped (holes, zeros), 46.0 MiB already on the target"), "{r}");
+        assert!(r.contains("outcome           VM 'web' is now running on b"), "{r}");
+        assert!(!r.contains("guest RAM") && !r.contains("downtime"), "{r}");
+        assert_eq!(progress_position(&status), (200 << 20, 200 << 20));
+        assert!(progress_line(&status).contains("disks 200.0 MiB of 200.0 MiB -> 88.0 MiB wire"), "{}", progress_line(&status));
+        assert!(!progress_line(&status).contains("pages"), "{}", progress_line(&status));
+        let mut failed = status.clone();
+        failed.phase = MigrationPhase::Failed as i32;
+        assert!(final_report(&failed).contains("stays defined on the source a, stopped"), "{}", final_report(&failed));
     }
 
     #[test]

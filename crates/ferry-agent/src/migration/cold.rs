@@ -193,7 +193,6 @@ async fn run(ctx: Arc<AgentCtx>, p: ColdParams, h: Arc<OutgoingHandle>, spec: Op
     ctx.metrics.active.inc();
     let mut job = Job {
         ctx: ctx.clone(),
-        p,
         h: h.clone(),
         started: Instant::now(),
         peer: None,
@@ -202,6 +201,8 @@ async fn run(ctx: Arc<AgentCtx>, p: ColdParams, h: Arc<OutgoingHandle>, spec: Op
         progress: Arc::new(Progress::default()),
         copy_started: None,
         images: Vec::new(),
+        target_label: p.target.clone(),
+        p,
     };
     let result = tokio::select! {
         r = job.drive(spec) => r,
@@ -239,6 +240,8 @@ struct Job {
     progress: Arc<Progress>,
     copy_started: Option<Instant>,
     images: Vec<SourceImage>,
+    /// "host (address)" of the target once it answered, else its address.
+    target_label: String,
 }
 
 impl Job {
@@ -286,8 +289,12 @@ impl Job {
             Some(s) => s,
             None => {
                 self.phase(pb::MigrationPhase::Preparing, format!("stopping VM '{}' (ACPI power-down, then quit)", self.p.vm));
-                self.ctx.vms.stop(&self.p.vm, false).await.map_err(|s| fail("stop source VM")(s.message()))?;
-                self.ctx.vms.begin_offline(&self.p.vm, &self.p.id).await.map_err(|s| fail("stop source VM")(s.message()))?
+                let stopped = self.ctx.vms.stop(&self.p.vm, false).await;
+                // Stopped meanwhile by someone else is as good; anything else is reported.
+                match self.ctx.vms.begin_offline(&self.p.vm, &self.p.id).await {
+                    Ok(spec) => spec,
+                    Err(s) => return Err(fail("stop source VM")(stopped.err().map(|e| e.message().to_string()).unwrap_or_else(|| s.message().to_string()))),
+                }
             }
         };
 
@@ -333,8 +340,9 @@ impl Job {
             .into_inner();
         self.peer = Some(peer.clone());
         self.token = prep.token.clone();
-        let target_label = format!("{} ({})", prep.target_host, self.p.target);
-        self.h.update(|s| s.target = target_label);
+        self.target_label = format!("{} ({})", prep.target_host, self.p.target);
+        let label = self.target_label.clone();
+        self.h.update(|s| s.target = label);
         let plans = check_plans(&self.images, &prep.images).map_err(fail("prepare"))?;
 
         // 3. Data: one stream per image still missing on the target.
@@ -384,7 +392,7 @@ impl Job {
         }
 
         // 4. The target verifies and defines the VM. Not cancellable from here on.
-        self.phase(pb::MigrationPhase::Committing, format!("defining VM '{}' on {}", self.p.vm, self.p.target));
+        self.phase(pb::MigrationPhase::Committing, format!("defining VM '{}' on {}", self.p.vm, self.target_label));
         let req = pb::FinishColdMigrationRequest { migration_id: self.p.id.clone(), token: self.token.clone(), start: self.p.start_on_target };
         let resp = tokio::time::timeout(FINISH_WAIT + Duration::from_secs(30), peer.finish_cold_migration(req))
             .await
@@ -416,13 +424,13 @@ impl Job {
         } else {
             format!("{} keeps its definition (stopped) and image files", self.host())
         };
-        let msg = format!("VM '{}' is now {there} on {}; {here}", self.p.vm, self.p.target);
+        let msg = format!("VM '{}' is now {there} on {}; {here}", self.p.vm, self.target_label);
         let elapsed = self.started.elapsed().as_millis() as u64;
         self.publish();
         self.h.update(|s| {
             s.finished_unix_ms = now_ms();
             if !resp.start_error.is_empty() {
-                s.error = format!("VM '{}' was defined on {} but starting it there failed: {}", self.p.vm, self.p.target, resp.start_error);
+                s.error = format!("VM '{}' was defined on {} but starting it there failed: {}", self.p.vm, self.target_label, resp.start_error);
             }
             s.stats.get_or_insert_with(Default::default).elapsed_ms = elapsed;
         });
@@ -440,13 +448,12 @@ impl Job {
             "cold migration of VM '{}' from {} to {} failed at {}: {}",
             self.p.vm,
             self.host(),
-            self.p.target,
+            self.target_label,
             e.step,
             e.message
         );
-        if let Some(c) = self.conn.take() {
-            c.close(1u32.into(), b"aborted");
-        }
+        // Abort first, then close: the target then sees the streams end as part of the
+        // abort rather than as a failure of its own.
         if let Some(mut peer) = self.peer.take() {
             let req = pb::AbortColdMigrationRequest {
                 migration_id: self.p.id.clone(),
@@ -464,13 +471,16 @@ impl Job {
                             return self.completed(resp.into_inner()).await;
                         }
                         reason.push_str("; the target reports the migration finished, so the VM is defined there too");
-                    } else if !r.error.is_empty() {
-                        reason.push_str(&format!(" (target says: {})", r.error));
+                    } else if !r.error.is_empty() && !reason.contains(&r.error) {
+                        reason.push_str(&format!(" (target {} says: {})", self.target_label, r.error));
                     }
                 }
                 Ok(Err(s)) => warn!(migration = %self.p.id, "abort on target: {}", status_msg(&s)),
                 Err(_) => warn!(migration = %self.p.id, "abort on target: no answer within 15 s"),
             }
+        }
+        if let Some(c) = self.conn.take() {
+            c.close(1u32.into(), b"aborted");
         }
         warn!(migration = %self.p.id, "{reason}");
         let _ = self.ctx.vms.end_offline(&self.p.vm, &self.p.id, false).await;
@@ -692,7 +702,7 @@ async fn send_image(sp: &StreamParams, index: usize, local: &Path, offset: u64, 
 enum TargetState {
     Receiving,
     /// The VM is defined here; the answer Finish gave (repeated to a retried call).
-    Finished(pb::FinishColdMigrationResponse),
+    Finished(Box<pb::FinishColdMigrationResponse>),
     /// Given up; `by_target` when this host failed it itself (bad data, lost source).
     Failed { reason: String, by_target: bool },
 }
@@ -703,6 +713,7 @@ struct TargetImage {
     path: PathBuf,
     length: u64,
     digest: Blake3Digest,
+    transfer_id: String,
     resume_offset: u64,
     /// The partial image; `None` while a stream works on it, once finished, or when the
     /// file was already present.
@@ -716,7 +727,6 @@ struct ColdIncoming {
     token: String,
     spec: VmSpec,
     source_host: String,
-    host: String,
     images: Vec<TargetImage>,
     state: tokio::sync::Mutex<TargetState>,
     /// Stops the streams and the watchdog.
@@ -791,16 +801,26 @@ impl ColdIncoming {
             let mut st = self.state.lock().await;
             match &*st {
                 TargetState::Finished(_) => return Aborted::Finished,
-                TargetState::Failed { reason, by_target } => return Aborted::Before { reason: reason.clone(), by_target: *by_target },
+                TargetState::Failed { reason, by_target } => {
+                    let before = Aborted::Before { reason: reason.clone(), by_target: *by_target };
+                    drop(st);
+                    if discard {
+                        // It failed first (e.g. the cancelled source's streams ended before
+                        // its Abort came), which kept the partial images: remove them now.
+                        self.discard_kept().await;
+                    }
+                    return before;
+                }
                 TargetState::Receiving => *st = TargetState::Failed { reason: reason.to_string(), by_target },
             }
         }
         warn!(migration = %self.id, vm = %self.spec.name, "aborting incoming cold migration: {reason}");
         self.cancel.cancel();
         for img in &self.images {
-            // Waits for a stream still holding the image to notice the cancel.
-            let part = img.slot.lock().await.take();
-            if let Some(part) = part {
+            // Waits for a stream still holding the image to notice the cancel; the slot
+            // stays locked until the image is closed, so a late discard finds it closed.
+            let mut slot = img.slot.lock().await;
+            if let Some(part) = slot.take() {
                 if discard {
                     let path = img.path.clone();
                     match tokio::task::spawn_blocking(move || part.abandon()).await {
@@ -808,9 +828,12 @@ impl ColdIncoming {
                         Err(e) => warn!(migration = %self.id, "removing partial image {}: {e}", path.display()),
                         Ok(Ok(())) => {}
                     }
+                } else {
+                    // Closed: the part file and its sidecar stay for a resume.
+                    drop(part);
                 }
-                // Otherwise dropped: the part file and its sidecar stay for a resume.
             }
+            drop(slot);
         }
         if let Err(e) = self.vms.drop_incoming(&self.spec.name, &self.id).await {
             warn!(migration = %self.id, "dropping the reservation of VM '{}': {}", self.spec.name, e.message());
@@ -819,6 +842,25 @@ impl ColdIncoming {
         self.bump();
         forget_later(self.clone());
         Aborted::Now
+    }
+
+    /// Removes the partial images an earlier abort kept. Reopening takes the part file's
+    /// lock, so one a newer attempt is receiving into is left alone (`Busy`).
+    async fn discard_kept(&self) {
+        for img in self.images.iter().filter(|i| !i.done.load(Ordering::Acquire)) {
+            let mut slot = img.slot.lock().await;
+            let open = slot.take();
+            let (path, length, tid) = (img.path.clone(), img.length, img.transfer_id.clone());
+            let r = tokio::task::spawn_blocking(move || match open {
+                Some(part) => part.abandon(),
+                None => PartialImage::open_or_resume(&path, length, &tid).and_then(PartialImage::abandon),
+            })
+            .await;
+            drop(slot);
+            if let Ok(Err(e)) = r {
+                info!(migration = %self.id, "partial image of {} not discarded: {e}", img.path.display());
+            }
+        }
     }
 
     /// Receives one image from `reader`, starting at `offset`.
@@ -867,6 +909,14 @@ impl ColdIncoming {
                 Ok(Some(Frame::Control(ControlMessage::DiskImageEnd { length }))) => {
                     if length != img.length {
                         break Err(format!("the source scanned {length} bytes, {} were announced", img.length));
+                    }
+                    // Read the FIN too, so the source's wait for the whole stream to be
+                    // read ends cleanly instead of with a STOP.
+                    match tokio::time::timeout(STREAM_HELLO_TIMEOUT, reader.next()).await {
+                        Ok(Ok(None)) => {}
+                        Ok(Ok(Some(_))) => break Err("data after the end of the image".into()),
+                        Ok(Err(e)) => break Err(format!("source connection: {e}")),
+                        Err(_) => break Err("the stream did not end after the image".into()),
                     }
                     if let Err(e) = with_part(&mut part, move |p| p.checkpoint(length)).await {
                         break Err(e);
@@ -1012,7 +1062,6 @@ pub async fn prepare(ctx: &Arc<AgentCtx>, req: pb::PrepareColdMigrationRequest) 
         token: uuid::Uuid::new_v4().simple().to_string(),
         spec: spec.clone(),
         source_host: req.source_host.clone(),
-        host: host.clone(),
         images,
         state: tokio::sync::Mutex::new(TargetState::Receiving),
         cancel: CancellationToken::new(),
@@ -1163,6 +1212,7 @@ fn open_images(planned: Vec<Planned>) -> Result<Vec<TargetImage>, Status> {
             path: p.resolved,
             length: w.length,
             digest: w.digest,
+            transfer_id: w.transfer_id.clone(),
             resume_offset,
             slot: tokio::sync::Mutex::new(slot),
             done: AtomicBool::new(p.present),
@@ -1291,7 +1341,7 @@ pub async fn finish(ctx: &Arc<AgentCtx>, req: pb::FinishColdMigrationRequest) ->
     let deadline = tokio::time::Instant::now() + FINISH_WAIT;
     loop {
         match &*inc.state.lock().await {
-            TargetState::Finished(r) => return Ok(r.clone()),
+            TargetState::Finished(r) => return Ok((**r).clone()),
             TargetState::Failed { reason, .. } => return Err(gave_up(reason)),
             TargetState::Receiving => {}
         }
@@ -1306,7 +1356,7 @@ pub async fn finish(ctx: &Arc<AgentCtx>, req: pb::FinishColdMigrationRequest) ->
     // The state lock keeps an Abort out while the VM becomes ours.
     let mut st = inc.state.lock().await;
     match &*st {
-        TargetState::Finished(r) => return Ok(r.clone()),
+        TargetState::Finished(r) => return Ok((**r).clone()),
         TargetState::Failed { reason, .. } => return Err(gave_up(reason)),
         TargetState::Receiving => {}
     }
@@ -1319,7 +1369,7 @@ pub async fn finish(ctx: &Arc<AgentCtx>, req: pb::FinishColdMigrationRequest) ->
     } else {
         pb::FinishColdMigrationResponse { vm: Some(defined), start_error: String::new() }
     };
-    *st = TargetState::Finished(resp.clone());
+    *st = TargetState::Finished(Box::new(resp.clone()));
     drop(st);
     inc.cancel.cancel();
     inc.bump();
@@ -1344,7 +1394,7 @@ pub async fn abort(ctx: &Arc<AgentCtx>, req: pb::AbortColdMigrationRequest) -> R
         Aborted::Before { reason, by_target } => pb::AbortColdMigrationResponse {
             existed: true,
             finished: false,
-            error: if by_target { format!("{}: {reason}", inc.host) } else { String::new() },
+            error: if by_target { reason } else { String::new() },
         },
         Aborted::Finished => pb::AbortColdMigrationResponse { existed: true, finished: true, error: String::new() },
     };
