@@ -22,7 +22,8 @@
 #   after --         more ferry-linkem arguments, e.g. -- --link ferry-h1,ferry-h3=far
 #
 # Environment: FERRY_TB_PREFIX (default "ferry") names the namespaces PREFIX-hI and the
-# RAM directory /dev/shm/PREFIX-tb. Needs root. testbed/down.sh undoes everything.
+# RAM directory /dev/shm/PREFIX-tb; FERRY_TB_CONGESTION (bbr|cubic) ferryd's QUIC congestion
+# controller. Needs root. testbed/down.sh undoes everything.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -167,6 +168,7 @@ cert = "$DIR/pki/$h.pem"
 key = "$DIR/pki/$h.key"
 [migration]
 retain_source_ram = $RETAIN
+congestion = "${FERRY_TB_CONGESTION:-bbr}"
 TOML
     # `ip netns exec` execs ferryd in place, so $! is ferryd's pid.
     setsid ip netns exec "$(ns "$i")" "$FERRYD" --config "$DIR/$h/ferryd.toml" \

@@ -80,11 +80,13 @@ pub struct MigrationDefaults {
     /// link it cut queue drops from ~40% to ~10% of what was sent, but the probe's
     /// estimate varies by +-15% run to run, so a fixed pace also cost 10-20% of goodput.
     pub pace_to_link: bool,
+    /// QUIC congestion controller of the data plane: "bbr" or "cubic".
+    pub congestion: String,
 }
 
 impl Default for MigrationDefaults {
     fn default() -> Self {
-        MigrationDefaults { page_streams: 4, downtime_ms: 30, max_rounds: 30, prepare_timeout_s: 60, idle_timeout_s: 10, retain_source_ram: false, pace_to_link: false }
+        MigrationDefaults { page_streams: 4, downtime_ms: 30, max_rounds: 30, prepare_timeout_s: 60, idle_timeout_s: 10, retain_source_ram: false, pace_to_link: false, congestion: "bbr".into() }
     }
 }
 

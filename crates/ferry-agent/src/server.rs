@@ -51,7 +51,12 @@ pub async fn build(cfg: AgentConfig) -> anyhow::Result<Arc<AgentCtx>> {
     let metrics = crate::metrics::Metrics::new().context("metrics registry")?;
     let incoming = IncomingRegistry::new(cfg.clone(), vms.clone(), journal.clone(), qemu_version.clone(), metrics.clone(), storage.clone());
     incoming.forget_uncommitted();
-    let tuning = TransportTuning { idle_timeout: Duration::from_secs(cfg.migration.idle_timeout_s.max(1)), ..Default::default() };
+    let congestion = match cfg.migration.congestion.as_str() {
+        "bbr" => ferry_transport::Congestion::Bbr,
+        "cubic" => ferry_transport::Congestion::Cubic,
+        other => anyhow::bail!("migration.congestion must be \"bbr\" or \"cubic\", not {other:?}"),
+    };
+    let tuning = TransportTuning { idle_timeout: Duration::from_secs(cfg.migration.idle_timeout_s.max(1)), congestion, ..Default::default() };
     let quic = QuicEndpoint::bind(cfg.quic_listen, &identity, &tuning).context("binding QUIC endpoint")?;
     let outgoing = Outgoing::new(journal.clone());
     let ctx = Arc::new(AgentCtx { cfg, identity, journal, vms, outgoing, incoming, quic, tracker, qemu_version, machine_types, metrics, storage });

@@ -110,6 +110,8 @@ struct Undo {
     mirrors: Vec<String>,
     /// The unix socket the source QEMU's NBD clients connect to.
     nbd_relay_path: Option<PathBuf>,
+    /// The control stream's receive side, for the commit exchange.
+    control_rx: Option<mpsc::Receiver<Result<ControlMessage, String>>>,
 }
 
 /// How the commit ended.
@@ -173,7 +175,7 @@ pub async fn run_guarded(ctx: Arc<AgentCtx>, p: MigrationParams, h: Arc<Outgoing
 pub async fn run(ctx: Arc<AgentCtx>, p: MigrationParams, h: Arc<OutgoingHandle>, spec: VmSpec, proc: Arc<QemuProcess>) {
     let started = Instant::now();
     let mut undo = Undo::default();
-    let mut m = Migration { ctx: ctx.clone(), p: p.clone(), h: h.clone(), spec, proc: proc.clone(), started, stop_time: None, token: String::new(), reported: (0, 0, 0), link_rate: 0.0, disk_counters: None };
+    let mut m = Migration { ctx: ctx.clone(), p: p.clone(), h: h.clone(), spec, proc: proc.clone(), started, stop_time: None, token: String::new(), reported: (0, 0, 0), link_rate: 0.0, disk_counters: None, local_digest: None, final_round: None };
     ctx.metrics.active.inc();
     let deadline = p.timeout.unwrap_or(Duration::from_secs(u64::MAX / 4));
     let result = tokio::select! {
@@ -226,6 +228,10 @@ struct Migration {
     link_rate: f64,
     /// Bytes through the NBD tunnels of the disk mirrors.
     disk_counters: Option<Arc<super::disks::TunnelCounters>>,
+    /// Fingerprint of the source RAM at switchover (when verifying).
+    local_digest: Option<u128>,
+    /// The final round and the batch count it ends at.
+    final_round: Option<(u32, u64)>,
 }
 
 impl Migration {
@@ -510,15 +516,22 @@ impl Migration {
         last.union_with(&pending);
         sender.note_resent(&last);
         let t_collected = t_final.elapsed();
-        sender.send_round(round, &last, false).await.map_err(fail("send final pages"))?;
+        // Pipelined switchover: the last pages, the request for the target's digest and
+        // QEMU's device state all leave at once; the target feeds the device state to its
+        // QEMU (and hashes its RAM) only once every last page is written. One round trip
+        // instead of three before the target can resume.
+        let final_batches = sender.send_round(round, &last, false).await.map(|_| sender.batches_total()).map_err(fail("send final pages"))?;
         let t_sent = t_final.elapsed();
         round += 1;
-        confirm_round(&mut ctl_tx, &mut ctl_rx, round, sender.batches_total()).await?;
+        let final_round = round;
+        ctl_tx
+            .write(&ferry_wire::Frame::encode_control(&ControlMessage::FinalRoundEnd { round, batches_total: final_batches, verify: self.p.verify }).map_err(fail("round end"))?)
+            .await
+            .map_err(fail("round end"))?;
         if let Some(mut t) = undo.tracker.take() {
             let _ = t.disarm();
         }
-        self.mark(|b, us| b.final_round_us = us);
-        tracing::debug!(migration = %self.p.id, pages = last.count(), ?t_collected, ?t_sent, confirmed = ?t_final.elapsed(), "final round");
+        tracing::debug!(migration = %self.p.id, pages = last.count(), ?t_collected, ?t_sent, "final round sent");
         self.publish(&sender, round, &last, dirty_rate, bandwidth.unwrap_or(0.0), 0.0, &format!("final round: {} pages", last.count()));
 
         // The RAM files are final now. Their digests are computed while QEMU moves the
@@ -526,7 +539,6 @@ impl Migration {
         // both must agree before the commit.
         let digests = if self.p.verify {
             self.phase(pb::MigrationPhase::Verifying, "comparing RAM digests while sending device state");
-            ctl_tx.write(&ferry_wire::Frame::encode_control(&ControlMessage::DigestRequest).map_err(fail("verify"))?).await.map_err(fail("verify"))?;
             let ram2 = ram.clone();
             Some(tokio::task::spawn_blocking(move || ram2.fingerprint(2)))
         } else {
@@ -541,54 +553,70 @@ impl Migration {
             let why = self.qmp().query_migrate().await.ok().and_then(|i| i.error_desc).unwrap_or_default();
             return Err(fail("device state")(format!("source QEMU reports {:?} {why}", ev.migration_status())));
         }
-        let (mut remote_digest, mut loaded) = (None, false);
-        while (digests.is_some() && remote_digest.is_none()) || !loaded {
-            match recv_control(&mut ctl_rx, Duration::from_secs(120)).await? {
-                ControlMessage::Digest { xxh3_128 } => remote_digest = Some(u128::from_le_bytes(xxh3_128)),
-                ControlMessage::DeviceStateLoaded { ok: true, .. } => {
-                    loaded = true;
-                    self.mark(|b, us| b.device_state_us = us);
-                }
-                ControlMessage::DeviceStateLoaded { ok: false, error } => {
-                    return Err(fail("device state")(format!("target QEMU failed to load the device state: {}", error.unwrap_or_default())))
-                }
-                other => return Err(fail("device state")(format!("unexpected {other:?}"))),
-            }
-        }
-        if let (Some(task), Some(remote)) = (digests, remote_digest) {
+        // The source's half of the verification; the target compares when asked to commit.
+        if let Some(task) = digests {
             let local = task.await.map_err(fail("verify"))?.map_err(fail("verify"))?;
-            if local != remote {
-                return Err(fail("verify")(format!(
-                    "RAM fingerprint mismatch: source {local:032x} vs target {remote:032x}; the target copy is wrong, so the VM stays on {}",
-                    self.ctx.cfg.host_name
-                )));
-            }
-            self.mark(|b, us| b.verify_us = us);
-            self.h.update(|s| {
-                if let Some(st) = s.stats.as_mut() {
-                    st.ram_digest = format!("{local:032x}");
-                }
-            });
+            self.local_digest = Some(local);
         }
-        let dev = match tokio::time::timeout(Duration::from_secs(10), relay_task).await {
-            Ok(Ok(Ok(b))) => b,
-            _ => Default::default(),
-        };
-        sender.finish();
-        undo.control = Some(ctl_tx);
-        self.h.update(|s| {
-            if let Some(st) = s.stats.as_mut() {
-                st.device_state_bytes = dev.unix_to_quic;
-                st.wire_bytes = sender.counters.wire_bytes.load(Ordering::Relaxed) + dev.unix_to_quic + dev.quic_to_unix;
+        // The relay ends once the target QEMU has loaded everything; its byte counts are
+        // reported whenever that is (not worth waiting for here).
+        let h = self.h.clone();
+        let page_wire = sender.counters.wire_bytes.load(Ordering::Relaxed);
+        tokio::spawn(async move {
+            if let Ok(Ok(Ok(dev))) = tokio::time::timeout(Duration::from_secs(60), relay_task).await {
+                h.update(|s| {
+                    if let Some(st) = s.stats.as_mut() {
+                        st.device_state_bytes = dev.unix_to_quic;
+                        st.wire_bytes = page_wire + dev.unix_to_quic + dev.quic_to_unix;
+                    }
+                });
             }
         });
-
+        sender.finish();
+        self.final_round = Some((final_round, final_batches));
+        undo.control = Some(ctl_tx);
+        undo.control_rx = Some(ctl_rx);
         Ok(())
     }
 
     /// Phase 5: commit. Not cancellable: from here on the source never resumes by itself.
+    /// Over the data plane's control stream when it is up (the target decides: one-way
+    /// trip, no extra round trip in the guest's pause), else with the peer gRPC Commit.
     async fn commit(&mut self, undo: &mut Undo) -> Res<i64> {
         self.phase(pb::MigrationPhase::Committing, format!("committing on {}", self.p.target));
+        if let (Some(tx), Some(rx)) = (undo.control.as_mut(), undo.control_rx.as_mut()) {
+            let digest = self.local_digest.map(|d| d.to_le_bytes());
+            let msg = ControlMessage::Commit { digest, leave_paused: self.p.leave_paused };
+            tx.write(&ferry_wire::Frame::encode_control(&msg).map_err(fail("commit"))?).await.map_err(fail("commit"))?;
+            let (final_round, final_batches) = self.final_round.unwrap_or((u32::MAX, 0));
+            loop {
+                match recv_control(rx, Duration::from_secs(60)).await.map_err(|e| fail("commit")(e.message))? {
+                    ControlMessage::RoundApplied { round, batches_applied } if round == final_round => {
+                        if batches_applied < final_batches {
+                            return Err(fail("commit")(format!("target wrote {batches_applied} of {final_batches} batches")));
+                        }
+                        self.mark(|b, us| b.final_round_us = us);
+                    }
+                    ControlMessage::DeviceStateLoaded { ok: true, .. } => self.mark(|b, us| b.device_state_us = us),
+                    ControlMessage::DeviceStateLoaded { ok: false, error } => {
+                        return Err(fail("commit")(format!("target QEMU failed to load the device state: {}", error.unwrap_or_default())))
+                    }
+                    ControlMessage::Committed { resume_unix_us, ready_unix_us } => {
+                        if let Some(d) = self.local_digest {
+                            // The target compared the fingerprints before it resumed.
+                            self.h.update(|s| {
+                                if let Some(st) = s.stats.as_mut() {
+                                    st.ram_digest = format!("{d:032x}");
+                                }
+                            });
+                        }
+                        return Ok(if self.p.leave_paused { ready_unix_us } else { resume_unix_us });
+                    }
+                    ControlMessage::Error { message } => return Err(fail("commit")(format!("target refused to commit: {message}"))),
+                    other => return Err(fail("commit")(format!("unexpected {other:?}"))),
+                }
+            }
+        }
         let mut peer = undo.peer.clone().ok_or_else(|| fail("commit")("no peer"))?;
         let resp = tokio::time::timeout(
             Duration::from_secs(30),

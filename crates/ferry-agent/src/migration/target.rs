@@ -54,6 +54,8 @@ pub struct Incoming {
     copies: Vec<PathBuf>,
     /// NBD server socket of the target QEMU and its exports, when disks travel.
     nbd: Option<(PathBuf, Vec<String>)>,
+    /// Set once the final round's pages are written: the device state may load then.
+    final_applied: watch::Sender<bool>,
 }
 
 impl Incoming {
@@ -226,6 +228,7 @@ impl IncomingRegistry {
                 incoming_sock,
                 copies,
                 nbd,
+                final_applied: watch::channel(false).0,
             })),
             Err(e) => {
                 let _ = proc.kill().await;
@@ -484,38 +487,99 @@ impl IncomingRegistry {
         let mut loaded = inc.loaded.clone();
         let mut loaded_sent = false;
         let (digest_tx, mut digest_rx) = mpsc::channel::<Result<u128, String>>(1);
+        // Our RAM fingerprint once the final round is in, and whether the source asked
+        // for it explicitly (DigestRequest) rather than with its Commit.
+        let (mut my_digest, mut digest_wanted): (Option<Result<u128, String>>, bool) = (None, false);
+        // The source's Commit, waiting for the device state and our fingerprint.
+        let mut pending_commit: Option<(Option<u128>, bool)> = None;
         let reason = loop {
+            if let Some((theirs, leave_paused)) = pending_commit {
+                let loaded_now = loaded.borrow().clone();
+                let verdict: Option<Result<(), String>> = match (loaded_now, theirs, &my_digest) {
+                    (None, _, _) => None,
+                    (Some(Err(e)), _, _) => Some(Err(format!("the device state did not load: {e}"))),
+                    (Some(Ok(())), None, _) => Some(Ok(())),
+                    (Some(Ok(())), Some(_), None) => None,
+                    (Some(Ok(())), Some(_), Some(Err(e))) => Some(Err(format!("fingerprint of the RAM file: {e}"))),
+                    (Some(Ok(())), Some(t), Some(Ok(m))) if t == *m => Some(Ok(())),
+                    (Some(Ok(())), Some(t), Some(Ok(m))) => Some(Err(format!(
+                        "RAM fingerprint mismatch: source {t:032x} vs target {m:032x}; the target copy is wrong, so the VM stays on the source"
+                    ))),
+                };
+                if let Some(v) = verdict {
+                    pending_commit = None;
+                    let reply = match v {
+                        Ok(()) => match self.commit(&inc.id, &inc.token, leave_paused).await {
+                            Ok((resume_unix_us, ready_unix_us)) => ControlMessage::Committed { resume_unix_us, ready_unix_us },
+                            Err(s) => ControlMessage::Error { message: s.message().to_string() },
+                        },
+                        Err(message) => ControlMessage::Error { message },
+                    };
+                    let committed = matches!(reply, ControlMessage::Committed { .. });
+                    if let Err(e) = send(&mut w, &reply).await {
+                        break e;
+                    }
+                    if committed {
+                        // Let the answer reach the source: it closes the connection.
+                        let _ = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+                        break "committed".into();
+                    }
+                }
+            }
             tokio::select! {
-                Some(d) = digest_rx.recv() => match d {
-                    Ok(f) => {
-                        if let Err(e) = send(&mut w, &ControlMessage::Digest { xxh3_128: f.to_le_bytes() }).await {
-                            break e;
+                Some(d) = digest_rx.recv() => {
+                    if digest_wanted {
+                        match &d {
+                            Ok(f) => {
+                                if let Err(e) = send(&mut w, &ControlMessage::Digest { xxh3_128: f.to_le_bytes() }).await {
+                                    break e;
+                                }
+                            }
+                            Err(e) => break format!("fingerprint of the RAM file: {e}"),
                         }
                     }
-                    Err(e) => break format!("fingerprint of the RAM file: {e}"),
-                },
+                    my_digest = Some(d);
+                }
+
                 msg = rx.recv() => match msg {
-                    Some(Ok(ControlMessage::RoundEnd { round, batches_total })) => {
+                    Some(Ok(m @ (ControlMessage::RoundEnd { .. } | ControlMessage::FinalRoundEnd { .. }))) => {
+                        let (round, batches_total, last, verify) = match m {
+                            ControlMessage::RoundEnd { round, batches_total } => (round, batches_total, false, false),
+                            ControlMessage::FinalRoundEnd { round, batches_total, verify } => (round, batches_total, true, verify),
+                            _ => (0, 0, false, false),
+                        };
                         tokio::select! {
                             _ = inc.applied.wait_for(batches_total) => {}
                             e = err_rx.recv() => break e.unwrap_or_else(|| "page streams ended".into()),
                             _ = tokio::time::sleep(Duration::from_secs(120)) => break "timed out waiting for page batches".into(),
                         }
                         let batches_applied = inc.applied.frames.load(Ordering::Acquire);
+                        if last {
+                            // Every page is in place: the held device state may reach QEMU,
+                            // and our fingerprint can be taken while it loads.
+                            inc.final_applied.send_replace(true);
+                            if verify {
+                                spawn_fingerprint(inc, digest_tx.clone());
+                            }
+                        }
                         if let Err(e) = send(&mut w, &ControlMessage::RoundApplied { round, batches_applied }).await {
                             break e;
                         }
                     }
                     Some(Ok(ControlMessage::DigestRequest)) => {
-                        // Hashed on the side so the device-state report is not held up.
-                        let (ram, tx) = (inc.ram(), digest_tx.clone());
-                        tokio::task::spawn_blocking(move || {
-                            let r = match ram {
-                                Some(ram) => ram.fingerprint(2).map_err(|e| e.to_string()),
-                                None => Err("the migration has ended".to_string()),
-                            };
-                            let _ = tx.try_send(r);
-                        });
+                        digest_wanted = true;
+                        match &my_digest {
+                            Some(Ok(f)) => {
+                                if let Err(e) = send(&mut w, &ControlMessage::Digest { xxh3_128: f.to_le_bytes() }).await {
+                                    break e;
+                                }
+                            }
+                            Some(Err(e)) => break format!("fingerprint of the RAM file: {e}"),
+                            None => spawn_fingerprint(inc, digest_tx.clone()),
+                        }
+                    }
+                    Some(Ok(ControlMessage::Commit { digest, leave_paused })) => {
+                        pending_commit = Some((digest.map(u128::from_le_bytes), leave_paused));
                     }
                     Some(Ok(ControlMessage::Error { message })) => break format!("source reported: {message}"),
                     Some(Ok(other)) => break format!("unexpected control message {other:?}"),
@@ -543,6 +607,18 @@ impl IncomingRegistry {
         acceptor.abort();
         reason
     }
+}
+
+/// Hashes the target's RAM file on the blocking pool (the control loop stays responsive).
+fn spawn_fingerprint(inc: &Incoming, tx: mpsc::Sender<Result<u128, String>>) {
+    let ram = inc.ram();
+    tokio::task::spawn_blocking(move || {
+        let r = match ram {
+            Some(ram) => ram.fingerprint(2).map_err(|e| e.to_string()),
+            None => Err("the migration has ended".to_string()),
+        };
+        let _ = tx.try_send(r);
+    });
 }
 
 /// Counts the probe bytes until the source finishes, reporting the running count (u64)
@@ -645,6 +721,15 @@ async fn accept_streams(conn: quinn::Connection, inc: Arc<Incoming>, err_tx: mps
                                 let _ = err_tx.send(format!("device-state header: {e}")).await;
                                 return;
                             }
+                        }
+                        // The source lets QEMU send the device state while the final pages
+                        // are still on their way: hold it until they are all written
+                        // (loading devices reads guest RAM).
+                        let mut fin = inc.final_applied.subscribe();
+                        let held = matches!(tokio::time::timeout(Duration::from_secs(300), fin.wait_for(|done| *done)).await, Ok(Ok(_)));
+                        if !held {
+                            let _ = err_tx.send("the final round never completed".to_string()).await;
+                            return;
                         }
                         // QEMU listens once migrate-incoming ran; retry briefly in case of a race.
                         let mut unix = None;
