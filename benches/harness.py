@@ -41,11 +41,14 @@ PAGE = 4096
 ZERO_PAGE = bytes(PAGE)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
+# method -> (codec, extra ferryctl migrate flags)
 FERRY_METHODS = {
-    "ferry-none": "none",
-    "ferry-lz4": "lz4",
-    "ferry-zstd1": "zstd:1",
-    "ferry-zstd3": "zstd:3",
+    "ferry-none": ("none", []),
+    "ferry-lz4": ("lz4", []),
+    "ferry-zstd1": ("zstd:1", []),
+    "ferry-zstd3": ("zstd:3", []),
+    # Without ferry's full-RAM fingerprint comparison in the pause: the protocol's floor.
+    "ferry-lz4-noverify": ("lz4", ["--no-verify"]),
 }
 QEMU_METHODS = {
     "qemu-plain": {},
@@ -308,7 +311,8 @@ def guest_check(tb, console_sock):
 # --------------------------------------------------------------------------- ferry runs
 
 
-def run_ferry(tb, args, codec, dirty, idx, workdir):
+def run_ferry(tb, args, method, dirty, idx, workdir):
+    codec, extra = method
     name = f"b{idx}"
     spec = os.path.join(workdir, f"{name}.toml")
     with open(spec, "w") as f:
@@ -323,7 +327,7 @@ def run_ferry(tb, args, codec, dirty, idx, workdir):
         sampler.start()
         cpu0 = [proc_cpu(p) for p in tb.ferryd]
         net0 = netdev_bytes(tb.ferryd[0])
-        r = tb.ctl(0, "--json", "migrate", name, "--to", tb.grpc[1], "--compress", codec, "--suspend", "--force",
+        r = tb.ctl(0, "--json", "migrate", name, "--to", tb.grpc[1], "--compress", codec, "--suspend", "--force", *extra,
                    timeout=args.migration_timeout + 60, check=False)
         net1 = netdev_bytes(tb.ferryd[0])
         cpu1 = [proc_cpu(p) for p in tb.ferryd]
@@ -364,6 +368,11 @@ def run_ferry(tb, args, codec, dirty, idx, workdir):
             "cpu_qemu_s": qemu_cpu,
             "policy": s.get("policy_applied", ""),
             "guest_check": check,
+            "downtime_breakdown_us": s.get("downtime_breakdown"),
+            # What ferry's preflight predicted for this very migration (its total excludes
+            # the preflight itself: compare with migrate_ms).
+            "predicted_total_ms": (s.get("prediction") or {}).get("predicted_total_ms"),
+            "predicted_downtime_ms": (s.get("prediction") or {}).get("predicted_downtime_ms"),
         }
     finally:
         for host in (1, 0):
@@ -499,9 +508,9 @@ def fmt_pair(p, scale=1.0, digits=0):
 def build_table(results, args):
     rows = []
     head = ("| dirty MiB/s | method | ok runs | total ms (min/median) | downtime ms | wire MiB | "
-            "wire / touched RAM | ratio | rounds | CPU s agents | CPU s QEMU (non-vCPU) | failures |")
+            "wire / touched RAM | ratio | rounds | CPU s agents | CPU s QEMU (non-vCPU) | predicted / actual migrate ms | failures |")
     rows.append(head)
-    rows.append("|" + "---|" * 12)
+    rows.append("|" + "---|" * 13)
     for dirty in args.dirty:
         for m in args.methods:
             runs = [r for r in results if r["dirty"] == dirty and r["method"] == m]
@@ -511,6 +520,8 @@ def build_table(results, args):
             fails = "; ".join(sorted({r["error"] for r in runs if not r["ok"]}))
             touched = [r["wire_bytes"] / r["nonzero_ram_bytes"] for r in ok if r.get("nonzero_ram_bytes")]
             ratio = summarize(runs, "ratio")
+            pred, act = summarize(runs, "predicted_total_ms"), summarize(runs, "migrate_ms")
+            pred_col = f"{pred[1]:.0f} / {act[1]:.0f}" if pred and act and m in FERRY_METHODS else "–"
             rows.append(
                 f"| {dirty:g} | {m} | {len(ok)}/{len(runs)} | {fmt_pair(summarize(runs, 'total_ms'))} | "
                 f"{fmt_pair(summarize(runs, 'downtime_ms'), digits=1)} | "
@@ -518,7 +529,7 @@ def build_table(results, args):
                 f"{(statistics.median(touched) if touched else float('nan')):.2f} | "
                 f"{'–' if ratio is None else f'{ratio[1]:.2f}'} | {fmt_pair(summarize(runs, 'rounds'))} | "
                 f"{fmt_pair(summarize(runs, 'cpu_agents_s'), digits=2)} | {fmt_pair(summarize(runs, 'cpu_qemu_s'), digits=2)} | "
-                f"{fails[:200]} |")
+                f"{pred_col} | {fails[:200]} |")
     return "\n".join(rows) + "\n"
 
 

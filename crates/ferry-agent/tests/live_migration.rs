@@ -95,7 +95,7 @@ async fn wait_phase(c: &mut FerryControlClient<Channel>, id: &str, phase: pb::Mi
         if s.phase == phase as i32 {
             return;
         }
-        assert!(s.phase < pb::MigrationPhase::Committing as i32, "migration went past {phase:?}: {s:?}");
+        assert!(!ferry_agent::migration::is_terminal(s.phase) && s.phase != pb::MigrationPhase::Committing as i32, "migration went past {phase:?}: {s:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("migration never reached {phase:?}");

@@ -73,7 +73,7 @@ async fn metrics_move_during_a_migration() {
     loop {
         let text = scrape(&a.metrics_addr());
         let st = ca.get_migration(pb::MigrationRef { id: m.id.clone() }).await.expect("get").into_inner();
-        let terminal = st.phase >= pb::MigrationPhase::Completed as i32;
+        let terminal = ferry_agent::migration::is_terminal(st.phase);
         if !terminal {
             // Scraped before the status said it ended: the migration was running.
             seen_during = f64::max(seen_during, metric(&text, "ferry_page_bytes_total{codec=\"zstd:3\"}"));
@@ -113,7 +113,7 @@ async fn history_and_vms_survive_an_agent_restart() {
         .into_inner();
     loop {
         let st = ca.get_migration(pb::MigrationRef { id: m.id.clone() }).await.expect("get").into_inner();
-        if st.phase >= pb::MigrationPhase::Completed as i32 {
+        if ferry_agent::migration::is_terminal(st.phase) {
             assert_eq!(st.phase, pb::MigrationPhase::Failed as i32);
             assert!(st.error.contains("cannot reach target agent 127.0.0.1:9") && st.error.contains("h01"), "{}", st.error);
             break;

@@ -175,7 +175,7 @@ pub async fn run_guarded(ctx: Arc<AgentCtx>, p: MigrationParams, h: Arc<Outgoing
 pub async fn run(ctx: Arc<AgentCtx>, p: MigrationParams, h: Arc<OutgoingHandle>, spec: VmSpec, proc: Arc<QemuProcess>) {
     let started = Instant::now();
     let mut undo = Undo::default();
-    let mut m = Migration { ctx: ctx.clone(), p: p.clone(), h: h.clone(), spec, proc: proc.clone(), started, stop_time: None, token: String::new(), reported: (0, 0, 0), link_rate: 0.0, disk_counters: None, local_digest: None, final_round: None };
+    let mut m = Migration { ctx: ctx.clone(), p: p.clone(), h: h.clone(), spec, proc: proc.clone(), started, stop_time: None, token: String::new(), reported: (0, 0, 0), link_rate: 0.0, disk_counters: None, local_digest: None, final_round: None, qmp_events: None };
     ctx.metrics.active.inc();
     let deadline = p.timeout.unwrap_or(Duration::from_secs(u64::MAX / 4));
     let result = tokio::select! {
@@ -232,6 +232,8 @@ struct Migration {
     local_digest: Option<u128>,
     /// The final round and the batch count it ends at.
     final_round: Option<(u32, u64)>,
+    /// QMP events of the source QEMU, watched for a failed migration during the commit.
+    qmp_events: Option<tokio::sync::broadcast::Receiver<QmpEvent>>,
 }
 
 impl Migration {
@@ -546,13 +548,11 @@ impl Migration {
             None
         };
         self.qmp().migrate_continue("pre-switchover").await.map_err(fail("migrate-continue"))?;
-        let ev = ferry_qmp::wait_migration_status(&mut events, Duration::from_secs(120), &["completed", "failed", "cancelled"])
-            .await
-            .map_err(fail("device state"))?;
-        if ev.migration_status() != Some("completed") {
-            let why = self.qmp().query_migrate().await.ok().and_then(|i| i.error_desc).unwrap_or_default();
-            return Err(fail("device state")(format!("source QEMU reports {:?} {why}", ev.migration_status())));
-        }
+        // Not waiting for the source QEMU's "completed": that needs the target QEMU's
+        // return-path goodbye after loading, a round trip. The target judges the device
+        // state itself (it commits only once its QEMU loaded it); a source QEMU that fails
+        // to send it is noticed while the commit answer is awaited.
+        self.qmp_events = Some(events);
         // The source's half of the verification; the target compares when asked to commit.
         if let Some(task) = digests {
             let local = task.await.map_err(fail("verify"))?.map_err(fail("verify"))?;
@@ -589,8 +589,22 @@ impl Migration {
             let msg = ControlMessage::Commit { digest, leave_paused: self.p.leave_paused };
             tx.write(&ferry_wire::Frame::encode_control(&msg).map_err(fail("commit"))?).await.map_err(fail("commit"))?;
             let (final_round, final_batches) = self.final_round.unwrap_or((u32::MAX, 0));
+            let mut events = self.qmp_events.take();
             loop {
-                match recv_control(rx, Duration::from_secs(60)).await.map_err(|e| fail("commit")(e.message))? {
+                let next = tokio::select! {
+                    m = recv_control(rx, Duration::from_secs(60)) => m,
+                    ev = async {
+                        match events.as_mut() {
+                            Some(e) => ferry_qmp::wait_migration_status(e, Duration::from_secs(3600), &["failed", "cancelled"]).await,
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        let why = self.qmp().query_migrate().await.ok().and_then(|i| i.error_desc).unwrap_or_default();
+                        let st = ev.ok().and_then(|e| e.migration_status().map(str::to_string)).unwrap_or_default();
+                        return Err(fail("commit")(format!("source QEMU reports {st} while sending the device state: {why}")));
+                    }
+                };
+                match next.map_err(|e| fail("commit")(e.message))? {
                     ControlMessage::RoundApplied { round, batches_applied } if round == final_round => {
                         if batches_applied < final_batches {
                             return Err(fail("commit")(format!("target wrote {batches_applied} of {final_batches} batches")));

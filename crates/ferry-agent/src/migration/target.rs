@@ -492,6 +492,9 @@ impl IncomingRegistry {
         let (mut my_digest, mut digest_wanted): (Option<Result<u128, String>>, bool) = (None, false);
         // The source's Commit, waiting for the device state and our fingerprint.
         let mut pending_commit: Option<(Option<u128>, bool)> = None;
+        // When each switchover step was seen here, for the log: final round announced,
+        // written, fingerprint taken, device state loaded, commit asked.
+        let mut tl: [Option<std::time::Instant>; 5] = [None; 5];
         let reason = loop {
             if let Some((theirs, leave_paused)) = pending_commit {
                 let loaded_now = loaded.borrow().clone();
@@ -508,6 +511,11 @@ impl IncomingRegistry {
                 };
                 if let Some(v) = verdict {
                     pending_commit = None;
+                    if let Some(t0) = tl[0] {
+                        let ms = |t: Option<std::time::Instant>| t.map(|t| format!("{:.1}", t.duration_since(t0).as_secs_f64() * 1e3)).unwrap_or_else(|| "-".into());
+                        info!(migration = %inc.id, "switchover here (ms after the final round was announced): pages written {}, fingerprint {}, device state loaded {}, commit asked {}, deciding {}",
+                            ms(tl[1]), ms(tl[2]), ms(tl[3]), ms(tl[4]), ms(Some(std::time::Instant::now())));
+                    }
                     let reply = match v {
                         Ok(()) => match self.commit(&inc.id, &inc.token, leave_paused).await {
                             Ok((resume_unix_us, ready_unix_us)) => ControlMessage::Committed { resume_unix_us, ready_unix_us },
@@ -539,10 +547,14 @@ impl IncomingRegistry {
                         }
                     }
                     my_digest = Some(d);
+                    tl[2] = Some(std::time::Instant::now());
                 }
 
                 msg = rx.recv() => match msg {
                     Some(Ok(m @ (ControlMessage::RoundEnd { .. } | ControlMessage::FinalRoundEnd { .. }))) => {
+                        if matches!(m, ControlMessage::FinalRoundEnd { .. }) {
+                            tl[0] = Some(std::time::Instant::now());
+                        }
                         let (round, batches_total, last, verify) = match m {
                             ControlMessage::RoundEnd { round, batches_total } => (round, batches_total, false, false),
                             ControlMessage::FinalRoundEnd { round, batches_total, verify } => (round, batches_total, true, verify),
@@ -558,6 +570,7 @@ impl IncomingRegistry {
                             // Every page is in place: the held device state may reach QEMU,
                             // and our fingerprint can be taken while it loads.
                             inc.final_applied.send_replace(true);
+                            tl[1] = Some(std::time::Instant::now());
                             if verify {
                                 spawn_fingerprint(inc, digest_tx.clone());
                             }
@@ -579,6 +592,7 @@ impl IncomingRegistry {
                         }
                     }
                     Some(Ok(ControlMessage::Commit { digest, leave_paused })) => {
+                        tl[4] = Some(std::time::Instant::now());
                         pending_commit = Some((digest.map(u128::from_le_bytes), leave_paused));
                     }
                     Some(Ok(ControlMessage::Error { message })) => break format!("source reported: {message}"),
@@ -595,6 +609,7 @@ impl IncomingRegistry {
                     let v = loaded.borrow().clone();
                     if let Some(v) = v {
                         loaded_sent = true;
+                        tl[3] = Some(std::time::Instant::now());
                         let msg = ControlMessage::DeviceStateLoaded { ok: v.is_ok(), error: v.err() };
                         if let Err(e) = send(&mut w, &msg).await {
                             break e;
