@@ -9,7 +9,8 @@
 #
 # Environment: PROFILE (lan|dc|wan|far, default wan), GUEST_MIB (1024), WORKLOAD_MIB (512),
 # MIX (realistic|zero|text|random), DIRTY (comma list, MiB/s, default "0,50"), REPEAT (3),
-# METHODS (comma list, default all), OUT (default benches/out/<profile>-<date>).
+# METHODS (comma list, default all), FERRY_FLAGS (extra `ferryctl migrate` flags for the ferry
+# runs, e.g. "--on-stall abort"), OUT (default benches/out/<profile>-<date>).
 # Writes OUT/results.json, OUT/table.md, OUT/plot.png; exits non-zero if any run failed
 # (migration error, guest memory check failed, or source and target RAM differ).
 set -euo pipefail
@@ -37,4 +38,4 @@ testbed/up.sh --hosts 2 --profile "$PROFILE" --dir "$DIR" --retain-source-ram \
 /usr/bin/python3 benches/harness.py --testbed-env "$DIR/testbed.env" --bin "$BIN" --root "$ROOT" \
   --out "$OUT" --profile "$PROFILE" --guest-mib "${GUEST_MIB:-1024}" --workload-mib "${WORKLOAD_MIB:-512}" \
   --mix "${MIX:-realistic}" --dirty "${DIRTY:-0,50}" --repeat "${REPEAT:-3}" \
-  ${METHODS:+--methods "$METHODS"}
+  ${METHODS:+--methods "$METHODS"} --ferry-flags "${FERRY_FLAGS:-}"

@@ -327,7 +327,7 @@ def run_ferry(tb, args, method, dirty, idx, workdir):
         sampler.start()
         cpu0 = [proc_cpu(p) for p in tb.ferryd]
         net0 = netdev_bytes(tb.ferryd[0])
-        r = tb.ctl(0, "--json", "migrate", name, "--to", tb.grpc[1], "--compress", codec, "--suspend", "--force", *extra,
+        r = tb.ctl(0, "--json", "migrate", name, "--to", tb.grpc[1], "--compress", codec, "--suspend", "--force", *extra, *args.ferry_flags.split(),
                    timeout=args.migration_timeout + 60, check=False)
         net1 = netdev_bytes(tb.ferryd[0])
         cpu1 = [proc_cpu(p) for p in tb.ferryd]
@@ -581,6 +581,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--settle", type=float, default=3.0, help="seconds between guest ready and migration")
     ap.add_argument("--migration-timeout", type=float, default=300.0)
+    ap.add_argument("--ferry-flags", default="", help="extra `ferryctl migrate` flags for every ferry run, e.g. '--on-stall abort'")
     args = ap.parse_args()
     args.dirty = [float(d) for d in args.dirty.split(",") if d]
     args.methods = [m for m in args.methods.split(",") if m]

@@ -250,13 +250,7 @@ impl Job {
     }
 
     fn phase(&self, phase: pb::MigrationPhase, message: impl Into<String>) {
-        let message = message.into();
-        info!(migration = %self.p.id, vm = %self.p.vm, ?phase, "{message}");
-        self.h.update(|s| {
-            s.phase = phase as i32;
-            s.message = message;
-        });
-        self.ctx.outgoing.persist(&self.h);
+        self.ctx.outgoing.set_phase(&self.h, phase, message.into());
     }
 
     /// Copies the counters into the published status.

@@ -58,6 +58,17 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
+    /// Moves a migration to `phase` with a message: logged, published and journaled.
+    pub fn set_phase(&self, h: &OutgoingHandle, phase: pb::MigrationPhase, message: String) {
+        let vm = h.status.borrow().vm.clone();
+        tracing::info!(migration = %h.id, vm = %vm, ?phase, "{message}");
+        h.update(|s| {
+            s.phase = phase as i32;
+            s.message = message;
+        });
+        self.persist(h);
+    }
+
     pub fn new(journal: Arc<Journal>) -> Arc<Self> {
         Arc::new(Outgoing { live: std::sync::Mutex::new(HashMap::new()), journal })
     }

@@ -238,13 +238,7 @@ struct Migration {
 
 impl Migration {
     fn phase(&self, phase: pb::MigrationPhase, message: impl Into<String>) {
-        let message = message.into();
-        info!(migration = %self.p.id, vm = %self.p.vm, ?phase, "{message}");
-        self.h.update(|s| {
-            s.phase = phase as i32;
-            s.message = message;
-        });
-        self.ctx.outgoing.persist(&self.h);
+        self.ctx.outgoing.set_phase(&self.h, phase, message.into());
     }
 
     /// Records a switchover step, in microseconds since the guest stopped.
