@@ -539,6 +539,7 @@ mod tests {
             state_dir,
             shm_root: shm_root.clone(),
             ram_dir,
+            storage_dir: dir.path().join("a/images"),
             grpc_addr: "127.0.0.1:1".into(),
             quic_addr: "127.0.0.1:1".into(),
             metrics_addr: "127.0.0.1:1".into(),
