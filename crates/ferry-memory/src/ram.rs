@@ -447,69 +447,141 @@ unsafe fn is_zero_raw(p: *const u8, len: usize) -> bool {
     true
 }
 
-/// Pages per fingerprint chunk (64 MiB): chunks are hashed independently, in parallel.
+/// Pages per unit of work of [`RamFile::fingerprint`] (64 MiB), hashed in parallel.
 const FINGERPRINT_CHUNK_PAGES: u64 = 16 * 1024;
 
+/// The fingerprint's view of one page: 0 for an all-zero page (or a hole), else the page's
+/// XXH3-128. [`RamFile::fingerprint`] combines these over every page in order, so a side
+/// that knows its pages' sums (the target, which wrote every page itself) can compute the
+/// same fingerprint without reading its RAM again: see [`PageSums`].
+pub fn page_sum(page: &[u8]) -> u128 {
+    if is_zero_page(page) {
+        0
+    } else {
+        twox_hash::XxHash3_128::oneshot(page)
+    }
+}
+
+/// Combines per-page sums (page order) into the fingerprint.
+fn combine_page_sums(sums: impl Iterator<Item = u128>, pages: u64) -> u128 {
+    let mut total = twox_hash::XxHash3_128::new();
+    total.write(&pages.to_le_bytes());
+    let mut buf = Vec::with_capacity(64 * 1024);
+    for s in sums {
+        buf.extend_from_slice(&s.to_le_bytes());
+        if buf.len() >= 64 * 1024 {
+            total.write(&buf);
+            buf.clear();
+        }
+    }
+    total.write(&buf);
+    total.finish_128()
+}
+
+/// Per-page fingerprint sums kept up to date by whoever writes the pages (the migration
+/// target), so the fingerprint in the guest's pause costs a pass over 16 bytes a page
+/// instead of a pass over the RAM. Pages start as zero (a fresh, sparse RAM file).
+pub struct PageSums {
+    lo: Vec<std::sync::atomic::AtomicU64>,
+    hi: Vec<std::sync::atomic::AtomicU64>,
+}
+
+impl PageSums {
+    /// Sums for `pages` pages, all zero.
+    pub fn new(pages: u64) -> Self {
+        let n = pages as usize;
+        PageSums {
+            lo: (0..n).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
+            hi: (0..n).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Records the content just written to `page` (ignored beyond the end).
+    pub fn set(&self, page: u64, content: &[u8]) {
+        self.set_sum(page, page_sum(content));
+    }
+
+    /// Records that `page` is now all zero.
+    pub fn set_zero(&self, page: u64) {
+        self.set_sum(page, 0);
+    }
+
+    fn set_sum(&self, page: u64, sum: u128) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let (Some(lo), Some(hi)) = (self.lo.get(page as usize), self.hi.get(page as usize)) {
+            lo.store(sum as u64, Relaxed);
+            hi.store((sum >> 64) as u64, Relaxed);
+        }
+    }
+
+    /// The fingerprint [`RamFile::fingerprint`] would compute over pages with these
+    /// contents. Call once every writer is done (their completion must happen-before).
+    pub fn fingerprint(&self) -> u128 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let sums = self.lo.iter().zip(&self.hi).map(|(lo, hi)| u128::from(lo.load(Relaxed)) | (u128::from(hi.load(Relaxed)) << 64));
+        combine_page_sums(sums, self.lo.len() as u64)
+    }
+}
+
 impl RamFile {
-    /// A 128-bit XXH3 fingerprint of the file's *content*: every non-zero page with its
-    /// index, in order, so holes and explicit zero pages fingerprint the same. Much
-    /// cheaper than [`digest`](Self::digest) (holes are skipped without reading, zero pages
-    /// are not hashed), which matters because it runs while the guest is paused. Not
-    /// cryptographic: it detects accidental differences (a missed write), not forgeries;
-    /// the peers are already authenticated. The value does not depend on `threads`.
+    /// A 128-bit XXH3 fingerprint of the file's *content*: the XXH3-128 of every non-zero
+    /// page (0 for zero pages and holes, which are skipped without reading), combined in
+    /// page order — see [`page_sum`]. It runs while the guest is paused: the source scans
+    /// its whole RAM (this is what catches a write the tracker missed), the target keeps
+    /// [`PageSums`] as it writes. Not cryptographic: it detects accidental differences,
+    /// not forgeries; the peers are already authenticated. Independent of `threads`.
     pub fn fingerprint(&self, threads: usize) -> Result<u128, MemoryError> {
         let pages = self.page_count();
         let chunks = pages.div_ceil(FINGERPRINT_CHUNK_PAGES).max(1);
-        let mut sums = vec![0u128; chunks as usize];
+        let mut sums = vec![0u128; pages as usize];
         let next = std::sync::atomic::AtomicU64::new(0);
-        let results = std::sync::Mutex::new(&mut sums);
-        std::thread::scope(|s| {
-            for _ in 0..threads.clamp(1, chunks as usize) {
-                s.spawn(|| loop {
-                    let c = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if c >= chunks {
-                        return;
-                    }
-                    let first = c * FINGERPRINT_CHUNK_PAGES;
-                    let end = (first + FINGERPRINT_CHUNK_PAGES).min(pages);
-                    let h = self.fingerprint_pages(first, end);
-                    if let Ok(mut r) = results.lock() {
-                        r[c as usize] = h;
-                    }
-                });
-            }
-        });
-        let mut total = twox_hash::XxHash3_128::new();
-        total.write(&pages.to_le_bytes());
-        for h in &sums {
-            total.write(&h.to_le_bytes());
+        {
+            // Each worker fills the sums of the chunks it takes.
+            let parts: Vec<std::sync::Mutex<&mut [u128]>> =
+                sums.chunks_mut(FINGERPRINT_CHUNK_PAGES as usize).map(std::sync::Mutex::new).collect();
+            std::thread::scope(|s| {
+                for _ in 0..threads.clamp(1, chunks as usize) {
+                    s.spawn(|| loop {
+                        let c = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if c >= chunks {
+                            return;
+                        }
+                        let first = c * FINGERPRINT_CHUNK_PAGES;
+                        let end = (first + FINGERPRINT_CHUNK_PAGES).min(pages);
+                        if let Some(Ok(mut part)) = parts.get(c as usize).map(|m| m.lock()) {
+                            self.page_sums(first, end, &mut part);
+                        }
+                    });
+                }
+            });
         }
-        Ok(total.finish_128())
+        Ok(combine_page_sums(sums.into_iter(), pages))
     }
 
-    fn fingerprint_pages(&self, first: u64, end: u64) -> u128 {
-        let mut h = twox_hash::XxHash3_128::new();
-        let mut buf = vec![0u8; HASH_CHUNK];
+    /// Sums of pages `first..end` into `out` (indexed from `first`); holes stay 0.
+    fn page_sums(&self, first: u64, end: u64, out: &mut [u128]) {
+        // Copied out in pieces that stay in the core's cache for the hashing that follows.
+        const PIECE: usize = 64 * 1024;
+        let mut buf = vec![0u8; PIECE];
         self.for_each_segment(first * PAGE, end * PAGE, |s, e, is_data| {
             if !is_data {
                 return;
             }
             let mut pos = s;
             while pos < e {
-                let n = ((e - pos) as usize).min(HASH_CHUNK);
+                let n = ((e - pos) as usize).min(PIECE);
                 // SAFETY: pos..pos+n lies inside the mapping (segments are clamped to the
                 // requested range) and buf is Rust-owned with room for n bytes.
                 unsafe { std::ptr::copy_nonoverlapping(self.map.as_ptr().add(pos as usize), buf.as_mut_ptr(), n) };
                 for (i, page) in buf[..n].chunks_exact(PAGE_SIZE).enumerate() {
-                    if !is_zero_page(page) {
-                        h.write(&(pos / PAGE + i as u64).to_le_bytes());
-                        h.write(page);
+                    let idx = (pos / PAGE - first) as usize + i;
+                    if let Some(slot) = out.get_mut(idx) {
+                        *slot = page_sum(page);
                     }
                 }
                 pos += n as u64;
             }
         });
-        h.finish_128()
     }
 }
 
@@ -625,6 +697,28 @@ mod tests {
         let _ = ram.digest_parallel(2).unwrap();
         let after = std::fs::metadata(&p).unwrap().blocks();
         assert_eq!(before, after, "scans must not allocate holes");
+    }
+
+    #[test]
+    fn page_sums_give_the_same_fingerprint_as_a_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let ram = RamFile::create(dir.path().join("r"), 64 * PAGE_SIZE as u64).unwrap();
+        let sums = PageSums::new(ram.page_count());
+        assert_eq!(sums.fingerprint(), ram.fingerprint(2).unwrap(), "empty");
+        let mut page = vec![0u8; PAGE_SIZE];
+        for p in [0u64, 3, 17, 63] {
+            page.fill(p as u8 + 1);
+            ram.write_pages(p, &page).unwrap();
+            sums.set(p, &page);
+        }
+        // An explicit zero page equals a hole.
+        ram.write_pages(5, &vec![0u8; PAGE_SIZE]).unwrap();
+        sums.set_zero(5);
+        assert_eq!(sums.fingerprint(), ram.fingerprint(1).unwrap());
+        // A page the sums do not know about makes them differ.
+        page.fill(0xee);
+        ram.write_pages(40, &page).unwrap();
+        assert_ne!(sums.fingerprint(), ram.fingerprint(2).unwrap());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! A page always travels on the same stream (streams are chosen by 2 MiB region), so a
 //! newer copy of a page can never overtake an older one: QUIC keeps order within a stream.
 
-use ferry_memory::{is_zero_page, DirtyBitmap, RamFile, PAGE_SIZE};
+use ferry_memory::{is_zero_page, DirtyBitmap, PageSums, RamFile, PAGE_SIZE};
 use ferry_transport::{FrameReader, FrameWriter, TransportError};
 use ferry_wire::{Codec, EncodedBatch, Frame, PageBatch, PageRun, ZeroPages};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -251,10 +251,12 @@ impl AppliedCounter {
 }
 
 /// Applies one page stream to the target's RAM file until the source finishes it.
-pub async fn apply_page_stream(mut reader: FrameReader, ram: Arc<RamFile>, applied: Arc<AppliedCounter>) -> Result<(), PageError> {
+/// Writes the batches of one page stream into the RAM file, keeping `sums` (the
+/// fingerprint's per-page view) in step with what it writes.
+pub async fn apply_page_stream(mut reader: FrameReader, ram: Arc<RamFile>, applied: Arc<AppliedCounter>, sums: Arc<PageSums>) -> Result<(), PageError> {
     while let Some(frame) = reader.next().await? {
-        let ram = ram.clone();
-        let pages = tokio::task::spawn_blocking(move || apply_frame(&ram, frame))
+        let (ram, sums) = (ram.clone(), sums.clone());
+        let pages = tokio::task::spawn_blocking(move || apply_frame(&ram, &sums, frame))
             .await
             .map_err(|e| PageError::Join(e.to_string()))??;
         applied.pages.fetch_add(pages, Ordering::Relaxed);
@@ -264,7 +266,7 @@ pub async fn apply_page_stream(mut reader: FrameReader, ram: Arc<RamFile>, appli
     Ok(())
 }
 
-fn apply_frame(ram: &RamFile, frame: Frame) -> Result<u64, PageError> {
+fn apply_frame(ram: &RamFile, sums: &PageSums, frame: Frame) -> Result<u64, PageError> {
     let limit = ram.page_count();
     let check = |run: &PageRun| {
         let end = run.first + u64::from(run.count);
@@ -280,7 +282,11 @@ fn apply_frame(ram: &RamFile, frame: Frame) -> Result<u64, PageError> {
             for run in &b.runs {
                 check(run)?;
                 let len = run.count as usize * PAGE_SIZE;
-                ram.write_pages(run.first, &b.data[off..off + len])?;
+                let data = &b.data[off..off + len];
+                ram.write_pages(run.first, data)?;
+                for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+                    sums.set(run.first + i as u64, page);
+                }
                 off += len;
             }
             Ok(b.page_count() as u64)
@@ -291,6 +297,7 @@ fn apply_frame(ram: &RamFile, frame: Frame) -> Result<u64, PageError> {
                 check(run)?;
                 for p in run.pages() {
                     ram.zero_page(p)?;
+                    sums.set_zero(p);
                     n += 1;
                 }
             }

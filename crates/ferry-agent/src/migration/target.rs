@@ -13,7 +13,7 @@ use crate::convert::spec_from_pb;
 use crate::journal::{Journal, MigrationRecord, Role};
 use crate::vms::{prepare_dirs, remove_vm_files, VmManager};
 use ferry_api::v1 as pb;
-use ferry_memory::{RamFile, PAGE_SIZE};
+use ferry_memory::{PageSums, RamFile, PAGE_SIZE};
 use ferry_qemu::{QemuProcess, VmSpec};
 use ferry_transport::{read_stream_header, ControlChannel, FrameReader};
 use ferry_wire::{ControlMessage, Frame, StreamKind, PROTOCOL_VERSION};
@@ -56,6 +56,8 @@ pub struct Incoming {
     nbd: Option<(PathBuf, Vec<String>)>,
     /// Set once the final round's pages are written: the device state may load then.
     final_applied: watch::Sender<bool>,
+    /// The fingerprint's per-page sums of everything written here.
+    sums: Arc<PageSums>,
 }
 
 impl Incoming {
@@ -168,6 +170,7 @@ impl IncomingRegistry {
         let ram = RamFile::create(&launch.ram_path, spec.memory_mib << 20).map_err(|e| {
             Status::resource_exhausted(format!("cannot create the {} MiB RAM file on {host}: {e}", spec.memory_mib))
         })?;
+        let ram_pages = ram.page_count();
         // Disks that travel: empty images of the same format and size, made before QEMU
         // opens them. Shared disks are opened in place (inactive until the switchover).
         let copies = super::disks::create_copies(&self.storage, &host, spec, copy_disks)?;
@@ -229,6 +232,7 @@ impl IncomingRegistry {
                 copies,
                 nbd,
                 final_applied: watch::channel(false).0,
+                sums: Arc::new(PageSums::new(ram_pages)),
             })),
             Err(e) => {
                 let _ = proc.kill().await;
@@ -624,15 +628,12 @@ impl IncomingRegistry {
     }
 }
 
-/// Hashes the target's RAM file on the blocking pool (the control loop stays responsive).
+/// The target's RAM fingerprint, from the per-page sums kept while writing (every page
+/// here was written by this agent; the paused QEMU writes none), on the blocking pool.
 fn spawn_fingerprint(inc: &Incoming, tx: mpsc::Sender<Result<u128, String>>) {
-    let ram = inc.ram();
+    let sums = inc.sums.clone();
     tokio::task::spawn_blocking(move || {
-        let r = match ram {
-            Some(ram) => ram.fingerprint(2).map_err(|e| e.to_string()),
-            None => Err("the migration has ended".to_string()),
-        };
-        let _ = tx.try_send(r);
+        let _ = tx.try_send(Ok(sums.fingerprint()));
     });
 }
 
@@ -686,7 +687,7 @@ async fn accept_streams(conn: quinn::Connection, inc: Arc<Incoming>, err_tx: mps
                         let r = match read_stream_header(&mut recv).await {
                             Ok(h) if h.kind == StreamKind::Pages => {
                                 match inc.ram() {
-                                    Some(ram) => apply_page_stream(FrameReader::new(recv), ram, inc.applied.clone()).await.map_err(|e| format!("page stream {}: {e}", h.index)),
+                                    Some(ram) => apply_page_stream(FrameReader::new(recv), ram, inc.applied.clone(), inc.sums.clone()).await.map_err(|e| format!("page stream {}: {e}", h.index)),
                                     None => Err("page stream after the migration ended".to_string()),
                                 }
                             }
