@@ -516,7 +516,7 @@ pub async fn run(
                 prediction.codec_ratio = ratio;
                 prediction.codec_bytes_per_sec = if speed.is_finite() { speed } else { 0.0 };
                 prediction.first_round_bytes = first;
-                let mut p2 = prediction.clone();
+                let mut p2 = prediction;
                 p2.codec_bytes_per_sec = speed;
                 predict(&mut p2, spec.memory_mib << 20, ctx.cfg.migration.page_streams, downtime_ms, ctx.cfg.migration.max_rounds);
                 prediction.converges = p2.converges;

@@ -114,7 +114,7 @@ async fn assert_target_clean(b: &TestAgent, vm: &str, migration_id: &str, pki: &
     let mut cb = b.client().await.expect("client b");
     let vms = cb.list_vms(pb::ListVmsRequest {}).await.expect("list").into_inner().vms;
     assert!(vms.iter().all(|v| v.spec.as_ref().map(|s| s.name.as_str()) != Some(vm)), "target still lists {vm}: {vms:?}");
-    assert!(files_in(&b.ram_dir()).is_empty(), "target RAM dir not empty: {:?}", files_in(&b.ram_dir()));
+    assert!(files_in(b.ram_dir()).is_empty(), "target RAM dir not empty: {:?}", files_in(b.ram_dir()));
     assert!(b.qemu_pids().is_empty(), "a QEMU still runs for the target: {:?}", b.qemu_pids());
     let chan = ferry_agent::tls::connect(&b.grpc_addr(), &pki.identity("a").expect("identity")).await.expect("peer channel");
     let st = FerryPeerClient::new(chan).incoming_status(pb::MigrationRef { id: migration_id.into() }).await.expect("status").into_inner();

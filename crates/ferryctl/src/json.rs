@@ -185,7 +185,7 @@ pub fn preflight_report(r: &ferry_api::v1::PreflightReport) -> serde_json::Value
             })
         })
         .collect();
-    let p = r.prediction.clone().unwrap_or_default();
+    let p = r.prediction.unwrap_or_default();
     serde_json::json!({
         "ok": r.ok,
         "ok_with_force": r.ok_with_force,

@@ -131,7 +131,7 @@ impl Outgoing {
             }
         }
         let mut v: Vec<_> = by_id.into_values().collect();
-        v.sort_by(|a, b| b.started_unix_ms.cmp(&a.started_unix_ms));
+        v.sort_by_key(|s| std::cmp::Reverse(s.started_unix_ms));
         v
     }
 

@@ -279,9 +279,9 @@ impl Migration {
             .filter(|c| c.status == pb::CheckStatus::Fail as i32)
             .map(|c| format!("{}: {}{}", c.name, c.detail, if c.fix.is_empty() { String::new() } else { format!(" (fix: {})", c.fix) }))
             .collect();
-        self.h.update(|s| s.stats.get_or_insert_with(Default::default).prediction = report.prediction.clone());
+        self.h.update(|s| s.stats.get_or_insert_with(Default::default).prediction = report.prediction);
         self.link_rate = report.prediction.as_ref().map(|p| p.link_bytes_per_sec).unwrap_or(0.0);
-        if !report.ok && !(report.ok_with_force && self.p.force) {
+        if !(report.ok || report.ok_with_force && self.p.force) {
             let hint = if report.ok_with_force { " — only soft checks failed: --force overrides them" } else { "" };
             return Err(fail("preflight")(format!("{}{hint}", failed.join("; "))));
         }
@@ -975,7 +975,7 @@ async fn ask_outcome(ctx: &AgentCtx, target: &str, mut peer: FerryPeerClient<Cha
     let st = peer
         .incoming_status(pb::MigrationRef { id: id.to_string() })
         .await
-        .map_err(|s| status_msg(s))?
+        .map_err(status_msg)?
         .into_inner();
     match pb::IncomingState::try_from(st.state) {
         Ok(pb::IncomingState::Committed) => {
@@ -987,7 +987,7 @@ async fn ask_outcome(ctx: &AgentCtx, target: &str, mut peer: FerryPeerClient<Cha
         Ok(pb::IncomingState::Prepared) => {
             peer.abort(pb::AbortRequest { migration_id: id.into(), reason: "commit not confirmed".into() })
                 .await
-                .map_err(|s| status_msg(s))?;
+                .map_err(status_msg)?;
             Ok(CommitOutcome::NotCommitted("the target had not committed; aborted it".into()))
         }
         _ => Ok(CommitOutcome::NotCommitted("the target no longer knows the migration (it aborted)".into())),
