@@ -480,17 +480,9 @@ impl Job {
         let _ = self.ctx.vms.end_offline(&self.p.vm, &self.p.id, false).await;
         let elapsed = self.started.elapsed().as_millis() as u64;
         self.publish();
-        self.h.update(|s| {
-            s.error = reason.clone();
-            s.finished_unix_ms = now_ms();
-            s.stats.get_or_insert_with(Default::default).elapsed_ms = elapsed;
-        });
-        let result = if e.cancelled { "cancelled" } else { "failed" };
-        self.ctx.metrics.migrations.with_label_values(&["source", result]).inc();
-        self.ctx.metrics.active.dec();
-        let phase = if e.cancelled { pb::MigrationPhase::Cancelled } else { pb::MigrationPhase::Failed };
         let kept = if e.cancelled { "" } else { "; what reached the target is kept there for a resume" };
-        self.phase(phase, format!("VM '{}' stays on {} (stopped, images unchanged){kept}", self.p.vm, self.host()));
+        let message = format!("VM '{}' stays on {} (stopped, images unchanged){kept}", self.p.vm, self.host());
+        self.ctx.outgoing.end_unsuccessful(&self.h, &self.ctx.metrics, &reason, e.cancelled, elapsed, message);
     }
 }
 

@@ -69,6 +69,20 @@ impl Outgoing {
         self.persist(h);
     }
 
+    /// Ends a migration that did not complete (failed, or cancelled on request): records
+    /// why and when, counts it, and moves it to its final phase with `message`.
+    pub fn end_unsuccessful(&self, h: &OutgoingHandle, metrics: &crate::metrics::Metrics, reason: &str, cancelled: bool, elapsed_ms: u64, message: String) {
+        h.update(|s| {
+            s.error = reason.to_string();
+            s.finished_unix_ms = now_ms();
+            s.stats.get_or_insert_with(Default::default).elapsed_ms = elapsed_ms;
+        });
+        let (result, phase) = if cancelled { ("cancelled", pb::MigrationPhase::Cancelled) } else { ("failed", pb::MigrationPhase::Failed) };
+        metrics.migrations.with_label_values(&["source", result]).inc();
+        metrics.active.dec();
+        self.set_phase(h, phase, message);
+    }
+
     pub fn new(journal: Arc<Journal>) -> Arc<Self> {
         Arc::new(Outgoing { live: std::sync::Mutex::new(HashMap::new()), journal })
     }

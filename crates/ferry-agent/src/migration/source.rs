@@ -931,17 +931,9 @@ impl Migration {
             let _ = std::fs::remove_file(p);
         }
         let _ = self.ctx.vms.end_outgoing(&self.p.vm, false).await;
-        let phase = if e.cancelled { pb::MigrationPhase::Cancelled } else { pb::MigrationPhase::Failed };
         let elapsed = self.started.elapsed().as_millis() as u64;
-        self.h.update(|s| {
-            s.error = reason.clone();
-            s.finished_unix_ms = now_ms();
-            s.stats.get_or_insert_with(Default::default).elapsed_ms = elapsed;
-        });
-        let result = if e.cancelled { "cancelled" } else { "failed" };
-        self.ctx.metrics.migrations.with_label_values(&["source", result]).inc();
-        self.ctx.metrics.active.dec();
-        self.phase(phase, format!("rolled back: VM '{}' runs on {}", self.p.vm, self.ctx.cfg.host_name));
+        let message = format!("rolled back: VM '{}' runs on {}", self.p.vm, self.ctx.cfg.host_name);
+        self.ctx.outgoing.end_unsuccessful(&self.h, &self.ctx.metrics, &reason, e.cancelled, elapsed, message);
     }
 
     /// Commit outcome unknown: stay paused (never run on two hosts) and keep asking.
