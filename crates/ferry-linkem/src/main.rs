@@ -204,7 +204,7 @@ impl Pool {
         } else {
             return;
         };
-        let mut l = list.lock().unwrap();
+        let mut l = list.lock().unwrap_or_else(|e| e.into_inner());
         if l.len() < POOL_KEEP {
             l.push(v);
         }
@@ -276,7 +276,7 @@ impl Shared {
             segments,
             wire_bytes: wire,
         };
-        let mut core = self.core.lock().unwrap();
+        let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
         let was_empty = core.links[li].is_empty();
         let earliest = core.heap.peek().map(|Reverse((t, _))| *t);
         match core.links[li].offer(self.now_ns(), wire, pkt) {
@@ -406,7 +406,7 @@ fn scheduler(sh: Arc<Shared>) {
     let mut batch: Vec<(usize, Pkt)> = Vec::with_capacity(1024);
     loop {
         {
-            let mut core = sh.core.lock().unwrap();
+            let mut core = sh.core.lock().unwrap_or_else(|e| e.into_inner());
             loop {
                 if sh.stopping() {
                     let Core { links, heap } = &mut *core;
@@ -785,7 +785,7 @@ fn run(cli: Cli) -> Result<()> {
     // SAFETY: writing one byte to our own pipe wakes readers blocked in poll.
     unsafe { libc::write(pipe[1], [1u8].as_ptr().cast(), 1) };
     {
-        let _g = sh.core.lock().unwrap();
+        let _g = sh.core.lock().unwrap_or_else(|e| e.into_inner());
         sh.wake.notify_all();
     }
     for t in threads {
