@@ -54,7 +54,11 @@ fn guest_spec(name: &str, dirty_mibps: f64) -> pb::VmSpec {
 async fn boot_guest(agent: &TestAgent, name: &str, dirty_mibps: f64) -> pb::VmInfo {
     let mut c = agent.client().await.expect("client");
     c.define_vm(pb::DefineVmRequest { spec: Some(guest_spec(name, dirty_mibps)) }).await.expect("define");
-    let info = c.start_vm(pb::VmRef { name: name.into() }).await.expect("start").into_inner();
+    // A start failure was seen once under load: say why, with the agent's log.
+    let info = match c.start_vm(pb::VmRef { name: name.into() }).await {
+        Ok(r) => r.into_inner(),
+        Err(e) => panic!("start VM {name}: {e:?}\nagent log:\n{}", agent.log_tail()),
+    };
     ferry_testkit::wait_for_log_line(Path::new(&info.console_log), "FERRY-READY", Duration::from_secs(120))
         .await
         .expect("guest workload ready");
