@@ -50,7 +50,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -724,18 +724,18 @@ struct ColdIncoming {
     busy: AtomicUsize,
     vms: Arc<VmManager>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// The registry holding this migration (it removes itself from it later).
+    registry: Arc<ColdRegistry>,
 }
 
-type Registry = std::sync::Mutex<HashMap<String, Arc<ColdIncoming>>>;
+/// This agent's incoming cold migrations (owned by the `IncomingRegistry`).
+#[derive(Default)]
+pub struct ColdRegistry(std::sync::Mutex<HashMap<String, Arc<ColdIncoming>>>);
 
-/// This process's incoming cold migrations.
-fn registry() -> &'static Registry {
-    static REGISTRY: OnceLock<Registry> = OnceLock::new();
-    REGISTRY.get_or_init(Default::default)
-}
-
-fn lookup(id: &str) -> Option<Arc<ColdIncoming>> {
-    registry().lock().ok()?.get(id).cloned()
+impl ColdRegistry {
+    fn lookup(&self, id: &str) -> Option<Arc<ColdIncoming>> {
+        self.0.lock().ok()?.get(id).cloned()
+    }
 }
 
 /// Counts a stream or call as busy while it lives.
@@ -973,7 +973,7 @@ fn frame_kind(f: &Frame) -> &'static str {
 fn forget_later(inc: Arc<ColdIncoming>) {
     tokio::spawn(async move {
         tokio::time::sleep(TOMBSTONE_TTL).await;
-        if let Ok(mut m) = registry().lock() {
+        if let Ok(mut m) = inc.registry.0.lock() {
             if m.get(&inc.id).is_some_and(|x| Arc::ptr_eq(x, &inc)) {
                 m.remove(&inc.id);
             }
@@ -1011,14 +1011,16 @@ pub async fn prepare(ctx: &Arc<AgentCtx>, req: pb::PrepareColdMigrationRequest) 
         return Err(Status::invalid_argument("migration_id must be a UUID"));
     }
     let spec = spec_from_pb(req.spec.as_ref().ok_or_else(|| Status::invalid_argument("spec is missing"))?)?;
-    if lookup(&req.migration_id).is_some() {
+    let registry = ctx.incoming.cold();
+    if registry.lookup(&req.migration_id).is_some() {
         return Err(Status::already_exists(format!("cold migration {} is already known on {host}", req.migration_id)));
     }
     let wanted = parse_images(&req.images, &spec)?;
 
     // A new attempt from the same source replaces one it abandoned (its agent restarted
     // mid-copy, say): the reservation goes, the partial images stay and are resumed.
-    let stale: Vec<Arc<ColdIncoming>> = registry()
+    let stale: Vec<Arc<ColdIncoming>> = registry
+        .0
         .lock()
         .map(|m| m.values().filter(|i| i.spec.name == spec.name && i.source_host == req.source_host).cloned().collect())
         .unwrap_or_default();
@@ -1056,8 +1058,9 @@ pub async fn prepare(ctx: &Arc<AgentCtx>, req: pb::PrepareColdMigrationRequest) 
         busy: AtomicUsize::new(0),
         vms: ctx.vms.clone(),
         metrics: ctx.metrics.clone(),
+        registry: registry.clone(),
     });
-    if let Ok(mut m) = registry().lock() {
+    if let Ok(mut m) = registry.0.lock() {
         m.insert(inc.id.clone(), inc.clone());
     }
     spawn_watchdog(inc.clone(), Duration::from_secs(ctx.cfg.migration.prepare_timeout_s.max(1)));
@@ -1252,7 +1255,7 @@ fn spawn_watchdog(inc: Arc<ColdIncoming>, idle: Duration) {
 /// Target: serves a QUIC connection whose first stream is the unidirectional `first`
 /// (a cold migration's disk images): every stream is one image, authenticated by its
 /// first frame.
-pub async fn serve_disk_streams(conn: quinn::Connection, first: quinn::RecvStream) {
+pub async fn serve_disk_streams(registry: Arc<ColdRegistry>, conn: quinn::Connection, first: quinn::RecvStream) {
     let remote = conn.remote_address();
     let mut next = Some(first);
     loop {
@@ -1264,15 +1267,16 @@ pub async fn serve_disk_streams(conn: quinn::Connection, first: quinn::RecvStrea
                 Err(_) => return,
             },
         };
+        let registry = registry.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_image_stream(recv).await {
+            if let Err(e) = serve_image_stream(&registry, recv).await {
                 warn!(%remote, "disk-image stream: {e}");
             }
         });
     }
 }
 
-async fn serve_image_stream(mut recv: quinn::RecvStream) -> Result<(), String> {
+async fn serve_image_stream(registry: &ColdRegistry, mut recv: quinn::RecvStream) -> Result<(), String> {
     let header = tokio::time::timeout(STREAM_HELLO_TIMEOUT, read_stream_header(&mut recv))
         .await
         .map_err(|_| "no stream header within 10 s".to_string())?
@@ -1287,7 +1291,7 @@ async fn serve_image_stream(mut recv: quinn::RecvStream) -> Result<(), String> {
         reader.stop();
         return Err("the stream did not start with DiskImageBegin".into());
     };
-    let inc = match lookup(&migration_id) {
+    let inc = match registry.lookup(&migration_id) {
         Some(inc) if inc.token == token => inc,
         Some(_) => {
             reader.stop();
@@ -1315,7 +1319,7 @@ async fn serve_image_stream(mut recv: quinn::RecvStream) -> Result<(), String> {
 /// Repeating the call after success returns the same answer.
 pub async fn finish(ctx: &Arc<AgentCtx>, req: pb::FinishColdMigrationRequest) -> Result<pb::FinishColdMigrationResponse, Status> {
     let host = &ctx.cfg.host_name;
-    let inc = lookup(&req.migration_id).ok_or_else(|| {
+    let inc = ctx.incoming.cold().lookup(&req.migration_id).ok_or_else(|| {
         Status::not_found(format!("no cold migration {} on host {host}: it was aborted or never prepared", req.migration_id))
     })?;
     if inc.token != req.token {
@@ -1368,7 +1372,7 @@ pub async fn finish(ctx: &Arc<AgentCtx>, req: pb::FinishColdMigrationRequest) ->
 /// Target: gives up on a cold migration at the source's request. Partial images stay for
 /// a resume unless `discard`. Refused (reported as `finished`) once the VM is defined here.
 pub async fn abort(ctx: &Arc<AgentCtx>, req: pb::AbortColdMigrationRequest) -> Result<pb::AbortColdMigrationResponse, Status> {
-    let Some(inc) = lookup(&req.migration_id) else {
+    let Some(inc) = ctx.incoming.cold().lookup(&req.migration_id) else {
         return Ok(pb::AbortColdMigrationResponse { existed: false, ..Default::default() });
     };
     if inc.token != req.token {

@@ -81,6 +81,8 @@ pub struct IncomingRegistry {
     metrics: Arc<crate::metrics::Metrics>,
     storage: Arc<ferry_disk::StorageRoots>,
     map: std::sync::Mutex<HashMap<String, Arc<Incoming>>>,
+    /// Incoming cold (offline) migrations: `migration/cold.rs`.
+    cold: Arc<super::cold::ColdRegistry>,
 }
 
 impl IncomingRegistry {
@@ -92,7 +94,21 @@ impl IncomingRegistry {
         metrics: Arc<crate::metrics::Metrics>,
         storage: Arc<ferry_disk::StorageRoots>,
     ) -> Arc<Self> {
-        Arc::new(IncomingRegistry { cfg, vms, journal, qemu_version, metrics, storage, map: std::sync::Mutex::new(HashMap::new()) })
+        Arc::new(IncomingRegistry {
+            cfg,
+            vms,
+            journal,
+            qemu_version,
+            metrics,
+            storage,
+            map: std::sync::Mutex::new(HashMap::new()),
+            cold: Arc::default(),
+        })
+    }
+
+    /// This agent's incoming cold migrations.
+    pub fn cold(&self) -> Arc<super::cold::ColdRegistry> {
+        self.cold.clone()
     }
 
     /// Shared-storage detection and room for disk copies (peer `CheckStorage`).
@@ -405,7 +421,7 @@ impl IncomingRegistry {
         let accepted = tokio::select! {
             bi = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()) => bi,
             // A cold migration's connection carries only unidirectional DiskImage streams.
-            Ok(uni) = conn.accept_uni() => return super::cold::serve_disk_streams(conn, uni).await,
+            Ok(uni) = conn.accept_uni() => return super::cold::serve_disk_streams(self.cold.clone(), conn, uni).await,
         };
         let first = async {
             let (send, mut recv) = accepted
