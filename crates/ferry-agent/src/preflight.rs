@@ -436,7 +436,7 @@ pub async fn run(
     let chan = crate::tls::connect(target, &ctx.identity)
         .await
         .map_err(|e| tonic::Status::unavailable(format!("cannot reach target agent {target} from {}: {e}", ctx.cfg.host_name)))?;
-    let facts = FerryPeerClient::new(chan)
+    let facts = FerryPeerClient::new(chan.clone())
         .host_facts(pb::HostFactsRequest {})
         .await
         .map_err(|s| tonic::Status::unavailable(format!("target {target} did not report its facts: {}", s.message())))?
@@ -462,6 +462,27 @@ pub async fn run(
             true,
         )
     });
+
+    // Disks: shared storage (token file), or room and a place for copies on the target.
+    if !spec.disks.is_empty() {
+        let mut peer = FerryPeerClient::new(chan);
+        checks.push(match crate::migration::disks::plan(&ctx.storage, spec, &mut peer, crate::migration::disks::StorageMode::Auto).await {
+            Ok(plans) => {
+                let parts: Vec<String> = plans
+                    .iter()
+                    .map(|p| {
+                        if p.shared {
+                            format!("{}: shared storage, stays put", p.probe.id)
+                        } else {
+                            format!("{}: copied ({} MiB allocated)", p.probe.id, p.probe.allocated_bytes >> 20)
+                        }
+                    })
+                    .collect();
+                check("storage", Pass, parts.join("; "), "", false)
+            }
+            Err(e) => check("storage", Fail, e, "put the images under the target's storage_roots with room to spare, or share the storage", false),
+        });
+    }
 
     let mut prediction = pb::Prediction::default();
     // The data path, as the migration will use it, probed while the guest's write rate is

@@ -59,6 +59,12 @@ async fn check(info: &pb::VmInfo) -> ferry_testkit::CheckResult {
     r
 }
 
+/// The preflight's storage check for `vm` against `target`.
+async fn storage_check(c: &mut FerryControlClient<Channel>, vm: &str, target: String) -> pb::PreflightCheck {
+    let report = c.preflight(pb::PreflightRequest { vm: vm.into(), target, ..Default::default() }).await.expect("preflight").into_inner();
+    report.checks.into_iter().find(|c| c.name == "storage").expect("a storage check")
+}
+
 async fn migrate(c: &mut FerryControlClient<Channel>, req: pb::StartMigrationRequest) -> pb::MigrationStatus {
     let id = c.start_migration(req).await.expect("start migration").into_inner().id;
     let mut stream = c.watch_migration(pb::MigrationRef { id }).await.expect("watch").into_inner();
@@ -103,6 +109,8 @@ async fn disk_mirrored_without_shared_storage_loses_no_write() {
     let before = check(&src).await;
     assert!(before.disk_blocks > 100, "the guest should have written its disk by now: {before:?}");
     let mut ca = a.client().await.expect("client a");
+    let sc = storage_check(&mut ca, "db01", b.grpc_addr()).await;
+    assert!(sc.status == pb::CheckStatus::Pass as i32 && sc.detail.contains("disk0: copied"), "{sc:?}");
 
     // Asking for shared storage where there is none is refused before anything moves.
     let refused = migrate(&mut ca, pb::StartMigrationRequest { vm: "db01".into(), target: b.grpc_addr(), storage: "shared".into(), ..Default::default() }).await;
@@ -157,6 +165,8 @@ async fn shared_storage_is_detected_and_no_disk_bytes_move() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = check(&src).await;
     let mut ca = a.client().await.expect("client a");
+    let sc = storage_check(&mut ca, "db02", b.grpc_addr()).await;
+    assert!(sc.status == pb::CheckStatus::Pass as i32 && sc.detail.contains("disk0: shared storage"), "{sc:?}");
 
     // Copying onto the image the target already sees would destroy it: refused.
     let refused = migrate(&mut ca, pb::StartMigrationRequest { vm: "db02".into(), target: b.grpc_addr(), storage: "copy".into(), ..Default::default() }).await;
