@@ -62,7 +62,7 @@ pub use image::{
 };
 pub use receive::PartialImage;
 pub use roots::StorageRoots;
-pub use space::{ensure_space, free_bytes, human_bytes};
+pub use space::{ensure_space, existing_ancestor, free_bytes, human_bytes};
 pub use sparse::{
     is_zero, Chunk, ChunkReader, ChunkStats, DataExtents, Extent, DEFAULT_CHUNK_SIZE,
 };

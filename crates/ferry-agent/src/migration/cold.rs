@@ -492,7 +492,7 @@ fn collect_images(storage: &StorageRoots, host: &str, spec: &VmSpec) -> Result<V
     for d in &spec.disks {
         let what = |e: &dyn std::fmt::Display| format!("disk '{}' of VM '{}' on host {host}: {e}", d.id, spec.name);
         let local = storage.confine(&d.path).map_err(|e| what(&e))?;
-        let format: ImageFormat = d.format.driver().parse().map_err(|e: String| what(&e))?;
+        let format = super::disks::image_format(d.format);
         let chain = ferry_disk::backing_chain_as(&local, format).map_err(|e| what(&e))?;
         for (depth, layer) in chain.iter().enumerate().rev() {
             let (path, local) = if depth == 0 {
@@ -1138,7 +1138,7 @@ fn plan_images(storage: &StorageRoots, host: &str, vm: &str, wanted: Vec<Wanted>
                 let part = append_suffix(&resolved, ferry_disk::receive::PART_SUFFIX);
                 // A part file of an earlier attempt already holds (some of) the blocks.
                 let have = std::fs::symlink_metadata(&part).map(|m| m.blocks().saturating_mul(512)).unwrap_or(0);
-                let dir = existing_ancestor(&resolved);
+                let dir = ferry_disk::space::existing_ancestor(&resolved);
                 let dev = std::fs::metadata(&dir).map(|m| m.dev()).map_err(|e| Status::internal(format!("host {host}: stat {}: {e}", dir.display())))?;
                 let bytes = w.allocated.saturating_sub(have);
                 match need.iter_mut().find(|(d, _, _)| *d == dev) {
@@ -1217,10 +1217,6 @@ fn append_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// The closest existing directory at or above `path`'s parent.
-fn existing_ancestor(path: &Path) -> PathBuf {
-    path.ancestors().skip(1).find(|a| a.is_dir()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"))
-}
 
 /// Creates the missing parent directories of `path`, noting each one made.
 fn create_parents(path: &Path, made: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -1417,7 +1413,7 @@ mod tests {
         let mut made = Vec::new();
         create_parents(&target, &mut made).expect("create");
         assert_eq!(made, vec![dir.path().join("a"), dir.path().join("a/b")]);
-        assert_eq!(existing_ancestor(&dir.path().join("a/b/c/d.img")), dir.path().join("a/b"));
+        assert_eq!(ferry_disk::space::existing_ancestor(&dir.path().join("a/b/c/d.img")), dir.path().join("a/b"));
         assert_eq!(append_suffix(&target, ".ferry-part"), dir.path().join("a/b/img.qcow2.ferry-part"));
     }
 }

@@ -56,12 +56,13 @@ pub struct DiskPlan {
     pub shared: bool,
 }
 
-/// The block node, job and export names ferry uses for disk `id` of migration `mig`.
+/// The NBD client node and mirror job name ferry uses for disk `id` in the source QEMU.
 pub fn mirror_node(id: &str) -> String {
     format!("ferry-mir-{id}")
 }
 
-fn ferry_format(f: DiskFormat) -> ImageFormat {
+/// The image format of a spec's disk.
+pub fn image_format(f: DiskFormat) -> ImageFormat {
     match f {
         DiskFormat::Qcow2 => ImageFormat::Qcow2,
         DiskFormat::Raw => ImageFormat::Raw,
@@ -84,7 +85,7 @@ pub async fn plan(
     for d in &spec.disks {
         let path = storage.confine(&d.path).map_err(|e| format!("disk '{}': {e}", d.id))?;
         let rel = storage.relative(&path).map_err(|e| format!("disk '{}': {e}", d.id))?;
-        let fmt = ferry_format(d.format);
+        let fmt = image_format(d.format);
         let p2 = path.clone();
         let info = tokio::task::spawn_blocking(move || image::inspect_as(&p2, fmt))
             .await
@@ -153,7 +154,8 @@ pub async fn plan(
 /// Target side of [`plan`]: for each disk, is the source's token visible at the same
 /// path, and if not, could a copy go there.
 pub fn check(storage: &StorageRoots, host: &str, req: &pb::CheckStorageRequest) -> pb::CheckStorageResponse {
-    let mut needed: std::collections::HashMap<PathBuf, u64> = std::collections::HashMap::new();
+    // Directory a copy would first need room in -> (bytes, the disks going there).
+    let mut needed: std::collections::HashMap<PathBuf, (u64, Vec<usize>)> = std::collections::HashMap::new();
     let mut out = Vec::new();
     for d in &req.disks {
         let mut v = pb::DiskVerdict { id: d.id.clone(), shared: false, error: String::new() };
@@ -164,34 +166,27 @@ pub fn check(storage: &StorageRoots, host: &str, req: &pb::CheckStorageRequest) 
                     v.shared = true;
                 } else if let Some(p) = cands.iter().find(|p| p.exists()) {
                     v.error = format!("an image already exists at {} on {host} (and it is not the source's: no token beside it)", p.display());
-                } else if let Some(dir) = cands[0].parent() {
-                    *needed.entry(dir.to_path_buf()).or_default() += d.allocated_bytes;
+                } else {
+                    let e = needed.entry(ferry_disk::space::existing_ancestor(&cands[0])).or_default();
+                    e.0 += d.allocated_bytes;
+                    e.1.push(out.len());
                 }
             }
         }
         out.push(v);
     }
-    // Room for every copy going into the same directory, together.
-    for (dir, bytes) in needed {
-        let probe_dir = nearest_existing(&dir);
-        if let Err(e) = ferry_disk::space::ensure_space(&probe_dir, bytes, "the disk copies") {
-            for v in out.iter_mut().filter(|v| !v.shared && v.error.is_empty()) {
-                v.error = format!("on {host}: {e}");
+    // Room for every copy going into the same filesystem directory, together; a full
+    // one refuses only the disks headed there.
+    for (dir, (bytes, disks)) in needed {
+        if let Err(e) = ferry_disk::space::ensure_space(&dir, bytes, "the disk copies") {
+            for i in disks {
+                if let Some(v) = out.get_mut(i) {
+                    v.error = format!("on {host}: {e}");
+                }
             }
         }
     }
     pb::CheckStorageResponse { disks: out }
-}
-
-fn nearest_existing(dir: &Path) -> PathBuf {
-    let mut d = dir;
-    while !d.exists() {
-        match d.parent() {
-            Some(p) => d = p,
-            None => break,
-        }
-    }
-    d.to_path_buf()
 }
 
 /// Target side: rewrites the spec's disk paths (the source's) to this host's: a shared
@@ -234,7 +229,7 @@ pub fn create_copies(storage: &StorageRoots, host: &str, spec: &VmSpec, copies: 
                 ferry_disk::space::ensure_space(dir, c.allocated_bytes, &format!("disk '{}'", c.id))
                     .map_err(|e| Status::resource_exhausted(format!("on {host}: {e}")))?;
             }
-            image::create(&path, ferry_format(disk.format), c.virtual_size, None)
+            image::create(&path, image_format(disk.format), c.virtual_size, None)
                 .map_err(|e| Status::failed_precondition(format!("disk '{}' on {host}: {e}", c.id)))?;
             made.push(path);
         }
@@ -256,12 +251,10 @@ pub fn remove_copies(paths: &[PathBuf]) {
     }
 }
 
-/// Bytes through one direction of a tunnel.
+/// Bytes the source side of the tunnels sent.
 #[derive(Debug, Default)]
 pub struct TunnelCounters {
-    /// NBD bytes carried (before compression).
-    pub raw: AtomicU64,
-    /// Frame bytes on QUIC.
+    /// Frame bytes on QUIC (after compression).
     pub wire: AtomicU64,
 }
 
@@ -296,7 +289,6 @@ pub async fn tunnel(
             .map_err(|e| e.to_string())?;
             w.write(&frame).await.map_err(|e| format!("tunnel stream: {e}"))?;
             pos += n as u64;
-            out.raw.fetch_add(n as u64, Ordering::Relaxed);
             out.wire.fetch_add(frame.len() as u64, Ordering::Relaxed);
         }
         let _ = w.finish();

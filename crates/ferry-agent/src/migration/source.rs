@@ -737,12 +737,11 @@ impl Migration {
             }
         }
         if let Some(c) = &self.disk_counters {
-            let (raw, wire) = (c.raw.load(Ordering::Relaxed), c.wire.load(Ordering::Relaxed));
+            let wire = c.wire.load(Ordering::Relaxed);
             self.h.update(|s| {
                 let st = s.stats.get_or_insert_with(Default::default);
                 st.disk_bytes_done = st.disk_bytes_total.max(st.disk_bytes_done);
                 st.disk_wire_bytes = wire;
-                let _ = raw;
             });
         }
         Ok(())
