@@ -9,13 +9,10 @@
 //! The tests share the machine's two cores: they run one at a time (a global lock).
 
 use ferry_api::v1 as pb;
-use ferry_api::v1::ferry_control_client::FerryControlClient;
 use ferry_testkit::{guest_artifacts, workload_cmdline, TestAgent, TestPki};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -169,19 +166,11 @@ fn offline(vm: &str, target: &TestAgent) -> pb::StartMigrationRequest {
     pb::StartMigrationRequest { vm: vm.into(), target: target.grpc_addr(), offline: true, ..Default::default() }
 }
 
-async fn watch_to_end(c: &mut FerryControlClient<Channel>, id: &str) -> pb::MigrationStatus {
-    let mut stream = c.watch_migration(pb::MigrationRef { id: id.into() }).await.expect("watch").into_inner();
-    let mut last = None;
-    while let Some(s) = stream.next().await {
-        last = Some(s.expect("status"));
-    }
-    last.expect("at least one status")
-}
 
 async fn migrate(source: &TestAgent, req: pb::StartMigrationRequest) -> pb::MigrationStatus {
     let mut c = source.client().await.expect("client");
     let started = c.start_migration(req).await.expect("start migration").into_inner();
-    watch_to_end(&mut c, &started.id).await
+    ferry_testkit::watch_to_end(&mut c, &started.id).await.expect("watch migration")
 }
 
 async fn vm_state(agent: &TestAgent, vm: &str) -> Option<pb::VmState> {
@@ -547,7 +536,7 @@ async fn running_vm_is_refused_without_stop_source() {
     assert!(e.message().contains("migrating"), "{}", e.message());
     ca.undefine_vm(pb::VmRef { name: "live".into() }).await.expect_err("busy VM cannot be undefined");
     ca.cancel_migration(pb::MigrationRef { id: mig.id.clone() }).await.expect("cancel");
-    let end = watch_to_end(&mut ca, &mig.id).await;
+    let end = ferry_testkit::watch_to_end(&mut ca, &mig.id).await.expect("watch migration");
     assert_eq!(end.phase, pb::MigrationPhase::Cancelled as i32, "{end:?}");
     assert_eq!(vm_state(&a, "live").await, Some(pb::VmState::Defined));
     assert_eq!(digest(&img), before);

@@ -13,7 +13,6 @@ use ferry_disk::ImageFormat;
 use ferry_testkit::{guest_artifacts, parse_check, workload_cmdline, GuestConsole, TestAgent, TestPki};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -67,12 +66,7 @@ async fn storage_check(c: &mut FerryControlClient<Channel>, vm: &str, target: St
 
 async fn migrate(c: &mut FerryControlClient<Channel>, req: pb::StartMigrationRequest) -> pb::MigrationStatus {
     let id = c.start_migration(req).await.expect("start migration").into_inner().id;
-    let mut stream = c.watch_migration(pb::MigrationRef { id }).await.expect("watch").into_inner();
-    let mut last = None;
-    while let Some(s) = stream.next().await {
-        last = Some(s.expect("status"));
-    }
-    last.expect("a status")
+    ferry_testkit::watch_to_end(c, &id).await.expect("watch migration")
 }
 
 fn new_image(path: &Path) {

@@ -10,7 +10,6 @@ use ferry_api::v1::ferry_peer_client::FerryPeerClient;
 use ferry_testkit::{guest_artifacts, parse_check, workload_cmdline, GuestConsole, TestAgent, TestPki};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -84,14 +83,6 @@ async fn guest_writes(info: &pb::VmInfo) -> u64 {
     ferry_testkit::parse_pong(&line).expect("parse pong")
 }
 
-async fn watch_to_end(c: &mut FerryControlClient<Channel>, id: &str) -> pb::MigrationStatus {
-    let mut stream = c.watch_migration(pb::MigrationRef { id: id.into() }).await.expect("watch").into_inner();
-    let mut last = None;
-    while let Some(s) = stream.next().await {
-        last = Some(s.expect("status"));
-    }
-    last.expect("at least one status")
-}
 
 async fn wait_phase(c: &mut FerryControlClient<Channel>, id: &str, phase: pb::MigrationPhase) {
     for _ in 0..600 {
@@ -138,7 +129,7 @@ async fn migrate_with_codec(codec: &str) {
         .await
         .expect("start migration")
         .into_inner();
-    let end = watch_to_end(&mut ca, &started.id).await;
+    let end = ferry_testkit::watch_to_end(&mut ca, &started.id).await.expect("watch migration");
     assert_eq!(end.phase, pb::MigrationPhase::Completed as i32, "migration failed: {end:?}\nA log:\n{}\nB log:\n{}", p.a.log_tail(), p.b.log_tail());
     let stats = end.stats.expect("stats");
     eprintln!("{codec}: {stats:?}");
@@ -204,7 +195,7 @@ async fn cancel_during_precopy_keeps_guest_on_source() {
     wait_phase(&mut ca, &m.id, pb::MigrationPhase::Precopy).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     ca.cancel_migration(pb::MigrationRef { id: m.id.clone() }).await.expect("cancel");
-    let end = watch_to_end(&mut ca, &m.id).await;
+    let end = ferry_testkit::watch_to_end(&mut ca, &m.id).await.expect("watch migration");
     assert_eq!(end.phase, pb::MigrationPhase::Cancelled as i32, "{end:?}");
     assert!(end.error.contains("cancelled"), "{}", end.error);
 
@@ -228,7 +219,7 @@ async fn target_killed_mid_precopy_keeps_guest_on_source() {
     wait_phase(&mut ca, &m.id, pb::MigrationPhase::Precopy).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     p.b.kill().expect("kill b");
-    let end = watch_to_end(&mut ca, &m.id).await;
+    let end = ferry_testkit::watch_to_end(&mut ca, &m.id).await.expect("watch migration");
     assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
     assert!(end.error.contains("app01") && end.error.contains("failed at"), "error names the VM and the step: {}", end.error);
 
@@ -276,7 +267,7 @@ async fn bad_requests_get_clear_errors() {
         .await
         .expect("start")
         .into_inner();
-    let end = watch_to_end(&mut ca, &m.id).await;
+    let end = ferry_testkit::watch_to_end(&mut ca, &m.id).await.expect("watch migration");
     assert_eq!(end.phase, pb::MigrationPhase::Failed as i32);
     // Preflight finds the clash before the target is asked to prepare anything.
     assert!(end.error.contains("failed at preflight") && end.error.contains("'web02' is already defined on b"), "{}", end.error);

@@ -5,7 +5,6 @@ use ferry_api::v1::ferry_control_client::FerryControlClient;
 use ferry_testkit::{guest_artifacts, parse_pong, workload_cmdline, GuestConsole, TestAgent, TestPki};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -47,14 +46,6 @@ async fn preflight(c: &mut FerryControlClient<Channel>, vm: &str, target: &str, 
         .into_inner()
 }
 
-async fn watch_to_end(c: &mut FerryControlClient<Channel>, id: &str) -> pb::MigrationStatus {
-    let mut stream = c.watch_migration(pb::MigrationRef { id: id.into() }).await.expect("watch").into_inner();
-    let mut last = None;
-    while let Some(s) = stream.next().await {
-        last = Some(s.expect("status"));
-    }
-    last.expect("status")
-}
 
 async fn still_runs_on(agent: &TestAgent, vm: &str, pid: u32) {
     let mut c = agent.client().await.expect("client");
@@ -106,7 +97,7 @@ async fn failed_checks_block_the_migration_with_specific_messages() {
         .await
         .expect("start")
         .into_inner();
-    let end = watch_to_end(&mut ca, &m.id).await;
+    let end = ferry_testkit::watch_to_end(&mut ca, &m.id).await.expect("watch migration");
     assert_eq!(end.phase, pb::MigrationPhase::Failed as i32);
     assert!(end.error.contains("failed at preflight") && end.error.contains("nx"), "{}", end.error);
     assert_eq!(end.stats.as_ref().map(|s| s.pages_sent), Some(0), "no page moved");
@@ -166,11 +157,11 @@ async fn non_convergence_is_predicted_and_handled_by_policy() {
         ..Default::default()
     };
     let m = ca.start_migration(start("abort", false)).await.expect("start").into_inner();
-    let end = watch_to_end(&mut ca, &m.id).await;
+    let end = ferry_testkit::watch_to_end(&mut ca, &m.id).await.expect("watch migration");
     assert!(end.error.contains("failed at preflight") && end.error.contains("--force overrides"), "{}", end.error);
 
     let m = ca.start_migration(start("abort", true)).await.expect("start").into_inner();
-    let end = watch_to_end(&mut ca, &m.id).await;
+    let end = ferry_testkit::watch_to_end(&mut ca, &m.id).await.expect("watch migration");
     assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
     assert!(end.error.contains("failed at converge") && end.error.contains("does not converge"), "{}", end.error);
     still_runs_on(&a, "busy", vm.pid).await;
@@ -179,7 +170,7 @@ async fn non_convergence_is_predicted_and_handled_by_policy() {
 
     // Throttling the guest's CPU lets it converge.
     let m = ca.start_migration(start("throttle", true)).await.expect("start").into_inner();
-    let end = watch_to_end(&mut ca, &m.id).await;
+    let end = ferry_testkit::watch_to_end(&mut ca, &m.id).await.expect("watch migration");
     assert_eq!(end.phase, pb::MigrationPhase::Completed as i32, "{end:?}\n{}", a.log_tail());
     let st = end.stats.expect("stats");
     assert!(st.policy_applied.contains("throttled guest CPU to"), "{st:?}");

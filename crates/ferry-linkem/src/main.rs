@@ -189,7 +189,7 @@ impl Pool {
         };
         let mut v = list
             .lock()
-            .unwrap()
+            .unwrap_or_else(|e| e.into_inner())
             .pop()
             .unwrap_or_else(|| Vec::with_capacity(cap));
         v.clear();
@@ -438,7 +438,7 @@ fn scheduler(sh: Arc<Shared>) {
                     Some(&Reverse((t, _))) => Duration::from_nanos(t - now),
                     None => Duration::from_millis(200),
                 };
-                core = sh.wake.wait_timeout(core, wait).unwrap().0;
+                core = sh.wake.wait_timeout(core, wait).unwrap_or_else(|e| e.into_inner()).0;
             }
         }
         for (li, p) in batch.drain(..) {
@@ -620,7 +620,7 @@ fn run(cli: Cli) -> Result<()> {
         sys::check_netns(&h.netns)?;
     }
 
-    let mut base = LinkSpec::profile(&cli.profile).expect("clap checked the profile");
+    let Some(mut base) = LinkSpec::profile(&cli.profile) else { bail!("unknown link profile {:?}", cli.profile) };
     if let Some(RateArg(r)) = cli.rate {
         base.rate_bps = r;
     }

@@ -478,6 +478,20 @@ impl Drop for TestAgent {
     }
 }
 
+/// Follows a migration's `WatchMigration` stream to its end and returns the last status.
+pub async fn watch_to_end(c: &mut FerryControlClient<Channel>, id: &str) -> Result<ferry_api::v1::MigrationStatus> {
+    let mut stream = c
+        .watch_migration(ferry_api::v1::MigrationRef { id: id.into() })
+        .await
+        .with_context(|| format!("watching migration {id}"))?
+        .into_inner();
+    let mut last = None;
+    while let Some(s) = stream.message().await.with_context(|| format!("status of migration {id}"))? {
+        last = Some(s);
+    }
+    last.ok_or_else(|| anyhow!("migration {id}: the watch ended without a status"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
