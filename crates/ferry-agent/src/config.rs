@@ -82,11 +82,40 @@ pub struct MigrationDefaults {
     pub pace_to_link: bool,
     /// QUIC congestion controller of the data plane: "bbr" or "cubic".
     pub congestion: String,
+    /// Deadline of every peer gRPC call (Prepare, Abort, IncomingStatus, ...), seconds.
+    pub peer_call_timeout_s: u64,
+    /// Deadline of each pre-copy round's confirmation by the target, seconds.
+    pub round_timeout_s: u64,
+    /// Deadline of the switchover with the guest paused (last pages, device state, the
+    /// source QEMU's fence), seconds: past it the migration rolls back.
+    pub switchover_timeout_s: u64,
+    /// How long the source waits for the target's answer to Commit before asking over
+    /// gRPC (IN_DOUBT while it cannot), seconds.
+    pub commit_timeout_s: u64,
+    /// Deadline for every disk mirror to become READY, seconds.
+    pub mirror_ready_timeout_s: u64,
+    /// Settled migration records the journal keeps (history); older ones are pruned.
+    pub journal_history: usize,
 }
 
 impl Default for MigrationDefaults {
     fn default() -> Self {
-        MigrationDefaults { page_streams: 4, downtime_ms: 30, max_rounds: 30, prepare_timeout_s: 60, idle_timeout_s: 10, retain_source_ram: false, pace_to_link: false, congestion: "bbr".into() }
+        MigrationDefaults {
+            page_streams: 4,
+            downtime_ms: 30,
+            max_rounds: 30,
+            prepare_timeout_s: 60,
+            idle_timeout_s: 10,
+            retain_source_ram: false,
+            pace_to_link: false,
+            congestion: "bbr".into(),
+            peer_call_timeout_s: 60,
+            round_timeout_s: 120,
+            switchover_timeout_s: 60,
+            commit_timeout_s: 30,
+            mirror_ready_timeout_s: 3600,
+            journal_history: 500,
+        }
     }
 }
 
@@ -104,18 +133,28 @@ impl AgentConfig {
     /// Reads and checks a config file.
     pub fn load(path: &Path) -> anyhow::Result<AgentConfig> {
         use anyhow::Context;
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-        let cfg: AgentConfig = toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
-        cfg.check().with_context(|| format!("checking config {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let cfg: AgentConfig =
+            toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        cfg.check()
+            .with_context(|| format!("checking config {}", path.display()))?;
         Ok(cfg)
     }
 
     /// Consistency checks that serde cannot express.
     pub fn check(&self) -> anyhow::Result<()> {
         anyhow::ensure!(!self.host_name.is_empty(), "host_name is empty");
-        anyhow::ensure!(matches!(self.accel.as_str(), "kvm" | "tcg"), "accel must be kvm or tcg, not '{}'", self.accel);
+        anyhow::ensure!(
+            matches!(self.accel.as_str(), "kvm" | "tcg"),
+            "accel must be kvm or tcg, not '{}'",
+            self.accel
+        );
         let m = &self.migration;
-        anyhow::ensure!((1..=16).contains(&m.page_streams), "migration.page_streams must be 1..=16");
+        anyhow::ensure!(
+            (1..=16).contains(&m.page_streams),
+            "migration.page_streams must be 1..=16"
+        );
         anyhow::ensure!(m.max_rounds >= 1, "migration.max_rounds must be at least 1");
         Ok(())
     }
@@ -142,7 +181,8 @@ mod tests {
 
     #[test]
     fn sample_config_parses_and_checks() {
-        let cfg: AgentConfig = toml::from_str(include_str!("../../../dist/ferryd.toml")).expect("dist/ferryd.toml parses");
+        let cfg: AgentConfig = toml::from_str(include_str!("../../../dist/ferryd.toml"))
+            .expect("dist/ferryd.toml parses");
         cfg.check().expect("dist/ferryd.toml is consistent");
         assert_eq!(cfg.host_name, "kvm01");
         assert_eq!(cfg.migration.downtime_ms, 30);

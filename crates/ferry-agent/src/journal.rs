@@ -14,7 +14,10 @@ pub enum JournalError {
     #[error("journal database: {0}")]
     Db(String),
     #[error("journal record {key}: {source}")]
-    Decode { key: String, source: serde_json::Error },
+    Decode {
+        key: String,
+        source: serde_json::Error,
+    },
 }
 
 fn db<E: std::fmt::Display>(e: E) -> JournalError {
@@ -29,6 +32,11 @@ pub struct VmRecord {
     pub pid: Option<u32>,
     /// Set while the VM is the target of an uncommitted incoming migration.
     pub incoming_migration: Option<String>,
+    /// Source side: set (with the migration's `CommitSent` mark, one transaction) while
+    /// an outgoing migration may have handed the VM over. The VM is held — paused,
+    /// refusing resume/start/migrate — until that migration is settled.
+    #[serde(default)]
+    pub held_by: Option<String>,
 }
 
 /// Which side of a migration this host was.
@@ -51,6 +59,62 @@ pub struct MigrationRecord {
     pub token: Option<String>,
     /// Protobuf-encoded `ferry.v1.MigrationStatus` (source side), for history.
     pub status: Option<Vec<u8>>,
+    /// Target side: the receiver's ownership state (journaled before its effects).
+    #[serde(default)]
+    pub receiver: Option<ferry_handoff::Receiver>,
+    /// Source side: the last irreversible step journaled.
+    #[serde(default)]
+    pub mark: Option<ferry_handoff::SourceMark>,
+    /// Source side: whether the guest ran before the migration (a rollback leaves a
+    /// suspended guest suspended).
+    #[serde(default)]
+    pub was_running: bool,
+    /// Source side: the device-state capture kept beside the RAM file until settled.
+    #[serde(default)]
+    pub capture: Option<std::path::PathBuf>,
+    /// Milliseconds since the epoch of the last write (history pruning).
+    #[serde(default)]
+    pub updated_ms: i64,
+}
+
+impl MigrationRecord {
+    /// A record with only the identifying fields set.
+    pub fn new(id: &str, role: Role, vm: &str, peer: &str, state: &str) -> MigrationRecord {
+        MigrationRecord {
+            id: id.into(),
+            role,
+            vm: vm.into(),
+            peer: peer.into(),
+            state: state.into(),
+            token: None,
+            status: None,
+            receiver: None,
+            mark: None,
+            was_running: true,
+            capture: None,
+            updated_ms: 0,
+        }
+    }
+
+    /// Whether nothing is left to settle about it.
+    pub fn settled(&self) -> bool {
+        match self.role {
+            Role::Target => matches!(
+                self.receiver,
+                Some(ferry_handoff::Receiver::Owned | ferry_handoff::Receiver::Aborted)
+            ),
+            Role::Source => self.mark == Some(ferry_handoff::SourceMark::Settled),
+        }
+    }
+}
+
+/// One change in a [`Journal::apply`] transaction.
+#[derive(Debug, Clone)]
+pub enum Op {
+    PutVm(VmRecord),
+    RemoveVm(String),
+    PutMigration(MigrationRecord),
+    RemoveMigration(String),
 }
 
 /// The embedded database.
@@ -70,29 +134,125 @@ impl Journal {
         Ok(Journal { db })
     }
 
-    fn put<T: Serialize>(&self, table: TableDefinition<&str, &[u8]>, key: &str, value: &T) -> Result<(), JournalError> {
-        let bytes = serde_json::to_vec(value).map_err(|source| JournalError::Decode { key: key.into(), source })?;
+    fn put<T: Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &T,
+    ) -> Result<(), JournalError> {
+        let bytes = serde_json::to_vec(value).map_err(|source| JournalError::Decode {
+            key: key.into(),
+            source,
+        })?;
         let tx = self.db.begin_write().map_err(db_err)?;
-        tx.open_table(table).map_err(db_err)?.insert(key, bytes.as_slice()).map_err(db_err)?;
+        tx.open_table(table)
+            .map_err(db_err)?
+            .insert(key, bytes.as_slice())
+            .map_err(db_err)?;
         tx.commit().map_err(db_err)
     }
 
     fn remove(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<bool, JournalError> {
         let tx = self.db.begin_write().map_err(db_err)?;
-        let existed = tx.open_table(table).map_err(db_err)?.remove(key).map_err(db_err)?.is_some();
+        let existed = tx
+            .open_table(table)
+            .map_err(db_err)?
+            .remove(key)
+            .map_err(db_err)?
+            .is_some();
         tx.commit().map_err(db_err)?;
         Ok(existed)
     }
 
-    fn all<T: DeserializeOwned>(&self, table: TableDefinition<&str, &[u8]>) -> Result<Vec<T>, JournalError> {
+    fn all<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, JournalError> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let t = tx.open_table(table).map_err(db_err)?;
         let mut out = Vec::new();
         for row in t.iter().map_err(db_err)? {
             let (k, v) = row.map_err(db_err)?;
-            out.push(serde_json::from_slice(v.value()).map_err(|source| JournalError::Decode { key: k.value().to_string(), source })?);
+            out.push(
+                serde_json::from_slice(v.value()).map_err(|source| JournalError::Decode {
+                    key: k.value().to_string(),
+                    source,
+                })?,
+            );
         }
         Ok(out)
+    }
+
+    /// Applies every change in one durable transaction: either all are journaled or none.
+    pub fn apply(&self, ops: &[Op]) -> Result<(), JournalError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut vms = tx.open_table(VMS).map_err(db_err)?;
+            let mut migs = tx.open_table(MIGRATIONS).map_err(db_err)?;
+            for op in ops {
+                match op {
+                    Op::PutVm(r) => {
+                        let b = serde_json::to_vec(r).map_err(|source| JournalError::Decode {
+                            key: r.spec.name.clone(),
+                            source,
+                        })?;
+                        vms.insert(r.spec.name.as_str(), b.as_slice())
+                            .map_err(db_err)?;
+                    }
+                    Op::RemoveVm(n) => {
+                        vms.remove(n.as_str()).map_err(db_err)?;
+                    }
+                    Op::PutMigration(r) => {
+                        let mut r = r.clone();
+                        r.updated_ms = now_ms();
+                        let b = serde_json::to_vec(&r).map_err(|source| JournalError::Decode {
+                            key: r.id.clone(),
+                            source,
+                        })?;
+                        migs.insert(r.id.as_str(), b.as_slice()).map_err(db_err)?;
+                    }
+                    Op::RemoveMigration(id) => {
+                        migs.remove(id.as_str()).map_err(db_err)?;
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// One migration record.
+    pub fn migration(&self, id: &str) -> Result<Option<MigrationRecord>, JournalError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(MIGRATIONS).map_err(db_err)?;
+        match t.get(id).map_err(db_err)? {
+            Some(v) => serde_json::from_slice(v.value())
+                .map(Some)
+                .map_err(|source| JournalError::Decode {
+                    key: id.to_string(),
+                    source,
+                }),
+            None => Ok(None),
+        }
+    }
+
+    /// Keeps the newest `keep` settled migration records (unsettled ones are never
+    /// pruned: they are what a restart settles). Returns how many were removed.
+    pub fn prune_migrations(&self, keep: usize) -> Result<usize, JournalError> {
+        let mut settled: Vec<MigrationRecord> = self
+            .migrations()?
+            .into_iter()
+            .filter(|r| r.settled())
+            .collect();
+        if settled.len() <= keep {
+            return Ok(0);
+        }
+        settled.sort_by_key(|r| std::cmp::Reverse(r.updated_ms));
+        let ops: Vec<Op> = settled[keep..]
+            .iter()
+            .map(|r| Op::RemoveMigration(r.id.clone()))
+            .collect();
+        self.apply(&ops)?;
+        Ok(ops.len())
     }
 
     /// Records (or replaces) a VM.
@@ -112,7 +272,7 @@ impl Journal {
 
     /// Records (or replaces) a migration.
     pub fn put_migration(&self, rec: &MigrationRecord) -> Result<(), JournalError> {
-        self.put(MIGRATIONS, &rec.id.clone(), rec)
+        self.apply(&[Op::PutMigration(rec.clone())])
     }
 
     /// Forgets a migration.
@@ -130,6 +290,13 @@ fn db_err<E: std::fmt::Display>(e: E) -> JournalError {
     db(e)
 }
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,17 +307,24 @@ mod tests {
         let path = dir.path().join("j.redb");
         {
             let j = Journal::open(&path).unwrap();
-            let spec: ferry_qemu::VmSpec = serde_json::from_value(serde_json::json!({"name": "web01", "memory_mib": 256, "kernel": "/k"})).unwrap();
-            j.put_vm(&VmRecord { spec, pid: Some(42), incoming_migration: None }).unwrap();
-            j.put_migration(&MigrationRecord {
-                id: "m1".into(),
-                role: Role::Source,
-                vm: "web01".into(),
-                peer: "b".into(),
-                state: "completed".into(),
-                token: None,
-                status: None,
+            let spec: ferry_qemu::VmSpec = serde_json::from_value(
+                serde_json::json!({"name": "web01", "memory_mib": 256, "kernel": "/k"}),
+            )
+            .unwrap();
+            j.put_vm(&VmRecord {
+                spec,
+                pid: Some(42),
+                incoming_migration: None,
+                held_by: None,
             })
+            .unwrap();
+            j.put_migration(&MigrationRecord::new(
+                "m1",
+                Role::Source,
+                "web01",
+                "b",
+                "completed",
+            ))
             .unwrap();
         }
         let j = Journal::open(&path).unwrap();
@@ -162,5 +336,41 @@ mod tests {
         assert!(j.remove_vm("web01").unwrap());
         assert!(!j.remove_vm("web01").unwrap());
         assert!(j.vms().unwrap().is_empty());
+    }
+
+    #[test]
+    fn apply_is_one_transaction_and_prune_keeps_unsettled() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.redb")).unwrap();
+        let spec: ferry_qemu::VmSpec = serde_json::from_value(
+            serde_json::json!({"name": "vm", "memory_mib": 256, "kernel": "/k"}),
+        )
+        .unwrap();
+        let mut m = MigrationRecord::new("m", Role::Target, "vm", "a", "committed");
+        m.receiver = Some(ferry_handoff::Receiver::Committed {
+            leave_paused: false,
+        });
+        j.apply(&[
+            Op::PutMigration(m.clone()),
+            Op::PutVm(VmRecord {
+                spec,
+                pid: None,
+                incoming_migration: None,
+                held_by: None,
+            }),
+        ])
+        .unwrap();
+        assert_eq!(j.vms().unwrap().len(), 1);
+        assert_eq!(j.migration("m").unwrap().unwrap().receiver, m.receiver);
+        for i in 0..5 {
+            let mut r =
+                MigrationRecord::new(&format!("s{i}"), Role::Source, "vm", "b", "COMPLETED");
+            r.mark = Some(ferry_handoff::SourceMark::Settled);
+            j.put_migration(&r).unwrap();
+        }
+        assert_eq!(j.prune_migrations(2).unwrap(), 3);
+        let left = j.migrations().unwrap();
+        assert_eq!(left.len(), 3, "two settled and the unsettled target record");
+        assert!(left.iter().any(|r| r.id == "m"));
     }
 }

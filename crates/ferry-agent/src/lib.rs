@@ -8,6 +8,7 @@
 pub mod config;
 pub mod convert;
 pub mod cpuid;
+pub mod failpoint;
 pub mod journal;
 pub mod metrics;
 pub mod migration;

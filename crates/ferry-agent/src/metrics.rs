@@ -1,6 +1,8 @@
 //! Prometheus metrics, served as text on `metrics_listen` (`GET /metrics`).
 
-use prometheus::{Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -27,20 +29,51 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Result<Arc<Metrics>, prometheus::Error> {
         let registry = Registry::new_custom(Some("ferry".into()), None)?;
-        let migrations = IntCounterVec::new(Opts::new("migrations_total", "Migrations that ended, by role and result"), &["role", "result"])?;
-        let active = IntGauge::new("migrations_active", "Migrations in progress with this host as source")?;
-        let page_bytes = IntCounterVec::new(Opts::new("page_bytes_total", "Raw guest page bytes sent"), &["codec"])?;
-        let wire_bytes = IntCounterVec::new(Opts::new("wire_bytes_total", "Bytes written to the data plane"), &["codec"])?;
-        let pages = IntCounterVec::new(Opts::new("pages_sent_total", "Guest pages sent with data"), &["codec"])?;
-        let ms = |name: &str, help: &str, buckets: Vec<f64>| Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets));
+        let migrations = IntCounterVec::new(
+            Opts::new(
+                "migrations_total",
+                "Migrations that ended, by role and result",
+            ),
+            &["role", "result"],
+        )?;
+        let active = IntGauge::new(
+            "migrations_active",
+            "Migrations in progress with this host as source",
+        )?;
+        let page_bytes = IntCounterVec::new(
+            Opts::new("page_bytes_total", "Raw guest page bytes sent"),
+            &["codec"],
+        )?;
+        let wire_bytes = IntCounterVec::new(
+            Opts::new("wire_bytes_total", "Bytes written to the data plane"),
+            &["codec"],
+        )?;
+        let pages = IntCounterVec::new(
+            Opts::new("pages_sent_total", "Guest pages sent with data"),
+            &["codec"],
+        )?;
+        let ms = |name: &str, help: &str, buckets: Vec<f64>| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        };
         let downtime = ms(
             "downtime_seconds",
             "Guest pause of completed migrations (source STOP to target RESUME)",
             vec![0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0],
         )?;
-        let duration = ms("duration_seconds", "Total time of completed migrations", prometheus::exponential_buckets(0.25, 2.0, 12)?)?;
-        let rounds = ms("rounds", "Rounds of completed migrations", vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0])?;
-        let dirty_rate = Gauge::new("dirty_rate_pages_per_second", "Pages written per second during the latest pre-copy round")?;
+        let duration = ms(
+            "duration_seconds",
+            "Total time of completed migrations",
+            prometheus::exponential_buckets(0.25, 2.0, 12)?,
+        )?;
+        let rounds = ms(
+            "rounds",
+            "Rounds of completed migrations",
+            vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0],
+        )?;
+        let dirty_rate = Gauge::new(
+            "dirty_rate_pages_per_second",
+            "Pages written per second during the latest pre-copy round",
+        )?;
         for c in [&migrations, &page_bytes, &wire_bytes, &pages] {
             registry.register(Box::new(c.clone()))?;
         }
@@ -49,7 +82,18 @@ impl Metrics {
             registry.register(Box::new(h.clone()))?;
         }
         registry.register(Box::new(dirty_rate.clone()))?;
-        Ok(Arc::new(Metrics { registry, migrations, active, page_bytes, wire_bytes, pages, downtime, duration, rounds, dirty_rate }))
+        Ok(Arc::new(Metrics {
+            registry,
+            migrations,
+            active,
+            page_bytes,
+            wire_bytes,
+            pages,
+            downtime,
+            duration,
+            rounds,
+            dirty_rate,
+        }))
     }
 
     /// The text exposition format.
@@ -68,7 +112,15 @@ impl Metrics {
             "/metrics",
             axum::routing::get(move || {
                 let me = me.clone();
-                async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], me.render()) }
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        me.render(),
+                    )
+                }
             }),
         );
         let listener = tokio::net::TcpListener::bind(addr).await?;

@@ -20,12 +20,82 @@ use std::time::{Duration, Instant};
 /// CPU features worth comparing (cpuinfo names). Virtualisation flags (svm, vmx) and
 /// QEMU-internal properties are left out: QEMU drops those quietly when the host lacks them.
 const CPU_FEATURES: &[&str] = &[
-    "fpu", "vme", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "mtrr", "pge", "mca", "cmov", "pat",
-    "pse36", "clflush", "mmx", "fxsr", "sse", "sse2", "ss", "syscall", "nx", "mmxext", "fxsr_opt", "pdpe1gb", "rdtscp",
-    "lm", "pni", "pclmulqdq", "ssse3", "fma", "cx16", "sse4_1", "sse4_2", "x2apic", "movbe", "popcnt", "aes", "xsave",
-    "avx", "f16c", "rdrand", "lahf_lm", "abm", "sse4a", "3dnowprefetch", "fsgsbase", "bmi1", "avx2", "smep", "bmi2",
-    "erms", "invpcid", "avx512f", "avx512dq", "rdseed", "adx", "smap", "clflushopt", "clwb", "avx512cd", "sha_ni",
-    "avx512bw", "avx512vl", "xsaveopt", "xsavec", "xsaves", "umip", "pku", "avx512vbmi", "gfni", "vaes", "vpclmulqdq",
+    "fpu",
+    "vme",
+    "de",
+    "pse",
+    "tsc",
+    "msr",
+    "pae",
+    "mce",
+    "cx8",
+    "apic",
+    "sep",
+    "mtrr",
+    "pge",
+    "mca",
+    "cmov",
+    "pat",
+    "pse36",
+    "clflush",
+    "mmx",
+    "fxsr",
+    "sse",
+    "sse2",
+    "ss",
+    "syscall",
+    "nx",
+    "mmxext",
+    "fxsr_opt",
+    "pdpe1gb",
+    "rdtscp",
+    "lm",
+    "pni",
+    "pclmulqdq",
+    "ssse3",
+    "fma",
+    "cx16",
+    "sse4_1",
+    "sse4_2",
+    "x2apic",
+    "movbe",
+    "popcnt",
+    "aes",
+    "xsave",
+    "avx",
+    "f16c",
+    "rdrand",
+    "lahf_lm",
+    "abm",
+    "sse4a",
+    "3dnowprefetch",
+    "fsgsbase",
+    "bmi1",
+    "avx2",
+    "smep",
+    "bmi2",
+    "erms",
+    "invpcid",
+    "avx512f",
+    "avx512dq",
+    "rdseed",
+    "adx",
+    "smap",
+    "clflushopt",
+    "clwb",
+    "avx512cd",
+    "sha_ni",
+    "avx512bw",
+    "avx512vl",
+    "xsaveopt",
+    "xsavec",
+    "xsaves",
+    "umip",
+    "pku",
+    "avx512vbmi",
+    "gfni",
+    "vaes",
+    "vpclmulqdq",
 ];
 
 /// The features the seeds single out: checked and named first.
@@ -52,7 +122,13 @@ fn cpuinfo() -> (String, Vec<String>) {
             .map(|(_, v)| v.trim().to_string())
             .unwrap_or_default()
     };
-    (field("vendor_id"), field("flags").split_whitespace().map(str::to_string).collect())
+    (
+        field("vendor_id"),
+        field("flags")
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
+    )
 }
 
 fn bridges() -> Vec<String> {
@@ -79,7 +155,9 @@ fn mem_available() -> u64 {
 }
 
 fn fs_free(path: &Path) -> u64 {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return 0 };
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return 0;
+    };
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: c is a valid C string and st a properly sized out-parameter.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
@@ -93,7 +171,10 @@ pub async fn host_facts(ctx: &AgentCtx) -> pb::HostFacts {
     let (vendor, flags) = cpuinfo();
     let pf = &ctx.cfg.preflight;
     let (cpu_features, source) = match (&pf.cpu_features, ctx.cfg.accel.as_str()) {
-        (Some(f), _) => (f.clone(), "configured ([preflight] cpu_features)".to_string()),
+        (Some(f), _) => (
+            f.clone(),
+            "configured ([preflight] cpu_features)".to_string(),
+        ),
         // What KVM can give guests, where /dev/kvm answers; else what the host CPU has.
         (None, "kvm") => match tokio::task::spawn_blocking(crate::cpuid::kvm_supported).await {
             Ok(Ok((_, names))) => (names, "KVM_GET_SUPPORTED_CPUID".to_string()),
@@ -114,7 +195,13 @@ pub async fn host_facts(ctx: &AgentCtx) -> pb::HostFacts {
         bridges: bridges(),
         mem_available_bytes: mem_available(),
         ram_dir_free_bytes: fs_free(&ctx.cfg.ram_dir),
-        vm_names: ctx.vms.list().await.into_iter().filter_map(|v| v.spec.map(|s| s.name)).collect(),
+        vm_names: ctx
+            .vms
+            .list()
+            .await
+            .into_iter()
+            .filter_map(|v| v.spec.map(|s| s.name))
+            .collect(),
         quic_addr: ctx.cfg.quic_listen.to_string(),
         tracker: match &ctx.tracker {
             Ok(k) => k.name().to_string(),
@@ -126,8 +213,15 @@ pub async fn host_facts(ctx: &AgentCtx) -> pb::HostFacts {
 /// The guest CPU model's features, expanded by the VM's own QEMU.
 async fn guest_cpu_features(proc: &QemuProcess, model: &str) -> Result<BTreeSet<String>, String> {
     let args = serde_json::json!({"type": "full", "model": {"name": model}});
-    let r = proc.qmp().execute("query-cpu-model-expansion", Some(args)).await.map_err(|e| e.to_string())?;
-    let props = r.pointer("/model/props").and_then(|p| p.as_object()).ok_or("no props in query-cpu-model-expansion")?;
+    let r = proc
+        .qmp()
+        .execute("query-cpu-model-expansion", Some(args))
+        .await
+        .map_err(|e| e.to_string())?;
+    let props = r
+        .pointer("/model/props")
+        .and_then(|p| p.as_object())
+        .ok_or("no props in query-cpu-model-expansion")?;
     Ok(props
         .iter()
         .filter(|(_, v)| v.as_bool() == Some(true))
@@ -136,8 +230,20 @@ async fn guest_cpu_features(proc: &QemuProcess, model: &str) -> Result<BTreeSet<
         .collect())
 }
 
-fn check(name: &str, status: pb::CheckStatus, detail: String, fix: &str, soft: bool) -> pb::PreflightCheck {
-    pb::PreflightCheck { name: name.into(), status: status as i32, detail, fix: fix.into(), soft }
+fn check(
+    name: &str,
+    status: pb::CheckStatus,
+    detail: String,
+    fix: &str,
+    soft: bool,
+) -> pb::PreflightCheck {
+    pb::PreflightCheck {
+        name: name.into(),
+        status: status as i32,
+        detail,
+        fix: fix.into(),
+        soft,
+    }
 }
 
 use pb::CheckStatus::{Fail, Pass, Warn};
@@ -152,17 +258,31 @@ pub fn compare(
 ) -> Vec<pb::PreflightCheck> {
     let host = &t.host_name;
     let mut out = Vec::new();
-    out.push(if ferry_wire::version_supported(t.protocol_version.min(255) as u8) {
-        check("protocol", Pass, format!("both speak ferry data-plane protocol {}", t.protocol_version), "", false)
-    } else {
-        check(
-            "protocol",
-            Fail,
-            format!("host {host} speaks protocol {}, this host {PROTOCOL_VERSION}", t.protocol_version),
-            "upgrade ferryd so both hosts run compatible versions",
-            false,
-        )
-    });
+    out.push(
+        if ferry_wire::version_supported(t.protocol_version.min(255) as u8) {
+            check(
+                "protocol",
+                Pass,
+                format!(
+                    "both speak ferry data-plane protocol {}",
+                    t.protocol_version
+                ),
+                "",
+                false,
+            )
+        } else {
+            check(
+                "protocol",
+                Fail,
+                format!(
+                    "host {host} speaks protocol {}, this host {PROTOCOL_VERSION}",
+                    t.protocol_version
+                ),
+                "upgrade ferryd so both hosts run compatible versions",
+                false,
+            )
+        },
+    );
     out.push(if t.vm_names.iter().any(|n| n == &spec.name) {
         check(
             "vm-name",
@@ -172,23 +292,56 @@ pub fn compare(
             false,
         )
     } else {
-        check("vm-name", Pass, format!("'{}' is free on {host}", spec.name), "", false)
+        check(
+            "vm-name",
+            Pass,
+            format!("'{}' is free on {host}", spec.name),
+            "",
+            false,
+        )
     });
     out.push(if t.machine_types.iter().any(|m| m == &spec.machine) {
-        check("machine", Pass, format!("{host}'s QEMU {} has machine type {}", t.qemu_version, spec.machine), "", false)
+        check(
+            "machine",
+            Pass,
+            format!(
+                "{host}'s QEMU {} has machine type {}",
+                t.qemu_version, spec.machine
+            ),
+            "",
+            false,
+        )
     } else {
         check(
             "machine",
             Fail,
-            format!("{host}'s QEMU {} lacks machine type {}", t.qemu_version, spec.machine),
+            format!(
+                "{host}'s QEMU {} lacks machine type {}",
+                t.qemu_version, spec.machine
+            ),
             "pin a machine type both QEMU versions have (e.g. pc-i440fx-7.2)",
             false,
         )
     });
     if !t.tracker.starts_with("none") || t.tracker.is_empty() {
-        out.push(check("tracker", Pass, format!("{host} can track dirty pages ({})", t.tracker), "", false));
+        out.push(check(
+            "tracker",
+            Pass,
+            format!("{host} can track dirty pages ({})", t.tracker),
+            "",
+            false,
+        ));
     } else {
-        out.push(check("tracker", Warn, format!("{host} has no dirty tracker ({}): it can receive but not send live", t.tracker), "", true));
+        out.push(check(
+            "tracker",
+            Warn,
+            format!(
+                "{host} has no dirty tracker ({}): it can receive but not send live",
+                t.tracker
+            ),
+            "",
+            true,
+        ));
     }
     // CPU: vendor, then the features the guest's model uses.
     let kvm = t.accel == "kvm" || source_accel == "kvm";
@@ -198,23 +351,41 @@ pub fn compare(
         out.push(check(
             "cpu-vendor",
             status,
-            format!("CPU vendor differs: {source_vendor} here, {} on {host}", t.cpu_vendor),
+            format!(
+                "CPU vendor differs: {source_vendor} here, {} on {host}",
+                t.cpu_vendor
+            ),
             "migrate between hosts of the same CPU vendor",
             false,
         ));
     }
     match guest_features {
-        None => out.push(check("cpu", Warn, "the VM is not running: its CPU model was not expanded".into(), "", true)),
+        None => out.push(check(
+            "cpu",
+            Warn,
+            "the VM is not running: its CPU model was not expanded".into(),
+            "",
+            true,
+        )),
         Some(features) if t.cpu_features.is_empty() && !configured => out.push(check(
             "cpu",
             Pass,
-            format!("{host} emulates the CPU model ({}); {} guest features not compared", t.cpu_features_source, features.len()),
+            format!(
+                "{host} emulates the CPU model ({}); {} guest features not compared",
+                t.cpu_features_source,
+                features.len()
+            ),
             "",
             false,
         )),
         Some(features) => {
-            let offered: BTreeSet<String> = t.cpu_features.iter().map(|f| normalize_feature(f)).collect();
-            let mut missing: Vec<&String> = features.iter().filter(|f| !offered.contains(*f)).collect();
+            let offered: BTreeSet<String> = t
+                .cpu_features
+                .iter()
+                .map(|f| normalize_feature(f))
+                .collect();
+            let mut missing: Vec<&String> =
+                features.iter().filter(|f| !offered.contains(*f)).collect();
             missing.sort_by_key(|f| (!KEY_FEATURES.contains(&f.as_str()), f.as_str().to_string()));
             out.push(if missing.is_empty() {
                 check("cpu", Pass, format!("{host} offers all {} features of CPU model {}", features.len(), spec.cpu_model), "", false)
@@ -239,9 +410,23 @@ pub fn compare(
             NicBackend::User => None,
         })
         .collect();
-    let absent: Vec<&str> = wanted.iter().copied().filter(|b| !t.bridges.iter().any(|x| x == b)).collect();
+    let absent: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|b| !t.bridges.iter().any(|x| x == b))
+        .collect();
     out.push(if absent.is_empty() {
-        check("bridges", Pass, if wanted.is_empty() { "the VM uses no host bridge".into() } else { format!("{host} has bridge(s) {}", wanted.join(", ")) }, "", false)
+        check(
+            "bridges",
+            Pass,
+            if wanted.is_empty() {
+                "the VM uses no host bridge".into()
+            } else {
+                format!("{host} has bridge(s) {}", wanted.join(", "))
+            },
+            "",
+            false,
+        )
     } else {
         check(
             "bridges",
@@ -253,7 +438,11 @@ pub fn compare(
     });
     // Memory for the RAM file.
     let need = spec.memory_mib << 20;
-    let free = t.mem_available_bytes.min(if t.ram_dir_free_bytes == 0 { u64::MAX } else { t.ram_dir_free_bytes });
+    let free = t.mem_available_bytes.min(if t.ram_dir_free_bytes == 0 {
+        u64::MAX
+    } else {
+        t.ram_dir_free_bytes
+    });
     out.push(if free >= need {
         check("memory", Pass, format!("{host} has {} MiB available for {} MiB of guest RAM", free >> 20, spec.memory_mib), "", false)
     } else {
@@ -272,9 +461,15 @@ pub fn compare(
 /// The target reports its running count, timestamped on its clock, every 50 ms. The probe lasts 0.8 s, or 40 RTTs
 /// on long links (at most 3 s), so the congestion controller gets past its start-up.
 async fn probe(ctx: &AgentCtx, quic_addr: SocketAddr, cap: u64) -> Result<(f64, f64, f64), String> {
-    let conn = ctx.quic.connect(quic_addr, &quic_addr.ip().to_string()).await.map_err(|e| e.to_string())?;
+    let conn = ctx
+        .quic
+        .connect(quic_addr, &quic_addr.ip().to_string())
+        .await
+        .map_err(|e| e.to_string())?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    write_stream_header(&mut send, StreamHeader::new(StreamKind::Probe, 0)).await.map_err(|e| e.to_string())?;
+    write_stream_header(&mut send, StreamHeader::new(StreamKind::Probe, 0))
+        .await
+        .map_err(|e| e.to_string())?;
     let start = Instant::now();
     // The target's reports, timestamped on arrival.
     // (arrival here, bytes, target's timestamp)
@@ -304,7 +499,10 @@ async fn probe(ctx: &AgentCtx, quic_addr: SocketAddr, cap: u64) -> Result<(f64, 
         }
     }
     send.finish().map_err(|e| e.to_string())?;
-    let v = tokio::time::timeout(Duration::from_secs(30), reports).await.map_err(|_| "no answer to the probe".to_string())?.map_err(|e| e.to_string())?;
+    let v = tokio::time::timeout(Duration::from_secs(30), reports)
+        .await
+        .map_err(|_| "no answer to the probe".to_string())?
+        .map_err(|e| e.to_string())?;
     let rtt = conn.rtt().as_secs_f64() * 1000.0;
     conn.close(0u32.into(), b"probe done");
     let (t_end, n_end, at_end) = *v.last().ok_or("the target reported nothing")?;
@@ -317,7 +515,11 @@ async fn probe(ctx: &AgentCtx, quic_addr: SocketAddr, cap: u64) -> Result<(f64, 
     // Least-squares slope over the second half: in-order delivery releases bytes held
     // behind a lost packet in bursts, which endpoint differences take for bandwidth.
     let half = at_end / 2.0;
-    let pts: Vec<(f64, f64)> = v.iter().filter(|r| r.2 >= half).map(|r| (r.2, r.1 as f64)).collect();
+    let pts: Vec<(f64, f64)> = v
+        .iter()
+        .filter(|r| r.2 >= half)
+        .map(|r| (r.2, r.1 as f64))
+        .collect();
     let steady = slope(&pts).unwrap_or_else(|| n_end as f64 / at_end.max(1e-6));
     let ramp = (t_end - n_end as f64 / steady.max(1.0)).clamp(0.0, t_end);
     Ok((steady, rtt, ramp * 1000.0))
@@ -329,8 +531,12 @@ fn slope(pts: &[(f64, f64)]) -> Option<f64> {
         return None;
     }
     let n = pts.len() as f64;
-    let (mx, my) = pts.iter().fold((0.0, 0.0), |(a, b), (x, y)| (a + x / n, b + y / n));
-    let (sxy, sxx) = pts.iter().fold((0.0, 0.0), |(a, b), (x, y)| (a + (x - mx) * (y - my), b + (x - mx) * (x - mx)));
+    let (mx, my) = pts
+        .iter()
+        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x / n, b + y / n));
+    let (sxy, sxx) = pts.iter().fold((0.0, 0.0), |(a, b), (x, y)| {
+        (a + (x - mx) * (y - my), b + (x - mx) * (x - mx))
+    });
     (sxx > 0.0).then(|| sxy / sxx)
 }
 
@@ -340,7 +546,9 @@ async fn dirty_rate(ctx: &AgentCtx, spec: &VmSpec, proc: &QemuProcess) -> Result
     let path = ctx.cfg.ram_path(&spec.name);
     let len = spec.memory_mib << 20;
     let pid = proc.pid() as i32;
-    let mut t = kind.attach(pid, DEFAULT_SHIM_FD, &path, len).map_err(|e| e.to_string())?;
+    let mut t = kind
+        .attach(pid, DEFAULT_SHIM_FD, &path, len)
+        .map_err(|e| e.to_string())?;
     t.arm().map_err(|e| e.to_string())?;
     let start = Instant::now();
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -377,23 +585,49 @@ fn codec_sample(ram: &RamFile, codec: Codec) -> Result<(f64, f64, u64), String> 
     for chunk in sample.chunks(256) {
         let data = &mut buf[..chunk.len() * PAGE_SIZE];
         for (i, p) in chunk.iter().enumerate() {
-            ram.read_page(*p, &mut data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]).map_err(|e| e.to_string())?;
+            ram.read_page(*p, &mut data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])
+                .map_err(|e| e.to_string())?;
         }
         raw += data.len() as u64;
-        packed += codec.compress(data).map_err(|e| e.to_string())?.map(|c| c.len()).unwrap_or(data.len()) as u64;
+        packed += codec
+            .compress(data)
+            .map_err(|e| e.to_string())?
+            .map(|c| c.len())
+            .unwrap_or(data.len()) as u64;
     }
     let secs = start.elapsed().as_secs_f64().max(1e-6);
-    let ratio = if packed == 0 { 1.0 } else { raw as f64 / packed as f64 };
-    let speed = if codec == Codec::None { f64::INFINITY } else { raw as f64 / secs };
+    let ratio = if packed == 0 {
+        1.0
+    } else {
+        raw as f64 / packed as f64
+    };
+    let speed = if codec == Codec::None {
+        f64::INFINITY
+    } else {
+        raw as f64 / secs
+    };
     Ok((ratio, speed, count * PAGE_SIZE as u64))
 }
 
 /// Pre-copy as a geometric series: each round lasts as long as it takes to send what
 /// the guest wrote during the previous one. Pure function of the measurements.
-pub fn predict(p: &mut pb::Prediction, ram_bytes: u64, streams: u32, downtime_ms: u32, max_rounds: u32) {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(streams.max(1) as usize) as f64;
+pub fn predict(
+    p: &mut pb::Prediction,
+    ram_bytes: u64,
+    streams: u32,
+    downtime_ms: u32,
+    max_rounds: u32,
+) {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(streams.max(1) as usize) as f64;
     let link_pages = p.link_bytes_per_sec * p.codec_ratio.max(1.0);
-    let cpu_pages = if p.codec_bytes_per_sec.is_finite() { p.codec_bytes_per_sec * cores } else { f64::INFINITY };
+    let cpu_pages = if p.codec_bytes_per_sec.is_finite() {
+        p.codec_bytes_per_sec * cores
+    } else {
+        f64::INFINITY
+    };
     let rate = link_pages.min(cpu_pages).max(1.0); // guest bytes per second moved
     let dirty = p.dirty_pages_per_sec * PAGE_SIZE as f64;
     // Fixed switchover cost: device state, commit, and the RAM fingerprints (~6 GB/s here).
@@ -420,7 +654,11 @@ pub fn predict(p: &mut pb::Prediction, ram_bytes: u64, streams: u32, downtime_ms
     }
     p.predicted_rounds = rounds + 1;
     p.predicted_downtime_ms = (round_s * 1000.0 + fixed_ms) as u64;
-    p.predicted_total_ms = if p.converges { ((total_s + round_s) * 1000.0 + fixed_ms) as u64 } else { 0 };
+    p.predicted_total_ms = if p.converges {
+        ((total_s + round_s) * 1000.0 + fixed_ms) as u64
+    } else {
+        0
+    };
 }
 
 /// Runs the whole preflight for a VM and a target.
@@ -435,11 +673,21 @@ pub async fn run(
 ) -> Result<pb::PreflightReport, tonic::Status> {
     let chan = crate::tls::connect(target, &ctx.identity)
         .await
-        .map_err(|e| tonic::Status::unavailable(format!("cannot reach target agent {target} from {}: {e}", ctx.cfg.host_name)))?;
+        .map_err(|e| {
+            tonic::Status::unavailable(format!(
+                "cannot reach target agent {target} from {}: {e}",
+                ctx.cfg.host_name
+            ))
+        })?;
     let facts = FerryPeerClient::new(chan.clone())
         .host_facts(pb::HostFactsRequest {})
         .await
-        .map_err(|s| tonic::Status::unavailable(format!("target {target} did not report its facts: {}", s.message())))?
+        .map_err(|s| {
+            tonic::Status::unavailable(format!(
+                "target {target} did not report its facts: {}",
+                s.message()
+            ))
+        })?
         .into_inner();
     let (vendor, _) = cpuinfo();
     let vendor = ctx.cfg.preflight.cpu_vendor.clone().unwrap_or(vendor);
@@ -447,21 +695,41 @@ pub async fn run(
         Some(p) => guest_cpu_features(p, &spec.cpu_model).await.ok(),
         None => None,
     };
-    let mut checks = compare(spec, guest_features.as_ref(), &vendor, spec.accel.as_deref().unwrap_or(&ctx.cfg.accel), &facts);
+    let mut checks = compare(
+        spec,
+        guest_features.as_ref(),
+        &vendor,
+        spec.accel.as_deref().unwrap_or(&ctx.cfg.accel),
+        &facts,
+    );
 
     // QEMU versions: same major.minor is the tested case; others work with a pinned type.
     let major_minor = |v: &str| v.split('.').take(2).collect::<Vec<_>>().join(".");
-    checks.push(if major_minor(&facts.qemu_version) == major_minor(&ctx.qemu_version) {
-        check("qemu", Pass, format!("QEMU {} here, {} on {}", ctx.qemu_version, facts.qemu_version, facts.host_name), "", false)
-    } else {
-        check(
-            "qemu",
-            Warn,
-            format!("QEMU {} here, {} on {}: works only with a machine type both have", ctx.qemu_version, facts.qemu_version, facts.host_name),
-            "",
-            true,
-        )
-    });
+    checks.push(
+        if major_minor(&facts.qemu_version) == major_minor(&ctx.qemu_version) {
+            check(
+                "qemu",
+                Pass,
+                format!(
+                    "QEMU {} here, {} on {}",
+                    ctx.qemu_version, facts.qemu_version, facts.host_name
+                ),
+                "",
+                false,
+            )
+        } else {
+            check(
+                "qemu",
+                Warn,
+                format!(
+                    "QEMU {} here, {} on {}: works only with a machine type both have",
+                    ctx.qemu_version, facts.qemu_version, facts.host_name
+                ),
+                "",
+                true,
+            )
+        },
+    );
 
     // Disks: shared storage (token file), or room and a place for copies on the target.
     if !spec.disks.is_empty() {
@@ -528,7 +796,8 @@ pub async fn run(
 
     // Convergence: needs the guest running.
     if let Some((ours, qemu)) = rates {
-        let ram = RamFile::open(ctx.cfg.ram_path(&spec.name), false).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let ram = RamFile::open(ctx.cfg.ram_path(&spec.name), false)
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
         let sample = tokio::task::spawn_blocking(move || codec_sample(&ram, codec));
         match (ours, sample.await) {
             (Ok(d), Ok(Ok((ratio, speed, first)))) => {
@@ -539,7 +808,13 @@ pub async fn run(
                 prediction.first_round_bytes = first;
                 let mut p2 = prediction;
                 p2.codec_bytes_per_sec = speed;
-                predict(&mut p2, spec.memory_mib << 20, ctx.cfg.migration.page_streams, downtime_ms, ctx.cfg.migration.max_rounds);
+                predict(
+                    &mut p2,
+                    spec.memory_mib << 20,
+                    ctx.cfg.migration.page_streams,
+                    downtime_ms,
+                    ctx.cfg.migration.max_rounds,
+                );
                 prediction.converges = p2.converges;
                 prediction.predicted_total_ms = p2.predicted_total_ms;
                 prediction.predicted_downtime_ms = p2.predicted_downtime_ms;
@@ -567,17 +842,40 @@ pub async fn run(
                     )
                 });
             }
-            (Err(e), _) => checks.push(check("convergence", Warn, format!("dirty rate not measured: {e}"), "", true)),
-            (_, Err(e)) => checks.push(check("convergence", Warn, format!("codec sample failed: {e}"), "", true)),
-            (_, Ok(Err(e))) => checks.push(check("convergence", Warn, format!("codec sample failed: {e}"), "", true)),
+            (Err(e), _) => checks.push(check(
+                "convergence",
+                Warn,
+                format!("dirty rate not measured: {e}"),
+                "",
+                true,
+            )),
+            (_, Err(e)) => checks.push(check(
+                "convergence",
+                Warn,
+                format!("codec sample failed: {e}"),
+                "",
+                true,
+            )),
+            (_, Ok(Err(e))) => checks.push(check(
+                "convergence",
+                Warn,
+                format!("codec sample failed: {e}"),
+                "",
+                true,
+            )),
         }
     }
     let failed = |c: &pb::PreflightCheck| c.status == Fail as i32;
     let ok = !checks.iter().any(failed);
     let ok_with_force = !checks.iter().any(|c| failed(c) && !c.soft);
-    Ok(pb::PreflightReport { checks, prediction: Some(prediction), ok, ok_with_force, target: Some(facts) })
+    Ok(pb::PreflightReport {
+        checks,
+        prediction: Some(prediction),
+        ok,
+        ok_with_force,
+        target: Some(facts),
+    })
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -18,15 +18,20 @@ use tracing::{error, info, warn};
 /// Builds the agent's context: everything but the servers.
 pub async fn build(cfg: AgentConfig) -> anyhow::Result<Arc<AgentCtx>> {
     let cfg = Arc::new(cfg);
-    std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("creating state dir {}", cfg.state_dir.display()))?;
-    std::fs::create_dir_all(&cfg.ram_dir).with_context(|| format!("creating RAM dir {}", cfg.ram_dir.display()))?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating state dir {}", cfg.state_dir.display()))?;
+    std::fs::create_dir_all(&cfg.ram_dir)
+        .with_context(|| format!("creating RAM dir {}", cfg.ram_dir.display()))?;
     let identity = crate::tls::load_identity(&cfg.tls)?;
     let journal = Arc::new(Journal::open(&cfg.journal_path()).context("opening journal")?);
 
     // Never trust silence: a tracker is used only if it reports pages we wrote.
     let tracker = match tokio::task::spawn_blocking(ferry_memory::choose_tracker).await? {
         Ok(k) => {
-            info!(tracker = k.name(), "dirty-page tracker passed its self-test");
+            info!(
+                tracker = k.name(),
+                "dirty-page tracker passed its self-test"
+            );
             Ok(k)
         }
         Err(e) => {
@@ -40,39 +45,128 @@ pub async fn build(cfg: AgentConfig) -> anyhow::Result<Arc<AgentCtx>> {
         .with_context(|| format!("probing QEMU at {}", cfg.qemu_binary.display()))?
         .to_string();
     info!(qemu = %qemu_version, accel = %cfg.accel, "QEMU found");
-    let machine_types = ferry_qemu::machine_types(&cfg.qemu_binary).await.context("listing QEMU machine types")?;
+    let machine_types = ferry_qemu::machine_types(&cfg.qemu_binary)
+        .await
+        .context("listing QEMU machine types")?;
 
     for root in &cfg.storage_roots {
-        std::fs::create_dir_all(root).with_context(|| format!("creating storage root {}", root.display()))?;
+        std::fs::create_dir_all(root)
+            .with_context(|| format!("creating storage root {}", root.display()))?;
     }
-    let storage = Arc::new(ferry_disk::StorageRoots::new(&cfg.storage_roots).context("storage_roots")?);
+    let storage =
+        Arc::new(ferry_disk::StorageRoots::new(&cfg.storage_roots).context("storage_roots")?);
     let vms = VmManager::new(cfg.clone(), journal.clone(), Some(shim), storage.clone());
-    vms.recover().await.context("recovering VMs from the journal")?;
+    vms.recover()
+        .await
+        .context("recovering VMs from the journal")?;
     let metrics = crate::metrics::Metrics::new().context("metrics registry")?;
-    let incoming = IncomingRegistry::new(cfg.clone(), vms.clone(), journal.clone(), qemu_version.clone(), metrics.clone(), storage.clone());
-    incoming.forget_uncommitted();
+    let incoming = IncomingRegistry::new(
+        cfg.clone(),
+        vms.clone(),
+        journal.clone(),
+        qemu_version.clone(),
+        metrics.clone(),
+        storage.clone(),
+    );
+    incoming
+        .recover()
+        .await
+        .context("settling incoming migrations from the journal")?;
     let congestion = match cfg.migration.congestion.as_str() {
         "bbr" => ferry_transport::Congestion::Bbr,
         "cubic" => ferry_transport::Congestion::Cubic,
         other => anyhow::bail!("migration.congestion must be \"bbr\" or \"cubic\", not {other:?}"),
     };
-    let tuning = TransportTuning { idle_timeout: Duration::from_secs(cfg.migration.idle_timeout_s.max(1)), congestion, ..Default::default() };
-    let quic = QuicEndpoint::bind(cfg.quic_listen, &identity, &tuning).context("binding QUIC endpoint")?;
+    let tuning = TransportTuning {
+        idle_timeout: Duration::from_secs(cfg.migration.idle_timeout_s.max(1)),
+        congestion,
+        ..Default::default()
+    };
+    let quic =
+        QuicEndpoint::bind(cfg.quic_listen, &identity, &tuning).context("binding QUIC endpoint")?;
     let outgoing = Outgoing::new(journal.clone());
-    let ctx = Arc::new(AgentCtx { cfg, identity, journal, vms, outgoing, incoming, quic, tracker, qemu_version, machine_types, metrics, storage });
+    let ctx = Arc::new(AgentCtx {
+        cfg,
+        identity,
+        journal,
+        vms,
+        outgoing,
+        incoming,
+        quic,
+        tracker,
+        qemu_version,
+        machine_types,
+        metrics,
+        storage,
+    });
     recover_outgoing(&ctx).await;
     Ok(ctx)
 }
 
-/// Source-side migrations that were in flight when the agent stopped: the journal says
-/// the VM was ours; settle with the target before anything runs.
+/// Source-side migrations not settled when the agent stopped (in flight, or IN_DOUBT):
+/// the VM stays held (no resume, start or migrate) while each is settled with its target
+/// per `ferry_handoff::source_recovery`, in the background.
 async fn recover_outgoing(ctx: &Arc<AgentCtx>) {
-    for mut s in ctx.outgoing.unfinished() {
-        warn!(migration = %s.id, vm = %s.vm, "migration was in progress when the agent stopped; marking it failed");
-        s.phase = ferry_api::v1::MigrationPhase::Failed as i32;
-        s.error = format!("agent on {} restarted during the migration", ctx.cfg.host_name);
-        let h = ctx.outgoing.register(s);
-        ctx.outgoing.persist(&h);
+    let held: std::collections::HashMap<String, String> = ctx
+        .journal
+        .vms()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|v| v.held_by.map(|m| (m, v.spec.name)))
+        .collect();
+    for (rec, status) in ctx.outgoing.unsettled() {
+        let mark = rec.mark.unwrap_or(
+            if status.phase >= ferry_api::v1::MigrationPhase::Committing as i32 {
+                ferry_handoff::SourceMark::CommitSent
+            } else {
+                ferry_handoff::SourceMark::BeforeCommit
+            },
+        );
+        let meta = crate::migration::SourceMeta {
+            mark,
+            was_running: rec.was_running,
+            capture: rec.capture.clone(),
+        };
+        let why = format!(
+            "agent on {} restarted during the migration",
+            ctx.cfg.host_name
+        );
+        let h = ctx.outgoing.register(status.clone(), meta);
+        if held.get(&rec.id) != Some(&rec.vm) {
+            // Not a live handoff holding its VM (a cold copy, or a record from before):
+            // nothing to settle with a target.
+            warn!(migration = %rec.id, vm = %rec.vm, "migration was in progress when the agent stopped; marking it failed");
+            h.set_meta(|m| m.mark = ferry_handoff::SourceMark::Settled);
+            h.update(|s| {
+                s.phase = ferry_api::v1::MigrationPhase::Failed as i32;
+                s.error = why.clone();
+            });
+            ctx.outgoing.persist(&h);
+            ctx.outgoing.release(&rec.id);
+            continue;
+        }
+        warn!(migration = %rec.id, vm = %rec.vm, ?mark, "settling an outgoing migration left unsettled by a restart");
+        ctx.vms.hold(&rec.vm, &rec.id).await;
+        ctx.metrics.active.inc();
+        let proc = ctx
+            .vms
+            .spec_and_process(&rec.vm)
+            .await
+            .ok()
+            .and_then(|(_, p)| p);
+        let target = status
+            .target
+            .split_once(" (")
+            .map(|(_, a)| a.trim_end_matches(')').to_string())
+            .unwrap_or(status.target.clone());
+        tokio::spawn(crate::migration::source::settle_and_end(
+            ctx.clone(),
+            h,
+            rec.vm.clone(),
+            target,
+            proc,
+            why,
+        ));
     }
 }
 
@@ -94,7 +188,10 @@ async fn shutdown_signal() {
 }
 
 /// Serves gRPC and QUIC until `shutdown` completes.
-pub async fn serve(ctx: Arc<AgentCtx>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn serve(
+    ctx: Arc<AgentCtx>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     // Data plane: each connection is one incoming migration.
     let quic = ctx.quic.clone();
     let incoming = ctx.incoming.clone();
@@ -111,7 +208,9 @@ pub async fn serve(ctx: Arc<AgentCtx>, shutdown: impl std::future::Future<Output
 
     if let Some(addr) = ctx.cfg.metrics_listen {
         let m = ctx.metrics.clone();
-        let listener_check = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics endpoint {addr}"))?;
+        let listener_check = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics endpoint {addr}"))?;
         drop(listener_check);
         tokio::spawn(async move {
             if let Err(e) = m.serve(addr).await {
@@ -121,16 +220,24 @@ pub async fn serve(ctx: Arc<AgentCtx>, shutdown: impl std::future::Future<Output
         info!(%addr, "metrics at http://{addr}/metrics");
     }
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<FerryControlServer<ControlService>>().await;
-    health_reporter.set_serving::<FerryPeerServer<PeerService>>().await;
+    health_reporter
+        .set_serving::<FerryControlServer<ControlService>>()
+        .await;
+    health_reporter
+        .set_serving::<FerryPeerServer<PeerService>>()
+        .await;
     // Both reflection versions: grpcurl speaks v1, many client libraries still v1alpha.
     let reflection_builder = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(ferry_api::v1::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection = reflection_builder().build_v1().context("building reflection service")?;
-    let reflection_alpha = reflection_builder().build_v1alpha().context("building reflection service (v1alpha)")?;
+    let reflection = reflection_builder()
+        .build_v1()
+        .context("building reflection service")?;
+    let reflection_alpha = reflection_builder()
+        .build_v1alpha()
+        .context("building reflection service (v1alpha)")?;
 
     let addr = ctx.cfg.grpc_listen;
     info!(host = %ctx.cfg.host_name, grpc = %addr, quic = %ctx.cfg.quic_listen, "ferryd serving");

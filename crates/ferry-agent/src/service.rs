@@ -27,60 +27,100 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::MigrationStatus, Status>
 
 #[tonic::async_trait]
 impl FerryControl for ControlService {
-    async fn define_vm(&self, req: Request<pb::DefineVmRequest>) -> Result<Response<pb::VmInfo>, Status> {
-        let spec = req.into_inner().spec.ok_or_else(|| Status::invalid_argument("spec is missing"))?;
+    async fn define_vm(
+        &self,
+        req: Request<pb::DefineVmRequest>,
+    ) -> Result<Response<pb::VmInfo>, Status> {
+        let spec = req
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec is missing"))?;
         let spec = spec_from_pb(&spec)?;
         Ok(Response::new(self.ctx.vms.define(spec).await?))
     }
 
     async fn undefine_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::VmInfo>, Status> {
-        Ok(Response::new(self.ctx.vms.undefine(&req.into_inner().name).await?))
+        Ok(Response::new(
+            self.ctx.vms.undefine(&req.into_inner().name).await?,
+        ))
     }
 
     async fn start_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::VmInfo>, Status> {
-        Ok(Response::new(self.ctx.vms.start(&req.into_inner().name).await?))
+        Ok(Response::new(
+            self.ctx.vms.start(&req.into_inner().name).await?,
+        ))
     }
 
-    async fn stop_vm(&self, req: Request<pb::StopVmRequest>) -> Result<Response<pb::VmInfo>, Status> {
+    async fn stop_vm(
+        &self,
+        req: Request<pb::StopVmRequest>,
+    ) -> Result<Response<pb::VmInfo>, Status> {
         let r = req.into_inner();
         Ok(Response::new(self.ctx.vms.stop(&r.name, r.force).await?))
     }
 
     async fn suspend_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::VmInfo>, Status> {
-        Ok(Response::new(self.ctx.vms.suspend(&req.into_inner().name).await?))
+        Ok(Response::new(
+            self.ctx.vms.suspend(&req.into_inner().name).await?,
+        ))
     }
 
     async fn resume_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::VmInfo>, Status> {
-        Ok(Response::new(self.ctx.vms.resume(&req.into_inner().name).await?))
+        Ok(Response::new(
+            self.ctx.vms.resume(&req.into_inner().name).await?,
+        ))
     }
 
     async fn get_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::VmInfo>, Status> {
-        Ok(Response::new(self.ctx.vms.get(&req.into_inner().name).await?))
+        Ok(Response::new(
+            self.ctx.vms.get(&req.into_inner().name).await?,
+        ))
     }
 
-    async fn list_vms(&self, _req: Request<pb::ListVmsRequest>) -> Result<Response<pb::ListVmsResponse>, Status> {
-        Ok(Response::new(pb::ListVmsResponse { vms: self.ctx.vms.list().await }))
+    async fn list_vms(
+        &self,
+        _req: Request<pb::ListVmsRequest>,
+    ) -> Result<Response<pb::ListVmsResponse>, Status> {
+        Ok(Response::new(pb::ListVmsResponse {
+            vms: self.ctx.vms.list().await,
+        }))
     }
 
-    async fn start_migration(&self, req: Request<pb::StartMigrationRequest>) -> Result<Response<pb::MigrationStatus>, Status> {
+    async fn start_migration(
+        &self,
+        req: Request<pb::StartMigrationRequest>,
+    ) -> Result<Response<pb::MigrationStatus>, Status> {
         let r = req.into_inner();
         let codec: Codec = if r.compress.is_empty() {
             Codec::None
         } else {
-            r.compress.parse().map_err(|e| Status::invalid_argument(format!("compress: {e}")))?
+            r.compress
+                .parse()
+                .map_err(|e| Status::invalid_argument(format!("compress: {e}")))?
         };
         if r.target.is_empty() {
-            return Err(Status::invalid_argument("target: the target agent's address (host:port) is required"));
+            return Err(Status::invalid_argument(
+                "target: the target agent's address (host:port) is required",
+            ));
         }
         if r.target == self.ctx.cfg.grpc_listen.to_string() {
-            return Err(Status::invalid_argument(format!("target {} is this host ({})", r.target, self.ctx.cfg.host_name)));
+            return Err(Status::invalid_argument(format!(
+                "target {} is this host ({})",
+                r.target, self.ctx.cfg.host_name
+            )));
         }
         if r.offline {
             // Cold migration: a stopped VM's images and definition (migration/cold.rs).
-            return Ok(Response::new(crate::migration::cold::start(self.ctx.clone(), r, codec).await?));
+            return Ok(Response::new(
+                crate::migration::cold::start(self.ctx.clone(), r, codec).await?,
+            ));
         }
         let d = &self.ctx.cfg.migration;
-        let page_streams = if r.page_streams == 0 { d.page_streams } else { r.page_streams };
+        let page_streams = if r.page_streams == 0 {
+            d.page_streams
+        } else {
+            r.page_streams
+        };
         if !(1..=16).contains(&page_streams) {
             return Err(Status::invalid_argument("page_streams must be 1..=16"));
         }
@@ -89,42 +129,73 @@ impl FerryControl for ControlService {
             vm: r.vm.clone(),
             target: r.target.clone(),
             codec,
-            downtime_ms: if r.downtime_ms == 0 { d.downtime_ms } else { r.downtime_ms },
-            max_rounds: if r.max_rounds == 0 { d.max_rounds } else { r.max_rounds },
+            downtime_ms: if r.downtime_ms == 0 {
+                d.downtime_ms
+            } else {
+                r.downtime_ms
+            },
+            max_rounds: if r.max_rounds == 0 {
+                d.max_rounds
+            } else {
+                r.max_rounds
+            },
             page_streams,
             verify: !r.skip_verify,
             force: r.force,
             bandwidth: r.bandwidth_bytes_per_sec,
-            timeout: (r.timeout_s > 0).then(|| std::time::Duration::from_secs(u64::from(r.timeout_s))),
+            timeout: (r.timeout_s > 0)
+                .then(|| std::time::Duration::from_secs(u64::from(r.timeout_s))),
             on_stall: r.on_stall.parse().map_err(Status::invalid_argument)?,
             leave_paused: r.leave_paused,
             storage: r.storage.parse().map_err(Status::invalid_argument)?,
         };
         // Marks the VM as migrating, or says why it cannot (unknown, stopped, busy).
-        let (spec, proc) = self.ctx.vms.begin_outgoing(&r.vm, &params.id).await?;
+        let (spec, proc, was_running) = self.ctx.vms.begin_outgoing(&r.vm, &params.id).await?;
         let status = pb::MigrationStatus {
             id: params.id.clone(),
             vm: r.vm,
             source: self.ctx.cfg.host_name.clone(),
             target: r.target,
             phase: pb::MigrationPhase::Preparing as i32,
-            stats: Some(pb::MigrationStats { codec: codec.to_string(), guest_ram_bytes: spec.memory_mib << 20, ..Default::default() }),
+            stats: Some(pb::MigrationStats {
+                codec: codec.to_string(),
+                guest_ram_bytes: spec.memory_mib << 20,
+                ..Default::default()
+            }),
             started_unix_ms: now_ms(),
             message: "starting".into(),
             ..Default::default()
         };
-        let handle = self.ctx.outgoing.register(status.clone());
-        tokio::spawn(source::run_guarded(self.ctx.clone(), params, handle, spec, proc));
+        let meta = crate::migration::SourceMeta {
+            mark: ferry_handoff::SourceMark::BeforeCommit,
+            was_running,
+            capture: None,
+        };
+        let handle = self.ctx.outgoing.register(status.clone(), meta);
+        tokio::spawn(source::run_guarded(
+            self.ctx.clone(),
+            params,
+            handle,
+            spec,
+            proc,
+        ));
         Ok(Response::new(status))
     }
 
     type WatchMigrationStream = WatchStream;
 
-    async fn watch_migration(&self, req: Request<pb::MigrationRef>) -> Result<Response<WatchStream>, Status> {
+    async fn watch_migration(
+        &self,
+        req: Request<pb::MigrationRef>,
+    ) -> Result<Response<WatchStream>, Status> {
         let id = req.into_inner().id;
         let Some(h) = self.ctx.outgoing.get(&id) else {
             // A finished migration from the journal: one message.
-            let s = self.ctx.outgoing.status(&id).ok_or_else(|| unknown_migration(&self.ctx, &id))?;
+            let s = self
+                .ctx
+                .outgoing
+                .status(&id)
+                .ok_or_else(|| unknown_migration(&self.ctx, &id))?;
             return Ok(Response::new(Box::pin(tokio_stream::iter([Ok(s)]))));
         };
         let mut rx = h.status.subscribe();
@@ -141,39 +212,86 @@ impl FerryControl for ControlService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
     }
 
-    async fn cancel_migration(&self, req: Request<pb::MigrationRef>) -> Result<Response<pb::MigrationStatus>, Status> {
+    async fn cancel_migration(
+        &self,
+        req: Request<pb::MigrationRef>,
+    ) -> Result<Response<pb::MigrationStatus>, Status> {
         let id = req.into_inner().id;
-        let h = self.ctx.outgoing.get(&id).ok_or_else(|| unknown_migration(&self.ctx, &id))?;
+        let h = self
+            .ctx
+            .outgoing
+            .get(&id)
+            .ok_or_else(|| unknown_migration(&self.ctx, &id))?;
         let s = h.snapshot();
         if is_terminal(s.phase) {
-            return Err(Status::failed_precondition(format!("migration {id} already ended")));
+            return Err(Status::failed_precondition(format!(
+                "migration {id} already ended"
+            )));
         }
         // By value, not order: COPYING_DISKS (11) was added after COMMITTING (6).
         if s.phase == pb::MigrationPhase::Committing as i32 {
-            return Err(Status::failed_precondition(format!("migration {id} is committing and can no longer be cancelled")));
+            return Err(Status::failed_precondition(format!(
+                "migration {id} is committing and can no longer be cancelled"
+            )));
         }
         h.cancel.cancel();
         Ok(Response::new(h.snapshot()))
     }
 
-    async fn get_migration(&self, req: Request<pb::MigrationRef>) -> Result<Response<pb::MigrationStatus>, Status> {
+    async fn get_migration(
+        &self,
+        req: Request<pb::MigrationRef>,
+    ) -> Result<Response<pb::MigrationStatus>, Status> {
         let id = req.into_inner().id;
-        self.ctx.outgoing.status(&id).map(Response::new).ok_or_else(|| unknown_migration(&self.ctx, &id))
+        self.ctx
+            .outgoing
+            .status(&id)
+            .map(Response::new)
+            .ok_or_else(|| unknown_migration(&self.ctx, &id))
     }
 
-    async fn list_migrations(&self, _req: Request<pb::ListMigrationsRequest>) -> Result<Response<pb::ListMigrationsResponse>, Status> {
-        Ok(Response::new(pb::ListMigrationsResponse { migrations: self.ctx.outgoing.list() }))
+    async fn list_migrations(
+        &self,
+        _req: Request<pb::ListMigrationsRequest>,
+    ) -> Result<Response<pb::ListMigrationsResponse>, Status> {
+        Ok(Response::new(pb::ListMigrationsResponse {
+            migrations: self.ctx.outgoing.list(),
+        }))
     }
 
-    async fn preflight(&self, req: Request<pb::PreflightRequest>) -> Result<Response<pb::PreflightReport>, Status> {
+    async fn preflight(
+        &self,
+        req: Request<pb::PreflightRequest>,
+    ) -> Result<Response<pb::PreflightReport>, Status> {
         let r = req.into_inner();
-        let codec: Codec = if r.compress.is_empty() { Codec::None } else { r.compress.parse().map_err(|e| Status::invalid_argument(format!("compress: {e}")))? };
+        let codec: Codec = if r.compress.is_empty() {
+            Codec::None
+        } else {
+            r.compress
+                .parse()
+                .map_err(|e| Status::invalid_argument(format!("compress: {e}")))?
+        };
         let (spec, proc) = self.ctx.vms.spec_and_process(&r.vm).await?;
-        let downtime = if r.downtime_ms == 0 { self.ctx.cfg.migration.downtime_ms } else { r.downtime_ms };
-        let report = crate::preflight::run(&self.ctx, &spec, proc.as_deref(), &r.target, codec, downtime, r.bandwidth_bytes_per_sec).await?;
+        let downtime = if r.downtime_ms == 0 {
+            self.ctx.cfg.migration.downtime_ms
+        } else {
+            r.downtime_ms
+        };
+        let report = crate::preflight::run(
+            &self.ctx,
+            &spec,
+            proc.as_deref(),
+            &r.target,
+            codec,
+            downtime,
+            r.bandwidth_bytes_per_sec,
+        )
+        .await?;
         Ok(Response::new(report))
     }
 }
@@ -184,27 +302,53 @@ fn unknown_migration(ctx: &AgentCtx, id: &str) -> Status {
 
 #[tonic::async_trait]
 impl FerryPeer for PeerService {
-    async fn check_storage(&self, req: Request<pb::CheckStorageRequest>) -> Result<Response<pb::CheckStorageResponse>, Status> {
-        Ok(Response::new(self.ctx.incoming.check_storage(&req.into_inner())))
+    async fn check_storage(
+        &self,
+        req: Request<pb::CheckStorageRequest>,
+    ) -> Result<Response<pb::CheckStorageResponse>, Status> {
+        Ok(Response::new(
+            self.ctx.incoming.check_storage(&req.into_inner()),
+        ))
     }
 
-    async fn prepare(&self, req: Request<pb::PrepareRequest>) -> Result<Response<pb::PrepareResponse>, Status> {
-        Ok(Response::new(self.ctx.incoming.prepare(req.into_inner()).await?))
+    async fn prepare(
+        &self,
+        req: Request<pb::PrepareRequest>,
+    ) -> Result<Response<pb::PrepareResponse>, Status> {
+        Ok(Response::new(
+            self.ctx.incoming.prepare(req.into_inner()).await?,
+        ))
     }
 
-    async fn commit(&self, req: Request<pb::CommitRequest>) -> Result<Response<pb::CommitResponse>, Status> {
+    async fn commit(
+        &self,
+        req: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::CommitResponse>, Status> {
         let r = req.into_inner();
-        let (resume_unix_us, ready_unix_us) = self.ctx.incoming.commit(&r.migration_id, &r.token, r.leave_paused).await?;
-        Ok(Response::new(pb::CommitResponse { resume_unix_us, ready_unix_us }))
+        let (resume_unix_us, ready_unix_us) = self
+            .ctx
+            .incoming
+            .commit(&r.migration_id, &r.token, r.leave_paused)
+            .await?;
+        Ok(Response::new(pb::CommitResponse {
+            resume_unix_us,
+            ready_unix_us,
+        }))
     }
 
-    async fn abort(&self, req: Request<pb::AbortRequest>) -> Result<Response<pb::AbortResponse>, Status> {
+    async fn abort(
+        &self,
+        req: Request<pb::AbortRequest>,
+    ) -> Result<Response<pb::AbortResponse>, Status> {
         let r = req.into_inner();
         let existed = self.ctx.incoming.abort(&r.migration_id, &r.reason).await?;
         Ok(Response::new(pb::AbortResponse { existed }))
     }
 
-    async fn host_facts(&self, _req: Request<pb::HostFactsRequest>) -> Result<Response<pb::HostFacts>, Status> {
+    async fn host_facts(
+        &self,
+        _req: Request<pb::HostFactsRequest>,
+    ) -> Result<Response<pb::HostFacts>, Status> {
         Ok(Response::new(crate::preflight::host_facts(&self.ctx).await))
     }
 
@@ -212,25 +356,36 @@ impl FerryPeer for PeerService {
         &self,
         req: Request<pb::PrepareColdMigrationRequest>,
     ) -> Result<Response<pb::PrepareColdMigrationResponse>, Status> {
-        Ok(Response::new(crate::migration::cold::prepare(&self.ctx, req.into_inner()).await?))
+        Ok(Response::new(
+            crate::migration::cold::prepare(&self.ctx, req.into_inner()).await?,
+        ))
     }
 
     async fn finish_cold_migration(
         &self,
         req: Request<pb::FinishColdMigrationRequest>,
     ) -> Result<Response<pb::FinishColdMigrationResponse>, Status> {
-        Ok(Response::new(crate::migration::cold::finish(&self.ctx, req.into_inner()).await?))
+        Ok(Response::new(
+            crate::migration::cold::finish(&self.ctx, req.into_inner()).await?,
+        ))
     }
 
     async fn abort_cold_migration(
         &self,
         req: Request<pb::AbortColdMigrationRequest>,
     ) -> Result<Response<pb::AbortColdMigrationResponse>, Status> {
-        Ok(Response::new(crate::migration::cold::abort(&self.ctx, req.into_inner()).await?))
+        Ok(Response::new(
+            crate::migration::cold::abort(&self.ctx, req.into_inner()).await?,
+        ))
     }
 
-    async fn incoming_status(&self, req: Request<pb::MigrationRef>) -> Result<Response<pb::IncomingStatusResponse>, Status> {
-        let state = self.ctx.incoming.status(&req.into_inner().id).await;
-        Ok(Response::new(pb::IncomingStatusResponse { state: state as i32 }))
+    async fn incoming_status(
+        &self,
+        req: Request<pb::MigrationRef>,
+    ) -> Result<Response<pb::IncomingStatusResponse>, Status> {
+        let state = self.ctx.incoming.status(&req.into_inner().id).await?;
+        Ok(Response::new(pb::IncomingStatusResponse {
+            state: state as i32,
+        }))
     }
 }

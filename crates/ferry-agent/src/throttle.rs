@@ -27,12 +27,20 @@ impl CpuThrottle {
         } else if root.join("cpu/cgroup.procs").exists() {
             (root.join("cpu"), false)
         } else {
-            return Err(std::io::Error::other("no cgroup cpu controller found under /sys/fs/cgroup"));
+            return Err(std::io::Error::other(
+                "no cgroup cpu controller found under /sys/fs/cgroup",
+            ));
         };
         let dir = base.join(format!("ferry-{vm}"));
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
-        Ok(CpuThrottle { dir, parent_procs: base.join("cgroup.procs"), v2, pid, percent: 100 })
+        Ok(CpuThrottle {
+            dir,
+            parent_procs: base.join("cgroup.procs"),
+            v2,
+            pid,
+            percent: 100,
+        })
     }
 
     /// Limits the process to `percent` of one CPU.

@@ -39,8 +39,19 @@ fn journal_err(e: crate::journal::JournalError) -> Status {
 }
 
 impl VmManager {
-    pub fn new(cfg: Arc<AgentConfig>, journal: Arc<Journal>, shim: Option<PathBuf>, storage: Arc<ferry_disk::StorageRoots>) -> Arc<Self> {
-        Arc::new(VmManager { cfg, journal, shim, storage, vms: tokio::sync::Mutex::new(HashMap::new()) })
+    pub fn new(
+        cfg: Arc<AgentConfig>,
+        journal: Arc<Journal>,
+        shim: Option<PathBuf>,
+        storage: Arc<ferry_disk::StorageRoots>,
+    ) -> Arc<Self> {
+        Arc::new(VmManager {
+            cfg,
+            journal,
+            shim,
+            storage,
+            vms: tokio::sync::Mutex::new(HashMap::new()),
+        })
     }
 
     /// Refuses a spec whose disk images lie outside this host's storage roots.
@@ -52,16 +63,24 @@ impl VmManager {
                     d.id, spec.name, self.cfg.host_name
                 )));
             }
-            self.storage
-                .confine(&d.path)
-                .map_err(|e| Status::invalid_argument(format!("disk '{}' of VM '{}' on host {}: {e}", d.id, spec.name, self.cfg.host_name)))?;
+            self.storage.confine(&d.path).map_err(|e| {
+                Status::invalid_argument(format!(
+                    "disk '{}' of VM '{}' on host {}: {e}",
+                    d.id, spec.name, self.cfg.host_name
+                ))
+            })?;
         }
         Ok(())
     }
 
     /// The QEMU launch of `spec` on this host.
     pub fn launch_for(&self, spec: &VmSpec, incoming: bool) -> QemuLaunch {
-        let mut l = QemuLaunch::new(spec.clone(), self.cfg.accel.clone(), self.cfg.ram_path(&spec.name), self.cfg.run_dir(&spec.name));
+        let mut l = QemuLaunch::new(
+            spec.clone(),
+            self.cfg.accel.clone(),
+            self.cfg.ram_path(&spec.name),
+            self.cfg.run_dir(&spec.name),
+        );
         l.incoming = incoming;
         l.preload = self.shim.clone();
         l
@@ -82,23 +101,28 @@ impl VmManager {
     }
 
     fn persist(&self, e: &VmEntry) -> Result<(), Status> {
-        let rec = VmRecord {
-            spec: e.spec.clone(),
-            pid: e.process.as_ref().map(|p| p.pid()),
-            incoming_migration: (e.state == pb::VmState::Incoming).then(|| e.migration.clone()).flatten(),
-        };
-        self.journal.put_vm(&rec).map_err(journal_err)
+        self.journal.put_vm(&record_of(e)).map_err(journal_err)
     }
 
     /// Defines a new VM. A name already in use is refused.
     pub async fn define(&self, spec: VmSpec) -> Result<pb::VmInfo, Status> {
-        spec.validate().map_err(|e| Status::invalid_argument(format!("VM spec: {e}")))?;
+        spec.validate()
+            .map_err(|e| Status::invalid_argument(format!("VM spec: {e}")))?;
         self.check_disk_paths(&spec)?;
         let mut vms = self.vms.lock().await;
         if vms.contains_key(&spec.name) {
-            return Err(Status::already_exists(format!("VM '{}' is already defined on host {}", spec.name, self.cfg.host_name)));
+            return Err(Status::already_exists(format!(
+                "VM '{}' is already defined on host {}",
+                spec.name, self.cfg.host_name
+            )));
         }
-        let e = VmEntry { spec, state: pb::VmState::Defined, process: None, migration: None, resume_latency_us: 0 };
+        let e = VmEntry {
+            spec,
+            state: pb::VmState::Defined,
+            process: None,
+            migration: None,
+            resume_latency_us: 0,
+        };
         self.persist(&e)?;
         let info = self.info(&e);
         vms.insert(e.spec.name.clone(), e);
@@ -109,8 +133,16 @@ impl VmManager {
     pub async fn undefine(&self, name: &str) -> Result<pb::VmInfo, Status> {
         let mut vms = self.vms.lock().await;
         let e = vms.get(name).ok_or_else(|| self.unknown(name))?;
+        if let Some(m) = &e.migration {
+            return Err(Status::failed_precondition(format!(
+                "VM '{name}' is migrating ({m}): wait for the migration or cancel it"
+            )));
+        }
         if !matches!(e.state, pb::VmState::Defined | pb::VmState::Crashed) {
-            return Err(Status::failed_precondition(format!("VM '{name}' is {}: stop it before undefining", state_name(e.state))));
+            return Err(Status::failed_precondition(format!(
+                "VM '{name}' is {}: stop it before undefining",
+                state_name(e.state)
+            )));
         }
         let info = self.info(e);
         self.journal.remove_vm(name).map_err(journal_err)?;
@@ -119,7 +151,10 @@ impl VmManager {
     }
 
     fn unknown(&self, name: &str) -> Status {
-        Status::not_found(format!("no VM named '{name}' on host {}", self.cfg.host_name))
+        Status::not_found(format!(
+            "no VM named '{name}' on host {}",
+            self.cfg.host_name
+        ))
     }
 
     /// Starts a defined VM's QEMU.
@@ -128,10 +163,15 @@ impl VmManager {
         let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
         if let Some(m) = &e.migration {
             // A VM being copied away (cold migration) must not change under the copy.
-            return Err(Status::failed_precondition(format!("VM '{name}' is migrating ({m}): wait for the migration or cancel it")));
+            return Err(Status::failed_precondition(format!(
+                "VM '{name}' is migrating ({m}): wait for the migration or cancel it"
+            )));
         }
         if !matches!(e.state, pb::VmState::Defined | pb::VmState::Crashed) {
-            return Err(Status::failed_precondition(format!("VM '{name}' is already {}", state_name(e.state))));
+            return Err(Status::failed_precondition(format!(
+                "VM '{name}' is already {}",
+                state_name(e.state)
+            )));
         }
         let launch = self.launch_for(&e.spec, false);
         prepare_dirs(&launch).map_err(|err| Status::internal(format!("VM '{name}': {err}")))?;
@@ -139,7 +179,12 @@ impl VmManager {
         let _ = std::fs::remove_file(&launch.ram_path);
         let proc = QemuProcess::spawn(&launch, &self.cfg.qemu_binary)
             .await
-            .map_err(|err| Status::internal(format!("starting VM '{name}' on host {}: {err}", self.cfg.host_name)))?;
+            .map_err(|err| {
+                Status::internal(format!(
+                    "starting VM '{name}' on host {}: {err}",
+                    self.cfg.host_name
+                ))
+            })?;
         let proc = Arc::new(proc);
         e.process = Some(proc.clone());
         e.state = pb::VmState::Running;
@@ -176,10 +221,14 @@ impl VmManager {
             let mut vms = self.vms.lock().await;
             let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
             if e.migration.is_some() {
-                return Err(Status::failed_precondition(format!("VM '{name}' is migrating: cancel the migration first")));
+                return Err(Status::failed_precondition(format!(
+                    "VM '{name}' is migrating: cancel the migration first"
+                )));
             }
             let Some(p) = e.process.take() else {
-                return Err(Status::failed_precondition(format!("VM '{name}' is not running")));
+                return Err(Status::failed_precondition(format!(
+                    "VM '{name}' is not running"
+                )));
             };
             e.state = pb::VmState::Defined;
             self.persist(e)?;
@@ -187,11 +236,16 @@ impl VmManager {
         };
         if !force {
             let _ = proc.qmp().system_powerdown().await;
-            if tokio::time::timeout(Duration::from_secs(20), proc.wait_exit()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(20), proc.wait_exit())
+                .await
+                .is_err()
+            {
                 warn!(vm = name, "guest ignored power-down; quitting QEMU");
             }
         }
-        proc.shutdown(Duration::from_secs(5)).await.map_err(|e| Status::internal(format!("stopping VM '{name}': {e}")))?;
+        proc.shutdown(Duration::from_secs(5))
+            .await
+            .map_err(|e| Status::internal(format!("stopping VM '{name}': {e}")))?;
         let _ = std::fs::remove_file(self.cfg.ram_path(name));
         self.get(name).await
     }
@@ -202,9 +256,17 @@ impl VmManager {
         let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
         let proc = match (&e.process, e.state) {
             (Some(p), pb::VmState::Running) if e.migration.is_none() => p.clone(),
-            _ => return Err(Status::failed_precondition(format!("VM '{name}' is {}: only a running VM can be suspended", state_name(e.state)))),
+            _ => {
+                return Err(Status::failed_precondition(format!(
+                    "VM '{name}' is {}: only a running VM can be suspended",
+                    state_name(e.state)
+                )))
+            }
         };
-        proc.qmp().stop().await.map_err(|err| Status::internal(format!("suspending VM '{name}': {err}")))?;
+        proc.qmp()
+            .stop()
+            .await
+            .map_err(|err| Status::internal(format!("suspending VM '{name}': {err}")))?;
         e.state = pb::VmState::Paused;
         Ok(self.info(e))
     }
@@ -213,25 +275,45 @@ impl VmManager {
     pub async fn resume(&self, name: &str) -> Result<pb::VmInfo, Status> {
         let mut vms = self.vms.lock().await;
         let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
+        if let Some(m) = &e.migration {
+            return Err(Status::failed_precondition(format!(
+                "VM '{name}' is held by migration {m} (its outcome is being settled with the target): resuming it here could run it on two hosts"
+            )));
+        }
         let proc = match (&e.process, e.state) {
             (Some(p), pb::VmState::Paused) => p.clone(),
-            _ => return Err(Status::failed_precondition(format!("VM '{name}' is {}: only a paused VM can be resumed", state_name(e.state)))),
+            _ => {
+                return Err(Status::failed_precondition(format!(
+                    "VM '{name}' is {}: only a paused VM can be resumed",
+                    state_name(e.state)
+                )))
+            }
         };
         let qmp = proc.qmp();
         let mut events = qmp.subscribe();
         let asked = std::time::SystemTime::now();
-        qmp.cont().await.map_err(|err| Status::internal(format!("resuming VM '{name}': {err}")))?;
-        let resumed = ferry_qmp::wait_for_event(&mut events, Duration::from_secs(10), |ev| ev.name == "RESUME")
+        qmp.cont()
             .await
-            .map(|ev| ev.timestamp)
-            .unwrap_or_else(|_| std::time::SystemTime::now());
-        e.resume_latency_us = resumed.duration_since(asked).map(|d| d.as_micros() as u64).unwrap_or(0);
+            .map_err(|err| Status::internal(format!("resuming VM '{name}': {err}")))?;
+        let resumed = ferry_qmp::wait_for_event(&mut events, Duration::from_secs(10), |ev| {
+            ev.name == "RESUME"
+        })
+        .await
+        .map(|ev| ev.timestamp)
+        .unwrap_or_else(|_| std::time::SystemTime::now());
+        e.resume_latency_us = resumed
+            .duration_since(asked)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
         e.state = pb::VmState::Running;
         Ok(self.info(e))
     }
 
     /// A VM's spec and, if it runs, its QEMU.
-    pub async fn spec_and_process(&self, name: &str) -> Result<(VmSpec, Option<Arc<QemuProcess>>), Status> {
+    pub async fn spec_and_process(
+        &self,
+        name: &str,
+    ) -> Result<(VmSpec, Option<Arc<QemuProcess>>), Status> {
         let vms = self.vms.lock().await;
         let e = vms.get(name).ok_or_else(|| self.unknown(name))?;
         Ok((e.spec.clone(), e.process.clone()))
@@ -239,22 +321,36 @@ impl VmManager {
 
     pub async fn get(&self, name: &str) -> Result<pb::VmInfo, Status> {
         let vms = self.vms.lock().await;
-        vms.get(name).map(|e| self.info(e)).ok_or_else(|| self.unknown(name))
+        vms.get(name)
+            .map(|e| self.info(e))
+            .ok_or_else(|| self.unknown(name))
     }
 
     pub async fn list(&self) -> Vec<pb::VmInfo> {
         let vms = self.vms.lock().await;
         let mut v: Vec<_> = vms.values().map(|e| self.info(e)).collect();
-        v.sort_by(|a, b| a.spec.as_ref().map(|s| &s.name).cmp(&b.spec.as_ref().map(|s| &s.name)));
+        v.sort_by(|a, b| {
+            a.spec
+                .as_ref()
+                .map(|s| &s.name)
+                .cmp(&b.spec.as_ref().map(|s| &s.name))
+        });
         v
     }
 
-    /// Marks a running VM as the source of `migration` and hands out its spec and process.
-    pub async fn begin_outgoing(&self, name: &str, migration: &str) -> Result<(VmSpec, Arc<QemuProcess>), Status> {
+    /// Marks a running (or suspended) VM as the source of `migration`, journaled, and
+    /// hands out its spec, its process and whether the guest was running.
+    pub async fn begin_outgoing(
+        &self,
+        name: &str,
+        migration: &str,
+    ) -> Result<(VmSpec, Arc<QemuProcess>, bool), Status> {
         let mut vms = self.vms.lock().await;
         let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
         if let Some(m) = &e.migration {
-            return Err(Status::failed_precondition(format!("VM '{name}' is already migrating ({m})")));
+            return Err(Status::failed_precondition(format!(
+                "VM '{name}' is already migrating ({m})"
+            )));
         }
         let proc = match (&e.process, e.state) {
             (Some(p), pb::VmState::Running | pb::VmState::Paused) => p.clone(),
@@ -266,25 +362,139 @@ impl VmManager {
                 )))
             }
         };
+        let was_running = e.state == pb::VmState::Running;
         e.migration = Some(migration.to_string());
         e.state = pb::VmState::Migrating;
-        Ok((e.spec.clone(), proc))
+        self.persist(e)?;
+        Ok((e.spec.clone(), proc, was_running))
+    }
+
+    /// The VM's journal record while held by `migration` (for the source's `CommitSent`
+    /// transaction).
+    pub async fn held_record(&self, name: &str) -> Result<VmRecord, Status> {
+        let vms = self.vms.lock().await;
+        let e = vms.get(name).ok_or_else(|| self.unknown(name))?;
+        Ok(record_of(e))
+    }
+
+    /// After a restart: holds a VM for an unsettled outgoing migration (nothing may
+    /// resume, start, stop or migrate it until settled).
+    pub async fn hold(&self, name: &str, migration: &str) {
+        if let Some(e) = self.vms.lock().await.get_mut(name) {
+            e.migration = Some(migration.to_string());
+            e.state = pb::VmState::Migrating;
+        }
     }
 
     /// Ends the source side. Committed: the VM now lives on the target, so this host
     /// forgets it (its QEMU is torn down by the caller). Otherwise it runs here again.
-    pub async fn end_outgoing(&self, name: &str, committed: bool) -> Result<(), Status> {
+    /// `running`: whether the guest runs here again (else it stays paused, or crashed when
+    /// its QEMU is gone). The caller journals the VM record (committed: removed).
+    pub async fn end_outgoing(
+        &self,
+        name: &str,
+        committed: bool,
+        running: bool,
+    ) -> Result<Option<VmRecord>, Status> {
         let mut vms = self.vms.lock().await;
         if committed {
             vms.remove(name);
-            self.journal.remove_vm(name).map_err(journal_err)?;
-        } else if let Some(e) = vms.get_mut(name) {
-            e.migration = None;
-            if e.process.is_some() {
-                e.state = pb::VmState::Running;
+            return Ok(None);
+        }
+        let Some(e) = vms.get_mut(name) else {
+            return Ok(None);
+        };
+        e.migration = None;
+        e.state = match (&e.process, running) {
+            (Some(_), true) => pb::VmState::Running,
+            (Some(_), false) => pb::VmState::Paused,
+            (None, _) => pb::VmState::Crashed,
+        };
+        Ok(Some(record_of(e)))
+    }
+
+    /// A new QEMU for a VM whose source QEMU died after it was fenced: started with
+    /// `-incoming`, fed the device state captured beside the RAM file (the RAM file is
+    /// the guest's memory as it was: `x-ignore-shared`), resumed if `then_cont`.
+    pub async fn restart_from_capture(
+        self: &Arc<Self>,
+        name: &str,
+        capture: &std::path::Path,
+        then_cont: bool,
+    ) -> Result<Arc<QemuProcess>, Status> {
+        let spec = self.spec_and_process(name).await?.0;
+        let err = |what: &str, e: &dyn std::fmt::Display| {
+            Status::internal(format!(
+                "restarting VM '{name}' from its captured state on {}: {what}: {e}",
+                self.cfg.host_name
+            ))
+        };
+        let launch = self.launch_for(&spec, true);
+        // The RAM file stays: it holds the guest's memory.
+        prepare_dirs(&launch).map_err(|e| err("run directory", &e))?;
+        let proc = Arc::new(
+            QemuProcess::spawn(&launch, &self.cfg.qemu_binary)
+                .await
+                .map_err(|e| err("starting QEMU", &e))?,
+        );
+        let qmp = proc.qmp();
+        let mut events = qmp.subscribe();
+        let load = async {
+            qmp.migrate_set_capabilities(&[("x-ignore-shared", true), ("events", true)])
+                .await
+                .map_err(|e| err("capabilities", &e))?;
+            let sock = launch.run_dir.join("restore.sock");
+            let _ = std::fs::remove_file(&sock);
+            qmp.migrate_incoming(&format!("unix:{}", sock.display()))
+                .await
+                .map_err(|e| err("migrate-incoming", &e))?;
+            let mut unix = tokio::net::UnixStream::connect(&sock)
+                .await
+                .map_err(|e| err("connecting", &e))?;
+            let mut file = tokio::fs::File::open(capture)
+                .await
+                .map_err(|e| err("opening the capture", &e))?;
+            tokio::io::copy(&mut file, &mut unix)
+                .await
+                .map_err(|e| err("feeding the capture", &e))?;
+            tokio::io::AsyncWriteExt::shutdown(&mut unix)
+                .await
+                .map_err(|e| err("feeding the capture", &e))?;
+            let ev = ferry_qmp::wait_migration_status(
+                &mut events,
+                Duration::from_secs(60),
+                &["completed", "failed"],
+            )
+            .await
+            .map_err(|e| err("loading", &e))?;
+            if ev.migration_status() != Some("completed") {
+                return Err(err("loading", &"the captured device state did not load"));
+            }
+            if then_cont {
+                qmp.cont().await.map_err(|e| err("cont", &e))?;
+            }
+            Ok(())
+        };
+        if let Err(e) = load.await {
+            let _ = proc.kill().await;
+            return Err(e);
+        }
+        {
+            let mut vms = self.vms.lock().await;
+            if let Some(e) = vms.get_mut(name) {
+                e.process = Some(proc.clone());
+                e.state = if then_cont {
+                    pb::VmState::Running
+                } else {
+                    pb::VmState::Paused
+                };
+                e.migration = None;
+                self.persist(e)?;
             }
         }
-        Ok(())
+        self.supervise(name.to_string(), proc.clone());
+        info!(vm = name, "restarted from the captured device state");
+        Ok(proc)
     }
 
     /// Reserves `spec.name` for an incoming migration; refuses a name already defined here.
@@ -296,7 +506,13 @@ impl VmManager {
                 spec.name, self.cfg.host_name
             )));
         }
-        let e = VmEntry { spec: spec.clone(), state: pb::VmState::Incoming, process: None, migration: Some(migration.into()), resume_latency_us: 0 };
+        let e = VmEntry {
+            spec: spec.clone(),
+            state: pb::VmState::Incoming,
+            process: None,
+            migration: Some(migration.into()),
+            resume_latency_us: 0,
+        };
         self.persist(&e)?;
         vms.insert(spec.name.clone(), e);
         Ok(())
@@ -312,13 +528,17 @@ impl VmManager {
 
     /// The incoming migration committed: the VM is owned here now, running or (`paused`)
     /// left paused for the operator.
+    /// The caller has journaled [`Self::incoming_record`] already (with the migration).
     pub async fn commit_incoming(self: &Arc<Self>, name: &str, paused: bool) -> Result<(), Status> {
         let proc = {
             let mut vms = self.vms.lock().await;
             let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
-            e.state = if paused { pb::VmState::Paused } else { pb::VmState::Running };
+            e.state = if paused {
+                pb::VmState::Paused
+            } else {
+                pb::VmState::Running
+            };
             e.migration = None;
-            self.persist(e)?;
             e.process.clone()
         };
         if let Some(p) = proc {
@@ -327,10 +547,47 @@ impl VmManager {
         Ok(())
     }
 
+    /// The VM record an incoming migration's commit journals: owned here, not incoming.
+    pub async fn incoming_record(&self, name: &str, paused: bool) -> Result<VmRecord, Status> {
+        let vms = self.vms.lock().await;
+        let e = vms.get(name).ok_or_else(|| self.unknown(name))?;
+        Ok(VmRecord {
+            spec: e.spec.clone(),
+            pid: e.process.as_ref().map(|p| p.pid()),
+            incoming_migration: None,
+            held_by: None,
+        })
+        .map(|r| {
+            let _ = paused;
+            r
+        })
+    }
+
+    /// Forgets a VM that migration `migration` brought here and then discarded, whatever
+    /// its state (in memory only: the caller journals the removal).
+    pub async fn forget(&self, name: &str, migration: &str) {
+        let mut vms = self.vms.lock().await;
+        let ours = vms.get(name).is_some_and(|e| {
+            e.migration.as_deref() == Some(migration) || e.state != pb::VmState::Incoming
+        });
+        if ours {
+            vms.remove(name);
+        }
+    }
+
+    /// Marks an adopted VM running (after its agent resumed it).
+    pub async fn mark_running(&self, name: &str) {
+        if let Some(e) = self.vms.lock().await.get_mut(name) {
+            e.state = pb::VmState::Running;
+        }
+    }
+
     /// Forgets an uncommitted incoming VM (its QEMU and files are removed by the caller).
     pub async fn drop_incoming(&self, name: &str, migration: &str) -> Result<(), Status> {
         let mut vms = self.vms.lock().await;
-        let ours = vms.get(name).is_some_and(|e| e.state == pb::VmState::Incoming && e.migration.as_deref() == Some(migration));
+        let ours = vms.get(name).is_some_and(|e| {
+            e.state == pb::VmState::Incoming && e.migration.as_deref() == Some(migration)
+        });
         if ours {
             vms.remove(name);
             self.journal.remove_vm(name).map_err(journal_err)?;
@@ -365,7 +622,18 @@ impl VmManager {
                 },
                 None => pb::VmState::Defined,
             };
-            let e = VmEntry { spec: rec.spec, state, process: adopted.clone(), migration: None, resume_latency_us: 0 };
+            // Held by an unsettled outgoing migration: the source recovery settles it.
+            let (state, migration) = match &rec.held_by {
+                Some(m) => (pb::VmState::Migrating, Some(m.clone())),
+                None => (state, None),
+            };
+            let e = VmEntry {
+                spec: rec.spec,
+                state,
+                process: adopted.clone(),
+                migration,
+                resume_latency_us: 0,
+            };
             self.persist(&e)?;
             self.vms.lock().await.insert(name.clone(), e);
             if let Some(p) = adopted {
@@ -385,7 +653,9 @@ impl VmManager {
         let mut vms = self.vms.lock().await;
         let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
         if let Some(m) = &e.migration {
-            return Err(Status::failed_precondition(format!("VM '{name}' is already migrating ({m})")));
+            return Err(Status::failed_precondition(format!(
+                "VM '{name}' is already migrating ({m})"
+            )));
         }
         if e.process.is_some() || !matches!(e.state, pb::VmState::Defined | pb::VmState::Crashed) {
             return Err(Status::failed_precondition(format!(
@@ -402,9 +672,17 @@ impl VmManager {
     /// Ends the source side of cold migration `migration`: with `undefine` the definition
     /// is removed (the VM now lives on the target; its image files stay here), otherwise
     /// the VM is stopped and free here again. A VM not marked by `migration` is left alone.
-    pub async fn end_offline(&self, name: &str, migration: &str, undefine: bool) -> Result<(), Status> {
+    pub async fn end_offline(
+        &self,
+        name: &str,
+        migration: &str,
+        undefine: bool,
+    ) -> Result<(), Status> {
         let mut vms = self.vms.lock().await;
-        if vms.get(name).is_none_or(|e| e.migration.as_deref() != Some(migration)) {
+        if vms
+            .get(name)
+            .is_none_or(|e| e.migration.as_deref() != Some(migration))
+        {
             return Ok(());
         }
         if undefine {
@@ -423,12 +701,29 @@ impl VmManager {
         let mut vms = self.vms.lock().await;
         let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
         if e.state != pb::VmState::Incoming || e.migration.as_deref() != Some(migration) {
-            return Err(Status::failed_precondition(format!("VM '{name}' on host {} is not reserved for migration {migration}", self.cfg.host_name)));
+            return Err(Status::failed_precondition(format!(
+                "VM '{name}' on host {} is not reserved for migration {migration}",
+                self.cfg.host_name
+            )));
         }
         e.state = pb::VmState::Defined;
         e.migration = None;
         self.persist(e)?;
         Ok(self.info(e))
+    }
+}
+
+/// The journal record of a VM as it stands.
+fn record_of(e: &VmEntry) -> VmRecord {
+    VmRecord {
+        spec: e.spec.clone(),
+        pid: e.process.as_ref().map(|p| p.pid()),
+        incoming_migration: (e.state == pb::VmState::Incoming)
+            .then(|| e.migration.clone())
+            .flatten(),
+        held_by: (e.state == pb::VmState::Migrating)
+            .then(|| e.migration.clone())
+            .flatten(),
     }
 }
 

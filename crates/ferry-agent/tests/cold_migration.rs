@@ -31,7 +31,8 @@ struct Mesh {
 impl Mesh {
     fn new() -> Mesh {
         let dir = tempfile::tempdir().expect("tempdir");
-        let pki = TestPki::new(&dir.path().join("pki"), &["a", "b", "small", "other"]).expect("pki");
+        let pki =
+            TestPki::new(&dir.path().join("pki"), &["a", "b", "small", "other"]).expect("pki");
         Mesh { dir, pki }
     }
 
@@ -67,7 +68,17 @@ impl Mesh {
         )
         .expect("wrapper script");
         run(Command::new("chmod").arg("+x").arg(&script));
-        TestAgent::start_with_storage(&script, name, &self.pki, self.dir.path(), "tcg", "", Some(root)).await.expect("agent")
+        TestAgent::start_with_storage(
+            &script,
+            name,
+            &self.pki,
+            self.dir.path(),
+            "tcg",
+            "",
+            Some(root),
+        )
+        .await
+        .expect("agent")
     }
 }
 
@@ -77,7 +88,9 @@ struct Tmpfs(PathBuf);
 impl Tmpfs {
     fn mount(dir: &Path, size: &str) -> Tmpfs {
         std::fs::create_dir_all(dir).expect("tmpfs dir");
-        run(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir));
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir));
         Tmpfs(dir.to_path_buf())
     }
 }
@@ -90,7 +103,11 @@ impl Drop for Tmpfs {
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn qemu_img_create(path: &Path, fmt: &str, size: &str, backing: Option<&str>) {
@@ -107,7 +124,8 @@ fn qemu_io_write(path: &Path, fmt: &str, writes: &[(&Path, u64, u64)]) {
     let mut c = Command::new("qemu-io");
     c.args(["-f", fmt]);
     for (pat, off, len) in writes {
-        c.arg("-c").arg(format!("write -q -s {} {off} {len}", pat.display()));
+        c.arg("-c")
+            .arg(format!("write -q -s {} {off} {len}", pat.display()));
     }
     run(c.arg(path));
 }
@@ -115,9 +133,10 @@ fn qemu_io_write(path: &Path, fmt: &str, writes: &[(&Path, u64, u64)]) {
 /// Log-like text: words from a small vocabulary, numbers, line breaks (compresses ~4x).
 fn text_pattern(path: &Path, len: usize) {
     const WORDS: [&str; 32] = [
-        "ferry", "migrates", "virtual", "machines", "between", "hosts", "the", "disk", "image", "travels", "over", "quic", "with",
-        "zstd", "and", "blake3", "checks", "every", "byte", "on", "both", "sides", "while", "guest", "stays", "stopped", "log",
-        "entry", "error", "warning", "info", "debug",
+        "ferry", "migrates", "virtual", "machines", "between", "hosts", "the", "disk", "image",
+        "travels", "over", "quic", "with", "zstd", "and", "blake3", "checks", "every", "byte",
+        "on", "both", "sides", "while", "guest", "stays", "stopped", "log", "entry", "error",
+        "warning", "info", "debug",
     ];
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut s = String::with_capacity(len + 64);
@@ -152,30 +171,54 @@ fn spec(name: &str, disks: &[(&str, &Path, &str)]) -> pb::VmSpec {
         cmdline: workload_cmdline(16, 0.0, "realistic", 3),
         disks: disks
             .iter()
-            .map(|(id, path, format)| pb::DiskSpec { id: (*id).into(), path: path.display().to_string(), format: (*format).into(), read_only: false })
+            .map(|(id, path, format)| pb::DiskSpec {
+                id: (*id).into(),
+                path: path.display().to_string(),
+                format: (*format).into(),
+                read_only: false,
+            })
             .collect(),
         ..Default::default()
     }
 }
 
 async fn define(agent: &TestAgent, s: pb::VmSpec) {
-    agent.client().await.expect("client").define_vm(pb::DefineVmRequest { spec: Some(s) }).await.expect("define");
+    agent
+        .client()
+        .await
+        .expect("client")
+        .define_vm(pb::DefineVmRequest { spec: Some(s) })
+        .await
+        .expect("define");
 }
 
 fn offline(vm: &str, target: &TestAgent) -> pb::StartMigrationRequest {
-    pb::StartMigrationRequest { vm: vm.into(), target: target.grpc_addr(), offline: true, ..Default::default() }
+    pb::StartMigrationRequest {
+        vm: vm.into(),
+        target: target.grpc_addr(),
+        offline: true,
+        ..Default::default()
+    }
 }
-
 
 async fn migrate(source: &TestAgent, req: pb::StartMigrationRequest) -> pb::MigrationStatus {
     let mut c = source.client().await.expect("client");
-    let started = c.start_migration(req).await.expect("start migration").into_inner();
-    ferry_testkit::watch_to_end(&mut c, &started.id).await.expect("watch migration")
+    let started = c
+        .start_migration(req)
+        .await
+        .expect("start migration")
+        .into_inner();
+    ferry_testkit::watch_to_end(&mut c, &started.id)
+        .await
+        .expect("watch migration")
 }
 
 async fn vm_state(agent: &TestAgent, vm: &str) -> Option<pb::VmState> {
     let mut c = agent.client().await.expect("client");
-    c.get_vm(pb::VmRef { name: vm.into() }).await.ok().map(|r| r.into_inner().state())
+    c.get_vm(pb::VmRef { name: vm.into() })
+        .await
+        .ok()
+        .map(|r| r.into_inner().state())
 }
 
 fn digest(path: &Path) -> String {
@@ -204,7 +247,13 @@ fn stats(s: &pb::MigrationStatus) -> pb::MigrationStats {
 }
 
 fn logs(a: &TestAgent, b: &TestAgent) -> String {
-    format!("\n--- {} log:\n{}\n--- {} log:\n{}", a.name(), a.log_tail(), b.name(), b.log_tail())
+    format!(
+        "\n--- {} log:\n{}\n--- {} log:\n{}",
+        a.name(),
+        a.log_tail(),
+        b.name(),
+        b.log_tail()
+    )
 }
 
 /// a) A 2 GiB qcow2 holding ~200 MiB (150 MiB of text, 50 MiB random) moves with zstd and
@@ -222,17 +271,36 @@ async fn cold_migration_compresses_and_boots_on_target() {
     random_pattern(&random, 50 * MIB);
     let img_a = m.private("a").join("web.qcow2");
     qemu_img_create(&img_a, "qcow2", "2G", None);
-    let mut writes: Vec<(&Path, u64, u64)> = (0..10).map(|k| (text.as_path(), k * 190 * MIB, 15 * MIB)).collect();
+    let mut writes: Vec<(&Path, u64, u64)> = (0..10)
+        .map(|k| (text.as_path(), k * 190 * MIB, 15 * MIB))
+        .collect();
     writes.push((random.as_path(), 1950 * MIB, 50 * MIB));
     qemu_io_write(&img_a, "qcow2", &writes);
     let data = 200 * MIB;
     let before = digest(&img_a);
-    define(&a, spec("web", &[("vda", &m.root().join("web.qcow2"), "qcow2")])).await;
+    define(
+        &a,
+        spec("web", &[("vda", &m.root().join("web.qcow2"), "qcow2")]),
+    )
+    .await;
 
     let t0 = Instant::now();
-    let end = migrate(&a, pb::StartMigrationRequest { compress: "zstd:3".into(), start_on_target: true, ..offline("web", &b) }).await;
+    let end = migrate(
+        &a,
+        pb::StartMigrationRequest {
+            compress: "zstd:3".into(),
+            start_on_target: true,
+            ..offline("web", &b)
+        },
+    )
+    .await;
     let took = t0.elapsed();
-    assert_eq!(end.phase, pb::MigrationPhase::Completed as i32, "migration failed: {end:?}{}", logs(&a, &b));
+    assert_eq!(
+        end.phase,
+        pb::MigrationPhase::Completed as i32,
+        "migration failed: {end:?}{}",
+        logs(&a, &b)
+    );
     let st = stats(&end);
     eprintln!(
         "a) {} MiB of data in a {} MiB qcow2 file: {} MiB on the wire ({:.2}x of the data), {} MiB skipped, {:?}",
@@ -245,45 +313,105 @@ async fn cold_migration_compresses_and_boots_on_target() {
     );
     assert_eq!(st.storage, "copied");
     assert_eq!(st.codec, "zstd:3");
-    assert!(st.disk_bytes_total >= data, "the qcow2 file holds the data: {st:?}");
+    assert!(
+        st.disk_bytes_total >= data,
+        "the qcow2 file holds the data: {st:?}"
+    );
     assert_eq!(st.disk_bytes_done, st.disk_bytes_total, "{st:?}");
     assert_eq!(st.disk_bytes_resumed, 0, "{st:?}");
-    assert!((st.disk_wire_bytes as f64) < 0.6 * data as f64, "zstd should shrink the text: {st:?}");
-    assert!(st.disk_wire_bytes > 50 * MIB, "random data does not compress: {st:?}");
+    assert!(
+        (st.disk_wire_bytes as f64) < 0.6 * data as f64,
+        "zstd should shrink the text: {st:?}"
+    );
+    assert!(
+        st.disk_wire_bytes > 50 * MIB,
+        "random data does not compress: {st:?}"
+    );
     assert!(end.message.contains("running on"), "{}", end.message);
 
     let img_b = m.private("b").join("web.qcow2");
-    assert!(ferry_disk::image::compare(&img_a, &img_b).expect("qemu-img compare"), "images differ");
+    assert!(
+        ferry_disk::image::compare(&img_a, &img_b).expect("qemu-img compare"),
+        "images differ"
+    );
     assert_eq!(digest(&img_b), before, "the file arrived byte for byte");
     assert_eq!(digest(&img_a), before, "the source image is unchanged");
-    assert!(tree(&m.private("b")).iter().all(|f| !f.contains("ferry-part")), "no part file left: {:?}", tree(&m.private("b")));
+    assert!(
+        tree(&m.private("b"))
+            .iter()
+            .all(|f| !f.contains("ferry-part")),
+        "no part file left: {:?}",
+        tree(&m.private("b"))
+    );
 
     // It runs on B, and boots from B's copy of the image.
     let mut cb = b.client().await.expect("client b");
-    let info = cb.get_vm(pb::VmRef { name: "web".into() }).await.expect("VM on B").into_inner();
-    assert_eq!(info.state(), pb::VmState::Running);
-    ferry_testkit::wait_for_log_line(Path::new(&info.console_log), "FERRY-READY", Duration::from_secs(180))
+    let info = cb
+        .get_vm(pb::VmRef { name: "web".into() })
         .await
-        .expect("guest boots on B");
+        .expect("VM on B")
+        .into_inner();
+    assert_eq!(info.state(), pb::VmState::Running);
+    ferry_testkit::wait_for_log_line(
+        Path::new(&info.console_log),
+        "FERRY-READY",
+        Duration::from_secs(180),
+    )
+    .await
+    .expect("guest boots on B");
     // A keeps its definition, stopped (no --undefine-source).
     assert_eq!(vm_state(&a, "web").await, Some(pb::VmState::Defined));
     // `migrations list` on A shows it.
-    let listed = a.client().await.expect("client").list_migrations(pb::ListMigrationsRequest {}).await.expect("list").into_inner();
-    assert!(listed.migrations.iter().any(|s| s.id == end.id && s.phase == pb::MigrationPhase::Completed as i32));
-    cb.stop_vm(pb::StopVmRequest { name: "web".into(), force: true }).await.expect("stop on B");
+    let listed = a
+        .client()
+        .await
+        .expect("client")
+        .list_migrations(pb::ListMigrationsRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(listed
+        .migrations
+        .iter()
+        .any(|s| s.id == end.id && s.phase == pb::MigrationPhase::Completed as i32));
+    cb.stop_vm(pb::StopVmRequest {
+        name: "web".into(),
+        force: true,
+    })
+    .await
+    .expect("stop on B");
 
     // --undefine-source, no start: a small raw disk.
     let raw_a = m.private("a").join("db.raw");
     qemu_img_create(&raw_a, "raw", "64M", None);
     qemu_io_write(&raw_a, "raw", &[(text.as_path(), 4 * MIB, 3 * MIB)]);
     define(&a, spec("db", &[("vda", &m.root().join("db.raw"), "raw")])).await;
-    let end = migrate(&a, pb::StartMigrationRequest { undefine_source: true, ..offline("db", &b) }).await;
-    assert_eq!(end.phase, pb::MigrationPhase::Completed as i32, "migration failed: {end:?}{}", logs(&a, &b));
+    let end = migrate(
+        &a,
+        pb::StartMigrationRequest {
+            undefine_source: true,
+            ..offline("db", &b)
+        },
+    )
+    .await;
+    assert_eq!(
+        end.phase,
+        pb::MigrationPhase::Completed as i32,
+        "migration failed: {end:?}{}",
+        logs(&a, &b)
+    );
     let st = stats(&end);
-    assert!(st.disk_bytes_skipped >= 60 * MIB, "holes of the raw image are not sent: {st:?}");
+    assert!(
+        st.disk_bytes_skipped >= 60 * MIB,
+        "holes of the raw image are not sent: {st:?}"
+    );
     assert!(st.disk_wire_bytes < 4 * MIB, "{st:?}");
     assert_eq!(vm_state(&a, "db").await, None, "undefined on A");
-    assert_eq!(vm_state(&b, "db").await, Some(pb::VmState::Defined), "defined, stopped, on B");
+    assert_eq!(
+        vm_state(&b, "db").await,
+        Some(pb::VmState::Defined),
+        "defined, stopped, on B"
+    );
     assert!(raw_a.exists(), "the source's image file stays");
     assert!(end.message.contains("image files stay"), "{}", end.message);
     assert!(ferry_disk::image::compare(&raw_a, &m.private("b").join("db.raw")).expect("compare"));
@@ -303,20 +431,37 @@ async fn interrupted_cold_migration_resumes() {
     qemu_img_create(&img_a, "qcow2", "1G", None);
     qemu_io_write(&img_a, "qcow2", &[(random.as_path(), 100 * MIB, 96 * MIB)]);
     let before = digest(&img_a);
-    define(&a, spec("big", &[("vda", &m.root().join("big.qcow2"), "qcow2")])).await;
+    define(
+        &a,
+        spec("big", &[("vda", &m.root().join("big.qcow2"), "qcow2")]),
+    )
+    .await;
 
     // 8 MiB/s: the copy takes ~12 s.
     let mut ca = a.client().await.expect("client a");
     let first = ca
-        .start_migration(pb::StartMigrationRequest { bandwidth_bytes_per_sec: 8 * MIB, ..offline("big", &b) })
+        .start_migration(pb::StartMigrationRequest {
+            bandwidth_bytes_per_sec: 8 * MIB,
+            ..offline("big", &b)
+        })
         .await
         .expect("start")
         .into_inner();
     let deadline = Instant::now() + Duration::from_secs(60);
     let at_kill = loop {
-        let s = ca.get_migration(pb::MigrationRef { id: first.id.clone() }).await.expect("get").into_inner();
+        let s = ca
+            .get_migration(pb::MigrationRef {
+                id: first.id.clone(),
+            })
+            .await
+            .expect("get")
+            .into_inner();
         let st = stats(&s);
-        assert!(s.phase != pb::MigrationPhase::Completed as i32 && s.phase != pb::MigrationPhase::Failed as i32, "ended too early: {s:?}");
+        assert!(
+            s.phase != pb::MigrationPhase::Completed as i32
+                && s.phase != pb::MigrationPhase::Failed as i32,
+            "ended too early: {s:?}"
+        );
         if st.disk_bytes_total > 0 && st.disk_bytes_done * 100 > st.disk_bytes_total * 45 {
             assert_eq!(s.phase, pb::MigrationPhase::CopyingDisks as i32);
             break st;
@@ -330,14 +475,29 @@ async fn interrupted_cold_migration_resumes() {
 
     // After the restart the first attempt is history, failed; the VM is free again.
     let mut ca = a.client().await.expect("client a");
-    let old = ca.get_migration(pb::MigrationRef { id: first.id.clone() }).await.expect("old migration").into_inner();
+    let old = ca
+        .get_migration(pb::MigrationRef {
+            id: first.id.clone(),
+        })
+        .await
+        .expect("old migration")
+        .into_inner();
     assert_eq!(old.phase, pb::MigrationPhase::Failed as i32, "{old:?}");
     assert_eq!(vm_state(&a, "big").await, Some(pb::VmState::Defined));
-    assert_eq!(vm_state(&b, "big").await, Some(pb::VmState::Incoming), "B still holds the stale reservation");
+    assert_eq!(
+        vm_state(&b, "big").await,
+        Some(pb::VmState::Incoming),
+        "B still holds the stale reservation"
+    );
 
     let t0 = Instant::now();
     let end = migrate(&a, offline("big", &b)).await;
-    assert_eq!(end.phase, pb::MigrationPhase::Completed as i32, "second attempt failed: {end:?}{}", logs(&a, &b));
+    assert_eq!(
+        end.phase,
+        pb::MigrationPhase::Completed as i32,
+        "second attempt failed: {end:?}{}",
+        logs(&a, &b)
+    );
     let st = stats(&end);
     eprintln!(
         "b) killed at {} of {} MiB ({} MiB on the wire); second attempt: {} MiB resumed, {} MiB on the wire, {:?}",
@@ -349,15 +509,35 @@ async fn interrupted_cold_migration_resumes() {
         t0.elapsed()
     );
     assert_eq!(st.disk_bytes_total, total);
-    assert!(st.disk_bytes_resumed * 100 > total * 30, "resumed {} of {total}: {st:?}", st.disk_bytes_resumed);
-    assert!(st.disk_wire_bytes + st.disk_bytes_resumed <= total + 2 * MIB, "only the rest travelled: {st:?}");
-    assert!(st.disk_wire_bytes * 100 < total * 70, "well under a full copy: {st:?}");
+    assert!(
+        st.disk_bytes_resumed * 100 > total * 30,
+        "resumed {} of {total}: {st:?}",
+        st.disk_bytes_resumed
+    );
+    assert!(
+        st.disk_wire_bytes + st.disk_bytes_resumed <= total + 2 * MIB,
+        "only the rest travelled: {st:?}"
+    );
+    assert!(
+        st.disk_wire_bytes * 100 < total * 70,
+        "well under a full copy: {st:?}"
+    );
     let img_b = m.private("b").join("big.qcow2");
-    assert_eq!(digest(&img_b), before, "resumed image is byte for byte the source's");
+    assert_eq!(
+        digest(&img_b),
+        before,
+        "resumed image is byte for byte the source's"
+    );
     assert!(ferry_disk::image::compare(&img_a, &img_b).expect("compare"));
     assert_eq!(vm_state(&b, "big").await, Some(pb::VmState::Defined));
     assert_eq!(vm_state(&a, "big").await, Some(pb::VmState::Defined));
-    assert!(tree(&m.private("b")).iter().all(|f| !f.contains("ferry-part")), "{:?}", tree(&m.private("b")));
+    assert!(
+        tree(&m.private("b"))
+            .iter()
+            .all(|f| !f.contains("ferry-part")),
+        "{:?}",
+        tree(&m.private("b"))
+    );
 }
 
 /// c) What the target refuses leaves nothing there and nothing changed on the source; a
@@ -382,33 +562,63 @@ async fn cold_migration_refusals_and_backing_chain() {
         .client()
         .await
         .expect("client")
-        .define_vm(pb::DefineVmRequest { spec: Some(spec("stray", &[("vda", &outside, "qcow2")])) })
+        .define_vm(pb::DefineVmRequest {
+            spec: Some(spec("stray", &[("vda", &outside, "qcow2")])),
+        })
         .await
         .expect_err("outside the roots");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    assert!(e.message().contains("outside the storage roots"), "{}", e.message());
+    assert!(
+        e.message().contains("outside the storage roots"),
+        "{}",
+        e.message()
+    );
 
     let img = m.private("a").join("fat.qcow2");
     qemu_img_create(&img, "qcow2", "1G", None);
     qemu_io_write(&img, "qcow2", &[(random.as_path(), 0, 64 * MIB)]);
     let before = digest(&img);
-    define(&a, spec("fat", &[("vda", &m.root().join("fat.qcow2"), "qcow2")])).await;
+    define(
+        &a,
+        spec("fat", &[("vda", &m.root().join("fat.qcow2"), "qcow2")]),
+    )
+    .await;
 
     // Not enough room on the target.
     let end = migrate(&a, offline("fat", &small)).await;
     assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
     eprintln!("c) no space: {}", end.error);
-    assert!(end.error.contains("not enough free space") && end.error.contains("need"), "{}", end.error);
-    assert!(end.error.contains("'fat'") && end.error.contains("small"), "names VM and host: {}", end.error);
-    assert!(tree(&m.private("small")).is_empty(), "nothing on the target: {:?}", tree(&m.private("small")));
+    assert!(
+        end.error.contains("not enough free space") && end.error.contains("need"),
+        "{}",
+        end.error
+    );
+    assert!(
+        end.error.contains("'fat'") && end.error.contains("small"),
+        "names VM and host: {}",
+        end.error
+    );
+    assert!(
+        tree(&m.private("small")).is_empty(),
+        "nothing on the target: {:?}",
+        tree(&m.private("small"))
+    );
     assert_eq!(vm_state(&small, "fat").await, None);
 
     // A path the source may use but the target may not.
     let end = migrate(&a, offline("fat", &other)).await;
     assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
     eprintln!("c) outside target roots: {}", end.error);
-    assert!(end.error.contains("outside the storage roots") && end.error.contains("fat.qcow2"), "{}", end.error);
-    assert!(tree(&m.private("other")).is_empty(), "{:?}", tree(&m.private("other")));
+    assert!(
+        end.error.contains("outside the storage roots") && end.error.contains("fat.qcow2"),
+        "{}",
+        end.error
+    );
+    assert!(
+        tree(&m.private("other")).is_empty(),
+        "{:?}",
+        tree(&m.private("other"))
+    );
     assert_eq!(vm_state(&other, "fat").await, None);
     // Neither refusal touched the source.
     assert_eq!(vm_state(&a, "fat").await, Some(pb::VmState::Defined));
@@ -420,13 +630,28 @@ async fn cold_migration_refusals_and_backing_chain() {
     let orphan = m.private("a").join("orphan.qcow2");
     qemu_img_create(&orphan, "qcow2", "256M", Some("gone-base.qcow2"));
     std::fs::remove_file(&gone_base).expect("delete the base");
-    define(&a, spec("orphan", &[("vda", &m.root().join("orphan.qcow2"), "qcow2")])).await;
+    define(
+        &a,
+        spec(
+            "orphan",
+            &[("vda", &m.root().join("orphan.qcow2"), "qcow2")],
+        ),
+    )
+    .await;
     let b_before = tree(&m.private("b"));
     let end = migrate(&a, offline("orphan", &b)).await;
     assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
     eprintln!("c) missing backing: {}", end.error);
-    assert!(end.error.contains("gone-base.qcow2") && end.error.contains("does not exist"), "{}", end.error);
-    assert!(end.error.contains("orphan.qcow2"), "names the image: {}", end.error);
+    assert!(
+        end.error.contains("gone-base.qcow2") && end.error.contains("does not exist"),
+        "{}",
+        end.error
+    );
+    assert!(
+        end.error.contains("orphan.qcow2"),
+        "names the image: {}",
+        end.error
+    );
     assert_eq!(tree(&m.private("b")), b_before, "nothing sent");
     assert_eq!(vm_state(&b, "orphan").await, None);
     assert_eq!(vm_state(&a, "orphan").await, Some(pb::VmState::Defined));
@@ -438,16 +663,32 @@ async fn cold_migration_refusals_and_backing_chain() {
     let top = m.private("a").join("chain-top.qcow2");
     qemu_img_create(&top, "qcow2", "256M", Some("chain-base.qcow2"));
     qemu_io_write(&top, "qcow2", &[(random.as_path(), 4 * MIB, 2 * MIB)]);
-    define(&a, spec("chain", &[("vda", &m.root().join("chain-top.qcow2"), "qcow2")])).await;
+    define(
+        &a,
+        spec(
+            "chain",
+            &[("vda", &m.root().join("chain-top.qcow2"), "qcow2")],
+        ),
+    )
+    .await;
     let end = migrate(&a, offline("chain", &b)).await;
-    assert_eq!(end.phase, pb::MigrationPhase::Completed as i32, "{end:?}{}", logs(&a, &b));
+    assert_eq!(
+        end.phase,
+        pb::MigrationPhase::Completed as i32,
+        "{end:?}{}",
+        logs(&a, &b)
+    );
     let st = stats(&end);
-    let files = std::fs::metadata(&base).expect("base").len() + std::fs::metadata(&top).expect("top").len();
+    let files =
+        std::fs::metadata(&base).expect("base").len() + std::fs::metadata(&top).expect("top").len();
     assert_eq!(st.disk_bytes_total, files, "both layers travel: {st:?}");
     for layer in ["chain-base.qcow2", "chain-top.qcow2"] {
         let (la, lb) = (m.private("a").join(layer), m.private("b").join(layer));
         assert_eq!(digest(&la), digest(&lb), "{layer} arrived byte for byte");
-        assert!(ferry_disk::image::compare(&la, &lb).expect("compare"), "{layer} differs");
+        assert!(
+            ferry_disk::image::compare(&la, &lb).expect("compare"),
+            "{layer} differs"
+        );
     }
     assert_eq!(vm_state(&b, "chain").await, Some(pb::VmState::Defined));
 
@@ -455,21 +696,46 @@ async fn cold_migration_refusals_and_backing_chain() {
     let b_before = tree(&m.private("b"));
     let end = migrate(&a, offline("chain", &b)).await;
     assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
-    assert!(end.error.contains("already defined on target host b"), "{}", end.error);
+    assert!(
+        end.error.contains("already defined on target host b"),
+        "{}",
+        end.error
+    );
     assert_eq!(tree(&m.private("b")), b_before);
 
     // Another overlay on the same base: the identical base already on B is not sent again.
     let top2 = m.private("a").join("chain-top2.qcow2");
     qemu_img_create(&top2, "qcow2", "256M", Some("chain-base.qcow2"));
     qemu_io_write(&top2, "qcow2", &[(random.as_path(), 9 * MIB, MIB)]);
-    define(&a, spec("chain2", &[("vda", &m.root().join("chain-top2.qcow2"), "qcow2")])).await;
+    define(
+        &a,
+        spec(
+            "chain2",
+            &[("vda", &m.root().join("chain-top2.qcow2"), "qcow2")],
+        ),
+    )
+    .await;
     let end = migrate(&a, offline("chain2", &b)).await;
-    assert_eq!(end.phase, pb::MigrationPhase::Completed as i32, "{end:?}{}", logs(&a, &b));
+    assert_eq!(
+        end.phase,
+        pb::MigrationPhase::Completed as i32,
+        "{end:?}{}",
+        logs(&a, &b)
+    );
     let st = stats(&end);
     let base_len = std::fs::metadata(&base).expect("base").len();
-    assert_eq!(st.disk_bytes_resumed, base_len, "the base counts as already there: {st:?}");
-    assert!(st.disk_wire_bytes < 3 * MIB, "only the new overlay travelled: {st:?}");
-    assert_eq!(digest(&top2), digest(&m.private("b").join("chain-top2.qcow2")));
+    assert_eq!(
+        st.disk_bytes_resumed, base_len,
+        "the base counts as already there: {st:?}"
+    );
+    assert!(
+        st.disk_wire_bytes < 3 * MIB,
+        "only the new overlay travelled: {st:?}"
+    );
+    assert_eq!(
+        digest(&top2),
+        digest(&m.private("b").join("chain-top2.qcow2"))
+    );
 
     // A different file at the same path on B is never overwritten.
     let clash_a = m.private("a").join("clash.raw");
@@ -478,12 +744,21 @@ async fn cold_migration_refusals_and_backing_chain() {
     let clash_b = m.private("b").join("clash.raw");
     qemu_img_create(&clash_b, "raw", "4M", None);
     let clash_b_before = digest(&clash_b);
-    define(&a, spec("clash", &[("vda", &m.root().join("clash.raw"), "raw")])).await;
+    define(
+        &a,
+        spec("clash", &[("vda", &m.root().join("clash.raw"), "raw")]),
+    )
+    .await;
     let b_before = tree(&m.private("b"));
     let end = migrate(&a, offline("clash", &b)).await;
     assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
     eprintln!("c) clash: {}", end.error);
-    assert!(end.error.contains("clash.raw already exists on host b with different content"), "{}", end.error);
+    assert!(
+        end.error
+            .contains("clash.raw already exists on host b with different content"),
+        "{}",
+        end.error
+    );
     assert_eq!(digest(&clash_b), clash_b_before, "B's file untouched");
     assert_eq!(tree(&m.private("b")), b_before);
     assert_eq!(vm_state(&b, "clash").await, None);
@@ -502,47 +777,108 @@ async fn running_vm_is_refused_without_stop_source() {
     let b = m.host("b", &m.root()).await;
     let img = m.private("a").join("live.qcow2");
     qemu_img_create(&img, "qcow2", "64M", None);
-    define(&a, spec("live", &[("vda", &m.root().join("live.qcow2"), "qcow2")])).await;
+    define(
+        &a,
+        spec("live", &[("vda", &m.root().join("live.qcow2"), "qcow2")]),
+    )
+    .await;
     let mut ca = a.client().await.expect("client");
-    ca.start_vm(pb::VmRef { name: "live".into() }).await.expect("start");
-    let e = ca.start_migration(offline("live", &b)).await.expect_err("running VM refused");
+    ca.start_vm(pb::VmRef {
+        name: "live".into(),
+    })
+    .await
+    .expect("start");
+    let e = ca
+        .start_migration(offline("live", &b))
+        .await
+        .expect_err("running VM refused");
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
-    assert!(e.message().contains("'live' is running") && e.message().contains("--stop-source"), "{}", e.message());
-    assert_eq!(vm_state(&a, "live").await, Some(pb::VmState::Running), "untouched");
+    assert!(
+        e.message().contains("'live' is running") && e.message().contains("--stop-source"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(
+        vm_state(&a, "live").await,
+        Some(pb::VmState::Running),
+        "untouched"
+    );
     assert_eq!(vm_state(&b, "live").await, None);
 
     // Stopped, it may go; while it is copied (slowly) nobody can start or undefine it.
-    ca.stop_vm(pb::StopVmRequest { name: "live".into(), force: true }).await.expect("stop");
+    ca.stop_vm(pb::StopVmRequest {
+        name: "live".into(),
+        force: true,
+    })
+    .await
+    .expect("stop");
     let random = m.path("random.pat");
     random_pattern(&random, 8 * MIB);
     qemu_io_write(&img, "qcow2", &[(random.as_path(), 0, 8 * MIB)]);
     let before = digest(&img);
     let b_before = tree(&m.private("b"));
     let mig = ca
-        .start_migration(pb::StartMigrationRequest { bandwidth_bytes_per_sec: MIB, ..offline("live", &b) })
+        .start_migration(pb::StartMigrationRequest {
+            bandwidth_bytes_per_sec: MIB,
+            ..offline("live", &b)
+        })
         .await
         .expect("start")
         .into_inner();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let s = ca.get_migration(pb::MigrationRef { id: mig.id.clone() }).await.expect("get").into_inner();
+        let s = ca
+            .get_migration(pb::MigrationRef { id: mig.id.clone() })
+            .await
+            .expect("get")
+            .into_inner();
         if s.phase == pb::MigrationPhase::CopyingDisks as i32 && stats(&s).disk_bytes_done > MIB {
             break;
         }
-        assert!(Instant::now() < deadline && s.phase != pb::MigrationPhase::Committing as i32, "{s:?}{}", logs(&a, &b));
+        assert!(
+            Instant::now() < deadline && s.phase != pb::MigrationPhase::Committing as i32,
+            "{s:?}{}",
+            logs(&a, &b)
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let e = ca.start_vm(pb::VmRef { name: "live".into() }).await.expect_err("busy VM cannot start");
+    let e = ca
+        .start_vm(pb::VmRef {
+            name: "live".into(),
+        })
+        .await
+        .expect_err("busy VM cannot start");
     assert!(e.message().contains("migrating"), "{}", e.message());
-    ca.undefine_vm(pb::VmRef { name: "live".into() }).await.expect_err("busy VM cannot be undefined");
-    ca.cancel_migration(pb::MigrationRef { id: mig.id.clone() }).await.expect("cancel");
-    let end = ferry_testkit::watch_to_end(&mut ca, &mig.id).await.expect("watch migration");
+    ca.undefine_vm(pb::VmRef {
+        name: "live".into(),
+    })
+    .await
+    .expect_err("busy VM cannot be undefined");
+    ca.cancel_migration(pb::MigrationRef { id: mig.id.clone() })
+        .await
+        .expect("cancel");
+    let end = ferry_testkit::watch_to_end(&mut ca, &mig.id)
+        .await
+        .expect("watch migration");
     assert_eq!(end.phase, pb::MigrationPhase::Cancelled as i32, "{end:?}");
     assert_eq!(vm_state(&a, "live").await, Some(pb::VmState::Defined));
     assert_eq!(digest(&img), before);
     assert_eq!(vm_state(&b, "live").await, None);
-    assert_eq!(tree(&m.private("b")), b_before, "cancelled: the partial image is discarded too");
+    assert_eq!(
+        tree(&m.private("b")),
+        b_before,
+        "cancelled: the partial image is discarded too"
+    );
     // Released: it starts again here.
-    ca.start_vm(pb::VmRef { name: "live".into() }).await.expect("start after cancel");
-    ca.stop_vm(pb::StopVmRequest { name: "live".into(), force: true }).await.expect("stop");
+    ca.start_vm(pb::VmRef {
+        name: "live".into(),
+    })
+    .await
+    .expect("start after cancel");
+    ca.stop_vm(pb::StopVmRequest {
+        name: "live".into(),
+        force: true,
+    })
+    .await
+    .expect("stop");
 }

@@ -7,7 +7,9 @@
 use ferry_api::v1 as pb;
 use ferry_api::v1::ferry_control_client::FerryControlClient;
 use ferry_api::v1::ferry_peer_client::FerryPeerClient;
-use ferry_testkit::{guest_artifacts, parse_check, workload_cmdline, GuestConsole, TestAgent, TestPki};
+use ferry_testkit::{
+    guest_artifacts, parse_check, workload_cmdline, GuestConsole, TestAgent, TestPki,
+};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -31,9 +33,18 @@ fn ferryd() -> PathBuf {
 async fn pair() -> Pair {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = TestPki::new(&dir.path().join("pki"), &["a", "b", "rogue-free-client"]).expect("pki");
-    let a = TestAgent::start(&ferryd(), "a", &pki, dir.path(), "tcg").await.expect("agent a");
-    let b = TestAgent::start(&ferryd(), "b", &pki, dir.path(), "tcg").await.expect("agent b");
-    Pair { _dir: dir, pki, a, b }
+    let a = TestAgent::start(&ferryd(), "a", &pki, dir.path(), "tcg")
+        .await
+        .expect("agent a");
+    let b = TestAgent::start(&ferryd(), "b", &pki, dir.path(), "tcg")
+        .await
+        .expect("agent b");
+    Pair {
+        _dir: dir,
+        pki,
+        a,
+        b,
+    }
 }
 
 fn guest_spec(name: &str, dirty_mibps: f64) -> pb::VmSpec {
@@ -52,26 +63,39 @@ fn guest_spec(name: &str, dirty_mibps: f64) -> pb::VmSpec {
 /// Defines and starts a guest on `agent` and waits for its workload to be ready.
 async fn boot_guest(agent: &TestAgent, name: &str, dirty_mibps: f64) -> pb::VmInfo {
     let mut c = agent.client().await.expect("client");
-    c.define_vm(pb::DefineVmRequest { spec: Some(guest_spec(name, dirty_mibps)) }).await.expect("define");
+    c.define_vm(pb::DefineVmRequest {
+        spec: Some(guest_spec(name, dirty_mibps)),
+    })
+    .await
+    .expect("define");
     // A start failure was seen once under load: say why, with the agent's log.
     let info = match c.start_vm(pb::VmRef { name: name.into() }).await {
         Ok(r) => r.into_inner(),
         Err(e) => panic!("start VM {name}: {e:?}\nagent log:\n{}", agent.log_tail()),
     };
-    ferry_testkit::wait_for_log_line(Path::new(&info.console_log), "FERRY-READY", Duration::from_secs(120))
-        .await
-        .expect("guest workload ready");
+    ferry_testkit::wait_for_log_line(
+        Path::new(&info.console_log),
+        "FERRY-READY",
+        Duration::from_secs(120),
+    )
+    .await
+    .expect("guest workload ready");
     info
 }
 
 async fn console(info: &pb::VmInfo) -> GuestConsole {
-    GuestConsole::connect(Path::new(&info.console_socket), Duration::from_secs(10)).await.expect("console")
+    GuestConsole::connect(Path::new(&info.console_socket), Duration::from_secs(10))
+        .await
+        .expect("console")
 }
 
 /// Asks the guest workload to verify every page it wrote.
 async fn guest_check(info: &pb::VmInfo) {
     let mut con = console(info).await;
-    let line = con.command("check", "FERRY-CHECK", Duration::from_secs(120)).await.expect("check reply");
+    let line = con
+        .command("check", "FERRY-CHECK", Duration::from_secs(120))
+        .await
+        .expect("check reply");
     let r = parse_check(&line).expect("parse check");
     assert!(r.ok, "guest memory check failed: {line}");
 }
@@ -79,18 +103,28 @@ async fn guest_check(info: &pb::VmInfo) {
 /// The workload's write counter (grows while the guest runs).
 async fn guest_writes(info: &pb::VmInfo) -> u64 {
     let mut con = console(info).await;
-    let line = con.command("ping", "FERRY-PONG", Duration::from_secs(30)).await.expect("pong");
+    let line = con
+        .command("ping", "FERRY-PONG", Duration::from_secs(30))
+        .await
+        .expect("pong");
     ferry_testkit::parse_pong(&line).expect("parse pong")
 }
 
-
 async fn wait_phase(c: &mut FerryControlClient<Channel>, id: &str, phase: pb::MigrationPhase) {
     for _ in 0..600 {
-        let s = c.get_migration(pb::MigrationRef { id: id.into() }).await.expect("get").into_inner();
+        let s = c
+            .get_migration(pb::MigrationRef { id: id.into() })
+            .await
+            .expect("get")
+            .into_inner();
         if s.phase == phase as i32 {
             return;
         }
-        assert!(!ferry_agent::migration::is_terminal(s.phase) && s.phase != pb::MigrationPhase::Committing as i32, "migration went past {phase:?}: {s:?}");
+        assert!(
+            !ferry_agent::migration::is_terminal(s.phase)
+                && s.phase != pb::MigrationPhase::Committing as i32,
+            "migration went past {phase:?}: {s:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("migration never reached {phase:?}");
@@ -101,19 +135,55 @@ fn pid_alive(pid: u32) -> bool {
 }
 
 fn files_in(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The target holds nothing of the VM: no QEMU, no RAM file, no record.
 async fn assert_target_clean(b: &TestAgent, vm: &str, migration_id: &str, pki: &TestPki) {
     let mut cb = b.client().await.expect("client b");
-    let vms = cb.list_vms(pb::ListVmsRequest {}).await.expect("list").into_inner().vms;
-    assert!(vms.iter().all(|v| v.spec.as_ref().map(|s| s.name.as_str()) != Some(vm)), "target still lists {vm}: {vms:?}");
-    assert!(files_in(b.ram_dir()).is_empty(), "target RAM dir not empty: {:?}", files_in(b.ram_dir()));
-    assert!(b.qemu_pids().is_empty(), "a QEMU still runs for the target: {:?}", b.qemu_pids());
-    let chan = ferry_agent::tls::connect(&b.grpc_addr(), &pki.identity("a").expect("identity")).await.expect("peer channel");
-    let st = FerryPeerClient::new(chan).incoming_status(pb::MigrationRef { id: migration_id.into() }).await.expect("status").into_inner();
-    assert_eq!(st.state, pb::IncomingState::Unknown as i32, "target still has a record of the migration");
+    let vms = cb
+        .list_vms(pb::ListVmsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .vms;
+    assert!(
+        vms.iter()
+            .all(|v| v.spec.as_ref().map(|s| s.name.as_str()) != Some(vm)),
+        "target still lists {vm}: {vms:?}"
+    );
+    assert!(
+        files_in(b.ram_dir()).is_empty(),
+        "target RAM dir not empty: {:?}",
+        files_in(b.ram_dir())
+    );
+    assert!(
+        b.qemu_pids().is_empty(),
+        "a QEMU still runs for the target: {:?}",
+        b.qemu_pids()
+    );
+    let chan = ferry_agent::tls::connect(&b.grpc_addr(), &pki.identity("a").expect("identity"))
+        .await
+        .expect("peer channel");
+    let st = FerryPeerClient::new(chan)
+        .incoming_status(pb::MigrationRef {
+            id: migration_id.into(),
+        })
+        .await
+        .expect("status")
+        .into_inner();
+    // Only the settled tombstone stays (history, pruned by `journal_history`).
+    assert_eq!(
+        st.state,
+        pb::IncomingState::Aborted as i32,
+        "the target should know the migration as aborted"
+    );
 }
 
 async fn migrate_with_codec(codec: &str) {
@@ -125,42 +195,96 @@ async fn migrate_with_codec(codec: &str) {
     let writes_before = guest_writes(&src).await;
     let mut ca = p.a.client().await.expect("client a");
     let started = ca
-        .start_migration(pb::StartMigrationRequest { vm: "web01".into(), target: p.b.grpc_addr(), compress: codec.into(), ..Default::default() })
+        .start_migration(pb::StartMigrationRequest {
+            vm: "web01".into(),
+            target: p.b.grpc_addr(),
+            compress: codec.into(),
+            ..Default::default()
+        })
         .await
         .expect("start migration")
         .into_inner();
-    let end = ferry_testkit::watch_to_end(&mut ca, &started.id).await.expect("watch migration");
-    assert_eq!(end.phase, pb::MigrationPhase::Completed as i32, "migration failed: {end:?}\nA log:\n{}\nB log:\n{}", p.a.log_tail(), p.b.log_tail());
+    let end = ferry_testkit::watch_to_end(&mut ca, &started.id)
+        .await
+        .expect("watch migration");
+    assert_eq!(
+        end.phase,
+        pb::MigrationPhase::Completed as i32,
+        "migration failed: {end:?}\nA log:\n{}\nB log:\n{}",
+        p.a.log_tail(),
+        p.b.log_tail()
+    );
     let stats = end.stats.expect("stats");
     eprintln!("{codec}: {stats:?}");
     // Both agents digested their RAM files with both guests paused and found them equal.
-    assert_eq!(stats.ram_digest.len(), 32, "RAM fingerprints compared: {stats:?}");
-    assert!(stats.rounds >= 2, "pre-copy rounds plus the final round: {stats:?}");
-    assert!(stats.pages_sent > (WORKLOAD_MIB << 20) / 4096 / 2, "pages sent: {stats:?}");
-    assert!(stats.device_state_bytes > 0, "device state relayed: {stats:?}");
+    assert_eq!(
+        stats.ram_digest.len(),
+        32,
+        "RAM fingerprints compared: {stats:?}"
+    );
+    assert!(
+        stats.rounds >= 2,
+        "pre-copy rounds plus the final round: {stats:?}"
+    );
+    assert!(
+        stats.pages_sent > (WORKLOAD_MIB << 20) / 4096 / 2,
+        "pages sent: {stats:?}"
+    );
+    assert!(
+        stats.device_state_bytes > 0,
+        "device state relayed: {stats:?}"
+    );
     assert_eq!(stats.tracker, "uffd-wp-async");
     if codec != "none" {
-        assert!(stats.compression_ratio > 1.2, "{codec} should compress guest RAM: {stats:?}");
-        assert!(stats.wire_bytes < stats.page_bytes, "{codec}: wire bytes below page bytes: {stats:?}");
+        assert!(
+            stats.compression_ratio > 1.2,
+            "{codec} should compress guest RAM: {stats:?}"
+        );
+        assert!(
+            stats.wire_bytes < stats.page_bytes,
+            "{codec}: wire bytes below page bytes: {stats:?}"
+        );
     }
 
     // The VM left A entirely…
-    let gone = ca.get_vm(pb::VmRef { name: "web01".into() }).await.expect_err("VM must be gone from A");
+    let gone = ca
+        .get_vm(pb::VmRef {
+            name: "web01".into(),
+        })
+        .await
+        .expect_err("VM must be gone from A");
     assert_eq!(gone.code(), tonic::Code::NotFound);
     assert!(!pid_alive(src.pid), "source QEMU still alive");
-    assert!(!Path::new(&src.ram_file).exists(), "source RAM file left behind");
+    assert!(
+        !Path::new(&src.ram_file).exists(),
+        "source RAM file left behind"
+    );
     // …and runs on B, with every page it wrote intact.
     let mut cb = p.b.client().await.expect("client b");
-    let dst = cb.get_vm(pb::VmRef { name: "web01".into() }).await.expect("VM on B").into_inner();
+    let dst = cb
+        .get_vm(pb::VmRef {
+            name: "web01".into(),
+        })
+        .await
+        .expect("VM on B")
+        .into_inner();
     assert_eq!(dst.state, pb::VmState::Running as i32);
     assert!(pid_alive(dst.pid));
     guest_check(&dst).await;
     let w1 = guest_writes(&dst).await;
-    assert!(w1 > writes_before, "workload kept its counter across the move ({w1} > {writes_before})");
+    assert!(
+        w1 > writes_before,
+        "workload kept its counter across the move ({w1} > {writes_before})"
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let w2 = guest_writes(&dst).await;
     assert!(w2 > w1, "guest keeps running on B ({w2} > {w1})");
-    cb.stop_vm(pb::StopVmRequest { name: "web01".into(), force: true }).await.expect("stop on B");
+    cb.stop_vm(pb::StopVmRequest {
+        name: "web01".into(),
+        force: true,
+    })
+    .await
+    .expect("stop on B");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,7 +306,13 @@ async fn live_migration_zstd() {
 fn slow_migration(vm: &str, target: String) -> pb::StartMigrationRequest {
     // Preflight rightly predicts this cannot converge (zstd-19 is slower than the guest
     // writes): force past that soft check, the test is about what happens mid-copy.
-    pb::StartMigrationRequest { vm: vm.into(), target, compress: "zstd:19".into(), force: true, ..Default::default() }
+    pb::StartMigrationRequest {
+        vm: vm.into(),
+        target,
+        compress: "zstd:19".into(),
+        force: true,
+        ..Default::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,15 +321,29 @@ async fn cancel_during_precopy_keeps_guest_on_source() {
     let p = pair().await;
     let src = boot_guest(&p.a, "db01", 20.0).await;
     let mut ca = p.a.client().await.expect("client a");
-    let m = ca.start_migration(slow_migration("db01", p.b.grpc_addr())).await.expect("start").into_inner();
+    let m = ca
+        .start_migration(slow_migration("db01", p.b.grpc_addr()))
+        .await
+        .expect("start")
+        .into_inner();
     wait_phase(&mut ca, &m.id, pb::MigrationPhase::Precopy).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    ca.cancel_migration(pb::MigrationRef { id: m.id.clone() }).await.expect("cancel");
-    let end = ferry_testkit::watch_to_end(&mut ca, &m.id).await.expect("watch migration");
+    ca.cancel_migration(pb::MigrationRef { id: m.id.clone() })
+        .await
+        .expect("cancel");
+    let end = ferry_testkit::watch_to_end(&mut ca, &m.id)
+        .await
+        .expect("watch migration");
     assert_eq!(end.phase, pb::MigrationPhase::Cancelled as i32, "{end:?}");
     assert!(end.error.contains("cancelled"), "{}", end.error);
 
-    let vm = ca.get_vm(pb::VmRef { name: "db01".into() }).await.expect("VM on A").into_inner();
+    let vm = ca
+        .get_vm(pb::VmRef {
+            name: "db01".into(),
+        })
+        .await
+        .expect("VM on A")
+        .into_inner();
     assert_eq!(vm.state, pb::VmState::Running as i32);
     assert_eq!(vm.pid, src.pid, "same QEMU process keeps running");
     let w1 = guest_writes(&vm).await;
@@ -215,15 +359,31 @@ async fn target_killed_mid_precopy_keeps_guest_on_source() {
     let mut p = pair().await;
     let src = boot_guest(&p.a, "app01", 20.0).await;
     let mut ca = p.a.client().await.expect("client a");
-    let m = ca.start_migration(slow_migration("app01", p.b.grpc_addr())).await.expect("start").into_inner();
+    let m = ca
+        .start_migration(slow_migration("app01", p.b.grpc_addr()))
+        .await
+        .expect("start")
+        .into_inner();
     wait_phase(&mut ca, &m.id, pb::MigrationPhase::Precopy).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     p.b.kill().expect("kill b");
-    let end = ferry_testkit::watch_to_end(&mut ca, &m.id).await.expect("watch migration");
+    let end = ferry_testkit::watch_to_end(&mut ca, &m.id)
+        .await
+        .expect("watch migration");
     assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
-    assert!(end.error.contains("app01") && end.error.contains("failed at"), "error names the VM and the step: {}", end.error);
+    assert!(
+        end.error.contains("app01") && end.error.contains("failed at"),
+        "error names the VM and the step: {}",
+        end.error
+    );
 
-    let vm = ca.get_vm(pb::VmRef { name: "app01".into() }).await.expect("VM on A").into_inner();
+    let vm = ca
+        .get_vm(pb::VmRef {
+            name: "app01".into(),
+        })
+        .await
+        .expect("VM on A")
+        .into_inner();
     assert_eq!(vm.state, pb::VmState::Running as i32);
     assert_eq!(vm.pid, src.pid);
     let w1 = guest_writes(&vm).await;
@@ -244,7 +404,11 @@ async fn bad_requests_get_clear_errors() {
 
     // Unknown VM.
     let e = ca
-        .start_migration(pb::StartMigrationRequest { vm: "nope".into(), target: p.b.grpc_addr(), ..Default::default() })
+        .start_migration(pb::StartMigrationRequest {
+            vm: "nope".into(),
+            target: p.b.grpc_addr(),
+            ..Default::default()
+        })
         .await
         .expect_err("unknown VM");
     assert_eq!(e.code(), tonic::Code::NotFound);
@@ -253,7 +417,12 @@ async fn bad_requests_get_clear_errors() {
     // Bad codec.
     let src = boot_guest(&p.a, "web02", 5.0).await;
     let e = ca
-        .start_migration(pb::StartMigrationRequest { vm: "web02".into(), target: p.b.grpc_addr(), compress: "gzip".into(), ..Default::default() })
+        .start_migration(pb::StartMigrationRequest {
+            vm: "web02".into(),
+            target: p.b.grpc_addr(),
+            compress: "gzip".into(),
+            ..Default::default()
+        })
         .await
         .expect_err("bad codec");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
@@ -261,26 +430,59 @@ async fn bad_requests_get_clear_errors() {
 
     // Name already defined on the target: refused at prepare, guest stays on A.
     let mut cb = p.b.client().await.expect("client b");
-    cb.define_vm(pb::DefineVmRequest { spec: Some(guest_spec("web02", 0.0)) }).await.expect("define clash on B");
+    cb.define_vm(pb::DefineVmRequest {
+        spec: Some(guest_spec("web02", 0.0)),
+    })
+    .await
+    .expect("define clash on B");
     let m = ca
-        .start_migration(pb::StartMigrationRequest { vm: "web02".into(), target: p.b.grpc_addr(), ..Default::default() })
+        .start_migration(pb::StartMigrationRequest {
+            vm: "web02".into(),
+            target: p.b.grpc_addr(),
+            ..Default::default()
+        })
         .await
         .expect("start")
         .into_inner();
-    let end = ferry_testkit::watch_to_end(&mut ca, &m.id).await.expect("watch migration");
+    let end = ferry_testkit::watch_to_end(&mut ca, &m.id)
+        .await
+        .expect("watch migration");
     assert_eq!(end.phase, pb::MigrationPhase::Failed as i32);
     // Preflight finds the clash before the target is asked to prepare anything.
-    assert!(end.error.contains("failed at preflight") && end.error.contains("'web02' is already defined on b"), "{}", end.error);
-    let vm = ca.get_vm(pb::VmRef { name: "web02".into() }).await.expect("VM on A").into_inner();
+    assert!(
+        end.error.contains("failed at preflight")
+            && end.error.contains("'web02' is already defined on b"),
+        "{}",
+        end.error
+    );
+    let vm = ca
+        .get_vm(pb::VmRef {
+            name: "web02".into(),
+        })
+        .await
+        .expect("VM on A")
+        .into_inner();
     assert_eq!(vm.state, pb::VmState::Running as i32);
     assert_eq!(vm.pid, src.pid);
     // B's own definition is untouched.
-    let own = cb.get_vm(pb::VmRef { name: "web02".into() }).await.expect("B's VM").into_inner();
+    let own = cb
+        .get_vm(pb::VmRef {
+            name: "web02".into(),
+        })
+        .await
+        .expect("B's VM")
+        .into_inner();
     assert_eq!(own.state, pb::VmState::Defined as i32);
 
     // Malformed spec.
     let e = ca
-        .define_vm(pb::DefineVmRequest { spec: Some(pb::VmSpec { name: "../evil".into(), memory_mib: 64, ..Default::default() }) })
+        .define_vm(pb::DefineVmRequest {
+            spec: Some(pb::VmSpec {
+                name: "../evil".into(),
+                memory_mib: 64,
+                ..Default::default()
+            }),
+        })
         .await
         .expect_err("bad name");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
@@ -292,9 +494,14 @@ async fn bad_requests_get_clear_errors() {
     id.ca_pem = p.pki.identity("a").expect("identity").ca_pem; // trusts the real server, but is not trusted by it
     let refused = async {
         let mut c = ferry_testkit::connect_control(&p.a.grpc_addr(), &id).await?;
-        c.list_vms(pb::ListVmsRequest {}).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        c.list_vms(pb::ListVmsRequest {})
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok::<_, anyhow::Error>(())
     }
     .await;
-    assert!(refused.is_err(), "a certificate from another CA must be refused");
+    assert!(
+        refused.is_err(),
+        "a certificate from another CA must be refused"
+    );
 }

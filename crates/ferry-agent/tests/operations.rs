@@ -25,9 +25,21 @@ async fn boot_guest(agent: &TestAgent, name: &str) -> pb::VmInfo {
         ..Default::default()
     };
     let mut c = agent.client().await.expect("client");
-    c.define_vm(pb::DefineVmRequest { spec: Some(spec) }).await.expect("define");
-    let info = c.start_vm(pb::VmRef { name: name.into() }).await.expect("start").into_inner();
-    ferry_testkit::wait_for_log_line(Path::new(&info.console_log), "FERRY-READY", Duration::from_secs(120)).await.expect("ready");
+    c.define_vm(pb::DefineVmRequest { spec: Some(spec) })
+        .await
+        .expect("define");
+    let info = c
+        .start_vm(pb::VmRef { name: name.into() })
+        .await
+        .expect("start")
+        .into_inner();
+    ferry_testkit::wait_for_log_line(
+        Path::new(&info.console_log),
+        "FERRY-READY",
+        Duration::from_secs(120),
+    )
+    .await
+    .expect("ready");
     info
 }
 
@@ -35,7 +47,11 @@ async fn boot_guest(agent: &TestAgent, name: &str) -> pb::VmInfo {
 fn scrape(addr: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
     s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("request");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("response");
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
@@ -55,8 +71,12 @@ async fn metrics_move_during_a_migration() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = TestPki::new(&dir.path().join("pki"), &["a", "b"]).expect("pki");
-    let a = TestAgent::start(&ferryd(), "a", &pki, dir.path(), "tcg").await.expect("a");
-    let b = TestAgent::start(&ferryd(), "b", &pki, dir.path(), "tcg").await.expect("b");
+    let a = TestAgent::start(&ferryd(), "a", &pki, dir.path(), "tcg")
+        .await
+        .expect("a");
+    let b = TestAgent::start(&ferryd(), "b", &pki, dir.path(), "tcg")
+        .await
+        .expect("b");
     boot_guest(&a, "m01").await;
     let before = scrape(&a.metrics_addr());
     assert_eq!(metric(&before, "ferry_page_bytes_total"), 0.0);
@@ -64,7 +84,12 @@ async fn metrics_move_during_a_migration() {
     let mut ca = a.client().await.expect("client");
     // zstd level 3 on two cores keeps the migration going for a few seconds.
     let m = ca
-        .start_migration(pb::StartMigrationRequest { vm: "m01".into(), target: b.grpc_addr(), compress: "zstd:3".into(), ..Default::default() })
+        .start_migration(pb::StartMigrationRequest {
+            vm: "m01".into(),
+            target: b.grpc_addr(),
+            compress: "zstd:3".into(),
+            ..Default::default()
+        })
         .await
         .expect("start")
         .into_inner();
@@ -72,11 +97,18 @@ async fn metrics_move_during_a_migration() {
     let mut active_seen = false;
     loop {
         let text = scrape(&a.metrics_addr());
-        let st = ca.get_migration(pb::MigrationRef { id: m.id.clone() }).await.expect("get").into_inner();
+        let st = ca
+            .get_migration(pb::MigrationRef { id: m.id.clone() })
+            .await
+            .expect("get")
+            .into_inner();
         let terminal = ferry_agent::migration::is_terminal(st.phase);
         if !terminal {
             // Scraped before the status said it ended: the migration was running.
-            seen_during = f64::max(seen_during, metric(&text, "ferry_page_bytes_total{codec=\"zstd:3\"}"));
+            seen_during = f64::max(
+                seen_during,
+                metric(&text, "ferry_page_bytes_total{codec=\"zstd:3\"}"),
+            );
             active_seen |= metric(&text, "ferry_migrations_active") == 1.0;
         } else {
             assert_eq!(st.phase, pb::MigrationPhase::Completed as i32, "{st:?}");
@@ -85,16 +117,39 @@ async fn metrics_move_during_a_migration() {
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     assert!(active_seen, "ferry_migrations_active was 1 while it ran");
-    assert!(seen_during > 0.0, "page bytes counted while the migration ran");
+    assert!(
+        seen_during > 0.0,
+        "page bytes counted while the migration ran"
+    );
     let after = scrape(&a.metrics_addr());
     let total = metric(&after, "ferry_page_bytes_total{codec=\"zstd:3\"}");
-    assert!(total >= seen_during && total > (100u64 << 20) as f64, "{total} >= {seen_during}");
-    assert!(metric(&after, "ferry_wire_bytes_total{codec=\"zstd:3\"}") < total, "zstd wire bytes below page bytes");
-    assert_eq!(metric(&after, "ferry_migrations_total{result=\"completed\",role=\"source\"}"), 1.0, "{after}");
+    assert!(
+        total >= seen_during && total > (100u64 << 20) as f64,
+        "{total} >= {seen_during}"
+    );
+    assert!(
+        metric(&after, "ferry_wire_bytes_total{codec=\"zstd:3\"}") < total,
+        "zstd wire bytes below page bytes"
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "ferry_migrations_total{result=\"completed\",role=\"source\"}"
+        ),
+        1.0,
+        "{after}"
+    );
     assert_eq!(metric(&after, "ferry_downtime_seconds_count"), 1.0);
     assert_eq!(metric(&after, "ferry_migrations_active"), 0.0);
     let target = scrape(&b.metrics_addr());
-    assert_eq!(metric(&target, "ferry_migrations_total{result=\"committed\",role=\"target\"}"), 1.0, "{target}");
+    assert_eq!(
+        metric(
+            &target,
+            "ferry_migrations_total{result=\"committed\",role=\"target\"}"
+        ),
+        1.0,
+        "{target}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,20 +157,35 @@ async fn history_and_vms_survive_an_agent_restart() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = TestPki::new(&dir.path().join("pki"), &["a"]).expect("pki");
-    let mut a = TestAgent::start(&ferryd(), "a", &pki, dir.path(), "tcg").await.expect("a");
+    let mut a = TestAgent::start(&ferryd(), "a", &pki, dir.path(), "tcg")
+        .await
+        .expect("a");
     let vm = boot_guest(&a, "h01").await;
     let mut ca = a.client().await.expect("client");
     // Nothing listens there: the migration fails (at preflight) and is journaled.
     let m = ca
-        .start_migration(pb::StartMigrationRequest { vm: "h01".into(), target: "127.0.0.1:9".into(), ..Default::default() })
+        .start_migration(pb::StartMigrationRequest {
+            vm: "h01".into(),
+            target: "127.0.0.1:9".into(),
+            ..Default::default()
+        })
         .await
         .expect("start")
         .into_inner();
     loop {
-        let st = ca.get_migration(pb::MigrationRef { id: m.id.clone() }).await.expect("get").into_inner();
+        let st = ca
+            .get_migration(pb::MigrationRef { id: m.id.clone() })
+            .await
+            .expect("get")
+            .into_inner();
         if ferry_agent::migration::is_terminal(st.phase) {
             assert_eq!(st.phase, pb::MigrationPhase::Failed as i32);
-            assert!(st.error.contains("cannot reach target agent 127.0.0.1:9") && st.error.contains("h01"), "{}", st.error);
+            assert!(
+                st.error.contains("cannot reach target agent 127.0.0.1:9")
+                    && st.error.contains("h01"),
+                "{}",
+                st.error
+            );
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -123,13 +193,30 @@ async fn history_and_vms_survive_an_agent_restart() {
 
     a.restart().await.expect("restart");
     let mut ca = a.client().await.expect("client");
-    let list = ca.list_migrations(pb::ListMigrationsRequest {}).await.expect("list").into_inner().migrations;
-    let old = list.iter().find(|s| s.id == m.id).expect("the earlier migration is still listed");
+    let list = ca
+        .list_migrations(pb::ListMigrationsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .migrations;
+    let old = list
+        .iter()
+        .find(|s| s.id == m.id)
+        .expect("the earlier migration is still listed");
     assert_eq!(old.phase, pb::MigrationPhase::Failed as i32);
     assert!(old.error.contains("cannot reach target agent"));
     // The guest kept running through the agent's restart and was adopted again.
-    let again = ca.get_vm(pb::VmRef { name: "h01".into() }).await.expect("vm").into_inner();
+    let again = ca
+        .get_vm(pb::VmRef { name: "h01".into() })
+        .await
+        .expect("vm")
+        .into_inner();
     assert_eq!(again.state, pb::VmState::Running as i32);
     assert_eq!(again.pid, vm.pid);
-    ca.stop_vm(pb::StopVmRequest { name: "h01".into(), force: true }).await.expect("stop adopted VM");
+    ca.stop_vm(pb::StopVmRequest {
+        name: "h01".into(),
+        force: true,
+    })
+    .await
+    .expect("stop adopted VM");
 }

@@ -8,5 +8,6 @@ pub mod v1 {
     tonic::include_proto!("ferry.v1");
 
     /// Encoded `FileDescriptorSet` of the API, for the gRPC reflection service.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ferry_descriptor.bin"));
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/ferry_descriptor.bin"));
 }

@@ -26,14 +26,33 @@ pub fn from_pb(p: &pb::VmSpec) -> Result<VmSpec, String> {
             "qcow2" | "" => DiskFormat::Qcow2,
             "raw" => DiskFormat::Raw,
             other => {
-                return Err(format!("disks[{}].format: unknown format '{other}' (qcow2 or raw)", d.id))
+                return Err(format!(
+                    "disks[{}].format: unknown format '{other}' (qcow2 or raw)",
+                    d.id
+                ))
             }
         };
-        s.disks.push(DiskSpec { id: d.id.clone(), path: PathBuf::from(&d.path), format, bus: DiskBus::VirtioBlk, read_only: d.read_only });
+        s.disks.push(DiskSpec {
+            id: d.id.clone(),
+            path: PathBuf::from(&d.path),
+            format,
+            bus: DiskBus::VirtioBlk,
+            read_only: d.read_only,
+        });
     }
     for n in &p.nics {
-        let backend = if n.bridge.is_empty() { NicBackend::User } else { NicBackend::Bridge { name: n.bridge.clone() } };
-        s.nics.push(NicSpec { id: n.id.clone(), mac: non_empty(&n.mac), backend });
+        let backend = if n.bridge.is_empty() {
+            NicBackend::User
+        } else {
+            NicBackend::Bridge {
+                name: n.bridge.clone(),
+            }
+        };
+        s.nics.push(NicSpec {
+            id: n.id.clone(),
+            mac: non_empty(&n.mac),
+            backend,
+        });
     }
     s.validate().map_err(|e| format!("VM spec: {e}"))?;
     Ok(s)
@@ -84,5 +103,7 @@ fn non_empty(s: &str) -> Option<String> {
 }
 
 fn path_str(p: &Option<PathBuf>) -> String {
-    p.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+    p.as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
 }

@@ -63,7 +63,6 @@ pub fn report_dir() -> PathBuf {
 /// The zero check ferry runs on every page it reads (one implementation, in ferry-memory).
 pub use ferry_memory::is_zero_page;
 
-
 /// A captured guest RAM file, mapped, with its non-zero pages copied out.
 #[derive(Debug)]
 pub struct Corpus {

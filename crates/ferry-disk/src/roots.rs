@@ -102,14 +102,23 @@ impl StorageRoots {
             .max_by_key(|root| root.as_os_str().len())
             .and_then(|root| resolved.strip_prefix(root).ok())
             .map(Path::to_path_buf)
-            .ok_or_else(|| DiskError::OutsideStorageRoots { path: path.to_path_buf(), resolved: resolved.clone(), roots: self.roots.clone() })
+            .ok_or_else(|| DiskError::OutsideStorageRoots {
+                path: path.to_path_buf(),
+                resolved: resolved.clone(),
+                roots: self.roots.clone(),
+            })
     }
 
     /// The local paths a peer's relative image name may denote, one per root in order,
     /// each confined. A name that is absolute or climbs out (`..`) is refused.
     pub fn candidates(&self, rel: &Path) -> Result<Vec<PathBuf>, DiskError> {
-        if rel.as_os_str().is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
-            return Err(DiskError::InvalidPath { path: rel.to_path_buf(), reason: "an image name must be a relative path without `.` or `..`" });
+        if rel.as_os_str().is_empty()
+            || !rel.components().all(|c| matches!(c, Component::Normal(_)))
+        {
+            return Err(DiskError::InvalidPath {
+                path: rel.to_path_buf(),
+                reason: "an image name must be a relative path without `.` or `..`",
+            });
         }
         let mut out = Vec::new();
         for root in &self.roots {
@@ -119,7 +128,11 @@ impl StorageRoots {
             }
         }
         if out.is_empty() {
-            return Err(DiskError::OutsideStorageRoots { path: rel.to_path_buf(), resolved: rel.to_path_buf(), roots: self.roots.clone() });
+            return Err(DiskError::OutsideStorageRoots {
+                path: rel.to_path_buf(),
+                resolved: rel.to_path_buf(),
+                roots: self.roots.clone(),
+            });
         }
         Ok(out)
     }
@@ -370,7 +383,12 @@ mod tests {
         let rel = ra.relative(&a.path().join("vm/disk0.qcow2")).unwrap();
         assert_eq!(rel, Path::new("vm/disk0.qcow2"));
         let local = rb.candidates(&rel).unwrap();
-        assert_eq!(local, vec![std::fs::canonicalize(b.path()).unwrap().join("vm/disk0.qcow2")]);
+        assert_eq!(
+            local,
+            vec![std::fs::canonicalize(b.path())
+                .unwrap()
+                .join("vm/disk0.qcow2")]
+        );
         assert!(rb.candidates(Path::new("../etc/passwd")).is_err());
         assert!(rb.candidates(Path::new("/etc/passwd")).is_err());
         assert!(ra.relative(Path::new("/etc/passwd")).is_err());

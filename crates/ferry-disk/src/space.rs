@@ -48,7 +48,11 @@ pub fn ensure_space(dir: &Path, needed: u64, what: &str) -> Result<(), DiskError
 /// The closest existing directory at or above `path`'s parent: where free space for a
 /// file about to be created at `path` (and any missing directories) is measured.
 pub fn existing_ancestor(path: &Path) -> PathBuf {
-    path.ancestors().skip(1).find(|a| a.is_dir()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"))
+    path.ancestors()
+        .skip(1)
+        .find(|a| a.is_dir())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"))
 }
 
 /// A byte count for people: `512 B`, `1.5 KiB`, `2.0 GiB`.
@@ -72,8 +76,14 @@ mod tests {
     fn existing_ancestor_skips_what_is_missing() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
-        assert_eq!(existing_ancestor(&dir.path().join("a/b/c/d.img")), dir.path().join("a/b"));
-        assert_eq!(existing_ancestor(&dir.path().join("a/b/img")), dir.path().join("a/b"));
+        assert_eq!(
+            existing_ancestor(&dir.path().join("a/b/c/d.img")),
+            dir.path().join("a/b")
+        );
+        assert_eq!(
+            existing_ancestor(&dir.path().join("a/b/img")),
+            dir.path().join("a/b")
+        );
     }
 
     use super::*;

@@ -24,5 +24,8 @@ pub mod stall;
 
 pub use phase::Phase;
 pub use receiver::{decide_commit, Effect, Receiver, ReceiverEvent};
-pub use recovery::{rollback_resume, source_recovery, target_recovery, Resume, SourceAction, SourceMark, SourceQemu, TargetAction, TargetAnswer, TargetQemu};
+pub use recovery::{
+    rollback_resume, source_recovery, target_recovery, Resume, SourceAction, SourceMark,
+    SourceQemu, TargetAction, TargetAnswer, TargetQemu,
+};
 pub use stall::{stall_decision, StallDecision, StallInput, StallPolicy};

@@ -30,8 +30,17 @@ pub enum Phase {
 
 impl Phase {
     /// Every phase, in order.
-    pub const ALL: [Phase; 9] =
-        [Phase::Preflight, Phase::Prepare, Phase::Connect, Phase::Disks, Phase::Precopy, Phase::Switchover, Phase::Fence, Phase::Commit, Phase::Settle];
+    pub const ALL: [Phase; 9] = [
+        Phase::Preflight,
+        Phase::Prepare,
+        Phase::Connect,
+        Phase::Disks,
+        Phase::Precopy,
+        Phase::Switchover,
+        Phase::Fence,
+        Phase::Commit,
+        Phase::Settle,
+    ];
 
     /// Lower-case name for messages and logs.
     pub fn name(self) -> &'static str {
@@ -67,8 +76,14 @@ mod tests {
 
     #[test]
     fn only_commit_and_later_may_have_committed() {
-        let may: Vec<_> = Phase::ALL.iter().filter(|p| p.commit_may_have_happened()).collect();
+        let may: Vec<_> = Phase::ALL
+            .iter()
+            .filter(|p| p.commit_may_have_happened())
+            .collect();
         assert_eq!(may, [&Phase::Commit, &Phase::Settle]);
-        assert!(Phase::ALL.windows(2).all(|w| w[0] < w[1]), "ALL is in order");
+        assert!(
+            Phase::ALL.windows(2).all(|w| w[0] < w[1]),
+            "ALL is in order"
+        );
     }
 }

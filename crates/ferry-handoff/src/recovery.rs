@@ -98,13 +98,21 @@ pub fn rollback_resume(qemu: SourceQemu, was_running: bool, capture_whole: bool)
         SourceQemu::Running => Resume::AlreadyRunning,
         SourceQemu::Paused | SourceQemu::Fenced if was_running => Resume::Cont,
         SourceQemu::Paused | SourceQemu::Fenced => Resume::LeavePaused,
-        SourceQemu::Gone if capture_whole => Resume::FromCapture { then_cont: was_running },
+        SourceQemu::Gone if capture_whole => Resume::FromCapture {
+            then_cont: was_running,
+        },
         SourceQemu::Gone => Resume::Crashed,
     }
 }
 
 /// The source's settlement decision, live (after a lost commit answer) and on restart.
-pub fn source_recovery(mark: SourceMark, answer: TargetAnswer, qemu: SourceQemu, was_running: bool, capture_whole: bool) -> Option<SourceAction> {
+pub fn source_recovery(
+    mark: SourceMark,
+    answer: TargetAnswer,
+    qemu: SourceQemu,
+    was_running: bool,
+    capture_whole: bool,
+) -> Option<SourceAction> {
     use SourceAction as A;
     use TargetAnswer as T;
     let back = A::RollBack(rollback_resume(qemu, was_running, capture_whole));
@@ -145,7 +153,12 @@ pub enum TargetAction {
 pub fn target_recovery(mark: Receiver, qemu: TargetQemu) -> TargetAction {
     match (mark, qemu) {
         (Receiver::Prepared, _) => TargetAction::Discard,
-        (Receiver::Committed { leave_paused: false }, TargetQemu::Alive) => TargetAction::ResumeAndOwn,
+        (
+            Receiver::Committed {
+                leave_paused: false,
+            },
+            TargetQemu::Alive,
+        ) => TargetAction::ResumeAndOwn,
         (Receiver::Committed { leave_paused: true }, TargetQemu::Alive) => TargetAction::Own,
         // Never Owned, so the source still holds its fenced copy: hand the VM back.
         (Receiver::Committed { .. }, TargetQemu::Gone) => TargetAction::Discard,
@@ -161,8 +174,20 @@ mod tests {
     use SourceAction as A;
     use TargetAnswer as T;
 
-    const QEMUS: [SourceQemu; 4] = [SourceQemu::Running, SourceQemu::Paused, SourceQemu::Fenced, SourceQemu::Gone];
-    const ANSWERS: [TargetAnswer; 6] = [T::Owned, T::Settling, T::Prepared, T::Aborted, T::Unknown, T::Unreachable];
+    const QEMUS: [SourceQemu; 4] = [
+        SourceQemu::Running,
+        SourceQemu::Paused,
+        SourceQemu::Fenced,
+        SourceQemu::Gone,
+    ];
+    const ANSWERS: [TargetAnswer; 6] = [
+        T::Owned,
+        T::Settling,
+        T::Prepared,
+        T::Aborted,
+        T::Unknown,
+        T::Unreachable,
+    ];
 
     #[test]
     fn recovery_table_source() {
@@ -172,7 +197,11 @@ mod tests {
                     let act = source_recovery(mark, a, q, true, true).expect("unsettled");
                     // Never resume while the target might own the VM.
                     if matches!(act, A::RollBack(Resume::Cont | Resume::FromCapture { .. })) {
-                        assert!(matches!(a, T::Aborted | T::Unknown) || (mark == SourceMark::BeforeCommit && a == T::Unreachable), "{mark:?} {a:?} {q:?}");
+                        assert!(
+                            matches!(a, T::Aborted | T::Unknown)
+                                || (mark == SourceMark::BeforeCommit && a == T::Unreachable),
+                            "{mark:?} {a:?} {q:?}"
+                        );
                     }
                     if a == T::Owned {
                         assert_eq!(act, A::Finish);
@@ -181,32 +210,96 @@ mod tests {
                 assert_eq!(source_recovery(SourceMark::Settled, a, q, true, true), None);
             }
         }
-        assert_eq!(source_recovery(SourceMark::CommitSent, T::Unreachable, SourceQemu::Fenced, true, true), Some(A::HoldInDoubt));
         assert_eq!(
-            source_recovery(SourceMark::BeforeCommit, T::Unreachable, SourceQemu::Fenced, true, true),
+            source_recovery(
+                SourceMark::CommitSent,
+                T::Unreachable,
+                SourceQemu::Fenced,
+                true,
+                true
+            ),
+            Some(A::HoldInDoubt)
+        );
+        assert_eq!(
+            source_recovery(
+                SourceMark::BeforeCommit,
+                T::Unreachable,
+                SourceQemu::Fenced,
+                true,
+                true
+            ),
             Some(A::RollBack(Resume::Cont))
         );
     }
 
     #[test]
     fn rollback_respects_a_suspended_guest_and_a_lost_qemu() {
-        assert_eq!(rollback_resume(SourceQemu::Paused, false, true), Resume::LeavePaused);
-        assert_eq!(rollback_resume(SourceQemu::Fenced, true, false), Resume::Cont);
-        assert_eq!(rollback_resume(SourceQemu::Gone, true, true), Resume::FromCapture { then_cont: true });
-        assert_eq!(rollback_resume(SourceQemu::Gone, false, true), Resume::FromCapture { then_cont: false });
-        assert_eq!(rollback_resume(SourceQemu::Gone, true, false), Resume::Crashed);
-        assert_eq!(rollback_resume(SourceQemu::Running, true, false), Resume::AlreadyRunning);
+        assert_eq!(
+            rollback_resume(SourceQemu::Paused, false, true),
+            Resume::LeavePaused
+        );
+        assert_eq!(
+            rollback_resume(SourceQemu::Fenced, true, false),
+            Resume::Cont
+        );
+        assert_eq!(
+            rollback_resume(SourceQemu::Gone, true, true),
+            Resume::FromCapture { then_cont: true }
+        );
+        assert_eq!(
+            rollback_resume(SourceQemu::Gone, false, true),
+            Resume::FromCapture { then_cont: false }
+        );
+        assert_eq!(
+            rollback_resume(SourceQemu::Gone, true, false),
+            Resume::Crashed
+        );
+        assert_eq!(
+            rollback_resume(SourceQemu::Running, true, false),
+            Resume::AlreadyRunning
+        );
     }
 
     #[test]
     fn recovery_table_target() {
         use TargetAction as TA;
-        assert_eq!(target_recovery(Receiver::Prepared, TargetQemu::Alive), TA::Discard);
-        assert_eq!(target_recovery(Receiver::Committed { leave_paused: false }, TargetQemu::Alive), TA::ResumeAndOwn);
-        assert_eq!(target_recovery(Receiver::Committed { leave_paused: true }, TargetQemu::Alive), TA::Own);
-        assert_eq!(target_recovery(Receiver::Committed { leave_paused: false }, TargetQemu::Gone), TA::Discard);
+        assert_eq!(
+            target_recovery(Receiver::Prepared, TargetQemu::Alive),
+            TA::Discard
+        );
+        assert_eq!(
+            target_recovery(
+                Receiver::Committed {
+                    leave_paused: false
+                },
+                TargetQemu::Alive
+            ),
+            TA::ResumeAndOwn
+        );
+        assert_eq!(
+            target_recovery(
+                Receiver::Committed { leave_paused: true },
+                TargetQemu::Alive
+            ),
+            TA::Own
+        );
+        assert_eq!(
+            target_recovery(
+                Receiver::Committed {
+                    leave_paused: false
+                },
+                TargetQemu::Gone
+            ),
+            TA::Discard
+        );
         assert_eq!(target_recovery(Receiver::Owned, TargetQemu::Gone), TA::Keep);
-        assert_eq!(target_recovery(Receiver::Aborted, TargetQemu::Alive), TA::Discard);
-        assert_eq!(target_recovery(Receiver::Aborted, TargetQemu::Gone), TA::Keep);
+        assert_eq!(
+            target_recovery(Receiver::Aborted, TargetQemu::Alive),
+            TA::Discard
+        );
+        assert_eq!(
+            target_recovery(Receiver::Aborted, TargetQemu::Gone),
+            TA::Keep
+        );
     }
 }

@@ -21,7 +21,9 @@ impl std::str::FromStr for StallPolicy {
             "" | "pause" => Ok(StallPolicy::Pause),
             "abort" => Ok(StallPolicy::Abort),
             "throttle" => Ok(StallPolicy::Throttle),
-            other => Err(format!("on_stall: unknown policy '{other}' (pause, abort or throttle)")),
+            other => Err(format!(
+                "on_stall: unknown policy '{other}' (pause, abort or throttle)"
+            )),
         }
     }
 }
@@ -65,7 +67,9 @@ pub fn stall_decision(i: StallInput, policy: StallPolicy) -> StallDecision {
         return StallDecision::Switchover;
     }
     let at_limit = i.round >= i.max_rounds;
-    let stalled = at_limit || (i.round >= 3 && i.dirty_pages.saturating_mul(10) >= i.prev_dirty_pages.saturating_mul(9));
+    let stalled = at_limit
+        || (i.round >= 3
+            && i.dirty_pages.saturating_mul(10) >= i.prev_dirty_pages.saturating_mul(9));
     if !stalled {
         return StallDecision::Continue;
     }
@@ -82,34 +86,73 @@ mod tests {
     use super::*;
 
     fn input(round: u32, dirty: u64, prev: u64, predicted_ms: f64) -> StallInput {
-        StallInput { round, max_rounds: 30, dirty_pages: dirty, prev_dirty_pages: prev, predicted_ms, downtime_ms: 30, can_throttle_more: true }
+        StallInput {
+            round,
+            max_rounds: 30,
+            dirty_pages: dirty,
+            prev_dirty_pages: prev,
+            predicted_ms,
+            downtime_ms: 30,
+            can_throttle_more: true,
+        }
     }
 
     #[test]
     fn fits_switches_over_whatever_the_policy() {
-        for p in [StallPolicy::Pause, StallPolicy::Abort, StallPolicy::Throttle] {
-            assert_eq!(stall_decision(input(1, 100, u64::MAX, 10.0), p), StallDecision::Switchover);
+        for p in [
+            StallPolicy::Pause,
+            StallPolicy::Abort,
+            StallPolicy::Throttle,
+        ] {
+            assert_eq!(
+                stall_decision(input(1, 100, u64::MAX, 10.0), p),
+                StallDecision::Switchover
+            );
         }
     }
 
     #[test]
     fn shrinking_rounds_continue_and_flat_rounds_stall() {
-        assert_eq!(stall_decision(input(4, 800, 1000, 100.0), StallPolicy::Pause), StallDecision::Continue);
-        assert_eq!(stall_decision(input(4, 950, 1000, 100.0), StallPolicy::Pause), StallDecision::StopAndCopy);
+        assert_eq!(
+            stall_decision(input(4, 800, 1000, 100.0), StallPolicy::Pause),
+            StallDecision::Continue
+        );
+        assert_eq!(
+            stall_decision(input(4, 950, 1000, 100.0), StallPolicy::Pause),
+            StallDecision::StopAndCopy
+        );
         // Rounds 1 and 2 never count as stalled (round 0 is not comparable).
-        assert_eq!(stall_decision(input(2, 5000, 1000, 100.0), StallPolicy::Abort), StallDecision::Continue);
-        assert_eq!(stall_decision(input(4, 950, 1000, 100.0), StallPolicy::Abort), StallDecision::Abort);
+        assert_eq!(
+            stall_decision(input(2, 5000, 1000, 100.0), StallPolicy::Abort),
+            StallDecision::Continue
+        );
+        assert_eq!(
+            stall_decision(input(4, 950, 1000, 100.0), StallPolicy::Abort),
+            StallDecision::Abort
+        );
     }
 
     #[test]
     fn throttle_steps_until_it_cannot_then_stops_and_copies() {
-        assert_eq!(stall_decision(input(4, 950, 1000, 100.0), StallPolicy::Throttle), StallDecision::ThrottleStep);
+        assert_eq!(
+            stall_decision(input(4, 950, 1000, 100.0), StallPolicy::Throttle),
+            StallDecision::ThrottleStep
+        );
         let mut i = input(4, 950, 1000, 100.0);
         i.can_throttle_more = false;
-        assert_eq!(stall_decision(i, StallPolicy::Throttle), StallDecision::StopAndCopy);
+        assert_eq!(
+            stall_decision(i, StallPolicy::Throttle),
+            StallDecision::StopAndCopy
+        );
         let at_limit = input(30, 10, 1000, 100.0);
-        assert_eq!(stall_decision(at_limit, StallPolicy::Throttle), StallDecision::StopAndCopy);
-        assert_eq!(stall_decision(at_limit, StallPolicy::Pause), StallDecision::StopAndCopy);
+        assert_eq!(
+            stall_decision(at_limit, StallPolicy::Throttle),
+            StallDecision::StopAndCopy
+        );
+        assert_eq!(
+            stall_decision(at_limit, StallPolicy::Pause),
+            StallDecision::StopAndCopy
+        );
     }
 
     #[test]

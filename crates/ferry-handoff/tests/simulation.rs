@@ -65,7 +65,10 @@ impl Msg {
         matches!(self, Msg::DeviceState | Msg::Commit | Msg::CommitReply(_))
     }
     fn to_target(&self) -> bool {
-        matches!(self, Msg::DeviceState | Msg::Commit | Msg::StatusReq | Msg::AbortReq)
+        matches!(
+            self,
+            Msg::DeviceState | Msg::Commit | Msg::StatusReq | Msg::AbortReq
+        )
     }
 }
 
@@ -150,7 +153,9 @@ impl World {
         match r {
             Resume::Cont | Resume::FromCapture { .. } => self.sq = SQ::Running,
             Resume::AlreadyRunning | Resume::LeavePaused => {}
-            Resume::Crashed => panic!("crashed without a capture: the simulation never kills an unfenced source QEMU"),
+            Resume::Crashed => panic!(
+                "crashed without a capture: the simulation never kills an unfenced source QEMU"
+            ),
         }
         self.s_mark = SourceMark::Settled;
         self.s_phase = SP::Done;
@@ -233,7 +238,11 @@ impl World {
 
     /// A failure noticed before Commit (link cut, error): roll back.
     fn source_fail(&mut self) -> bool {
-        if !self.s_up || self.s_mark != SourceMark::BeforeCommit || self.s_phase == SP::Done || self.s_phase == SP::Settling {
+        if !self.s_up
+            || self.s_mark != SourceMark::BeforeCommit
+            || self.s_phase == SP::Done
+            || self.s_phase == SP::Settling
+        {
             return false;
         }
         let r = rollback_resume(self.source_qemu(), true, self.capture_whole);
@@ -254,7 +263,9 @@ impl World {
                 }
             }
             Msg::StatusResp(a) if self.s_phase == SP::Settling && self.s_asking => self.settle(a),
-            Msg::AbortResp(true) if self.s_phase == SP::Settling && self.s_asking => self.settle(TargetAnswer::Aborted),
+            Msg::AbortResp(true) if self.s_phase == SP::Settling && self.s_asking => {
+                self.settle(TargetAnswer::Aborted)
+            }
             Msg::AbortResp(false) if self.s_phase == SP::Settling && self.s_asking => self.ask(),
             _ => {}
         }
@@ -287,7 +298,8 @@ impl World {
         let Some(rec) = self.t_rec else { return };
         let (_next, fx) = rec.step(ev.clone());
         // The state moves as its journal effects are carried out (crash in between).
-        self.t_queue.extend(fx.into_iter().map(|e| Item::Fx(e, ctx)));
+        self.t_queue
+            .extend(fx.into_iter().map(|e| Item::Fx(e, ctx)));
         if ctx == Ctx::Abort {
             let aborted = matches!(rec, Receiver::Prepared | Receiver::Aborted);
             self.t_queue.push(Item::ReplyAbort(aborted));
@@ -303,7 +315,13 @@ impl World {
             TQ::Loaded => Ok(()),
             _ => Err("the device state did not load".to_string()),
         };
-        self.target_step(ReceiverEvent::CommitAsked { verdict, leave_paused: false }, Ctx::Commit);
+        self.target_step(
+            ReceiverEvent::CommitAsked {
+                verdict,
+                leave_paused: false,
+            },
+            Ctx::Commit,
+        );
     }
 
     fn target_receive(&mut self, m: Msg) {
@@ -334,7 +352,10 @@ impl World {
                 }
             }
             Msg::StatusReq => {
-                let a = self.t_rec.map(TargetAnswer::from).unwrap_or(TargetAnswer::Unknown);
+                let a = self
+                    .t_rec
+                    .map(TargetAnswer::from)
+                    .unwrap_or(TargetAnswer::Unknown);
                 self.send(Msg::StatusResp(a));
             }
             Msg::AbortReq => self.target_step(ReceiverEvent::AbortAsked, Ctx::Abort),
@@ -359,7 +380,9 @@ impl World {
         match item {
             Item::ReplyAbort(ok) => self.send(Msg::AbortResp(ok)),
             Item::Fx(e, ctx) => match e {
-                Effect::JournalCommitted { leave_paused } => self.t_rec = Some(Receiver::Committed { leave_paused }),
+                Effect::JournalCommitted { leave_paused } => {
+                    self.t_rec = Some(Receiver::Committed { leave_paused })
+                }
                 Effect::Resume => {
                     let ev = if self.tq == TQ::Loaded {
                         self.tq = TQ::Running;
@@ -394,7 +417,11 @@ impl World {
     fn target_restart(&mut self) {
         self.t_up = true;
         if let Some(r) = self.t_rec {
-            let q = if self.tq == TQ::Gone { TargetQemu::Gone } else { TargetQemu::Alive };
+            let q = if self.tq == TQ::Gone {
+                TargetQemu::Gone
+            } else {
+                TargetQemu::Alive
+            };
             match target_recovery(r, q) {
                 TargetAction::Discard => {
                     self.tq = TQ::Gone;
@@ -402,7 +429,10 @@ impl World {
                 }
                 TargetAction::ResumeAndOwn => {
                     // `cont` is idempotent: it may have resumed before the crash.
-                    assert!(matches!(self.tq, TQ::Loaded | TQ::Running), "committed implies loaded");
+                    assert!(
+                        matches!(self.tq, TQ::Loaded | TQ::Running),
+                        "committed implies loaded"
+                    );
                     self.tq = TQ::Running;
                     self.t_rec = Some(Receiver::Owned);
                 }
@@ -422,23 +452,39 @@ impl World {
     }
 
     fn violation(&self) -> Option<String> {
-        (self.sq == SQ::Running && self.tq == TQ::Running).then(|| "the guest runs on both hosts".to_string())
+        (self.sq == SQ::Running && self.tq == TQ::Running)
+            .then(|| "the guest runs on both hosts".to_string())
     }
 
     fn settled(&self) -> bool {
-        self.s_phase == SP::Done && self.t_queue.is_empty() && self.net.is_empty() && !(self.t_rec == Some(Receiver::Prepared) && !self.conn)
+        self.s_phase == SP::Done
+            && self.t_queue.is_empty()
+            && self.net.is_empty()
+            && !(self.t_rec == Some(Receiver::Prepared) && !self.conn)
     }
 
     fn final_check(&self) -> Result<(), String> {
-        let running = [self.sq == SQ::Running, self.tq == TQ::Running].iter().filter(|x| **x).count();
+        let running = [self.sq == SQ::Running, self.tq == TQ::Running]
+            .iter()
+            .filter(|x| **x)
+            .count();
         if running != 1 {
-            return Err(format!("guest runs in {running} QEMUs after settling (source {:?}, target {:?})", self.sq, self.tq));
+            return Err(format!(
+                "guest runs in {running} QEMUs after settling (source {:?}, target {:?})",
+                self.sq, self.tq
+            ));
         }
         if self.tq == TQ::Running && (self.sq != SQ::Gone || self.t_rec != Some(Receiver::Owned)) {
-            return Err(format!("target runs it but source QEMU is {:?}, target record {:?}", self.sq, self.t_rec));
+            return Err(format!(
+                "target runs it but source QEMU is {:?}, target record {:?}",
+                self.sq, self.t_rec
+            ));
         }
         if self.sq == SQ::Running && (self.tq != TQ::Gone || self.t_rec == Some(Receiver::Owned)) {
-            return Err(format!("source runs it but target QEMU is {:?}, target record {:?}", self.tq, self.t_rec));
+            return Err(format!(
+                "source runs it but target QEMU is {:?}, target record {:?}",
+                self.tq, self.t_rec
+            ));
         }
         Ok(())
     }
@@ -523,7 +569,10 @@ fn run(seed: u64, broken: bool) -> Result<(), String> {
             }
             _ => "nothing",
         };
-        w.log.push(format!("{what}: src {:?}/{:?}/{:?} tgt {:?}/{:?} net {:?}", w.s_phase, w.s_mark, w.sq, w.t_rec, w.tq, w.net));
+        w.log.push(format!(
+            "{what}: src {:?}/{:?}/{:?} tgt {:?}/{:?} net {:?}",
+            w.s_phase, w.s_mark, w.sq, w.t_rec, w.tq, w.net
+        ));
         if let Some(v) = w.violation() {
             return Err(format!("seed {seed}: {v}\n{}", w.log.join("\n")));
         }
@@ -557,13 +606,20 @@ fn run(seed: u64, broken: bool) -> Result<(), String> {
         }
     }
     if !w.settled() {
-        return Err(format!("seed {seed}: did not settle: src {:?}/{:?} tgt {:?} net {:?}", w.s_phase, w.sq, w.t_rec, w.net));
+        return Err(format!(
+            "seed {seed}: did not settle: src {:?}/{:?} tgt {:?} net {:?}",
+            w.s_phase, w.sq, w.t_rec, w.net
+        ));
     }
-    w.final_check().map_err(|e| format!("seed {seed}: {e}\n{}", w.log.join("\n")))
+    w.final_check()
+        .map_err(|e| format!("seed {seed}: {e}\n{}", w.log.join("\n")))
 }
 
 fn schedules() -> u64 {
-    std::env::var("FERRY_SIM_SCHEDULES").ok().and_then(|v| v.parse().ok()).unwrap_or(400)
+    std::env::var("FERRY_SIM_SCHEDULES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400)
 }
 
 #[test]
@@ -584,5 +640,8 @@ fn simulation_catches_a_commit_sent_before_the_fence() {
     let n = schedules().max(400);
     let caught = (0..n).filter_map(|seed| run(seed, true).err()).next();
     let e = caught.expect("the broken variant was not caught");
-    assert!(e.contains("both hosts") || e.contains("2 QEMUs"), "caught for the wrong reason: {e}");
+    assert!(
+        e.contains("both hosts") || e.contains("2 QEMUs"),
+        "caught for the wrong reason: {e}"
+    );
 }

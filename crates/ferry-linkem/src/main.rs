@@ -438,7 +438,11 @@ fn scheduler(sh: Arc<Shared>) {
                     Some(&Reverse((t, _))) => Duration::from_nanos(t - now),
                     None => Duration::from_millis(200),
                 };
-                core = sh.wake.wait_timeout(core, wait).unwrap_or_else(|e| e.into_inner()).0;
+                core = sh
+                    .wake
+                    .wait_timeout(core, wait)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
             }
         }
         for (li, p) in batch.drain(..) {
@@ -620,7 +624,9 @@ fn run(cli: Cli) -> Result<()> {
         sys::check_netns(&h.netns)?;
     }
 
-    let Some(mut base) = LinkSpec::profile(&cli.profile) else { bail!("unknown link profile {:?}", cli.profile) };
+    let Some(mut base) = LinkSpec::profile(&cli.profile) else {
+        bail!("unknown link profile {:?}", cli.profile)
+    };
     if let Some(RateArg(r)) = cli.rate {
         base.rate_bps = r;
     }

@@ -172,17 +172,18 @@ pub fn parse_rate(text: &str) -> Result<Option<u64>, String> {
     }
     let (n, unit) = split_number(&t)?;
     let unit = unit.strip_suffix("/s").unwrap_or(&unit);
-    let mult =
-        match unit {
-            "" | "bit" => 1.0,
-            "k" | "kbit" => 1e3,
-            "m" | "mbit" => 1e6,
-            "g" | "gbit" => 1e9,
-            "t" | "tbit" => 1e12,
-            _ => return Err(format!(
+    let mult = match unit {
+        "" | "bit" => 1.0,
+        "k" | "kbit" => 1e3,
+        "m" | "mbit" => 1e6,
+        "g" | "gbit" => 1e9,
+        "t" | "tbit" => 1e12,
+        _ => {
+            return Err(format!(
                 "'{text}': unknown rate unit '{unit}' (use bit, kbit, mbit, gbit: bits per second)"
-            )),
-        };
+            ))
+        }
+    };
     let bps = (n * mult).round() as u64;
     Ok(if bps == 0 { None } else { Some(bps) })
 }

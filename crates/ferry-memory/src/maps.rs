@@ -168,7 +168,9 @@ mod tests {
 pub(crate) fn check_page_range(start: u64, len: u64) -> Result<(), TrackerError> {
     let page = crate::PAGE_SIZE as u64;
     if start % page != 0 || len % page != 0 || len == 0 {
-        return Err(TrackerError::Unsupported(format!("range {start:#x}+{len:#x} is not a non-empty page-aligned range")));
+        return Err(TrackerError::Unsupported(format!(
+            "range {start:#x}+{len:#x} is not a non-empty page-aligned range"
+        )));
     }
     Ok(())
 }

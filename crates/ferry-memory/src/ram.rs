@@ -491,8 +491,12 @@ impl PageSums {
     pub fn new(pages: u64) -> Self {
         let n = pages as usize;
         PageSums {
-            lo: (0..n).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
-            hi: (0..n).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
+            lo: (0..n)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+            hi: (0..n)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
         }
     }
 
@@ -518,7 +522,10 @@ impl PageSums {
     /// contents. Call once every writer is done (their completion must happen-before).
     pub fn fingerprint(&self) -> u128 {
         use std::sync::atomic::Ordering::Relaxed;
-        let sums = self.lo.iter().zip(&self.hi).map(|(lo, hi)| u128::from(lo.load(Relaxed)) | (u128::from(hi.load(Relaxed)) << 64));
+        let sums =
+            self.lo.iter().zip(&self.hi).map(|(lo, hi)| {
+                u128::from(lo.load(Relaxed)) | (u128::from(hi.load(Relaxed)) << 64)
+            });
         combine_page_sums(sums, self.lo.len() as u64)
     }
 }
@@ -537,8 +544,10 @@ impl RamFile {
         let next = std::sync::atomic::AtomicU64::new(0);
         {
             // Each worker fills the sums of the chunks it takes.
-            let parts: Vec<std::sync::Mutex<&mut [u128]>> =
-                sums.chunks_mut(FINGERPRINT_CHUNK_PAGES as usize).map(std::sync::Mutex::new).collect();
+            let parts: Vec<std::sync::Mutex<&mut [u128]>> = sums
+                .chunks_mut(FINGERPRINT_CHUNK_PAGES as usize)
+                .map(std::sync::Mutex::new)
+                .collect();
             std::thread::scope(|s| {
                 for _ in 0..threads.clamp(1, chunks as usize) {
                     s.spawn(|| loop {
@@ -572,7 +581,13 @@ impl RamFile {
                 let n = ((e - pos) as usize).min(PIECE);
                 // SAFETY: pos..pos+n lies inside the mapping (segments are clamped to the
                 // requested range) and buf is Rust-owned with room for n bytes.
-                unsafe { std::ptr::copy_nonoverlapping(self.map.as_ptr().add(pos as usize), buf.as_mut_ptr(), n) };
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        self.map.as_ptr().add(pos as usize),
+                        buf.as_mut_ptr(),
+                        n,
+                    )
+                };
                 for (i, page) in buf[..n].chunks_exact(PAGE_SIZE).enumerate() {
                     let idx = (pos / PAGE - first) as usize + i;
                     if let Some(slot) = out.get_mut(idx) {
@@ -741,7 +756,8 @@ mod tests {
         for i in [0u64, 1, 150, FINGERPRINT_CHUNK_PAGES + 7] {
             c.write_page(i, &page_of(i as u8 | 1)).unwrap();
         }
-        c.write_page(pages - 2, &page_of((pages - 1) as u8 | 1)).unwrap();
+        c.write_page(pages - 2, &page_of((pages - 1) as u8 | 1))
+            .unwrap();
         assert_ne!(fa, c.fingerprint(2).unwrap());
         // One flipped bit in the second chunk changes it.
         let mut p = page_of((FINGERPRINT_CHUNK_PAGES + 7) as u8 | 1);

@@ -45,7 +45,11 @@ impl MirrorCopyMode {
 impl QmpClient {
     /// `nbd-server-start` on a unix socket (the nested address form this command takes).
     pub async fn nbd_server_start_unix(&self, path: &str) -> Result<(), QmpError> {
-        self.execute_unit("nbd-server-start", Some(json!({"addr": {"type": "unix", "data": {"path": path}}}))).await
+        self.execute_unit(
+            "nbd-server-start",
+            Some(json!({"addr": {"type": "unix", "data": {"path": path}}})),
+        )
+        .await
     }
 
     /// `nbd-server-stop`.
@@ -54,7 +58,13 @@ impl QmpClient {
     }
 
     /// `block-export-add` of block node `node` as NBD export `name`.
-    pub async fn block_export_add_nbd(&self, id: &str, node: &str, name: &str, writable: bool) -> Result<(), QmpError> {
+    pub async fn block_export_add_nbd(
+        &self,
+        id: &str,
+        node: &str,
+        name: &str,
+        writable: bool,
+    ) -> Result<(), QmpError> {
         self.execute_unit(
             "block-export-add",
             Some(json!({"type": "nbd", "id": id, "node-name": node, "name": name, "writable": writable})),
@@ -64,11 +74,17 @@ impl QmpClient {
 
     /// `block-export-del`.
     pub async fn block_export_del(&self, id: &str) -> Result<(), QmpError> {
-        self.execute_unit("block-export-del", Some(json!({"id": id}))).await
+        self.execute_unit("block-export-del", Some(json!({"id": id})))
+            .await
     }
 
     /// `blockdev-add` of an NBD client node on a unix socket (the flat address form).
-    pub async fn blockdev_add_nbd_unix(&self, node: &str, path: &str, export: &str) -> Result<(), QmpError> {
+    pub async fn blockdev_add_nbd_unix(
+        &self,
+        node: &str,
+        path: &str,
+        export: &str,
+    ) -> Result<(), QmpError> {
         self.execute_unit(
             "blockdev-add",
             Some(json!({"driver": "nbd", "node-name": node, "server": {"type": "unix", "path": path}, "export": export})),
@@ -78,11 +94,18 @@ impl QmpClient {
 
     /// `blockdev-del`.
     pub async fn blockdev_del(&self, node: &str) -> Result<(), QmpError> {
-        self.execute_unit("blockdev-del", Some(json!({"node-name": node}))).await
+        self.execute_unit("blockdev-del", Some(json!({"node-name": node})))
+            .await
     }
 
     /// `blockdev-mirror` of `device` into node `target`, whole disk (`sync: full`).
-    pub async fn blockdev_mirror(&self, job: &str, device: &str, target: &str, mode: MirrorCopyMode) -> Result<(), QmpError> {
+    pub async fn blockdev_mirror(
+        &self,
+        job: &str,
+        device: &str,
+        target: &str,
+        mode: MirrorCopyMode,
+    ) -> Result<(), QmpError> {
         self.execute_unit(
             "blockdev-mirror",
             Some(json!({"job-id": job, "device": device, "target": target, "sync": "full", "copy-mode": mode.as_str()})),
@@ -91,14 +114,26 @@ impl QmpClient {
     }
 
     /// `block-job-change` of a mirror's copy mode (QEMU 8.2 and later).
-    pub async fn block_job_set_copy_mode(&self, job: &str, mode: MirrorCopyMode) -> Result<(), QmpError> {
-        self.execute_unit("block-job-change", Some(json!({"id": job, "type": "mirror", "copy-mode": mode.as_str()}))).await
+    pub async fn block_job_set_copy_mode(
+        &self,
+        job: &str,
+        mode: MirrorCopyMode,
+    ) -> Result<(), QmpError> {
+        self.execute_unit(
+            "block-job-change",
+            Some(json!({"id": job, "type": "mirror", "copy-mode": mode.as_str()})),
+        )
+        .await
     }
 
     /// `block-job-cancel`. On a READY mirror (without `force`) this completes the job with
     /// source and target in sync and leaves the guest on its own disk.
     pub async fn block_job_cancel(&self, job: &str, force: bool) -> Result<(), QmpError> {
-        self.execute_unit("block-job-cancel", Some(json!({"device": job, "force": force}))).await
+        self.execute_unit(
+            "block-job-cancel",
+            Some(json!({"device": job, "force": force})),
+        )
+        .await
     }
 
     /// `query-block-jobs`.

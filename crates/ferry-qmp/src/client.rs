@@ -11,6 +11,10 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// How long [`QmpClient::execute`] waits for a reply. Every QMP command ferry sends
+/// returns at once (long work such as a migration or a mirror reports through events).
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -251,9 +255,19 @@ impl QmpClient {
     ///
     /// Safe to call concurrently from many tasks. A QMP error reply becomes
     /// [`QmpError::Command`]; the connection closing before the reply
-    /// arrives gives [`QmpError::Disconnected`]. There is no deadline: use
-    /// [`QmpClient::execute_timeout`] for one.
+    /// arrives gives [`QmpError::Disconnected`]. Every command has a deadline,
+    /// [`DEFAULT_COMMAND_TIMEOUT`] ([`QmpError::Timeout`] after it): a wedged QEMU
+    /// must not hang its agent. [`QmpClient::execute_timeout`] sets another.
     pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        self.execute_timeout(command, arguments, DEFAULT_COMMAND_TIMEOUT)
+            .await
+    }
+
+    async fn execute_untimed(
         &self,
         command: &str,
         arguments: Option<Value>,
@@ -304,7 +318,7 @@ impl QmpClient {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
-        tokio::time::timeout(timeout, self.execute(command, arguments))
+        tokio::time::timeout(timeout, self.execute_untimed(command, arguments))
             .await
             .map_err(|_| QmpError::Timeout(format!("reply to QMP command '{command}'")))?
     }
@@ -320,7 +334,11 @@ impl QmpClient {
             .map_err(|e| QmpError::Protocol(format!("cannot decode reply to {command}: {e}")))
     }
 
-    pub(crate) async fn execute_unit(&self, command: &str, arguments: Option<Value>) -> Result<(), QmpError> {
+    pub(crate) async fn execute_unit(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<(), QmpError> {
         self.execute(command, arguments).await.map(drop)
     }
 

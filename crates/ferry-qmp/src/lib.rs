@@ -30,7 +30,7 @@ mod events;
 mod types;
 
 pub use block::{BlockJobInfo, MirrorCopyMode};
-pub use client::QmpClient;
+pub use client::{QmpClient, DEFAULT_COMMAND_TIMEOUT};
 pub use error::QmpError;
 pub use events::{wait_for_event, wait_migration_status, QmpEvent};
 pub use types::{AnnounceParams, DirtyRateInfo, MigrationInfo, QemuVersion, RamStats, RunStatus};

@@ -479,14 +479,21 @@ impl Drop for TestAgent {
 }
 
 /// Follows a migration's `WatchMigration` stream to its end and returns the last status.
-pub async fn watch_to_end(c: &mut FerryControlClient<Channel>, id: &str) -> Result<ferry_api::v1::MigrationStatus> {
+pub async fn watch_to_end(
+    c: &mut FerryControlClient<Channel>,
+    id: &str,
+) -> Result<ferry_api::v1::MigrationStatus> {
     let mut stream = c
         .watch_migration(ferry_api::v1::MigrationRef { id: id.into() })
         .await
         .with_context(|| format!("watching migration {id}"))?
         .into_inner();
     let mut last = None;
-    while let Some(s) = stream.message().await.with_context(|| format!("status of migration {id}"))? {
+    while let Some(s) = stream
+        .message()
+        .await
+        .with_context(|| format!("status of migration {id}"))?
+    {
         last = Some(s);
     }
     last.ok_or_else(|| anyhow!("migration {id}: the watch ended without a status"))
@@ -584,11 +591,21 @@ mod tests {
     #[tokio::test]
     #[ignore = "needs a built ferryd: set FERRYD=path/to/ferryd"]
     async fn real_ferryd_start_kill_restart() {
-        let Some(bin) = std::env::var_os("FERRYD") else { panic!("set FERRYD to the ferryd binary") };
+        let Some(bin) = std::env::var_os("FERRYD") else {
+            panic!("set FERRYD to the ferryd binary")
+        };
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = TestPki::new(&dir.path().join("pki"), &["a"]).expect("pki");
-        let mut a = TestAgent::start(Path::new(&bin), "a", &pki, dir.path(), "tcg").await.expect("start");
-        let vms = a.client().await.expect("client").list_vms(ListVmsRequest {}).await.expect("list");
+        let mut a = TestAgent::start(Path::new(&bin), "a", &pki, dir.path(), "tcg")
+            .await
+            .expect("start");
+        let vms = a
+            .client()
+            .await
+            .expect("client")
+            .list_vms(ListVmsRequest {})
+            .await
+            .expect("list");
         assert!(vms.into_inner().vms.is_empty());
         a.kill().expect("kill");
         assert!(a.client().await.is_err(), "killed agent still answers");

@@ -448,9 +448,11 @@ mod tests {
                 disk_bad: 0,
             }
         );
-        let disk = parse_check("FERRY-CHECK ok pages=4 writes=0 disk_blocks=372 disk_writes=397").expect("disk ok");
+        let disk = parse_check("FERRY-CHECK ok pages=4 writes=0 disk_blocks=372 disk_writes=397")
+            .expect("disk ok");
         assert!(disk.ok && disk.disk_blocks == 372 && disk.disk_writes == 397);
-        let disk = parse_check("FERRY-CHECK fail bad=0 first=0 disk_bad=3 disk_first=12").expect("disk fail");
+        let disk = parse_check("FERRY-CHECK fail bad=0 first=0 disk_bad=3 disk_first=12")
+            .expect("disk fail");
         assert!(!disk.ok && disk.bad == 0 && disk.disk_bad == 3);
         assert_eq!(
             parse_check("FERRY-CHECK fail bad=3 first=17").expect("fail"),

@@ -9,7 +9,9 @@ mod quic;
 mod stream;
 
 pub use quic::{Congestion, QuicEndpoint, TransportTuning, ALPN};
-pub use stream::{read_stream_header, write_stream_header, ControlChannel, FrameReader, FrameWriter};
+pub use stream::{
+    read_stream_header, write_stream_header, ControlChannel, FrameReader, FrameWriter,
+};
 
 pub use quinn::{Connection, RecvStream, SendStream};
 
@@ -17,7 +19,11 @@ pub use quinn::{Connection, RecvStream, SendStream};
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("reading {what} {path}: {source}")]
-    ReadFile { what: &'static str, path: String, source: std::io::Error },
+    ReadFile {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
     #[error("no {what} found in {path}")]
     EmptyPem { what: &'static str, path: String },
     #[error("TLS configuration: {0}")]
@@ -27,11 +33,20 @@ pub enum TransportError {
     #[error("QUIC configuration: {0}")]
     QuicConfig(String),
     #[error("binding QUIC endpoint on {addr}: {source}")]
-    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("connecting to {addr}: {source}")]
-    Connect { addr: std::net::SocketAddr, source: quinn::ConnectError },
+    Connect {
+        addr: std::net::SocketAddr,
+        source: quinn::ConnectError,
+    },
     #[error("QUIC connection to {addr} failed: {source}")]
-    Connection { addr: String, source: quinn::ConnectionError },
+    Connection {
+        addr: String,
+        source: quinn::ConnectionError,
+    },
     #[error("QUIC stream: {0}")]
     Stream(String),
     #[error("peer closed the stream")]
@@ -43,5 +58,8 @@ pub enum TransportError {
     #[error("certificate generation: {0}")]
     Pki(#[from] rcgen::Error),
     #[error("writing {path}: {source}")]
-    WriteFile { path: String, source: std::io::Error },
+    WriteFile {
+        path: String,
+        source: std::io::Error,
+    },
 }

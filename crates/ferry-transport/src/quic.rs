@@ -49,7 +49,8 @@ impl Default for TransportTuning {
 
 fn transport_config(t: &TransportTuning) -> Result<quinn::TransportConfig, TransportError> {
     let mut cfg = quinn::TransportConfig::default();
-    let idle = quinn::IdleTimeout::try_from(t.idle_timeout).map_err(|e| TransportError::QuicConfig(e.to_string()))?;
+    let idle = quinn::IdleTimeout::try_from(t.idle_timeout)
+        .map_err(|e| TransportError::QuicConfig(e.to_string()))?;
     cfg.max_idle_timeout(Some(idle));
     cfg.keep_alive_interval(Some(t.idle_timeout / 3));
     cfg.stream_receive_window(t.stream_window.into());
@@ -67,28 +68,39 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn server_config(id: &Identity, t: &TransportTuning) -> Result<quinn::ServerConfig, TransportError> {
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(id.roots()?), provider())
-        .build()
-        .map_err(|e| TransportError::Verifier(e.to_string()))?;
+fn server_config(
+    id: &Identity,
+    t: &TransportTuning,
+) -> Result<quinn::ServerConfig, TransportError> {
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(id.roots()?),
+        provider(),
+    )
+    .build()
+    .map_err(|e| TransportError::Verifier(e.to_string()))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(id.certs()?, id.key()?)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = QuicServerConfig::try_from(tls).map_err(|e| TransportError::QuicConfig(e.to_string()))?;
+    let quic =
+        QuicServerConfig::try_from(tls).map_err(|e| TransportError::QuicConfig(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(Arc::new(transport_config(t)?));
     Ok(cfg)
 }
 
-fn client_config(id: &Identity, t: &TransportTuning) -> Result<quinn::ClientConfig, TransportError> {
+fn client_config(
+    id: &Identity,
+    t: &TransportTuning,
+) -> Result<quinn::ClientConfig, TransportError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(id.roots()?)
         .with_client_auth_cert(id.certs()?, id.key()?)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = QuicClientConfig::try_from(tls).map_err(|e| TransportError::QuicConfig(e.to_string()))?;
+    let quic =
+        QuicClientConfig::try_from(tls).map_err(|e| TransportError::QuicConfig(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(Arc::new(transport_config(t)?));
     Ok(cfg)
@@ -102,38 +114,70 @@ pub struct QuicEndpoint {
 
 impl QuicEndpoint {
     /// Binds a server endpoint on `addr` (port 0 picks a free port); it can also dial out.
-    pub fn bind(addr: SocketAddr, id: &Identity, tuning: &TransportTuning) -> Result<Self, TransportError> {
+    pub fn bind(
+        addr: SocketAddr,
+        id: &Identity,
+        tuning: &TransportTuning,
+    ) -> Result<Self, TransportError> {
         let socket = udp_socket(addr, tuning.socket_buffer)?;
         let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
-        let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server_config(id, tuning)?), socket, runtime)
-            .map_err(|source| TransportError::Bind { addr, source })?;
+        let mut endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config(id, tuning)?),
+            socket,
+            runtime,
+        )
+        .map_err(|source| TransportError::Bind { addr, source })?;
         endpoint.set_default_client_config(client_config(id, tuning)?);
         Ok(QuicEndpoint { endpoint })
     }
 
     /// A client-only endpoint (binds an ephemeral port on the wildcard address of `family_of`).
-    pub fn client(family_of: SocketAddr, id: &Identity, tuning: &TransportTuning) -> Result<Self, TransportError> {
-        let bind: SocketAddr = if family_of.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
-            .parse()
-            .map_err(|e: std::net::AddrParseError| TransportError::QuicConfig(e.to_string()))?;
+    pub fn client(
+        family_of: SocketAddr,
+        id: &Identity,
+        tuning: &TransportTuning,
+    ) -> Result<Self, TransportError> {
+        let bind: SocketAddr = if family_of.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        }
+        .parse()
+        .map_err(|e: std::net::AddrParseError| TransportError::QuicConfig(e.to_string()))?;
         let socket = udp_socket(bind, tuning.socket_buffer)?;
         let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
-        let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
-            .map_err(|source| TransportError::Bind { addr: bind, source })?;
+        let mut endpoint =
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+                .map_err(|source| TransportError::Bind { addr: bind, source })?;
         endpoint.set_default_client_config(client_config(id, tuning)?);
         Ok(QuicEndpoint { endpoint })
     }
 
     /// The address actually bound.
     pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
-        self.endpoint.local_addr().map_err(|e| TransportError::QuicConfig(e.to_string()))
+        self.endpoint
+            .local_addr()
+            .map_err(|e| TransportError::QuicConfig(e.to_string()))
     }
 
     /// Connects to a peer. `server_name` must be in the peer certificate's SANs (an IP
     /// address string works when the certificate lists that IP).
-    pub async fn connect(&self, addr: SocketAddr, server_name: &str) -> Result<quinn::Connection, TransportError> {
-        let connecting = self.endpoint.connect(addr, server_name).map_err(|source| TransportError::Connect { addr, source })?;
-        connecting.await.map_err(|source| TransportError::Connection { addr: addr.to_string(), source })
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+    ) -> Result<quinn::Connection, TransportError> {
+        let connecting = self
+            .endpoint
+            .connect(addr, server_name)
+            .map_err(|source| TransportError::Connect { addr, source })?;
+        connecting
+            .await
+            .map_err(|source| TransportError::Connection {
+                addr: addr.to_string(),
+                source,
+            })
     }
 
     /// Waits for the next incoming connection and completes its handshake (client
@@ -141,7 +185,11 @@ impl QuicEndpoint {
     pub async fn accept(&self) -> Option<Result<quinn::Connection, TransportError>> {
         let incoming = self.endpoint.accept().await?;
         let addr = incoming.remote_address().to_string();
-        Some(incoming.await.map_err(|source| TransportError::Connection { addr, source }))
+        Some(
+            incoming
+                .await
+                .map_err(|source| TransportError::Connection { addr, source }),
+        )
     }
 
     /// Closes every connection and stops accepting.
@@ -154,15 +202,27 @@ impl QuicEndpoint {
 /// (`SO_*BUFFORCE`), else as large as the limits allow.
 fn udp_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, TransportError> {
     use std::os::fd::AsRawFd;
-    let socket = std::net::UdpSocket::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
-    socket.set_nonblocking(true).map_err(|source| TransportError::Bind { addr, source })?;
+    let socket =
+        std::net::UdpSocket::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
+    socket
+        .set_nonblocking(true)
+        .map_err(|source| TransportError::Bind { addr, source })?;
     let fd = socket.as_raw_fd();
     let size = buffer.min(i32::MAX as usize) as libc::c_int;
-    for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
         let set = |opt| {
             // SAFETY: fd is a valid socket; the option value is a c_int that outlives the call.
             unsafe {
-                libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&size as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
             }
         };
         if set(force) != 0 {

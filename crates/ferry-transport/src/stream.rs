@@ -12,8 +12,13 @@ fn read_err(e: ReadExactError) -> TransportError {
 }
 
 /// Writes the stream header that opens every stream.
-pub async fn write_stream_header(send: &mut SendStream, header: StreamHeader) -> Result<(), TransportError> {
-    send.write_all(&header.encode()).await.map_err(|e| TransportError::Stream(e.to_string()))
+pub async fn write_stream_header(
+    send: &mut SendStream,
+    header: StreamHeader,
+) -> Result<(), TransportError> {
+    send.write_all(&header.encode())
+        .await
+        .map_err(|e| TransportError::Stream(e.to_string()))
 }
 
 /// Reads and validates the stream header.
@@ -33,7 +38,11 @@ pub struct FrameReader {
 
 impl FrameReader {
     pub fn new(recv: RecvStream) -> Self {
-        FrameReader { recv, body: Vec::new(), bytes_read: 0 }
+        FrameReader {
+            recv,
+            body: Vec::new(),
+            bytes_read: 0,
+        }
     }
 
     /// Next frame; `Ok(None)` when the peer finished the stream cleanly between frames.
@@ -46,7 +55,10 @@ impl FrameReader {
         }
         let (ty, len) = Frame::parse_header(&h)?;
         self.body.resize(len, 0);
-        self.recv.read_exact(&mut self.body).await.map_err(read_err)?;
+        self.recv
+            .read_exact(&mut self.body)
+            .await
+            .map_err(read_err)?;
         self.bytes_read += (FRAME_HEADER_LEN + len) as u64;
         Ok(Some(Frame::decode_body(ty, &self.body)?))
     }
@@ -66,18 +78,26 @@ pub struct FrameWriter {
 
 impl FrameWriter {
     pub fn new(send: SendStream) -> Self {
-        FrameWriter { send, bytes_written: 0 }
+        FrameWriter {
+            send,
+            bytes_written: 0,
+        }
     }
 
     pub async fn write(&mut self, frame: &[u8]) -> Result<(), TransportError> {
-        self.send.write_all(frame).await.map_err(|e| TransportError::Stream(e.to_string()))?;
+        self.send
+            .write_all(frame)
+            .await
+            .map_err(|e| TransportError::Stream(e.to_string()))?;
         self.bytes_written += frame.len() as u64;
         Ok(())
     }
 
     /// Finishes the stream (the reader then sees a clean end).
     pub fn finish(&mut self) -> Result<(), TransportError> {
-        self.send.finish().map_err(|e| TransportError::Stream(e.to_string()))
+        self.send
+            .finish()
+            .map_err(|e| TransportError::Stream(e.to_string()))
     }
 }
 
@@ -89,7 +109,10 @@ pub struct ControlChannel {
 
 impl ControlChannel {
     pub fn new(send: SendStream, recv: RecvStream) -> Self {
-        ControlChannel { writer: FrameWriter::new(send), reader: FrameReader::new(recv) }
+        ControlChannel {
+            writer: FrameWriter::new(send),
+            reader: FrameReader::new(recv),
+        }
     }
 
     pub async fn send(&mut self, msg: &ControlMessage) -> Result<(), TransportError> {

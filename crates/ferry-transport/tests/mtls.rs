@@ -1,23 +1,37 @@
 //! Real QUIC connections over loopback with mutual TLS.
 
 use ferry_transport::pki::{generate_ca, issue_host_cert, Identity, PemPair};
-use ferry_transport::{read_stream_header, write_stream_header, ControlChannel, QuicEndpoint, TransportTuning};
+use ferry_transport::{
+    read_stream_header, write_stream_header, ControlChannel, QuicEndpoint, TransportTuning,
+};
 use ferry_wire::{ControlMessage, StreamHeader, StreamKind};
 use std::time::Duration;
 
 fn identity(ca: &PemPair, host: &str) -> Identity {
     let pair = issue_host_cert(ca, host, &[]).unwrap();
-    Identity { ca_pem: ca.cert_pem.clone(), cert_pem: pair.cert_pem, key_pem: pair.key_pem }
+    Identity {
+        ca_pem: ca.cert_pem.clone(),
+        cert_pem: pair.cert_pem,
+        key_pem: pair.key_pem,
+    }
 }
 
 fn tuning() -> TransportTuning {
-    TransportTuning { idle_timeout: Duration::from_secs(3), ..TransportTuning::default() }
+    TransportTuning {
+        idle_timeout: Duration::from_secs(3),
+        ..TransportTuning::default()
+    }
 }
 
 #[tokio::test]
 async fn same_ca_peers_exchange_control_messages() {
     let ca = generate_ca("test mesh").unwrap();
-    let server = QuicEndpoint::bind("127.0.0.1:0".parse().unwrap(), &identity(&ca, "b"), &tuning()).unwrap();
+    let server = QuicEndpoint::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &identity(&ca, "b"),
+        &tuning(),
+    )
+    .unwrap();
     let addr = server.local_addr().unwrap();
     let srv = tokio::spawn(async move {
         let conn = server.accept().await.unwrap().unwrap();
@@ -27,17 +41,24 @@ async fn same_ca_peers_exchange_control_messages() {
         let mut ch = ControlChannel::new(send, recv);
         let msg = ch.recv().await.unwrap();
         assert_eq!(msg, ControlMessage::DigestRequest);
-        ch.send(&ControlMessage::Digest { xxh3_128: [7; 16] }).await.unwrap();
+        ch.send(&ControlMessage::Digest { xxh3_128: [7; 16] })
+            .await
+            .unwrap();
         // Keep the connection open until the client has read the reply.
         conn.closed().await;
     });
     let client = QuicEndpoint::client(addr, &identity(&ca, "a"), &tuning()).unwrap();
     let conn = client.connect(addr, "127.0.0.1").await.unwrap();
     let (mut send, recv) = conn.open_bi().await.unwrap();
-    write_stream_header(&mut send, StreamHeader::new(StreamKind::Control, 0)).await.unwrap();
+    write_stream_header(&mut send, StreamHeader::new(StreamKind::Control, 0))
+        .await
+        .unwrap();
     let mut ch = ControlChannel::new(send, recv);
     ch.send(&ControlMessage::DigestRequest).await.unwrap();
-    assert_eq!(ch.recv().await.unwrap(), ControlMessage::Digest { xxh3_128: [7; 16] });
+    assert_eq!(
+        ch.recv().await.unwrap(),
+        ControlMessage::Digest { xxh3_128: [7; 16] }
+    );
     conn.close(0u32.into(), b"done");
     srv.await.unwrap();
 }
@@ -46,7 +67,12 @@ async fn same_ca_peers_exchange_control_messages() {
 async fn client_from_another_ca_is_refused() {
     let mesh = generate_ca("mesh").unwrap();
     let rogue = generate_ca("rogue").unwrap();
-    let server = QuicEndpoint::bind("127.0.0.1:0".parse().unwrap(), &identity(&mesh, "b"), &tuning()).unwrap();
+    let server = QuicEndpoint::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &identity(&mesh, "b"),
+        &tuning(),
+    )
+    .unwrap();
     let addr = server.local_addr().unwrap();
     let srv = tokio::spawn(async move { server.accept().await.unwrap() });
     // The rogue client trusts the mesh CA (so it accepts the server) but its own
@@ -57,34 +83,59 @@ async fn client_from_another_ca_is_refused() {
     let client_side = async {
         let conn = client.connect(addr, "127.0.0.1").await?;
         // With TLS 1.3 the client may finish first; the refusal then shows on first use.
-        let (mut send, _recv) = conn.open_bi().await.map_err(|e| ferry_transport::TransportError::Stream(e.to_string()))?;
-        send.write_all(b"x").await.map_err(|e| ferry_transport::TransportError::Stream(e.to_string()))?;
+        let (mut send, _recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| ferry_transport::TransportError::Stream(e.to_string()))?;
+        send.write_all(b"x")
+            .await
+            .map_err(|e| ferry_transport::TransportError::Stream(e.to_string()))?;
         conn.closed().await;
         Err::<(), _>(ferry_transport::TransportError::Closed)
     };
-    let client_result = tokio::time::timeout(Duration::from_secs(10), client_side).await.unwrap();
+    let client_result = tokio::time::timeout(Duration::from_secs(10), client_side)
+        .await
+        .unwrap();
     assert!(client_result.is_err());
     let server_result = srv.await.unwrap();
     let err = server_result.expect_err("server must refuse a certificate from another CA");
-    assert!(err.to_string().to_lowercase().contains("certificate"), "error names the certificate: {err}");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "error names the certificate: {err}"
+    );
 }
 
 #[tokio::test]
 async fn server_from_another_ca_is_refused_by_client() {
     let mesh = generate_ca("mesh").unwrap();
     let rogue = generate_ca("rogue").unwrap();
-    let server = QuicEndpoint::bind("127.0.0.1:0".parse().unwrap(), &identity(&rogue, "b"), &tuning()).unwrap();
+    let server = QuicEndpoint::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &identity(&rogue, "b"),
+        &tuning(),
+    )
+    .unwrap();
     let addr = server.local_addr().unwrap();
     tokio::spawn(async move { server.accept().await });
     let client = QuicEndpoint::client(addr, &identity(&mesh, "a"), &tuning()).unwrap();
-    let err = client.connect(addr, "127.0.0.1").await.expect_err("untrusted server");
-    assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
+    let err = client
+        .connect(addr, "127.0.0.1")
+        .await
+        .expect_err("untrusted server");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
 }
 
 #[test]
 fn dev_pki_files_load() {
     let dir = tempfile::tempdir().unwrap();
-    ferry_transport::pki::write_dev_pki(dir.path(), &[("a".into(), vec!["10.0.0.1".into()]), ("b".into(), vec![])]).unwrap();
+    ferry_transport::pki::write_dev_pki(
+        dir.path(),
+        &[("a".into(), vec!["10.0.0.1".into()]), ("b".into(), vec![])],
+    )
+    .unwrap();
     let f = ferry_transport::pki::host_files(dir.path(), "a");
     Identity::load(&f.ca, &f.cert, &f.key).unwrap();
     // A missing file is an error naming the file.

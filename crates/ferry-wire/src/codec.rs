@@ -50,7 +50,9 @@ impl Codec {
         match id {
             0 => Ok(Codec::None),
             1 => Ok(Codec::Lz4),
-            2 => Ok(Codec::Zstd { level: Self::DEFAULT_ZSTD_LEVEL }),
+            2 => Ok(Codec::Zstd {
+                level: Self::DEFAULT_ZSTD_LEVEL,
+            }),
             other => Err(CodecError::UnknownId(other)),
         }
     }
@@ -61,8 +63,9 @@ impl Codec {
         let out = match self {
             Codec::None => return Ok(None),
             Codec::Lz4 => lz4_flex::block::compress(raw),
-            Codec::Zstd { level } => zstd::bulk::compress(raw, level)
-                .map_err(|e| CodecError::Compress(e.to_string()))?,
+            Codec::Zstd { level } => {
+                zstd::bulk::compress(raw, level).map_err(|e| CodecError::Compress(e.to_string()))?
+            }
         };
         // Keep a margin: a block that saves under 3% is not worth the decode time.
         if out.len() + raw.len() / 32 >= raw.len() {
@@ -77,7 +80,10 @@ impl Codec {
         match self {
             Codec::None => {
                 if data.len() != out.len() {
-                    return Err(CodecError::LengthMismatch { expected: out.len(), got: data.len() });
+                    return Err(CodecError::LengthMismatch {
+                        expected: out.len(),
+                        got: data.len(),
+                    });
                 }
                 out.copy_from_slice(data);
             }
@@ -85,14 +91,20 @@ impl Codec {
                 let n = lz4_flex::block::decompress_into(data, out)
                     .map_err(|e| CodecError::Decompress(e.to_string()))?;
                 if n != out.len() {
-                    return Err(CodecError::LengthMismatch { expected: out.len(), got: n });
+                    return Err(CodecError::LengthMismatch {
+                        expected: out.len(),
+                        got: n,
+                    });
                 }
             }
             Codec::Zstd { .. } => {
                 let n = zstd::bulk::decompress_to_buffer(data, out)
                     .map_err(|e| CodecError::Decompress(e.to_string()))?;
                 if n != out.len() {
-                    return Err(CodecError::LengthMismatch { expected: out.len(), got: n });
+                    return Err(CodecError::LengthMismatch {
+                        expected: out.len(),
+                        got: n,
+                    });
                 }
             }
         }
@@ -118,7 +130,9 @@ impl FromStr for Codec {
         match s.as_str() {
             "none" | "raw" => Ok(Codec::None),
             "lz4" => Ok(Codec::Lz4),
-            "zstd" => Ok(Codec::Zstd { level: Self::DEFAULT_ZSTD_LEVEL }),
+            "zstd" => Ok(Codec::Zstd {
+                level: Self::DEFAULT_ZSTD_LEVEL,
+            }),
             other => {
                 let level = other
                     .strip_prefix("zstd:")
@@ -144,8 +158,14 @@ mod tests {
         assert_eq!("zstd".parse::<Codec>(), Ok(Codec::Zstd { level: 1 }));
         assert_eq!("zstd:3".parse::<Codec>(), Ok(Codec::Zstd { level: 3 }));
         assert_eq!("zstd:0".parse::<Codec>(), Err(CodecError::BadLevel(0)));
-        assert!(matches!("gzip".parse::<Codec>(), Err(CodecError::UnknownName(_))));
-        assert!(matches!("zstd:x".parse::<Codec>(), Err(CodecError::UnknownName(_))));
+        assert!(matches!(
+            "gzip".parse::<Codec>(),
+            Err(CodecError::UnknownName(_))
+        ));
+        assert!(matches!(
+            "zstd:x".parse::<Codec>(),
+            Err(CodecError::UnknownName(_))
+        ));
     }
 
     #[test]

@@ -34,20 +34,35 @@ pub enum ControlMessage {
     /// First frame of a cold migration's disk-image stream: which migration (and its
     /// one-time token), which image, and the offset the data starts at (the target's
     /// resume offset).
-    DiskImageBegin { migration_id: String, token: String, index: u32, offset: u64 },
+    DiskImageBegin {
+        migration_id: String,
+        token: String,
+        index: u32,
+        offset: u64,
+    },
     /// Last frame of a disk-image stream: the sender scanned the whole file, `length` bytes.
     DiskImageEnd { length: u64 },
     /// Like [`ControlMessage::RoundEnd`] for the last round, sent with the guest paused:
     /// once these batches are written the target may feed the device state (which the
     /// source lets QEMU send at once) to its QEMU, and answer a `DigestRequest`.
-    FinalRoundEnd { round: u32, batches_total: u64, verify: bool },
+    FinalRoundEnd {
+        round: u32,
+        batches_total: u64,
+        verify: bool,
+    },
     /// The source's decision point, sent once its QEMU has sent the device state: commit
     /// if your RAM fingerprint equals `digest` (none: not verified) and the device state
     /// loaded. The target journals, takes the VM, resumes it unless `leave_paused` and
     /// answers [`ControlMessage::Committed`], or answers `Error` and does not commit.
-    Commit { digest: Option<[u8; 16]>, leave_paused: bool },
+    Commit {
+        digest: Option<[u8; 16]>,
+        leave_paused: bool,
+    },
     /// The target owns the VM now (Unix microseconds; `resume_unix_us` 0 if left paused).
-    Committed { resume_unix_us: i64, ready_unix_us: i64 },
+    Committed {
+        resume_unix_us: i64,
+        ready_unix_us: i64,
+    },
 }
 
 impl ControlMessage {

@@ -56,24 +56,44 @@ pub struct StreamHeader {
 impl StreamHeader {
     /// A header for this build's protocol version.
     pub fn new(kind: StreamKind, index: u16) -> Self {
-        StreamHeader { version: PROTOCOL_VERSION, kind, index }
+        StreamHeader {
+            version: PROTOCOL_VERSION,
+            kind,
+            index,
+        }
     }
 
     pub fn encode(&self) -> [u8; STREAM_HEADER_LEN] {
         let i = self.index.to_le_bytes();
-        [MAGIC[0], MAGIC[1], MAGIC[2], MAGIC[3], self.version, self.kind as u8, i[0], i[1]]
+        [
+            MAGIC[0],
+            MAGIC[1],
+            MAGIC[2],
+            MAGIC[3],
+            self.version,
+            self.kind as u8,
+            i[0],
+            i[1],
+        ]
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, WireError> {
         if b.len() < STREAM_HEADER_LEN {
-            return Err(WireError::Truncated { what: "stream header", need: STREAM_HEADER_LEN, have: b.len() });
+            return Err(WireError::Truncated {
+                what: "stream header",
+                need: STREAM_HEADER_LEN,
+                have: b.len(),
+            });
         }
         let magic = [b[0], b[1], b[2], b[3]];
         if magic != MAGIC {
             return Err(WireError::BadMagic(magic));
         }
         if !crate::version_supported(b[4]) {
-            return Err(WireError::UnsupportedVersion { got: b[4], ours: PROTOCOL_VERSION });
+            return Err(WireError::UnsupportedVersion {
+                got: b[4],
+                ours: PROTOCOL_VERSION,
+            });
         }
         let kind = match b[5] {
             1 => StreamKind::Control,
@@ -84,7 +104,11 @@ impl StreamHeader {
             6 => StreamKind::NbdTunnel,
             k => return Err(WireError::UnknownStreamKind(k)),
         };
-        Ok(StreamHeader { version: b[4], kind, index: u16::from_le_bytes([b[6], b[7]]) })
+        Ok(StreamHeader {
+            version: b[4],
+            kind,
+            index: u16::from_le_bytes([b[6], b[7]]),
+        })
     }
 }
 
@@ -144,7 +168,12 @@ impl PageBatch {
 
     /// Encodes one batch as a complete frame. `raw` holds the pages of `runs` in order.
     /// The payload is compressed with `codec` unless that does not make it smaller.
-    pub fn encode(round: u32, runs: &[PageRun], raw: &[u8], codec: Codec) -> Result<EncodedBatch, WireError> {
+    pub fn encode(
+        round: u32,
+        runs: &[PageRun],
+        raw: &[u8],
+        codec: Codec,
+    ) -> Result<EncodedBatch, WireError> {
         let pages = checked_page_count(runs)?;
         if raw.len() != pages * PAGE_SIZE {
             return Err(WireError::InvalidBatch(format!(
@@ -169,7 +198,12 @@ impl PageBatch {
         put_runs(&mut out, runs);
         out.extend_from_slice(&crc.to_le_bytes());
         out.extend_from_slice(payload);
-        Ok(EncodedBatch { bytes: out, pages, codec: used, payload_len: payload.len() })
+        Ok(EncodedBatch {
+            bytes: out,
+            pages,
+            codec: used,
+            payload_len: payload.len(),
+        })
     }
 }
 
@@ -191,7 +225,12 @@ impl ZeroPages {
         out.extend_from_slice(&round.to_le_bytes());
         out.extend_from_slice(&(runs.len() as u16).to_le_bytes());
         put_runs(&mut out, runs);
-        Ok(EncodedBatch { bytes: out, pages, codec: Codec::None, payload_len: 0 })
+        Ok(EncodedBatch {
+            bytes: out,
+            pages,
+            codec: Codec::None,
+            payload_len: 0,
+        })
     }
 }
 
@@ -211,7 +250,10 @@ impl DataChunk {
     /// Encodes `raw` (at most [`MAX_CHUNK`] bytes) at `offset` as a complete frame.
     pub fn encode(offset: u64, raw: &[u8], codec: Codec) -> Result<Vec<u8>, WireError> {
         if raw.is_empty() || raw.len() > MAX_CHUNK {
-            return Err(WireError::InvalidBatch(format!("chunk of {} bytes (must be 1..={MAX_CHUNK})", raw.len())));
+            return Err(WireError::InvalidBatch(format!(
+                "chunk of {} bytes (must be 1..={MAX_CHUNK})",
+                raw.len()
+            )));
         }
         let crc = crc32fast::hash(raw);
         let compressed = codec.compress(raw)?;
@@ -259,11 +301,18 @@ impl Frame {
     /// Parses a frame header: the body length (checked against [`MAX_FRAME_BODY`]) and type.
     pub fn parse_header(h: &[u8]) -> Result<(FrameType, usize), WireError> {
         if h.len() < FRAME_HEADER_LEN {
-            return Err(WireError::Truncated { what: "frame header", need: FRAME_HEADER_LEN, have: h.len() });
+            return Err(WireError::Truncated {
+                what: "frame header",
+                need: FRAME_HEADER_LEN,
+                have: h.len(),
+            });
         }
         let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
         if len > MAX_FRAME_BODY {
-            return Err(WireError::FrameTooLarge { len, max: MAX_FRAME_BODY });
+            return Err(WireError::FrameTooLarge {
+                len,
+                max: MAX_FRAME_BODY,
+            });
         }
         Ok((FrameType::from_u8(h[4])?, len))
     }
@@ -284,7 +333,9 @@ impl Frame {
                 let codec = Codec::from_id(r.u8("chunk codec")?)?;
                 let raw_len = r.u32("chunk length")? as usize;
                 if raw_len == 0 || raw_len > MAX_CHUNK {
-                    return Err(WireError::InvalidBatch(format!("chunk of {raw_len} bytes (must be 1..={MAX_CHUNK})")));
+                    return Err(WireError::InvalidBatch(format!(
+                        "chunk of {raw_len} bytes (must be 1..={MAX_CHUNK})"
+                    )));
                 }
                 let crc = r.u32("chunk checksum")?;
                 let payload = r.rest();
@@ -292,9 +343,17 @@ impl Frame {
                 codec.decompress_into(payload, &mut data)?;
                 let actual = crc32fast::hash(&data);
                 if actual != crc {
-                    return Err(WireError::ChecksumMismatch { expected: crc, actual });
+                    return Err(WireError::ChecksumMismatch {
+                        expected: crc,
+                        actual,
+                    });
                 }
-                return Ok(Frame::Chunk(DataChunk { offset, codec, data, wire_payload: payload.len() }));
+                return Ok(Frame::Chunk(DataChunk {
+                    offset,
+                    codec,
+                    data,
+                    wire_payload: payload.len(),
+                }));
             }
             FrameType::Pages => {
                 let round = r.u32("batch round")?;
@@ -307,9 +366,18 @@ impl Frame {
                 codec.decompress_into(payload, &mut data)?;
                 let actual = crc32fast::hash(&data);
                 if actual != crc {
-                    return Err(WireError::ChecksumMismatch { expected: crc, actual });
+                    return Err(WireError::ChecksumMismatch {
+                        expected: crc,
+                        actual,
+                    });
                 }
-                return Ok(Frame::Pages(PageBatch { round, codec, runs, data, wire_payload: payload.len() }));
+                return Ok(Frame::Pages(PageBatch {
+                    round,
+                    codec,
+                    runs,
+                    data,
+                    wire_payload: payload.len(),
+                }));
             }
         };
         if r.pos != body.len() {
@@ -323,7 +391,11 @@ impl Frame {
         let (ty, len) = Frame::parse_header(buf)?;
         let end = FRAME_HEADER_LEN + len;
         if buf.len() < end {
-            return Err(WireError::Truncated { what: "frame body", need: end, have: buf.len() });
+            return Err(WireError::Truncated {
+                what: "frame body",
+                need: end,
+                have: buf.len(),
+            });
         }
         Ok((Frame::decode_body(ty, &buf[FRAME_HEADER_LEN..end])?, end))
     }
@@ -332,7 +404,10 @@ impl Frame {
     pub fn encode_control(msg: &ControlMessage) -> Result<Vec<u8>, WireError> {
         let body = msg.to_bytes()?;
         if body.len() > MAX_FRAME_BODY {
-            return Err(WireError::FrameTooLarge { len: body.len(), max: MAX_FRAME_BODY });
+            return Err(WireError::FrameTooLarge {
+                len: body.len(),
+                max: MAX_FRAME_BODY,
+            });
         }
         let mut out = Vec::with_capacity(FRAME_HEADER_LEN + body.len());
         out.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -352,7 +427,10 @@ fn put_runs(out: &mut Vec<u8>, runs: &[PageRun]) {
 /// Total pages of `runs`, rejecting empty runs, overflow and oversized batches.
 fn checked_page_count(runs: &[PageRun]) -> Result<usize, WireError> {
     if runs.len() > MAX_RUNS {
-        return Err(WireError::InvalidBatch(format!("{} runs (max {MAX_RUNS})", runs.len())));
+        return Err(WireError::InvalidBatch(format!(
+            "{} runs (max {MAX_RUNS})",
+            runs.len()
+        )));
     }
     let mut total = 0usize;
     for run in runs {
@@ -360,12 +438,17 @@ fn checked_page_count(runs: &[PageRun]) -> Result<usize, WireError> {
             return Err(WireError::InvalidBatch("empty page run".into()));
         }
         if run.first.checked_add(u64::from(run.count)).is_none() {
-            return Err(WireError::InvalidBatch(format!("page run at {} overflows", run.first)));
+            return Err(WireError::InvalidBatch(format!(
+                "page run at {} overflows",
+                run.first
+            )));
         }
         total = total.saturating_add(run.count as usize);
     }
     if total == 0 || total > MAX_BATCH_PAGES {
-        return Err(WireError::InvalidBatch(format!("{total} pages (must be 1..={MAX_BATCH_PAGES})")));
+        return Err(WireError::InvalidBatch(format!(
+            "{total} pages (must be 1..={MAX_BATCH_PAGES})"
+        )));
     }
     Ok(total)
 }
@@ -378,11 +461,15 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], WireError> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or(WireError::Truncated {
-            what,
-            need: self.pos.saturating_add(n),
-            have: self.buf.len(),
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or(WireError::Truncated {
+                what,
+                need: self.pos.saturating_add(n),
+                have: self.buf.len(),
+            })?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -407,11 +494,16 @@ impl<'a> Reader<'a> {
     fn runs(&mut self) -> Result<Vec<PageRun>, WireError> {
         let n = self.u16("run count")? as usize;
         if n > MAX_RUNS {
-            return Err(WireError::InvalidBatch(format!("{n} runs (max {MAX_RUNS})")));
+            return Err(WireError::InvalidBatch(format!(
+                "{n} runs (max {MAX_RUNS})"
+            )));
         }
         let mut runs = Vec::with_capacity(n);
         for _ in 0..n {
-            runs.push(PageRun { first: self.u64("run start")?, count: self.u32("run length")? });
+            runs.push(PageRun {
+                first: self.u64("run start")?,
+                count: self.u32("run length")?,
+            });
         }
         Ok(runs)
     }
@@ -426,11 +518,20 @@ impl<'a> Reader<'a> {
 mod tests {
     #[test]
     fn data_chunks_round_trip_compressed_and_raw() {
-        let text: Vec<u8> = b"ferry moves disks ".iter().copied().cycle().take(300_000).collect();
+        let text: Vec<u8> = b"ferry moves disks "
+            .iter()
+            .copied()
+            .cycle()
+            .take(300_000)
+            .collect();
         for codec in [Codec::None, Codec::Lz4, Codec::Zstd { level: 1 }] {
             let bytes = DataChunk::encode(7 << 20, &text, codec).expect("encode");
             if codec != Codec::None {
-                assert!(bytes.len() < text.len() / 4, "{codec}: {} bytes", bytes.len());
+                assert!(
+                    bytes.len() < text.len() / 4,
+                    "{codec}: {} bytes",
+                    bytes.len()
+                );
             }
             let (frame, used) = Frame::decode(&bytes).expect("decode");
             assert_eq!(used, bytes.len());
@@ -451,11 +552,17 @@ mod tests {
         let mut bytes = DataChunk::encode(0, &[9u8; 4096], Codec::None).expect("encode");
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
-        assert!(matches!(Frame::decode(&bytes), Err(WireError::ChecksumMismatch { .. })));
+        assert!(matches!(
+            Frame::decode(&bytes),
+            Err(WireError::ChecksumMismatch { .. })
+        ));
         // A length field that promises more than MAX_CHUNK is refused before allocating.
         let mut bytes = DataChunk::encode(0, &[9u8; 16], Codec::None).expect("encode");
         bytes[FRAME_HEADER_LEN + 9..FRAME_HEADER_LEN + 13].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(Frame::decode(&bytes), Err(WireError::InvalidBatch(_))));
+        assert!(matches!(
+            Frame::decode(&bytes),
+            Err(WireError::InvalidBatch(_))
+        ));
     }
 
     use super::*;
@@ -464,7 +571,11 @@ mod tests {
         let mut v = Vec::with_capacity(n * PAGE_SIZE);
         for p in 0..n {
             for i in 0..PAGE_SIZE {
-                v.push(if p % 2 == 0 { b"guest memory "[i % 13] } else { ((i * 31 + p * 7) % 251) as u8 });
+                v.push(if p % 2 == 0 {
+                    b"guest memory "[i % 13]
+                } else {
+                    ((i * 31 + p * 7) % 251) as u8
+                });
             }
         }
         v
@@ -474,16 +585,34 @@ mod tests {
     fn stream_header_round_trip_and_errors() {
         let h = StreamHeader::new(StreamKind::Pages, 3);
         assert_eq!(StreamHeader::decode(&h.encode()), Ok(h));
-        assert!(matches!(StreamHeader::decode(b"HTTP/1.1"), Err(WireError::BadMagic(_))));
+        assert!(matches!(
+            StreamHeader::decode(b"HTTP/1.1"),
+            Err(WireError::BadMagic(_))
+        ));
         let mut b = h.encode();
         b[4] = 99;
-        assert!(matches!(StreamHeader::decode(&b), Err(WireError::UnsupportedVersion { got: 99, .. })));
-        assert!(matches!(StreamHeader::decode(&b[..3]), Err(WireError::Truncated { .. })));
+        assert!(matches!(
+            StreamHeader::decode(&b),
+            Err(WireError::UnsupportedVersion { got: 99, .. })
+        ));
+        assert!(matches!(
+            StreamHeader::decode(&b[..3]),
+            Err(WireError::Truncated { .. })
+        ));
     }
 
     #[test]
     fn page_batch_round_trip_each_codec() {
-        let runs = [PageRun { first: 10, count: 3 }, PageRun { first: 100, count: 1 }];
+        let runs = [
+            PageRun {
+                first: 10,
+                count: 3,
+            },
+            PageRun {
+                first: 100,
+                count: 1,
+            },
+        ];
         let raw = sample_pages(4);
         for codec in [Codec::None, Codec::Lz4, Codec::Zstd { level: 3 }] {
             let enc = PageBatch::encode(7, &runs, &raw, codec).unwrap();
@@ -494,22 +623,41 @@ mod tests {
                     assert_eq!(b.round, 7);
                     assert_eq!(b.runs, runs);
                     assert_eq!(b.data, raw);
-                    assert_eq!(b.codec.id(), enc.codec.id(), "decoders know the codec, not its level");
+                    assert_eq!(
+                        b.codec.id(),
+                        enc.codec.id(),
+                        "decoders know the codec, not its level"
+                    );
                 }
                 other => panic!("unexpected {other:?}"),
             }
             if codec != Codec::None {
-                assert!(enc.payload_len < raw.len(), "{codec} should shrink the sample");
+                assert!(
+                    enc.payload_len < raw.len(),
+                    "{codec} should shrink the sample"
+                );
             }
         }
     }
 
     #[test]
     fn zero_pages_and_control_round_trip() {
-        let runs = [PageRun { first: 0, count: 1024 }];
+        let runs = [PageRun {
+            first: 0,
+            count: 1024,
+        }];
         let enc = ZeroPages::encode(2, &runs).unwrap();
-        assert_eq!(Frame::decode(&enc.bytes).unwrap().0, Frame::ZeroPages(ZeroPages { round: 2, runs: runs.to_vec() }));
-        let msg = ControlMessage::RoundEnd { round: 4, batches_total: 99 };
+        assert_eq!(
+            Frame::decode(&enc.bytes).unwrap().0,
+            Frame::ZeroPages(ZeroPages {
+                round: 2,
+                runs: runs.to_vec()
+            })
+        );
+        let msg = ControlMessage::RoundEnd {
+            round: 4,
+            batches_total: 99,
+        };
         let bytes = Frame::encode_control(&msg).unwrap();
         assert_eq!(Frame::decode(&bytes).unwrap().0, Frame::Control(msg));
     }
@@ -518,21 +666,39 @@ mod tests {
     fn corrupt_payload_is_detected() {
         let runs = [PageRun { first: 0, count: 2 }];
         let raw = sample_pages(2);
-        let mut enc = PageBatch::encode(1, &runs, &raw, Codec::None).unwrap().bytes;
+        let mut enc = PageBatch::encode(1, &runs, &raw, Codec::None)
+            .unwrap()
+            .bytes;
         let last = enc.len() - 1;
         enc[last] ^= 0xff;
-        assert!(matches!(Frame::decode(&enc), Err(WireError::ChecksumMismatch { .. })));
+        assert!(matches!(
+            Frame::decode(&enc),
+            Err(WireError::ChecksumMismatch { .. })
+        ));
     }
 
     #[test]
     fn rejects_oversized_and_empty_batches() {
-        let too_many = [PageRun { first: 0, count: (MAX_BATCH_PAGES + 1) as u32 }];
+        let too_many = [PageRun {
+            first: 0,
+            count: (MAX_BATCH_PAGES + 1) as u32,
+        }];
         assert!(PageBatch::encode(0, &too_many, &[], Codec::None).is_err());
         assert!(ZeroPages::encode(0, &[PageRun { first: 5, count: 0 }]).is_err());
-        assert!(ZeroPages::encode(0, &[PageRun { first: u64::MAX, count: 2 }]).is_err());
+        assert!(ZeroPages::encode(
+            0,
+            &[PageRun {
+                first: u64::MAX,
+                count: 2
+            }]
+        )
+        .is_err());
         let mut huge = vec![0u8; 5];
         huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
         huge[4] = 2;
-        assert!(matches!(Frame::decode(&huge), Err(WireError::FrameTooLarge { .. })));
+        assert!(matches!(
+            Frame::decode(&huge),
+            Err(WireError::FrameTooLarge { .. })
+        ));
     }
 }

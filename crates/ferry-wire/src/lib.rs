@@ -16,8 +16,8 @@ mod frame;
 pub use codec::{Codec, CodecError};
 pub use control::ControlMessage;
 pub use frame::{
-    DataChunk, Frame, FrameType, PageBatch, PageRun, StreamHeader, StreamKind, ZeroPages, EncodedBatch,
-    FRAME_HEADER_LEN, MAX_BATCH_PAGES, MAX_CHUNK, MAX_FRAME_BODY, STREAM_HEADER_LEN,
+    DataChunk, EncodedBatch, Frame, FrameType, PageBatch, PageRun, StreamHeader, StreamKind,
+    ZeroPages, FRAME_HEADER_LEN, MAX_BATCH_PAGES, MAX_CHUNK, MAX_FRAME_BODY, STREAM_HEADER_LEN,
 };
 
 /// Version of the data-plane protocol this build speaks. A receiver accepts its own
@@ -36,7 +36,11 @@ pub fn version_supported(version: u8) -> bool {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
     #[error("truncated {what}: need {need} bytes, have {have}")]
-    Truncated { what: &'static str, need: usize, have: usize },
+    Truncated {
+        what: &'static str,
+        need: usize,
+        have: usize,
+    },
     #[error("bad stream magic {0:02x?} (not a ferry stream)")]
     BadMagic([u8; 4]),
     #[error("unsupported protocol version {got} (this agent speaks {ours})")]

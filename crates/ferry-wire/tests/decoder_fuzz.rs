@@ -1,12 +1,17 @@
 //! Property tests: the frame decoder returns errors, never panics, on arbitrary,
 //! truncated and bit-flipped input.
 
-use ferry_wire::{Codec, ControlMessage, Frame, PageBatch, PageRun, StreamHeader, ZeroPages, PAGE_SIZE};
+use ferry_wire::{
+    Codec, ControlMessage, Frame, PageBatch, PageRun, StreamHeader, ZeroPages, PAGE_SIZE,
+};
 use proptest::prelude::*;
 
 fn valid_frames() -> Vec<Vec<u8>> {
     let raw: Vec<u8> = (0..3 * PAGE_SIZE).map(|i| (i % 7) as u8).collect();
-    let runs = [PageRun { first: 1, count: 2 }, PageRun { first: 9, count: 1 }];
+    let runs = [
+        PageRun { first: 1, count: 2 },
+        PageRun { first: 9, count: 1 },
+    ];
     let mut v = Vec::new();
     for codec in [Codec::None, Codec::Lz4, Codec::Zstd { level: 1 }] {
         v.push(PageBatch::encode(3, &runs, &raw, codec).unwrap().bytes);

@@ -1,7 +1,8 @@
 //! Running a parsed command against an agent.
 
 use crate::cli::{
-    CertsCommand, Cli, Command, GlobalOpts, MigrateArgs, MigrationsCommand, PreflightArgs, VmCommand,
+    CertsCommand, Cli, Command, GlobalOpts, MigrateArgs, MigrationsCommand, PreflightArgs,
+    VmCommand,
 };
 use crate::connect::{connect_with, rpc_error};
 use crate::{json, report, spec};
@@ -87,7 +88,13 @@ async fn preflight(client: &mut Client, g: &GlobalOpts, a: PreflightArgs) -> Res
     } else {
         print!("{}", report::preflight_report(&r));
     }
-    Ok(if r.ok { 0 } else if r.ok_with_force { 5 } else { 1 })
+    Ok(if r.ok {
+        0
+    } else if r.ok_with_force {
+        5
+    } else {
+        1
+    })
 }
 
 fn print_json(v: &serde_json::Value) {
@@ -211,7 +218,10 @@ async fn migrate(client: &mut Client, g: &GlobalOpts, a: MigrateArgs) -> Result<
         skip_verify: a.no_verify,
         force: a.force,
         bandwidth_bytes_per_sec: a.bandwidth.unwrap_or(0),
-        timeout_s: a.timeout.map(|d| d.as_secs().clamp(1, u64::from(u32::MAX)) as u32).unwrap_or(0),
+        timeout_s: a
+            .timeout
+            .map(|d| d.as_secs().clamp(1, u64::from(u32::MAX)) as u32)
+            .unwrap_or(0),
         on_stall: a.on_stall.clone().unwrap_or_default(),
         leave_paused: a.suspend,
         storage: a.storage.clone().unwrap_or_default(),

@@ -230,7 +230,10 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
     } else {
         (t.as_str(), 1.0)
     };
-    let v: f64 = num.trim().parse().map_err(|_| format!("bad rate '{s}': use e.g. 200M, 1G or 500mbit"))?;
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad rate '{s}': use e.g. 200M, 1G or 500mbit"))?;
     let bytes = (v * mult) as u64;
     if bytes == 0 {
         return Err(format!("rate '{s}' is zero"));
@@ -431,7 +434,14 @@ mod tests {
     #[test]
     fn offline_migrate_options() {
         let c = parse(&[
-            "migrate", "web1", "--to", "b:1", "--offline", "--start", "--undefine-source", "--stop-source",
+            "migrate",
+            "web1",
+            "--to",
+            "b:1",
+            "--offline",
+            "--start",
+            "--undefine-source",
+            "--stop-source",
         ])
         .expect("parse");
         let Command::Migrate(m) = c.command else {

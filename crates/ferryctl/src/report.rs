@@ -318,7 +318,10 @@ pub fn progress_position(status: &MigrationStatus) -> (u64, u64) {
     let st = status.stats.clone().unwrap_or_default();
     if is_offline(&st) {
         // A cold migration: the bar follows the disk images.
-        return (st.disk_bytes_done.min(st.disk_bytes_total), st.disk_bytes_total);
+        return (
+            st.disk_bytes_done.min(st.disk_bytes_total),
+            st.disk_bytes_total,
+        );
     }
     if st.guest_ram_bytes == 0 {
         return (0, 0);
@@ -690,7 +693,9 @@ mod tests {
             source: "a".into(),
             target: "b".into(),
             phase: MigrationPhase::Completed as i32,
-            message: "VM 'web' is now running on b; a keeps its definition (stopped) and image files".into(),
+            message:
+                "VM 'web' is now running on b; a keeps its definition (stopped) and image files"
+                    .into(),
             stats: Some(MigrationStats {
                 storage: "copied".into(),
                 disk_bytes_total: 200 << 20,
@@ -704,16 +709,37 @@ mod tests {
             ..Default::default()
         };
         let r = final_report(&status);
-        assert!(r.contains("disk bytes        200.0 MiB of 200.0 MiB -> 88.0 MiB wire"), "{r}");
-        assert!(r.contains("1.0 MiB skipped (holes, zeros), 46.0 MiB already on the target"), "{r}");
-        assert!(r.contains("outcome           VM 'web' is now running on b"), "{r}");
+        assert!(
+            r.contains("disk bytes        200.0 MiB of 200.0 MiB -> 88.0 MiB wire"),
+            "{r}"
+        );
+        assert!(
+            r.contains("1.0 MiB skipped (holes, zeros), 46.0 MiB already on the target"),
+            "{r}"
+        );
+        assert!(
+            r.contains("outcome           VM 'web' is now running on b"),
+            "{r}"
+        );
         assert!(!r.contains("guest RAM") && !r.contains("downtime"), "{r}");
         assert_eq!(progress_position(&status), (200 << 20, 200 << 20));
-        assert!(progress_line(&status).contains("disks 200.0 MiB of 200.0 MiB -> 88.0 MiB wire"), "{}", progress_line(&status));
-        assert!(!progress_line(&status).contains("pages"), "{}", progress_line(&status));
+        assert!(
+            progress_line(&status).contains("disks 200.0 MiB of 200.0 MiB -> 88.0 MiB wire"),
+            "{}",
+            progress_line(&status)
+        );
+        assert!(
+            !progress_line(&status).contains("pages"),
+            "{}",
+            progress_line(&status)
+        );
         let mut failed = status.clone();
         failed.phase = MigrationPhase::Failed as i32;
-        assert!(final_report(&failed).contains("stays defined on the source a, stopped"), "{}", final_report(&failed));
+        assert!(
+            final_report(&failed).contains("stays defined on the source a, stopped"),
+            "{}",
+            final_report(&failed)
+        );
     }
 
     #[test]
@@ -961,7 +987,12 @@ pub fn preflight_report(r: &ferry_api::v1::PreflightReport) -> String {
                 bytes((p.dirty_pages_per_sec * 4096.0) as u64),
                 p.codec_ratio,
                 if p.converges {
-                    format!("converges in ~{} rounds, ~{} total, ~{} downtime", p.predicted_rounds, millis(p.predicted_total_ms), millis(p.predicted_downtime_ms))
+                    format!(
+                        "converges in ~{} rounds, ~{} total, ~{} downtime",
+                        p.predicted_rounds,
+                        millis(p.predicted_total_ms),
+                        millis(p.predicted_downtime_ms)
+                    )
                 } else {
                     "does NOT converge".to_string()
                 }

@@ -181,7 +181,10 @@ impl FerryControl for Fake {
         }))
     }
 
-    async fn preflight(&self, _: Request<pb::PreflightRequest>) -> Result<Response<pb::PreflightReport>, Status> {
+    async fn preflight(
+        &self,
+        _: Request<pb::PreflightRequest>,
+    ) -> Result<Response<pb::PreflightReport>, Status> {
         Err(Status::unimplemented("the fake agent has no preflight"))
     }
 }

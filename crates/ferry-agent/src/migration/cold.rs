@@ -44,7 +44,9 @@ use ferry_api::v1::ferry_peer_client::FerryPeerClient;
 use ferry_disk::{Blake3Digest, ChunkReader, DiskError, ImageFormat, PartialImage, StorageRoots};
 use ferry_qemu::VmSpec;
 use ferry_transport::{read_stream_header, write_stream_header, FrameReader};
-use ferry_wire::{Codec, ControlMessage, DataChunk, Frame, StreamHeader, StreamKind, PROTOCOL_VERSION};
+use ferry_wire::{
+    Codec, ControlMessage, DataChunk, Frame, StreamHeader, StreamKind, PROTOCOL_VERSION,
+};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
@@ -102,7 +104,11 @@ struct ColdError {
 type Res<T> = Result<T, ColdError>;
 
 fn fail<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> ColdError {
-    move |e| ColdError { step, message: e.to_string(), cancelled: false }
+    move |e| ColdError {
+        step,
+        message: e.to_string(),
+        cancelled: false,
+    }
 }
 
 fn status_msg(s: &Status) -> String {
@@ -127,7 +133,11 @@ struct SourceImage {
 /// Starts a cold migration of `r.vm` to `r.target` (the caller checked the target
 /// address). Refuses at once a VM that is unknown, busy, or running without
 /// `stop_source`; everything else is reported through the migration's status.
-pub async fn start(ctx: Arc<AgentCtx>, r: pb::StartMigrationRequest, codec: Codec) -> Result<pb::MigrationStatus, Status> {
+pub async fn start(
+    ctx: Arc<AgentCtx>,
+    r: pb::StartMigrationRequest,
+    codec: Codec,
+) -> Result<pb::MigrationStatus, Status> {
     let p = ColdParams {
         id: uuid::Uuid::new_v4().to_string(),
         vm: r.vm.clone(),
@@ -149,7 +159,11 @@ pub async fn start(ctx: Arc<AgentCtx>, r: pb::StartMigrationRequest, codec: Code
         )));
     }
     // A stopped VM is marked busy now, so the answer already says if it cannot be.
-    let spec = if running { None } else { Some(ctx.vms.begin_offline(&p.vm, &p.id).await?) };
+    let spec = if running {
+        None
+    } else {
+        Some(ctx.vms.begin_offline(&p.vm, &p.id).await?)
+    };
     let disks = info.spec.as_ref().map(|s| s.disks.len()).unwrap_or(0);
     let status = pb::MigrationStatus {
         id: p.id.clone(),
@@ -159,22 +173,39 @@ pub async fn start(ctx: Arc<AgentCtx>, r: pb::StartMigrationRequest, codec: Code
         phase: pb::MigrationPhase::Preparing as i32,
         stats: Some(pb::MigrationStats {
             codec: codec.to_string(),
-            storage: if disks == 0 { "none".into() } else { "copied".into() },
+            storage: if disks == 0 {
+                "none".into()
+            } else {
+                "copied".into()
+            },
             ..Default::default()
         }),
         started_unix_ms: now_ms(),
         message: "starting cold migration".into(),
         ..Default::default()
     };
-    let handle = ctx.outgoing.register(status.clone());
+    // A cold migration has no handoff to settle: a restart marks it failed.
+    let meta = super::SourceMeta {
+        mark: ferry_handoff::SourceMark::BeforeCommit,
+        was_running: false,
+        capture: None,
+    };
+    let handle = ctx.outgoing.register(status.clone(), meta);
     tokio::spawn(run_guarded(ctx, p, handle, spec));
     Ok(status)
 }
 
 /// Runs the migration; should it panic (a bug), still frees the VM and ends the status.
-async fn run_guarded(ctx: Arc<AgentCtx>, p: ColdParams, h: Arc<OutgoingHandle>, spec: Option<VmSpec>) {
+async fn run_guarded(
+    ctx: Arc<AgentCtx>,
+    p: ColdParams,
+    h: Arc<OutgoingHandle>,
+    spec: Option<VmSpec>,
+) {
     let (ctx2, p2, h2) = (ctx.clone(), p.clone(), h.clone());
-    let Err(panic) = tokio::spawn(run(ctx, p, h, spec)).await else { return };
+    let Err(panic) = tokio::spawn(run(ctx, p, h, spec)).await else {
+        return;
+    };
     error!(migration = %p2.id, "cold migration task panicked: {panic}");
     let _ = ctx2.vms.end_offline(&p2.vm, &p2.id, false).await;
     ctx2.metrics.active.dec();
@@ -258,7 +289,10 @@ impl Job {
         let pr = &self.progress;
         let wire = pr.wire.load(Ordering::Relaxed);
         let raw = pr.raw_sent.load(Ordering::Relaxed);
-        let copy_secs = self.copy_started.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
+        let copy_secs = self
+            .copy_started
+            .map(|t| t.elapsed().as_secs_f64())
+            .unwrap_or(0.0);
         let elapsed = self.started.elapsed().as_millis() as u64;
         self.h.update(|s| {
             let st = s.stats.get_or_insert_with(Default::default);
@@ -282,18 +316,34 @@ impl Job {
         let spec = match spec {
             Some(s) => s,
             None => {
-                self.phase(pb::MigrationPhase::Preparing, format!("stopping VM '{}' (ACPI power-down, then quit)", self.p.vm));
+                self.phase(
+                    pb::MigrationPhase::Preparing,
+                    format!("stopping VM '{}' (ACPI power-down, then quit)", self.p.vm),
+                );
                 let stopped = self.ctx.vms.stop(&self.p.vm, false).await;
                 // Stopped meanwhile by someone else is as good; anything else is reported.
                 match self.ctx.vms.begin_offline(&self.p.vm, &self.p.id).await {
                     Ok(spec) => spec,
-                    Err(s) => return Err(fail("stop source VM")(stopped.err().map(|e| e.message().to_string()).unwrap_or_else(|| s.message().to_string()))),
+                    Err(s) => {
+                        return Err(fail("stop source VM")(
+                            stopped
+                                .err()
+                                .map(|e| e.message().to_string())
+                                .unwrap_or_else(|| s.message().to_string()),
+                        ))
+                    }
                 }
             }
         };
 
         // 1. Images: confined, inspected, hashed. Nothing is sent if any is wrong.
-        self.phase(pb::MigrationPhase::Preparing, format!("inspecting and hashing the images of {} disk(s)", spec.disks.len()));
+        self.phase(
+            pb::MigrationPhase::Preparing,
+            format!(
+                "inspecting and hashing the images of {} disk(s)",
+                spec.disks.len()
+            ),
+        );
         let (storage, spec2) = (self.ctx.storage.clone(), spec.clone());
         let host = self.host().to_string();
         self.images = tokio::task::spawn_blocking(move || collect_images(&storage, &host, &spec2))
@@ -301,13 +351,26 @@ impl Job {
             .map_err(fail("inspect images"))?
             .map_err(fail("inspect images"))?;
         let total: u64 = self.images.iter().map(|i| i.length).sum();
-        self.h.update(|s| s.stats.get_or_insert_with(Default::default).disk_bytes_total = total);
+        self.h.update(|s| {
+            s.stats
+                .get_or_insert_with(Default::default)
+                .disk_bytes_total = total
+        });
 
         // 2. The target checks everything and reserves the name.
-        self.phase(pb::MigrationPhase::Preparing, format!("asking {} to prepare {} image file(s)", self.p.target, self.images.len()));
+        self.phase(
+            pb::MigrationPhase::Preparing,
+            format!(
+                "asking {} to prepare {} image file(s)",
+                self.p.target,
+                self.images.len()
+            ),
+        );
         let chan = crate::tls::connect(&self.p.target, &self.ctx.identity)
             .await
-            .map_err(|e| fail("prepare")(format!("cannot reach target agent {}: {e}", self.p.target)))?;
+            .map_err(|e| {
+                fail("prepare")(format!("cannot reach target agent {}: {e}", self.p.target))
+            })?;
         let mut peer = FerryPeerClient::new(chan);
         let req = pb::PrepareColdMigrationRequest {
             migration_id: self.p.id.clone(),
@@ -330,7 +393,13 @@ impl Job {
         let prep = peer
             .prepare_cold_migration(req)
             .await
-            .map_err(|s| fail("prepare")(format!("target {} refused: {}", self.p.target, status_msg(&s))))?
+            .map_err(|s| {
+                fail("prepare")(format!(
+                    "target {} refused: {}",
+                    self.p.target,
+                    status_msg(&s)
+                ))
+            })?
             .into_inner();
         self.peer = Some(peer.clone());
         self.token = prep.token.clone();
@@ -342,16 +411,30 @@ impl Job {
         // 3. Data: one stream per image still missing on the target.
         let pr = &self.progress;
         for (img, plan) in self.images.iter().zip(&plans) {
-            let have = if plan.already_present { img.length } else { plan.resume_offset };
+            let have = if plan.already_present {
+                img.length
+            } else {
+                plan.resume_offset
+            };
             pr.resumed.fetch_add(have, Ordering::Relaxed);
             pr.done.fetch_add(have, Ordering::Relaxed);
         }
         self.publish();
-        let todo: Vec<usize> = (0..plans.len()).filter(|&i| !plans[i].already_present).collect();
+        let todo: Vec<usize> = (0..plans.len())
+            .filter(|&i| !plans[i].already_present)
+            .collect();
         if !todo.is_empty() {
-            self.phase(pb::MigrationPhase::Connecting, format!("connecting data plane to {}", prep.quic_addr));
+            self.phase(
+                pb::MigrationPhase::Connecting,
+                format!("connecting data plane to {}", prep.quic_addr),
+            );
             let quic_addr: SocketAddr = prep.quic_addr.parse().map_err(fail("connect"))?;
-            let conn = self.ctx.quic.connect(quic_addr, &quic_addr.ip().to_string()).await.map_err(fail("connect"))?;
+            let conn = self
+                .ctx
+                .quic
+                .connect(quic_addr, &quic_addr.ip().to_string())
+                .await
+                .map_err(fail("connect"))?;
             self.conn = Some(conn.clone());
             let resumed = pr.resumed.load(Ordering::Relaxed);
             self.phase(
@@ -360,13 +443,38 @@ impl Job {
                     "copying {} image file(s), {} in all{}",
                     todo.len(),
                     ferry_disk::human_bytes(total),
-                    if resumed > 0 { format!(" ({} already on the target)", ferry_disk::human_bytes(resumed)) } else { String::new() }
+                    if resumed > 0 {
+                        format!(
+                            " ({} already on the target)",
+                            ferry_disk::human_bytes(resumed)
+                        )
+                    } else {
+                        String::new()
+                    }
                 ),
             );
             self.copy_started = Some(Instant::now());
-            let limiter = (self.p.bandwidth > 0).then(|| Arc::new(RateLimiter::new(self.p.bandwidth)));
-            let streams = StreamParams { conn, id: self.p.id.clone(), token: self.token.clone(), codec: self.p.codec, limiter, progress: self.progress.clone() };
-            let jobs: Vec<(usize, PathBuf, u64, u64)> = todo.iter().map(|&i| (i, self.images[i].local.clone(), plans[i].resume_offset, self.images[i].length)).collect();
+            let limiter =
+                (self.p.bandwidth > 0).then(|| Arc::new(RateLimiter::new(self.p.bandwidth)));
+            let streams = StreamParams {
+                conn,
+                id: self.p.id.clone(),
+                token: self.token.clone(),
+                codec: self.p.codec,
+                limiter,
+                progress: self.progress.clone(),
+            };
+            let jobs: Vec<(usize, PathBuf, u64, u64)> = todo
+                .iter()
+                .map(|&i| {
+                    (
+                        i,
+                        self.images[i].local.clone(),
+                        plans[i].resume_offset,
+                        self.images[i].length,
+                    )
+                })
+                .collect();
             let copy = send_images(streams, jobs);
             tokio::pin!(copy);
             let mut tick = tokio::time::interval(PUBLISH_EVERY);
@@ -382,17 +490,36 @@ impl Job {
                 c.close(0u32.into(), b"images sent");
             }
             let codec = self.p.codec.to_string();
-            self.ctx.metrics.wire_bytes.with_label_values(&[&codec]).inc_by(self.progress.wire.load(Ordering::Relaxed));
+            self.ctx
+                .metrics
+                .wire_bytes
+                .with_label_values(&[&codec])
+                .inc_by(self.progress.wire.load(Ordering::Relaxed));
         }
 
         // 4. The target verifies and defines the VM. Not cancellable from here on.
-        self.phase(pb::MigrationPhase::Committing, format!("defining VM '{}' on {}", self.p.vm, self.target_label));
-        let req = pb::FinishColdMigrationRequest { migration_id: self.p.id.clone(), token: self.token.clone(), start: self.p.start_on_target };
-        let resp = tokio::time::timeout(FINISH_WAIT + Duration::from_secs(30), peer.finish_cold_migration(req))
-            .await
-            .map_err(|_| fail("finish")(format!("no answer from target within {} s", FINISH_WAIT.as_secs())))?
-            .map_err(|s| fail("finish")(status_msg(&s)))?
-            .into_inner();
+        self.phase(
+            pb::MigrationPhase::Committing,
+            format!("defining VM '{}' on {}", self.p.vm, self.target_label),
+        );
+        let req = pb::FinishColdMigrationRequest {
+            migration_id: self.p.id.clone(),
+            token: self.token.clone(),
+            start: self.p.start_on_target,
+        };
+        let resp = tokio::time::timeout(
+            FINISH_WAIT + Duration::from_secs(30),
+            peer.finish_cold_migration(req),
+        )
+        .await
+        .map_err(|_| {
+            fail("finish")(format!(
+                "no answer from target within {} s",
+                FINISH_WAIT.as_secs()
+            ))
+        })?
+        .map_err(|s| fail("finish")(status_msg(&s)))?
+        .into_inner();
         Ok(resp)
     }
 
@@ -401,35 +528,59 @@ impl Job {
         if let Some(c) = self.conn.take() {
             c.close(0u32.into(), b"finished");
         }
-        if let Err(e) = self.ctx.vms.end_offline(&self.p.vm, &self.p.id, self.p.undefine_source).await {
+        if let Err(e) = self
+            .ctx
+            .vms
+            .end_offline(&self.p.vm, &self.p.id, self.p.undefine_source)
+            .await
+        {
             warn!(migration = %self.p.id, "releasing VM '{}' after the migration: {}", self.p.vm, e.message());
         }
         let there = match resp.vm.as_ref().map(|v| v.state()) {
             Some(pb::VmState::Running) => "running",
             _ => "defined (stopped)",
         };
-        let files: Vec<String> = self.images.iter().map(|i| i.path.display().to_string()).collect();
+        let files: Vec<String> = self
+            .images
+            .iter()
+            .map(|i| i.path.display().to_string())
+            .collect();
         let here = if self.p.undefine_source {
             if files.is_empty() {
                 format!("its definition was removed from {}", self.host())
             } else {
-                format!("its definition was removed from {}; its image files stay there: {}", self.host(), files.join(", "))
+                format!(
+                    "its definition was removed from {}; its image files stay there: {}",
+                    self.host(),
+                    files.join(", ")
+                )
             }
         } else {
-            format!("{} keeps its definition (stopped) and image files", self.host())
+            format!(
+                "{} keeps its definition (stopped) and image files",
+                self.host()
+            )
         };
-        let msg = format!("VM '{}' is now {there} on {}; {here}", self.p.vm, self.target_label);
+        let msg = format!(
+            "VM '{}' is now {there} on {}; {here}",
+            self.p.vm, self.target_label
+        );
         let elapsed = self.started.elapsed().as_millis() as u64;
         self.publish();
         self.h.update(|s| {
             s.finished_unix_ms = now_ms();
             if !resp.start_error.is_empty() {
-                s.error = format!("VM '{}' was defined on {} but starting it there failed: {}", self.p.vm, self.target_label, resp.start_error);
+                s.error = format!(
+                    "VM '{}' was defined on {} but starting it there failed: {}",
+                    self.p.vm, self.target_label, resp.start_error
+                );
             }
             s.stats.get_or_insert_with(Default::default).elapsed_ms = elapsed;
         });
         let m = &self.ctx.metrics;
-        m.migrations.with_label_values(&["source", "completed"]).inc();
+        m.migrations
+            .with_label_values(&["source", "completed"])
+            .inc();
         m.active.dec();
         m.duration.observe(elapsed as f64 / 1000.0);
         self.phase(pb::MigrationPhase::Completed, msg);
@@ -455,18 +606,32 @@ impl Job {
                 reason: reason.clone(),
                 discard: e.cancelled,
             };
-            match tokio::time::timeout(Duration::from_secs(15), peer.abort_cold_migration(req)).await {
+            match tokio::time::timeout(Duration::from_secs(15), peer.abort_cold_migration(req))
+                .await
+            {
                 Ok(Ok(r)) => {
                     let r = r.into_inner();
                     if r.finished {
                         // The Finish call did get through: the VM is defined there.
-                        let req = pb::FinishColdMigrationRequest { migration_id: self.p.id.clone(), token: self.token.clone(), start: self.p.start_on_target };
-                        if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(30), peer.finish_cold_migration(req)).await {
+                        let req = pb::FinishColdMigrationRequest {
+                            migration_id: self.p.id.clone(),
+                            token: self.token.clone(),
+                            start: self.p.start_on_target,
+                        };
+                        if let Ok(Ok(resp)) = tokio::time::timeout(
+                            Duration::from_secs(30),
+                            peer.finish_cold_migration(req),
+                        )
+                        .await
+                        {
                             return self.completed(resp.into_inner()).await;
                         }
                         reason.push_str("; the target reports the migration finished, so the VM is defined there too");
                     } else if !r.error.is_empty() && !reason.contains(&r.error) {
-                        reason.push_str(&format!(" (target {} says: {})", self.target_label, r.error));
+                        reason.push_str(&format!(
+                            " (target {} says: {})",
+                            self.target_label, r.error
+                        ));
                     }
                 }
                 Ok(Err(s)) => warn!(migration = %self.p.id, "abort on target: {}", status_msg(&s)),
@@ -477,20 +642,45 @@ impl Job {
             c.close(1u32.into(), b"aborted");
         }
         warn!(migration = %self.p.id, "{reason}");
-        let _ = self.ctx.vms.end_offline(&self.p.vm, &self.p.id, false).await;
+        let _ = self
+            .ctx
+            .vms
+            .end_offline(&self.p.vm, &self.p.id, false)
+            .await;
         let elapsed = self.started.elapsed().as_millis() as u64;
         self.publish();
-        let kept = if e.cancelled { "" } else { "; what reached the target is kept there for a resume" };
-        let message = format!("VM '{}' stays on {} (stopped, images unchanged){kept}", self.p.vm, self.host());
-        self.ctx.outgoing.end_unsuccessful(&self.h, &self.ctx.metrics, &reason, e.cancelled, elapsed, message);
+        let kept = if e.cancelled {
+            ""
+        } else {
+            "; what reached the target is kept there for a resume"
+        };
+        let message = format!(
+            "VM '{}' stays on {} (stopped, images unchanged){kept}",
+            self.p.vm,
+            self.host()
+        );
+        self.ctx.outgoing.end_unsuccessful(
+            &self.h,
+            &self.ctx.metrics,
+            &reason,
+            e.cancelled,
+            elapsed,
+            message,
+        );
     }
 }
 
 /// Every image file of `spec`'s disks, lowest backing layer first, each once.
-fn collect_images(storage: &StorageRoots, host: &str, spec: &VmSpec) -> Result<Vec<SourceImage>, String> {
+fn collect_images(
+    storage: &StorageRoots,
+    host: &str,
+    spec: &VmSpec,
+) -> Result<Vec<SourceImage>, String> {
     let mut out: Vec<SourceImage> = Vec::new();
     for d in &spec.disks {
-        let what = |e: &dyn std::fmt::Display| format!("disk '{}' of VM '{}' on host {host}: {e}", d.id, spec.name);
+        let what = |e: &dyn std::fmt::Display| {
+            format!("disk '{}' of VM '{}' on host {host}: {e}", d.id, spec.name)
+        };
         let local = storage.confine(&d.path).map_err(|e| what(&e))?;
         let format = super::disks::image_format(d.format);
         let chain = ferry_disk::backing_chain_as(&local, format).map_err(|e| what(&e))?;
@@ -499,13 +689,16 @@ fn collect_images(storage: &StorageRoots, host: &str, spec: &VmSpec) -> Result<V
                 (d.path.clone(), local.clone())
             } else {
                 // A backing file outside the roots is as off-limits as a disk outside them.
-                let l = storage.confine(&layer.path).map_err(|e| what(&format!("backing file: {e}")))?;
+                let l = storage
+                    .confine(&layer.path)
+                    .map_err(|e| what(&format!("backing file: {e}")))?;
                 (layer.path.clone(), l)
             };
             if out.iter().any(|i| i.path == path) {
                 continue; // a base image shared by two disks travels once
             }
-            let meta = std::fs::metadata(&local).map_err(|e| what(&format!("stat {}: {e}", local.display())))?;
+            let meta = std::fs::metadata(&local)
+                .map_err(|e| what(&format!("stat {}: {e}", local.display())))?;
             if !meta.is_file() {
                 return Err(what(&format!("{} is not a regular file", local.display())));
             }
@@ -540,13 +733,23 @@ fn transfer_id(host: &str, path: &Path, length: u64, digest: &Blake3Digest) -> S
 }
 
 /// Checks the target's answer against what was asked.
-fn check_plans(images: &[SourceImage], plans: &[pb::ColdImagePlan]) -> Result<Vec<pb::ColdImagePlan>, String> {
+fn check_plans(
+    images: &[SourceImage],
+    plans: &[pb::ColdImagePlan],
+) -> Result<Vec<pb::ColdImagePlan>, String> {
     if plans.len() != images.len() {
-        return Err(format!("target answered for {} images, {} were asked for", plans.len(), images.len()));
+        return Err(format!(
+            "target answered for {} images, {} were asked for",
+            plans.len(),
+            images.len()
+        ));
     }
     for (i, p) in images.iter().zip(plans) {
         if Path::new(&p.path) != i.path || p.resume_offset > i.length {
-            return Err(format!("target's plan for {} does not match the image ({p:?})", i.path.display()));
+            return Err(format!(
+                "target's plan for {} does not match the image ({p:?})",
+                i.path.display()
+            ));
         }
     }
     Ok(plans.to_vec())
@@ -572,11 +775,15 @@ async fn send_images(sp: StreamParams, jobs: Vec<(usize, PathBuf, u64, u64)>) ->
         let (sp, permits) = (sp.clone(), permits.clone());
         set.spawn(async move {
             let _permit = permits.acquire_owned().await.map_err(|e| e.to_string())?;
-            send_image(&sp, index, &local, offset, length).await.map_err(|e| format!("{}: {e}", local.display()))
+            send_image(&sp, index, &local, offset, length)
+                .await
+                .map_err(|e| format!("{}: {e}", local.display()))
         });
     }
     while let Some(r) = set.join_next().await {
-        let r = r.map_err(fail("copy images")).and_then(|r| r.map_err(fail("copy images")));
+        let r = r
+            .map_err(fail("copy images"))
+            .and_then(|r| r.map_err(fail("copy images")));
         if r.is_err() {
             set.abort_all();
             return r;
@@ -610,14 +817,24 @@ fn read_chunks(path: &Path, offset: u64, codec: Codec, tx: mpsc::Sender<Result<P
             Some(Ok(c)) => match DataChunk::encode(c.offset, &c.data, codec) {
                 Ok(frame) => {
                     let st = reader.stats();
-                    Ok(Piece { frame: Some(frame), raw: c.data.len() as u64, scanned: reader.scanned_to(), skipped: st.bytes_hole + st.bytes_zero })
+                    Ok(Piece {
+                        frame: Some(frame),
+                        raw: c.data.len() as u64,
+                        scanned: reader.scanned_to(),
+                        skipped: st.bytes_hole + st.bytes_zero,
+                    })
                 }
                 Err(e) => Err(format!("encoding a chunk: {e}")),
             },
             Some(Err(e)) => Err(e.to_string()),
             None => {
                 let st = reader.stats();
-                Ok(Piece { frame: None, raw: 0, scanned: reader.scanned_to(), skipped: st.bytes_hole + st.bytes_zero })
+                Ok(Piece {
+                    frame: None,
+                    raw: 0,
+                    scanned: reader.scanned_to(),
+                    skipped: st.bytes_hole + st.bytes_zero,
+                })
             }
         };
         let last = !matches!(piece, Ok(Piece { frame: Some(_), .. }));
@@ -629,15 +846,32 @@ fn read_chunks(path: &Path, offset: u64, codec: Codec, tx: mpsc::Sender<Result<P
 }
 
 /// Sends one image on a stream of its own and waits until the target has read all of it.
-async fn send_image(sp: &StreamParams, index: usize, local: &Path, offset: u64, length: u64) -> Result<(), String> {
+async fn send_image(
+    sp: &StreamParams,
+    index: usize,
+    local: &Path,
+    offset: u64,
+    length: u64,
+) -> Result<(), String> {
     let index16 = u16::try_from(index).map_err(|_| "more than 65535 images".to_string())?;
     let werr = |e: quinn::WriteError| match e {
         quinn::WriteError::Stopped(code) => format!("the target stopped the stream (code {code})"),
         e => format!("sending: {e}"),
     };
-    let mut send = sp.conn.open_uni().await.map_err(|e| format!("opening a stream: {e}"))?;
-    write_stream_header(&mut send, StreamHeader::new(StreamKind::DiskImage, index16)).await.map_err(|e| e.to_string())?;
-    let begin = ControlMessage::DiskImageBegin { migration_id: sp.id.clone(), token: sp.token.clone(), index: u32::from(index16), offset };
+    let mut send = sp
+        .conn
+        .open_uni()
+        .await
+        .map_err(|e| format!("opening a stream: {e}"))?;
+    write_stream_header(&mut send, StreamHeader::new(StreamKind::DiskImage, index16))
+        .await
+        .map_err(|e| e.to_string())?;
+    let begin = ControlMessage::DiskImageBegin {
+        migration_id: sp.id.clone(),
+        token: sp.token.clone(),
+        index: u32::from(index16),
+        offset,
+    };
     let begin = Frame::encode_control(&begin).map_err(|e| e.to_string())?;
     send.write_all(&begin).await.map_err(werr)?;
 
@@ -659,19 +893,25 @@ async fn send_image(sp: &StreamParams, index: usize, local: &Path, offset: u64, 
             }
             None => end = Some(piece.scanned),
         }
-        pr.done.fetch_add(piece.scanned.saturating_sub(scanned), Ordering::Relaxed);
-        pr.skipped.fetch_add(piece.skipped.saturating_sub(skipped), Ordering::Relaxed);
+        pr.done
+            .fetch_add(piece.scanned.saturating_sub(scanned), Ordering::Relaxed);
+        pr.skipped
+            .fetch_add(piece.skipped.saturating_sub(skipped), Ordering::Relaxed);
         scanned = piece.scanned;
         skipped = piece.skipped;
     }
     let _ = reader.await;
     let scanned_len = end.ok_or_else(|| "the image reader stopped early".to_string())?;
     if scanned_len != length {
-        return Err(format!("the file changed size during the copy ({length} -> {scanned_len} bytes)"));
+        return Err(format!(
+            "the file changed size during the copy ({length} -> {scanned_len} bytes)"
+        ));
     }
-    let end = Frame::encode_control(&ControlMessage::DiskImageEnd { length }).map_err(|e| e.to_string())?;
+    let end = Frame::encode_control(&ControlMessage::DiskImageEnd { length })
+        .map_err(|e| e.to_string())?;
     send.write_all(&end).await.map_err(werr)?;
-    pr.wire.fetch_add((begin.len() + end.len()) as u64, Ordering::Relaxed);
+    pr.wire
+        .fetch_add((begin.len() + end.len()) as u64, Ordering::Relaxed);
     send.finish().map_err(|e| e.to_string())?;
     // Done when the target has read the whole stream (or gave up on it).
     match send.stopped().await {
@@ -690,7 +930,10 @@ enum TargetState {
     /// The VM is defined here; the answer Finish gave (repeated to a retried call).
     Finished(Box<pb::FinishColdMigrationResponse>),
     /// Given up; `by_target` when this host failed it itself (bad data, lost source).
-    Failed { reason: String, by_target: bool },
+    Failed {
+        reason: String,
+        by_target: bool,
+    },
 }
 
 /// One image being received.
@@ -760,7 +1003,10 @@ impl Drop for Busy<'_> {
 enum Aborted {
     Now,
     /// It had failed before; the reason is the target's own if `by_target`.
-    Before { reason: String, by_target: bool },
+    Before {
+        reason: String,
+        by_target: bool,
+    },
     /// Too late: the VM is defined here.
     Finished,
 }
@@ -773,7 +1019,10 @@ impl ColdIncoming {
     }
 
     fn idle_for(&self) -> Duration {
-        self.last_activity.lock().map(|t| t.elapsed()).unwrap_or_default()
+        self.last_activity
+            .lock()
+            .map(|t| t.elapsed())
+            .unwrap_or_default()
     }
 
     fn bump(&self) {
@@ -788,7 +1037,10 @@ impl ColdIncoming {
             match &*st {
                 TargetState::Finished(_) => return Aborted::Finished,
                 TargetState::Failed { reason, by_target } => {
-                    let before = Aborted::Before { reason: reason.clone(), by_target: *by_target };
+                    let before = Aborted::Before {
+                        reason: reason.clone(),
+                        by_target: *by_target,
+                    };
                     drop(st);
                     if discard {
                         // It failed first (e.g. the cancelled source's streams ended before
@@ -797,7 +1049,12 @@ impl ColdIncoming {
                     }
                     return before;
                 }
-                TargetState::Receiving => *st = TargetState::Failed { reason: reason.to_string(), by_target },
+                TargetState::Receiving => {
+                    *st = TargetState::Failed {
+                        reason: reason.to_string(),
+                        by_target,
+                    }
+                }
             }
         }
         warn!(migration = %self.id, vm = %self.spec.name, "aborting incoming cold migration: {reason}");
@@ -810,8 +1067,12 @@ impl ColdIncoming {
                 if discard {
                     let path = img.path.clone();
                     match tokio::task::spawn_blocking(move || part.abandon()).await {
-                        Ok(Err(e)) => warn!(migration = %self.id, "removing partial image {}: {e}", path.display()),
-                        Err(e) => warn!(migration = %self.id, "removing partial image {}: {e}", path.display()),
+                        Ok(Err(e)) => {
+                            warn!(migration = %self.id, "removing partial image {}: {e}", path.display())
+                        }
+                        Err(e) => {
+                            warn!(migration = %self.id, "removing partial image {}: {e}", path.display())
+                        }
                         Ok(Ok(())) => {}
                     }
                 } else {
@@ -824,7 +1085,10 @@ impl ColdIncoming {
         if let Err(e) = self.vms.drop_incoming(&self.spec.name, &self.id).await {
             warn!(migration = %self.id, "dropping the reservation of VM '{}': {}", self.spec.name, e.message());
         }
-        self.metrics.migrations.with_label_values(&["target", "aborted"]).inc();
+        self.metrics
+            .migrations
+            .with_label_values(&["target", "aborted"])
+            .inc();
         self.bump();
         forget_later(self.clone());
         Aborted::Now
@@ -833,13 +1097,18 @@ impl ColdIncoming {
     /// Removes the partial images an earlier abort kept. Reopening takes the part file's
     /// lock, so one a newer attempt is receiving into is left alone (`Busy`).
     async fn discard_kept(&self) {
-        for img in self.images.iter().filter(|i| !i.done.load(Ordering::Acquire)) {
+        for img in self
+            .images
+            .iter()
+            .filter(|i| !i.done.load(Ordering::Acquire))
+        {
             let mut slot = img.slot.lock().await;
             let open = slot.take();
             let (path, length, tid) = (img.path.clone(), img.length, img.transfer_id.clone());
             let r = tokio::task::spawn_blocking(move || match open {
                 Some(part) => part.abandon(),
-                None => PartialImage::open_or_resume(&path, length, &tid).and_then(PartialImage::abandon),
+                None => PartialImage::open_or_resume(&path, length, &tid)
+                    .and_then(PartialImage::abandon),
             })
             .await;
             drop(slot);
@@ -850,20 +1119,33 @@ impl ColdIncoming {
     }
 
     /// Receives one image from `reader`, starting at `offset`.
-    async fn receive(self: &Arc<Self>, index: usize, offset: u64, mut reader: FrameReader) -> Result<(), String> {
+    async fn receive(
+        self: &Arc<Self>,
+        index: usize,
+        offset: u64,
+        mut reader: FrameReader,
+    ) -> Result<(), String> {
         let img = &self.images[index];
         let name = img.path.display().to_string();
-        let mut slot = img.slot.try_lock().map_err(|_| format!("image {name} already has a stream"))?;
+        let mut slot = img
+            .slot
+            .try_lock()
+            .map_err(|_| format!("image {name} already has a stream"))?;
         if self.cancel.is_cancelled() {
             return Err(format!("migration {} is over", self.id));
         }
         let mut part = slot.take();
         if part.is_none() {
-            return Err(format!("image {name} is complete or already present: nothing to receive"));
+            return Err(format!(
+                "image {name} is complete or already present: nothing to receive"
+            ));
         }
         if offset != img.resume_offset {
             *slot = part;
-            return Err(format!("image {name}: data starts at {offset}, expected {}", img.resume_offset));
+            return Err(format!(
+                "image {name}: data starts at {offset}, expected {}",
+                img.resume_offset
+            ));
         }
         let _busy = Busy::new(self);
         let mut written_to = offset;
@@ -884,8 +1166,12 @@ impl ColdIncoming {
                     written_to = at + n;
                     since_checkpoint += n;
                     self.touch();
-                    if since_checkpoint >= CHECKPOINT_BYTES || last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
-                        if let Err(e) = with_part(&mut part, move |p| p.checkpoint(written_to)).await {
+                    if since_checkpoint >= CHECKPOINT_BYTES
+                        || last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL
+                    {
+                        if let Err(e) =
+                            with_part(&mut part, move |p| p.checkpoint(written_to)).await
+                        {
                             break Err(e);
                         }
                         since_checkpoint = 0;
@@ -894,7 +1180,10 @@ impl ColdIncoming {
                 }
                 Ok(Some(Frame::Control(ControlMessage::DiskImageEnd { length }))) => {
                     if length != img.length {
-                        break Err(format!("the source scanned {length} bytes, {} were announced", img.length));
+                        break Err(format!(
+                            "the source scanned {length} bytes, {} were announced",
+                            img.length
+                        ));
                     }
                     // Read the FIN too, so the source's wait for the whole stream to be
                     // read ends cleanly instead of with a STOP.
@@ -908,7 +1197,9 @@ impl ColdIncoming {
                         break Err(e);
                     }
                     // Verified end to end: a mismatch removes the part file.
-                    let Some(p) = part.take() else { break Err("image closed".into()) };
+                    let Some(p) = part.take() else {
+                        break Err("image closed".into());
+                    };
                     let digest = img.digest;
                     match tokio::task::spawn_blocking(move || p.finish(digest)).await {
                         Ok(Ok(_)) => break Ok(()),
@@ -916,7 +1207,12 @@ impl ColdIncoming {
                         Err(e) => break Err(format!("verifying: {e}")),
                     }
                 }
-                Ok(Some(other)) => break Err(format!("unexpected frame {:?} on a disk-image stream", frame_kind(&other))),
+                Ok(Some(other)) => {
+                    break Err(format!(
+                        "unexpected frame {:?} on a disk-image stream",
+                        frame_kind(&other)
+                    ))
+                }
                 Ok(None) => break Err("the stream ended before the image did".into()),
                 Err(e) => break Err(format!("source connection: {e}")),
             }
@@ -999,7 +1295,10 @@ struct Planned {
 
 /// Target: checks a cold migration (nothing is created unless every check passes),
 /// reserves the VM name and opens (or resumes) a partial image per missing file.
-pub async fn prepare(ctx: &Arc<AgentCtx>, req: pb::PrepareColdMigrationRequest) -> Result<pb::PrepareColdMigrationResponse, Status> {
+pub async fn prepare(
+    ctx: &Arc<AgentCtx>,
+    req: pb::PrepareColdMigrationRequest,
+) -> Result<pb::PrepareColdMigrationResponse, Status> {
     let host = ctx.cfg.host_name.clone();
     if !ferry_wire::version_supported(req.protocol_version.min(255) as u8) {
         return Err(Status::failed_precondition(format!(
@@ -1010,10 +1309,17 @@ pub async fn prepare(ctx: &Arc<AgentCtx>, req: pb::PrepareColdMigrationRequest) 
     if uuid::Uuid::parse_str(&req.migration_id).is_err() {
         return Err(Status::invalid_argument("migration_id must be a UUID"));
     }
-    let spec = spec_from_pb(req.spec.as_ref().ok_or_else(|| Status::invalid_argument("spec is missing"))?)?;
+    let spec = spec_from_pb(
+        req.spec
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("spec is missing"))?,
+    )?;
     let registry = ctx.incoming.cold();
     if registry.lookup(&req.migration_id).is_some() {
-        return Err(Status::already_exists(format!("cold migration {} is already known on {host}", req.migration_id)));
+        return Err(Status::already_exists(format!(
+            "cold migration {} is already known on {host}",
+            req.migration_id
+        )));
     }
     let wanted = parse_images(&req.images, &spec)?;
 
@@ -1022,19 +1328,36 @@ pub async fn prepare(ctx: &Arc<AgentCtx>, req: pb::PrepareColdMigrationRequest) 
     let stale: Vec<Arc<ColdIncoming>> = registry
         .0
         .lock()
-        .map(|m| m.values().filter(|i| i.spec.name == spec.name && i.source_host == req.source_host).cloned().collect())
+        .map(|m| {
+            m.values()
+                .filter(|i| i.spec.name == spec.name && i.source_host == req.source_host)
+                .cloned()
+                .collect()
+        })
         .unwrap_or_default();
     for old in stale {
-        let _ = old.abort(&format!("superseded by migration {} from the same source", req.migration_id), false, false).await;
+        let _ = old
+            .abort(
+                &format!(
+                    "superseded by migration {} from the same source",
+                    req.migration_id
+                ),
+                false,
+                false,
+            )
+            .await;
     }
 
     ctx.vms.reserve_incoming(&spec, &req.migration_id).await?;
     let opened = async {
         let (storage, host2, vm) = (ctx.storage.clone(), host.clone(), spec.name.clone());
-        let planned = tokio::task::spawn_blocking(move || plan_images(&storage, &host2, &vm, wanted))
+        let planned =
+            tokio::task::spawn_blocking(move || plan_images(&storage, &host2, &vm, wanted))
+                .await
+                .map_err(|e| Status::internal(format!("checking images: {e}")))??;
+        tokio::task::spawn_blocking(move || open_images(planned))
             .await
-            .map_err(|e| Status::internal(format!("checking images: {e}")))??;
-        tokio::task::spawn_blocking(move || open_images(planned)).await.map_err(|e| Status::internal(format!("opening images: {e}")))?
+            .map_err(|e| Status::internal(format!("opening images: {e}")))?
     }
     .await;
     let images = match opened {
@@ -1063,16 +1386,38 @@ pub async fn prepare(ctx: &Arc<AgentCtx>, req: pb::PrepareColdMigrationRequest) 
     if let Ok(mut m) = registry.0.lock() {
         m.insert(inc.id.clone(), inc.clone());
     }
-    spawn_watchdog(inc.clone(), Duration::from_secs(ctx.cfg.migration.prepare_timeout_s.max(1)));
+    spawn_watchdog(
+        inc.clone(),
+        Duration::from_secs(ctx.cfg.migration.prepare_timeout_s.max(1)),
+    );
     let plans: Vec<pb::ColdImagePlan> = inc
         .images
         .iter()
         .zip(&req.images)
-        .map(|(i, r)| pb::ColdImagePlan { path: r.path.clone(), resume_offset: i.resume_offset, already_present: i.done.load(Ordering::Acquire) })
+        .map(|(i, r)| pb::ColdImagePlan {
+            path: r.path.clone(),
+            resume_offset: i.resume_offset,
+            already_present: i.done.load(Ordering::Acquire),
+        })
         .collect();
-    let resumed: u64 = inc.images.iter().map(|i| if i.done.load(Ordering::Acquire) { i.length } else { i.resume_offset }).sum();
+    let resumed: u64 = inc
+        .images
+        .iter()
+        .map(|i| {
+            if i.done.load(Ordering::Acquire) {
+                i.length
+            } else {
+                i.resume_offset
+            }
+        })
+        .sum();
     info!(migration = %inc.id, vm = %spec.name, source = %req.source_host, images = plans.len(), resumed, "prepared incoming cold migration");
-    Ok(pb::PrepareColdMigrationResponse { quic_addr: ctx.cfg.quic_listen.to_string(), token: inc.token.clone(), target_host: host, images: plans })
+    Ok(pb::PrepareColdMigrationResponse {
+        quic_addr: ctx.cfg.quic_listen.to_string(),
+        token: inc.token.clone(),
+        target_host: host,
+        images: plans,
+    })
 }
 
 /// Parses the request's images; the VM's disks must all be among them.
@@ -1092,11 +1437,22 @@ fn parse_images(images: &[pb::ColdImage], spec: &VmSpec) -> Result<Vec<Wanted>, 
             return Err(bad("transfer_id must be 1 to 128 characters".into()));
         }
         let digest: Blake3Digest = i.blake3.parse().map_err(bad)?;
-        out.push(Wanted { path, length: i.length, digest, allocated: i.allocated_bytes, transfer_id: i.transfer_id.clone() });
+        out.push(Wanted {
+            path,
+            length: i.length,
+            digest,
+            allocated: i.allocated_bytes,
+            transfer_id: i.transfer_id.clone(),
+        });
     }
     for d in &spec.disks {
         if !out.iter().any(|w| w.path == d.path) {
-            return Err(Status::invalid_argument(format!("disk '{}' ({}) of VM '{}' is not among the images sent", d.id, d.path.display(), spec.name)));
+            return Err(Status::invalid_argument(format!(
+                "disk '{}' ({}) of VM '{}' is not among the images sent",
+                d.id,
+                d.path.display(),
+                spec.name
+            )));
         }
     }
     Ok(out)
@@ -1104,7 +1460,12 @@ fn parse_images(images: &[pb::ColdImage], spec: &VmSpec) -> Result<Vec<Wanted>, 
 
 /// The checks of [`prepare`], none of which writes anything: storage roots, files already
 /// there (identical: skipped; different: refused), free space for what is missing.
-fn plan_images(storage: &StorageRoots, host: &str, vm: &str, wanted: Vec<Wanted>) -> Result<Vec<Planned>, Status> {
+fn plan_images(
+    storage: &StorageRoots,
+    host: &str,
+    vm: &str,
+    wanted: Vec<Wanted>,
+) -> Result<Vec<Planned>, Status> {
     if storage.roots().is_empty() && !wanted.is_empty() {
         return Err(Status::failed_precondition(format!(
             "host {host} has no storage_roots configured, so it cannot receive the images of VM '{vm}'"
@@ -1114,9 +1475,12 @@ fn plan_images(storage: &StorageRoots, host: &str, vm: &str, wanted: Vec<Wanted>
     let mut need: Vec<(u64, PathBuf, u64)> = Vec::new();
     let mut out = Vec::with_capacity(wanted.len());
     for w in wanted {
-        let resolved = storage
-            .confine(&w.path)
-            .map_err(|e| Status::failed_precondition(format!("host {host} refuses image {} of VM '{vm}': {e}", w.path.display())))?;
+        let resolved = storage.confine(&w.path).map_err(|e| {
+            Status::failed_precondition(format!(
+                "host {host} refuses image {} of VM '{vm}': {e}",
+                w.path.display()
+            ))
+        })?;
         let present = match std::fs::symlink_metadata(&resolved) {
             Ok(meta) => {
                 let clash = || {
@@ -1128,7 +1492,8 @@ fn plan_images(storage: &StorageRoots, host: &str, vm: &str, wanted: Vec<Wanted>
                 if !meta.is_file() || meta.len() != w.length {
                     return Err(clash());
                 }
-                let digest = ferry_disk::file_blake3(&resolved).map_err(|e| Status::internal(format!("host {host}: {e}")))?;
+                let digest = ferry_disk::file_blake3(&resolved)
+                    .map_err(|e| Status::internal(format!("host {host}: {e}")))?;
                 if digest != w.digest {
                     return Err(clash());
                 }
@@ -1137,9 +1502,13 @@ fn plan_images(storage: &StorageRoots, host: &str, vm: &str, wanted: Vec<Wanted>
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let part = append_suffix(&resolved, ferry_disk::receive::PART_SUFFIX);
                 // A part file of an earlier attempt already holds (some of) the blocks.
-                let have = std::fs::symlink_metadata(&part).map(|m| m.blocks().saturating_mul(512)).unwrap_or(0);
+                let have = std::fs::symlink_metadata(&part)
+                    .map(|m| m.blocks().saturating_mul(512))
+                    .unwrap_or(0);
                 let dir = ferry_disk::space::existing_ancestor(&resolved);
-                let dev = std::fs::metadata(&dir).map(|m| m.dev()).map_err(|e| Status::internal(format!("host {host}: stat {}: {e}", dir.display())))?;
+                let dev = std::fs::metadata(&dir).map(|m| m.dev()).map_err(|e| {
+                    Status::internal(format!("host {host}: stat {}: {e}", dir.display()))
+                })?;
                 let bytes = w.allocated.saturating_sub(have);
                 match need.iter_mut().find(|(d, _, _)| *d == dev) {
                     Some(n) => n.2 += bytes,
@@ -1147,13 +1516,23 @@ fn plan_images(storage: &StorageRoots, host: &str, vm: &str, wanted: Vec<Wanted>
                 }
                 false
             }
-            Err(e) => return Err(Status::internal(format!("host {host}: stat {}: {e}", resolved.display()))),
+            Err(e) => {
+                return Err(Status::internal(format!(
+                    "host {host}: stat {}: {e}",
+                    resolved.display()
+                )))
+            }
         };
-        out.push(Planned { wanted: w, resolved, present });
+        out.push(Planned {
+            wanted: w,
+            resolved,
+            present,
+        });
     }
     for (_, dir, bytes) in &need {
-        ferry_disk::ensure_space(dir, *bytes, &format!("the images of VM '{vm}'"))
-            .map_err(|e| Status::resource_exhausted(format!("host {host} refuses VM '{vm}': {e}")))?;
+        ferry_disk::ensure_space(dir, *bytes, &format!("the images of VM '{vm}'")).map_err(
+            |e| Status::resource_exhausted(format!("host {host} refuses VM '{vm}': {e}")),
+        )?;
     }
     Ok(out)
 }
@@ -1182,7 +1561,10 @@ fn open_images(planned: Vec<Planned>) -> Result<Vec<TargetImage>, Status> {
         } else {
             if let Err(e) = create_parents(&p.resolved, &mut made_dirs) {
                 undo(out, &made_dirs);
-                return Err(Status::internal(format!("creating the directory of {}: {e}", w.path.display())));
+                return Err(Status::internal(format!(
+                    "creating the directory of {}: {e}",
+                    w.path.display()
+                )));
             }
             match PartialImage::open_or_resume(&p.resolved, w.length, &w.transfer_id) {
                 Ok(img) => Some(img),
@@ -1217,10 +1599,11 @@ fn append_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-
 /// Creates the missing parent directories of `path`, noting each one made.
 fn create_parents(path: &Path, made: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    let Some(parent) = path.parent() else { return Ok(()) };
+    let Some(parent) = path.parent() else {
+        return Ok(());
+    };
     let mut missing: Vec<&Path> = parent.ancestors().take_while(|a| !a.exists()).collect();
     missing.reverse();
     for d in missing {
@@ -1240,7 +1623,11 @@ fn spawn_watchdog(inc: Arc<ColdIncoming>, idle: Duration) {
                 _ = inc.cancel.cancelled() => return,
             }
             if inc.busy.load(Ordering::Acquire) == 0 && inc.idle_for() > idle {
-                let why = format!("no word from the source {} for {} s", inc.source_host, idle.as_secs());
+                let why = format!(
+                    "no word from the source {} for {} s",
+                    inc.source_host,
+                    idle.as_secs()
+                );
                 let _ = inc.abort(&why, true, false).await;
                 return;
             }
@@ -1251,7 +1638,11 @@ fn spawn_watchdog(inc: Arc<ColdIncoming>, idle: Duration) {
 /// Target: serves a QUIC connection whose first stream is the unidirectional `first`
 /// (a cold migration's disk images): every stream is one image, authenticated by its
 /// first frame.
-pub async fn serve_disk_streams(registry: Arc<ColdRegistry>, conn: quinn::Connection, first: quinn::RecvStream) {
+pub async fn serve_disk_streams(
+    registry: Arc<ColdRegistry>,
+    conn: quinn::Connection,
+    first: quinn::RecvStream,
+) {
     let remote = conn.remote_address();
     let mut next = Some(first);
     loop {
@@ -1272,7 +1663,10 @@ pub async fn serve_disk_streams(registry: Arc<ColdRegistry>, conn: quinn::Connec
     }
 }
 
-async fn serve_image_stream(registry: &ColdRegistry, mut recv: quinn::RecvStream) -> Result<(), String> {
+async fn serve_image_stream(
+    registry: &ColdRegistry,
+    mut recv: quinn::RecvStream,
+) -> Result<(), String> {
     let header = tokio::time::timeout(STREAM_HELLO_TIMEOUT, read_stream_header(&mut recv))
         .await
         .map_err(|_| "no stream header within 10 s".to_string())?
@@ -1280,10 +1674,19 @@ async fn serve_image_stream(registry: &ColdRegistry, mut recv: quinn::RecvStream
     let mut reader = FrameReader::new(recv);
     if header.kind != StreamKind::DiskImage {
         reader.stop();
-        return Err(format!("unexpected {:?} stream on a disk-image connection", header.kind));
+        return Err(format!(
+            "unexpected {:?} stream on a disk-image connection",
+            header.kind
+        ));
     }
     let begin = tokio::time::timeout(STREAM_HELLO_TIMEOUT, reader.next()).await;
-    let Ok(Ok(Some(Frame::Control(ControlMessage::DiskImageBegin { migration_id, token, index, offset })))) = begin else {
+    let Ok(Ok(Some(Frame::Control(ControlMessage::DiskImageBegin {
+        migration_id,
+        token,
+        index,
+        offset,
+    })))) = begin
+    else {
         reader.stop();
         return Err("the stream did not start with DiskImageBegin".into());
     };
@@ -1313,16 +1716,31 @@ async fn serve_image_stream(registry: &ColdRegistry, mut recv: quinn::RecvStream
 
 /// Target: defines the VM once every image is here and verified; starts it if asked.
 /// Repeating the call after success returns the same answer.
-pub async fn finish(ctx: &Arc<AgentCtx>, req: pb::FinishColdMigrationRequest) -> Result<pb::FinishColdMigrationResponse, Status> {
+pub async fn finish(
+    ctx: &Arc<AgentCtx>,
+    req: pb::FinishColdMigrationRequest,
+) -> Result<pb::FinishColdMigrationResponse, Status> {
     let host = &ctx.cfg.host_name;
-    let inc = ctx.incoming.cold().lookup(&req.migration_id).ok_or_else(|| {
-        Status::not_found(format!("no cold migration {} on host {host}: it was aborted or never prepared", req.migration_id))
-    })?;
+    let inc = ctx
+        .incoming
+        .cold()
+        .lookup(&req.migration_id)
+        .ok_or_else(|| {
+            Status::not_found(format!(
+                "no cold migration {} on host {host}: it was aborted or never prepared",
+                req.migration_id
+            ))
+        })?;
     if inc.token != req.token {
         return Err(Status::permission_denied("wrong migration token"));
     }
     let _busy = Busy::new(&inc);
-    let gave_up = |reason: &str| Status::aborted(format!("host {host} gave up on migration {}: {reason}", inc.id));
+    let gave_up = |reason: &str| {
+        Status::aborted(format!(
+            "host {host} gave up on migration {}: {reason}",
+            inc.id
+        ))
+    };
     let mut changes = inc.version.subscribe();
     let deadline = tokio::time::Instant::now() + FINISH_WAIT;
     loop {
@@ -1334,9 +1752,21 @@ pub async fn finish(ctx: &Arc<AgentCtx>, req: pb::FinishColdMigrationRequest) ->
         if inc.images.iter().all(|i| i.done.load(Ordering::Acquire)) {
             break;
         }
-        if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
-            let missing: Vec<String> = inc.images.iter().filter(|i| !i.done.load(Ordering::Acquire)).map(|i| i.path.display().to_string()).collect();
-            return Err(Status::deadline_exceeded(format!("host {host}: images not complete after {} s: {}", FINISH_WAIT.as_secs(), missing.join(", "))));
+        if tokio::time::timeout_at(deadline, changes.changed())
+            .await
+            .is_err()
+        {
+            let missing: Vec<String> = inc
+                .images
+                .iter()
+                .filter(|i| !i.done.load(Ordering::Acquire))
+                .map(|i| i.path.display().to_string())
+                .collect();
+            return Err(Status::deadline_exceeded(format!(
+                "host {host}: images not complete after {} s: {}",
+                FINISH_WAIT.as_secs(),
+                missing.join(", ")
+            )));
         }
     }
     // The state lock keeps an Abort out while the VM becomes ours.
@@ -1349,40 +1779,69 @@ pub async fn finish(ctx: &Arc<AgentCtx>, req: pb::FinishColdMigrationRequest) ->
     let defined = ctx.vms.commit_offline(&inc.spec.name, &inc.id).await?;
     let resp = if req.start {
         match ctx.vms.start(&inc.spec.name).await {
-            Ok(vm) => pb::FinishColdMigrationResponse { vm: Some(vm), start_error: String::new() },
-            Err(e) => pb::FinishColdMigrationResponse { vm: Some(defined), start_error: e.message().to_string() },
+            Ok(vm) => pb::FinishColdMigrationResponse {
+                vm: Some(vm),
+                start_error: String::new(),
+            },
+            Err(e) => pb::FinishColdMigrationResponse {
+                vm: Some(defined),
+                start_error: e.message().to_string(),
+            },
         }
     } else {
-        pb::FinishColdMigrationResponse { vm: Some(defined), start_error: String::new() }
+        pb::FinishColdMigrationResponse {
+            vm: Some(defined),
+            start_error: String::new(),
+        }
     };
     *st = TargetState::Finished(Box::new(resp.clone()));
     drop(st);
     inc.cancel.cancel();
     inc.bump();
     forget_later(inc.clone());
-    ctx.metrics.migrations.with_label_values(&["target", "committed"]).inc();
+    ctx.metrics
+        .migrations
+        .with_label_values(&["target", "committed"])
+        .inc();
     info!(migration = %inc.id, vm = %inc.spec.name, source = %inc.source_host, started = req.start, "cold migration finished: VM defined here");
     Ok(resp)
 }
 
 /// Target: gives up on a cold migration at the source's request. Partial images stay for
 /// a resume unless `discard`. Refused (reported as `finished`) once the VM is defined here.
-pub async fn abort(ctx: &Arc<AgentCtx>, req: pb::AbortColdMigrationRequest) -> Result<pb::AbortColdMigrationResponse, Status> {
+pub async fn abort(
+    ctx: &Arc<AgentCtx>,
+    req: pb::AbortColdMigrationRequest,
+) -> Result<pb::AbortColdMigrationResponse, Status> {
     let Some(inc) = ctx.incoming.cold().lookup(&req.migration_id) else {
-        return Ok(pb::AbortColdMigrationResponse { existed: false, ..Default::default() });
+        return Ok(pb::AbortColdMigrationResponse {
+            existed: false,
+            ..Default::default()
+        });
     };
     if inc.token != req.token {
         return Err(Status::permission_denied("wrong migration token"));
     }
-    let reason = if req.reason.is_empty() { "aborted by the source".to_string() } else { req.reason.clone() };
+    let reason = if req.reason.is_empty() {
+        "aborted by the source".to_string()
+    } else {
+        req.reason.clone()
+    };
     let resp = match inc.abort(&reason, false, req.discard).await {
-        Aborted::Now => pb::AbortColdMigrationResponse { existed: true, ..Default::default() },
+        Aborted::Now => pb::AbortColdMigrationResponse {
+            existed: true,
+            ..Default::default()
+        },
         Aborted::Before { reason, by_target } => pb::AbortColdMigrationResponse {
             existed: true,
             finished: false,
             error: if by_target { reason } else { String::new() },
         },
-        Aborted::Finished => pb::AbortColdMigrationResponse { existed: true, finished: true, error: String::new() },
+        Aborted::Finished => pb::AbortColdMigrationResponse {
+            existed: true,
+            finished: true,
+            error: String::new(),
+        },
     };
     info!(migration = %inc.id, host = %ctx.cfg.host_name, finished = resp.finished, "abort of cold migration requested: {reason}");
     Ok(resp)
@@ -1401,9 +1860,20 @@ mod tests {
         assert_ne!(base, transfer_id("b", Path::new("/img/x.qcow2"), 10, &d));
         assert_ne!(base, transfer_id("a", Path::new("/img/y.qcow2"), 10, &d));
         assert_ne!(base, transfer_id("a", Path::new("/img/x.qcow2"), 11, &d));
-        assert_ne!(base, transfer_id("a", Path::new("/img/x.qcow2"), 10, &Blake3Digest::of_bytes(b"other")));
+        assert_ne!(
+            base,
+            transfer_id(
+                "a",
+                Path::new("/img/x.qcow2"),
+                10,
+                &Blake3Digest::of_bytes(b"other")
+            )
+        );
         // Length-prefixed fields: moving bytes between host and path changes the id.
-        assert_ne!(transfer_id("ab", Path::new("/c"), 1, &d), transfer_id("a", Path::new("b/c"), 1, &d));
+        assert_ne!(
+            transfer_id("ab", Path::new("/c"), 1, &d),
+            transfer_id("a", Path::new("b/c"), 1, &d)
+        );
     }
 
     #[test]
@@ -1413,7 +1883,13 @@ mod tests {
         let mut made = Vec::new();
         create_parents(&target, &mut made).expect("create");
         assert_eq!(made, vec![dir.path().join("a"), dir.path().join("a/b")]);
-        assert_eq!(ferry_disk::space::existing_ancestor(&dir.path().join("a/b/c/d.img")), dir.path().join("a/b"));
-        assert_eq!(append_suffix(&target, ".ferry-part"), dir.path().join("a/b/img.qcow2.ferry-part"));
+        assert_eq!(
+            ferry_disk::space::existing_ancestor(&dir.path().join("a/b/c/d.img")),
+            dir.path().join("a/b")
+        );
+        assert_eq!(
+            append_suffix(&target, ".ferry-part"),
+            dir.path().join("a/b/img.qcow2.ferry-part")
+        );
     }
 }

@@ -43,7 +43,9 @@ impl std::str::FromStr for StorageMode {
             "" | "auto" => Ok(StorageMode::Auto),
             "shared" => Ok(StorageMode::Shared),
             "copy" => Ok(StorageMode::Copy),
-            other => Err(format!("storage must be auto, shared or copy, not {other:?}")),
+            other => Err(format!(
+                "storage must be auto, shared or copy, not {other:?}"
+            )),
         }
     }
 }
@@ -83,8 +85,12 @@ pub async fn plan(
     let mut probes = Vec::new();
     let mut tokens = Vec::new();
     for d in &spec.disks {
-        let path = storage.confine(&d.path).map_err(|e| format!("disk '{}': {e}", d.id))?;
-        let rel = storage.relative(&path).map_err(|e| format!("disk '{}': {e}", d.id))?;
+        let path = storage
+            .confine(&d.path)
+            .map_err(|e| format!("disk '{}': {e}", d.id))?;
+        let rel = storage
+            .relative(&path)
+            .map_err(|e| format!("disk '{}': {e}", d.id))?;
         let fmt = image_format(d.format);
         let p2 = path.clone();
         let info = tokio::task::spawn_blocking(move || image::inspect_as(&p2, fmt))
@@ -107,7 +113,10 @@ pub async fn plan(
         tokens.push(token);
     }
     let verdicts = peer
-        .check_storage(pb::CheckStorageRequest { vm: spec.name.clone(), disks: probes.clone() })
+        .check_storage(pb::CheckStorageRequest {
+            vm: spec.name.clone(),
+            disks: probes.clone(),
+        })
         .await
         .map_err(|s| format!("target storage check: {}", s.message()))?
         .into_inner()
@@ -115,7 +124,10 @@ pub async fn plan(
     drop(tokens);
     let mut plans = Vec::new();
     for (probe, d) in probes.into_iter().zip(&spec.disks) {
-        let v = verdicts.iter().find(|v| v.id == probe.id).ok_or_else(|| format!("target said nothing about disk '{}'", probe.id))?;
+        let v = verdicts
+            .iter()
+            .find(|v| v.id == probe.id)
+            .ok_or_else(|| format!("target said nothing about disk '{}'", probe.id))?;
         let shared = v.shared;
         match (mode, shared) {
             (StorageMode::Shared, false) => {
@@ -136,7 +148,10 @@ pub async fn plan(
         }
         if !shared {
             if !v.error.is_empty() {
-                return Err(format!("disk '{}' cannot be copied to the target: {}", probe.id, v.error));
+                return Err(format!(
+                    "disk '{}' cannot be copied to the target: {}",
+                    probe.id, v.error
+                ));
             }
             if d.read_only {
                 return Err(format!(
@@ -153,21 +168,35 @@ pub async fn plan(
 
 /// Target side of [`plan`]: for each disk, is the source's token visible at the same
 /// path, and if not, could a copy go there.
-pub fn check(storage: &StorageRoots, host: &str, req: &pb::CheckStorageRequest) -> pb::CheckStorageResponse {
+pub fn check(
+    storage: &StorageRoots,
+    host: &str,
+    req: &pb::CheckStorageRequest,
+) -> pb::CheckStorageResponse {
     // Directory a copy would first need room in -> (bytes, the disks going there).
-    let mut needed: std::collections::HashMap<PathBuf, (u64, Vec<usize>)> = std::collections::HashMap::new();
+    let mut needed: std::collections::HashMap<PathBuf, (u64, Vec<usize>)> =
+        std::collections::HashMap::new();
     let mut out = Vec::new();
     for d in &req.disks {
-        let mut v = pb::DiskVerdict { id: d.id.clone(), shared: false, error: String::new() };
+        let mut v = pb::DiskVerdict {
+            id: d.id.clone(),
+            shared: false,
+            error: String::new(),
+        };
         match storage.candidates(Path::new(&d.path)) {
             Err(e) => v.error = format!("on {host}: {e}"),
             Ok(cands) => {
-                if cands.iter().any(|p| SharedStorageToken::probe(p, &d.token).unwrap_or(false)) {
+                if cands
+                    .iter()
+                    .any(|p| SharedStorageToken::probe(p, &d.token).unwrap_or(false))
+                {
                     v.shared = true;
                 } else if let Some(p) = cands.iter().find(|p| p.exists()) {
                     v.error = format!("an image already exists at {} on {host} (and it is not the source's: no token beside it)", p.display());
                 } else {
-                    let e = needed.entry(ferry_disk::space::existing_ancestor(&cands[0])).or_default();
+                    let e = needed
+                        .entry(ferry_disk::space::existing_ancestor(&cands[0]))
+                        .or_default();
                     e.0 += d.allocated_bytes;
                     e.1.push(out.len());
                 }
@@ -192,21 +221,38 @@ pub fn check(storage: &StorageRoots, host: &str, req: &pb::CheckStorageRequest) 
 /// Target side: rewrites the spec's disk paths (the source's) to this host's: a shared
 /// disk to where its image already is, a travelling one (`copies`) under the first
 /// storage root. Every path is confined to this host's storage roots.
-pub fn localize(storage: &StorageRoots, host: &str, mut spec: VmSpec, shared: &[pb::DiskProbe], copies: &[pb::DiskProbe]) -> Result<VmSpec, Status> {
+pub fn localize(
+    storage: &StorageRoots,
+    host: &str,
+    mut spec: VmSpec,
+    shared: &[pb::DiskProbe],
+    copies: &[pb::DiskProbe],
+) -> Result<VmSpec, Status> {
     for d in spec.disks.iter_mut() {
         let rel = shared
             .iter()
             .chain(copies)
             .find(|c| c.id == d.id)
             .map(|c| PathBuf::from(&c.path))
-            .ok_or_else(|| Status::invalid_argument(format!("disk '{}': the source did not name its image", d.id)))?;
-        let cands = storage.candidates(&rel).map_err(|e| Status::permission_denied(format!("disk '{}' on {host}: {e}", d.id)))?;
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "disk '{}': the source did not name its image",
+                    d.id
+                ))
+            })?;
+        let cands = storage
+            .candidates(&rel)
+            .map_err(|e| Status::permission_denied(format!("disk '{}' on {host}: {e}", d.id)))?;
         let travels = copies.iter().any(|c| c.id == d.id);
         d.path = if travels {
             cands[0].clone()
         } else {
             cands.iter().find(|p| p.exists()).cloned().ok_or_else(|| {
-                Status::failed_precondition(format!("disk '{}': shared image {} not found on {host}", d.id, rel.display()))
+                Status::failed_precondition(format!(
+                    "disk '{}': shared image {} not found on {host}",
+                    d.id,
+                    rel.display()
+                ))
             })?
         };
     }
@@ -215,22 +261,46 @@ pub fn localize(storage: &StorageRoots, host: &str, mut spec: VmSpec, shared: &[
 
 /// Target side: creates empty images for the disks that travel (`spec` already
 /// [`localize`]d); returns what it made (removed again if the migration does not commit).
-pub fn create_copies(storage: &StorageRoots, host: &str, spec: &VmSpec, copies: &[pb::DiskProbe]) -> Result<Vec<PathBuf>, Status> {
+pub fn create_copies(
+    storage: &StorageRoots,
+    host: &str,
+    spec: &VmSpec,
+    copies: &[pb::DiskProbe],
+) -> Result<Vec<PathBuf>, Status> {
     let mut made = Vec::new();
     let result = (|| {
         for c in copies {
-            let disk = spec.disks.iter().find(|d| d.id == c.id).ok_or_else(|| Status::invalid_argument(format!("copy of unknown disk '{}'", c.id)))?;
-            let path = storage.confine(&disk.path).map_err(|e| Status::permission_denied(format!("disk '{}' on {host}: {e}", c.id)))?;
+            let disk = spec.disks.iter().find(|d| d.id == c.id).ok_or_else(|| {
+                Status::invalid_argument(format!("copy of unknown disk '{}'", c.id))
+            })?;
+            let path = storage.confine(&disk.path).map_err(|e| {
+                Status::permission_denied(format!("disk '{}' on {host}: {e}", c.id))
+            })?;
             if path.exists() {
-                return Err(Status::already_exists(format!("disk '{}': an image already exists at {} on {host}", c.id, path.display())));
+                return Err(Status::already_exists(format!(
+                    "disk '{}': an image already exists at {} on {host}",
+                    c.id,
+                    path.display()
+                )));
             }
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| Status::internal(format!("disk '{}' on {host}: creating {}: {e}", c.id, dir.display())))?;
-                ferry_disk::space::ensure_space(dir, c.allocated_bytes, &format!("disk '{}'", c.id))
-                    .map_err(|e| Status::resource_exhausted(format!("on {host}: {e}")))?;
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    Status::internal(format!(
+                        "disk '{}' on {host}: creating {}: {e}",
+                        c.id,
+                        dir.display()
+                    ))
+                })?;
+                ferry_disk::space::ensure_space(
+                    dir,
+                    c.allocated_bytes,
+                    &format!("disk '{}'", c.id),
+                )
+                .map_err(|e| Status::resource_exhausted(format!("on {host}: {e}")))?;
             }
-            image::create(&path, image_format(disk.format), c.virtual_size, None)
-                .map_err(|e| Status::failed_precondition(format!("disk '{}' on {host}: {e}", c.id)))?;
+            image::create(&path, image_format(disk.format), c.virtual_size, None).map_err(|e| {
+                Status::failed_precondition(format!("disk '{}' on {host}: {e}", c.id))
+            })?;
             made.push(path);
         }
         Ok(())
@@ -274,7 +344,10 @@ pub async fn tunnel(
         let mut buf = vec![0u8; MAX_CHUNK.min(256 * 1024)];
         let mut pos = 0u64;
         loop {
-            let n = ur.read(&mut buf).await.map_err(|e| format!("NBD socket: {e}"))?;
+            let n = ur
+                .read(&mut buf)
+                .await
+                .map_err(|e| format!("NBD socket: {e}"))?;
             if n == 0 {
                 break;
             }
@@ -282,12 +355,16 @@ pub async fn tunnel(
             // and replies are mostly small, and latency matters for them.
             let frame = if n >= 64 * 1024 && codec != Codec::None {
                 let data = buf[..n].to_vec();
-                tokio::task::spawn_blocking(move || DataChunk::encode(pos, &data, codec)).await.map_err(|e| e.to_string())?
+                tokio::task::spawn_blocking(move || DataChunk::encode(pos, &data, codec))
+                    .await
+                    .map_err(|e| e.to_string())?
             } else {
                 DataChunk::encode(pos, &buf[..n], if n >= 4096 { codec } else { Codec::None })
             }
             .map_err(|e| e.to_string())?;
-            w.write(&frame).await.map_err(|e| format!("tunnel stream: {e}"))?;
+            w.write(&frame)
+                .await
+                .map_err(|e| format!("tunnel stream: {e}"))?;
             pos += n as u64;
             out.wire.fetch_add(frame.len() as u64, Ordering::Relaxed);
         }
@@ -298,11 +375,18 @@ pub async fn tunnel(
         let mut r = FrameReader::new(recv);
         let mut pos = 0u64;
         while let Some(frame) = r.next().await.map_err(|e| format!("tunnel stream: {e}"))? {
-            let Frame::Chunk(c) = frame else { return Err("unexpected frame in NBD tunnel".to_string()) };
+            let Frame::Chunk(c) = frame else {
+                return Err("unexpected frame in NBD tunnel".to_string());
+            };
             if c.offset != pos {
-                return Err(format!("NBD tunnel out of order: chunk at {} where {pos} was due", c.offset));
+                return Err(format!(
+                    "NBD tunnel out of order: chunk at {} where {pos} was due",
+                    c.offset
+                ));
             }
-            uw.write_all(&c.data).await.map_err(|e| format!("NBD socket: {e}"))?;
+            uw.write_all(&c.data)
+                .await
+                .map_err(|e| format!("NBD socket: {e}"))?;
             pos += c.data.len() as u64;
         }
         let _ = uw.shutdown().await;

@@ -6,17 +6,19 @@
 //! Phases follow DESIGN.md: Preparing → Connecting → Precopy → Switchover → Verifying →
 //! Committing → Completed; any failure before the commit rolls back to the source.
 
-pub mod disks;
 pub mod cold;
+pub mod disks;
 pub mod pages;
 pub mod relay;
 pub mod source;
 pub mod target;
 
-use crate::journal::{Journal, MigrationRecord, Role};
+use crate::journal::{Journal, JournalError, MigrationRecord, Op, Role};
 use ferry_api::v1 as pb;
+use ferry_handoff::SourceMark;
 use prost::Message;
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -24,12 +26,30 @@ use tokio_util::sync::CancellationToken;
 /// Whether a phase is final.
 pub fn is_terminal(phase: i32) -> bool {
     use pb::MigrationPhase as P;
-    matches!(P::try_from(phase), Ok(P::Completed | P::Failed | P::Cancelled | P::InDoubt))
+    matches!(
+        P::try_from(phase),
+        Ok(P::Completed | P::Failed | P::Cancelled | P::InDoubt)
+    )
 }
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// What the source journals about a migration besides its status.
+#[derive(Debug, Clone)]
+pub struct SourceMeta {
+    /// The last irreversible step journaled.
+    pub mark: SourceMark,
+    /// Whether the guest ran before the migration (a rollback leaves a suspended guest
+    /// suspended).
+    pub was_running: bool,
+    /// The device-state capture (whole once the source QEMU completed).
+    pub capture: Option<PathBuf>,
 }
 
 /// A migration this host is the source of: its live status and its cancel switch.
@@ -37,9 +57,26 @@ pub struct OutgoingHandle {
     pub id: String,
     pub status: watch::Sender<pb::MigrationStatus>,
     pub cancel: CancellationToken,
+    pub meta: std::sync::Mutex<SourceMeta>,
 }
 
 impl OutgoingHandle {
+    /// The journaled facts.
+    pub fn meta(&self) -> SourceMeta {
+        self.meta.lock().map(|m| m.clone()).unwrap_or(SourceMeta {
+            mark: SourceMark::CommitSent,
+            was_running: true,
+            capture: None,
+        })
+    }
+
+    /// Changes the journaled facts (written with the next persist).
+    pub fn set_meta(&self, f: impl FnOnce(&mut SourceMeta)) {
+        if let Ok(mut m) = self.meta.lock() {
+            f(&mut m);
+        }
+    }
+
     /// Changes the published status.
     pub fn update(&self, f: impl FnOnce(&mut pb::MigrationStatus)) {
         self.status.send_modify(f);
@@ -71,26 +108,51 @@ impl Outgoing {
 
     /// Ends a migration that did not complete (failed, or cancelled on request): records
     /// why and when, counts it, and moves it to its final phase with `message`.
-    pub fn end_unsuccessful(&self, h: &OutgoingHandle, metrics: &crate::metrics::Metrics, reason: &str, cancelled: bool, elapsed_ms: u64, message: String) {
+    pub fn end_unsuccessful(
+        &self,
+        h: &OutgoingHandle,
+        metrics: &crate::metrics::Metrics,
+        reason: &str,
+        cancelled: bool,
+        elapsed_ms: u64,
+        message: String,
+    ) {
         h.update(|s| {
             s.error = reason.to_string();
             s.finished_unix_ms = now_ms();
             s.stats.get_or_insert_with(Default::default).elapsed_ms = elapsed_ms;
         });
-        let (result, phase) = if cancelled { ("cancelled", pb::MigrationPhase::Cancelled) } else { ("failed", pb::MigrationPhase::Failed) };
-        metrics.migrations.with_label_values(&["source", result]).inc();
+        let (result, phase) = if cancelled {
+            ("cancelled", pb::MigrationPhase::Cancelled)
+        } else {
+            ("failed", pb::MigrationPhase::Failed)
+        };
+        metrics
+            .migrations
+            .with_label_values(&["source", result])
+            .inc();
         metrics.active.dec();
+        h.set_meta(|m| m.mark = SourceMark::Settled);
         self.set_phase(h, phase, message);
+        self.release(&h.id);
     }
 
     pub fn new(journal: Arc<Journal>) -> Arc<Self> {
-        Arc::new(Outgoing { live: std::sync::Mutex::new(HashMap::new()), journal })
+        Arc::new(Outgoing {
+            live: std::sync::Mutex::new(HashMap::new()),
+            journal,
+        })
     }
 
     /// Registers a new migration with its initial status.
-    pub fn register(&self, status: pb::MigrationStatus) -> Arc<OutgoingHandle> {
+    pub fn register(&self, status: pb::MigrationStatus, meta: SourceMeta) -> Arc<OutgoingHandle> {
         let (tx, _rx) = watch::channel(status.clone());
-        let h = Arc::new(OutgoingHandle { id: status.id.clone(), status: tx, cancel: CancellationToken::new() });
+        let h = Arc::new(OutgoingHandle {
+            id: status.id.clone(),
+            status: tx,
+            cancel: CancellationToken::new(),
+            meta: std::sync::Mutex::new(meta),
+        });
         if let Ok(mut live) = self.live.lock() {
             live.insert(status.id.clone(), h.clone());
         }
@@ -100,18 +162,37 @@ impl Outgoing {
 
     /// Writes the current status to the journal.
     pub fn persist(&self, h: &OutgoingHandle) {
+        if let Err(e) = self.persist_with(h, vec![]) {
+            tracing::error!(migration = %h.id, "journal: {e}");
+        }
+    }
+
+    /// Writes the current status and facts to the journal together with `ops`, in one
+    /// durable transaction (an irreversible step and the VM record it changes).
+    pub fn persist_with(&self, h: &OutgoingHandle, mut ops: Vec<Op>) -> Result<(), JournalError> {
         let s = h.snapshot();
-        let rec = MigrationRecord {
-            id: s.id.clone(),
-            role: Role::Source,
-            vm: s.vm.clone(),
-            peer: s.target.clone(),
-            state: pb::MigrationPhase::try_from(s.phase).map(|p| p.as_str_name().to_string()).unwrap_or_default(),
-            token: None,
-            status: Some(s.encode_to_vec()),
-        };
-        if let Err(e) = self.journal.put_migration(&rec) {
-            tracing::error!(migration = %s.id, "journal: {e}");
+        let meta = h.meta();
+        let mut rec = MigrationRecord::new(
+            &s.id,
+            Role::Source,
+            &s.vm,
+            &s.target,
+            pb::MigrationPhase::try_from(s.phase)
+                .map(|p| p.as_str_name())
+                .unwrap_or_default(),
+        );
+        rec.status = Some(s.encode_to_vec());
+        rec.mark = Some(meta.mark);
+        rec.was_running = meta.was_running;
+        rec.capture = meta.capture;
+        ops.insert(0, Op::PutMigration(rec));
+        self.journal.apply(&ops)
+    }
+
+    /// Forgets a live handle (its record stays in the journal as history).
+    pub fn release(&self, id: &str) {
+        if let Ok(mut live) = self.live.lock() {
+            live.remove(id);
         }
     }
 
@@ -132,13 +213,20 @@ impl Outgoing {
         let recs = self.journal.migrations().unwrap_or_default();
         recs.into_iter()
             .filter(|r| r.role == Role::Source)
-            .filter_map(|r| r.status.and_then(|b| pb::MigrationStatus::decode(b.as_slice()).ok()))
+            .filter_map(|r| {
+                r.status
+                    .and_then(|b| pb::MigrationStatus::decode(b.as_slice()).ok())
+            })
             .collect()
     }
 
     /// Every migration, live ones with their current status, newest first.
     pub fn list(&self) -> Vec<pb::MigrationStatus> {
-        let mut by_id: HashMap<String, pb::MigrationStatus> = self.history().into_iter().map(|s| (s.id.clone(), s)).collect();
+        let mut by_id: HashMap<String, pb::MigrationStatus> = self
+            .history()
+            .into_iter()
+            .map(|s| (s.id.clone(), s))
+            .collect();
         if let Ok(live) = self.live.lock() {
             for h in live.values() {
                 by_id.insert(h.id.clone(), h.snapshot());
@@ -149,8 +237,24 @@ impl Outgoing {
         v
     }
 
-    /// A source migration journaled as in progress when the agent stopped.
-    pub fn unfinished(&self) -> Vec<pb::MigrationStatus> {
-        self.history().into_iter().filter(|s| !is_terminal(s.phase)).collect()
+    /// Source migrations journaled as not settled (in flight or IN_DOUBT when the agent
+    /// stopped), with their records.
+    pub fn unsettled(&self) -> Vec<(MigrationRecord, pb::MigrationStatus)> {
+        let recs = self.journal.migrations().unwrap_or_default();
+        recs.into_iter()
+            .filter(|r| r.role == Role::Source)
+            .filter_map(|r| {
+                let s = r
+                    .status
+                    .as_ref()
+                    .and_then(|b| pb::MigrationStatus::decode(b.as_slice()).ok())?;
+                // Records from before marks existed: settled when their phase is final.
+                let settled = match r.mark {
+                    Some(m) => m == SourceMark::Settled,
+                    None => is_terminal(s.phase) && s.phase != pb::MigrationPhase::InDoubt as i32,
+                };
+                (!settled).then_some((r, s))
+            })
+            .collect()
     }
 }

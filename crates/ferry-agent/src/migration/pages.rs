@@ -56,7 +56,10 @@ const RATE_BURST: std::time::Duration = std::time::Duration::from_millis(5);
 
 impl RateLimiter {
     pub fn new(bytes_per_sec: u64) -> Self {
-        RateLimiter { bytes_per_sec: bytes_per_sec.max(1), next: std::sync::Mutex::new(std::time::Instant::now()) }
+        RateLimiter {
+            bytes_per_sec: bytes_per_sec.max(1),
+            next: std::sync::Mutex::new(std::time::Instant::now()),
+        }
     }
 
     /// The cap in bytes per second.
@@ -67,7 +70,9 @@ impl RateLimiter {
     /// Waits until `n` more bytes fit under the cap.
     pub async fn acquire(&self, n: usize) {
         let wait = {
-            let Ok(mut next) = self.next.lock() else { return };
+            let Ok(mut next) = self.next.lock() else {
+                return;
+            };
             let now = std::time::Instant::now();
             let earliest = now.checked_sub(RATE_BURST).unwrap_or(now);
             if *next < earliest {
@@ -97,7 +102,15 @@ pub struct PageSender {
 impl PageSender {
     pub fn new(writers: Vec<FrameWriter>, ram: Arc<RamFile>, codec: Codec) -> Self {
         let pages = ram.page_count();
-        PageSender { writers, ram, codec, counters: Arc::new(PageCounters::default()), ever_sent: DirtyBitmap::new(pages), resent: 0, limiter: None }
+        PageSender {
+            writers,
+            ram,
+            codec,
+            counters: Arc::new(PageCounters::default()),
+            ever_sent: DirtyBitmap::new(pages),
+            resent: 0,
+            limiter: None,
+        }
     }
 
     /// Caps the bytes per second written to the page streams.
@@ -108,19 +121,34 @@ impl PageSender {
 
     /// Sends `pages`. With `skip_zero` (round 0: the target file starts all-zero) zero
     /// pages are not sent at all; otherwise they travel as zero-page runs.
-    pub async fn send_round(&mut self, round: u32, pages: &DirtyBitmap, skip_zero: bool) -> Result<(), PageError> {
+    pub async fn send_round(
+        &mut self,
+        round: u32,
+        pages: &DirtyBitmap,
+        skip_zero: bool,
+    ) -> Result<(), PageError> {
         let n = self.writers.len().max(1);
         let mut shards: Vec<Vec<u64>> = vec![Vec::new(); n];
         for p in pages.iter() {
             if !self.ever_sent.set(p) {
-                return Err(PageError::OutOfRange { page: p, pages: self.ram.page_count() });
+                return Err(PageError::OutOfRange {
+                    page: p,
+                    pages: self.ram.page_count(),
+                });
             }
             shards[((p >> REGION_SHIFT) % n as u64) as usize].push(p);
         }
         let mut tasks = Vec::with_capacity(n);
         for (w, shard) in std::mem::take(&mut self.writers).into_iter().zip(shards) {
-            let (ram, counters, codec, limiter) = (self.ram.clone(), self.counters.clone(), self.codec, self.limiter.clone());
-            tasks.push(tokio::spawn(send_shard(w, ram, shard, round, codec, skip_zero, counters, limiter)));
+            let (ram, counters, codec, limiter) = (
+                self.ram.clone(),
+                self.counters.clone(),
+                self.codec,
+                self.limiter.clone(),
+            );
+            tasks.push(tokio::spawn(send_shard(
+                w, ram, shard, round, codec, skip_zero, counters, limiter,
+            )));
         }
         let mut first_err = None;
         for t in tasks {
@@ -169,23 +197,33 @@ async fn send_shard(
         let chunk = chunk.to_vec();
         let ram = ram.clone();
         // Reading and compressing are CPU work: keep them off the async workers.
-        let frames = tokio::task::spawn_blocking(move || encode_chunk(&ram, round, &chunk, codec, skip_zero))
-            .await
-            .map_err(|e| PageError::Join(e.to_string()))??;
+        let frames = tokio::task::spawn_blocking(move || {
+            encode_chunk(&ram, round, &chunk, codec, skip_zero)
+        })
+        .await
+        .map_err(|e| PageError::Join(e.to_string()))??;
         for f in frames {
             if let Some(l) = &limiter {
                 l.acquire(f.bytes.len()).await;
             }
             w.write(&f.bytes).await?;
             counters.batches.fetch_add(1, Ordering::Relaxed);
-            counters.wire_bytes.fetch_add(f.bytes.len() as u64, Ordering::Relaxed);
+            counters
+                .wire_bytes
+                .fetch_add(f.bytes.len() as u64, Ordering::Relaxed);
             if f.payload_len == 0 {
                 // Only zero-page frames carry no payload.
-                counters.zero_pages.fetch_add(f.pages as u64, Ordering::Relaxed);
+                counters
+                    .zero_pages
+                    .fetch_add(f.pages as u64, Ordering::Relaxed);
             } else {
                 counters.pages.fetch_add(f.pages as u64, Ordering::Relaxed);
-                counters.page_bytes.fetch_add((f.pages * PAGE_SIZE) as u64, Ordering::Relaxed);
-                counters.payload_bytes.fetch_add(f.payload_len as u64, Ordering::Relaxed);
+                counters
+                    .page_bytes
+                    .fetch_add((f.pages * PAGE_SIZE) as u64, Ordering::Relaxed);
+                counters
+                    .payload_bytes
+                    .fetch_add(f.payload_len as u64, Ordering::Relaxed);
             }
         }
     }
@@ -199,12 +237,21 @@ fn push_run(runs: &mut Vec<PageRun>, page: u64) {
             return;
         }
     }
-    runs.push(PageRun { first: page, count: 1 });
+    runs.push(PageRun {
+        first: page,
+        count: 1,
+    });
 }
 
 /// Reads `pages` (sorted, at most BATCH_PAGES) and encodes a data batch and, where
 /// needed, a zero-page batch.
-fn encode_chunk(ram: &RamFile, round: u32, pages: &[u64], codec: Codec, skip_zero: bool) -> Result<Vec<EncodedBatch>, PageError> {
+fn encode_chunk(
+    ram: &RamFile,
+    round: u32,
+    pages: &[u64],
+    codec: Codec,
+    skip_zero: bool,
+) -> Result<Vec<EncodedBatch>, PageError> {
     let mut data = Vec::with_capacity(pages.len() * PAGE_SIZE);
     let (mut data_runs, mut zero_runs) = (Vec::new(), Vec::new());
     let mut buf = vec![0u8; PAGE_SIZE];
@@ -253,7 +300,12 @@ impl AppliedCounter {
 /// Applies one page stream to the target's RAM file until the source finishes it.
 /// Writes the batches of one page stream into the RAM file, keeping `sums` (the
 /// fingerprint's per-page view) in step with what it writes.
-pub async fn apply_page_stream(mut reader: FrameReader, ram: Arc<RamFile>, applied: Arc<AppliedCounter>, sums: Arc<PageSums>) -> Result<(), PageError> {
+pub async fn apply_page_stream(
+    mut reader: FrameReader,
+    ram: Arc<RamFile>,
+    applied: Arc<AppliedCounter>,
+    sums: Arc<PageSums>,
+) -> Result<(), PageError> {
     while let Some(frame) = reader.next().await? {
         let (ram, sums) = (ram.clone(), sums.clone());
         let pages = tokio::task::spawn_blocking(move || apply_frame(&ram, &sums, frame))
@@ -271,7 +323,10 @@ fn apply_frame(ram: &RamFile, sums: &PageSums, frame: Frame) -> Result<u64, Page
     let check = |run: &PageRun| {
         let end = run.first + u64::from(run.count);
         if end > limit {
-            Err(PageError::OutOfRange { page: end - 1, pages: limit })
+            Err(PageError::OutOfRange {
+                page: end - 1,
+                pages: limit,
+            })
         } else {
             Ok(())
         }
@@ -303,6 +358,8 @@ fn apply_frame(ram: &RamFile, sums: &PageSums, frame: Frame) -> Result<u64, Page
             }
             Ok(n)
         }
-        Frame::Control(_) | Frame::Chunk(_) => Err(PageError::Transport(TransportError::UnexpectedFrame("page"))),
+        Frame::Control(_) | Frame::Chunk(_) => Err(PageError::Transport(
+            TransportError::UnexpectedFrame("page"),
+        )),
     }
 }

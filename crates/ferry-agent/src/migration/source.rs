@@ -6,12 +6,16 @@
 //! what happened and, if it cannot find out, stays paused IN_DOUBT.
 
 use super::pages::PageSender;
-use super::relay::relay;
+use super::relay::relay_capturing;
 use super::{now_ms, OutgoingHandle};
 use crate::convert::spec_to_pb;
+use crate::journal::Op;
 use crate::AgentCtx;
 use ferry_api::v1 as pb;
 use ferry_api::v1::ferry_peer_client::FerryPeerClient;
+use ferry_handoff::{
+    rollback_resume, source_recovery, Resume, SourceAction, SourceMark, SourceQemu, TargetAnswer,
+};
 use ferry_memory::{DirtyBitmap, DirtyTracker, RamFile, DEFAULT_SHIM_FD, PAGE_SIZE};
 use ferry_qemu::{QemuProcess, VmSpec};
 use ferry_qmp::{wait_for_event, MirrorCopyMode, QmpClient, QmpEvent};
@@ -53,28 +57,7 @@ pub struct MigrationParams {
     pub storage: super::disks::StorageMode,
 }
 
-/// What to do when pre-copy rounds stop shrinking (or the round limit is reached).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StallPolicy {
-    /// Stop-and-copy: pause the guest and send the rest (longer downtime). The seeds' advice.
-    Pause,
-    /// Give up: roll back, the guest keeps running on the source.
-    Abort,
-    /// Lower the guest's CPU quota step by step until rounds shrink; then stop-and-copy.
-    Throttle,
-}
-
-impl std::str::FromStr for StallPolicy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "" | "pause" => Ok(StallPolicy::Pause),
-            "abort" => Ok(StallPolicy::Abort),
-            "throttle" => Ok(StallPolicy::Throttle),
-            other => Err(format!("on_stall: unknown policy '{other}' (pause, abort or throttle)")),
-        }
-    }
-}
+pub use ferry_handoff::StallPolicy;
 
 /// A failure, with the step it happened in. Its text names VM, hosts and step.
 #[derive(Debug)]
@@ -87,7 +70,11 @@ pub struct MigrationError {
 type Res<T> = Result<T, MigrationError>;
 
 fn fail<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> MigrationError {
-    move |e| MigrationError { step, message: e.to_string(), cancelled: false }
+    move |e| MigrationError {
+        step,
+        message: e.to_string(),
+        cancelled: false,
+    }
 }
 
 fn status_msg(s: tonic::Status) -> String {
@@ -114,68 +101,53 @@ struct Undo {
     control_rx: Option<mpsc::Receiver<Result<ControlMessage, String>>>,
 }
 
-/// How the commit ended.
-enum CommitOutcome {
-    Committed { resume_us: i64 },
-    NotCommitted(String),
-    Unknown(String),
-}
-
 /// Runs [`run`] and, should it panic (a bug), still settles who owns the VM: the target
 /// keeps it if it committed, otherwise it is aborted there and the guest resumes here.
-pub async fn run_guarded(ctx: Arc<AgentCtx>, p: MigrationParams, h: Arc<OutgoingHandle>, spec: VmSpec, proc: Arc<QemuProcess>) {
+pub async fn run_guarded(
+    ctx: Arc<AgentCtx>,
+    p: MigrationParams,
+    h: Arc<OutgoingHandle>,
+    spec: VmSpec,
+    proc: Arc<QemuProcess>,
+) {
     let (ctx2, p2, h2, proc2) = (ctx.clone(), p.clone(), h.clone(), proc.clone());
-    let Err(panic) = tokio::spawn(run(ctx, p, h, spec, proc)).await else { return };
+    let Err(panic) = tokio::spawn(run(ctx, p, h, spec, proc)).await else {
+        return;
+    };
     tracing::error!(migration = %p2.id, "migration task panicked: {panic}");
-    let committed = match crate::tls::connect(&p2.target, &ctx2.identity).await {
-        Ok(chan) => {
-            let mut peer = FerryPeerClient::new(chan);
-            match peer.incoming_status(pb::MigrationRef { id: p2.id.clone() }).await.map(|r| r.into_inner().state) {
-                Ok(s) if s == pb::IncomingState::Committed as i32 => Some(true),
-                Ok(_) => {
-                    let req = pb::AbortRequest { migration_id: p2.id.clone(), reason: "source failed internally".into() };
-                    peer.abort(req).await.ok().map(|_| false)
-                }
-                Err(_) => None,
-            }
-        }
-        Err(_) => None,
-    };
-    let qmp = proc2.qmp();
-    let outcome = match committed {
-        Some(true) => {
-            let _ = ctx2.vms.end_outgoing(&p2.vm, true).await;
-            let _ = proc2.shutdown(Duration::from_secs(10)).await;
-            crate::vms::remove_vm_files(&ctx2.cfg, &p2.vm);
-            pb::MigrationPhase::Completed
-        }
-        Some(false) => {
-            let _ = qmp.migrate_cancel().await;
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            if let Ok(st) = qmp.query_status().await {
-                if !st.running {
-                    let _ = qmp.cont().await;
-                }
-            }
-            let _ = ctx2.vms.end_outgoing(&p2.vm, false).await;
-            pb::MigrationPhase::Failed
-        }
-        None => pb::MigrationPhase::InDoubt,
-    };
-    ctx2.metrics.active.dec();
-    h2.update(|s| {
-        s.phase = outcome as i32;
-        s.error = format!("internal error in the migration of VM '{}' (a bug: {panic}); settled as {outcome:?}", p2.vm);
-        s.finished_unix_ms = now_ms();
-    });
-    ctx2.outgoing.persist(&h2);
+    // Settle exactly as a restarted agent would: the journaled mark decides.
+    let why = format!(
+        "internal error in the migration of VM '{}' (a bug: {panic})",
+        p2.vm
+    );
+    settle_and_end(ctx2, h2, p2.vm.clone(), p2.target.clone(), Some(proc2), why).await;
 }
 
 /// Runs a migration whose VM the caller already marked as migrating, to its end.
-pub async fn run(ctx: Arc<AgentCtx>, p: MigrationParams, h: Arc<OutgoingHandle>, spec: VmSpec, proc: Arc<QemuProcess>) {
+pub async fn run(
+    ctx: Arc<AgentCtx>,
+    p: MigrationParams,
+    h: Arc<OutgoingHandle>,
+    spec: VmSpec,
+    proc: Arc<QemuProcess>,
+) {
     let started = Instant::now();
     let mut undo = Undo::default();
-    let mut m = Migration { ctx: ctx.clone(), p: p.clone(), h: h.clone(), spec, proc: proc.clone(), started, stop_time: None, token: String::new(), reported: (0, 0, 0), link_rate: 0.0, disk_counters: None, local_digest: None, final_round: None, qmp_events: None };
+    let mut m = Migration {
+        ctx: ctx.clone(),
+        p: p.clone(),
+        h: h.clone(),
+        spec,
+        proc: proc.clone(),
+        started,
+        stop_time: None,
+        token: String::new(),
+        reported: (0, 0, 0),
+        link_rate: 0.0,
+        disk_counters: None,
+        local_digest: None,
+        final_round: None,
+    };
     ctx.metrics.active.inc();
     let deadline = p.timeout.unwrap_or(Duration::from_secs(u64::MAX / 4));
     let result = tokio::select! {
@@ -192,19 +164,19 @@ pub async fn run(ctx: Arc<AgentCtx>, p: MigrationParams, h: Arc<OutgoingHandle>,
         Err(e) => Err(e),
     };
     let result = match result {
-        Ok(resume_us) => Ok(resume_us),
-        Err(e) if undo.peer.is_some() && e.step == "commit" => {
-            // The Commit call may have reached the target: find out before touching the source.
-            match m.resolve_commit(&mut undo).await {
-                CommitOutcome::Committed { resume_us } => Ok(resume_us),
-                CommitOutcome::NotCommitted(why) => Err(MigrationError { step: "commit", message: why, cancelled: false }),
-                CommitOutcome::Unknown(why) => {
-                    m.in_doubt(&why, undo).await;
-                    return;
-                }
+        // Commit may be on the wire: the target decides, ask it (IN_DOUBT meanwhile).
+        Err(e) if m.h.meta().mark == SourceMark::CommitSent => {
+            warn!(migration = %m.p.id, "commit not confirmed ({}): asking the target", e.message);
+            match settle(&m.ctx, &m.h, &m.p.target, Some(&m.proc)).await {
+                SourceAction::Finish => Ok(0),
+                _ => Err(MigrationError {
+                    step: "commit",
+                    message: format!("{}; the target did not commit", e.message),
+                    cancelled: false,
+                }),
             }
         }
-        Err(e) => Err(e),
+        other => other,
     };
     match result {
         Ok(resume_us) => m.finish_committed(resume_us, undo).await,
@@ -232,8 +204,6 @@ struct Migration {
     local_digest: Option<u128>,
     /// The final round and the batch count it ends at.
     final_round: Option<(u32, u64)>,
-    /// QMP events of the source QEMU, watched for a failed migration during the commit.
-    qmp_events: Option<tokio::sync::broadcast::Receiver<QmpEvent>>,
 }
 
 impl Migration {
@@ -243,8 +213,20 @@ impl Migration {
 
     /// Records a switchover step, in microseconds since the guest stopped.
     fn mark(&self, f: impl FnOnce(&mut pb::DowntimeBreakdown, u64)) {
-        let us = self.stop_time.and_then(|t| SystemTime::now().duration_since(t).ok()).map(|d| d.as_micros() as u64).unwrap_or(0);
-        self.h.update(|s| f(s.stats.get_or_insert_with(Default::default).downtime_breakdown.get_or_insert_with(Default::default), us));
+        let us = self
+            .stop_time
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        self.h.update(|s| {
+            f(
+                s.stats
+                    .get_or_insert_with(Default::default)
+                    .downtime_breakdown
+                    .get_or_insert_with(Default::default),
+                us,
+            )
+        });
     }
 
     /// Records (and shows) a policy decision.
@@ -260,49 +242,108 @@ impl Migration {
         self.proc.qmp()
     }
 
+    /// Fires a failpoint (see `failpoint.rs`); an injected error fails `step`.
+    async fn fail_point(&self, name: &'static str, step: &'static str) -> Res<()> {
+        crate::failpoint::hit(name, &self.ctx.cfg.state_dir)
+            .await
+            .map_err(fail(step))
+    }
+
     /// Phases 1-4, all cancellable; ends with the target holding RAM and device state.
     async fn drive(&mut self, undo: &mut Undo) -> Res<()> {
         let tracker_kind = self.ctx.tracker.clone().map_err(|why| MigrationError {
             step: "tracker",
-            message: format!("no dirty-page tracker works on host {}: {why}", self.ctx.cfg.host_name),
+            message: format!(
+                "no dirty-page tracker works on host {}: {why}",
+                self.ctx.cfg.host_name
+            ),
             cancelled: false,
         })?;
 
         // Phase 0: preflight. Hard failures stop here; soft ones unless forced.
-        self.phase(pb::MigrationPhase::Preparing, format!("preflight checks against {}", self.p.target));
-        let report = crate::preflight::run(&self.ctx, &self.spec, Some(&self.proc), &self.p.target, self.p.codec, self.p.downtime_ms, self.p.bandwidth)
-            .await
-            .map_err(|s| fail("preflight")(s.message().to_string()))?;
+        self.phase(
+            pb::MigrationPhase::Preparing,
+            format!("preflight checks against {}", self.p.target),
+        );
+        let report = crate::preflight::run(
+            &self.ctx,
+            &self.spec,
+            Some(&self.proc),
+            &self.p.target,
+            self.p.codec,
+            self.p.downtime_ms,
+            self.p.bandwidth,
+        )
+        .await
+        .map_err(|s| fail("preflight")(s.message().to_string()))?;
         let failed: Vec<String> = report
             .checks
             .iter()
             .filter(|c| c.status == pb::CheckStatus::Fail as i32)
-            .map(|c| format!("{}: {}{}", c.name, c.detail, if c.fix.is_empty() { String::new() } else { format!(" (fix: {})", c.fix) }))
+            .map(|c| {
+                format!(
+                    "{}: {}{}",
+                    c.name,
+                    c.detail,
+                    if c.fix.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (fix: {})", c.fix)
+                    }
+                )
+            })
             .collect();
-        self.h.update(|s| s.stats.get_or_insert_with(Default::default).prediction = report.prediction);
-        self.link_rate = report.prediction.as_ref().map(|p| p.link_bytes_per_sec).unwrap_or(0.0);
+        self.h.update(|s| {
+            s.stats.get_or_insert_with(Default::default).prediction = report.prediction
+        });
+        self.link_rate = report
+            .prediction
+            .as_ref()
+            .map(|p| p.link_bytes_per_sec)
+            .unwrap_or(0.0);
         if !(report.ok || report.ok_with_force && self.p.force) {
-            let hint = if report.ok_with_force { " — only soft checks failed: --force overrides them" } else { "" };
+            let hint = if report.ok_with_force {
+                " — only soft checks failed: --force overrides them"
+            } else {
+                ""
+            };
             return Err(fail("preflight")(format!("{}{hint}", failed.join("; "))));
         }
         if !failed.is_empty() {
-            self.phase(pb::MigrationPhase::Preparing, format!("forced past soft preflight failures: {}", failed.join("; ")));
+            self.phase(
+                pb::MigrationPhase::Preparing,
+                format!("forced past soft preflight failures: {}", failed.join("; ")),
+            );
         }
         // Total time counts the migration itself, not the checks before it.
         let preflight = self.started.elapsed();
         self.started = Instant::now();
-        self.h.update(|s| s.stats.get_or_insert_with(Default::default).preflight_ms = preflight.as_millis() as u64);
+        self.h.update(|s| {
+            s.stats.get_or_insert_with(Default::default).preflight_ms = preflight.as_millis() as u64
+        });
         info!(migration = %self.p.id, ?preflight, "preflight done");
+        self.fail_point("src.preflight.done", "preflight").await?;
 
         // Phase 1: the target prepares an empty QEMU waiting for us.
-        self.phase(pb::MigrationPhase::Preparing, format!("asking {} to prepare", self.p.target));
+        self.phase(
+            pb::MigrationPhase::Preparing,
+            format!("asking {} to prepare", self.p.target),
+        );
         let chan = crate::tls::connect(&self.p.target, &self.ctx.identity)
             .await
-            .map_err(|e| fail("prepare")(format!("cannot reach target agent {}: {e}", self.p.target)))?;
+            .map_err(|e| {
+                fail("prepare")(format!("cannot reach target agent {}: {e}", self.p.target))
+            })?;
         let mut peer = FerryPeerClient::new(chan);
         // Disks: shared storage stays put, the rest travels through an NBD mirror.
-        let plans = super::disks::plan(&self.ctx.storage, &self.spec, &mut peer, self.p.storage).await.map_err(fail("storage"))?;
-        let copies: Vec<pb::DiskProbe> = plans.iter().filter(|p| !p.shared).map(|p| p.probe.clone()).collect();
+        let plans = super::disks::plan(&self.ctx.storage, &self.spec, &mut peer, self.p.storage)
+            .await
+            .map_err(fail("storage"))?;
+        let copies: Vec<pb::DiskProbe> = plans
+            .iter()
+            .filter(|p| !p.shared)
+            .map(|p| p.probe.clone())
+            .collect();
         let storage = match (plans.len(), copies.len()) {
             (0, _) => "none".to_string(),
             (_, 0) => "shared".to_string(),
@@ -312,7 +353,8 @@ impl Migration {
         if !plans.is_empty() {
             self.phase(pb::MigrationPhase::Preparing, format!("storage: {storage}"));
         }
-        self.h.update(|s| s.stats.get_or_insert_with(Default::default).storage = storage.clone());
+        self.h
+            .update(|s| s.stats.get_or_insert_with(Default::default).storage = storage.clone());
         let prep = peer
             .prepare(pb::PrepareRequest {
                 migration_id: self.p.id.clone(),
@@ -320,25 +362,49 @@ impl Migration {
                 source_host: self.ctx.cfg.host_name.clone(),
                 protocol_version: u32::from(PROTOCOL_VERSION),
                 copy_disks: copies.clone(),
-                shared_disks: plans.iter().filter(|p| p.shared).map(|p| p.probe.clone()).collect(),
+                shared_disks: plans
+                    .iter()
+                    .filter(|p| p.shared)
+                    .map(|p| p.probe.clone())
+                    .collect(),
             })
             .await
-            .map_err(|s| fail("prepare")(format!("target {} refused to prepare: {}", self.p.target, status_msg(s))))?
+            .map_err(|s| {
+                fail("prepare")(format!(
+                    "target {} refused to prepare: {}",
+                    self.p.target,
+                    status_msg(s)
+                ))
+            })?
             .into_inner();
         undo.peer = Some(peer);
+        self.fail_point("src.prepare.done", "prepare").await?;
         self.token = prep.token.clone();
         let target_label = format!("{} ({})", prep.target_host, self.p.target);
         self.h.update(|s| s.target = target_label);
 
         // Data plane: QUIC with mutual TLS, a control stream and N page streams.
-        self.phase(pb::MigrationPhase::Connecting, format!("connecting data plane to {}", prep.quic_addr));
+        self.phase(
+            pb::MigrationPhase::Connecting,
+            format!("connecting data plane to {}", prep.quic_addr),
+        );
         let quic_addr: SocketAddr = prep.quic_addr.parse().map_err(fail("connect"))?;
-        let conn = self.ctx.quic.connect(quic_addr, &quic_addr.ip().to_string()).await.map_err(fail("connect"))?;
+        let conn = self
+            .ctx
+            .quic
+            .connect(quic_addr, &quic_addr.ip().to_string())
+            .await
+            .map_err(fail("connect"))?;
         undo.conn = Some(conn.clone());
         let (mut cs, cr) = conn.open_bi().await.map_err(fail("connect"))?;
-        write_stream_header(&mut cs, StreamHeader::new(StreamKind::Control, 0)).await.map_err(fail("connect"))?;
+        write_stream_header(&mut cs, StreamHeader::new(StreamKind::Control, 0))
+            .await
+            .map_err(fail("connect"))?;
         let mut ctl = ControlChannel::new(cs, cr);
-        let ram = Arc::new(RamFile::open(self.ctx.cfg.ram_path(&self.spec.name), false).map_err(fail("open RAM"))?);
+        let ram = Arc::new(
+            RamFile::open(self.ctx.cfg.ram_path(&self.spec.name), false)
+                .map_err(fail("open RAM"))?,
+        );
         ctl.send(&ControlMessage::Hello {
             version: PROTOCOL_VERSION,
             migration_id: self.p.id.clone(),
@@ -351,7 +417,9 @@ impl Migration {
         .map_err(fail("handshake"))?;
         match tokio::time::timeout(Duration::from_secs(15), ctl.recv()).await {
             Ok(Ok(ControlMessage::HelloOk { .. })) => {}
-            Ok(Ok(ControlMessage::Error { message })) => return Err(fail("handshake")(format!("target refused: {message}"))),
+            Ok(Ok(ControlMessage::Error { message })) => {
+                return Err(fail("handshake")(format!("target refused: {message}")))
+            }
             Ok(Ok(other)) => return Err(fail("handshake")(format!("unexpected {other:?}"))),
             Ok(Err(e)) => return Err(fail("handshake")(e)),
             Err(_) => return Err(fail("handshake")("no answer from target within 15 s")),
@@ -361,30 +429,48 @@ impl Migration {
         let mut writers = Vec::new();
         for i in 0..self.p.page_streams {
             let mut s = conn.open_uni().await.map_err(fail("connect"))?;
-            write_stream_header(&mut s, StreamHeader::new(StreamKind::Pages, i as u16)).await.map_err(fail("connect"))?;
+            write_stream_header(&mut s, StreamHeader::new(StreamKind::Pages, i as u16))
+                .await
+                .map_err(fail("connect"))?;
             writers.push(FrameWriter::new(s));
         }
+        self.fail_point("src.connect.done", "connect").await?;
 
         // Disks first: the bulk copy runs until every mirror is READY, then stays in step.
         if !copies.is_empty() {
             self.mirror_disks(&conn, &copies, undo).await?;
+            self.fail_point("src.disks.ready", "disk mirror").await?;
         }
 
         // Write tracking inside the source QEMU (uffd taken from the process).
         let ram_path = self.ctx.cfg.ram_path(&self.spec.name);
         let mut tracker = tracker_kind
-            .attach(self.proc.pid() as i32, DEFAULT_SHIM_FD, &ram_path, ram.len())
+            .attach(
+                self.proc.pid() as i32,
+                DEFAULT_SHIM_FD,
+                &ram_path,
+                ram.len(),
+            )
             .map_err(fail("arm tracker"))?;
         tracker.arm().map_err(fail("arm tracker"))?;
         let tracker_name = tracker.name();
         undo.tracker = Some(tracker);
         self.qmp()
-            .migrate_set_capabilities(&[("x-ignore-shared", true), ("events", true), ("return-path", true), ("pause-before-switchover", true)])
+            // No return path: see the fence in the switchover.
+            .migrate_set_capabilities(&[
+                ("x-ignore-shared", true),
+                ("events", true),
+                ("return-path", false),
+                ("pause-before-switchover", true),
+            ])
             .await
             .map_err(fail("set capabilities"))?;
 
         // Phase 3: pre-copy rounds while the guest runs.
-        self.phase(pb::MigrationPhase::Precopy, "copying guest memory (round 0: every non-zero page)");
+        self.phase(
+            pb::MigrationPhase::Precopy,
+            "copying guest memory (round 0: every non-zero page)",
+        );
         self.h.update(|s| {
             if let Some(st) = s.stats.as_mut() {
                 st.tracker = tracker_name.into();
@@ -413,10 +499,22 @@ impl Migration {
             let wire0 = sender.counters.wire_bytes.load(Ordering::Relaxed);
             let t0 = Instant::now();
             sender.note_resent(&pending);
-            sender.send_round(round, &pending, round == 0).await.map_err(fail("send pages"))?;
+            sender
+                .send_round(round, &pending, round == 0)
+                .await
+                .map_err(fail("send pages"))?;
             // A round ends when the target has written it, not when QUIC buffered it:
             // otherwise throughput is overestimated and a backlog lands in the downtime.
-            confirm_round(&mut ctl_tx, &mut ctl_rx, round, sender.batches_total()).await?;
+            let round_deadline = Duration::from_secs(self.ctx.cfg.migration.round_timeout_s.max(1));
+            confirm_round(
+                &mut ctl_tx,
+                &mut ctl_rx,
+                round,
+                sender.batches_total(),
+                round_deadline,
+            )
+            .await?;
+            self.fail_point("src.precopy.round", "precopy").await?;
             let secs = t0.elapsed().as_secs_f64().max(1e-6);
             let sent = sender.counters.wire_bytes.load(Ordering::Relaxed) - wire0;
             // Only rounds big enough to fill the pipe say anything about the link.
@@ -428,20 +526,35 @@ impl Migration {
                     None => bw,
                 });
             }
-            let dirty = undo.tracker.as_mut().map(|t| t.collect()).transpose().map_err(fail("collect dirty pages"))?.unwrap_or_else(|| DirtyBitmap::new(0));
+            let dirty = undo
+                .tracker
+                .as_mut()
+                .map(|t| t.collect())
+                .transpose()
+                .map_err(fail("collect dirty pages"))?
+                .unwrap_or_else(|| DirtyBitmap::new(0));
             round += 1;
             let ratio = ratio(&sender);
             let bw = bandwidth.unwrap_or(1e9).max(1.0);
             let predicted_ms = dirty.count() as f64 * PAGE_SIZE as f64 / ratio / bw * 1000.0;
             dirty_rate = dirty.count() as f64 / secs;
-            self.publish(&sender, round, &dirty, dirty_rate, bw, predicted_ms, &format!("round {round}: {} pages written meanwhile", dirty.count()));
+            self.publish(
+                &sender,
+                round,
+                &dirty,
+                dirty_rate,
+                bw,
+                predicted_ms,
+                &format!("round {round}: {} pages written meanwhile", dirty.count()),
+            );
             let count = dirty.count();
             pending = dirty;
             if predicted_ms <= f64::from(self.p.downtime_ms) {
                 break;
             }
             // Stalled: the round limit, or a round that did not shrink by a tenth.
-            let stalled = round >= self.p.max_rounds || (round >= 3 && count.saturating_mul(10) >= prev_dirty.saturating_mul(9));
+            let stalled = round >= self.p.max_rounds
+                || (round >= 3 && count.saturating_mul(10) >= prev_dirty.saturating_mul(9));
             prev_dirty = count;
             if stalled {
                 match self.p.on_stall {
@@ -484,22 +597,47 @@ impl Migration {
         }
 
         // Phase 4: switchover. QEMU pauses the guest before sending device state.
-        self.phase(pb::MigrationPhase::Switchover, "pausing guest for switchover");
-        let relay_path = self.ctx.cfg.run_dir(&self.spec.name).join(format!("migrate-{}.sock", &self.p.id[..8.min(self.p.id.len())]));
+        self.phase(
+            pb::MigrationPhase::Switchover,
+            "pausing guest for switchover",
+        );
+        let relay_path = self.ctx.cfg.run_dir(&self.spec.name).join(format!(
+            "migrate-{}.sock",
+            &self.p.id[..8.min(self.p.id.len())]
+        ));
         let _ = std::fs::remove_file(&relay_path);
-        let listener = tokio::net::UnixListener::bind(&relay_path).map_err(fail("device-state relay"))?;
+        let listener =
+            tokio::net::UnixListener::bind(&relay_path).map_err(fail("device-state relay"))?;
         undo.relay_path = Some(relay_path.clone());
-        let (mut ds, dr) = conn.open_bi().await.map_err(fail("device-state stream"))?;
-        write_stream_header(&mut ds, StreamHeader::new(StreamKind::DeviceState, 0)).await.map_err(fail("device-state stream"))?;
+        let (mut ds, _dr) = conn.open_bi().await.map_err(fail("device-state stream"))?;
+        write_stream_header(&mut ds, StreamHeader::new(StreamKind::DeviceState, 0))
+            .await
+            .map_err(fail("device-state stream"))?;
+        // The device state is kept beside the RAM file while the handoff is unsettled:
+        // written as `.part`, renamed once the source QEMU completed (whole).
+        let capture = self
+            .ctx
+            .cfg
+            .ram_path(&self.spec.name)
+            .with_extension(format!("devstate-{}", &self.p.id[..8.min(self.p.id.len())]));
+        let capture_part = capture.with_extension("part");
+        let cap2 = capture_part.clone();
         let relay_task = tokio::spawn(async move {
             let (unix, _) = listener.accept().await?;
-            relay(unix, ds, dr).await
+            relay_capturing(unix, ds, &cap2).await
         });
         let mut events = self.qmp().subscribe();
-        self.qmp().migrate(&format!("unix:{}", relay_path.display())).await.map_err(fail("start QEMU migration"))?;
+        self.qmp()
+            .migrate(&format!("unix:{}", relay_path.display()))
+            .await
+            .map_err(fail("start QEMU migration"))?;
         undo.migrate_issued = true;
         self.wait_pre_switchover(&mut events).await?;
         self.mark(|b, us| b.pre_switchover_us = us);
+        self.fail_point("src.switchover.paused", "switchover")
+            .await?;
+        let pause_deadline =
+            Duration::from_secs(self.ctx.cfg.migration.switchover_timeout_s.max(1));
         // Disks: the mirrors are in step (write-blocking) and the guest is paused; a READY
         // mirror cancelled now completes with both sides equal. Now, never later.
         if !undo.mirrors.is_empty() {
@@ -508,7 +646,13 @@ impl Migration {
 
         // The guest is paused: last round, then the target must hold every page.
         let t_final = Instant::now();
-        let mut last = undo.tracker.as_mut().map(|t| t.collect()).transpose().map_err(fail("collect dirty pages"))?.unwrap_or_else(|| DirtyBitmap::new(0));
+        let mut last = undo
+            .tracker
+            .as_mut()
+            .map(|t| t.collect())
+            .transpose()
+            .map_err(fail("collect dirty pages"))?
+            .unwrap_or_else(|| DirtyBitmap::new(0));
         last.union_with(&pending);
         sender.note_resent(&last);
         let t_collected = t_final.elapsed();
@@ -516,52 +660,119 @@ impl Migration {
         // QEMU's device state all leave at once; the target feeds the device state to its
         // QEMU (and hashes its RAM) only once every last page is written. One round trip
         // instead of three before the target can resume.
-        let final_batches = sender.send_round(round, &last, false).await.map(|_| sender.batches_total()).map_err(fail("send final pages"))?;
+        let final_batches =
+            tokio::time::timeout(pause_deadline, sender.send_round(round, &last, false))
+                .await
+                .map_err(|_| {
+                    fail("send final pages")(format!(
+                        "the final round did not leave within {pause_deadline:?} (link stalled?)"
+                    ))
+                })?
+                .map(|_| sender.batches_total())
+                .map_err(fail("send final pages"))?;
         let t_sent = t_final.elapsed();
         round += 1;
         let final_round = round;
         ctl_tx
-            .write(&ferry_wire::Frame::encode_control(&ControlMessage::FinalRoundEnd { round, batches_total: final_batches, verify: self.p.verify }).map_err(fail("round end"))?)
+            .write(
+                &ferry_wire::Frame::encode_control(&ControlMessage::FinalRoundEnd {
+                    round,
+                    batches_total: final_batches,
+                    verify: self.p.verify,
+                })
+                .map_err(fail("round end"))?,
+            )
             .await
             .map_err(fail("round end"))?;
         if let Some(mut t) = undo.tracker.take() {
             let _ = t.disarm();
         }
         tracing::debug!(migration = %self.p.id, pages = last.count(), ?t_collected, ?t_sent, "final round sent");
-        self.publish(&sender, round, &last, dirty_rate, bandwidth.unwrap_or(0.0), 0.0, &format!("final round: {} pages", last.count()));
+        self.fail_point("src.final_round.sent", "switchover")
+            .await?;
+        self.publish(
+            &sender,
+            round,
+            &last,
+            dirty_rate,
+            bandwidth.unwrap_or(0.0),
+            0.0,
+            &format!("final round: {} pages", last.count()),
+        );
 
         // The RAM files are final now. Their digests are computed while QEMU moves the
         // device state (a paused target QEMU loading state does not write guest RAM);
         // both must agree before the commit.
         let digests = if self.p.verify {
-            self.phase(pb::MigrationPhase::Verifying, "comparing RAM digests while sending device state");
+            self.phase(
+                pb::MigrationPhase::Verifying,
+                "comparing RAM digests while sending device state",
+            );
             let ram2 = ram.clone();
             Some(tokio::task::spawn_blocking(move || ram2.fingerprint(2)))
         } else {
             self.phase(pb::MigrationPhase::Switchover, "sending device state");
             None
         };
-        self.qmp().migrate_continue("pre-switchover").await.map_err(fail("migrate-continue"))?;
-        // Not waiting for the source QEMU's "completed": that needs the target QEMU's
-        // return-path goodbye after loading, a round trip. The target judges the device
-        // state itself (it commits only once its QEMU loaded it); a source QEMU that fails
-        // to send it is noticed while the commit answer is awaited.
-        self.qmp_events = Some(events);
+        self.qmp()
+            .migrate_continue("pre-switchover")
+            .await
+            .map_err(fail("migrate-continue"))?;
+        self.fail_point("src.device_state.sent", "switchover")
+            .await?;
+        // The fence: without a return path the source QEMU completes as soon as its
+        // device state is in our relay (no round trip to the target), and a completed
+        // outgoing migration never resumes the guest by itself. Only a fenced source may
+        // send Commit; the digest is computed meanwhile.
+        let fence = async {
+            let ev = ferry_qmp::wait_migration_status(
+                &mut events,
+                pause_deadline,
+                &["completed", "failed", "cancelled"],
+            )
+            .await
+            .map_err(fail("fence"))?;
+            if ev.migration_status() != Some("completed") {
+                let why = self
+                    .qmp()
+                    .query_migrate()
+                    .await
+                    .ok()
+                    .and_then(|i| i.error_desc)
+                    .unwrap_or_default();
+                return Err(fail("fence")(format!(
+                    "source QEMU migration {}: {why}",
+                    ev.migration_status().unwrap_or("?")
+                )));
+            }
+            let captured = tokio::time::timeout(pause_deadline, relay_task)
+                .await
+                .map_err(|_| fail("fence")("the device-state relay did not finish"))?
+                .map_err(fail("fence"))?
+                .map_err(fail("fence"))?;
+            std::fs::rename(&capture_part, &capture).map_err(fail("fence"))?;
+            Ok::<_, MigrationError>(captured)
+        };
+        let (captured, forward) = fence.await?;
+        self.h.set_meta(|m| m.capture = Some(capture.clone()));
+        self.mark(|b, us| b.fence_us = us);
+        self.fail_point("src.fence.done", "fence").await?;
         // The source's half of the verification; the target compares when asked to commit.
         if let Some(task) = digests {
-            let local = task.await.map_err(fail("verify"))?.map_err(fail("verify"))?;
+            let local = task
+                .await
+                .map_err(fail("verify"))?
+                .map_err(fail("verify"))?;
             self.local_digest = Some(local);
         }
-        // The relay ends once the target QEMU has loaded everything; its byte counts are
-        // reported whenever that is (not worth waiting for here).
         let h = self.h.clone();
         let page_wire = sender.counters.wire_bytes.load(Ordering::Relaxed);
         tokio::spawn(async move {
-            if let Ok(Ok(Ok(dev))) = tokio::time::timeout(Duration::from_secs(60), relay_task).await {
+            if let Ok(Ok(Ok(sent))) = tokio::time::timeout(Duration::from_secs(60), forward).await {
                 h.update(|s| {
                     if let Some(st) = s.stats.as_mut() {
-                        st.device_state_bytes = dev.unix_to_quic;
-                        st.wire_bytes = page_wire + dev.unix_to_quic + dev.quic_to_unix;
+                        st.device_state_bytes = captured;
+                        st.wire_bytes = page_wire + sent;
                     }
                 });
             }
@@ -574,89 +785,139 @@ impl Migration {
     }
 
     /// Phase 5: commit. Not cancellable: from here on the source never resumes by itself.
-    /// Over the data plane's control stream when it is up (the target decides: one-way
-    /// trip, no extra round trip in the guest's pause), else with the peer gRPC Commit.
+    /// `CommitSent` is journaled with the VM record (held) before Commit leaves on the
+    /// data plane's control stream; the target decides, journals, resumes and answers
+    /// `Committed` once the VM is its own. Anything else and the caller asks the target.
     async fn commit(&mut self, undo: &mut Undo) -> Res<i64> {
-        self.phase(pb::MigrationPhase::Committing, format!("committing on {}", self.p.target));
-        if let (Some(tx), Some(rx)) = (undo.control.as_mut(), undo.control_rx.as_mut()) {
-            let digest = self.local_digest.map(|d| d.to_le_bytes());
-            let msg = ControlMessage::Commit { digest, leave_paused: self.p.leave_paused };
-            tx.write(&ferry_wire::Frame::encode_control(&msg).map_err(fail("commit"))?).await.map_err(fail("commit"))?;
-            let (final_round, final_batches) = self.final_round.unwrap_or((u32::MAX, 0));
-            let mut events = self.qmp_events.take();
-            loop {
-                let next = tokio::select! {
-                    m = recv_control(rx, Duration::from_secs(60)) => m,
-                    ev = async {
-                        match events.as_mut() {
-                            Some(e) => ferry_qmp::wait_migration_status(e, Duration::from_secs(3600), &["failed", "cancelled"]).await,
-                            None => std::future::pending().await,
-                        }
-                    } => {
-                        let why = self.qmp().query_migrate().await.ok().and_then(|i| i.error_desc).unwrap_or_default();
-                        let st = ev.ok().and_then(|e| e.migration_status().map(str::to_string)).unwrap_or_default();
-                        return Err(fail("commit")(format!("source QEMU reports {st} while sending the device state: {why}")));
+        self.h.update(|s| {
+            s.phase = pb::MigrationPhase::Committing as i32;
+            s.message = format!("committing on {}", self.p.target);
+        });
+        self.h.set_meta(|m| m.mark = SourceMark::CommitSent);
+        let vm = self
+            .ctx
+            .vms
+            .held_record(&self.p.vm)
+            .await
+            .map_err(|s| fail("commit")(s.message().to_string()));
+        let journaled = vm.and_then(|vm| {
+            self.ctx
+                .outgoing
+                .persist_with(&self.h, vec![Op::PutVm(vm)])
+                .map_err(fail("commit"))
+        });
+        if let Err(e) = journaled {
+            // Nothing was promised: roll back as before any commit.
+            self.h.set_meta(|m| m.mark = SourceMark::BeforeCommit);
+            return Err(MigrationError {
+                step: "journal",
+                message: format!("cannot journal the commit: {}", e.message),
+                cancelled: false,
+            });
+        }
+        info!(migration = %self.p.id, vm = %self.p.vm, "committing on {}", self.p.target);
+        self.fail_point("src.commit.journaled", "commit").await?;
+        let (Some(tx), Some(rx)) = (undo.control.as_mut(), undo.control_rx.as_mut()) else {
+            return Err(fail("commit")("no control stream"));
+        };
+        let digest = self.local_digest.map(|d| d.to_le_bytes());
+        let msg = ControlMessage::Commit {
+            digest,
+            leave_paused: self.p.leave_paused,
+        };
+        tx.write(&ferry_wire::Frame::encode_control(&msg).map_err(fail("commit"))?)
+            .await
+            .map_err(fail("commit"))?;
+        self.fail_point("src.commit.sent", "commit").await?;
+        let (final_round, final_batches) = self.final_round.unwrap_or((u32::MAX, 0));
+        let wait = Duration::from_secs(self.ctx.cfg.migration.commit_timeout_s.max(1));
+        loop {
+            match recv_control(rx, wait).await? {
+                ControlMessage::RoundApplied {
+                    round,
+                    batches_applied,
+                } if round == final_round => {
+                    if batches_applied < final_batches {
+                        return Err(fail("commit")(format!(
+                            "target wrote {batches_applied} of {final_batches} batches"
+                        )));
                     }
-                };
-                match next.map_err(|e| fail("commit")(e.message))? {
-                    ControlMessage::RoundApplied { round, batches_applied } if round == final_round => {
-                        if batches_applied < final_batches {
-                            return Err(fail("commit")(format!("target wrote {batches_applied} of {final_batches} batches")));
-                        }
-                        self.mark(|b, us| b.final_round_us = us);
-                    }
-                    ControlMessage::DeviceStateLoaded { ok: true, .. } => self.mark(|b, us| b.device_state_us = us),
-                    ControlMessage::DeviceStateLoaded { ok: false, error } => {
-                        return Err(fail("commit")(format!("target QEMU failed to load the device state: {}", error.unwrap_or_default())))
-                    }
-                    ControlMessage::Committed { resume_unix_us, ready_unix_us } => {
-                        if let Some(d) = self.local_digest {
-                            // The target compared the fingerprints before it resumed.
-                            self.h.update(|s| {
-                                if let Some(st) = s.stats.as_mut() {
-                                    st.ram_digest = format!("{d:032x}");
-                                }
-                            });
-                        }
-                        return Ok(if self.p.leave_paused { ready_unix_us } else { resume_unix_us });
-                    }
-                    ControlMessage::Error { message } => return Err(fail("commit")(format!("target refused to commit: {message}"))),
-                    other => return Err(fail("commit")(format!("unexpected {other:?}"))),
+                    self.mark(|b, us| b.final_round_us = us);
                 }
+                ControlMessage::DeviceStateLoaded { ok: true, .. } => {
+                    self.mark(|b, us| b.device_state_us = us)
+                }
+                ControlMessage::DeviceStateLoaded { ok: false, error } => {
+                    // The target refuses to commit now; its answer follows.
+                    warn!(migration = %self.p.id, "target QEMU failed to load the device state: {}", error.unwrap_or_default());
+                }
+                ControlMessage::Committed {
+                    resume_unix_us,
+                    ready_unix_us,
+                } => {
+                    self.fail_point("src.commit.answered", "commit").await?;
+                    if let Some(d) = self.local_digest {
+                        // The target compared the fingerprints before it resumed.
+                        self.h.update(|s| {
+                            if let Some(st) = s.stats.as_mut() {
+                                st.ram_digest = format!("{d:032x}");
+                            }
+                        });
+                    }
+                    return Ok(if self.p.leave_paused {
+                        ready_unix_us
+                    } else {
+                        resume_unix_us
+                    });
+                }
+                ControlMessage::Error { message } => {
+                    return Err(fail("commit")(format!(
+                        "target refused to commit: {message}"
+                    )))
+                }
+                other => return Err(fail("commit")(format!("unexpected {other:?}"))),
             }
         }
-        let mut peer = undo.peer.clone().ok_or_else(|| fail("commit")("no peer"))?;
-        let resp = tokio::time::timeout(
-            Duration::from_secs(30),
-            peer.commit(pb::CommitRequest { migration_id: self.p.id.clone(), token: self.token.clone(), leave_paused: self.p.leave_paused }),
-        )
-        .await
-        .map_err(|_| fail("commit")("no answer from target within 30 s"))?
-        .map_err(|s| fail("commit")(status_msg(s)))?
-        .into_inner();
-        // Left paused, the guest's pause ends when the target was ready to resume it.
-        Ok(if self.p.leave_paused { resp.ready_unix_us } else { resp.resume_unix_us })
     }
 
     /// Mirrors every travelling disk into the target's NBD export, tunnelled over QUIC,
     /// until all mirrors are READY; then switches them to write-blocking so they stay in
     /// step while RAM moves.
-    async fn mirror_disks(&mut self, conn: &quinn::Connection, copies: &[pb::DiskProbe], undo: &mut Undo) -> Res<()> {
-        self.phase(pb::MigrationPhase::CopyingDisks, format!("mirroring {} disk(s) to the target", copies.len()));
-        let relay_path = self.ctx.cfg.run_dir(&self.spec.name).join(format!("nbd-{}.sock", &self.p.id[..8.min(self.p.id.len())]));
+    async fn mirror_disks(
+        &mut self,
+        conn: &quinn::Connection,
+        copies: &[pb::DiskProbe],
+        undo: &mut Undo,
+    ) -> Res<()> {
+        self.phase(
+            pb::MigrationPhase::CopyingDisks,
+            format!("mirroring {} disk(s) to the target", copies.len()),
+        );
+        let relay_path = self
+            .ctx
+            .cfg
+            .run_dir(&self.spec.name)
+            .join(format!("nbd-{}.sock", &self.p.id[..8.min(self.p.id.len())]));
         let _ = std::fs::remove_file(&relay_path);
         let listener = tokio::net::UnixListener::bind(&relay_path).map_err(fail("NBD relay"))?;
         undo.nbd_relay_path = Some(relay_path.clone());
         let counters = Arc::new(super::disks::TunnelCounters::default());
         // Every NBD connection QEMU opens becomes one QUIC stream to the target's QEMU.
-        let (conn2, codec, c2, id) = (conn.clone(), self.p.codec, counters.clone(), self.p.id.clone());
+        let (conn2, codec, c2, id) = (
+            conn.clone(),
+            self.p.codec,
+            counters.clone(),
+            self.p.id.clone(),
+        );
         tokio::spawn(async move {
             while let Ok((unix, _)) = listener.accept().await {
                 let (conn, c, id) = (conn2.clone(), c2.clone(), id.clone());
                 tokio::spawn(async move {
                     let r = async {
                         let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-                        write_stream_header(&mut send, StreamHeader::new(StreamKind::NbdTunnel, 0)).await.map_err(|e| e.to_string())?;
+                        write_stream_header(&mut send, StreamHeader::new(StreamKind::NbdTunnel, 0))
+                            .await
+                            .map_err(|e| e.to_string())?;
                         super::disks::tunnel(unix, send, recv, codec, c).await
                     };
                     if let Err(e) = r.await {
@@ -668,22 +929,48 @@ impl Migration {
         // QEMU before 8.2 cannot switch a running mirror to write-blocking: use it from the start.
         let v = self.qmp().version();
         let can_switch = (v.major, v.minor) >= (8, 2);
-        let first_mode = if can_switch { MirrorCopyMode::Background } else { MirrorCopyMode::WriteBlocking };
+        let first_mode = if can_switch {
+            MirrorCopyMode::Background
+        } else {
+            MirrorCopyMode::WriteBlocking
+        };
         let relay = relay_path.display().to_string();
         for c in copies {
             let node = super::disks::mirror_node(&c.id);
-            self.qmp().blockdev_add_nbd_unix(&node, &relay, &c.id).await.map_err(|e| fail("disk mirror")(format!("disk '{}': NBD client: {e}", c.id)))?;
+            self.qmp()
+                .blockdev_add_nbd_unix(&node, &relay, &c.id)
+                .await
+                .map_err(|e| fail("disk mirror")(format!("disk '{}': NBD client: {e}", c.id)))?;
             undo.mirrors.push(node.clone());
-            self.qmp().blockdev_mirror(&node, &c.id, &node, first_mode).await.map_err(|e| fail("disk mirror")(format!("disk '{}': {e}", c.id)))?;
+            self.qmp()
+                .blockdev_mirror(&node, &c.id, &node, first_mode)
+                .await
+                .map_err(|e| fail("disk mirror")(format!("disk '{}': {e}", c.id)))?;
         }
         let started = Instant::now();
+        let ready_deadline =
+            Duration::from_secs(self.ctx.cfg.migration.mirror_ready_timeout_s.max(1));
         loop {
-            let jobs = self.qmp().query_block_jobs().await.map_err(fail("disk mirror"))?;
-            let ours: Vec<_> = jobs.iter().filter(|j| undo.mirrors.contains(&j.device)).collect();
-            if ours.len() < undo.mirrors.len() {
-                return Err(fail("disk mirror")("a mirror job ended by itself (the NBD connection to the target failed?)"));
+            if started.elapsed() > ready_deadline {
+                return Err(fail("disk mirror")(format!("the disk mirrors were not READY within {ready_deadline:?} (mirror_ready_timeout_s)")));
             }
-            let (len, done) = ours.iter().fold((0, 0), |(l, d), j| (l + j.len, d + j.offset));
+            let jobs = self
+                .qmp()
+                .query_block_jobs()
+                .await
+                .map_err(fail("disk mirror"))?;
+            let ours: Vec<_> = jobs
+                .iter()
+                .filter(|j| undo.mirrors.contains(&j.device))
+                .collect();
+            if ours.len() < undo.mirrors.len() {
+                return Err(fail("disk mirror")(
+                    "a mirror job ended by itself (the NBD connection to the target failed?)",
+                ));
+            }
+            let (len, done) = ours
+                .iter()
+                .fold((0, 0), |(l, d), j| (l + j.len, d + j.offset));
             let ready = ours.iter().all(|j| j.ready);
             let wire = counters.wire.load(Ordering::Relaxed);
             self.h.update(|s| {
@@ -700,7 +987,10 @@ impl Migration {
         }
         if can_switch {
             for node in &undo.mirrors {
-                self.qmp().block_job_set_copy_mode(node, MirrorCopyMode::WriteBlocking).await.map_err(fail("disk mirror"))?;
+                self.qmp()
+                    .block_job_set_copy_mode(node, MirrorCopyMode::WriteBlocking)
+                    .await
+                    .map_err(fail("disk mirror"))?;
             }
         }
         info!(migration = %self.p.id, elapsed = ?started.elapsed(), "disk mirrors ready; guest writes now reach both sides");
@@ -713,21 +1003,35 @@ impl Migration {
     async fn finish_mirrors(&mut self, undo: &mut Undo) -> Res<()> {
         let mut events = self.qmp().subscribe();
         for node in &undo.mirrors {
-            self.qmp().block_job_cancel(node, false).await.map_err(fail("disk mirror"))?;
+            self.qmp()
+                .block_job_cancel(node, false)
+                .await
+                .map_err(fail("disk mirror"))?;
         }
         let mut pending: Vec<String> = undo.mirrors.clone();
         while !pending.is_empty() {
             let ev = wait_for_event(&mut events, Duration::from_secs(60), |e| {
-                matches!(e.name.as_str(), "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" | "BLOCK_JOB_ERROR")
+                matches!(
+                    e.name.as_str(),
+                    "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" | "BLOCK_JOB_ERROR"
+                )
             })
             .await
             .map_err(fail("disk mirror"))?;
-            let dev = ev.data.get("device").and_then(|d| d.as_str()).unwrap_or_default().to_string();
+            let dev = ev
+                .data
+                .get("device")
+                .and_then(|d| d.as_str())
+                .unwrap_or_default()
+                .to_string();
             if !pending.contains(&dev) {
                 continue;
             }
             if ev.name != "BLOCK_JOB_COMPLETED" || ev.data.get("error").is_some() {
-                return Err(fail("disk mirror")(format!("mirror {dev} ended with {} {}", ev.name, ev.data)));
+                return Err(fail("disk mirror")(format!(
+                    "mirror {dev} ended with {} {}",
+                    ev.name, ev.data
+                )));
             }
             pending.retain(|p| *p != dev);
         }
@@ -748,11 +1052,16 @@ impl Migration {
     }
 
     /// Waits for QEMU to pause the guest at `pre-switchover`, noting when vCPUs stopped.
-    async fn wait_pre_switchover(&mut self, events: &mut tokio::sync::broadcast::Receiver<QmpEvent>) -> Res<()> {
+    async fn wait_pre_switchover(
+        &mut self,
+        events: &mut tokio::sync::broadcast::Receiver<QmpEvent>,
+    ) -> Res<()> {
         loop {
-            let ev = wait_for_event(events, Duration::from_secs(120), |e| e.name == "STOP" || e.name == "MIGRATION")
-                .await
-                .map_err(fail("switchover"))?;
+            let ev = wait_for_event(events, Duration::from_secs(120), |e| {
+                e.name == "STOP" || e.name == "MIGRATION"
+            })
+            .await
+            .map_err(fail("switchover"))?;
             if ev.name == "STOP" {
                 self.stop_time = Some(ev.timestamp);
                 continue;
@@ -760,8 +1069,17 @@ impl Migration {
             match ev.migration_status() {
                 Some("pre-switchover") => return Ok(()),
                 Some("failed") | Some("cancelled") => {
-                    let why = self.qmp().query_migrate().await.ok().and_then(|i| i.error_desc).unwrap_or_default();
-                    return Err(fail("switchover")(format!("QEMU migration {}: {why}", ev.migration_status().unwrap_or(""))));
+                    let why = self
+                        .qmp()
+                        .query_migrate()
+                        .await
+                        .ok()
+                        .and_then(|i| i.error_desc)
+                        .unwrap_or_default();
+                    return Err(fail("switchover")(format!(
+                        "QEMU migration {}: {why}",
+                        ev.migration_status().unwrap_or("")
+                    )));
                 }
                 _ => {}
             }
@@ -769,15 +1087,34 @@ impl Migration {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn publish(&mut self, sender: &PageSender, round: u32, dirty: &DirtyBitmap, dirty_rate: f64, bw: f64, predicted_ms: f64, msg: &str) {
+    fn publish(
+        &mut self,
+        sender: &PageSender,
+        round: u32,
+        dirty: &DirtyBitmap,
+        dirty_rate: f64,
+        bw: f64,
+        predicted_ms: f64,
+        msg: &str,
+    ) {
         let c = &sender.counters;
         let elapsed = self.started.elapsed();
-        let now = (c.page_bytes.load(Ordering::Relaxed), c.wire_bytes.load(Ordering::Relaxed), c.pages.load(Ordering::Relaxed));
+        let now = (
+            c.page_bytes.load(Ordering::Relaxed),
+            c.wire_bytes.load(Ordering::Relaxed),
+            c.pages.load(Ordering::Relaxed),
+        );
         let codec = self.p.codec.to_string();
         let m = &self.ctx.metrics;
-        m.page_bytes.with_label_values(&[&codec]).inc_by(now.0.saturating_sub(self.reported.0));
-        m.wire_bytes.with_label_values(&[&codec]).inc_by(now.1.saturating_sub(self.reported.1));
-        m.pages.with_label_values(&[&codec]).inc_by(now.2.saturating_sub(self.reported.2));
+        m.page_bytes
+            .with_label_values(&[&codec])
+            .inc_by(now.0.saturating_sub(self.reported.0));
+        m.wire_bytes
+            .with_label_values(&[&codec])
+            .inc_by(now.1.saturating_sub(self.reported.1));
+        m.pages
+            .with_label_values(&[&codec])
+            .inc_by(now.2.saturating_sub(self.reported.2));
         m.dirty_rate.set(dirty_rate);
         self.reported = now;
         self.h.update(|s| {
@@ -800,26 +1137,13 @@ impl Migration {
         });
     }
 
-    /// After a failed or lost Commit call: ask the target what happened, for a while.
-    async fn resolve_commit(&self, undo: &mut Undo) -> CommitOutcome {
-        let Some(peer) = undo.peer.clone() else { return CommitOutcome::Unknown("no peer".into()) };
-        let mut last_err = String::new();
-        for attempt in 0..6 {
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-            match ask_outcome(&self.ctx, &self.p.target, peer.clone(), &self.p.id, &self.token).await {
-                Ok(o @ CommitOutcome::Committed { .. }) | Ok(o @ CommitOutcome::NotCommitted(_)) => return o,
-                Ok(CommitOutcome::Unknown(e)) | Err(e) => last_err = e,
-            }
-        }
-        CommitOutcome::Unknown(last_err)
-    }
-
     async fn finish_committed(&mut self, resume_us: i64, mut undo: Undo) {
         let downtime_ms = match (self.stop_time, resume_us) {
             (Some(stop), r) if r > 0 => {
-                let stop_us = stop.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+                let stop_us = stop
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_micros() as i64)
+                    .unwrap_or(0);
                 ((r - stop_us).max(0) / 1000) as u64
             }
             _ => 0,
@@ -830,13 +1154,11 @@ impl Migration {
         if let Some(t) = undo.throttle.take() {
             t.release();
         }
-        for p in [undo.relay_path.take(), undo.nbd_relay_path.take()].into_iter().flatten() {
+        for p in [undo.relay_path.take(), undo.nbd_relay_path.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = std::fs::remove_file(p);
-        }
-        // The VM lives on the target now: tear down the source copy.
-        let _ = self.ctx.vms.end_outgoing(&self.p.vm, true).await;
-        if let Err(e) = self.proc.shutdown(Duration::from_secs(10)).await {
-            warn!(migration = %self.p.id, "stopping source QEMU after commit: {e}");
         }
         if self.ctx.cfg.migration.retain_source_ram {
             // Benchmark instrumentation: keep the RAM as it was at switchover for comparison.
@@ -846,25 +1168,35 @@ impl Migration {
                 warn!(migration = %self.p.id, "keeping source RAM as {}: {e}", kept.display());
             }
         }
-        crate::vms::remove_vm_files(&self.ctx.cfg, &self.spec.name);
         let elapsed = self.started.elapsed().as_millis() as u64;
         self.h.update(|s| {
-            s.finished_unix_ms = now_ms();
             let st = s.stats.get_or_insert_with(Default::default);
             st.downtime_ms = downtime_ms;
             if let Some(stop) = self.stop_time {
-                let stop_us = stop.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
-                st.downtime_breakdown.get_or_insert_with(Default::default).commit_us = (resume_us - stop_us).max(0) as u64;
+                let stop_us = stop
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_micros() as i64)
+                    .unwrap_or(0);
+                st.downtime_breakdown
+                    .get_or_insert_with(Default::default)
+                    .commit_us = (resume_us - stop_us).max(0) as u64;
             }
             st.elapsed_ms = elapsed;
         });
         let m = &self.ctx.metrics;
-        m.migrations.with_label_values(&["source", "completed"]).inc();
-        m.active.dec();
         m.downtime.observe(downtime_ms as f64 / 1000.0);
         m.duration.observe(elapsed as f64 / 1000.0);
-        m.rounds.observe(f64::from(self.h.snapshot().stats.map(|s| s.rounds).unwrap_or(0)));
-        self.phase(pb::MigrationPhase::Completed, format!("VM '{}' now runs on {}", self.p.vm, self.p.target));
+        m.rounds.observe(f64::from(
+            self.h.snapshot().stats.map(|s| s.rounds).unwrap_or(0),
+        ));
+        finish_copy(
+            &self.ctx,
+            &self.h,
+            &self.p.vm,
+            Some(&self.proc),
+            format!("VM '{}' now runs on {}", self.p.vm, self.p.target),
+        )
+        .await;
     }
 
     async fn roll_back(&mut self, e: MigrationError, mut undo: Undo) {
@@ -873,6 +1205,7 @@ impl Migration {
             self.p.vm, self.ctx.cfg.host_name, self.p.target, e.step, e.message
         );
         warn!(migration = %self.p.id, "{reason}; rolling back");
+        let _ = crate::failpoint::hit("src.rollback.start", &self.ctx.cfg.state_dir).await;
         if let Some(mut t) = undo.tracker.take() {
             let _ = t.disarm();
         }
@@ -881,13 +1214,21 @@ impl Migration {
             t.release();
         }
         let active = match self.qmp().query_migrate().await {
-            Ok(info) => !matches!(info.status.as_deref(), None | Some("completed" | "failed" | "cancelled" | "none")),
+            Ok(info) => !matches!(
+                info.status.as_deref(),
+                None | Some("completed" | "failed" | "cancelled" | "none")
+            ),
             Err(_) => true,
         };
         if undo.migrate_issued && active {
             let mut ev = self.qmp().subscribe();
             if self.qmp().migrate_cancel().await.is_ok() {
-                let _ = ferry_qmp::wait_migration_status(&mut ev, Duration::from_secs(15), &["cancelled", "failed", "completed"]).await;
+                let _ = ferry_qmp::wait_migration_status(
+                    &mut ev,
+                    Duration::from_secs(15),
+                    &["cancelled", "failed", "completed"],
+                )
+                .await;
             }
         }
         // Disk mirrors still running: stop them (the guest keeps its own disks) and drop
@@ -896,7 +1237,10 @@ impl Migration {
             let mut ev = self.qmp().subscribe();
             if self.qmp().block_job_cancel(&node, true).await.is_ok() {
                 let _ = wait_for_event(&mut ev, Duration::from_secs(10), |e| {
-                    matches!(e.name.as_str(), "BLOCK_JOB_CANCELLED" | "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_ERROR")
+                    matches!(
+                        e.name.as_str(),
+                        "BLOCK_JOB_CANCELLED" | "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_ERROR"
+                    )
                 })
                 .await;
             }
@@ -907,18 +1251,11 @@ impl Migration {
         if let Some(p) = undo.nbd_relay_path.take() {
             let _ = std::fs::remove_file(p);
         }
-        // QEMU resumes a guest it paused itself; make sure, whatever state it is in.
-        match self.qmp().query_status().await {
-            Ok(st) if !st.running => {
-                if let Err(err) = self.qmp().cont().await {
-                    warn!(migration = %self.p.id, "resuming source guest: {err}");
-                }
-            }
-            Ok(_) => {}
-            Err(err) => warn!(migration = %self.p.id, "querying source guest: {err}"),
-        }
         if let Some(mut peer) = undo.peer.take() {
-            let req = pb::AbortRequest { migration_id: self.p.id.clone(), reason: reason.clone() };
+            let req = pb::AbortRequest {
+                migration_id: self.p.id.clone(),
+                reason: reason.clone(),
+            };
             if let Err(err) = tokio::time::timeout(Duration::from_secs(10), peer.abort(req)).await {
                 warn!(migration = %self.p.id, "target abort call: {err}");
             }
@@ -929,59 +1266,277 @@ impl Migration {
         if let Some(p) = undo.relay_path.take() {
             let _ = std::fs::remove_file(p);
         }
-        let _ = self.ctx.vms.end_outgoing(&self.p.vm, false).await;
         let elapsed = self.started.elapsed().as_millis() as u64;
-        let message = format!("rolled back: VM '{}' runs on {}", self.p.vm, self.ctx.cfg.host_name);
-        self.ctx.outgoing.end_unsuccessful(&self.h, &self.ctx.metrics, &reason, e.cancelled, elapsed, message);
-    }
-
-    /// Commit outcome unknown: stay paused (never run on two hosts) and keep asking.
-    async fn in_doubt(&mut self, why: &str, undo: Undo) {
-        let msg = format!(
-            "commit of VM '{}' on {} could not be confirmed ({why}); the VM stays paused on {} until the target answers",
-            self.p.vm, self.p.target, self.ctx.cfg.host_name
-        );
-        self.h.update(|s| s.error = msg.clone());
-        self.phase(pb::MigrationPhase::InDoubt, msg);
-        let Some(peer) = undo.peer.clone() else { return };
-        loop {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            match ask_outcome(&self.ctx, &self.p.target, peer.clone(), &self.p.id, &self.token).await {
-                Ok(CommitOutcome::Committed { resume_us }) => return self.finish_committed(resume_us, undo).await,
-                Ok(CommitOutcome::NotCommitted(why)) => {
-                    return self.roll_back(MigrationError { step: "commit", message: why, cancelled: false }, undo).await
-                }
-                _ => continue,
-            }
-        }
+        take_back(
+            &self.ctx,
+            &self.h,
+            &self.p.vm,
+            Some(&self.proc),
+            &reason,
+            e.cancelled,
+            elapsed,
+        )
+        .await;
     }
 }
 
-/// Asks the target whether the migration committed; aborts it there if it did not.
-async fn ask_outcome(ctx: &AgentCtx, target: &str, mut peer: FerryPeerClient<Channel>, id: &str, token: &str) -> Result<CommitOutcome, String> {
-    // A fresh channel in case the old one is wedged.
-    if let Ok(chan) = crate::tls::connect(target, &ctx.identity).await {
-        peer = FerryPeerClient::new(chan);
+/// The source QEMU's state, asked over QMP.
+async fn source_qemu(proc: Option<&Arc<QemuProcess>>) -> SourceQemu {
+    let Some(p) = proc else {
+        return SourceQemu::Gone;
+    };
+    if p.try_exited().is_some() {
+        return SourceQemu::Gone;
     }
-    let st = peer
+    match p.qmp().query_status().await {
+        Ok(st) if st.running => SourceQemu::Running,
+        Ok(st) if st.status == "postmigrate" => SourceQemu::Fenced,
+        Ok(_) => SourceQemu::Paused,
+        Err(_) => SourceQemu::Gone,
+    }
+}
+
+/// `IncomingStatus` from the target, as a [`TargetAnswer`] (an error is `Unreachable`:
+/// the target fails closed).
+async fn ask_target(ctx: &AgentCtx, target: &str, id: &str) -> TargetAnswer {
+    let deadline = Duration::from_secs(ctx.cfg.migration.peer_call_timeout_s.clamp(1, 30));
+    let Ok(chan) = crate::tls::connect_with_deadline(target, &ctx.identity, deadline).await else {
+        return TargetAnswer::Unreachable;
+    };
+    match FerryPeerClient::new(chan)
         .incoming_status(pb::MigrationRef { id: id.to_string() })
         .await
-        .map_err(status_msg)?
-        .into_inner();
-    match pb::IncomingState::try_from(st.state) {
-        Ok(pb::IncomingState::Committed) => {
-            // Idempotent: returns the resume time of the earlier commit.
-            let r = peer.commit(pb::CommitRequest { migration_id: id.into(), token: token.into(), leave_paused: false }).await;
-            let resume_us = r.map(|r| r.into_inner()).map(|r| if r.resume_unix_us > 0 { r.resume_unix_us } else { r.ready_unix_us });
-            Ok(CommitOutcome::Committed { resume_us: resume_us.unwrap_or(0) })
+    {
+        Ok(r) => match pb::IncomingState::try_from(r.into_inner().state) {
+            Ok(pb::IncomingState::Committed) => TargetAnswer::Owned,
+            Ok(pb::IncomingState::Settling) => TargetAnswer::Settling,
+            Ok(pb::IncomingState::Prepared) => TargetAnswer::Prepared,
+            Ok(pb::IncomingState::Aborted) => TargetAnswer::Aborted,
+            Ok(pb::IncomingState::Unknown) => TargetAnswer::Unknown,
+            _ => TargetAnswer::Unreachable,
+        },
+        Err(_) => TargetAnswer::Unreachable,
+    }
+}
+
+/// Asks the target until the outcome is known, per [`source_recovery`]; meanwhile the
+/// migration is IN_DOUBT (journaled, shown at once) and the guest stays paused here.
+/// Returns `Finish` (the target owns the VM) or `RollBack` (take it back).
+pub async fn settle(
+    ctx: &AgentCtx,
+    h: &OutgoingHandle,
+    target: &str,
+    proc: Option<&Arc<QemuProcess>>,
+) -> SourceAction {
+    let mut in_doubt = false;
+    let mut pause = Duration::from_millis(250);
+    loop {
+        let _ = crate::failpoint::hit("src.settle.ask", &ctx.cfg.state_dir).await;
+        let answer = ask_target(ctx, target, &h.id).await;
+        let meta = h.meta();
+        let qemu = source_qemu(proc).await;
+        let capture_whole = meta.capture.as_ref().is_some_and(|p| p.exists());
+        let action = source_recovery(meta.mark, answer, qemu, meta.was_running, capture_whole);
+        info!(migration = %h.id, ?answer, ?qemu, ?action, "settling with the target");
+        match action {
+            None => return SourceAction::RollBack(Resume::AlreadyRunning),
+            Some(a @ (SourceAction::Finish | SourceAction::RollBack(_))) => return a,
+            Some(SourceAction::AbortTargetThenRollBack) => {
+                let deadline =
+                    Duration::from_secs(ctx.cfg.migration.peer_call_timeout_s.clamp(1, 30));
+                if let Ok(chan) =
+                    crate::tls::connect_with_deadline(target, &ctx.identity, deadline).await
+                {
+                    let req = pb::AbortRequest {
+                        migration_id: h.id.clone(),
+                        reason: "the source is settling a commit it could not confirm".into(),
+                    };
+                    if let Err(e) = FerryPeerClient::new(chan).abort(req).await {
+                        info!(migration = %h.id, "target refused to abort: {}", e.message());
+                    }
+                }
+                continue;
+            }
+            Some(SourceAction::AskAgain) => {}
+            Some(SourceAction::HoldInDoubt) => {
+                if !in_doubt {
+                    in_doubt = true;
+                    if let (SourceQemu::Running, Some(p)) = (qemu, proc) {
+                        // Should not happen (fenced), but never run while in doubt.
+                        let _ = p.qmp().stop().await;
+                    }
+                    let msg = format!(
+                        "commit of VM '{}' on {target} could not be confirmed (target unreachable); the VM stays paused on {} until the target answers",
+                        h.snapshot().vm,
+                        ctx.cfg.host_name
+                    );
+                    warn!(migration = %h.id, "{msg}");
+                    h.update(|s| s.error = msg.clone());
+                    ctx.outgoing.set_phase(h, pb::MigrationPhase::InDoubt, msg);
+                }
+            }
         }
-        Ok(pb::IncomingState::Prepared) => {
-            peer.abort(pb::AbortRequest { migration_id: id.into(), reason: "commit not confirmed".into() })
-                .await
-                .map_err(status_msg)?;
-            Ok(CommitOutcome::NotCommitted("the target had not committed; aborted it".into()))
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The target owns the VM: stop the source QEMU, remove RAM file and capture, forget the
+/// VM here — journaled with the migration's end in one transaction.
+async fn finish_copy(
+    ctx: &AgentCtx,
+    h: &OutgoingHandle,
+    vm: &str,
+    proc: Option<&Arc<QemuProcess>>,
+    message: String,
+) {
+    if let Some(p) = proc {
+        if let Err(e) = p.kill().await {
+            warn!(migration = %h.id, "stopping source QEMU after commit: {e}");
         }
-        _ => Ok(CommitOutcome::NotCommitted("the target no longer knows the migration (it aborted)".into())),
+    }
+    let _ = ctx.vms.end_outgoing(vm, true, false).await;
+    if let Some(c) = h.meta().capture {
+        let _ = std::fs::remove_file(c);
+    }
+    crate::vms::remove_vm_files(&ctx.cfg, vm);
+    h.set_meta(|m| m.mark = SourceMark::Settled);
+    h.update(|s| {
+        s.phase = pb::MigrationPhase::Completed as i32;
+        s.message = message.clone();
+        s.finished_unix_ms = now_ms();
+    });
+    info!(migration = %h.id, vm, "{message}");
+    if let Err(e) = ctx
+        .outgoing
+        .persist_with(h, vec![Op::RemoveVm(vm.to_string())])
+    {
+        tracing::error!(migration = %h.id, "journal: {e}");
+    }
+    ctx.metrics
+        .migrations
+        .with_label_values(&["source", "completed"])
+        .inc();
+    ctx.metrics.active.dec();
+    ctx.outgoing.release(&h.id);
+    let _ = ctx
+        .journal
+        .prune_migrations(ctx.cfg.migration.journal_history);
+}
+
+/// Takes the guest back here per [`rollback_resume`] (a suspended guest stays suspended;
+/// a fenced QEMU that died is restarted from the capture) and ends the migration.
+async fn take_back(
+    ctx: &AgentCtx,
+    h: &OutgoingHandle,
+    vm: &str,
+    proc: Option<&Arc<QemuProcess>>,
+    reason: &str,
+    cancelled: bool,
+    elapsed_ms: u64,
+) {
+    let meta = h.meta();
+    let capture_whole = meta.capture.as_ref().is_some_and(|p| p.exists());
+    let resume = rollback_resume(source_qemu(proc).await, meta.was_running, capture_whole);
+    let running = match resume {
+        Resume::AlreadyRunning => true,
+        Resume::LeavePaused => false,
+        Resume::Cont => match proc {
+            Some(p) => match p.qmp().cont().await {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(migration = %h.id, "resuming source guest: {e}");
+                    false
+                }
+            },
+            None => false,
+        },
+        Resume::FromCapture { then_cont } => match &meta.capture {
+            Some(c) => match ctx.vms.restart_from_capture(vm, c, then_cont).await {
+                Ok(_) => then_cont,
+                Err(e) => {
+                    warn!(migration = %h.id, "{}", e.message());
+                    false
+                }
+            },
+            None => false,
+        },
+        Resume::Crashed => false,
+    };
+    let rec = ctx
+        .vms
+        .end_outgoing(vm, false, running)
+        .await
+        .ok()
+        .flatten();
+    if let Some(c) = &meta.capture {
+        let _ = std::fs::remove_file(c);
+        let _ = std::fs::remove_file(c.with_extension("part"));
+    }
+    let where_ = match resume {
+        Resume::Crashed => format!(
+            "its QEMU on {} is gone: VM '{vm}' crashed (start it again)",
+            ctx.cfg.host_name
+        ),
+        Resume::LeavePaused => format!(
+            "rolled back: VM '{vm}' is on {} (left suspended, as it was)",
+            ctx.cfg.host_name
+        ),
+        _ => format!("rolled back: VM '{vm}' runs on {}", ctx.cfg.host_name),
+    };
+    // The VM record (free again) and the migration's end, one transaction.
+    h.update(|s| {
+        s.error = reason.to_string();
+        s.finished_unix_ms = now_ms();
+        s.stats.get_or_insert_with(Default::default).elapsed_ms = elapsed_ms;
+    });
+    let (result, phase) = if cancelled {
+        ("cancelled", pb::MigrationPhase::Cancelled)
+    } else {
+        ("failed", pb::MigrationPhase::Failed)
+    };
+    h.set_meta(|m| m.mark = SourceMark::Settled);
+    h.update(|s| {
+        s.phase = phase as i32;
+        s.message = where_.clone();
+    });
+    info!(migration = %h.id, vm, "{where_}");
+    let ops = rec.map(|r| vec![Op::PutVm(r)]).unwrap_or_default();
+    if let Err(e) = ctx.outgoing.persist_with(h, ops) {
+        tracing::error!(migration = %h.id, "journal: {e}");
+    }
+    ctx.metrics
+        .migrations
+        .with_label_values(&["source", result])
+        .inc();
+    ctx.metrics.active.dec();
+    ctx.outgoing.release(&h.id);
+    let _ = ctx
+        .journal
+        .prune_migrations(ctx.cfg.migration.journal_history);
+}
+
+/// Settles an outgoing migration whose task is gone (agent restart, panic) and ends it.
+pub async fn settle_and_end(
+    ctx: Arc<AgentCtx>,
+    h: Arc<OutgoingHandle>,
+    vm: String,
+    target: String,
+    proc: Option<Arc<QemuProcess>>,
+    why: String,
+) {
+    match settle(&ctx, &h, &target, proc.as_ref()).await {
+        SourceAction::Finish => {
+            finish_copy(
+                &ctx,
+                &h,
+                &vm,
+                proc.as_ref(),
+                format!("VM '{vm}' now runs on {target} ({why}; the target had committed)"),
+            )
+            .await
+        }
+        _ => take_back(&ctx, &h, &vm, proc.as_ref(), &why, false, 0).await,
     }
 }
 
@@ -991,12 +1546,21 @@ async fn confirm_round(
     rx: &mut mpsc::Receiver<Result<ControlMessage, String>>,
     round: u32,
     batches_total: u64,
+    deadline: Duration,
 ) -> Res<()> {
-    let msg = ferry_wire::Frame::encode_control(&ControlMessage::RoundEnd { round, batches_total }).map_err(fail("round end"))?;
+    let msg = ferry_wire::Frame::encode_control(&ControlMessage::RoundEnd {
+        round,
+        batches_total,
+    })
+    .map_err(fail("round end"))?;
     tx.write(&msg).await.map_err(fail("round end"))?;
-    match recv_control(rx, Duration::from_secs(120)).await? {
-        ControlMessage::RoundApplied { batches_applied, .. } if batches_applied >= batches_total => Ok(()),
-        other => Err(fail("round end")(format!("target did not confirm round {round}: {other:?}"))),
+    match recv_control(rx, deadline).await? {
+        ControlMessage::RoundApplied {
+            batches_applied, ..
+        } if batches_applied >= batches_total => Ok(()),
+        other => Err(fail("round end")(format!(
+            "target did not confirm round {round}: {other:?}"
+        ))),
     }
 }
 
@@ -1012,7 +1576,9 @@ fn ratio(sender: &PageSender) -> f64 {
 }
 
 /// Reads control messages on a task of its own (reads are not cancel-safe).
-pub fn spawn_control_reader(mut r: ferry_transport::FrameReader) -> mpsc::Receiver<Result<ControlMessage, String>> {
+pub fn spawn_control_reader(
+    mut r: ferry_transport::FrameReader,
+) -> mpsc::Receiver<Result<ControlMessage, String>> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         loop {
@@ -1031,12 +1597,19 @@ pub fn spawn_control_reader(mut r: ferry_transport::FrameReader) -> mpsc::Receiv
     rx
 }
 
-async fn recv_control(rx: &mut mpsc::Receiver<Result<ControlMessage, String>>, timeout: Duration) -> Res<ControlMessage> {
+async fn recv_control(
+    rx: &mut mpsc::Receiver<Result<ControlMessage, String>>,
+    timeout: Duration,
+) -> Res<ControlMessage> {
     match tokio::time::timeout(timeout, rx.recv()).await {
-        Ok(Some(Ok(ControlMessage::Error { message }))) => Err(fail("target")(format!("target reported: {message}"))),
+        Ok(Some(Ok(ControlMessage::Error { message }))) => {
+            Err(fail("target")(format!("target reported: {message}")))
+        }
         Ok(Some(Ok(m))) => Ok(m),
         Ok(Some(Err(e))) => Err(fail("control stream")(e)),
         Ok(None) => Err(fail("control stream")("closed")),
-        Err(_) => Err(fail("control stream")(format!("no answer from target within {timeout:?}"))),
+        Err(_) => Err(fail("control stream")(format!(
+            "no answer from target within {timeout:?}"
+        ))),
     }
 }

@@ -10,29 +10,55 @@ use super::relay::relay;
 use super::source::spawn_control_reader;
 use crate::config::AgentConfig;
 use crate::convert::spec_from_pb;
-use crate::journal::{Journal, MigrationRecord, Role};
+use crate::journal::{Journal, MigrationRecord, Op, Role};
 use crate::vms::{prepare_dirs, remove_vm_files, VmManager};
 use ferry_api::v1 as pb;
+use ferry_handoff::{decide_commit, Effect, Receiver, ReceiverEvent};
 use ferry_memory::{PageSums, RamFile, PAGE_SIZE};
 use ferry_qemu::{QemuProcess, VmSpec};
 use ferry_transport::{read_stream_header, ControlChannel, FrameReader};
 use ferry_wire::{ControlMessage, Frame, StreamKind, PROTOCOL_VERSION};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch, Mutex};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{info, warn};
 
+/// An incoming migration's ownership state ([`Receiver`], journaled before its effects)
+/// and what the data plane has seen.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum State {
-    Prepared { connected: bool },
-    /// `resume_us` 0: left paused. `ready_us`: when the VM was ours and about to resume.
-    Committed { resume_us: i64, ready_us: i64 },
-    Aborted,
+struct State {
+    recv: Receiver,
+    /// The source's data plane connected (a second connection is refused).
+    connected: bool,
+    /// RESUME time (0: left paused) and when the VM became ours, Unix microseconds.
+    resume_us: i64,
+    ready_us: i64,
+}
+
+impl State {
+    fn prepared() -> State {
+        State {
+            recv: Receiver::Prepared,
+            connected: false,
+            resume_us: 0,
+            ready_us: 0,
+        }
+    }
+}
+
+/// The gRPC view of a receiver state.
+fn incoming_state(r: Receiver) -> pb::IncomingState {
+    match r {
+        Receiver::Prepared => pb::IncomingState::Prepared,
+        Receiver::Committed { .. } => pb::IncomingState::Settling,
+        Receiver::Owned => pb::IncomingState::Committed,
+        Receiver::Aborted => pb::IncomingState::Aborted,
+    }
 }
 
 /// One prepared incoming migration.
@@ -125,7 +151,10 @@ impl IncomingRegistry {
     }
 
     /// Prepare: an empty RAM file and a paused QEMU waiting for this migration.
-    pub async fn prepare(self: &Arc<Self>, req: pb::PrepareRequest) -> Result<pb::PrepareResponse, Status> {
+    pub async fn prepare(
+        self: &Arc<Self>,
+        req: pb::PrepareRequest,
+    ) -> Result<pb::PrepareResponse, Status> {
         if !ferry_wire::version_supported(req.protocol_version.min(255) as u8) {
             return Err(Status::failed_precondition(format!(
                 "protocol version {} not supported by host {} (speaks {PROTOCOL_VERSION})",
@@ -136,31 +165,49 @@ impl IncomingRegistry {
         if uuid::Uuid::parse_str(&req.migration_id).is_err() {
             return Err(Status::invalid_argument("migration_id must be a UUID"));
         }
-        let spec = spec_from_pb(req.spec.as_ref().ok_or_else(|| Status::invalid_argument("spec is missing"))?)?;
+        let spec = spec_from_pb(
+            req.spec
+                .as_ref()
+                .ok_or_else(|| Status::invalid_argument("spec is missing"))?,
+        )?;
         if self.get(&req.migration_id).is_some() {
-            return Err(Status::already_exists(format!("migration {} is already prepared on {}", req.migration_id, self.host())));
+            return Err(Status::already_exists(format!(
+                "migration {} is already prepared on {}",
+                req.migration_id,
+                self.host()
+            )));
         }
         // Disk paths in the spec are the source's: map them to this host's storage.
-        let spec = super::disks::localize(&self.storage, self.host(), spec, &req.shared_disks, &req.copy_disks)?;
+        let spec = super::disks::localize(
+            &self.storage,
+            self.host(),
+            spec,
+            &req.shared_disks,
+            &req.copy_disks,
+        )?;
         self.vms.reserve_incoming(&spec, &req.migration_id).await?;
         match self.create(&req.migration_id, &spec, &req.copy_disks).await {
             Ok(inc) => {
                 let token = inc.token.clone();
                 self.journal
-                    .put_migration(&MigrationRecord {
-                        id: inc.id.clone(),
-                        role: Role::Target,
-                        vm: spec.name.clone(),
-                        peer: req.source_host.clone(),
-                        state: "prepared".into(),
-                        token: Some(token.clone()),
-                        status: None,
+                    .put_migration(&{
+                        let mut r = MigrationRecord::new(
+                            &inc.id,
+                            Role::Target,
+                            &spec.name,
+                            &req.source_host,
+                            "prepared",
+                        );
+                        r.token = Some(token.clone());
+                        r.receiver = Some(Receiver::Prepared);
+                        r
                     })
                     .map_err(|e| Status::internal(format!("journal: {e}")))?;
                 if let Ok(mut m) = self.map.lock() {
                     m.insert(inc.id.clone(), inc.clone());
                 }
                 self.spawn_watchdog(inc.clone());
+                self.fail_point("tgt.prepare.done").await?;
                 info!(migration = %inc.id, vm = %spec.name, source = %req.source_host, "prepared incoming migration");
                 Ok(pb::PrepareResponse {
                     quic_addr: self.cfg.quic_listen.to_string(),
@@ -177,14 +224,27 @@ impl IncomingRegistry {
         }
     }
 
-    async fn create(&self, id: &str, spec: &VmSpec, copy_disks: &[pb::DiskProbe]) -> Result<Arc<Incoming>, Status> {
+    async fn create(
+        &self,
+        id: &str,
+        spec: &VmSpec,
+        copy_disks: &[pb::DiskProbe],
+    ) -> Result<Arc<Incoming>, Status> {
         let host = self.host().to_string();
-        let err = |what: &str, e: &dyn std::fmt::Display| Status::internal(format!("preparing VM '{}' on {host}: {what}: {e}", spec.name));
+        let err = |what: &str, e: &dyn std::fmt::Display| {
+            Status::internal(format!(
+                "preparing VM '{}' on {host}: {what}: {e}",
+                spec.name
+            ))
+        };
         let launch = self.vms.launch_for(spec, true);
         prepare_dirs(&launch).map_err(|e| err("run directory", &e))?;
         let _ = std::fs::remove_file(&launch.ram_path);
         let ram = RamFile::create(&launch.ram_path, spec.memory_mib << 20).map_err(|e| {
-            Status::resource_exhausted(format!("cannot create the {} MiB RAM file on {host}: {e}", spec.memory_mib))
+            Status::resource_exhausted(format!(
+                "cannot create the {} MiB RAM file on {host}: {e}",
+                spec.memory_mib
+            ))
         })?;
         let ram_pages = ram.page_count();
         // Disks that travel: empty images of the same format and size, made before QEMU
@@ -205,28 +265,49 @@ impl IncomingRegistry {
             } else {
                 let sock = launch.run_dir.join("nbd.sock");
                 let _ = std::fs::remove_file(&sock);
-                qmp.nbd_server_start_unix(&sock.display().to_string()).await.map_err(|e| err("nbd-server-start", &e))?;
+                qmp.nbd_server_start_unix(&sock.display().to_string())
+                    .await
+                    .map_err(|e| err("nbd-server-start", &e))?;
                 let mut exports = Vec::new();
                 for d in copy_disks {
                     let export = format!("ferry-exp-{}", d.id);
-                    qmp.block_export_add_nbd(&export, &d.id, &d.id, true).await.map_err(|e| err("block-export-add", &e))?;
+                    qmp.block_export_add_nbd(&export, &d.id, &d.id, true)
+                        .await
+                        .map_err(|e| err("block-export-add", &e))?;
                     exports.push(export);
                 }
                 Some((sock, exports))
             };
             let mut events = qmp.subscribe();
-            qmp.migrate_set_capabilities(&[("x-ignore-shared", true), ("events", true), ("return-path", true)])
-                .await
-                .map_err(|e| err("capabilities", &e))?;
+            // No return path: the source QEMU completes (is fenced) as soon as its agent has
+            // the device state. Late block activation: a shared image stays inactive here
+            // until `cont`, so a rollback never finds it open for writing on both hosts.
+            qmp.migrate_set_capabilities(&[
+                ("x-ignore-shared", true),
+                ("events", true),
+                ("late-block-activate", true),
+            ])
+            .await
+            .map_err(|e| err("capabilities", &e))?;
             let sock = launch.run_dir.join("incoming.sock");
             let _ = std::fs::remove_file(&sock);
-            qmp.migrate_incoming(&format!("unix:{}", sock.display())).await.map_err(|e| err("migrate-incoming", &e))?;
+            qmp.migrate_incoming(&format!("unix:{}", sock.display()))
+                .await
+                .map_err(|e| err("migrate-incoming", &e))?;
             let (tx, rx) = watch::channel(None);
             tokio::spawn(async move {
-                let r = ferry_qmp::wait_migration_status(&mut events, Duration::from_secs(24 * 3600), &["completed", "failed"]).await;
+                let r = ferry_qmp::wait_migration_status(
+                    &mut events,
+                    Duration::from_secs(24 * 3600),
+                    &["completed", "failed"],
+                )
+                .await;
                 let v = match r {
                     Ok(ev) if ev.migration_status() == Some("completed") => Ok(()),
-                    Ok(ev) => Err(format!("target QEMU migration {}", ev.migration_status().unwrap_or("?"))),
+                    Ok(ev) => Err(format!(
+                        "target QEMU migration {}",
+                        ev.migration_status().unwrap_or("?")
+                    )),
                     Err(e) => Err(e.to_string()),
                 };
                 let _ = tx.send(Some(v));
@@ -240,7 +321,7 @@ impl IncomingRegistry {
                 spec: spec.clone(),
                 ram: std::sync::Mutex::new(Some(Arc::new(ram))),
                 proc,
-                state: Mutex::new(State::Prepared { connected: false }),
+                state: Mutex::new(State::prepared()),
                 applied: Arc::new(AppliedCounter::default()),
                 loaded,
                 cancel: CancellationToken::new(),
@@ -267,7 +348,7 @@ impl IncomingRegistry {
                 _ = tokio::time::sleep(wait) => {}
                 _ = inc.cancel.cancelled() => return,
             }
-            if *inc.state.lock().await == (State::Prepared { connected: false }) {
+            if *inc.state.lock().await == State::prepared() {
                 if let Some(me) = me.upgrade() {
                     let _ = me.abort_internal(&inc, "the source never connected").await;
                 }
@@ -275,80 +356,224 @@ impl IncomingRegistry {
         });
     }
 
-    /// Commit: journal COMMITTED, then resume the guest here and announce it.
-    /// Commit: journal, own the VM, resume it unless `leave_paused`. Returns
-    /// (RESUME time or 0, ready time) in Unix microseconds.
-    pub async fn commit(&self, id: &str, token: &str, leave_paused: bool) -> Result<(i64, i64), Status> {
-        let inc = self.get(id).ok_or_else(|| {
-            Status::not_found(format!("no incoming migration {id} on {}: it was aborted or never prepared", self.host()))
-        })?;
+    /// Commit: the [`Receiver`] step for the source's Commit, carried out. Returns (RESUME
+    /// time or 0 when left paused, ready time) in Unix microseconds once the VM is ours
+    /// for good (`Owned`); an error when the commit is refused or the VM was handed back.
+    pub async fn commit(
+        &self,
+        id: &str,
+        token: &str,
+        leave_paused: bool,
+    ) -> Result<(i64, i64), Status> {
+        let Some(inc) = self.get(id) else {
+            // Settled earlier (the registry entry is released then): answer from the journal.
+            return match self.status(id).await? {
+                pb::IncomingState::Committed => Ok((0, 0)),
+                _ => Err(Status::not_found(format!(
+                    "no incoming migration {id} on {}: it was aborted or never prepared",
+                    self.host()
+                ))),
+            };
+        };
         if inc.token != token {
             return Err(Status::permission_denied("wrong migration token"));
         }
+        self.fail_point("tgt.commit.asked").await?;
         let mut st = inc.state.lock().await;
-        match *st {
-            State::Committed { resume_us, ready_us } => return Ok((resume_us, ready_us)),
-            State::Aborted => return Err(Status::not_found(format!("migration {id} was aborted on {}", self.host()))),
-            State::Prepared { .. } => {}
+        let verdict = match inc.loaded.borrow().clone() {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(format!("target QEMU did not load the device state: {e}")),
+            None => Err("target QEMU has not loaded the device state".to_string()),
+        };
+        let (_, effects) = st.recv.step(ReceiverEvent::CommitAsked {
+            verdict,
+            leave_paused,
+        });
+        self.carry_out(&inc, &mut st, effects).await
+    }
+
+    /// The data plane's commit: the verdict ([`decide_commit`]) through the state machine.
+    async fn commit_decided(
+        &self,
+        inc: &Incoming,
+        verdict: Result<(), String>,
+        leave_paused: bool,
+    ) -> Result<(i64, i64), Status> {
+        self.fail_point("tgt.commit.asked").await?;
+        let mut st = inc.state.lock().await;
+        let (_, effects) = st.recv.step(ReceiverEvent::CommitAsked {
+            verdict,
+            leave_paused,
+        });
+        self.carry_out(inc, &mut st, effects).await
+    }
+
+    /// Carries out a receiver step's effects in order, feeding the outcome of `Resume`
+    /// back into the state machine. The caller holds the state lock throughout, so a
+    /// commit and an abort never interleave.
+    async fn carry_out(
+        &self,
+        inc: &Incoming,
+        st: &mut State,
+        effects: Vec<Effect>,
+    ) -> Result<(i64, i64), Status> {
+        let mut queue: std::collections::VecDeque<Effect> = effects.into();
+        let mut refusal: Option<String> = None;
+        let mut owned = false;
+        while let Some(e) = queue.pop_front() {
+            match e {
+                Effect::JournalCommitted { leave_paused } => {
+                    // The mirror is over (the source cancelled it at pre-switchover): close
+                    // the exports so nothing but the guest writes these disks from now on.
+                    self.close_exports(inc).await;
+                    let mut rec = self.record(inc, "committed");
+                    rec.receiver = Some(Receiver::Committed { leave_paused });
+                    let vm = self
+                        .vms
+                        .incoming_record(&inc.spec.name, leave_paused)
+                        .await?;
+                    // One transaction: the migration's outcome and the VM it makes ours.
+                    self.journal
+                        .apply(&[Op::PutMigration(rec), Op::PutVm(vm)])
+                        .map_err(|e| {
+                            Status::internal(format!("journal (nothing committed): {e}"))
+                        })?;
+                    st.recv = Receiver::Committed { leave_paused };
+                    st.ready_us = unix_us(SystemTime::now());
+                    // Journaled: from here on nothing may turn this into a refusal.
+                    if let Err(e) = self.vms.commit_incoming(&inc.spec.name, leave_paused).await {
+                        warn!(migration = %inc.id, "committed VM record: {}", e.message());
+                    }
+                    inc.cancel.cancel();
+                    // Only exit/hang here: an injected error must not cut the sequence short.
+                    let _ = self.fail_point("tgt.commit.journaled").await;
+                }
+                Effect::Resume => {
+                    let r = self.resume(inc).await;
+                    let ev = match r {
+                        Ok(resume_us) => {
+                            st.resume_us = resume_us;
+                            ReceiverEvent::Resumed
+                        }
+                        Err(e) => {
+                            warn!(migration = %inc.id, vm = %inc.spec.name, "committed, but resuming failed: {e}; handing the VM back");
+                            ReceiverEvent::ResumeFailed
+                        }
+                    };
+                    // Only exit/hang here: an injected error must not cut the sequence short.
+                    let _ = self.fail_point("tgt.commit.resumed").await;
+                    let (_, more) = st.recv.step(ev);
+                    queue.extend(more);
+                }
+                Effect::JournalOwned => {
+                    let mut rec = self.record(inc, "owned");
+                    rec.receiver = Some(Receiver::Owned);
+                    self.journal
+                        .put_migration(&rec)
+                        .map_err(|e| Status::internal(format!("journal: {e}")))?;
+                    st.recv = Receiver::Owned;
+                    // Only exit/hang here: an injected error must not cut the sequence short.
+                    let _ = self.fail_point("tgt.commit.owned").await;
+                }
+                Effect::ReplyOwned => owned = true,
+                Effect::Discard => {
+                    inc.cancel.cancel();
+                    let _ = inc.proc.kill().await;
+                    inc.release_ram();
+                    self.vms.forget(&inc.spec.name, &inc.id).await;
+                    remove_vm_files(&self.cfg, &inc.spec.name);
+                    super::disks::remove_copies(&inc.copies);
+                    // Only exit/hang here: an injected error must not cut the sequence short.
+                    let _ = self.fail_point("tgt.abort.discarded").await;
+                }
+                Effect::JournalAborted => {
+                    let mut rec = self.record(inc, "aborted");
+                    rec.receiver = Some(Receiver::Aborted);
+                    self.journal
+                        .apply(&[Op::PutMigration(rec), Op::RemoveVm(inc.spec.name.clone())])
+                        .map_err(|e| Status::internal(format!("journal: {e}")))?;
+                    st.recv = Receiver::Aborted;
+                    self.metrics
+                        .migrations
+                        .with_label_values(&["target", "aborted"])
+                        .inc();
+                }
+                Effect::Refuse(why) => refusal = Some(why),
+            }
         }
-        match inc.loaded.borrow().clone() {
-            Some(Ok(())) => {}
-            Some(Err(e)) => return Err(Status::failed_precondition(format!("target QEMU did not load the device state: {e}"))),
-            None => return Err(Status::failed_precondition("target QEMU has not loaded the device state yet")),
+        if matches!(st.recv, Receiver::Owned | Receiver::Aborted) {
+            // Nothing outlives its migration: the registry entry (RAM mapping, per-page
+            // sums, QEMU handle) goes; IncomingStatus answers from the journal.
+            inc.release_ram();
+            if let Ok(mut m) = self.map.lock() {
+                m.remove(&inc.id);
+            }
+            let _ = self
+                .journal
+                .prune_migrations(self.cfg.migration.journal_history);
         }
-        // The mirror is over (the source cancelled it at pre-switchover): close the exports
-        // so nothing but the guest writes these disks from now on.
+        if let Some(why) = refusal {
+            return Err(Status::failed_precondition(format!(
+                "migration {} on {}: {why}",
+                inc.id,
+                self.host()
+            )));
+        }
+        if owned {
+            self.metrics
+                .migrations
+                .with_label_values(&["target", "committed"])
+                .inc();
+            info!(migration = %inc.id, vm = %inc.spec.name, paused = st.resume_us == 0, "committed; the VM is owned here");
+        }
+        Ok((st.resume_us, st.ready_us))
+    }
+
+    /// `cont` and wait for RESUME (bounded), then `announce-self`.
+    async fn resume(&self, inc: &Incoming) -> Result<i64, String> {
+        let qmp = inc.proc.qmp();
+        let mut events = qmp.subscribe();
+        qmp.cont()
+            .await
+            .map_err(|e| format!("resuming VM '{}' on {}: {e}", inc.spec.name, self.host()))?;
+        let resume =
+            ferry_qmp::wait_for_event(&mut events, Duration::from_secs(10), |e| e.name == "RESUME")
+                .await
+                .map(|e| e.timestamp)
+                .map_err(|e| format!("no RESUME from the target QEMU: {e}"))?;
+        if let Err(e) = qmp.announce_self().await {
+            warn!(migration = %inc.id, "announce-self: {e}");
+        }
+        Ok(unix_us(resume))
+    }
+
+    async fn close_exports(&self, inc: &Incoming) {
         if let Some((_, exports)) = &inc.nbd {
             let qmp = inc.proc.qmp();
             for e in exports {
                 if let Err(err) = qmp.block_export_del(e).await {
-                    warn!(migration = %id, "block-export-del {e}: {err}");
+                    warn!(migration = %inc.id, "block-export-del {e}: {err}");
                 }
             }
             if let Err(err) = qmp.nbd_server_stop().await {
-                warn!(migration = %id, "nbd-server-stop: {err}");
+                warn!(migration = %inc.id, "nbd-server-stop: {err}");
             }
         }
-        // The order matters: journal first, so a crash after this line keeps the VM here.
-        let rec = MigrationRecord {
-            id: id.to_string(),
-            role: Role::Target,
-            vm: inc.spec.name.clone(),
-            peer: String::new(),
-            state: "committed".into(),
-            token: None,
-            status: None,
-        };
-        self.journal.put_migration(&rec).map_err(|e| Status::internal(format!("journal: {e}")))?;
-        self.vms.commit_incoming(&inc.spec.name, leave_paused).await?;
-        let ready_us = unix_us(SystemTime::now());
-        *st = State::Committed { resume_us: 0, ready_us };
-        inc.cancel.cancel();
-        if leave_paused {
-            self.metrics.migrations.with_label_values(&["target", "committed"]).inc();
-            inc.release_ram();
-            info!(migration = %id, vm = %inc.spec.name, "committed; guest left paused here as asked");
-            return Ok((0, ready_us));
-        }
-        let qmp = inc.proc.qmp();
-        let mut events = qmp.subscribe();
-        qmp.cont().await.map_err(|e| Status::internal(format!("committed, but resuming VM '{}' on {} failed: {e}", inc.spec.name, self.host())))?;
-        let resume = ferry_qmp::wait_for_event(&mut events, Duration::from_secs(10), |e| e.name == "RESUME")
-            .await
-            .map(|e| e.timestamp)
-            .unwrap_or_else(|_| SystemTime::now());
-        if let Err(e) = qmp.announce_self().await {
-            warn!(migration = %id, "announce-self: {e}");
-        }
-        let resume_us = unix_us(resume);
-        *st = State::Committed { resume_us, ready_us };
-        inc.release_ram();
-        self.metrics.migrations.with_label_values(&["target", "committed"]).inc();
-        info!(migration = %id, vm = %inc.spec.name, "committed; guest resumed here");
-        Ok((resume_us, ready_us))
     }
 
-    /// Abort: remove the QEMU, the RAM file and every record. Refused once committed.
+    fn record(&self, inc: &Incoming, state: &str) -> MigrationRecord {
+        let mut r = MigrationRecord::new(&inc.id, Role::Target, &inc.spec.name, "", state);
+        r.token = Some(inc.token.clone());
+        r
+    }
+
+    async fn fail_point(&self, name: &'static str) -> Result<(), Status> {
+        crate::failpoint::hit(name, &self.cfg.state_dir)
+            .await
+            .map_err(Status::internal)
+    }
+
+    /// Abort (asked by the source): discard everything; refused once committed.
     pub async fn abort(&self, id: &str, reason: &str) -> Result<bool, Status> {
         match self.get(id) {
             Some(inc) => self.abort_internal(&inc, reason).await.map(|_| true),
@@ -357,61 +582,106 @@ impl IncomingRegistry {
     }
 
     async fn abort_internal(&self, inc: &Incoming, reason: &str) -> Result<(), Status> {
-        {
-            let mut st = inc.state.lock().await;
-            match *st {
-                State::Committed { .. } => {
-                    return Err(Status::failed_precondition(format!(
-                        "migration {} is committed: VM '{}' runs on {} now",
-                        inc.id,
-                        inc.spec.name,
-                        self.host()
-                    )))
-                }
-                State::Aborted => return Ok(()),
-                State::Prepared { .. } => *st = State::Aborted,
-            }
+        self.settle_event(inc, ReceiverEvent::AbortAsked, reason)
+            .await
+    }
+
+    /// The data plane ended before a commit.
+    async fn lost_source(&self, inc: &Incoming, reason: &str) -> Result<(), Status> {
+        self.settle_event(inc, ReceiverEvent::SourceLost, reason)
+            .await
+    }
+
+    async fn settle_event(
+        &self,
+        inc: &Incoming,
+        ev: ReceiverEvent,
+        reason: &str,
+    ) -> Result<(), Status> {
+        let mut st = inc.state.lock().await;
+        if st.recv == Receiver::Prepared {
+            warn!(migration = %inc.id, vm = %inc.spec.name, "aborting incoming migration: {reason}");
         }
-        warn!(migration = %inc.id, vm = %inc.spec.name, "aborting incoming migration: {reason}");
-        self.metrics.migrations.with_label_values(&["target", "aborted"]).inc();
-        inc.cancel.cancel();
-        let _ = inc.proc.kill().await;
-        inc.release_ram();
-        let _ = self.vms.drop_incoming(&inc.spec.name, &inc.id).await;
-        remove_vm_files(&self.cfg, &inc.spec.name);
-        super::disks::remove_copies(&inc.copies);
-        let _ = self.journal.remove_migration(&inc.id);
-        if let Ok(mut m) = self.map.lock() {
-            m.remove(&inc.id);
+        let (_, effects) = st.recv.step(ev);
+        self.carry_out(inc, &mut st, effects).await.map(|_| ())
+    }
+
+    /// Where a migration stands here. Fails closed: a journal that cannot be read is an
+    /// error (the source then stays in doubt), never "unknown".
+    pub async fn status(&self, id: &str) -> Result<pb::IncomingState, Status> {
+        if let Some(inc) = self.get(id) {
+            return Ok(incoming_state(inc.state.lock().await.recv));
+        }
+        match self.journal.migration(id) {
+            Ok(Some(r)) if r.role == Role::Target => Ok(match r.receiver {
+                Some(recv) => incoming_state(recv),
+                None if r.state == "committed" => pb::IncomingState::Committed,
+                None => pb::IncomingState::Aborted,
+            }),
+            Ok(_) => Ok(pb::IncomingState::Unknown),
+            Err(e) => Err(Status::unavailable(format!(
+                "host {} cannot read its journal: {e}",
+                self.host()
+            ))),
+        }
+    }
+
+    /// After a restart: settles every journaled incoming migration that was not, per
+    /// [`ferry_handoff::target_recovery`] (runs after [`VmManager::recover`]).
+    pub async fn recover(&self) -> anyhow::Result<()> {
+        use ferry_handoff::{target_recovery, TargetAction, TargetQemu};
+        for r in self.journal.migrations()? {
+            if r.role != Role::Target || r.settled() {
+                continue;
+            }
+            let recv = r.receiver.unwrap_or(if r.state == "committed" {
+                Receiver::Owned
+            } else {
+                Receiver::Prepared
+            });
+            let proc = self
+                .vms
+                .spec_and_process(&r.vm)
+                .await
+                .ok()
+                .and_then(|(_, p)| p);
+            let alive = if proc.is_some() {
+                TargetQemu::Alive
+            } else {
+                TargetQemu::Gone
+            };
+            let action = target_recovery(recv, alive);
+            info!(migration = %r.id, vm = %r.vm, ?recv, ?alive, ?action, "settling incoming migration after restart");
+            let mut rec = r.clone();
+            match action {
+                TargetAction::Discard => {
+                    if let Some(p) = proc {
+                        let _ = p.kill().await;
+                    }
+                    self.vms.forget(&r.vm, &r.id).await;
+                    remove_vm_files(&self.cfg, &r.vm);
+                    rec.receiver = Some(Receiver::Aborted);
+                    rec.state = "aborted".into();
+                    self.journal
+                        .apply(&[Op::PutMigration(rec), Op::RemoveVm(r.vm.clone())])?;
+                }
+                TargetAction::ResumeAndOwn | TargetAction::Own => {
+                    if action == TargetAction::ResumeAndOwn {
+                        if let Some(p) = proc {
+                            p.qmp().cont().await.map_err(|e| {
+                                anyhow::anyhow!("resuming committed VM '{}': {e}", r.vm)
+                            })?;
+                        }
+                        self.vms.mark_running(&r.vm).await;
+                    }
+                    rec.receiver = Some(Receiver::Owned);
+                    rec.state = "owned".into();
+                    self.journal.put_migration(&rec)?;
+                }
+                TargetAction::Keep => {}
+            }
         }
         Ok(())
-    }
-
-    /// Whether a migration is prepared, committed, or unknown here.
-    pub async fn status(&self, id: &str) -> pb::IncomingState {
-        if let Some(inc) = self.get(id) {
-            return match *inc.state.lock().await {
-                State::Prepared { .. } => pb::IncomingState::Prepared,
-                State::Committed { .. } => pb::IncomingState::Committed,
-                State::Aborted => pb::IncomingState::Unknown,
-            };
-        }
-        // After a restart only the journal remembers commits.
-        let committed = self.journal.migrations().unwrap_or_default().into_iter().any(|r| r.id == id && r.state == "committed");
-        if committed {
-            pb::IncomingState::Committed
-        } else {
-            pb::IncomingState::Unknown
-        }
-    }
-
-    /// Removes target-side records of migrations that never committed (after a restart).
-    pub fn forget_uncommitted(&self) {
-        for r in self.journal.migrations().unwrap_or_default() {
-            if r.role == Role::Target && r.state != "committed" {
-                let _ = self.journal.remove_migration(&r.id);
-            }
-        }
     }
 
     /// Serves one QUIC connection from a source agent: a migration's data plane, or a
@@ -427,7 +697,9 @@ impl IncomingRegistry {
             let (send, mut recv) = accepted
                 .map_err(|_| "no stream within 10 s".to_string())?
                 .map_err(|e| e.to_string())?;
-            let header = read_stream_header(&mut recv).await.map_err(|e| e.to_string())?;
+            let header = read_stream_header(&mut recv)
+                .await
+                .map_err(|e| e.to_string())?;
             Ok::<_, String>((send, recv, header))
         };
         let (send, recv, header) = match first.await {
@@ -454,9 +726,9 @@ impl IncomingRegistry {
         };
         let (inc, ctl) = inc;
         let reason = self.serve(&conn, &inc, ctl).await;
-        let committed = matches!(*inc.state.lock().await, State::Committed { .. });
-        if !committed {
-            let _ = self.abort_internal(&inc, &reason).await;
+        let recv = inc.state.lock().await.recv;
+        if recv == Receiver::Prepared {
+            let _ = self.lost_source(&inc, &reason).await;
             conn.close(3u32.into(), reason.as_bytes());
         }
     }
@@ -468,38 +740,67 @@ impl IncomingRegistry {
         recv: quinn::RecvStream,
     ) -> Result<(Arc<Incoming>, ControlChannel), String> {
         if header.kind != StreamKind::Control {
-            return Err(format!("first stream is {:?}, expected control", header.kind));
+            return Err(format!(
+                "first stream is {:?}, expected control",
+                header.kind
+            ));
         }
         let mut ctl = ControlChannel::new(send, recv);
-        let hello = tokio::time::timeout(Duration::from_secs(10), ctl.recv()).await.map_err(|_| "no hello".to_string())?.map_err(|e| e.to_string())?;
-        let ControlMessage::Hello { version, migration_id, token, ram_bytes, page_size, .. } = hello else {
+        let hello = tokio::time::timeout(Duration::from_secs(10), ctl.recv())
+            .await
+            .map_err(|_| "no hello".to_string())?
+            .map_err(|e| e.to_string())?;
+        let ControlMessage::Hello {
+            version,
+            migration_id,
+            token,
+            ram_bytes,
+            page_size,
+            ..
+        } = hello
+        else {
             return Err("first message is not hello".into());
         };
         let refuse = |m: String| m;
-        let inc = self.get(&migration_id).ok_or_else(|| refuse(format!("unknown migration {migration_id}")))?;
+        let inc = self
+            .get(&migration_id)
+            .ok_or_else(|| refuse(format!("unknown migration {migration_id}")))?;
         if token != inc.token {
             return Err("wrong migration token".into());
         }
         if !ferry_wire::version_supported(version) {
             return Err(format!("protocol version {version} not supported"));
         }
-        let ram_len = inc.ram().map(|r| r.len()).ok_or("the migration has ended")?;
+        let ram_len = inc
+            .ram()
+            .map(|r| r.len())
+            .ok_or("the migration has ended")?;
         if ram_bytes != ram_len || page_size as usize != PAGE_SIZE {
             return Err(format!("RAM size {ram_bytes} / page size {page_size} do not match the prepared VM ({ram_len} bytes)"));
         }
         {
             let mut st = inc.state.lock().await;
-            if *st != (State::Prepared { connected: false }) {
+            if *st != State::prepared() {
                 return Err("migration already connected or finished".into());
             }
-            *st = State::Prepared { connected: true };
+            st.connected = true;
         }
-        ctl.send(&ControlMessage::HelloOk { version: PROTOCOL_VERSION }).await.map_err(|e| e.to_string())?;
+        crate::failpoint::hit("tgt.hello.done", &self.cfg.state_dir).await?;
+        ctl.send(&ControlMessage::HelloOk {
+            version: PROTOCOL_VERSION,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
         Ok((inc, ctl))
     }
 
     /// Runs the data plane until the connection ends; returns why it ended.
-    async fn serve(&self, conn: &quinn::Connection, inc: &Arc<Incoming>, ctl: ControlChannel) -> String {
+    async fn serve(
+        &self,
+        conn: &quinn::Connection,
+        inc: &Arc<Incoming>,
+        ctl: ControlChannel,
+    ) -> String {
         let (mut w, r) = ctl.split();
         let mut rx = spawn_control_reader(r);
         let (err_tx, mut err_rx) = mpsc::channel::<String>(8);
@@ -509,7 +810,8 @@ impl IncomingRegistry {
         let (digest_tx, mut digest_rx) = mpsc::channel::<Result<u128, String>>(1);
         // Our RAM fingerprint once the final round is in, and whether the source asked
         // for it explicitly (DigestRequest) rather than with its Commit.
-        let (mut my_digest, mut digest_wanted): (Option<Result<u128, String>>, bool) = (None, false);
+        let (mut my_digest, mut digest_wanted): (Option<Result<u128, String>>, bool) =
+            (None, false);
         // The source's Commit, waiting for the device state and our fingerprint.
         let mut pending_commit: Option<(Option<u128>, bool)> = None;
         // When each switchover step was seen here, for the log: final round announced,
@@ -518,30 +820,25 @@ impl IncomingRegistry {
         let reason = loop {
             if let Some((theirs, leave_paused)) = pending_commit {
                 let loaded_now = loaded.borrow().clone();
-                let verdict: Option<Result<(), String>> = match (loaded_now, theirs, &my_digest) {
-                    (None, _, _) => None,
-                    (Some(Err(e)), _, _) => Some(Err(format!("the device state did not load: {e}"))),
-                    (Some(Ok(())), None, _) => Some(Ok(())),
-                    (Some(Ok(())), Some(_), None) => None,
-                    (Some(Ok(())), Some(_), Some(Err(e))) => Some(Err(format!("fingerprint of the RAM file: {e}"))),
-                    (Some(Ok(())), Some(t), Some(Ok(m))) if t == *m => Some(Ok(())),
-                    (Some(Ok(())), Some(t), Some(Ok(m))) => Some(Err(format!(
-                        "RAM fingerprint mismatch: source {t:032x} vs target {m:032x}; the target copy is wrong, so the VM stays on the source"
-                    ))),
-                };
+                let verdict = decide_commit(loaded_now.as_ref(), theirs, my_digest.as_ref());
                 if let Some(v) = verdict {
                     pending_commit = None;
                     if let Some(t0) = tl[0] {
-                        let ms = |t: Option<std::time::Instant>| t.map(|t| format!("{:.1}", t.duration_since(t0).as_secs_f64() * 1e3)).unwrap_or_else(|| "-".into());
+                        let ms = |t: Option<std::time::Instant>| {
+                            t.map(|t| format!("{:.1}", t.duration_since(t0).as_secs_f64() * 1e3))
+                                .unwrap_or_else(|| "-".into())
+                        };
                         info!(migration = %inc.id, "switchover here (ms after the final round was announced): pages written {}, fingerprint {}, device state loaded {}, commit asked {}, deciding {}",
                             ms(tl[1]), ms(tl[2]), ms(tl[3]), ms(tl[4]), ms(Some(std::time::Instant::now())));
                     }
-                    let reply = match v {
-                        Ok(()) => match self.commit(&inc.id, &inc.token, leave_paused).await {
-                            Ok((resume_unix_us, ready_unix_us)) => ControlMessage::Committed { resume_unix_us, ready_unix_us },
-                            Err(s) => ControlMessage::Error { message: s.message().to_string() },
+                    let reply = match self.commit_decided(inc, v, leave_paused).await {
+                        Ok((resume_unix_us, ready_unix_us)) => ControlMessage::Committed {
+                            resume_unix_us,
+                            ready_unix_us,
                         },
-                        Err(message) => ControlMessage::Error { message },
+                        Err(s) => ControlMessage::Error {
+                            message: s.message().to_string(),
+                        },
                     };
                     let committed = matches!(reply, ControlMessage::Committed { .. });
                     if let Err(e) = send(&mut w, &reply).await {
@@ -589,6 +886,9 @@ impl IncomingRegistry {
                         if last {
                             // Every page is in place: the held device state may reach QEMU,
                             // and our fingerprint can be taken while it loads.
+                            if let Err(e) = crate::failpoint::hit("tgt.final_round.applied", &self.cfg.state_dir).await {
+                                break e;
+                            }
                             inc.final_applied.send_replace(true);
                             tl[1] = Some(std::time::Instant::now());
                             if verify {
@@ -630,6 +930,9 @@ impl IncomingRegistry {
                     if let Some(v) = v {
                         loaded_sent = true;
                         tl[3] = Some(std::time::Instant::now());
+                        if let Err(e) = crate::failpoint::hit("tgt.device_state.loaded", &self.cfg.state_dir).await {
+                            break e;
+                        }
                         let msg = ControlMessage::DeviceStateLoaded { ok: v.is_ok(), error: v.err() };
                         if let Err(e) = send(&mut w, &msg).await {
                             break e;
@@ -656,7 +959,10 @@ fn spawn_fingerprint(inc: &Incoming, tx: mpsc::Sender<Result<u128, String>>) {
 /// Counts the probe bytes until the source finishes, reporting the running count (u64)
 /// every 100 ms and once more at the end, so the source can measure the steady rate
 /// after the congestion controller's start-up.
-async fn serve_probe(mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), String> {
+async fn serve_probe(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), String> {
     let mut total = 0u64;
     let mut buf = vec![0u8; 256 * 1024];
     let start = std::time::Instant::now();
@@ -677,10 +983,14 @@ async fn serve_probe(mut send: quinn::SendStream, mut recv: quinn::RecvStream) -
         }
         if last_report.elapsed() >= Duration::from_millis(50) {
             last_report = std::time::Instant::now();
-            send.write_all(&report(total)).await.map_err(|e| e.to_string())?;
+            send.write_all(&report(total))
+                .await
+                .map_err(|e| e.to_string())?;
         }
     }
-    send.write_all(&report(total)).await.map_err(|e| e.to_string())?;
+    send.write_all(&report(total))
+        .await
+        .map_err(|e| e.to_string())?;
     send.finish().map_err(|e| e.to_string())?;
     // Let the answer leave before the connection is dropped.
     let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
@@ -689,7 +999,9 @@ async fn serve_probe(mut send: quinn::SendStream, mut recv: quinn::RecvStream) -
 
 async fn send(w: &mut ferry_transport::FrameWriter, msg: &ControlMessage) -> Result<(), String> {
     let bytes = Frame::encode_control(msg).map_err(|e| e.to_string())?;
-    w.write(&bytes).await.map_err(|e| format!("control stream: {e}"))
+    w.write(&bytes)
+        .await
+        .map_err(|e| format!("control stream: {e}"))
 }
 
 /// Accepts the page streams and the device-state stream of one migration.
@@ -793,5 +1105,7 @@ async fn accept_streams(conn: quinn::Connection, inc: Arc<Incoming>, err_tx: mps
 }
 
 fn unix_us(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }

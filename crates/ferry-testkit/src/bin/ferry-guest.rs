@@ -74,7 +74,13 @@ fn seconds(s: f64) -> Result<Duration> {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Cmd::QemuArgv { spec, ram, run_dir, accel, incoming } => {
+        Cmd::QemuArgv {
+            spec,
+            ram,
+            run_dir,
+            accel,
+            incoming,
+        } => {
             let text = std::fs::read_to_string(&spec)
                 .map_err(|e| anyhow::anyhow!("reading {}: {e}", spec.display()))?;
             let spec: ferry_qemu::VmSpec = toml::from_str(&text)
