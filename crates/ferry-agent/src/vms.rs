@@ -501,10 +501,7 @@ impl VmManager {
     pub async fn reserve_incoming(&self, spec: &VmSpec, migration: &str) -> Result<(), Status> {
         let mut vms = self.vms.lock().await;
         if vms.contains_key(&spec.name) {
-            return Err(Status::already_exists(format!(
-                "VM name '{}' is already defined on target host {}: undefine it there or rename the VM",
-                spec.name, self.cfg.host_name
-            )));
+            return Err(Status::already_exists(format!("VM name '{}' is already defined on target host {}: undefine it there or rename the VM", spec.name, self.cfg.host_name)));
         }
         let e = VmEntry {
             spec: spec.clone(),
@@ -734,7 +731,7 @@ pub fn prepare_dirs(l: &QemuLaunch) -> std::io::Result<()> {
         std::fs::create_dir_all(parent)?;
     }
     // Sockets of a previous run would make QEMU fail to bind.
-    for p in [l.qmp_path(), l.console_path()] {
+    for p in [l.qmp_path(), l.observer_qmp_path(), l.console_path()] {
         let _ = std::fs::remove_file(p);
     }
     Ok(())

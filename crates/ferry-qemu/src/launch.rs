@@ -64,6 +64,13 @@ impl QemuLaunch {
         self.run_dir.join("qmp.sock")
     }
 
+    /// `RUN/qmp-observe.sock`: a second QMP monitor the agent never holds, so that an
+    /// operator or a test can ask the QEMU itself (`query-status`) while the agent is
+    /// connected to the first one (a QMP socket serves one client at a time).
+    pub fn observer_qmp_path(&self) -> PathBuf {
+        self.run_dir.join("qmp-observe.sock")
+    }
+
     /// `RUN/console.sock`: the serial console socket.
     pub fn console_path(&self) -> PathBuf {
         self.run_dir.join("console.sock")
@@ -91,16 +98,14 @@ impl QemuLaunch {
         validate_accel("accel", self.effective_accel())?;
         validate_path("ram_path", &self.ram_path)?;
         validate_path("run_dir", &self.run_dir)?;
-        for sock in [self.qmp_path(), self.console_path()] {
+        for sock in [
+            self.qmp_path(),
+            self.observer_qmp_path(),
+            self.console_path(),
+        ] {
             let len = sock.as_os_str().len();
             if len > MAX_SOCKET_PATH {
-                return Err(SpecError::new(
-                    "run_dir",
-                    format!(
-                        "socket path {} is {len} bytes; unix sockets allow at most {MAX_SOCKET_PATH}",
-                        sock.display()
-                    ),
-                ));
+                return Err(SpecError::new("run_dir", format!("socket path {} is {len} bytes; unix sockets allow at most {MAX_SOCKET_PATH}", sock.display())));
             }
         }
         if let Some(p) = &self.preload {
@@ -161,6 +166,13 @@ impl QemuLaunch {
         push(&[
             "-qmp",
             &format!("unix:{},server=on,wait=off", esc_path(&self.qmp_path())),
+        ]);
+        push(&[
+            "-qmp",
+            &format!(
+                "unix:{},server=on,wait=off",
+                esc_path(&self.observer_qmp_path())
+            ),
         ]);
         push(&[
             "-chardev",
@@ -281,31 +293,62 @@ mod tests {
         let l = launch(false);
         l.validate().expect("valid");
         let expected = [
-            "-name", "web1",
-            "-machine", "pc-i440fx-7.2,memory-backend=ram0",
-            "-accel", "tcg",
-            "-cpu", "qemu64",
-            "-smp", "2",
-            "-m", "512M",
-            "-object", "memory-backend-file,id=ram0,size=512M,mem-path=/dev/shm/ferry-web1,share=on",
-            "-nodefaults", "-vga", "none", "-display", "none", "-no-reboot",
-            "-pidfile", "/run/ferry/web1/qemu.pid",
-            "-qmp", "unix:/run/ferry/web1/qmp.sock,server=on,wait=off",
-            "-chardev", "socket,id=ser0,path=/run/ferry/web1/console.sock,server=on,wait=off,logfile=/run/ferry/web1/console.log",
-            "-serial", "chardev:ser0",
-            "-kernel", "/img/vmlinuz",
-            "-initrd", "/img/initrd,1.gz",
-            "-append", "console=ttyS0,115200 panic=-1",
-            "-blockdev", "driver=file,filename=/var/lib/ferry/web,,1.qcow2,node-name=disk0-file",
-            "-blockdev", "driver=qcow2,file=disk0-file,node-name=disk0",
-            "-device", "virtio-blk-pci,drive=disk0,id=vblk-disk0",
-            "-blockdev", "driver=file,filename=/var/lib/ferry/seed.raw,node-name=seed-file,read-only=on",
-            "-blockdev", "driver=raw,file=seed-file,node-name=seed,read-only=on",
-            "-device", "virtio-blk-pci,drive=seed,id=vblk-seed",
-            "-netdev", "bridge,id=net0,br=br0",
-            "-device", "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56",
-            "-netdev", "user,id=net1",
-            "-device", "virtio-net-pci,netdev=net1",
+            "-name",
+            "web1",
+            "-machine",
+            "pc-i440fx-7.2,memory-backend=ram0",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "qemu64",
+            "-smp",
+            "2",
+            "-m",
+            "512M",
+            "-object",
+            "memory-backend-file,id=ram0,size=512M,mem-path=/dev/shm/ferry-web1,share=on",
+            "-nodefaults",
+            "-vga",
+            "none",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-pidfile",
+            "/run/ferry/web1/qemu.pid",
+            "-qmp",
+            "unix:/run/ferry/web1/qmp.sock,server=on,wait=off",
+            "-qmp",
+            "unix:/run/ferry/web1/qmp-observe.sock,server=on,wait=off",
+            "-chardev",
+            "socket,id=ser0,path=/run/ferry/web1/console.sock,server=on,wait=off,logfile=/run/ferry/web1/console.log",
+            "-serial",
+            "chardev:ser0",
+            "-kernel",
+            "/img/vmlinuz",
+            "-initrd",
+            "/img/initrd,1.gz",
+            "-append",
+            "console=ttyS0,115200 panic=-1",
+            "-blockdev",
+            "driver=file,filename=/var/lib/ferry/web,,1.qcow2,node-name=disk0-file",
+            "-blockdev",
+            "driver=qcow2,file=disk0-file,node-name=disk0",
+            "-device",
+            "virtio-blk-pci,drive=disk0,id=vblk-disk0",
+            "-blockdev",
+            "driver=file,filename=/var/lib/ferry/seed.raw,node-name=seed-file,read-only=on",
+            "-blockdev",
+            "driver=raw,file=seed-file,node-name=seed,read-only=on",
+            "-device",
+            "virtio-blk-pci,drive=seed,id=vblk-seed",
+            "-netdev",
+            "bridge,id=net0,br=br0",
+            "-device",
+            "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56",
+            "-netdev",
+            "user,id=net1",
+            "-device",
+            "virtio-net-pci,netdev=net1",
         ];
         assert_eq!(l.argv(), expected);
     }

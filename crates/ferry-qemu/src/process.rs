@@ -99,7 +99,12 @@ impl QemuProcess {
                 return Err(QemuError::AlreadyRunning { run_dir, pid });
             }
         }
-        for stale in [launch.qmp_path(), launch.console_path(), launch.pidfile()] {
+        for stale in [
+            launch.qmp_path(),
+            launch.observer_qmp_path(),
+            launch.console_path(),
+            launch.pidfile(),
+        ] {
             match std::fs::remove_file(&stale) {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::NotFound => {}

@@ -143,6 +143,8 @@ pub struct TestAgent {
     metrics_addr: String,
     identity: Identity,
     child: Option<Child>,
+    /// `FAILPOINTS` for the next start (see ferry-agent's `failpoint.rs`).
+    failpoints: Option<String>,
 }
 
 impl TestAgent {
@@ -256,6 +258,7 @@ impl TestAgent {
             metrics_addr,
             identity: pki.identity(name)?,
             child: None,
+            failpoints: None,
         };
         // On failure `agent` is dropped here, which cleans up.
         agent.spawn_and_wait().await?;
@@ -269,7 +272,14 @@ impl TestAgent {
             .open(&self.log_path)
             .with_context(|| format!("opening {}", self.log_path.display()))?;
         let log_err = log.try_clone().context("duplicating the log file handle")?;
-        let child = Command::new(&self.ferryd_bin)
+        let mut cmd = Command::new(&self.ferryd_bin);
+        match &self.failpoints {
+            Some(fp) => cmd.env("FAILPOINTS", fp),
+            None => cmd.env_remove("FAILPOINTS"),
+        };
+        // A release file left from a previous hang would release the next one at once.
+        let _ = std::fs::remove_file(self.state_dir.join("FAILPOINT-RELEASE"));
+        let child = cmd
             .arg("--config")
             .arg(&self.config_path)
             .stdin(Stdio::null())
@@ -308,12 +318,7 @@ impl TestAgent {
                 Err(_) => "ListVms timed out".to_string(),
             };
             if Instant::now() >= deadline {
-                bail!(
-                    "ferryd {} did not answer gRPC at {} within {timeout:?} (last error: {last_err}); log tail:\n{}",
-                    self.name,
-                    self.grpc_addr,
-                    self.log_tail()
-                );
+                bail!("ferryd {} did not answer gRPC at {} within {timeout:?} (last error: {last_err}); log tail:\n{}", self.name, self.grpc_addr, self.log_tail());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -371,6 +376,78 @@ impl TestAgent {
     pub async fn restart(&mut self) -> Result<()> {
         self.kill()?;
         self.spawn_and_wait().await
+    }
+
+    /// Arms `FAILPOINTS` (e.g. `src.commit.sent=return(exit)`) from the next (re)start
+    /// on; `None` disarms. Needs a `ferryd` built with the `failpoints` feature.
+    pub fn set_failpoints(&mut self, spec: Option<&str>) {
+        self.failpoints = spec.map(str::to_string);
+    }
+
+    /// Releases a failpoint that hangs (`return(hang)`).
+    pub fn release_failpoint(&self) -> Result<()> {
+        std::fs::write(self.state_dir.join("FAILPOINT-RELEASE"), b"")
+            .with_context(|| format!("releasing the failpoint of {}", self.name))
+    }
+
+    /// Waits until the log says failpoint `name` fired, or the agent exited (an `exit`
+    /// failpoint kills it). Returns whether it fired.
+    pub async fn wait_failpoint(&mut self, name: &str, timeout: Duration) -> bool {
+        let needle = format!("failpoint {name} hit");
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let log = std::fs::read(&self.log_path)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
+            if log.contains(&needle) {
+                return true;
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return log.contains(&needle);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// What the QEMU of `vm` on this agent's host says about itself, asked on its
+    /// observer QMP socket (`qmp-observe.sock`, which the agent never holds): the test's
+    /// own look at the QEMU, not the agent's report.
+    pub async fn observe_qemu(&self, vm: &str) -> QemuObserved {
+        let sock = self.state_dir.join("run").join(vm).join("qmp-observe.sock");
+        if !sock.exists() {
+            return QemuObserved::NoQemu;
+        }
+        let ask = async {
+            let qmp = ferry_qmp::QmpClient::connect(&sock).await.ok()?;
+            qmp.query_status().await.ok()
+        };
+        match tokio::time::timeout(Duration::from_secs(5), ask).await {
+            Ok(Some(st)) if st.running => QemuObserved::Running,
+            Ok(Some(st)) => QemuObserved::Stopped(st.status),
+            // A socket nobody listens on: the QEMU is gone.
+            _ => QemuObserved::NoQemu,
+        }
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGSTOP` to freeze it: a peer that stops answering,
+    /// network and all; `libc::SIGCONT` to thaw it) to the running `ferryd`.
+    pub fn signal(&self, signal: libc::c_int) {
+        if let Some(pid) = self.pid().and_then(|p| libc::pid_t::try_from(p).ok()) {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe {
+                libc::kill(pid, signal);
+            }
+        }
+    }
+
+    /// Whether the `ferryd` process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// The last 60 lines of `ferryd.log`.
@@ -457,6 +534,17 @@ impl TestAgent {
         }
         let _ = std::fs::remove_dir_all(&self.shm_root);
     }
+}
+
+/// A QEMU as it answers on its observer QMP socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QemuObserved {
+    /// vCPUs running: the guest runs here.
+    Running,
+    /// Alive, guest not running; QEMU's run state (`paused`, `postmigrate`, `inmigrate`...).
+    Stopped(String),
+    /// No QEMU answers for this VM here.
+    NoQemu,
 }
 
 /// Whether `pid` exists and is not a zombie (a killed QEMU whose parent agent is gone stays

@@ -15,7 +15,9 @@ pub mod agent;
 pub mod console;
 pub mod guest;
 
-pub use agent::{connect_control, watch_to_end, TestAgent, TestPki, AGENT_START_TIMEOUT};
+pub use agent::{
+    connect_control, watch_to_end, QemuObserved, TestAgent, TestPki, AGENT_START_TIMEOUT,
+};
 pub use console::{
     parse_check, parse_digest, parse_heartbeat, parse_pong, parse_ready, reply_prefix_for,
     wait_for_log_line, CheckResult, GuestConsole, Ready,

@@ -1299,15 +1299,13 @@ async fn source_qemu(proc: Option<&Arc<QemuProcess>>) -> SourceQemu {
 /// `IncomingStatus` from the target, as a [`TargetAnswer`] (an error is `Unreachable`:
 /// the target fails closed).
 async fn ask_target(ctx: &AgentCtx, target: &str, id: &str) -> TargetAnswer {
-    let deadline = Duration::from_secs(ctx.cfg.migration.peer_call_timeout_s.clamp(1, 30));
-    let Ok(chan) = crate::tls::connect_with_deadline(target, &ctx.identity, deadline).await else {
-        return TargetAnswer::Unreachable;
-    };
-    match FerryPeerClient::new(chan)
-        .incoming_status(pb::MigrationRef { id: id.to_string() })
-        .await
-    {
-        Ok(r) => match pb::IncomingState::try_from(r.into_inner().state) {
+    let reply = peer_call(ctx, target, |mut peer| async move {
+        peer.incoming_status(pb::MigrationRef { id: id.to_string() })
+            .await
+    })
+    .await;
+    match reply {
+        Some(Ok(r)) => match pb::IncomingState::try_from(r.state) {
             Ok(pb::IncomingState::Committed) => TargetAnswer::Owned,
             Ok(pb::IncomingState::Settling) => TargetAnswer::Settling,
             Ok(pb::IncomingState::Prepared) => TargetAnswer::Prepared,
@@ -1315,8 +1313,34 @@ async fn ask_target(ctx: &AgentCtx, target: &str, id: &str) -> TargetAnswer {
             Ok(pb::IncomingState::Unknown) => TargetAnswer::Unknown,
             _ => TargetAnswer::Unreachable,
         },
-        Err(_) => TargetAnswer::Unreachable,
+        _ => TargetAnswer::Unreachable,
     }
+}
+
+/// A peer gRPC call under one deadline (`peer_call_timeout_s`, at most 30 s) covering
+/// connect, TLS handshake and the call: a frozen peer accepts TCP connections (its kernel
+/// does) and then never answers. `None`: no answer in time.
+async fn peer_call<T, F, Fut>(
+    ctx: &AgentCtx,
+    target: &str,
+    call: F,
+) -> Option<Result<T, tonic::Status>>
+where
+    F: FnOnce(FerryPeerClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let deadline = Duration::from_secs(ctx.cfg.migration.peer_call_timeout_s.clamp(1, 30));
+    let attempt = async {
+        let chan = crate::tls::connect_with_deadline(target, &ctx.identity, deadline)
+            .await
+            .ok()?;
+        Some(
+            call(FerryPeerClient::new(chan))
+                .await
+                .map(tonic::Response::into_inner),
+        )
+    };
+    tokio::time::timeout(deadline, attempt).await.ok().flatten()
 }
 
 /// Asks the target until the outcome is known, per [`source_recovery`]; meanwhile the
@@ -1329,6 +1353,12 @@ pub async fn settle(
     proc: Option<&Arc<QemuProcess>>,
 ) -> SourceAction {
     let mut in_doubt = false;
+    if h.meta().mark == SourceMark::CommitSent {
+        // The outcome is the target's and unknown here until it answers: say so at once.
+        let msg =
+            format!("commit sent; asking {target} for the outcome (the VM stays paused here)");
+        ctx.outgoing.set_phase(h, pb::MigrationPhase::InDoubt, msg);
+    }
     let mut pause = Duration::from_millis(250);
     loop {
         let _ = crate::failpoint::hit("src.settle.ask", &ctx.cfg.state_dir).await;
@@ -1342,18 +1372,14 @@ pub async fn settle(
             None => return SourceAction::RollBack(Resume::AlreadyRunning),
             Some(a @ (SourceAction::Finish | SourceAction::RollBack(_))) => return a,
             Some(SourceAction::AbortTargetThenRollBack) => {
-                let deadline =
-                    Duration::from_secs(ctx.cfg.migration.peer_call_timeout_s.clamp(1, 30));
-                if let Ok(chan) =
-                    crate::tls::connect_with_deadline(target, &ctx.identity, deadline).await
-                {
-                    let req = pb::AbortRequest {
-                        migration_id: h.id.clone(),
-                        reason: "the source is settling a commit it could not confirm".into(),
-                    };
-                    if let Err(e) = FerryPeerClient::new(chan).abort(req).await {
-                        info!(migration = %h.id, "target refused to abort: {}", e.message());
-                    }
+                let req = pb::AbortRequest {
+                    migration_id: h.id.clone(),
+                    reason: "the source is settling a commit it could not confirm".into(),
+                };
+                let reply =
+                    peer_call(ctx, target, |mut peer| async move { peer.abort(req).await }).await;
+                if let Some(Err(e)) = reply {
+                    info!(migration = %h.id, "target refused to abort: {}", e.message());
                 }
                 continue;
             }
