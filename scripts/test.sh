@@ -3,8 +3,10 @@
 # missing, builds the test guest, then runs every crate's tests (the integration tests
 # start real ferryd agents and real QEMU guests under TCG).
 #
-#   scripts/test.sh            default suite (about 10-15 minutes on 2 cores)
-#   FERRY_LONG=1 scripts/test.sh   also the long soak and fault suites (when present)
+#   scripts/test.sh            default suite (about 15-20 minutes on 2 cores)
+#   FERRY_LONG=1 scripts/test.sh   also the long suites: the handoff simulation with
+#                                  10,000 seeded schedules and the whole failpoint x fault
+#                                  matrix on real QEMU (writes target/fault-matrix.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +18,13 @@ if ! have_deps; then
 fi
 bash scripts/build-guest.sh
 
-cargo build --workspace --all-targets
+# ferryd is built with its failpoints compiled in (inert unless FAILPOINTS is set): the
+# fault tests arm them per agent process.
+FEATURES=(--features ferry-agent/failpoints)
+if [ "${FERRY_LONG:-0}" = 1 ]; then
+  export FERRY_SIM_SCHEDULES=${FERRY_SIM_SCHEDULES:-10000}
+fi
+cargo build --workspace --all-targets "${FEATURES[@]}"
 # Integration tests inside one binary serialise themselves (they share two cores);
 # binaries run one after another.
-cargo test --workspace --no-fail-fast
+cargo test --workspace --no-fail-fast "${FEATURES[@]}"

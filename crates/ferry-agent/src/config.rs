@@ -96,6 +96,10 @@ pub struct MigrationDefaults {
     pub mirror_ready_timeout_s: u64,
     /// Settled migration records the journal keeps (history); older ones are pruned.
     pub journal_history: usize,
+    /// Live migrations this host runs as the source at once; more are refused.
+    pub max_outgoing: usize,
+    /// Live migrations this host receives at once; more Prepares are refused.
+    pub max_incoming: usize,
 }
 
 impl Default for MigrationDefaults {
@@ -115,6 +119,9 @@ impl Default for MigrationDefaults {
             commit_timeout_s: 30,
             mirror_ready_timeout_s: 3600,
             journal_history: 500,
+            // KubeVirt's defaults: two per node each way.
+            max_outgoing: 2,
+            max_incoming: 2,
         }
     }
 }
@@ -156,6 +163,10 @@ impl AgentConfig {
             "migration.page_streams must be 1..=16"
         );
         anyhow::ensure!(m.max_rounds >= 1, "migration.max_rounds must be at least 1");
+        anyhow::ensure!(
+            m.max_outgoing >= 1 && m.max_incoming >= 1,
+            "migration.max_outgoing and max_incoming must be at least 1"
+        );
         Ok(())
     }
 

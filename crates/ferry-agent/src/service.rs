@@ -149,6 +149,13 @@ impl FerryControl for ControlService {
             leave_paused: r.leave_paused,
             storage: r.storage.parse().map_err(Status::invalid_argument)?,
         };
+        let limit = self.ctx.cfg.migration.max_outgoing;
+        if self.ctx.outgoing.in_flight() >= limit {
+            return Err(Status::resource_exhausted(format!(
+                "host {} already runs {limit} outgoing migration(s) (migration.max_outgoing = {limit}): wait for one to end, or raise the limit",
+                self.ctx.cfg.host_name
+            )));
+        }
         // Marks the VM as migrating, or says why it cannot (unknown, stopped, busy).
         let (spec, proc, was_running) = self.ctx.vms.begin_outgoing(&r.vm, &params.id).await?;
         let status = pb::MigrationStatus {
@@ -277,6 +284,13 @@ impl FerryControl for ControlService {
                 .map_err(|e| Status::invalid_argument(format!("compress: {e}")))?
         };
         let (spec, proc) = self.ctx.vms.spec_and_process(&r.vm).await?;
+        // Its probes would re-arm and then release the userfaultfd the migration uses.
+        if let Some(m) = self.ctx.vms.migration_of(&r.vm).await {
+            return Err(Status::failed_precondition(format!(
+                "VM '{}' is migrating ({m}): preflight it once the migration has ended",
+                r.vm
+            )));
+        }
         let downtime = if r.downtime_ms == 0 {
             self.ctx.cfg.migration.downtime_ms
         } else {

@@ -309,6 +309,15 @@ impl VmManager {
         Ok(self.info(e))
     }
 
+    /// The migration a VM takes part in right now, if any.
+    pub async fn migration_of(&self, name: &str) -> Option<String> {
+        self.vms
+            .lock()
+            .await
+            .get(name)
+            .and_then(|e| e.migration.clone())
+    }
+
     /// A VM's spec and, if it runs, its QEMU.
     pub async fn spec_and_process(
         &self,

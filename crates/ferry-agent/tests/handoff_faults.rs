@@ -676,3 +676,79 @@ async fn fault_matrix() {
         failed.join("\n\n")
     );
 }
+
+/// The per-host limit of outgoing migrations, and a migrating VM refusing preflight,
+/// stop and undefine, each with a clear message; the migration then completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_limit_and_a_busy_vm_refuse_clearly() {
+    let _s = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = TestPki::new(&dir.path().join("pki"), &["a", "b"]).expect("pki");
+    let extra = format!("{FAST_DEADLINES}max_outgoing = 1\n");
+    let mut a = TestAgent::start_with_config(&ferryd(), "a", &pki, dir.path(), "tcg", &extra)
+        .await
+        .expect("agent a");
+    let b = TestAgent::start_with_config(&ferryd(), "b", &pki, dir.path(), "tcg", FAST_DEADLINES)
+        .await
+        .expect("agent b");
+    a.set_failpoints(Some("src.prepare.done=return(hang)"));
+    a.restart().await.expect("restart a armed");
+    boot(&a).await;
+    let mut ca = a.client().await.expect("client a");
+    let req = pb::StartMigrationRequest {
+        vm: VM.into(),
+        target: b.grpc_addr(),
+        ..Default::default()
+    };
+    let id = ca
+        .start_migration(req.clone())
+        .await
+        .expect("start")
+        .into_inner()
+        .id;
+    assert!(
+        a.wait_failpoint("src.prepare.done", Duration::from_secs(120))
+            .await
+    );
+    let err = ca
+        .start_migration(req)
+        .await
+        .expect_err("second migration over the limit");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("max_outgoing = 1"), "{err:?}");
+    let pre = pb::PreflightRequest {
+        vm: VM.into(),
+        target: b.grpc_addr(),
+        ..Default::default()
+    };
+    let err = ca
+        .preflight(pre)
+        .await
+        .expect_err("preflight of a migrating VM");
+    assert!(err.message().contains("is migrating"), "{err:?}");
+    let err = ca
+        .stop_vm(pb::StopVmRequest {
+            name: VM.into(),
+            force: true,
+        })
+        .await
+        .expect_err("stop of a migrating VM");
+    assert!(err.message().contains("migrating"), "{err:?}");
+    let err = ca
+        .undefine_vm(pb::VmRef { name: VM.into() })
+        .await
+        .expect_err("undefine of a migrating VM");
+    assert!(err.message().contains("migrating"), "{err:?}");
+    a.release_failpoint().expect("release");
+    let end = wait_settled(&a, &id, Duration::from_secs(120))
+        .await
+        .expect("settled");
+    assert_eq!(
+        end.phase,
+        pb::MigrationPhase::Completed as i32,
+        "{end:?}\n{}",
+        a.log_tail()
+    );
+    assert_eq!(b.observe_qemu(VM).await, QemuObserved::Running);
+    assert_eq!(a.observe_qemu(VM).await, QemuObserved::NoQemu);
+}

@@ -654,6 +654,7 @@ mod tests {
             metrics_addr: "127.0.0.1:1".into(),
             identity: pki.identity("a").expect("identity"),
             child: Some(fake_agent),
+            failpoints: None,
         };
         // A just-spawned process can take a moment to show its new command line under
         // load (seen once on a busy CI run): look again for up to 2 s.

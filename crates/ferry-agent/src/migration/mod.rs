@@ -189,6 +189,11 @@ impl Outgoing {
         self.journal.apply(&ops)
     }
 
+    /// Live migrations in flight (registered, not yet ended), live and cold.
+    pub fn in_flight(&self) -> usize {
+        self.live.lock().map(|l| l.len()).unwrap_or(0)
+    }
+
     /// Forgets a live handle (its record stays in the journal as history).
     pub fn release(&self, id: &str) {
         if let Ok(mut live) = self.live.lock() {

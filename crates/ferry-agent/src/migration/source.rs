@@ -97,6 +97,9 @@ struct Undo {
     mirrors: Vec<String>,
     /// The unix socket the source QEMU's NBD clients connect to.
     nbd_relay_path: Option<PathBuf>,
+    /// The task accepting the source QEMU's NBD connections (it would outlive the
+    /// migration, holding its socket, if not stopped).
+    nbd_listener: Option<tokio::task::JoinHandle<()>>,
     /// The control stream's receive side, for the commit exchange.
     control_rx: Option<mpsc::Receiver<Result<ControlMessage, String>>>,
 }
@@ -909,7 +912,7 @@ impl Migration {
             counters.clone(),
             self.p.id.clone(),
         );
-        tokio::spawn(async move {
+        let listener_task = tokio::spawn(async move {
             while let Ok((unix, _)) = listener.accept().await {
                 let (conn, c, id) = (conn2.clone(), c2.clone(), id.clone());
                 tokio::spawn(async move {
@@ -926,6 +929,7 @@ impl Migration {
                 });
             }
         });
+        undo.nbd_listener = Some(listener_task);
         // QEMU before 8.2 cannot switch a running mirror to write-blocking: use it from the start.
         let v = self.qmp().version();
         let can_switch = (v.major, v.minor) >= (8, 2);
@@ -1154,6 +1158,9 @@ impl Migration {
         if let Some(t) = undo.throttle.take() {
             t.release();
         }
+        if let Some(t) = undo.nbd_listener.take() {
+            t.abort();
+        }
         for p in [undo.relay_path.take(), undo.nbd_relay_path.take()]
             .into_iter()
             .flatten()
@@ -1247,6 +1254,9 @@ impl Migration {
             if let Err(err) = self.qmp().blockdev_del(&node).await {
                 warn!(migration = %self.p.id, "blockdev-del {node}: {err}");
             }
+        }
+        if let Some(t) = undo.nbd_listener.take() {
+            t.abort();
         }
         if let Some(p) = undo.nbd_relay_path.take() {
             let _ = std::fs::remove_file(p);

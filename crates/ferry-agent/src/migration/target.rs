@@ -170,6 +170,14 @@ impl IncomingRegistry {
                 .as_ref()
                 .ok_or_else(|| Status::invalid_argument("spec is missing"))?,
         )?;
+        let limit = self.cfg.migration.max_incoming;
+        let in_flight = self.map.lock().map(|m| m.len()).unwrap_or(0);
+        if in_flight >= limit {
+            return Err(Status::resource_exhausted(format!(
+                "host {} already receives {limit} migration(s) (migration.max_incoming = {limit}): try again when one has ended",
+                self.host()
+            )));
+        }
         if self.get(&req.migration_id).is_some() {
             return Err(Status::already_exists(format!(
                 "migration {} is already prepared on {}",
