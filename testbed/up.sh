@@ -153,6 +153,11 @@ if [ -n "$FERRYD" ]; then
     # Every testbed starts empty: a journal left by an earlier one would bring back its VMs.
     rm -rf "${DIR:?}/$h/state" "${RAM_ROOT:?}/$h"
     mkdir -p "$DIR/$h/state" "$RAM_ROOT/$h"
+    # FERRY_TB_QEMU_H<i>: this host's QEMU binary (e.g. 7.2 from scripts/install-qemu72.sh
+    # beside the installed 10.0, to test rolling upgrades); default: the installed one.
+    qvar=FERRY_TB_QEMU_H$i
+    qemu=${!qvar:-qemu-system-x86_64}
+    # FERRY_TB_MIGRATION_EXTRA: more [migration] lines for every host (e.g. limits).
     cat >"$DIR/$h/ferryd.toml" <<TOML
 # Written by testbed/up.sh for host $h (namespace $(ns "$i")).
 host_name = "$h"
@@ -162,6 +167,7 @@ ram_dir = "$RAM_ROOT/$h"
 state_dir = "$DIR/$h/state"
 accel = "tcg"            # /dev/kvm here cannot boot a guest; production uses kvm
 storage_roots = ["$DIR/$h/images"]
+qemu_binary = "$qemu"
 [tls]
 ca = "$DIR/pki/ca.pem"
 cert = "$DIR/pki/$h.pem"
@@ -169,6 +175,7 @@ key = "$DIR/pki/$h.key"
 [migration]
 retain_source_ram = $RETAIN
 congestion = "${FERRY_TB_CONGESTION:-bbr}"
+${FERRY_TB_MIGRATION_EXTRA:-}
 TOML
     # `ip netns exec` execs ferryd in place, so $! is ferryd's pid.
     setsid ip netns exec "$(ns "$i")" "$FERRYD" --config "$DIR/$h/ferryd.toml" \

@@ -84,8 +84,14 @@ async fn pair(fp_a: Option<&str>, fp_b: Option<&str>) -> Pair {
 }
 
 async fn boot(agent: &TestAgent) -> pb::VmInfo {
+    boot_with_disk(agent, false).await
+}
+
+/// Boots the guest; with `disk`, it also writes (and later verifies) a 64 MiB qcow2 disk
+/// in the agent's own storage root, which travels in a migration (no shared storage).
+async fn boot_with_disk(agent: &TestAgent, disk: bool) -> pb::VmInfo {
     let g = guest_artifacts().expect("guest artifacts: run scripts/build-guest.sh");
-    let spec = pb::VmSpec {
+    let mut spec = pb::VmSpec {
         name: VM.into(),
         vcpus: 1,
         memory_mib: 256,
@@ -94,6 +100,21 @@ async fn boot(agent: &TestAgent) -> pb::VmInfo {
         cmdline: workload_cmdline(96, 5.0, "realistic", 11),
         ..Default::default()
     };
+    if disk {
+        let path = agent.storage_dir().join("fault01.qcow2");
+        ferry_disk::image::create(&path, ferry_disk::ImageFormat::Qcow2, 64 << 20, None)
+            .expect("qemu-img create");
+        spec.cmdline = format!(
+            "{} ferry.disk=/dev/vda ferry.disk_mib=16 ferry.disk_wps=100",
+            spec.cmdline
+        );
+        spec.disks = vec![pb::DiskSpec {
+            id: "disk0".into(),
+            path: path.display().to_string(),
+            format: "qcow2".into(),
+            read_only: false,
+        }];
+    }
     let mut c = agent.client().await.expect("client");
     c.define_vm(pb::DefineVmRequest { spec: Some(spec) })
         .await
@@ -231,6 +252,55 @@ fn crash_allowed(point: &str, fault: Fault) -> bool {
     }
 }
 
+/// Points a plain migration does not pass: what makes the migration reach them, as
+/// (agent "a" or "b", failpoint spec) armed beside the fault.
+fn trigger_for(point: &str) -> Option<(&'static str, &'static str)> {
+    match point {
+        // A rollback, and the target's discard: an error injected into pre-copy.
+        "src.rollback.start" | "tgt.abort.discarded" => {
+            Some(("a", "src.precopy.round=1*return(error)"))
+        }
+        // Settling: the target's commit path fails, the source asks what happened.
+        "src.settle.ask" => Some(("b", "tgt.commit.asked=1*return(error)")),
+        _ => None,
+    }
+}
+
+/// Waits (up to 120 s) until failpoint `point` fires, or the migration ends without
+/// passing it.
+async fn wait_point(p: &mut Pair, point: &str, id: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let agent = if point.starts_with("src.") {
+            &mut p.a
+        } else {
+            &mut p.b
+        };
+        if agent
+            .wait_failpoint(point, Duration::from_millis(500))
+            .await
+        {
+            return true;
+        }
+        if p.a.running() {
+            if let Some(s) = migration(&p.a, id).await {
+                if settled(s.phase) {
+                    // One more look: the point may have fired just before the end.
+                    let agent = if point.starts_with("src.") {
+                        &mut p.a
+                    } else {
+                        &mut p.b
+                    };
+                    return agent
+                        .wait_failpoint(point, Duration::from_millis(200))
+                        .await;
+                }
+            }
+        }
+    }
+    false
+}
+
 /// The result of one cell of the matrix.
 struct Cell {
     point: &'static str,
@@ -238,6 +308,8 @@ struct Cell {
     reached: bool,
     owner: &'static str,
     outcome: String,
+    /// The fault killed the only running copy (allowed; see `crash_allowed`).
+    crashed: bool,
     verdict: Result<(), String>,
     secs: f64,
 }
@@ -255,13 +327,20 @@ async fn run_cell(point: &'static str, fault: Fault, skip_verify: bool) -> Cell 
     );
     let action = if self_kill { "exit" } else { "hang" };
     let spec = format!("{point}=return({action})");
-    let (fa, fb) = if on_source {
-        (Some(spec.as_str()), None)
+    let (mut fa, mut fb) = if on_source {
+        (Some(spec.clone()), None)
     } else {
-        (None, Some(spec.as_str()))
+        (None, Some(spec.clone()))
     };
-    let mut p = pair(fa, fb).await;
-    let _info = boot(&p.a).await;
+    if let Some((who, trig)) = trigger_for(point) {
+        let slot = if who == "a" { &mut fa } else { &mut fb };
+        *slot = Some(match slot.take() {
+            Some(s) => format!("{s};{trig}"),
+            None => trig.to_string(),
+        });
+    }
+    let mut p = pair(fa.as_deref(), fb.as_deref()).await;
+    let _info = boot_with_disk(&p.a, point == "src.disks.ready").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut ca = p.a.client().await.expect("client a");
     let req = pb::StartMigrationRequest {
@@ -277,11 +356,7 @@ async fn run_cell(point: &'static str, fault: Fault, skip_verify: bool) -> Cell 
         .expect("start migration")
         .into_inner()
         .id;
-    let reached = if on_source {
-        p.a.wait_failpoint(point, Duration::from_secs(120)).await
-    } else {
-        p.b.wait_failpoint(point, Duration::from_secs(120)).await
-    };
+    let reached = wait_point(&mut p, point, &id).await;
     let mut violations = Vec::new();
     let mut check_never_two = |a: &QemuObserved, b: &QemuObserved, when: &str| {
         if *a == QemuObserved::Running && *b == QemuObserved::Running {
@@ -370,15 +445,16 @@ async fn run_cell(point: &'static str, fault: Fault, skip_verify: bool) -> Cell 
     if owner == "source" && outcome == "COMPLETED" {
         violations.push("the source owns the VM but reports COMPLETED".into());
     }
+    let mut crashed = false;
     match owner_q {
         QemuObserved::Running => {
             if let Err(e) = guest_memory_ok(owner_agent).await {
                 violations.push(format!("guest memory check on the {owner}: {e}"));
             }
         }
-        other if crash_allowed(point, fault) => {
-            let _ = other;
-        }
+        // The fault killed the one QEMU running the guest: the VM crashed (its owner
+        // shows it crashed, to be started again); the handoff did not lose it.
+        _ if crash_allowed(point, fault) => crashed = true,
         other => violations.push(format!(
             "the {owner}'s QEMU does not run the guest: {other:?}"
         )),
@@ -390,6 +466,13 @@ async fn run_cell(point: &'static str, fault: Fault, skip_verify: bool) -> Cell 
             "a QEMU is left on the other host: {other_q:?} {:?}",
             other_agent.qemu_pids()
         ));
+    }
+    if owner == "source" {
+        // A disk copy the target made (empty or half mirrored) must be gone.
+        let images = files_in(p.b.storage_dir());
+        if !images.is_empty() {
+            violations.push(format!("disk images left on the target: {images:?}"));
+        }
     }
     let ram_left: Vec<String> = files_in(other_agent.ram_dir());
     if !ram_left.is_empty() {
@@ -419,6 +502,7 @@ async fn run_cell(point: &'static str, fault: Fault, skip_verify: bool) -> Cell 
         reached,
         owner,
         outcome,
+        crashed,
         verdict,
         secs: t0.elapsed().as_secs_f64(),
     }
@@ -647,6 +731,9 @@ async fn fault_matrix() {
         for fault in FAULTS {
             let c = run_cell(point, fault, false).await;
             let verdict = match (&c.verdict, c.reached) {
+                (Ok(()), true) if c.crashed => {
+                    "one owner; the fault killed its only running QEMU (VM crashed there, not lost by the handoff); nothing left over".to_string()
+                }
                 (Ok(()), true) => "one owner, memory verified, nothing left over".to_string(),
                 (Ok(()), false) => {
                     "point not reached in this migration; migration still clean".to_string()

@@ -6,7 +6,9 @@
 //! check runs every 50 moves and at the end.
 
 use ferry_api::v1 as pb;
-use ferry_testkit::{guest_artifacts, parse_check, workload_cmdline, GuestConsole, TestAgent, TestPki};
+use ferry_testkit::{
+    guest_artifacts, parse_check, workload_cmdline, GuestConsole, TestAgent, TestPki,
+};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -26,7 +28,9 @@ struct Usage {
 
 fn usage(agent: &TestAgent) -> Usage {
     let pid = agent.pid().expect("agent runs");
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count() as i64).unwrap_or(-1);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count() as i64)
+        .unwrap_or(-1);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status
@@ -36,21 +40,41 @@ fn usage(agent: &TestAgent) -> Usage {
             .and_then(|v| v.parse().ok())
             .unwrap_or(-1)
     };
-    Usage { fds, threads: field("Threads:"), rss_kib: field("VmRSS:") }
+    Usage {
+        fds,
+        threads: field("Threads:"),
+        rss_kib: field("VmRSS:"),
+    }
 }
 
 async fn check_guest(agent: &TestAgent) {
     let sock = agent.state_dir().join("run").join(VM).join("console.sock");
-    let mut con = GuestConsole::connect(&sock, Duration::from_secs(10)).await.expect("console");
-    let line = con.command("check", "FERRY-CHECK", Duration::from_secs(120)).await.expect("check");
-    assert!(parse_check(&line).expect("parse").ok, "guest memory check failed on {}: {line}", agent.name());
+    let mut con = GuestConsole::connect(&sock, Duration::from_secs(10))
+        .await
+        .expect("console");
+    let line = con
+        .command("check", "FERRY-CHECK", Duration::from_secs(120))
+        .await
+        .expect("check");
+    assert!(
+        parse_check(&line).expect("parse").ok,
+        "guest memory check failed on {}: {line}",
+        agent.name()
+    );
 }
 
 async fn migrate(from: &TestAgent, to: &TestAgent) -> pb::MigrationStatus {
     let mut c = from.client().await.expect("client");
-    let req = pb::StartMigrationRequest { vm: VM.into(), target: to.grpc_addr(), compress: "lz4".into(), ..Default::default() };
+    let req = pb::StartMigrationRequest {
+        vm: VM.into(),
+        target: to.grpc_addr(),
+        compress: "lz4".into(),
+        ..Default::default()
+    };
     let id = c.start_migration(req).await.expect("start").into_inner().id;
-    ferry_testkit::watch_to_end(&mut c, &id).await.expect("watch")
+    ferry_testkit::watch_to_end(&mut c, &id)
+        .await
+        .expect("watch")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,13 +83,20 @@ async fn soak_back_and_forth() {
         eprintln!("soak: long suite only (FERRY_LONG=1)");
         return;
     }
-    let n: usize = std::env::var("FERRY_SOAK_MIGRATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let n: usize = std::env::var("FERRY_SOAK_MIGRATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = TestPki::new(&dir.path().join("pki"), &["a", "b"]).expect("pki");
     let extra = format!("journal_history = {HISTORY}\n");
     let ferryd = PathBuf::from(env!("CARGO_BIN_EXE_ferryd"));
-    let a = TestAgent::start_with_config(&ferryd, "a", &pki, dir.path(), "tcg", &extra).await.expect("agent a");
-    let b = TestAgent::start_with_config(&ferryd, "b", &pki, dir.path(), "tcg", &extra).await.expect("agent b");
+    let a = TestAgent::start_with_config(&ferryd, "a", &pki, dir.path(), "tcg", &extra)
+        .await
+        .expect("agent a");
+    let b = TestAgent::start_with_config(&ferryd, "b", &pki, dir.path(), "tcg", &extra)
+        .await
+        .expect("agent b");
     let g = guest_artifacts().expect("guest artifacts");
     let spec = pb::VmSpec {
         name: VM.into(),
@@ -77,9 +108,21 @@ async fn soak_back_and_forth() {
         ..Default::default()
     };
     let mut ca = a.client().await.expect("client");
-    ca.define_vm(pb::DefineVmRequest { spec: Some(spec) }).await.expect("define");
-    let info = ca.start_vm(pb::VmRef { name: VM.into() }).await.expect("start").into_inner();
-    ferry_testkit::wait_for_log_line(Path::new(&info.console_log), "FERRY-READY", Duration::from_secs(120)).await.expect("ready");
+    ca.define_vm(pb::DefineVmRequest { spec: Some(spec) })
+        .await
+        .expect("define");
+    let info = ca
+        .start_vm(pb::VmRef { name: VM.into() })
+        .await
+        .expect("start")
+        .into_inner();
+    ferry_testkit::wait_for_log_line(
+        Path::new(&info.console_log),
+        "FERRY-READY",
+        Duration::from_secs(120),
+    )
+    .await
+    .expect("ready");
     let agents = [&a, &b];
     let t0 = Instant::now();
     let mut base = None;
@@ -87,7 +130,14 @@ async fn soak_back_and_forth() {
     for i in 0..n {
         let (from, to) = (agents[i % 2], agents[(i + 1) % 2]);
         let end = migrate(from, to).await;
-        assert_eq!(end.phase, pb::MigrationPhase::Completed as i32, "migration {i} {} -> {}: {end:?}\n{}", from.name(), to.name(), from.log_tail());
+        assert_eq!(
+            end.phase,
+            pb::MigrationPhase::Completed as i32,
+            "migration {i} {} -> {}: {end:?}\n{}",
+            from.name(),
+            to.name(),
+            from.log_tail()
+        );
         downtimes.push(end.stats.as_ref().map(|s| s.downtime_ms).unwrap_or(0));
         if i == 3 {
             // After a warm-up (allocator pools, connection caches, lazily started tasks).
@@ -95,7 +145,13 @@ async fn soak_back_and_forth() {
         }
         if (i + 1) % 50 == 0 {
             check_guest(to).await;
-            eprintln!("{} migrations in {:.0} s: a {:?}, b {:?}", i + 1, t0.elapsed().as_secs_f64(), usage(&a), usage(&b));
+            eprintln!(
+                "{} migrations in {:.0} s: a {:?}, b {:?}",
+                i + 1,
+                t0.elapsed().as_secs_f64(),
+                usage(&a),
+                usage(&b)
+            );
         }
     }
     check_guest(agents[n % 2]).await;
@@ -111,13 +167,32 @@ async fn soak_back_and_forth() {
         downtimes[downtimes.len() * 95 / 100]
     );
     for (name, b0, e) in [("a", base_a, end_a), ("b", base_b, end_b)] {
-        assert!(e.fds - b0.fds <= FD_SLACK, "agent {name} leaked file descriptors: {b0:?} -> {e:?}");
-        assert!(e.threads - b0.threads <= THREAD_SLACK, "agent {name} leaked threads: {b0:?} -> {e:?}");
-        assert!(e.rss_kib - b0.rss_kib <= RSS_SLACK_KIB, "agent {name} RSS grew beyond {RSS_SLACK_KIB} KiB: {b0:?} -> {e:?}");
+        assert!(
+            e.fds - b0.fds <= FD_SLACK,
+            "agent {name} leaked file descriptors: {b0:?} -> {e:?}"
+        );
+        assert!(
+            e.threads - b0.threads <= THREAD_SLACK,
+            "agent {name} leaked threads: {b0:?} -> {e:?}"
+        );
+        assert!(
+            e.rss_kib - b0.rss_kib <= RSS_SLACK_KIB,
+            "agent {name} RSS grew beyond {RSS_SLACK_KIB} KiB: {b0:?} -> {e:?}"
+        );
     }
     for agent in agents {
         let mut c = agent.client().await.expect("client");
-        let kept = c.list_migrations(pb::ListMigrationsRequest {}).await.expect("list").into_inner().migrations.len();
-        assert!(kept <= HISTORY, "agent {} keeps {kept} migrations of history (journal_history = {HISTORY})", agent.name());
+        let kept = c
+            .list_migrations(pb::ListMigrationsRequest {})
+            .await
+            .expect("list")
+            .into_inner()
+            .migrations
+            .len();
+        assert!(
+            kept <= HISTORY,
+            "agent {} keeps {kept} migrations of history (journal_history = {HISTORY})",
+            agent.name()
+        );
     }
 }

@@ -96,6 +96,12 @@ fn tail(path: &Path, lines: usize) -> String {
 impl Testbed {
     /// Runs `testbed/up.sh --hosts 2 --profile wan` with ferryd in both hosts (blocking).
     fn up() -> Testbed {
+        Self::up_with(2, "wan", &[])
+    }
+
+    /// `testbed/up.sh --hosts N --profile P` with ferryd in every host and `env` for
+    /// up.sh (e.g. `FERRY_TB_QEMU_H3`), blocking.
+    fn up_with(hosts: u32, profile: &str, env: &[(&str, String)]) -> Testbed {
         let root = repo_root().expect("repository root");
         let (ferryd, ferryctl, linkem) = binaries();
         let prefix = format!("ft{}", std::process::id());
@@ -115,7 +121,8 @@ impl Testbed {
         };
         let out = Command::new("bash")
             .arg(tb.root.join("testbed/up.sh"))
-            .args(["--hosts", "2", "--profile", "wan"])
+            .args(["--hosts", &hosts.to_string(), "--profile", profile])
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .arg("--ferryd")
             .arg(&ferryd)
             .arg("--ferryctl")
@@ -216,7 +223,12 @@ impl Drop for Testbed {
     fn drop(&mut self) {
         let failing = std::thread::panicking();
         if failing {
-            for h in 1..=2 {
+            let hosts: u32 = self
+                .env
+                .get("FERRY_TB_HOSTS")
+                .and_then(|h| h.parse().ok())
+                .unwrap_or(2);
+            for h in 1..=hosts {
                 eprintln!(
                     "--- {} (tail)\n{}",
                     self.ferryd_log(h).display(),
@@ -557,6 +569,196 @@ async fn live_migration_across_emulated_wan() {
         "testbed: up {up_s:.1} s, down {:.1} s, test {:.1} s in all",
         t_down.elapsed().as_secs_f64(),
         t0.elapsed().as_secs_f64()
+    );
+}
+
+/// Drives one guest's move to `to` the way an orchestrator would: a refusal because a host
+/// is at its migration limit (RESOURCE_EXHAUSTED on the source, or the target's Prepare
+/// refused) is retried after a pause; anything else must complete. Returns the refusals.
+async fn move_guest(mut c: FerryControlClient<Channel>, vm: &'static str, to: String) -> u32 {
+    let mut refusals = 0;
+    for _ in 0..240 {
+        let req = pb::StartMigrationRequest {
+            vm: vm.into(),
+            target: to.clone(),
+            compress: "lz4".into(),
+            force: true,
+            ..Default::default()
+        };
+        let id = match c.start_migration(req).await {
+            Ok(r) => r.into_inner().id,
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                refusals += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(e) => panic!("starting the migration of {vm}: {e:?}"),
+        };
+        let end = watch_to_end(&mut c, &id).await;
+        if end.phase == pb::MigrationPhase::Completed as i32 {
+            return refusals;
+        }
+        assert!(
+            end.error.contains("max_incoming"),
+            "migration of {vm} to {to} failed: {end:?}"
+        );
+        refusals += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("{vm} never got a migration slot");
+}
+
+/// Runs inside h1's network namespace: 4 guests on 3 hosts (h3 runs QEMU 7.2), all moved
+/// at once under a limit of one outgoing and one incoming migration per host.
+async fn four_guests_three_hosts(grpc: [String; 3], pki_dir: PathBuf) -> (u32, String) {
+    let files = host_files(&pki_dir, "operator");
+    let id = Identity::load(&files.ca, &files.cert, &files.key).expect("operator identity");
+    let mut cs = Vec::new();
+    for a in &grpc {
+        cs.push(connect_control(a, &id).await.expect("connect"));
+    }
+    // h3 really runs 7.2: its agent's host facts, asked as a peer (h1's identity).
+    let h1 = host_files(&pki_dir, "h1");
+    let h1_id = Identity::load(&h1.ca, &h1.cert, &h1.key).expect("h1 identity");
+    let chan = ferry_agent::tls::connect(&grpc[2], &h1_id)
+        .await
+        .expect("peer channel to h3");
+    let facts = ferry_api::v1::ferry_peer_client::FerryPeerClient::new(chan)
+        .host_facts(pb::HostFactsRequest {})
+        .await
+        .expect("host facts")
+        .into_inner();
+    let g = guest_artifacts().expect("guest artifacts: run scripts/build-guest.sh");
+    let guests: [(&'static str, usize, usize); 4] =
+        [("g1", 0, 1), ("g2", 0, 2), ("g3", 1, 2), ("g4", 2, 0)];
+    let mut consoles = Vec::new();
+    for (i, (vm, from, _)) in guests.iter().enumerate() {
+        let spec = pb::VmSpec {
+            name: (*vm).into(),
+            vcpus: 1,
+            memory_mib: 160,
+            kernel: g.kernel.display().to_string(),
+            initrd: g.initrd.display().to_string(),
+            cmdline: workload_cmdline(32, 2.0, "realistic", 20 + i as u64),
+            ..Default::default()
+        };
+        let c = &mut cs[*from];
+        c.define_vm(pb::DefineVmRequest { spec: Some(spec) })
+            .await
+            .expect("define");
+        let info = c
+            .start_vm(pb::VmRef { name: (*vm).into() })
+            .await
+            .expect("start")
+            .into_inner();
+        consoles.push(info.console_log);
+    }
+    for log in &consoles {
+        wait_for_log_line(Path::new(log), "FERRY-READY", Duration::from_secs(180))
+            .await
+            .expect("guest ready");
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for (vm, from, to) in guests {
+        set.spawn(move_guest(cs[from].clone(), vm, grpc[to].clone()));
+    }
+    let mut refusals = 0;
+    while let Some(r) = set.join_next().await {
+        refusals += r.expect("mover");
+    }
+    for (vm, from, to) in guests {
+        let mut c = cs[to].clone();
+        let info = c
+            .get_vm(pb::VmRef { name: vm.into() })
+            .await
+            .unwrap_or_else(|e| panic!("{vm} on h{}: {e:?}", to + 1))
+            .into_inner();
+        assert_eq!(info.state, pb::VmState::Running as i32, "{vm}: {info:?}");
+        let line = console(&info)
+            .await
+            .command("check", "FERRY-CHECK", Duration::from_secs(120))
+            .await
+            .expect("check");
+        assert!(
+            parse_check(&line).expect("parse").ok,
+            "{vm} memory check on h{}: {line}",
+            to + 1
+        );
+        let gone = cs[from]
+            .get_vm(pb::VmRef { name: vm.into() })
+            .await
+            .expect_err("gone from the source");
+        assert_eq!(
+            gone.code(),
+            tonic::Code::NotFound,
+            "{vm} still on h{}",
+            from + 1
+        );
+    }
+    (refusals, facts.qemu_version)
+}
+
+/// Four guests move among three testbed hosts at once, with the per-host limit in force
+/// (one outgoing, one incoming); h3 runs Debian bookworm's QEMU 7.2 while h1 and h2 run
+/// 10.0, so moves 10.0 -> 7.2 and 7.2 -> 10.0 are part of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_guests_among_three_hosts_one_on_qemu_72() {
+    let _serial = SERIAL.lock().await;
+    let root = repo_root().expect("repository root");
+    let out = Command::new("bash")
+        .arg(root.join("scripts/install-qemu72.sh"))
+        .output()
+        .expect("install-qemu72.sh");
+    assert!(
+        out.status.success(),
+        "scripts/install-qemu72.sh: {}",
+        output_text(&out)
+    );
+    let qemu72 = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let env = [
+        ("FERRY_TB_QEMU_H3", qemu72),
+        (
+            "FERRY_TB_MIGRATION_EXTRA",
+            "max_outgoing = 1\nmax_incoming = 1".to_string(),
+        ),
+    ];
+    let t0 = Instant::now();
+    let mut tb = match tokio::task::spawn_blocking(move || Testbed::up_with(3, "lan", &env)).await {
+        Ok(tb) => tb,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    };
+    let grpc = [
+        tb.var("FERRY_TB_H1_GRPC"),
+        tb.var("FERRY_TB_H2_GRPC"),
+        tb.var("FERRY_TB_H3_GRPC"),
+    ];
+    let pki_dir = PathBuf::from(tb.var("FERRY_TB_PKI_DIR"));
+    let netns = tb.var("FERRY_TB_H1_NETNS");
+    let handle = in_netns(&netns, move || four_guests_three_hosts(grpc, pki_dir));
+    let (refusals, h3_qemu) = match tokio::task::spawn_blocking(move || handle.join())
+        .await
+        .expect("join")
+    {
+        Ok(o) => o,
+        Err(panic) => std::panic::resume_unwind(panic),
+    };
+    eprintln!("3 hosts, 4 guests moved at once in {:.0} s; {refusals} refusals at the limit; h3 runs QEMU {h3_qemu}", t0.elapsed().as_secs_f64());
+    assert!(
+        h3_qemu.starts_with("7.2"),
+        "h3 runs QEMU {h3_qemu}, not 7.2"
+    );
+    assert!(
+        refusals >= 1,
+        "two guests leave h1 at once under max_outgoing = 1: at least one refusal"
+    );
+    let out = tokio::task::spawn_blocking(move || tb.down())
+        .await
+        .expect("join")
+        .expect("down.sh ran");
+    assert!(
+        out.status.success(),
+        "testbed/down.sh failed: {}",
+        output_text(&out)
     );
 }
 
