@@ -72,6 +72,10 @@ pub struct MigrationRecord {
     /// Source side: the device-state capture kept beside the RAM file until settled.
     #[serde(default)]
     pub capture: Option<std::path::PathBuf>,
+    /// Target side: disk images this host created empty for the migration (removed if
+    /// it does not commit, also after a restart).
+    #[serde(default)]
+    pub copies: Vec<std::path::PathBuf>,
     /// Milliseconds since the epoch of the last write (history pruning).
     #[serde(default)]
     pub updated_ms: i64,
@@ -92,6 +96,7 @@ impl MigrationRecord {
             mark: None,
             was_running: true,
             capture: None,
+            copies: Vec::new(),
             updated_ms: 0,
         }
     }

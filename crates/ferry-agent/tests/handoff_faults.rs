@@ -724,7 +724,15 @@ async fn fault_matrix() {
         return;
     }
     let _s = SERIAL.lock().await;
-    let points: Vec<&'static str> = ferry_agent::failpoint::POINTS.to_vec();
+    // FERRY_MATRIX_POINTS=a,b,c runs those rows only (re-running a failed row).
+    let only: Option<Vec<String>> = std::env::var("FERRY_MATRIX_POINTS")
+        .ok()
+        .map(|v| v.split(',').map(str::to_string).collect());
+    let points: Vec<&'static str> = ferry_agent::failpoint::POINTS
+        .iter()
+        .copied()
+        .filter(|p| only.as_ref().is_none_or(|o| o.iter().any(|x| x == p)))
+        .collect();
     let mut rows = Vec::new();
     let mut failed = Vec::new();
     for point in points {

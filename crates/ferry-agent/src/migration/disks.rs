@@ -392,6 +392,8 @@ pub async fn tunnel(
         let _ = uw.shutdown().await;
         Ok::<(), String>(())
     };
-    let (a, b) = tokio::join!(up, down);
-    a.and(b)
+    // The first failure ends both directions: the unix socket closes with them, so the
+    // QEMU on this side sees its NBD peer gone (EOF) instead of waiting forever for
+    // replies — with a write-blocking mirror, the guest's own writes would hang too.
+    tokio::try_join!(up, down).map(|_| ())
 }

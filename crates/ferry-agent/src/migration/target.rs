@@ -208,6 +208,7 @@ impl IncomingRegistry {
                         );
                         r.token = Some(token.clone());
                         r.receiver = Some(Receiver::Prepared);
+                        r.copies = inc.copies.clone();
                         r
                     })
                     .map_err(|e| Status::internal(format!("journal: {e}")))?;
@@ -572,6 +573,7 @@ impl IncomingRegistry {
     fn record(&self, inc: &Incoming, state: &str) -> MigrationRecord {
         let mut r = MigrationRecord::new(&inc.id, Role::Target, &inc.spec.name, "", state);
         r.token = Some(inc.token.clone());
+        r.copies = inc.copies.clone();
         r
     }
 
@@ -668,6 +670,7 @@ impl IncomingRegistry {
                     }
                     self.vms.forget(&r.vm, &r.id).await;
                     remove_vm_files(&self.cfg, &r.vm);
+                    super::disks::remove_copies(&r.copies);
                     rec.receiver = Some(Receiver::Aborted);
                     rec.state = "aborted".into();
                     self.journal
