@@ -243,10 +243,15 @@ fn crash_allowed(point: &str, fault: Fault) -> bool {
             BEFORE_CAPTURE.contains(&point)
                 || point == "tgt.final_round.applied"
                 || point == "tgt.device_state.loaded"
+                // Their trigger is an error in pre-copy, long before any capture.
+                || point == "src.rollback.start"
+                || point == "tgt.abort.discarded"
         }
+        // From `src.commit.sent` on the Commit is on the wire: the target may already have
+        // resumed the guest (and owns it) when its QEMU is killed.
         Fault::KillTargetQemu => matches!(
             point,
-            "tgt.commit.resumed" | "tgt.commit.owned" | "src.commit.answered"
+            "tgt.commit.resumed" | "tgt.commit.owned" | "src.commit.sent" | "src.commit.answered"
         ),
         _ => false,
     }

@@ -454,7 +454,8 @@ fn outcome_note(status: &MigrationStatus) -> Option<String> {
         }
         MigrationPhase::InDoubt => Some(format!(
             "the commit outcome on the target {target} is unknown: VM {} stays PAUSED on the source {source} \
-             pending resolution (it is not resumed automatically, so it never runs on two hosts)",
+             (never on two hosts) while the source agent keeps asking the target; it ends COMPLETED or \
+             FAILED by itself once the target answers (`ferryctl migrations watch ID` follows it)",
             status.vm
         )),
         _ => None,
@@ -886,7 +887,7 @@ mod tests {
         let r = final_report(&s);
         assert!(r.starts_with("*** MIGRATION IN DOUBT ***"), "{r}");
         assert!(
-            r.contains("stays PAUSED on the source alpha pending resolution"),
+            r.contains("stays PAUSED on the source alpha (never on two hosts) while the source agent keeps asking"),
             "{r}"
         );
 

@@ -23,12 +23,13 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// Whether a phase is final.
+/// Whether a phase is final. IN_DOUBT is not: the source settles it (COMPLETED or
+/// FAILED) once the target answers, and watchers see that end.
 pub fn is_terminal(phase: i32) -> bool {
     use pb::MigrationPhase as P;
     matches!(
         P::try_from(phase),
-        Ok(P::Completed | P::Failed | P::Cancelled | P::InDoubt)
+        Ok(P::Completed | P::Failed | P::Cancelled)
     )
 }
 
@@ -256,7 +257,7 @@ impl Outgoing {
                 // Records from before marks existed: settled when their phase is final.
                 let settled = match r.mark {
                     Some(m) => m == SourceMark::Settled,
-                    None => is_terminal(s.phase) && s.phase != pb::MigrationPhase::InDoubt as i32,
+                    None => is_terminal(s.phase),
                 };
                 (!settled).then_some((r, s))
             })

@@ -1472,6 +1472,28 @@ async fn take_back(
     elapsed_ms: u64,
 ) {
     let meta = h.meta();
+    // A QEMU migration still under way (a task that died mid-flight): cancel it first,
+    // `cont` is refused while it runs.
+    if let Some(p) = proc {
+        let qmp = p.qmp();
+        let active = qmp
+            .query_migrate()
+            .await
+            .ok()
+            .and_then(|i| i.status)
+            .is_some_and(|s| !matches!(s.as_str(), "completed" | "failed" | "cancelled" | "none"));
+        if active {
+            let mut ev = qmp.subscribe();
+            if qmp.migrate_cancel().await.is_ok() {
+                let _ = ferry_qmp::wait_migration_status(
+                    &mut ev,
+                    Duration::from_secs(15),
+                    &["cancelled", "failed", "completed"],
+                )
+                .await;
+            }
+        }
+    }
     let capture_whole = meta.capture.as_ref().is_some_and(|p| p.exists());
     let resume = rollback_resume(source_qemu(proc).await, meta.was_running, capture_whole);
     let running = match resume {
