@@ -159,14 +159,13 @@ async fn recover_outgoing(ctx: &Arc<AgentCtx>) {
             .split_once(" (")
             .map(|(_, a)| a.trim_end_matches(')').to_string())
             .unwrap_or(status.target.clone());
-        tokio::spawn(crate::migration::source::settle_and_end(
-            ctx.clone(),
-            h,
-            rec.vm.clone(),
-            target,
-            proc,
-            why,
-        ));
+        // It holds one of the host's outgoing slots until settled, whatever the limit.
+        let slot = ctx.outgoing.slots.take();
+        let (ctx2, vm) = (ctx.clone(), rec.vm.clone());
+        tokio::spawn(async move {
+            crate::migration::source::settle_and_end(ctx2, h, vm, target, proc, why).await;
+            drop(slot);
+        });
     }
 }
 

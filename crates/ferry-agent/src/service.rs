@@ -150,12 +150,12 @@ impl FerryControl for ControlService {
             storage: r.storage.parse().map_err(Status::invalid_argument)?,
         };
         let limit = self.ctx.cfg.migration.max_outgoing;
-        if self.ctx.outgoing.in_flight() >= limit {
+        let Some(slot) = self.ctx.outgoing.slots.try_take(limit) else {
             return Err(Status::resource_exhausted(format!(
                 "host {} already runs {limit} outgoing migration(s) (migration.max_outgoing = {limit}): wait for one to end, or raise the limit",
                 self.ctx.cfg.host_name
             )));
-        }
+        };
         // Marks the VM as migrating, or says why it cannot (unknown, stopped, busy).
         let (spec, proc, was_running) = self.ctx.vms.begin_outgoing(&r.vm, &params.id).await?;
         let status = pb::MigrationStatus {
@@ -180,6 +180,7 @@ impl FerryControl for ControlService {
         };
         let handle = self.ctx.outgoing.register(status.clone(), meta);
         tokio::spawn(source::run_guarded(
+            slot,
             self.ctx.clone(),
             params,
             handle,

@@ -33,6 +33,55 @@ pub fn is_terminal(phase: i32) -> bool {
     )
 }
 
+/// A host's migration slots (`max_outgoing` or `max_incoming`). Taking one checks the
+/// limit and counts it under one lock, so concurrent requests cannot all slip under it.
+#[derive(Default)]
+pub struct Slots {
+    used: std::sync::Mutex<usize>,
+}
+
+impl Slots {
+    /// Takes a slot if fewer than `limit` are taken; it is given back when the guard drops.
+    pub fn try_take(self: &Arc<Self>, limit: usize) -> Option<SlotGuard> {
+        let mut used = self.used.lock().ok()?;
+        if *used >= limit {
+            return None;
+        }
+        *used += 1;
+        Some(SlotGuard {
+            slots: self.clone(),
+        })
+    }
+
+    /// Takes a slot whatever the limit (a migration settled after a restart).
+    pub fn take(self: &Arc<Self>) -> SlotGuard {
+        if let Ok(mut used) = self.used.lock() {
+            *used += 1;
+        }
+        SlotGuard {
+            slots: self.clone(),
+        }
+    }
+
+    /// Slots taken now.
+    pub fn used(&self) -> usize {
+        self.used.lock().map(|u| *u).unwrap_or(0)
+    }
+}
+
+/// One taken slot; dropping it gives it back.
+pub struct SlotGuard {
+    slots: Arc<Slots>,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        if let Ok(mut used) = self.slots.used.lock() {
+            *used = used.saturating_sub(1);
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -92,6 +141,8 @@ impl OutgoingHandle {
 /// Outgoing migrations, live and past (history comes from the journal).
 pub struct Outgoing {
     live: std::sync::Mutex<HashMap<String, Arc<OutgoingHandle>>>,
+    /// Slots of live outgoing migrations (`max_outgoing`).
+    pub slots: Arc<Slots>,
     journal: Arc<Journal>,
 }
 
@@ -142,6 +193,7 @@ impl Outgoing {
         Arc::new(Outgoing {
             live: std::sync::Mutex::new(HashMap::new()),
             journal,
+            slots: Arc::default(),
         })
     }
 
@@ -188,11 +240,6 @@ impl Outgoing {
         rec.capture = meta.capture;
         ops.insert(0, Op::PutMigration(rec));
         self.journal.apply(&ops)
-    }
-
-    /// Live migrations in flight (registered, not yet ended), live and cold.
-    pub fn in_flight(&self) -> usize {
-        self.live.lock().map(|l| l.len()).unwrap_or(0)
     }
 
     /// Forgets a live handle (its record stays in the journal as history).

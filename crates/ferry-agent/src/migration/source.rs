@@ -107,6 +107,8 @@ struct Undo {
 /// Runs [`run`] and, should it panic (a bug), still settles who owns the VM: the target
 /// keeps it if it committed, otherwise it is aborted there and the guest resumes here.
 pub async fn run_guarded(
+    // The host's outgoing slot, given back when this returns.
+    _slot: super::SlotGuard,
     ctx: Arc<AgentCtx>,
     p: MigrationParams,
     h: Arc<OutgoingHandle>,

@@ -84,6 +84,8 @@ pub struct Incoming {
     final_applied: watch::Sender<bool>,
     /// The fingerprint's per-page sums of everything written here.
     sums: Arc<PageSums>,
+    /// This host's incoming slot, given back when the migration leaves the registry.
+    slot: std::sync::Mutex<Option<super::SlotGuard>>,
 }
 
 impl Incoming {
@@ -107,6 +109,8 @@ pub struct IncomingRegistry {
     metrics: Arc<crate::metrics::Metrics>,
     storage: Arc<ferry_disk::StorageRoots>,
     map: std::sync::Mutex<HashMap<String, Arc<Incoming>>>,
+    /// Slots of incoming live migrations (`max_incoming`).
+    slots: Arc<super::Slots>,
     /// Incoming cold (offline) migrations: `migration/cold.rs`.
     cold: Arc<super::cold::ColdRegistry>,
 }
@@ -128,6 +132,7 @@ impl IncomingRegistry {
             metrics,
             storage,
             map: std::sync::Mutex::new(HashMap::new()),
+            slots: Arc::default(),
             cold: Arc::default(),
         })
     }
@@ -171,13 +176,12 @@ impl IncomingRegistry {
                 .ok_or_else(|| Status::invalid_argument("spec is missing"))?,
         )?;
         let limit = self.cfg.migration.max_incoming;
-        let in_flight = self.map.lock().map(|m| m.len()).unwrap_or(0);
-        if in_flight >= limit {
+        let Some(slot) = self.slots.try_take(limit) else {
             return Err(Status::resource_exhausted(format!(
                 "host {} already receives {limit} migration(s) (migration.max_incoming = {limit}): try again when one has ended",
                 self.host()
             )));
-        }
+        };
         if self.get(&req.migration_id).is_some() {
             return Err(Status::already_exists(format!(
                 "migration {} is already prepared on {}",
@@ -196,6 +200,9 @@ impl IncomingRegistry {
         self.vms.reserve_incoming(&spec, &req.migration_id).await?;
         match self.create(&req.migration_id, &spec, &req.copy_disks).await {
             Ok(inc) => {
+                if let Ok(mut sl) = inc.slot.lock() {
+                    *sl = Some(slot);
+                }
                 let token = inc.token.clone();
                 self.journal
                     .put_migration(&{
@@ -339,6 +346,7 @@ impl IncomingRegistry {
                 nbd,
                 final_applied: watch::channel(false).0,
                 sums: Arc::new(PageSums::new(ram_pages)),
+                slot: std::sync::Mutex::new(None),
             })),
             Err(e) => {
                 let _ = proc.kill().await;
@@ -516,6 +524,9 @@ impl IncomingRegistry {
             inc.release_ram();
             if let Ok(mut m) = self.map.lock() {
                 m.remove(&inc.id);
+            }
+            if let Ok(mut sl) = inc.slot.lock() {
+                sl.take();
             }
             let _ = self
                 .journal
