@@ -554,7 +554,7 @@ impl VmManager {
     }
 
     /// The VM record an incoming migration's commit journals: owned here, not incoming.
-    pub async fn incoming_record(&self, name: &str, paused: bool) -> Result<VmRecord, Status> {
+    pub async fn incoming_record(&self, name: &str) -> Result<VmRecord, Status> {
         let vms = self.vms.lock().await;
         let e = vms.get(name).ok_or_else(|| self.unknown(name))?;
         Ok(VmRecord {
@@ -562,10 +562,6 @@ impl VmManager {
             pid: e.process.as_ref().map(|p| p.pid()),
             incoming_migration: None,
             held_by: None,
-        })
-        .map(|r| {
-            let _ = paused;
-            r
         })
     }
 

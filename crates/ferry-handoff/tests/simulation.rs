@@ -460,7 +460,7 @@ impl World {
         self.s_phase == SP::Done
             && self.t_queue.is_empty()
             && self.net.is_empty()
-            && !(self.t_rec == Some(Receiver::Prepared) && !self.conn)
+            && (self.t_rec != Some(Receiver::Prepared) || self.conn)
     }
 
     fn final_check(&self) -> Result<(), String> {

@@ -123,6 +123,17 @@ fn describe(runs: &[Mapping]) -> String {
         .join(", ")
 }
 
+/// Refuses an empty or not page-aligned range to track.
+pub(crate) fn check_page_range(start: u64, len: u64) -> Result<(), TrackerError> {
+    let page = crate::PAGE_SIZE as u64;
+    if start % page != 0 || len % page != 0 || len == 0 {
+        return Err(TrackerError::Unsupported(format!(
+            "range {start:#x}+{len:#x} is not a non-empty page-aligned range"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,15 +173,4 @@ mod tests {
         let e = find_in_maps(&twice, Path::new("/dev/shm/other"), 0x100000).unwrap_err();
         assert!(e.contains("ambiguous"), "{e}");
     }
-}
-
-/// Refuses an empty or not page-aligned range to track.
-pub(crate) fn check_page_range(start: u64, len: u64) -> Result<(), TrackerError> {
-    let page = crate::PAGE_SIZE as u64;
-    if start % page != 0 || len % page != 0 || len == 0 {
-        return Err(TrackerError::Unsupported(format!(
-            "range {start:#x}+{len:#x} is not a non-empty page-aligned range"
-        )));
-    }
-    Ok(())
 }

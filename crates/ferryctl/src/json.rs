@@ -129,6 +129,42 @@ fn finite(x: f64) -> Value {
     }
 }
 
+/// A preflight report as JSON.
+pub fn preflight_report(r: &ferry_api::v1::PreflightReport) -> serde_json::Value {
+    let checks: Vec<serde_json::Value> = r
+        .checks
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "name": c.name,
+                "status": ferry_api::v1::CheckStatus::try_from(c.status).map(|s| s.as_str_name()).unwrap_or("?"),
+                "detail": c.detail,
+                "fix": c.fix,
+                "soft": c.soft,
+            })
+        })
+        .collect();
+    let p = r.prediction.unwrap_or_default();
+    serde_json::json!({
+        "ok": r.ok,
+        "ok_with_force": r.ok_with_force,
+        "checks": checks,
+        "prediction": {
+            "link_bytes_per_sec": p.link_bytes_per_sec,
+            "rtt_ms": p.rtt_ms,
+            "dirty_pages_per_sec": p.dirty_pages_per_sec,
+            "qemu_dirty_mib_per_sec": p.qemu_dirty_mib_per_sec,
+            "codec_ratio": p.codec_ratio,
+            "codec_bytes_per_sec": p.codec_bytes_per_sec,
+            "first_round_bytes": p.first_round_bytes,
+            "converges": p.converges,
+            "predicted_total_ms": p.predicted_total_ms,
+            "predicted_downtime_ms": p.predicted_downtime_ms,
+            "predicted_rounds": p.predicted_rounds,
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,40 +204,4 @@ mod tests {
         assert!(serde_json::to_string(&v).is_ok());
         assert_eq!(migration_list(&[m])["migrations"][0]["id"], "x");
     }
-}
-
-/// A preflight report as JSON.
-pub fn preflight_report(r: &ferry_api::v1::PreflightReport) -> serde_json::Value {
-    let checks: Vec<serde_json::Value> = r
-        .checks
-        .iter()
-        .map(|c| {
-            serde_json::json!({
-                "name": c.name,
-                "status": ferry_api::v1::CheckStatus::try_from(c.status).map(|s| s.as_str_name()).unwrap_or("?"),
-                "detail": c.detail,
-                "fix": c.fix,
-                "soft": c.soft,
-            })
-        })
-        .collect();
-    let p = r.prediction.unwrap_or_default();
-    serde_json::json!({
-        "ok": r.ok,
-        "ok_with_force": r.ok_with_force,
-        "checks": checks,
-        "prediction": {
-            "link_bytes_per_sec": p.link_bytes_per_sec,
-            "rtt_ms": p.rtt_ms,
-            "dirty_pages_per_sec": p.dirty_pages_per_sec,
-            "qemu_dirty_mib_per_sec": p.qemu_dirty_mib_per_sec,
-            "codec_ratio": p.codec_ratio,
-            "codec_bytes_per_sec": p.codec_bytes_per_sec,
-            "first_round_bytes": p.first_round_bytes,
-            "converges": p.converges,
-            "predicted_total_ms": p.predicted_total_ms,
-            "predicted_downtime_ms": p.predicted_downtime_ms,
-            "predicted_rounds": p.predicted_rounds,
-        },
-    })
 }

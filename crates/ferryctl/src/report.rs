@@ -616,6 +616,54 @@ fn stats_lines(st: &MigrationStats, phase: MigrationPhase, kv: &mut dyn FnMut(&s
     kv("RAM digest", digest);
 }
 
+/// `ferryctl preflight`: one line per check (status, name, detail, fix), then the prediction.
+pub fn preflight_report(r: &ferry_api::v1::PreflightReport) -> String {
+    use ferry_api::v1::CheckStatus;
+    let mut out = String::new();
+    for c in &r.checks {
+        let status = match CheckStatus::try_from(c.status) {
+            Ok(CheckStatus::Pass) => "pass",
+            Ok(CheckStatus::Warn) => "WARN",
+            Ok(CheckStatus::Fail) if c.soft => "FAIL (soft)",
+            Ok(CheckStatus::Fail) => "FAIL",
+            _ => "?",
+        };
+        out.push_str(&format!("{status:<12} {:<13} {}\n", c.name, c.detail));
+        if !c.fix.is_empty() && c.status != CheckStatus::Pass as i32 {
+            out.push_str(&format!("{:<26} fix: {}\n", "", c.fix));
+        }
+    }
+    if let Some(p) = &r.prediction {
+        if p.link_bytes_per_sec > 0.0 {
+            out.push_str(&format!(
+                "prediction   link {}/s, RTT {:.1} ms, guest writes {}/s, ratio {:.2}x: {}\n",
+                bytes(p.link_bytes_per_sec as u64),
+                p.rtt_ms,
+                bytes((p.dirty_pages_per_sec * 4096.0) as u64),
+                p.codec_ratio,
+                if p.converges {
+                    format!(
+                        "converges in ~{} rounds, ~{} total, ~{} downtime",
+                        p.predicted_rounds,
+                        millis(p.predicted_total_ms),
+                        millis(p.predicted_downtime_ms)
+                    )
+                } else {
+                    "does NOT converge".to_string()
+                }
+            ));
+        }
+    }
+    out.push_str(if r.ok {
+        "result       ready to migrate\n"
+    } else if r.ok_with_force {
+        "result       only soft checks failed: migrate --force would proceed\n"
+    } else {
+        "result       blocked\n"
+    });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -960,52 +1008,4 @@ mod tests {
             "{t}"
         );
     }
-}
-
-/// `ferryctl preflight`: one line per check (status, name, detail, fix), then the prediction.
-pub fn preflight_report(r: &ferry_api::v1::PreflightReport) -> String {
-    use ferry_api::v1::CheckStatus;
-    let mut out = String::new();
-    for c in &r.checks {
-        let status = match CheckStatus::try_from(c.status) {
-            Ok(CheckStatus::Pass) => "pass",
-            Ok(CheckStatus::Warn) => "WARN",
-            Ok(CheckStatus::Fail) if c.soft => "FAIL (soft)",
-            Ok(CheckStatus::Fail) => "FAIL",
-            _ => "?",
-        };
-        out.push_str(&format!("{status:<12} {:<13} {}\n", c.name, c.detail));
-        if !c.fix.is_empty() && c.status != CheckStatus::Pass as i32 {
-            out.push_str(&format!("{:<26} fix: {}\n", "", c.fix));
-        }
-    }
-    if let Some(p) = &r.prediction {
-        if p.link_bytes_per_sec > 0.0 {
-            out.push_str(&format!(
-                "prediction   link {}/s, RTT {:.1} ms, guest writes {}/s, ratio {:.2}x: {}\n",
-                bytes(p.link_bytes_per_sec as u64),
-                p.rtt_ms,
-                bytes((p.dirty_pages_per_sec * 4096.0) as u64),
-                p.codec_ratio,
-                if p.converges {
-                    format!(
-                        "converges in ~{} rounds, ~{} total, ~{} downtime",
-                        p.predicted_rounds,
-                        millis(p.predicted_total_ms),
-                        millis(p.predicted_downtime_ms)
-                    )
-                } else {
-                    "does NOT converge".to_string()
-                }
-            ));
-        }
-    }
-    out.push_str(if r.ok {
-        "result       ready to migrate\n"
-    } else if r.ok_with_force {
-        "result       only soft checks failed: migrate --force would proceed\n"
-    } else {
-        "result       blocked\n"
-    });
-    out
 }

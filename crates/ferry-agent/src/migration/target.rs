@@ -445,10 +445,7 @@ impl IncomingRegistry {
                     self.close_exports(inc).await;
                     let mut rec = self.record(inc, "committed");
                     rec.receiver = Some(Receiver::Committed { leave_paused });
-                    let vm = self
-                        .vms
-                        .incoming_record(&inc.spec.name, leave_paused)
-                        .await?;
+                    let vm = self.vms.incoming_record(&inc.spec.name).await?;
                     // One transaction: the migration's outcome and the VM it makes ours.
                     self.journal
                         .apply(&[Op::PutMigration(rec), Op::PutVm(vm)])

@@ -24,6 +24,8 @@ struct Cli {
     command: Cmd,
 }
 
+// `Cmd::Cmd` is the `cmd` subcommand scripts call: its name stays.
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Wait for FERRY-READY in a console log file and print the line.
