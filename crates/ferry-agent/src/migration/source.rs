@@ -738,13 +738,7 @@ impl Migration {
             .await
             .map_err(fail("fence"))?;
             if ev.migration_status() != Some("completed") {
-                let why = self
-                    .qmp()
-                    .query_migrate()
-                    .await
-                    .ok()
-                    .and_then(|i| i.error_desc)
-                    .unwrap_or_default();
+                let why = qemu_migration_error(self.qmp()).await;
                 return Err(fail("fence")(format!(
                     "source QEMU migration {}: {why}",
                     ev.migration_status().unwrap_or("?")
@@ -1075,13 +1069,7 @@ impl Migration {
             match ev.migration_status() {
                 Some("pre-switchover") => return Ok(()),
                 Some("failed") | Some("cancelled") => {
-                    let why = self
-                        .qmp()
-                        .query_migrate()
-                        .await
-                        .ok()
-                        .and_then(|i| i.error_desc)
-                        .unwrap_or_default();
+                    let why = qemu_migration_error(self.qmp()).await;
                     return Err(fail("switchover")(format!(
                         "QEMU migration {}: {why}",
                         ev.migration_status().unwrap_or("")
@@ -1222,23 +1210,8 @@ impl Migration {
         if let Some(t) = undo.throttle.take() {
             t.release();
         }
-        let active = match self.qmp().query_migrate().await {
-            Ok(info) => !matches!(
-                info.status.as_deref(),
-                None | Some("completed" | "failed" | "cancelled" | "none")
-            ),
-            Err(_) => true,
-        };
-        if undo.migrate_issued && active {
-            let mut ev = self.qmp().subscribe();
-            if self.qmp().migrate_cancel().await.is_ok() {
-                let _ = ferry_qmp::wait_migration_status(
-                    &mut ev,
-                    Duration::from_secs(15),
-                    &["cancelled", "failed", "completed"],
-                )
-                .await;
-            }
+        if undo.migrate_issued {
+            cancel_qemu_migration(self.qmp(), true).await;
         }
         // Disk mirrors still running: stop them (the guest keeps its own disks) and drop
         // the NBD clients, before the guest runs on.
@@ -1290,6 +1263,39 @@ impl Migration {
         )
         .await;
     }
+}
+
+/// Cancels the QEMU's outgoing migration if one is still under way (`cont` is refused
+/// while it runs) and waits (bounded) for it to end. `unknown_is_active`: cancel also when
+/// QEMU cannot say.
+async fn cancel_qemu_migration(qmp: &QmpClient, unknown_is_active: bool) {
+    let active = match qmp.query_migrate().await {
+        Ok(info) => !matches!(
+            info.status.as_deref(),
+            None | Some("completed" | "failed" | "cancelled" | "none")
+        ),
+        Err(_) => unknown_is_active,
+    };
+    if active {
+        let mut ev = qmp.subscribe();
+        if qmp.migrate_cancel().await.is_ok() {
+            let _ = ferry_qmp::wait_migration_status(
+                &mut ev,
+                Duration::from_secs(15),
+                &["cancelled", "failed", "completed"],
+            )
+            .await;
+        }
+    }
+}
+
+/// Why QEMU's migration failed, as `query-migrate` says (empty if it does not).
+async fn qemu_migration_error(qmp: &QmpClient) -> String {
+    qmp.query_migrate()
+        .await
+        .ok()
+        .and_then(|i| i.error_desc)
+        .unwrap_or_default()
 }
 
 /// The source QEMU's state, asked over QMP.
@@ -1477,24 +1483,7 @@ async fn take_back(
     // A QEMU migration still under way (a task that died mid-flight): cancel it first,
     // `cont` is refused while it runs.
     if let Some(p) = proc {
-        let qmp = p.qmp();
-        let active = qmp
-            .query_migrate()
-            .await
-            .ok()
-            .and_then(|i| i.status)
-            .is_some_and(|s| !matches!(s.as_str(), "completed" | "failed" | "cancelled" | "none"));
-        if active {
-            let mut ev = qmp.subscribe();
-            if qmp.migrate_cancel().await.is_ok() {
-                let _ = ferry_qmp::wait_migration_status(
-                    &mut ev,
-                    Duration::from_secs(15),
-                    &["cancelled", "failed", "completed"],
-                )
-                .await;
-            }
-        }
+        cancel_qemu_migration(p.qmp(), false).await;
     }
     let capture_whole = meta.capture.as_ref().is_some_and(|p| p.exists());
     let resume = rollback_resume(source_qemu(proc).await, meta.was_running, capture_whole);
