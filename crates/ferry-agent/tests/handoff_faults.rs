@@ -852,3 +852,53 @@ async fn migration_limit_and_a_busy_vm_refuse_clearly() {
     assert_eq!(b.observe_qemu(VM).await, QemuObserved::Running);
     assert_eq!(a.observe_qemu(VM).await, QemuObserved::NoQemu);
 }
+
+/// A rollback leaves a guest the operator had suspended suspended: the source QEMU, asked
+/// directly, is paused afterwards, and the VM resumes only when the operator says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_leaves_a_suspended_guest_suspended() {
+    let _s = SERIAL.lock().await;
+    let p = pair(Some("src.precopy.round=return(error)"), None).await;
+    boot(&p.a).await;
+    let mut ca = p.a.client().await.expect("client a");
+    ca.suspend_vm(pb::VmRef { name: VM.into() })
+        .await
+        .expect("suspend");
+    assert_eq!(
+        p.a.observe_qemu(VM).await,
+        QemuObserved::Stopped("paused".into())
+    );
+    let req = pb::StartMigrationRequest {
+        vm: VM.into(),
+        target: p.b.grpc_addr(),
+        ..Default::default()
+    };
+    let id = ca
+        .start_migration(req)
+        .await
+        .expect("start")
+        .into_inner()
+        .id;
+    let end = wait_settled(&p.a, &id, Duration::from_secs(120))
+        .await
+        .expect("settled");
+    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+    assert!(end.message.contains("left suspended"), "{end:?}");
+    assert_eq!(
+        p.a.observe_qemu(VM).await,
+        QemuObserved::Stopped("paused".into()),
+        "still suspended after the rollback"
+    );
+    assert_eq!(p.b.observe_qemu(VM).await, QemuObserved::NoQemu);
+    let info = ca
+        .get_vm(pb::VmRef { name: VM.into() })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(info.state, pb::VmState::Paused as i32, "{info:?}");
+    ca.resume_vm(pb::VmRef { name: VM.into() })
+        .await
+        .expect("resume by the operator");
+    assert_eq!(p.a.observe_qemu(VM).await, QemuObserved::Running);
+    guest_memory_ok(&p.a).await.expect("guest memory");
+}
