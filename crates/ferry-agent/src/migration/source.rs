@@ -14,7 +14,8 @@ use crate::AgentCtx;
 use ferry_api::v1 as pb;
 use ferry_api::v1::ferry_peer_client::FerryPeerClient;
 use ferry_handoff::{
-    rollback_resume, source_recovery, Resume, SourceAction, SourceMark, SourceQemu, TargetAnswer,
+    rollback_resume, source_recovery, Resume, SourceAction, SourceMark, SourceQemu, StallDecision,
+    TargetAnswer,
 };
 use ferry_memory::{DirtyBitmap, DirtyTracker, RamFile, DEFAULT_SHIM_FD, PAGE_SIZE};
 use ferry_qemu::{QemuProcess, VmSpec};
@@ -554,49 +555,59 @@ impl Migration {
             );
             let count = dirty.count();
             pending = dirty;
-            if predicted_ms <= f64::from(self.p.downtime_ms) {
-                break;
-            }
-            // Stalled: the round limit, or a round that did not shrink by a tenth.
-            let stalled = round >= self.p.max_rounds
-                || (round >= 3 && count.saturating_mul(10) >= prev_dirty.saturating_mul(9));
+            // The policy is a pure decision (`ferry_handoff::stall_decision`, unit-tested);
+            // the throttle's cgroup writes stay here.
+            let input = ferry_handoff::StallInput {
+                round,
+                max_rounds: self.p.max_rounds,
+                dirty_pages: count,
+                prev_dirty_pages: prev_dirty,
+                predicted_ms,
+                downtime_ms: self.p.downtime_ms,
+                can_throttle_more: true,
+            };
             prev_dirty = count;
-            if stalled {
-                match self.p.on_stall {
-                    StallPolicy::Pause => {
-                        let msg = format!("stop-and-copy after {round} rounds: {count} pages left (predicted pause {predicted_ms:.0} ms)");
-                        warn!(migration = %self.p.id, "{msg}");
+            match ferry_handoff::stall_decision(input, self.p.on_stall) {
+                StallDecision::Switchover => break,
+                StallDecision::Continue => {}
+                StallDecision::StopAndCopy => {
+                    let pct = undo.throttle.as_ref().map(|t| t.percent);
+                    let msg = match pct {
+                        Some(pct) => format!("throttled guest CPU to {pct}%, then stop-and-copy after {round} rounds ({count} pages left)"),
+                        None => format!("stop-and-copy after {round} rounds: {count} pages left (predicted pause {predicted_ms:.0} ms)"),
+                    };
+                    warn!(migration = %self.p.id, "{msg}");
+                    self.policy(&msg);
+                    break;
+                }
+                StallDecision::Abort => {
+                    return Err(fail("converge")(format!(
+                        "pre-copy does not converge after {round} rounds: the guest wrote {count} pages during the last round \
+                         ({:.1} MiB/s) and the link moves {:.1} MiB/s of pages (--on-stall abort)",
+                        dirty_rate * PAGE_SIZE as f64 / 1048576.0,
+                        bw * ratio / 1048576.0
+                    )))
+                }
+                StallDecision::ThrottleStep => {
+                    if undo.throttle.is_none() {
+                        let t = crate::throttle::CpuThrottle::attach(&self.spec.name, self.proc.pid()).map_err(fail("throttle"))?;
+                        undo.throttle = Some(t);
+                    }
+                    let stepped = match undo.throttle.as_mut() {
+                        Some(t) => t.step_down().map_err(fail("throttle"))?,
+                        None => false,
+                    };
+                    let pct = undo.throttle.as_ref().map(|t| t.percent).unwrap_or(100);
+                    if !stepped {
+                        // At the quota's floor: what the decision says when it cannot throttle more.
+                        let msg = format!("throttled guest CPU to {pct}%, then stop-and-copy after {round} rounds ({count} pages left)");
                         self.policy(&msg);
                         break;
                     }
-                    StallPolicy::Abort => {
-                        return Err(fail("converge")(format!(
-                            "pre-copy does not converge after {round} rounds: the guest wrote {count} pages during the last round \
-                             ({:.1} MiB/s) and the link moves {:.1} MiB/s of pages (--on-stall abort)",
-                            dirty_rate * PAGE_SIZE as f64 / 1048576.0,
-                            bw * ratio / 1048576.0
-                        )))
-                    }
-                    StallPolicy::Throttle => {
-                        if undo.throttle.is_none() {
-                            let t = crate::throttle::CpuThrottle::attach(&self.spec.name, self.proc.pid()).map_err(fail("throttle"))?;
-                            undo.throttle = Some(t);
-                        }
-                        let stepped = match undo.throttle.as_mut() {
-                            Some(t) => t.step_down().map_err(fail("throttle"))?,
-                            None => false,
-                        };
-                        let pct = undo.throttle.as_ref().map(|t| t.percent).unwrap_or(100);
-                        if !stepped || round >= self.p.max_rounds {
-                            let msg = format!("throttled guest CPU to {pct}%, then stop-and-copy after {round} rounds ({count} pages left)");
-                            self.policy(&msg);
-                            break;
-                        }
-                        let msg = format!("throttled guest CPU to {pct}% after round {round}: it wrote {count} pages during the round");
-                        info!(migration = %self.p.id, "{msg}");
-                        self.policy(&msg);
-                        prev_dirty = u64::MAX;
-                    }
+                    let msg = format!("throttled guest CPU to {pct}% after round {round}: it wrote {count} pages during the round");
+                    info!(migration = %self.p.id, "{msg}");
+                    self.policy(&msg);
+                    prev_dirty = u64::MAX;
                 }
             }
         }
