@@ -10,9 +10,7 @@
 
 use ferry_api::v1 as pb;
 use ferry_api::v1::ferry_control_client::FerryControlClient;
-use ferry_testkit::{
-    guest_artifacts, parse_check, workload_cmdline, GuestConsole, QemuObserved, TestAgent, TestPki,
-};
+use ferry_testkit::{guest_artifacts, workload_cmdline, QemuObserved, TestAgent, TestPki};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -83,6 +81,23 @@ async fn pair(fp_a: Option<&str>, fp_b: Option<&str>) -> Pair {
     Pair { _dir: dir, a, b }
 }
 
+/// Starts the migration of the guest from a to b; returns its id.
+async fn start(p: &Pair, compress: &str, skip_verify: bool) -> String {
+    let req = pb::StartMigrationRequest {
+        vm: VM.into(),
+        target: p.b.grpc_addr(),
+        compress: compress.into(),
+        skip_verify,
+        ..Default::default()
+    };
+    let mut ca = p.a.client().await.expect("client a");
+    ca.start_migration(req)
+        .await
+        .expect("start migration")
+        .into_inner()
+        .id
+}
+
 async fn boot(agent: &TestAgent) -> pb::VmInfo {
     boot_with_disk(agent, false).await
 }
@@ -115,37 +130,13 @@ async fn boot_with_disk(agent: &TestAgent, disk: bool) -> pb::VmInfo {
             read_only: false,
         }];
     }
-    let mut c = agent.client().await.expect("client");
-    c.define_vm(pb::DefineVmRequest { spec: Some(spec) })
-        .await
-        .expect("define");
-    let info = c
-        .start_vm(pb::VmRef { name: VM.into() })
-        .await
-        .unwrap_or_else(|e| panic!("start: {e:?}\n{}", agent.log_tail()))
-        .into_inner();
-    ferry_testkit::wait_for_log_line(
-        Path::new(&info.console_log),
-        "FERRY-READY",
-        Duration::from_secs(120),
-    )
-    .await
-    .expect("guest ready");
-    info
+    agent.define_and_boot(spec).await.expect("boot the guest")
 }
 
 /// The guest's own check of every page it wrote, over the console of the QEMU on `agent`.
 async fn guest_memory_ok(agent: &TestAgent) -> Result<(), String> {
-    let sock = agent.state_dir().join("run").join(VM).join("console.sock");
-    let mut con = GuestConsole::connect(&sock, Duration::from_secs(10))
-        .await
-        .map_err(|e| format!("console: {e:#}"))?;
-    let line = con
-        .command("check", "FERRY-CHECK", Duration::from_secs(120))
-        .await
-        .map_err(|e| format!("check: {e:#}"))?;
-    let r = parse_check(&line).map_err(|e| format!("{e:#}"))?;
-    r.ok.then_some(()).ok_or(line)
+    let r = agent.guest_check(VM).await.map_err(|e| format!("{e:#}"))?;
+    r.ok.then_some(()).ok_or(format!("{r:?}"))
 }
 
 async fn client(agent: &TestAgent) -> Option<FerryControlClient<Channel>> {
@@ -347,20 +338,7 @@ async fn run_cell(point: &'static str, fault: Fault, skip_verify: bool) -> Cell 
     let mut p = pair(fa.as_deref(), fb.as_deref()).await;
     let _info = boot_with_disk(&p.a, point == "src.disks.ready").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let mut ca = p.a.client().await.expect("client a");
-    let req = pb::StartMigrationRequest {
-        vm: VM.into(),
-        target: p.b.grpc_addr(),
-        compress: "lz4".into(),
-        skip_verify,
-        ..Default::default()
-    };
-    let id = ca
-        .start_migration(req)
-        .await
-        .expect("start migration")
-        .into_inner()
-        .id;
+    let id = start(&p, "lz4", skip_verify).await;
     let reached = wait_point(&mut p, point, &id).await;
     let mut violations = Vec::new();
     let mut check_never_two = |a: &QemuObserved, b: &QemuObserved, when: &str| {
@@ -583,19 +561,7 @@ async fn fenced_source_qemu_lost_is_restarted_from_the_capture() {
     let _s = SERIAL.lock().await;
     let mut p = pair(Some("src.fence.done=return(hang)"), None).await;
     boot(&p.a).await;
-    let mut ca = p.a.client().await.expect("client a");
-    let req = pb::StartMigrationRequest {
-        vm: VM.into(),
-        target: p.b.grpc_addr(),
-        compress: "lz4".into(),
-        ..Default::default()
-    };
-    let id = ca
-        .start_migration(req)
-        .await
-        .expect("start")
-        .into_inner()
-        .id;
+    let id = start(&p, "lz4", false).await;
     assert!(
         p.a.wait_failpoint("src.fence.done", Duration::from_secs(120))
             .await,
@@ -643,19 +609,7 @@ async fn in_doubt_survives_restart_and_refuses_resume() {
     let _s = SERIAL.lock().await;
     let mut p = pair(Some("src.commit.sent=return(hang)"), None).await;
     boot(&p.a).await;
-    let mut ca = p.a.client().await.expect("client a");
-    let req = pb::StartMigrationRequest {
-        vm: VM.into(),
-        target: p.b.grpc_addr(),
-        compress: "lz4".into(),
-        ..Default::default()
-    };
-    let id = ca
-        .start_migration(req)
-        .await
-        .expect("start")
-        .into_inner()
-        .id;
+    let id = start(&p, "lz4", false).await;
     assert!(
         p.a.wait_failpoint("src.commit.sent", Duration::from_secs(120))
             .await
@@ -868,17 +822,7 @@ async fn rollback_leaves_a_suspended_guest_suspended() {
         p.a.observe_qemu(VM).await,
         QemuObserved::Stopped("paused".into())
     );
-    let req = pb::StartMigrationRequest {
-        vm: VM.into(),
-        target: p.b.grpc_addr(),
-        ..Default::default()
-    };
-    let id = ca
-        .start_migration(req)
-        .await
-        .expect("start")
-        .into_inner()
-        .id;
+    let id = start(&p, "", false).await;
     let end = wait_settled(&p.a, &id, Duration::from_secs(120))
         .await
         .expect("settled");

@@ -4,7 +4,7 @@
 use ferry_api::v1 as pb;
 use ferry_testkit::{guest_artifacts, workload_cmdline, TestAgent, TestPki};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -24,23 +24,7 @@ async fn boot_guest(agent: &TestAgent, name: &str) -> pb::VmInfo {
         cmdline: workload_cmdline(160, 10.0, "realistic", 3),
         ..Default::default()
     };
-    let mut c = agent.client().await.expect("client");
-    c.define_vm(pb::DefineVmRequest { spec: Some(spec) })
-        .await
-        .expect("define");
-    let info = c
-        .start_vm(pb::VmRef { name: name.into() })
-        .await
-        .expect("start")
-        .into_inner();
-    ferry_testkit::wait_for_log_line(
-        Path::new(&info.console_log),
-        "FERRY-READY",
-        Duration::from_secs(120),
-    )
-    .await
-    .expect("ready");
-    info
+    agent.define_and_boot(spec).await.expect("boot the guest")
 }
 
 /// `GET /metrics` over a plain TCP connection (what curl or Prometheus does).

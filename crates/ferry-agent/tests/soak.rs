@@ -6,10 +6,8 @@
 //! check runs every 50 moves and at the end.
 
 use ferry_api::v1 as pb;
-use ferry_testkit::{
-    guest_artifacts, parse_check, workload_cmdline, GuestConsole, TestAgent, TestPki,
-};
-use std::path::{Path, PathBuf};
+use ferry_testkit::{guest_artifacts, workload_cmdline, TestAgent, TestPki};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const VM: &str = "soak01";
@@ -48,19 +46,8 @@ fn usage(agent: &TestAgent) -> Usage {
 }
 
 async fn check_guest(agent: &TestAgent) {
-    let sock = agent.state_dir().join("run").join(VM).join("console.sock");
-    let mut con = GuestConsole::connect(&sock, Duration::from_secs(10))
-        .await
-        .expect("console");
-    let line = con
-        .command("check", "FERRY-CHECK", Duration::from_secs(120))
-        .await
-        .expect("check");
-    assert!(
-        parse_check(&line).expect("parse").ok,
-        "guest memory check failed on {}: {line}",
-        agent.name()
-    );
+    let r = agent.guest_check(VM).await.expect("guest check");
+    assert!(r.ok, "guest memory check failed on {}: {r:?}", agent.name());
 }
 
 async fn migrate(from: &TestAgent, to: &TestAgent) -> pb::MigrationStatus {
@@ -107,22 +94,7 @@ async fn soak_back_and_forth() {
         cmdline: workload_cmdline(64, 5.0, "realistic", 3),
         ..Default::default()
     };
-    let mut ca = a.client().await.expect("client");
-    ca.define_vm(pb::DefineVmRequest { spec: Some(spec) })
-        .await
-        .expect("define");
-    let info = ca
-        .start_vm(pb::VmRef { name: VM.into() })
-        .await
-        .expect("start")
-        .into_inner();
-    ferry_testkit::wait_for_log_line(
-        Path::new(&info.console_log),
-        "FERRY-READY",
-        Duration::from_secs(120),
-    )
-    .await
-    .expect("ready");
+    a.define_and_boot(spec).await.expect("boot the guest");
     let agents = [&a, &b];
     let t0 = Instant::now();
     let mut base = None;

@@ -412,6 +412,49 @@ impl TestAgent {
         false
     }
 
+    /// Defines `spec`, starts it and waits (up to 120 s) for its workload's `FERRY-READY`.
+    /// A failed start says why, with the agent's log.
+    pub async fn define_and_boot(
+        &self,
+        spec: ferry_api::v1::VmSpec,
+    ) -> Result<ferry_api::v1::VmInfo> {
+        let name = spec.name.clone();
+        let mut c = self.client().await?;
+        c.define_vm(ferry_api::v1::DefineVmRequest { spec: Some(spec) })
+            .await
+            .map_err(|s| anyhow!("define VM {name}: {}", s.message()))?;
+        let info = c
+            .start_vm(ferry_api::v1::VmRef { name: name.clone() })
+            .await
+            .map_err(|s| {
+                anyhow!(
+                    "start VM {name}: {}\nagent log:\n{}",
+                    s.message(),
+                    self.log_tail()
+                )
+            })?
+            .into_inner();
+        crate::wait_for_log_line(
+            Path::new(&info.console_log),
+            "FERRY-READY",
+            Duration::from_secs(120),
+        )
+        .await
+        .with_context(|| format!("workload of VM {name} ready"))?;
+        Ok(info)
+    }
+
+    /// The guest's own check of every page (and disk block) it wrote, asked over the
+    /// console of `vm`'s QEMU on this agent's host (not through the agent).
+    pub async fn guest_check(&self, vm: &str) -> Result<crate::CheckResult> {
+        let sock = self.state_dir.join("run").join(vm).join("console.sock");
+        let mut con = crate::GuestConsole::connect(&sock, Duration::from_secs(10)).await?;
+        let line = con
+            .command("check", "FERRY-CHECK", Duration::from_secs(120))
+            .await?;
+        crate::parse_check(&line)
+    }
+
     /// What the QEMU of `vm` on this agent's host says about itself, asked on its
     /// observer QMP socket (`qmp-observe.sock`, which the agent never holds): the test's
     /// own look at the QEMU, not the agent's report.

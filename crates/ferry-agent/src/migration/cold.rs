@@ -666,6 +666,7 @@ impl Job {
             e.cancelled,
             elapsed,
             message,
+            vec![],
         );
     }
 }

@@ -102,6 +102,22 @@ pub struct SourceMeta {
     pub capture: Option<PathBuf>,
 }
 
+impl SourceMeta {
+    /// Whether the device state was captured whole (the `.part` file is renamed to the
+    /// capture's name only once the source QEMU completed).
+    pub fn capture_whole(&self) -> bool {
+        self.capture.as_ref().is_some_and(|p| p.exists())
+    }
+
+    /// Removes the capture, whole or partial.
+    pub fn remove_capture(&self) {
+        if let Some(c) = &self.capture {
+            let _ = std::fs::remove_file(c);
+            let _ = std::fs::remove_file(c.with_extension("part"));
+        }
+    }
+}
+
 /// A migration this host is the source of: its live status and its cancel switch.
 pub struct OutgoingHandle {
     pub id: String,
@@ -159,7 +175,9 @@ impl Outgoing {
     }
 
     /// Ends a migration that did not complete (failed, or cancelled on request): records
-    /// why and when, counts it, and moves it to its final phase with `message`.
+    /// why and when, counts it, moves it to its final phase with `message`, and journals
+    /// that together with `ops` (e.g. the VM record it frees) in one transaction.
+    #[allow(clippy::too_many_arguments)]
     pub fn end_unsuccessful(
         &self,
         h: &OutgoingHandle,
@@ -168,24 +186,30 @@ impl Outgoing {
         cancelled: bool,
         elapsed_ms: u64,
         message: String,
+        ops: Vec<Op>,
     ) {
-        h.update(|s| {
-            s.error = reason.to_string();
-            s.finished_unix_ms = now_ms();
-            s.stats.get_or_insert_with(Default::default).elapsed_ms = elapsed_ms;
-        });
         let (result, phase) = if cancelled {
             ("cancelled", pb::MigrationPhase::Cancelled)
         } else {
             ("failed", pb::MigrationPhase::Failed)
         };
+        tracing::info!(migration = %h.id, vm = %h.status.borrow().vm, ?phase, "{message}");
+        h.update(|s| {
+            s.error = reason.to_string();
+            s.finished_unix_ms = now_ms();
+            s.stats.get_or_insert_with(Default::default).elapsed_ms = elapsed_ms;
+            s.phase = phase as i32;
+            s.message = message;
+        });
+        h.set_meta(|m| m.mark = SourceMark::Settled);
+        if let Err(e) = self.persist_with(h, ops) {
+            tracing::error!(migration = %h.id, "journal: {e}");
+        }
         metrics
             .migrations
             .with_label_values(&["source", result])
             .inc();
         metrics.active.dec();
-        h.set_meta(|m| m.mark = SourceMark::Settled);
-        self.set_phase(h, phase, message);
         self.release(&h.id);
     }
 

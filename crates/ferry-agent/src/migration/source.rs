@@ -1394,8 +1394,13 @@ pub async fn settle(
         let answer = ask_target(ctx, target, &h.id).await;
         let meta = h.meta();
         let qemu = source_qemu(proc).await;
-        let capture_whole = meta.capture.as_ref().is_some_and(|p| p.exists());
-        let action = source_recovery(meta.mark, answer, qemu, meta.was_running, capture_whole);
+        let action = source_recovery(
+            meta.mark,
+            answer,
+            qemu,
+            meta.was_running,
+            meta.capture_whole(),
+        );
         info!(migration = %h.id, ?answer, ?qemu, ?action, "settling with the target");
         match action {
             None => return SourceAction::RollBack(Resume::AlreadyRunning),
@@ -1451,9 +1456,7 @@ async fn finish_copy(
         }
     }
     let _ = ctx.vms.end_outgoing(vm, true, false).await;
-    if let Some(c) = h.meta().capture {
-        let _ = std::fs::remove_file(c);
-    }
+    h.meta().remove_capture();
     crate::vms::remove_vm_files(&ctx.cfg, vm);
     h.set_meta(|m| m.mark = SourceMark::Settled);
     h.update(|s| {
@@ -1496,8 +1499,11 @@ async fn take_back(
     if let Some(p) = proc {
         cancel_qemu_migration(p.qmp(), false).await;
     }
-    let capture_whole = meta.capture.as_ref().is_some_and(|p| p.exists());
-    let resume = rollback_resume(source_qemu(proc).await, meta.was_running, capture_whole);
+    let resume = rollback_resume(
+        source_qemu(proc).await,
+        meta.was_running,
+        meta.capture_whole(),
+    );
     let running = match resume {
         Resume::AlreadyRunning => true,
         Resume::LeavePaused => false,
@@ -1529,10 +1535,7 @@ async fn take_back(
         .await
         .ok()
         .flatten();
-    if let Some(c) = &meta.capture {
-        let _ = std::fs::remove_file(c);
-        let _ = std::fs::remove_file(c.with_extension("part"));
-    }
+    meta.remove_capture();
     let where_ = match resume {
         Resume::Crashed => format!(
             "its QEMU on {} is gone: VM '{vm}' crashed (start it again)",
@@ -1545,32 +1548,9 @@ async fn take_back(
         _ => format!("rolled back: VM '{vm}' runs on {}", ctx.cfg.host_name),
     };
     // The VM record (free again) and the migration's end, one transaction.
-    h.update(|s| {
-        s.error = reason.to_string();
-        s.finished_unix_ms = now_ms();
-        s.stats.get_or_insert_with(Default::default).elapsed_ms = elapsed_ms;
-    });
-    let (result, phase) = if cancelled {
-        ("cancelled", pb::MigrationPhase::Cancelled)
-    } else {
-        ("failed", pb::MigrationPhase::Failed)
-    };
-    h.set_meta(|m| m.mark = SourceMark::Settled);
-    h.update(|s| {
-        s.phase = phase as i32;
-        s.message = where_.clone();
-    });
-    info!(migration = %h.id, vm, "{where_}");
     let ops = rec.map(|r| vec![Op::PutVm(r)]).unwrap_or_default();
-    if let Err(e) = ctx.outgoing.persist_with(h, ops) {
-        tracing::error!(migration = %h.id, "journal: {e}");
-    }
-    ctx.metrics
-        .migrations
-        .with_label_values(&["source", result])
-        .inc();
-    ctx.metrics.active.dec();
-    ctx.outgoing.release(&h.id);
+    ctx.outgoing
+        .end_unsuccessful(h, &ctx.metrics, reason, cancelled, elapsed_ms, where_, ops);
     let _ = ctx
         .journal
         .prune_migrations(ctx.cfg.migration.journal_history);

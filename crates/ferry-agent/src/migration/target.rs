@@ -395,21 +395,14 @@ impl IncomingRegistry {
         if inc.token != token {
             return Err(Status::permission_denied("wrong migration token"));
         }
-        self.fail_point("tgt.commit.asked").await?;
-        let mut st = inc.state.lock().await;
-        let verdict = match inc.loaded.borrow().clone() {
-            Some(Ok(())) => Ok(()),
-            Some(Err(e)) => Err(format!("target QEMU did not load the device state: {e}")),
-            None => Err("target QEMU has not loaded the device state".to_string()),
-        };
-        let (_, effects) = st.recv.step(ReceiverEvent::CommitAsked {
-            verdict,
-            leave_paused,
-        });
-        self.carry_out(&inc, &mut st, effects).await
+        // No fingerprint over gRPC: the device state having loaded is the verdict.
+        let loaded = inc.loaded.borrow().clone();
+        let verdict = decide_commit(loaded.as_ref(), None, None)
+            .unwrap_or_else(|| Err("target QEMU has not loaded the device state".to_string()));
+        self.commit_decided(&inc, verdict, leave_paused).await
     }
 
-    /// The data plane's commit: the verdict ([`decide_commit`]) through the state machine.
+    /// A commit's verdict ([`decide_commit`]) through the state machine, carried out.
     async fn commit_decided(
         &self,
         inc: &Incoming,
@@ -492,11 +485,9 @@ impl IncomingRegistry {
                 Effect::ReplyOwned => owned = true,
                 Effect::Discard => {
                     inc.cancel.cancel();
-                    let _ = inc.proc.kill().await;
                     inc.release_ram();
-                    self.vms.forget(&inc.spec.name, &inc.id).await;
-                    remove_vm_files(&self.cfg, &inc.spec.name);
-                    super::disks::remove_copies(&inc.copies);
+                    self.discard(&inc.spec.name, &inc.id, Some(&inc.proc), &inc.copies)
+                        .await;
                     // Only exit/hang here: an injected error must not cut the sequence short.
                     let _ = self.fail_point("tgt.abort.discarded").await;
                 }
@@ -576,6 +567,23 @@ impl IncomingRegistry {
                 warn!(migration = %inc.id, "nbd-server-stop: {err}");
             }
         }
+    }
+
+    /// The `Discard` effect's I/O, live and on restart: kill the QEMU, forget the VM,
+    /// remove its RAM file, run directory and the disk copies made for it (idempotent).
+    async fn discard(
+        &self,
+        vm: &str,
+        id: &str,
+        proc: Option<&Arc<QemuProcess>>,
+        copies: &[PathBuf],
+    ) {
+        if let Some(p) = proc {
+            let _ = p.kill().await;
+        }
+        self.vms.forget(vm, id).await;
+        remove_vm_files(&self.cfg, vm);
+        super::disks::remove_copies(copies);
     }
 
     fn record(&self, inc: &Incoming, state: &str) -> MigrationRecord {
@@ -673,12 +681,7 @@ impl IncomingRegistry {
             let mut rec = r.clone();
             match action {
                 TargetAction::Discard => {
-                    if let Some(p) = proc {
-                        let _ = p.kill().await;
-                    }
-                    self.vms.forget(&r.vm, &r.id).await;
-                    remove_vm_files(&self.cfg, &r.vm);
-                    super::disks::remove_copies(&r.copies);
+                    self.discard(&r.vm, &r.id, proc.as_ref(), &r.copies).await;
                     rec.receiver = Some(Receiver::Aborted);
                     rec.state = "aborted".into();
                     self.journal
