@@ -51,25 +51,10 @@ fn guest_spec(name: &str, disk: &Path) -> pb::VmSpec {
 }
 
 async fn boot(agent: &TestAgent, name: &str, disk: &Path) -> pb::VmInfo {
-    let mut c = agent.client().await.expect("client");
-    c.define_vm(pb::DefineVmRequest {
-        spec: Some(guest_spec(name, disk)),
-    })
-    .await
-    .expect("define");
-    let info = c
-        .start_vm(pb::VmRef { name: name.into() })
+    agent
+        .define_and_boot(guest_spec(name, disk))
         .await
-        .expect("start")
-        .into_inner();
-    ferry_testkit::wait_for_log_line(
-        Path::new(&info.console_log),
-        "FERRY-READY",
-        Duration::from_secs(120),
-    )
-    .await
-    .expect("guest workload ready");
-    info
+        .expect("boot the guest")
 }
 
 async fn check(info: &pb::VmInfo) -> ferry_testkit::CheckResult {

@@ -62,25 +62,10 @@ fn guest_spec(name: &str, dirty_mibps: f64) -> pb::VmSpec {
 
 /// Defines and starts a guest on `agent` and waits for its workload to be ready.
 async fn boot_guest(agent: &TestAgent, name: &str, dirty_mibps: f64) -> pb::VmInfo {
-    let mut c = agent.client().await.expect("client");
-    c.define_vm(pb::DefineVmRequest {
-        spec: Some(guest_spec(name, dirty_mibps)),
-    })
-    .await
-    .expect("define");
-    // A start failure was seen once under load: say why, with the agent's log.
-    let info = match c.start_vm(pb::VmRef { name: name.into() }).await {
-        Ok(r) => r.into_inner(),
-        Err(e) => panic!("start VM {name}: {e:?}\nagent log:\n{}", agent.log_tail()),
-    };
-    ferry_testkit::wait_for_log_line(
-        Path::new(&info.console_log),
-        "FERRY-READY",
-        Duration::from_secs(120),
-    )
-    .await
-    .expect("guest workload ready");
-    info
+    agent
+        .define_and_boot(guest_spec(name, dirty_mibps))
+        .await
+        .expect("boot the guest")
 }
 
 async fn console(info: &pb::VmInfo) -> GuestConsole {

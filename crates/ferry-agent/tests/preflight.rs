@@ -29,24 +29,7 @@ fn spec(name: &str, memory_mib: u64, work_mib: u64, dirty: f64) -> pb::VmSpec {
 }
 
 async fn boot(agent: &TestAgent, s: pb::VmSpec) -> pb::VmInfo {
-    let name = s.name.clone();
-    let mut c = agent.client().await.expect("client");
-    c.define_vm(pb::DefineVmRequest { spec: Some(s) })
-        .await
-        .expect("define");
-    let info = c
-        .start_vm(pb::VmRef { name })
-        .await
-        .expect("start")
-        .into_inner();
-    ferry_testkit::wait_for_log_line(
-        Path::new(&info.console_log),
-        "FERRY-READY",
-        Duration::from_secs(120),
-    )
-    .await
-    .expect("ready");
-    info
+    agent.define_and_boot(s).await.expect("boot the guest")
 }
 
 fn check<'a>(r: &'a pb::PreflightReport, name: &str) -> &'a pb::PreflightCheck {
