@@ -1,10 +1,12 @@
 //! Cold (offline) migration between real ferryd processes: real qcow2 images written with
 //! qemu-io, the copy over QUIC, and a real QEMU boot on the target.
 //!
-//! A disk image travels to the *same absolute path* on the target. To have two hosts on
-//! one machine, every agent runs in a mount namespace of its own (`unshare -m`) in which
-//! the shared storage-root path shows that host's private directory; the test reads each
-//! host's images in its private directory. Needs root (mounts), like the rest of the suite.
+//! A disk image is named relative to the storage roots and lands at that name under the
+//! target's root. To have hosts with one root path on one machine, every agent runs in a
+//! mount namespace of its own (`unshare -m`) in which the storage-root path shows that
+//! host's private directory; the test reads each host's images in its private directory
+//! (one host, `other`, has its root at another path). Needs root (mounts), like the rest
+//! of the suite.
 //!
 //! The tests share the machine's two cores: they run one at a time (a global lock).
 
@@ -605,21 +607,107 @@ async fn cold_migration_refusals_and_backing_chain() {
     );
     assert_eq!(vm_state(&small, "fat").await, None);
 
-    // A path the source may use but the target may not.
-    let end = migrate(&a, offline("fat", &other)).await;
-    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
-    eprintln!("c) outside target roots: {}", end.error);
-    assert!(
-        end.error.contains("outside the storage roots") && end.error.contains("fat.qcow2"),
-        "{}",
-        end.error
+    // A host whose storage root is mounted elsewhere: images are named relative to the
+    // roots, so the chain lands under that host's root, and the overlay's absolute
+    // backing reference (A's path, which means nothing there) is pointed at the base's
+    // new place before the VM is defined and started.
+    let abs_base = m.private("a").join("abs-base.qcow2");
+    qemu_img_create(&abs_base, "qcow2", "64M", None);
+    qemu_io_write(&abs_base, "qcow2", &[(random.as_path(), 0, 2 * MIB)]);
+    let abs_top = m.private("a").join("abs-top.qcow2");
+    qemu_img_create(&abs_top, "qcow2", "64M", Some("abs-base.qcow2"));
+    qemu_io_write(&abs_top, "qcow2", &[(random.as_path(), MIB, MIB)]);
+    // As A sees it: the base by its absolute path under the shared root.
+    let a_name = m.root().join("abs-base.qcow2");
+    run(Command::new("qemu-img")
+        .args(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&a_name)
+        .arg(&abs_top));
+    let (top_before, base_before) = (digest(&abs_top), digest(&abs_base));
+    define(
+        &a,
+        spec(
+            "absref",
+            &[("vda", &m.root().join("abs-top.qcow2"), "qcow2")],
+        ),
+    )
+    .await;
+    let end = migrate(
+        &a,
+        pb::StartMigrationRequest {
+            start_on_target: true,
+            ..offline("absref", &other)
+        },
+    )
+    .await;
+    assert_eq!(
+        end.phase,
+        pb::MigrationPhase::Completed as i32,
+        "{end:?}{}",
+        logs(&a, &other)
     );
-    assert!(
-        tree(&m.private("other")).is_empty(),
-        "{:?}",
-        tree(&m.private("other"))
+    assert!(end.error.is_empty(), "started there: {}", end.error);
+    assert_eq!(vm_state(&other, "absref").await, Some(pb::VmState::Running));
+    let there = other
+        .client()
+        .await
+        .expect("client")
+        .get_vm(pb::VmRef {
+            name: "absref".into(),
+        })
+        .await
+        .expect("VM on other")
+        .into_inner();
+    assert_eq!(
+        there.spec.expect("spec").disks[0].path,
+        other_root.join("abs-top.qcow2").display().to_string(),
+        "defined with the target's own path"
     );
-    assert_eq!(vm_state(&other, "fat").await, None);
+    let (o_top, o_base) = (
+        m.private("other").join("abs-top.qcow2"),
+        m.private("other").join("abs-base.qcow2"),
+    );
+    assert_eq!(
+        digest(&o_base),
+        base_before,
+        "the base arrived byte for byte"
+    );
+    let info = ferry_disk::image::inspect(&o_top).expect("the overlay opens with its chain");
+    let below = info.backing.expect("still an overlay");
+    assert_eq!(
+        below.filename, "abs-base.qcow2",
+        "rebased to the base beside it"
+    );
+    assert_eq!(below.path, std::fs::canonicalize(&o_base).expect("canon"));
+    other
+        .client()
+        .await
+        .expect("client")
+        .stop_vm(pb::StopVmRequest {
+            name: "absref".into(),
+            force: true,
+        })
+        .await
+        .expect("stop on other");
+    // Same guest-visible content as the chain on A (A's overlay read through A's base).
+    run(Command::new("qemu-img")
+        .args(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&abs_base)
+        .arg(&abs_top));
+    assert!(
+        ferry_disk::image::compare(&abs_top, &o_top).expect("compare"),
+        "the chain on the target shows what the chain on A showed"
+    );
+    run(Command::new("qemu-img")
+        .args(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&a_name)
+        .arg(&abs_top));
+    assert_eq!(
+        digest(&abs_top),
+        top_before,
+        "the source's overlay is unchanged"
+    );
+    assert_eq!(vm_state(&a, "absref").await, Some(pb::VmState::Defined));
     // Neither refusal touched the source.
     assert_eq!(vm_state(&a, "fat").await, Some(pb::VmState::Defined));
     assert_eq!(digest(&img), before);

@@ -264,6 +264,67 @@ async fn disk_mirrored_without_shared_storage_loses_no_write() {
     })
     .await
     .expect("stop");
+
+    // And back, cold: B's image is named relative to B's root, so it lands under A's
+    // (a different path). A still has its own, older image of that name: never
+    // overwritten, the refusal says where it is.
+    let back = |storage_clash: bool| pb::StartMigrationRequest {
+        vm: "db01".into(),
+        target: a.grpc_addr(),
+        offline: true,
+        start_on_target: !storage_clash,
+        ..Default::default()
+    };
+    let refused = migrate(&mut cb, back(true)).await;
+    assert_eq!(
+        refused.phase,
+        pb::MigrationPhase::Failed as i32,
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .error
+            .contains("already exists on host a with different content")
+            && refused.error.contains("disk0.qcow2"),
+        "{}",
+        refused.error
+    );
+    std::fs::remove_file(&disk_a).expect("the operator removes A's stale image");
+    let home = migrate(&mut cb, back(false)).await;
+    assert_eq!(
+        home.phase,
+        pb::MigrationPhase::Completed as i32,
+        "cold migration back failed: {home:?}\nA log:\n{}\nB log:\n{}",
+        a.log_tail(),
+        b.log_tail()
+    );
+    assert!(home.error.is_empty(), "started on A: {}", home.error);
+    let on_a = ca
+        .get_vm(pb::VmRef {
+            name: "db01".into(),
+        })
+        .await
+        .expect("VM back on A")
+        .into_inner();
+    assert_eq!(on_a.state(), pb::VmState::Running);
+    assert_eq!(
+        on_a.spec.expect("spec").disks[0].path,
+        std::fs::canonicalize(&disk_a)
+            .expect("the image is back on A")
+            .display()
+            .to_string(),
+        "defined with A's path"
+    );
+    ca.stop_vm(pb::StopVmRequest {
+        name: "db01".into(),
+        force: true,
+    })
+    .await
+    .expect("stop on A");
+    assert!(
+        ferry_disk::image::compare(&disk_a, &disk_b).expect("qemu-img compare"),
+        "the image came back as B had it"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

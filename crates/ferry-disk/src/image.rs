@@ -254,6 +254,66 @@ pub fn create(
     Ok(())
 }
 
+/// Points the backing reference of `path` at `backing` unless it already resolves there
+/// with that format: `qemu-img rebase -u`, which rewrites the header only (no guest data is
+/// read or written), as after moving a chain to another directory. The new reference is
+/// the bare file name when `backing` sits beside `path` (the chain can move again as a
+/// whole), else `backing`'s absolute path. Returns whether the image was changed.
+///
+/// Unlike [`inspect`] this works while the current reference points at a file that does
+/// not exist here (the source host's path).
+pub fn point_backing_at(
+    path: &Path,
+    format: ImageFormat,
+    backing: &Path,
+    backing_format: ImageFormat,
+) -> Result<bool, DiskError> {
+    let path = absolute(path)?;
+    let want =
+        fs::canonicalize(backing).map_err(|e| DiskError::io("resolve backing file", backing, e))?;
+    let args: Vec<String> = vec![
+        "info".into(),
+        "--output=json".into(),
+        "-U".into(),
+        "-f".into(),
+        format.as_str().into(),
+    ];
+    let (command, stdout) = run_qemu_img(&args, &[&path])?;
+    let raw: RawInfo = serde_json::from_slice(&stdout)
+        .map_err(|source| DiskError::QemuImgOutput { command, source })?;
+    if let Some(name) = &raw.backing_filename {
+        if name.starts_with("json:") || name.contains("://") {
+            return Err(DiskError::UnsupportedImage {
+                path,
+                reason: format!("backing file {name:?} is not a plain file"),
+            });
+        }
+        let current = fs::canonicalize(resolve_backing(&path, Path::new(name))).ok();
+        let same_format = raw.backing_filename_format.as_deref() == Some(backing_format.as_str());
+        if current.as_deref() == Some(want.as_path()) && same_format {
+            return Ok(false);
+        }
+    }
+    let dir = path.parent().and_then(|d| fs::canonicalize(d).ok());
+    let name = match (dir, want.parent(), want.file_name()) {
+        (Some(d), Some(bd), Some(f)) if d == bd => PathBuf::from(f),
+        _ => want.clone(),
+    };
+    let name = path_arg(&name)?;
+    let args: Vec<String> = vec![
+        "rebase".into(),
+        "-u".into(),
+        "-f".into(),
+        format.as_str().into(),
+        "-b".into(),
+        name,
+        "-F".into(),
+        backing_format.as_str().into(),
+    ];
+    run_qemu_img(&args, &[&path])?;
+    Ok(true)
+}
+
 /// Compare the guest-visible content of two images (`qemu-img compare -U`).
 ///
 /// `Ok(true)` if identical, `Ok(false)` if they differ. Unallocated areas read as zeros,
@@ -447,6 +507,50 @@ mod tests {
         let as_raw = inspect_as(&q, ImageFormat::Raw).unwrap();
         assert_eq!(as_raw.format, ImageFormat::Raw);
         assert_ne!(as_raw.virtual_size, 64 * MIB);
+    }
+
+    #[test]
+    fn backing_reference_follows_a_moved_chain() {
+        let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let base = one.path().join("base.qcow2");
+        let top = one.path().join("top.qcow2");
+        create(&base, ImageFormat::Qcow2, 16 * MIB, None).unwrap();
+        // An absolute reference: it still names the old place once the files move.
+        create(
+            &top,
+            ImageFormat::Qcow2,
+            16 * MIB,
+            Some((&base, ImageFormat::Qcow2)),
+        )
+        .unwrap();
+        let (base2, top2) = (two.path().join("base.qcow2"), two.path().join("top.qcow2"));
+        fs::copy(&base, &base2).unwrap();
+        fs::copy(&top, &top2).unwrap();
+        fs::remove_file(&base).unwrap();
+        assert!(matches!(
+            inspect(&top2),
+            Err(DiskError::MissingBacking { .. })
+        ));
+
+        assert!(point_backing_at(&top2, ImageFormat::Qcow2, &base2, ImageFormat::Qcow2).unwrap());
+        let info = inspect_as(&top2, ImageFormat::Qcow2).unwrap();
+        let b = info.backing.expect("a backing file");
+        assert_eq!(b.path, fs::canonicalize(&base2).unwrap());
+        assert_eq!(b.filename, "base.qcow2", "beside it: a relative name");
+        assert_eq!(b.format, Some(ImageFormat::Qcow2));
+        // Already right: left alone.
+        assert!(!point_backing_at(&top2, ImageFormat::Qcow2, &base2, ImageFormat::Qcow2).unwrap());
+        // A backing elsewhere is named by its absolute path.
+        let elsewhere = one.path().join("other-base.qcow2");
+        create(&elsewhere, ImageFormat::Qcow2, 16 * MIB, None).unwrap();
+        assert!(
+            point_backing_at(&top2, ImageFormat::Qcow2, &elsewhere, ImageFormat::Qcow2).unwrap()
+        );
+        let b = inspect(&top2).unwrap().backing.unwrap();
+        assert_eq!(
+            PathBuf::from(&b.filename),
+            fs::canonicalize(&elsewhere).unwrap()
+        );
     }
 
     #[test]

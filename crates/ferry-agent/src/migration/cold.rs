@@ -4,8 +4,10 @@
 //!
 //! **Source** ([`start`]): the VM must be stopped (or is stopped first with `stop_source`)
 //! and is marked busy so it cannot be started meanwhile. Every image file of every disk,
-//! backing layers included, is confined to the storage roots, inspected and hashed
-//! (BLAKE3). The target is asked to prepare ([`prepare`]); then each image that is not
+//! backing layers included, is confined to the storage roots, inspected, hashed (BLAKE3)
+//! and named relative to its root, as live migration names disks: the target maps the name
+//! into its own roots (hosts may mount storage at different paths) and, at [`finish`],
+//! points each received overlay's backing reference at the new place of the layer below. The target is asked to prepare ([`prepare`]); then each image that is not
 //! already there travels on a QUIC unidirectional stream of its own:
 //!
 //! ```text
@@ -118,9 +120,9 @@ fn status_msg(s: &Status) -> String {
 /// One image file the source sends.
 #[derive(Debug, Clone)]
 struct SourceImage {
-    /// The path on both hosts: the spec's path for a disk's top layer, the path the
-    /// backing chain resolves to for the layers below.
-    path: PathBuf,
+    /// Its name across hosts: the path relative to the storage root that holds it (hosts
+    /// may mount their storage at different paths; live migration names disks the same way).
+    name: PathBuf,
     /// Where this host reads it (after storage-root confinement).
     local: PathBuf,
     format: ImageFormat,
@@ -128,6 +130,10 @@ struct SourceImage {
     allocated: u64,
     digest: Blake3Digest,
     transfer_id: String,
+    /// The disk whose top layer this is (`None` for a backing layer).
+    disk_id: Option<String>,
+    /// The name of the layer below, if any.
+    backing: Option<PathBuf>,
 }
 
 /// Starts a cold migration of `r.vm` to `r.target` (the caller checked the target
@@ -381,12 +387,18 @@ impl Job {
                 .images
                 .iter()
                 .map(|i| pb::ColdImage {
-                    path: i.path.display().to_string(),
+                    path: i.name.display().to_string(),
                     length: i.length,
                     blake3: i.digest.to_hex(),
                     format: i.format.to_string(),
                     allocated_bytes: i.allocated,
                     transfer_id: i.transfer_id.clone(),
+                    disk_id: i.disk_id.clone().unwrap_or_default(),
+                    backing: i
+                        .backing
+                        .as_ref()
+                        .map(|b| b.display().to_string())
+                        .unwrap_or_default(),
                 })
                 .collect(),
         };
@@ -543,7 +555,7 @@ impl Job {
         let files: Vec<String> = self
             .images
             .iter()
-            .map(|i| i.path.display().to_string())
+            .map(|i| i.local.display().to_string())
             .collect();
         let here = if self.p.undefine_source {
             if files.is_empty() {
@@ -671,7 +683,8 @@ impl Job {
     }
 }
 
-/// Every image file of `spec`'s disks, lowest backing layer first, each once.
+/// Every image file of `spec`'s disks, lowest backing layer first, each once, named
+/// relative to the storage roots.
 fn collect_images(
     storage: &StorageRoots,
     host: &str,
@@ -682,20 +695,37 @@ fn collect_images(
         let what = |e: &dyn std::fmt::Display| {
             format!("disk '{}' of VM '{}' on host {host}: {e}", d.id, spec.name)
         };
-        let local = storage.confine(&d.path).map_err(|e| what(&e))?;
+        let top = storage.confine(&d.path).map_err(|e| what(&e))?;
         let format = super::disks::image_format(d.format);
-        let chain = ferry_disk::backing_chain_as(&local, format).map_err(|e| what(&e))?;
-        for (depth, layer) in chain.iter().enumerate().rev() {
-            let (path, local) = if depth == 0 {
-                (d.path.clone(), local.clone())
+        let chain = ferry_disk::backing_chain_as(&top, format).map_err(|e| what(&e))?;
+        // Each layer's local path and name, top first.
+        let mut layers = Vec::with_capacity(chain.len());
+        for (depth, layer) in chain.iter().enumerate() {
+            // A backing file outside the roots is as off-limits as a disk outside them.
+            let local = if depth == 0 {
+                top.clone()
             } else {
-                // A backing file outside the roots is as off-limits as a disk outside them.
-                let l = storage
+                storage
                     .confine(&layer.path)
-                    .map_err(|e| what(&format!("backing file: {e}")))?;
-                (layer.path.clone(), l)
+                    .map_err(|e| what(&format!("backing file: {e}")))?
             };
-            if out.iter().any(|i| i.path == path) {
+            let name = storage
+                .relative(&local)
+                .map_err(|e| what(&format!("backing file: {e}")))?;
+            layers.push((local, name, layer.format));
+        }
+        for depth in (0..layers.len()).rev() {
+            let (local, name, format) = layers[depth].clone();
+            let backing = layers.get(depth + 1).map(|l| l.1.clone());
+            if let Some(seen) = out.iter_mut().find(|i| i.name == name) {
+                if depth == 0 {
+                    // Two disks on one image file: QEMU's locks would refuse it anyway.
+                    return Err(what(&format!(
+                        "image {} is also used by another disk (as {})",
+                        local.display(),
+                        seen.disk_id.as_deref().unwrap_or("a backing layer")
+                    )));
+                }
                 continue; // a base image shared by two disks travels once
             }
             let meta = std::fs::metadata(&local)
@@ -704,15 +734,17 @@ fn collect_images(
                 return Err(what(&format!("{} is not a regular file", local.display())));
             }
             let digest = ferry_disk::file_blake3(&local).map_err(|e| what(&e))?;
-            let transfer_id = transfer_id(host, &path, meta.len(), &digest);
+            let transfer_id = transfer_id(host, &name, meta.len(), &digest);
             out.push(SourceImage {
-                path,
+                name,
                 local,
-                format: layer.format,
+                format,
                 length: meta.len(),
                 allocated: meta.blocks().saturating_mul(512),
                 digest,
                 transfer_id,
+                disk_id: (depth == 0).then(|| d.id.clone()),
+                backing,
             });
         }
     }
@@ -746,10 +778,10 @@ fn check_plans(
         ));
     }
     for (i, p) in images.iter().zip(plans) {
-        if Path::new(&p.path) != i.path || p.resume_offset > i.length {
+        if Path::new(&p.path) != i.name || p.resume_offset > i.length {
             return Err(format!(
                 "target's plan for {} does not match the image ({p:?})",
-                i.path.display()
+                i.name.display()
             ));
         }
     }
@@ -949,6 +981,12 @@ struct TargetImage {
     /// file was already present.
     slot: tokio::sync::Mutex<Option<PartialImage>>,
     done: AtomicBool,
+    format: ImageFormat,
+    /// The layer below (an index into the migration's images), if any.
+    backing: Option<usize>,
+    /// Received in this migration (not already present): its backing reference is ours
+    /// to point at this host's copy of the layer below.
+    received: bool,
 }
 
 /// An incoming cold migration on the target.
@@ -1280,7 +1318,13 @@ fn forget_later(inc: Arc<ColdIncoming>) {
 
 /// A requested image, parsed.
 struct Wanted {
-    path: PathBuf,
+    /// The source's name for it (relative to the storage roots).
+    name: PathBuf,
+    /// Where it goes on this host.
+    resolved: PathBuf,
+    format: ImageFormat,
+    disk_id: Option<String>,
+    backing: Option<usize>,
     length: u64,
     digest: Blake3Digest,
     allocated: u64,
@@ -1290,7 +1334,6 @@ struct Wanted {
 /// A requested image after the checks: where it goes, and whether it is already there.
 struct Planned {
     wanted: Wanted,
-    resolved: PathBuf,
     present: bool,
 }
 
@@ -1322,7 +1365,14 @@ pub async fn prepare(
             req.migration_id
         )));
     }
-    let wanted = parse_images(&req.images, &spec)?;
+    let wanted = parse_images(&ctx.storage, &host, &req.images, &spec)?;
+    // The VM is defined here with this host's paths for its disks.
+    let mut spec = spec;
+    for d in spec.disks.iter_mut() {
+        if let Some(w) = wanted.iter().find(|w| w.disk_id.as_deref() == Some(&d.id)) {
+            d.path = w.resolved.clone();
+        }
+    }
 
     // A new attempt from the same source replaces one it abandoned (its agent restarted
     // mid-copy, say): the reservation goes, the partial images stay and are resumed.
@@ -1351,11 +1401,10 @@ pub async fn prepare(
 
     ctx.vms.reserve_incoming(&spec, &req.migration_id).await?;
     let opened = async {
-        let (storage, host2, vm) = (ctx.storage.clone(), host.clone(), spec.name.clone());
-        let planned =
-            tokio::task::spawn_blocking(move || plan_images(&storage, &host2, &vm, wanted))
-                .await
-                .map_err(|e| Status::internal(format!("checking images: {e}")))??;
+        let (host2, vm) = (host.clone(), spec.name.clone());
+        let planned = tokio::task::spawn_blocking(move || plan_images(&host2, &vm, wanted))
+            .await
+            .map_err(|e| Status::internal(format!("checking images: {e}")))??;
         tokio::task::spawn_blocking(move || open_images(planned))
             .await
             .map_err(|e| Status::internal(format!("opening images: {e}")))?
@@ -1421,25 +1470,69 @@ pub async fn prepare(
     })
 }
 
-/// Parses the request's images; the VM's disks must all be among them.
-fn parse_images(images: &[pb::ColdImage], spec: &VmSpec) -> Result<Vec<Wanted>, Status> {
+/// Parses the request's images and maps each name into this host's storage roots (an
+/// existing file of that name if there is one, else under the first root); the VM's disks
+/// must all be among them.
+fn parse_images(
+    storage: &StorageRoots,
+    host: &str,
+    images: &[pb::ColdImage],
+    spec: &VmSpec,
+) -> Result<Vec<Wanted>, Status> {
+    if storage.roots().is_empty() && !images.is_empty() {
+        return Err(Status::failed_precondition(format!(
+            "host {host} has no storage_roots configured, so it cannot receive the images of VM '{}'",
+            spec.name
+        )));
+    }
     let mut out: Vec<Wanted> = Vec::with_capacity(images.len());
     for i in images {
         let bad = |why: String| Status::invalid_argument(format!("image {:?}: {why}", i.path));
-        let path = PathBuf::from(&i.path);
-        if !path.is_absolute() {
-            return Err(bad("not an absolute path".into()));
-        }
-        if out.iter().any(|w| w.path == path) {
+        let name = PathBuf::from(&i.path);
+        if out.iter().any(|w| w.name == name) {
             return Err(bad("listed twice".into()));
         }
-        let _: ImageFormat = i.format.parse().map_err(bad)?;
+        let candidates = storage.candidates(&name).map_err(|e| {
+            Status::failed_precondition(format!(
+                "host {host} refuses image {} of VM '{}': {e}",
+                name.display(),
+                spec.name
+            ))
+        })?;
+        let resolved = candidates
+            .iter()
+            .find(|p| std::fs::symlink_metadata(p).is_ok())
+            .unwrap_or(&candidates[0])
+            .clone();
+        let format: ImageFormat = i.format.parse().map_err(bad)?;
         if i.transfer_id.is_empty() || i.transfer_id.len() > 128 {
             return Err(bad("transfer_id must be 1 to 128 characters".into()));
         }
         let digest: Blake3Digest = i.blake3.parse().map_err(bad)?;
+        // Lowest layer first: a backing layer is always listed before its overlay.
+        let backing = if i.backing.is_empty() {
+            None
+        } else {
+            let b = Path::new(&i.backing);
+            Some(out.iter().position(|w| w.name == b).ok_or_else(|| {
+                bad(format!(
+                    "backing layer {:?} is not listed before it",
+                    i.backing
+                ))
+            })?)
+        };
+        let disk_id = (!i.disk_id.is_empty()).then(|| i.disk_id.clone());
+        if let Some(id) = &disk_id {
+            if out.iter().any(|w| w.disk_id.as_ref() == Some(id)) {
+                return Err(bad(format!("disk '{id}' has two top layers")));
+            }
+        }
         out.push(Wanted {
-            path,
+            name,
+            resolved,
+            format,
+            disk_id,
+            backing,
             length: i.length,
             digest,
             allocated: i.allocated_bytes,
@@ -1447,47 +1540,44 @@ fn parse_images(images: &[pb::ColdImage], spec: &VmSpec) -> Result<Vec<Wanted>, 
         });
     }
     for d in &spec.disks {
-        if !out.iter().any(|w| w.path == d.path) {
+        let top = out
+            .iter()
+            .find(|w| w.disk_id.as_deref() == Some(&d.id))
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "disk '{}' ({}) of VM '{}' is not among the images sent",
+                    d.id,
+                    d.path.display(),
+                    spec.name
+                ))
+            })?;
+        if super::disks::image_format(d.format) != top.format {
             return Err(Status::invalid_argument(format!(
-                "disk '{}' ({}) of VM '{}' is not among the images sent",
+                "disk '{}' of VM '{}' is {} but its image was sent as {}",
                 d.id,
-                d.path.display(),
-                spec.name
+                spec.name,
+                super::disks::image_format(d.format),
+                top.format
             )));
         }
     }
     Ok(out)
 }
 
-/// The checks of [`prepare`], none of which writes anything: storage roots, files already
-/// there (identical: skipped; different: refused), free space for what is missing.
-fn plan_images(
-    storage: &StorageRoots,
-    host: &str,
-    vm: &str,
-    wanted: Vec<Wanted>,
-) -> Result<Vec<Planned>, Status> {
-    if storage.roots().is_empty() && !wanted.is_empty() {
-        return Err(Status::failed_precondition(format!(
-            "host {host} has no storage_roots configured, so it cannot receive the images of VM '{vm}'"
-        )));
-    }
+/// The checks of [`prepare`], none of which writes anything: files already there
+/// (identical: skipped; different: refused), free space for what is missing.
+fn plan_images(host: &str, vm: &str, wanted: Vec<Wanted>) -> Result<Vec<Planned>, Status> {
     // Bytes still to be allocated, per filesystem (device id, a directory on it).
     let mut need: Vec<(u64, PathBuf, u64)> = Vec::new();
     let mut out = Vec::with_capacity(wanted.len());
     for w in wanted {
-        let resolved = storage.confine(&w.path).map_err(|e| {
-            Status::failed_precondition(format!(
-                "host {host} refuses image {} of VM '{vm}': {e}",
-                w.path.display()
-            ))
-        })?;
+        let resolved = w.resolved.clone();
         let present = match std::fs::symlink_metadata(&resolved) {
             Ok(meta) => {
                 let clash = || {
                     Status::already_exists(format!(
                         "image {} already exists on host {host} with different content: ferry does not overwrite it (remove it there, or rename the image)",
-                        w.path.display()
+                        resolved.display()
                     ))
                 };
                 if !meta.is_file() || meta.len() != w.length {
@@ -1524,11 +1614,7 @@ fn plan_images(
                 )))
             }
         };
-        out.push(Planned {
-            wanted: w,
-            resolved,
-            present,
-        });
+        out.push(Planned { wanted: w, present });
     }
     for (_, dir, bytes) in &need {
         ferry_disk::ensure_space(dir, *bytes, &format!("the images of VM '{vm}'")).map_err(
@@ -1560,14 +1646,14 @@ fn open_images(planned: Vec<Planned>) -> Result<Vec<TargetImage>, Status> {
         let slot = if p.present {
             None
         } else {
-            if let Err(e) = create_parents(&p.resolved, &mut made_dirs) {
+            if let Err(e) = create_parents(&w.resolved, &mut made_dirs) {
                 undo(out, &made_dirs);
                 return Err(Status::internal(format!(
                     "creating the directory of {}: {e}",
-                    w.path.display()
+                    w.resolved.display()
                 )));
             }
-            match PartialImage::open_or_resume(&p.resolved, w.length, &w.transfer_id) {
+            match PartialImage::open_or_resume(&w.resolved, w.length, &w.transfer_id) {
                 Ok(img) => Some(img),
                 Err(e) => {
                     undo(out, &made_dirs);
@@ -1581,13 +1667,16 @@ fn open_images(planned: Vec<Planned>) -> Result<Vec<TargetImage>, Status> {
         };
         let resume_offset = slot.as_ref().map(|s| s.resume_offset()).unwrap_or(w.length);
         out.push(TargetImage {
-            path: p.resolved,
+            path: w.resolved.clone(),
             length: w.length,
             digest: w.digest,
             transfer_id: w.transfer_id.clone(),
             resume_offset,
             slot: tokio::sync::Mutex::new(slot),
             done: AtomicBool::new(p.present),
+            format: w.format,
+            backing: w.backing,
+            received: !p.present,
         });
     }
     Ok(out)
@@ -1777,6 +1866,13 @@ pub async fn finish(
         TargetState::Failed { reason, .. } => return Err(gave_up(reason)),
         TargetState::Receiving => {}
     }
+    // The chain moved between storage roots: each received overlay must name this host's
+    // copy of its backing layer before QEMU (or the define's checks) opens it.
+    let inc2 = inc.clone();
+    tokio::task::spawn_blocking(move || point_backing_references(&inc2.images))
+        .await
+        .map_err(|e| Status::internal(format!("rebasing images: {e}")))?
+        .map_err(|e| Status::internal(format!("host {host}: {e}")))?;
     let defined = ctx.vms.commit_offline(&inc.spec.name, &inc.id).await?;
     let resp = if req.start {
         match ctx.vms.start(&inc.spec.name).await {
@@ -1806,6 +1902,24 @@ pub async fn finish(
         .inc();
     info!(migration = %inc.id, vm = %inc.spec.name, source = %inc.source_host, started = req.start, "cold migration finished: VM defined here");
     Ok(resp)
+}
+
+/// Points the backing reference of every received overlay at this host's copy of the
+/// layer below (`qemu-img rebase -u`, header only); images that were already here are
+/// left as they are.
+fn point_backing_references(images: &[TargetImage]) -> Result<(), String> {
+    for img in images.iter().filter(|i| i.received) {
+        let Some(below) = img.backing.and_then(|b| images.get(b)) else {
+            continue;
+        };
+        let changed =
+            ferry_disk::image::point_backing_at(&img.path, img.format, &below.path, below.format)
+                .map_err(|e| format!("pointing {} at its backing file: {e}", img.path.display()))?;
+        if changed {
+            info!(image = %img.path.display(), backing = %below.path.display(), "backing reference rebased");
+        }
+    }
+    Ok(())
 }
 
 /// Target: gives up on a cold migration at the source's request. Partial images stay for
