@@ -125,10 +125,13 @@ impl FerryControl for ControlService {
             return Err(Status::invalid_argument("page_streams must be 1..=16"));
         }
         let params = MigrationParams {
-            id: uuid::Uuid::new_v4().to_string(),
-            vm: r.vm.clone(),
-            target: r.target.clone(),
-            codec,
+            job: crate::migration::job::JobParams {
+                id: uuid::Uuid::new_v4().to_string(),
+                vm: r.vm.clone(),
+                target: r.target.clone(),
+                codec,
+                bandwidth: r.bandwidth_bytes_per_sec,
+            },
             downtime_ms: if r.downtime_ms == 0 {
                 d.downtime_ms
             } else {
@@ -142,7 +145,6 @@ impl FerryControl for ControlService {
             page_streams,
             verify: !r.skip_verify,
             force: r.force,
-            bandwidth: r.bandwidth_bytes_per_sec,
             timeout: (r.timeout_s > 0)
                 .then(|| std::time::Duration::from_secs(u64::from(r.timeout_s))),
             on_stall: r.on_stall.parse().map_err(Status::invalid_argument)?,
@@ -157,9 +159,9 @@ impl FerryControl for ControlService {
             )));
         };
         // Marks the VM as migrating, or says why it cannot (unknown, stopped, busy).
-        let (spec, proc, was_running) = self.ctx.vms.begin_outgoing(&r.vm, &params.id).await?;
+        let (spec, proc, was_running) = self.ctx.vms.begin_outgoing(&r.vm, &params.job.id).await?;
         let status = pb::MigrationStatus {
-            id: params.id.clone(),
+            id: params.job.id.clone(),
             vm: r.vm,
             source: self.ctx.cfg.host_name.clone(),
             target: r.target,

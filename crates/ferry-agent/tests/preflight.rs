@@ -275,7 +275,7 @@ async fn non_convergence_is_predicted_and_handled_by_policy() {
         .expect("watch migration");
     assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
     assert!(
-        end.error.contains("failed at converge") && end.error.contains("does not converge"),
+        end.error.contains("failed at precopy") && end.error.contains("does not converge"),
         "{}",
         end.error
     );

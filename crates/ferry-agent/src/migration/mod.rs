@@ -8,6 +8,7 @@
 
 pub mod cold;
 pub mod disks;
+pub mod job;
 pub mod pages;
 pub mod relay;
 pub mod source;

@@ -1,10 +1,13 @@
-//! The source side of a live migration: one function per phase, driven by [`run`].
+//! The source side of a live migration: one function per [`Phase`], run in order by
+//! [`Migration::drive`] (up to the fence) and [`run`] (commit, settle), each failing with
+//! a [`MigrateError`] that names its phase.
 //!
 //! Ownership rule: until the target has journaled COMMITTED, any failure resumes the
 //! guest here and removes everything the target made. Once the commit may have happened
 //! (the Commit call was sent), the source never resumes on its own: it asks the target
 //! what happened and, if it cannot find out, stays paused IN_DOUBT.
 
+use super::job::{fail, JobError, JobParams};
 use super::pages::PageSender;
 use super::relay::relay_capturing;
 use super::{now_ms, OutgoingHandle};
@@ -14,20 +17,21 @@ use crate::AgentCtx;
 use ferry_api::v1 as pb;
 use ferry_api::v1::ferry_peer_client::FerryPeerClient;
 use ferry_handoff::{
-    rollback_resume, source_recovery, Resume, SourceAction, SourceMark, SourceQemu, StallDecision,
-    TargetAnswer,
+    rollback_resume, source_recovery, Phase, Resume, SourceAction, SourceMark, SourceQemu,
+    StallDecision, TargetAnswer,
 };
-use ferry_memory::{DirtyBitmap, DirtyTracker, RamFile, DEFAULT_SHIM_FD, PAGE_SIZE};
+use ferry_memory::{DirtyBitmap, DirtyTracker, RamFile, TrackerKind, DEFAULT_SHIM_FD, PAGE_SIZE};
 use ferry_qemu::{QemuProcess, VmSpec};
 use ferry_qmp::{wait_for_event, MirrorCopyMode, QmpClient, QmpEvent};
 use ferry_transport::{write_stream_header, ControlChannel, FrameWriter};
-use ferry_wire::{Codec, ControlMessage, StreamHeader, StreamKind, PROTOCOL_VERSION};
+use ferry_wire::{ControlMessage, StreamHeader, StreamKind, PROTOCOL_VERSION};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
@@ -37,18 +41,14 @@ const PACE_HEADROOM: f64 = 0.88;
 /// What the caller asked for.
 #[derive(Debug, Clone)]
 pub struct MigrationParams {
-    pub id: String,
-    pub vm: String,
-    pub target: String,
-    pub codec: Codec,
+    /// What live and cold migrations share: id, VM, target, codec, bandwidth cap.
+    pub job: JobParams,
     pub downtime_ms: u32,
     pub max_rounds: u32,
     pub page_streams: u32,
     pub verify: bool,
     /// Go ahead despite failed soft preflight checks.
     pub force: bool,
-    /// Data-plane cap in bytes per second (0: none).
-    pub bandwidth: u64,
     /// Roll back if not committing within this time.
     pub timeout: Option<Duration>,
     pub on_stall: StallPolicy,
@@ -60,23 +60,11 @@ pub struct MigrationParams {
 
 pub use ferry_handoff::StallPolicy;
 
-/// A failure, with the step it happened in. Its text names VM, hosts and step.
-#[derive(Debug)]
-pub struct MigrationError {
-    pub step: &'static str,
-    pub message: String,
-    pub cancelled: bool,
-}
+/// A failed live migration: the [`Phase`] it failed in and why. Its text names VM, hosts
+/// and step.
+pub type MigrateError = JobError<Phase>;
 
-type Res<T> = Result<T, MigrationError>;
-
-fn fail<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> MigrationError {
-    move |e| MigrationError {
-        step,
-        message: e.to_string(),
-        cancelled: false,
-    }
-}
+type Res<T> = Result<T, MigrateError>;
 
 fn status_msg(s: tonic::Status) -> String {
     format!("{} ({:?})", s.message(), s.code())
@@ -116,17 +104,18 @@ pub async fn run_guarded(
     spec: VmSpec,
     proc: Arc<QemuProcess>,
 ) {
-    let (ctx2, p2, h2, proc2) = (ctx.clone(), p.clone(), h.clone(), proc.clone());
-    let Err(panic) = tokio::spawn(run(ctx, p, h, spec, proc)).await else {
-        return;
-    };
-    tracing::error!(migration = %p2.id, "migration task panicked: {panic}");
-    // Settle exactly as a restarted agent would: the journaled mark decides.
-    let why = format!(
-        "internal error in the migration of VM '{}' (a bug: {panic})",
-        p2.vm
-    );
-    settle_and_end(ctx2, h2, p2.vm.clone(), p2.target.clone(), Some(proc2), why).await;
+    let job = p.job.clone();
+    let (ctx2, h2, proc2) = (ctx.clone(), h.clone(), proc.clone());
+    let task = run(ctx, p, h, spec, proc);
+    super::job::run_guarded(&job.id, task, |panic| async move {
+        // Settle exactly as a restarted agent would: the journaled mark decides.
+        let why = format!(
+            "internal error in the migration of VM '{}' (a bug: {panic})",
+            job.vm
+        );
+        settle_and_end(ctx2, h2, job.vm, job.target, Some(proc2), why).await;
+    })
+    .await;
 }
 
 /// Runs a migration whose VM the caller already marked as migrating, to its end.
@@ -145,6 +134,7 @@ pub async fn run(
         h: h.clone(),
         spec,
         proc: proc.clone(),
+        at: Phase::Preflight,
         started,
         stop_time: None,
         token: String::new(),
@@ -156,15 +146,17 @@ pub async fn run(
     };
     ctx.metrics.active.inc();
     let deadline = p.timeout.unwrap_or(Duration::from_secs(u64::MAX / 4));
+    // Cancel and timeout are noticed outside the phase; they are charged to the phase
+    // that was running (`m.at`) once it has been dropped.
     let result = tokio::select! {
         r = m.drive(&mut undo) => r,
-        _ = h.cancel.cancelled() => Err(MigrationError { step: "cancel", message: "cancelled by request".into(), cancelled: true }),
-        _ = tokio::time::sleep(deadline) => Err(MigrationError {
-            step: "timeout",
-            message: format!("not ready to commit after {} s (--timeout)", deadline.as_secs()),
-            cancelled: false,
-        }),
-    };
+        _ = h.cancel.cancelled() => Err(JobError::cancelled(Phase::Preflight)),
+        _ = tokio::time::sleep(deadline) => Err(JobError::new(
+            Phase::Preflight,
+            format!("not ready to commit after {} s (--timeout)", deadline.as_secs()),
+        )),
+    }
+    .map_err(|e| MigrateError { phase: m.at, ..e });
     let result = match result {
         Ok(()) => m.commit(&mut undo).await,
         Err(e) => Err(e),
@@ -172,14 +164,14 @@ pub async fn run(
     let result = match result {
         // Commit may be on the wire: the target decides, ask it (IN_DOUBT meanwhile).
         Err(e) if m.h.meta().mark == SourceMark::CommitSent => {
-            warn!(migration = %m.p.id, "commit not confirmed ({}): asking the target", e.message);
-            match settle(&m.ctx, &m.h, &m.p.target, Some(&m.proc)).await {
+            warn!(migration = %m.p.job.id, "commit not confirmed ({}): asking the target", e.message);
+            m.at = Phase::Settle;
+            match settle(&m.ctx, &m.h, &m.p.job.target, Some(&m.proc)).await {
                 SourceAction::Finish => Ok(0),
-                _ => Err(MigrationError {
-                    step: "commit",
-                    message: format!("{}; the target did not commit", e.message),
-                    cancelled: false,
-                }),
+                _ => Err(JobError::new(
+                    Phase::Settle,
+                    format!("{}; the target did not commit", e.message),
+                )),
             }
         }
         other => other,
@@ -196,6 +188,8 @@ struct Migration {
     h: Arc<OutgoingHandle>,
     spec: VmSpec,
     proc: Arc<QemuProcess>,
+    /// The phase running (or last run).
+    at: Phase,
     started: Instant,
     /// When the source vCPUs stopped (QMP STOP event).
     stop_time: Option<SystemTime>,
@@ -212,9 +206,58 @@ struct Migration {
     final_round: Option<(u32, u64)>,
 }
 
+/// What [`Migration::prepare`] leaves: where the data plane goes, the disks that travel.
+struct Prepared {
+    quic_addr: String,
+    copies: Vec<pb::DiskProbe>,
+}
+
+/// The data plane [`Migration::connect`] opens.
+struct Link {
+    conn: quinn::Connection,
+    ctl_tx: FrameWriter,
+    ctl_rx: mpsc::Receiver<Result<ControlMessage, String>>,
+    /// The page streams (taken by the page sender).
+    writers: Vec<FrameWriter>,
+    ram: Arc<RamFile>,
+}
+
+/// Where [`Migration::precopy`] stopped.
+struct Precopied {
+    sender: PageSender,
+    /// Pages written during the last round, still to send.
+    pending: DirtyBitmap,
+    round: u32,
+    /// Wire bytes per second, as measured.
+    bandwidth: Option<f64>,
+    /// Pages per second the guest wrote during the last round.
+    dirty_rate: f64,
+}
+
+/// The switchover's work in flight that [`Migration::fence`] waits for.
+struct Switched {
+    sender: PageSender,
+    events: broadcast::Receiver<QmpEvent>,
+    /// Relays (and captures) QEMU's device state: (captured, forwarded) bytes.
+    relay: JoinHandle<std::io::Result<(u64, JoinHandle<std::io::Result<u64>>)>>,
+    capture: PathBuf,
+    capture_part: PathBuf,
+    /// The source RAM's fingerprint, computed meanwhile (when verifying).
+    digest: Option<JoinHandle<Result<u128, ferry_memory::MemoryError>>>,
+    final_round: (u32, u64),
+    pause_deadline: Duration,
+}
+
 impl Migration {
-    fn phase(&self, phase: pb::MigrationPhase, message: impl Into<String>) {
-        self.ctx.outgoing.set_phase(&self.h, phase, message.into());
+    /// Enters `phase`: recorded (errors are charged to it) and published.
+    fn enter(&mut self, phase: Phase, shown: pb::MigrationPhase, message: impl Into<String>) {
+        self.at = phase;
+        self.show(shown, message);
+    }
+
+    /// Publishes progress within the phase.
+    fn show(&self, shown: pb::MigrationPhase, message: impl Into<String>) {
+        self.ctx.outgoing.set_phase(&self.h, shown, message.into());
     }
 
     /// Records a switchover step, in microseconds since the guest stopped.
@@ -248,40 +291,59 @@ impl Migration {
         self.proc.qmp()
     }
 
-    /// Fires a failpoint (see `failpoint.rs`); an injected error fails `step`.
-    async fn fail_point(&self, name: &'static str, step: &'static str) -> Res<()> {
+    /// Fires a failpoint (see `failpoint.rs`); an injected error fails the current phase.
+    async fn fail_point(&self, name: &'static str) -> Res<()> {
         crate::failpoint::hit(name, &self.ctx.cfg.state_dir)
             .await
-            .map_err(fail(step))
+            .map_err(fail(self.at, name))
     }
 
-    /// Phases 1-4, all cancellable; ends with the target holding RAM and device state.
+    /// The phases before the commit, in order, all cancellable. Ends with the target
+    /// holding RAM and device state and the source QEMU fenced (completed).
     async fn drive(&mut self, undo: &mut Undo) -> Res<()> {
-        let tracker_kind = self.ctx.tracker.clone().map_err(|why| MigrationError {
-            step: "tracker",
-            message: format!(
-                "no dirty-page tracker works on host {}: {why}",
-                self.ctx.cfg.host_name
-            ),
-            cancelled: false,
-        })?;
+        let tracker = self.preflight().await?;
+        let prepared = self.prepare(undo).await?;
+        let mut link = self.connect(&prepared, undo).await?;
+        if !prepared.copies.is_empty() {
+            self.mirror_disks(&link.conn, &prepared.copies, undo)
+                .await?;
+        }
+        let precopied = self.precopy(&mut link, tracker, undo).await?;
+        let switched = self.switchover(&mut link, precopied, undo).await?;
+        self.fence(switched).await?;
+        undo.control = Some(link.ctl_tx);
+        undo.control_rx = Some(link.ctl_rx);
+        Ok(())
+    }
 
-        // Phase 0: preflight. Hard failures stop here; soft ones unless forced.
-        self.phase(
+    /// [`Phase::Preflight`]: hard failures stop here; soft ones unless forced. Returns
+    /// the write tracker this host can use.
+    async fn preflight(&mut self) -> Res<TrackerKind> {
+        self.enter(
+            Phase::Preflight,
             pb::MigrationPhase::Preparing,
-            format!("preflight checks against {}", self.p.target),
+            format!("preflight checks against {}", self.p.job.target),
         );
+        let tracker = self.ctx.tracker.clone().map_err(|why| {
+            JobError::new(
+                Phase::Preflight,
+                format!(
+                    "no dirty-page tracker works on host {}: {why}",
+                    self.ctx.cfg.host_name
+                ),
+            )
+        })?;
         let report = crate::preflight::run(
             &self.ctx,
             &self.spec,
             Some(&self.proc),
-            &self.p.target,
-            self.p.codec,
+            &self.p.job.target,
+            self.p.job.codec,
             self.p.downtime_ms,
-            self.p.bandwidth,
+            self.p.job.bandwidth,
         )
         .await
-        .map_err(|s| fail("preflight")(s.message().to_string()))?;
+        .map_err(|s| JobError::new(Phase::Preflight, s.message()))?;
         let failed: Vec<String> = report
             .checks
             .iter()
@@ -313,10 +375,13 @@ impl Migration {
             } else {
                 ""
             };
-            return Err(fail("preflight")(format!("{}{hint}", failed.join("; "))));
+            return Err(JobError::new(
+                Phase::Preflight,
+                format!("{}{hint}", failed.join("; ")),
+            ));
         }
         if !failed.is_empty() {
-            self.phase(
+            self.show(
                 pb::MigrationPhase::Preparing,
                 format!("forced past soft preflight failures: {}", failed.join("; ")),
             );
@@ -327,24 +392,32 @@ impl Migration {
         self.h.update(|s| {
             s.stats.get_or_insert_with(Default::default).preflight_ms = preflight.as_millis() as u64
         });
-        info!(migration = %self.p.id, ?preflight, "preflight done");
-        self.fail_point("src.preflight.done", "preflight").await?;
+        info!(migration = %self.p.job.id, ?preflight, "preflight done");
+        self.fail_point("src.preflight.done").await?;
+        Ok(tracker)
+    }
 
-        // Phase 1: the target prepares an empty QEMU waiting for us.
-        self.phase(
+    /// [`Phase::Prepare`]: plans the disks with the target (shared or copied), then the
+    /// target makes the RAM file, the disk copies and a paused QEMU waiting for us.
+    async fn prepare(&mut self, undo: &mut Undo) -> Res<Prepared> {
+        self.enter(
+            Phase::Prepare,
             pb::MigrationPhase::Preparing,
-            format!("asking {} to prepare", self.p.target),
+            format!("asking {} to prepare", self.p.job.target),
         );
-        let chan = crate::tls::connect(&self.p.target, &self.ctx.identity)
+        let chan = crate::tls::connect(&self.p.job.target, &self.ctx.identity)
             .await
             .map_err(|e| {
-                fail("prepare")(format!("cannot reach target agent {}: {e}", self.p.target))
+                JobError::new(
+                    Phase::Prepare,
+                    format!("cannot reach target agent {}: {e}", self.p.job.target),
+                )
             })?;
         let mut peer = FerryPeerClient::new(chan);
         // Disks: shared storage stays put, the rest travels through an NBD mirror.
         let plans = super::disks::plan(&self.ctx.storage, &self.spec, &mut peer, self.p.storage)
             .await
-            .map_err(fail("storage"))?;
+            .map_err(fail(Phase::Prepare, "storage"))?;
         let copies: Vec<pb::DiskProbe> = plans
             .iter()
             .filter(|p| !p.shared)
@@ -357,13 +430,13 @@ impl Migration {
             (n, c) => format!("shared ({}), copied ({c})", n - c),
         };
         if !plans.is_empty() {
-            self.phase(pb::MigrationPhase::Preparing, format!("storage: {storage}"));
+            self.show(pb::MigrationPhase::Preparing, format!("storage: {storage}"));
         }
         self.h
             .update(|s| s.stats.get_or_insert_with(Default::default).storage = storage.clone());
         let prep = peer
             .prepare(pb::PrepareRequest {
-                migration_id: self.p.id.clone(),
+                migration_id: self.p.job.id.clone(),
                 spec: Some(spec_to_pb(&self.spec)),
                 source_host: self.ctx.cfg.host_name.clone(),
                 protocol_version: u32::from(PROTOCOL_VERSION),
@@ -376,78 +449,107 @@ impl Migration {
             })
             .await
             .map_err(|s| {
-                fail("prepare")(format!(
-                    "target {} refused to prepare: {}",
-                    self.p.target,
-                    status_msg(s)
-                ))
+                JobError::new(
+                    Phase::Prepare,
+                    format!(
+                        "target {} refused to prepare: {}",
+                        self.p.job.target,
+                        status_msg(s)
+                    ),
+                )
             })?
             .into_inner();
         undo.peer = Some(peer);
-        self.fail_point("src.prepare.done", "prepare").await?;
+        self.fail_point("src.prepare.done").await?;
         self.token = prep.token.clone();
-        let target_label = format!("{} ({})", prep.target_host, self.p.target);
+        let target_label = format!("{} ({})", prep.target_host, self.p.job.target);
         self.h.update(|s| s.target = target_label);
+        Ok(Prepared {
+            quic_addr: prep.quic_addr,
+            copies,
+        })
+    }
 
-        // Data plane: QUIC with mutual TLS, a control stream and N page streams.
-        self.phase(
+    /// [`Phase::Connect`]: QUIC with mutual TLS, a control stream (hello, token) and N
+    /// page streams.
+    async fn connect(&mut self, prepared: &Prepared, undo: &mut Undo) -> Res<Link> {
+        self.enter(
+            Phase::Connect,
             pb::MigrationPhase::Connecting,
-            format!("connecting data plane to {}", prep.quic_addr),
+            format!("connecting data plane to {}", prepared.quic_addr),
         );
-        let quic_addr: SocketAddr = prep.quic_addr.parse().map_err(fail("connect"))?;
+        let at = Phase::Connect;
+        let quic_addr: SocketAddr = prepared.quic_addr.parse().map_err(fail(at, "address"))?;
         let conn = self
             .ctx
             .quic
             .connect(quic_addr, &quic_addr.ip().to_string())
             .await
-            .map_err(fail("connect"))?;
+            .map_err(fail(at, ""))?;
         undo.conn = Some(conn.clone());
-        let (mut cs, cr) = conn.open_bi().await.map_err(fail("connect"))?;
+        let (mut cs, cr) = conn.open_bi().await.map_err(fail(at, "control stream"))?;
         write_stream_header(&mut cs, StreamHeader::new(StreamKind::Control, 0))
             .await
-            .map_err(fail("connect"))?;
+            .map_err(fail(at, "control stream"))?;
         let mut ctl = ControlChannel::new(cs, cr);
         let ram = Arc::new(
             RamFile::open(self.ctx.cfg.ram_path(&self.spec.name), false)
-                .map_err(fail("open RAM"))?,
+                .map_err(fail(at, "open RAM"))?,
         );
         ctl.send(&ControlMessage::Hello {
             version: PROTOCOL_VERSION,
-            migration_id: self.p.id.clone(),
-            token: prep.token.clone(),
+            migration_id: self.p.job.id.clone(),
+            token: self.token.clone(),
             ram_bytes: ram.len(),
             page_size: PAGE_SIZE as u32,
             page_streams: self.p.page_streams as u16,
         })
         .await
-        .map_err(fail("handshake"))?;
+        .map_err(fail(at, "handshake"))?;
+        let handshake = |e: String| JobError::new(at, format!("handshake: {e}"));
         match tokio::time::timeout(Duration::from_secs(15), ctl.recv()).await {
             Ok(Ok(ControlMessage::HelloOk { .. })) => {}
             Ok(Ok(ControlMessage::Error { message })) => {
-                return Err(fail("handshake")(format!("target refused: {message}")))
+                return Err(handshake(format!("target refused: {message}")))
             }
-            Ok(Ok(other)) => return Err(fail("handshake")(format!("unexpected {other:?}"))),
-            Ok(Err(e)) => return Err(fail("handshake")(e)),
-            Err(_) => return Err(fail("handshake")("no answer from target within 15 s")),
+            Ok(Ok(other)) => return Err(handshake(format!("unexpected {other:?}"))),
+            Ok(Err(e)) => return Err(handshake(e.to_string())),
+            Err(_) => return Err(handshake("no answer from target within 15 s".into())),
         }
-        let (mut ctl_tx, ctl_rx) = ctl.split();
-        let mut ctl_rx = spawn_control_reader(ctl_rx);
+        let (ctl_tx, ctl_rx) = ctl.split();
+        let ctl_rx = spawn_control_reader(ctl_rx);
         let mut writers = Vec::new();
         for i in 0..self.p.page_streams {
-            let mut s = conn.open_uni().await.map_err(fail("connect"))?;
+            let mut s = conn.open_uni().await.map_err(fail(at, "page stream"))?;
             write_stream_header(&mut s, StreamHeader::new(StreamKind::Pages, i as u16))
                 .await
-                .map_err(fail("connect"))?;
+                .map_err(fail(at, "page stream"))?;
             writers.push(FrameWriter::new(s));
         }
-        self.fail_point("src.connect.done", "connect").await?;
+        self.fail_point("src.connect.done").await?;
+        Ok(Link {
+            conn,
+            ctl_tx,
+            ctl_rx,
+            writers,
+            ram,
+        })
+    }
 
-        // Disks first: the bulk copy runs until every mirror is READY, then stays in step.
-        if !copies.is_empty() {
-            self.mirror_disks(&conn, &copies, undo).await?;
-            self.fail_point("src.disks.ready", "disk mirror").await?;
-        }
-
+    /// [`Phase::Precopy`]: write tracking armed inside the source QEMU, then rounds of
+    /// written pages while the guest runs, until the stall policy says switch over.
+    async fn precopy(
+        &mut self,
+        link: &mut Link,
+        tracker_kind: TrackerKind,
+        undo: &mut Undo,
+    ) -> Res<Precopied> {
+        self.enter(
+            Phase::Precopy,
+            pb::MigrationPhase::Precopy,
+            "copying guest memory (round 0: every non-zero page)",
+        );
+        let at = Phase::Precopy;
         // Write tracking inside the source QEMU (uffd taken from the process).
         let ram_path = self.ctx.cfg.ram_path(&self.spec.name);
         let mut tracker = tracker_kind
@@ -455,14 +557,14 @@ impl Migration {
                 self.proc.pid() as i32,
                 DEFAULT_SHIM_FD,
                 &ram_path,
-                ram.len(),
+                link.ram.len(),
             )
-            .map_err(fail("arm tracker"))?;
-        tracker.arm().map_err(fail("arm tracker"))?;
+            .map_err(fail(at, "arm tracker"))?;
+        tracker.arm().map_err(fail(at, "arm tracker"))?;
         let tracker_name = tracker.name();
         undo.tracker = Some(tracker);
         self.qmp()
-            // No return path: see the fence in the switchover.
+            // No return path: see the fence.
             .migrate_set_capabilities(&[
                 ("x-ignore-shared", true),
                 ("events", true),
@@ -470,13 +572,7 @@ impl Migration {
                 ("pause-before-switchover", true),
             ])
             .await
-            .map_err(fail("set capabilities"))?;
-
-        // Phase 3: pre-copy rounds while the guest runs.
-        self.phase(
-            pb::MigrationPhase::Precopy,
-            "copying guest memory (round 0: every non-zero page)",
-        );
+            .map_err(fail(at, "set capabilities"))?;
         self.h.update(|s| {
             if let Some(st) = s.stats.as_mut() {
                 st.tracker = tracker_name.into();
@@ -484,20 +580,25 @@ impl Migration {
         });
         // Pace to the probed link rate: QUIC's BBR alone overshot the testbed's one-BDP
         // bottleneck queue and lost ~40% of what it sent (benches/RESULTS.md).
-        let pace = if self.p.bandwidth > 0 {
-            self.p.bandwidth
+        let pace = if self.p.job.bandwidth > 0 {
+            self.p.job.bandwidth
         } else if self.ctx.cfg.migration.pace_to_link && self.link_rate > 0.0 {
             (self.link_rate * PACE_HEADROOM) as u64
         } else {
             0
         };
-        let mut sender = PageSender::new(writers, ram.clone(), self.p.codec).with_rate_limit(pace);
+        let mut sender = PageSender::new(
+            std::mem::take(&mut link.writers),
+            link.ram.clone(),
+            self.p.job.codec,
+        )
+        .with_rate_limit(pace);
         let mut prev_dirty = u64::MAX;
-        let ram2 = ram.clone();
+        let ram2 = link.ram.clone();
         let mut pending = tokio::task::spawn_blocking(move || ram2.nonzero_pages())
             .await
-            .map_err(fail("scan RAM"))?
-            .map_err(fail("scan RAM"))?;
+            .map_err(fail(at, "scan RAM"))?
+            .map_err(fail(at, "scan RAM"))?;
         let mut round: u32 = 0;
         let mut bandwidth: Option<f64> = None; // wire bytes per second
         let mut dirty_rate: f64; // pages per second during the last pre-copy round
@@ -508,19 +609,19 @@ impl Migration {
             sender
                 .send_round(round, &pending, round == 0)
                 .await
-                .map_err(fail("send pages"))?;
+                .map_err(fail(at, "send pages"))?;
             // A round ends when the target has written it, not when QUIC buffered it:
             // otherwise throughput is overestimated and a backlog lands in the downtime.
             let round_deadline = Duration::from_secs(self.ctx.cfg.migration.round_timeout_s.max(1));
             confirm_round(
-                &mut ctl_tx,
-                &mut ctl_rx,
+                &mut link.ctl_tx,
+                &mut link.ctl_rx,
                 round,
                 sender.batches_total(),
                 round_deadline,
             )
             .await?;
-            self.fail_point("src.precopy.round", "precopy").await?;
+            self.fail_point("src.precopy.round").await?;
             let secs = t0.elapsed().as_secs_f64().max(1e-6);
             let sent = sender.counters.wire_bytes.load(Ordering::Relaxed) - wire0;
             // Only rounds big enough to fill the pipe say anything about the link.
@@ -537,7 +638,7 @@ impl Migration {
                 .as_mut()
                 .map(|t| t.collect())
                 .transpose()
-                .map_err(fail("collect dirty pages"))?
+                .map_err(fail(at, "collect dirty pages"))?
                 .unwrap_or_else(|| DirtyBitmap::new(0));
             round += 1;
             let ratio = ratio(&sender);
@@ -576,12 +677,12 @@ impl Migration {
                         Some(pct) => format!("throttled guest CPU to {pct}%, then stop-and-copy after {round} rounds ({count} pages left)"),
                         None => format!("stop-and-copy after {round} rounds: {count} pages left (predicted pause {predicted_ms:.0} ms)"),
                     };
-                    warn!(migration = %self.p.id, "{msg}");
+                    warn!(migration = %self.p.job.id, "{msg}");
                     self.policy(&msg);
                     break;
                 }
                 StallDecision::Abort => {
-                    return Err(fail("converge")(format!(
+                    return Err(JobError::new(at, format!(
                         "pre-copy does not converge after {round} rounds: the guest wrote {count} pages during the last round \
                          ({:.1} MiB/s) and the link moves {:.1} MiB/s of pages (--on-stall abort)",
                         dirty_rate * PAGE_SIZE as f64 / 1048576.0,
@@ -590,11 +691,11 @@ impl Migration {
                 }
                 StallDecision::ThrottleStep => {
                     if undo.throttle.is_none() {
-                        let t = crate::throttle::CpuThrottle::attach(&self.spec.name, self.proc.pid()).map_err(fail("throttle"))?;
+                        let t = crate::throttle::CpuThrottle::attach(&self.spec.name, self.proc.pid()).map_err(fail(at, "throttle"))?;
                         undo.throttle = Some(t);
                     }
                     let stepped = match undo.throttle.as_mut() {
-                        Some(t) => t.step_down().map_err(fail("throttle"))?,
+                        Some(t) => t.step_down().map_err(fail(at, "throttle"))?,
                         None => false,
                     };
                     let pct = undo.throttle.as_ref().map(|t| t.percent).unwrap_or(100);
@@ -605,40 +706,71 @@ impl Migration {
                         break;
                     }
                     let msg = format!("throttled guest CPU to {pct}% after round {round}: it wrote {count} pages during the round");
-                    info!(migration = %self.p.id, "{msg}");
+                    info!(migration = %self.p.job.id, "{msg}");
                     self.policy(&msg);
                     prev_dirty = u64::MAX;
                 }
             }
         }
+        Ok(Precopied {
+            sender,
+            pending,
+            round,
+            bandwidth,
+            dirty_rate,
+        })
+    }
 
-        // Phase 4: switchover. QEMU pauses the guest before sending device state.
-        self.phase(
+    /// [`Phase::Switchover`]: QEMU pauses the guest before sending device state; the
+    /// mirrors complete; the last pages, the digest request and QEMU's device state leave
+    /// at once. Ends with QEMU told to continue (it is completing) and its device state on
+    /// the way through the relay, which keeps a capture of it beside the RAM file.
+    async fn switchover(
+        &mut self,
+        link: &mut Link,
+        pre: Precopied,
+        undo: &mut Undo,
+    ) -> Res<Switched> {
+        self.enter(
+            Phase::Switchover,
             pb::MigrationPhase::Switchover,
             "pausing guest for switchover",
         );
-        let relay_path = self.ctx.cfg.run_dir(&self.spec.name).join(format!(
-            "migrate-{}.sock",
-            &self.p.id[..8.min(self.p.id.len())]
-        ));
+        let at = Phase::Switchover;
+        let Precopied {
+            mut sender,
+            pending,
+            mut round,
+            bandwidth,
+            dirty_rate,
+        } = pre;
+        let relay_path = self
+            .ctx
+            .cfg
+            .run_dir(&self.spec.name)
+            .join(format!("migrate-{}.sock", self.p.job.short_id()));
         let _ = std::fs::remove_file(&relay_path);
         let listener =
-            tokio::net::UnixListener::bind(&relay_path).map_err(fail("device-state relay"))?;
+            tokio::net::UnixListener::bind(&relay_path).map_err(fail(at, "device-state relay"))?;
         undo.relay_path = Some(relay_path.clone());
-        let (mut ds, _dr) = conn.open_bi().await.map_err(fail("device-state stream"))?;
+        let (mut ds, _dr) = link
+            .conn
+            .open_bi()
+            .await
+            .map_err(fail(at, "device-state stream"))?;
         write_stream_header(&mut ds, StreamHeader::new(StreamKind::DeviceState, 0))
             .await
-            .map_err(fail("device-state stream"))?;
+            .map_err(fail(at, "device-state stream"))?;
         // The device state is kept beside the RAM file while the handoff is unsettled:
         // written as `.part`, renamed once the source QEMU completed (whole).
         let capture = self
             .ctx
             .cfg
             .ram_path(&self.spec.name)
-            .with_extension(format!("devstate-{}", &self.p.id[..8.min(self.p.id.len())]));
+            .with_extension(format!("devstate-{}", self.p.job.short_id()));
         let capture_part = capture.with_extension("part");
         let cap2 = capture_part.clone();
-        let relay_task = tokio::spawn(async move {
+        let relay = tokio::spawn(async move {
             let (unix, _) = listener.accept().await?;
             relay_capturing(unix, ds, &cap2).await
         });
@@ -646,12 +778,11 @@ impl Migration {
         self.qmp()
             .migrate(&format!("unix:{}", relay_path.display()))
             .await
-            .map_err(fail("start QEMU migration"))?;
+            .map_err(fail(at, "start QEMU migration"))?;
         undo.migrate_issued = true;
         self.wait_pre_switchover(&mut events).await?;
         self.mark(|b, us| b.pre_switchover_us = us);
-        self.fail_point("src.switchover.paused", "switchover")
-            .await?;
+        self.fail_point("src.switchover.paused").await?;
         let pause_deadline =
             Duration::from_secs(self.ctx.cfg.migration.switchover_timeout_s.max(1));
         // Disks: the mirrors are in step (write-blocking) and the guest is paused; a READY
@@ -667,7 +798,7 @@ impl Migration {
             .as_mut()
             .map(|t| t.collect())
             .transpose()
-            .map_err(fail("collect dirty pages"))?
+            .map_err(fail(at, "collect dirty pages"))?
             .unwrap_or_else(|| DirtyBitmap::new(0));
         last.union_with(&pending);
         sender.note_resent(&last);
@@ -680,32 +811,28 @@ impl Migration {
             tokio::time::timeout(pause_deadline, sender.send_round(round, &last, false))
                 .await
                 .map_err(|_| {
-                    fail("send final pages")(format!(
+                    fail(at, "send final pages")(format!(
                         "the final round did not leave within {pause_deadline:?} (link stalled?)"
                     ))
                 })?
                 .map(|_| sender.batches_total())
-                .map_err(fail("send final pages"))?;
+                .map_err(fail(at, "send final pages"))?;
         let t_sent = t_final.elapsed();
         round += 1;
-        let final_round = round;
-        ctl_tx
-            .write(
-                &ferry_wire::Frame::encode_control(&ControlMessage::FinalRoundEnd {
-                    round,
-                    batches_total: final_batches,
-                    verify: self.p.verify,
-                })
-                .map_err(fail("round end"))?,
-            )
+        let end = ControlMessage::FinalRoundEnd {
+            round,
+            batches_total: final_batches,
+            verify: self.p.verify,
+        };
+        link.ctl_tx
+            .write(&ferry_wire::Frame::encode_control(&end).map_err(fail(at, "round end"))?)
             .await
-            .map_err(fail("round end"))?;
+            .map_err(fail(at, "round end"))?;
         if let Some(mut t) = undo.tracker.take() {
             let _ = t.disarm();
         }
-        tracing::debug!(migration = %self.p.id, pages = last.count(), ?t_collected, ?t_sent, "final round sent");
-        self.fail_point("src.final_round.sent", "switchover")
-            .await?;
+        tracing::debug!(migration = %self.p.job.id, pages = last.count(), ?t_collected, ?t_sent, "final round sent");
+        self.fail_point("src.final_round.sent").await?;
         self.publish(
             &sender,
             round,
@@ -719,60 +846,83 @@ impl Migration {
         // The RAM files are final now. Their digests are computed while QEMU moves the
         // device state (a paused target QEMU loading state does not write guest RAM);
         // both must agree before the commit.
-        let digests = if self.p.verify {
-            self.phase(
+        let digest = if self.p.verify {
+            self.show(
                 pb::MigrationPhase::Verifying,
                 "comparing RAM digests while sending device state",
             );
-            let ram2 = ram.clone();
+            let ram2 = link.ram.clone();
             Some(tokio::task::spawn_blocking(move || ram2.fingerprint(2)))
         } else {
-            self.phase(pb::MigrationPhase::Switchover, "sending device state");
+            self.show(pb::MigrationPhase::Switchover, "sending device state");
             None
         };
         self.qmp()
             .migrate_continue("pre-switchover")
             .await
-            .map_err(fail("migrate-continue"))?;
-        self.fail_point("src.device_state.sent", "switchover")
-            .await?;
-        // The fence: without a return path the source QEMU completes as soon as its
-        // device state is in our relay (no round trip to the target), and a completed
-        // outgoing migration never resumes the guest by itself. Only a fenced source may
-        // send Commit; the digest is computed meanwhile.
-        let fence = async {
-            let ev = ferry_qmp::wait_migration_status(
-                &mut events,
-                pause_deadline,
-                &["completed", "failed", "cancelled"],
-            )
-            .await
-            .map_err(fail("fence"))?;
-            if ev.migration_status() != Some("completed") {
-                let why = qemu_migration_error(self.qmp()).await;
-                return Err(fail("fence")(format!(
+            .map_err(fail(at, "migrate-continue"))?;
+        self.fail_point("src.device_state.sent").await?;
+        Ok(Switched {
+            sender,
+            events,
+            relay,
+            capture,
+            capture_part,
+            digest,
+            final_round: (round, final_batches),
+            pause_deadline,
+        })
+    }
+
+    /// [`Phase::Fence`]: without a return path the source QEMU completes as soon as its
+    /// device state is in our relay (no round trip to the target), and a completed
+    /// outgoing migration never resumes the guest by itself. Only a fenced source may
+    /// send Commit. The capture is whole once QEMU completed and the relay finished.
+    async fn fence(&mut self, sw: Switched) -> Res<()> {
+        self.at = Phase::Fence;
+        let at = Phase::Fence;
+        let Switched {
+            mut sender,
+            mut events,
+            relay,
+            capture,
+            capture_part,
+            digest,
+            final_round,
+            pause_deadline,
+        } = sw;
+        let ev = ferry_qmp::wait_migration_status(
+            &mut events,
+            pause_deadline,
+            &["completed", "failed", "cancelled"],
+        )
+        .await
+        .map_err(fail(at, ""))?;
+        if ev.migration_status() != Some("completed") {
+            let why = qemu_migration_error(self.qmp()).await;
+            return Err(JobError::new(
+                at,
+                format!(
                     "source QEMU migration {}: {why}",
                     ev.migration_status().unwrap_or("?")
-                )));
-            }
-            let captured = tokio::time::timeout(pause_deadline, relay_task)
-                .await
-                .map_err(|_| fail("fence")("the device-state relay did not finish"))?
-                .map_err(fail("fence"))?
-                .map_err(fail("fence"))?;
-            std::fs::rename(&capture_part, &capture).map_err(fail("fence"))?;
-            Ok::<_, MigrationError>(captured)
-        };
-        let (captured, forward) = fence.await?;
+                ),
+            ));
+        }
+        let (captured, forward) = tokio::time::timeout(pause_deadline, relay)
+            .await
+            .map_err(|_| JobError::new(at, "the device-state relay did not finish"))?
+            .map_err(fail(at, "device-state relay"))?
+            .map_err(fail(at, "device-state relay"))?;
+        std::fs::rename(&capture_part, &capture).map_err(fail(at, "device-state capture"))?;
         self.h.set_meta(|m| m.capture = Some(capture.clone()));
         self.mark(|b, us| b.fence_us = us);
-        self.fail_point("src.fence.done", "fence").await?;
+        self.fail_point("src.fence.done").await?;
         // The source's half of the verification; the target compares when asked to commit.
-        if let Some(task) = digests {
+        if let Some(task) = digest {
             let local = task
                 .await
-                .map_err(fail("verify"))?
-                .map_err(fail("verify"))?;
+                .map_err(fail(at, "verify"))?
+                .map_err(fail(at, "verify"))?;
             self.local_digest = Some(local);
         }
         let h = self.h.clone();
@@ -788,69 +938,69 @@ impl Migration {
             }
         });
         sender.finish();
-        self.final_round = Some((final_round, final_batches));
-        undo.control = Some(ctl_tx);
-        undo.control_rx = Some(ctl_rx);
+        self.final_round = Some(final_round);
         Ok(())
     }
 
-    /// Phase 5: commit. Not cancellable: from here on the source never resumes by itself.
+    /// [`Phase::Commit`]. Not cancellable: from here on the source never resumes by itself.
     /// `CommitSent` is journaled with the VM record (held) before Commit leaves on the
     /// data plane's control stream; the target decides, journals, resumes and answers
     /// `Committed` once the VM is its own. Anything else and the caller asks the target.
     async fn commit(&mut self, undo: &mut Undo) -> Res<i64> {
+        self.at = Phase::Commit;
+        let at = Phase::Commit;
         self.h.update(|s| {
             s.phase = pb::MigrationPhase::Committing as i32;
-            s.message = format!("committing on {}", self.p.target);
+            s.message = format!("committing on {}", self.p.job.target);
         });
         self.h.set_meta(|m| m.mark = SourceMark::CommitSent);
         let vm = self
             .ctx
             .vms
-            .held_record(&self.p.vm)
+            .held_record(&self.p.job.vm)
             .await
-            .map_err(|s| fail("commit")(s.message().to_string()));
+            .map_err(|s| JobError::new(at, s.message()));
         let journaled = vm.and_then(|vm| {
             self.ctx
                 .outgoing
                 .persist_with(&self.h, vec![Op::PutVm(vm)])
-                .map_err(fail("commit"))
+                .map_err(fail(at, ""))
         });
         if let Err(e) = journaled {
             // Nothing was promised: roll back as before any commit.
             self.h.set_meta(|m| m.mark = SourceMark::BeforeCommit);
-            return Err(MigrationError {
-                step: "journal",
-                message: format!("cannot journal the commit: {}", e.message),
-                cancelled: false,
-            });
+            return Err(JobError::new(
+                at,
+                format!("cannot journal the commit: {}", e.message),
+            ));
         }
-        info!(migration = %self.p.id, vm = %self.p.vm, "committing on {}", self.p.target);
-        self.fail_point("src.commit.journaled", "commit").await?;
+        info!(migration = %self.p.job.id, vm = %self.p.job.vm, "committing on {}", self.p.job.target);
+        self.fail_point("src.commit.journaled").await?;
         let (Some(tx), Some(rx)) = (undo.control.as_mut(), undo.control_rx.as_mut()) else {
-            return Err(fail("commit")("no control stream"));
+            return Err(JobError::new(at, "no control stream"));
         };
         let digest = self.local_digest.map(|d| d.to_le_bytes());
         let msg = ControlMessage::Commit {
             digest,
             leave_paused: self.p.leave_paused,
         };
-        tx.write(&ferry_wire::Frame::encode_control(&msg).map_err(fail("commit"))?)
+        tx.write(&ferry_wire::Frame::encode_control(&msg).map_err(fail(at, ""))?)
             .await
-            .map_err(fail("commit"))?;
-        self.fail_point("src.commit.sent", "commit").await?;
+            .map_err(fail(at, "send Commit"))?;
+        self.fail_point("src.commit.sent").await?;
         let (final_round, final_batches) = self.final_round.unwrap_or((u32::MAX, 0));
         let wait = Duration::from_secs(self.ctx.cfg.migration.commit_timeout_s.max(1));
         loop {
-            match recv_control(rx, wait).await? {
+            match recv_control(rx, wait, at).await? {
                 ControlMessage::RoundApplied {
                     round,
                     batches_applied,
                 } if round == final_round => {
                     if batches_applied < final_batches {
-                        return Err(fail("commit")(format!(
-                            "target wrote {batches_applied} of {final_batches} batches"
-                        )));
+                        return Err(JobError::new(
+                            at,
+                            format!("target wrote {batches_applied} of {final_batches} batches"),
+                        ));
                     }
                     self.mark(|b, us| b.final_round_us = us);
                 }
@@ -859,13 +1009,13 @@ impl Migration {
                 }
                 ControlMessage::DeviceStateLoaded { ok: false, error } => {
                     // The target refuses to commit now; its answer follows.
-                    warn!(migration = %self.p.id, "target QEMU failed to load the device state: {}", error.unwrap_or_default());
+                    warn!(migration = %self.p.job.id, "target QEMU failed to load the device state: {}", error.unwrap_or_default());
                 }
                 ControlMessage::Committed {
                     resume_unix_us,
                     ready_unix_us,
                 } => {
-                    self.fail_point("src.commit.answered", "commit").await?;
+                    self.fail_point("src.commit.answered").await?;
                     if let Some(d) = self.local_digest {
                         // The target compared the fingerprints before it resumed.
                         self.h.update(|s| {
@@ -881,11 +1031,12 @@ impl Migration {
                     });
                 }
                 ControlMessage::Error { message } => {
-                    return Err(fail("commit")(format!(
-                        "target refused to commit: {message}"
-                    )))
+                    return Err(JobError::new(
+                        at,
+                        format!("target refused to commit: {message}"),
+                    ))
                 }
-                other => return Err(fail("commit")(format!("unexpected {other:?}"))),
+                other => return Err(JobError::new(at, format!("unexpected {other:?}"))),
             }
         }
     }
@@ -899,25 +1050,26 @@ impl Migration {
         copies: &[pb::DiskProbe],
         undo: &mut Undo,
     ) -> Res<()> {
-        self.phase(
+        self.enter(
+            Phase::Disks,
             pb::MigrationPhase::CopyingDisks,
             format!("mirroring {} disk(s) to the target", copies.len()),
         );
-        let relay_path = self
-            .ctx
-            .cfg
-            .run_dir(&self.spec.name)
-            .join(format!("nbd-{}.sock", &self.p.id[..8.min(self.p.id.len())]));
+        let relay_path = self.ctx.cfg.run_dir(&self.spec.name).join(format!(
+            "nbd-{}.sock",
+            &self.p.job.id[..8.min(self.p.job.id.len())]
+        ));
         let _ = std::fs::remove_file(&relay_path);
-        let listener = tokio::net::UnixListener::bind(&relay_path).map_err(fail("NBD relay"))?;
+        let listener =
+            tokio::net::UnixListener::bind(&relay_path).map_err(fail(Phase::Disks, "NBD relay"))?;
         undo.nbd_relay_path = Some(relay_path.clone());
         let counters = Arc::new(super::disks::TunnelCounters::default());
         // Every NBD connection QEMU opens becomes one QUIC stream to the target's QEMU.
         let (conn2, codec, c2, id) = (
             conn.clone(),
-            self.p.codec,
+            self.p.job.codec,
             counters.clone(),
-            self.p.id.clone(),
+            self.p.job.id.clone(),
         );
         let listener_task = tokio::spawn(async move {
             while let Ok((unix, _)) = listener.accept().await {
@@ -951,31 +1103,33 @@ impl Migration {
             self.qmp()
                 .blockdev_add_nbd_unix(&node, &relay, &c.id)
                 .await
-                .map_err(|e| fail("disk mirror")(format!("disk '{}': NBD client: {e}", c.id)))?;
+                .map_err(|e| {
+                    fail(Phase::Disks, "disk mirror")(format!("disk '{}': NBD client: {e}", c.id))
+                })?;
             undo.mirrors.push(node.clone());
             self.qmp()
                 .blockdev_mirror(&node, &c.id, &node, first_mode)
                 .await
-                .map_err(|e| fail("disk mirror")(format!("disk '{}': {e}", c.id)))?;
+                .map_err(|e| fail(Phase::Disks, "disk mirror")(format!("disk '{}': {e}", c.id)))?;
         }
         let started = Instant::now();
         let ready_deadline =
             Duration::from_secs(self.ctx.cfg.migration.mirror_ready_timeout_s.max(1));
         loop {
             if started.elapsed() > ready_deadline {
-                return Err(fail("disk mirror")(format!("the disk mirrors were not READY within {ready_deadline:?} (mirror_ready_timeout_s)")));
+                return Err(fail(Phase::Disks, "disk mirror")(format!("the disk mirrors were not READY within {ready_deadline:?} (mirror_ready_timeout_s)")));
             }
             let jobs = self
                 .qmp()
                 .query_block_jobs()
                 .await
-                .map_err(fail("disk mirror"))?;
+                .map_err(fail(Phase::Disks, "disk mirror"))?;
             let ours: Vec<_> = jobs
                 .iter()
                 .filter(|j| undo.mirrors.contains(&j.device))
                 .collect();
             if ours.len() < undo.mirrors.len() {
-                return Err(fail("disk mirror")(
+                return Err(fail(Phase::Disks, "disk mirror")(
                     "a mirror job ended by itself (the NBD connection to the target failed?)",
                 ));
             }
@@ -1001,12 +1155,12 @@ impl Migration {
                 self.qmp()
                     .block_job_set_copy_mode(node, MirrorCopyMode::WriteBlocking)
                     .await
-                    .map_err(fail("disk mirror"))?;
+                    .map_err(fail(Phase::Disks, "disk mirror"))?;
             }
         }
-        info!(migration = %self.p.id, elapsed = ?started.elapsed(), "disk mirrors ready; guest writes now reach both sides");
+        info!(migration = %self.p.job.id, elapsed = ?started.elapsed(), "disk mirrors ready; guest writes now reach both sides");
         self.disk_counters = Some(counters);
-        Ok(())
+        self.fail_point("src.disks.ready").await
     }
 
     /// At pre-switchover: completes every (READY, write-blocking) mirror and removes its
@@ -1017,7 +1171,7 @@ impl Migration {
             self.qmp()
                 .block_job_cancel(node, false)
                 .await
-                .map_err(fail("disk mirror"))?;
+                .map_err(fail(Phase::Switchover, "disk mirror"))?;
         }
         let mut pending: Vec<String> = undo.mirrors.clone();
         while !pending.is_empty() {
@@ -1028,7 +1182,7 @@ impl Migration {
                 )
             })
             .await
-            .map_err(fail("disk mirror"))?;
+            .map_err(fail(Phase::Switchover, "disk mirror"))?;
             let dev = ev
                 .data
                 .get("device")
@@ -1039,7 +1193,7 @@ impl Migration {
                 continue;
             }
             if ev.name != "BLOCK_JOB_COMPLETED" || ev.data.get("error").is_some() {
-                return Err(fail("disk mirror")(format!(
+                return Err(fail(Phase::Switchover, "disk mirror")(format!(
                     "mirror {dev} ended with {} {}",
                     ev.name, ev.data
                 )));
@@ -1048,7 +1202,7 @@ impl Migration {
         }
         for node in std::mem::take(&mut undo.mirrors) {
             if let Err(e) = self.qmp().blockdev_del(&node).await {
-                warn!(migration = %self.p.id, "blockdev-del {node}: {e}");
+                warn!(migration = %self.p.job.id, "blockdev-del {node}: {e}");
             }
         }
         if let Some(c) = &self.disk_counters {
@@ -1072,7 +1226,7 @@ impl Migration {
                 e.name == "STOP" || e.name == "MIGRATION"
             })
             .await
-            .map_err(fail("switchover"))?;
+            .map_err(fail(Phase::Switchover, "switchover"))?;
             if ev.name == "STOP" {
                 self.stop_time = Some(ev.timestamp);
                 continue;
@@ -1081,7 +1235,7 @@ impl Migration {
                 Some("pre-switchover") => return Ok(()),
                 Some("failed") | Some("cancelled") => {
                     let why = qemu_migration_error(self.qmp()).await;
-                    return Err(fail("switchover")(format!(
+                    return Err(fail(Phase::Switchover, "switchover")(format!(
                         "QEMU migration {}: {why}",
                         ev.migration_status().unwrap_or("")
                     )));
@@ -1109,7 +1263,7 @@ impl Migration {
             c.wire_bytes.load(Ordering::Relaxed),
             c.pages.load(Ordering::Relaxed),
         );
-        let codec = self.p.codec.to_string();
+        let codec = self.p.job.codec.to_string();
         let m = &self.ctx.metrics;
         m.page_bytes
             .with_label_values(&[&codec])
@@ -1138,7 +1292,7 @@ impl Migration {
             st.compression_ratio = ratio(sender);
             st.elapsed_ms = elapsed.as_millis() as u64;
             st.expected_downtime_ms = predicted_ms as u64;
-            st.codec = self.p.codec.to_string();
+            st.codec = self.p.job.codec.to_string();
         });
     }
 
@@ -1173,7 +1327,7 @@ impl Migration {
             let ram = self.ctx.cfg.ram_path(&self.spec.name);
             let kept = ram.with_extension("after-migration");
             if let Err(e) = std::fs::rename(&ram, &kept) {
-                warn!(migration = %self.p.id, "keeping source RAM as {}: {e}", kept.display());
+                warn!(migration = %self.p.job.id, "keeping source RAM as {}: {e}", kept.display());
             }
         }
         let elapsed = self.started.elapsed().as_millis() as u64;
@@ -1200,19 +1354,19 @@ impl Migration {
         finish_copy(
             &self.ctx,
             &self.h,
-            &self.p.vm,
+            &self.p.job.vm,
             Some(&self.proc),
-            format!("VM '{}' now runs on {}", self.p.vm, self.p.target),
+            format!("VM '{}' now runs on {}", self.p.job.vm, self.p.job.target),
         )
         .await;
     }
 
-    async fn roll_back(&mut self, e: MigrationError, mut undo: Undo) {
+    async fn roll_back(&mut self, e: MigrateError, mut undo: Undo) {
         let reason = format!(
-            "migration of VM '{}' from {} to {} failed at {}: {}",
-            self.p.vm, self.ctx.cfg.host_name, self.p.target, e.step, e.message
+            "migration of VM '{}' from {} to {} {e}",
+            self.p.job.vm, self.ctx.cfg.host_name, self.p.job.target
         );
-        warn!(migration = %self.p.id, "{reason}; rolling back");
+        warn!(migration = %self.p.job.id, "{reason}; rolling back");
         let _ = crate::failpoint::hit("src.rollback.start", &self.ctx.cfg.state_dir).await;
         if let Some(mut t) = undo.tracker.take() {
             let _ = t.disarm();
@@ -1238,7 +1392,7 @@ impl Migration {
                 .await;
             }
             if let Err(err) = self.qmp().blockdev_del(&node).await {
-                warn!(migration = %self.p.id, "blockdev-del {node}: {err}");
+                warn!(migration = %self.p.job.id, "blockdev-del {node}: {err}");
             }
         }
         if let Some(t) = undo.nbd_listener.take() {
@@ -1249,11 +1403,11 @@ impl Migration {
         }
         if let Some(mut peer) = undo.peer.take() {
             let req = pb::AbortRequest {
-                migration_id: self.p.id.clone(),
+                migration_id: self.p.job.id.clone(),
                 reason: reason.clone(),
             };
             if let Err(err) = tokio::time::timeout(Duration::from_secs(10), peer.abort(req)).await {
-                warn!(migration = %self.p.id, "target abort call: {err}");
+                warn!(migration = %self.p.job.id, "target abort call: {err}");
             }
         }
         if let Some(c) = undo.conn.take() {
@@ -1266,7 +1420,7 @@ impl Migration {
         take_back(
             &self.ctx,
             &self.h,
-            &self.p.vm,
+            &self.p.job.vm,
             Some(&self.proc),
             &reason,
             e.cancelled,
@@ -1592,13 +1746,15 @@ async fn confirm_round(
         round,
         batches_total,
     })
-    .map_err(fail("round end"))?;
-    tx.write(&msg).await.map_err(fail("round end"))?;
-    match recv_control(rx, deadline).await? {
+    .map_err(fail(Phase::Precopy, "round end"))?;
+    tx.write(&msg)
+        .await
+        .map_err(fail(Phase::Precopy, "round end"))?;
+    match recv_control(rx, deadline, Phase::Precopy).await? {
         ControlMessage::RoundApplied {
             batches_applied, ..
         } if batches_applied >= batches_total => Ok(()),
-        other => Err(fail("round end")(format!(
+        other => Err(fail(Phase::Precopy, "round end")(format!(
             "target did not confirm round {round}: {other:?}"
         ))),
     }
@@ -1640,15 +1796,16 @@ pub fn spawn_control_reader(
 async fn recv_control(
     rx: &mut mpsc::Receiver<Result<ControlMessage, String>>,
     timeout: Duration,
+    phase: Phase,
 ) -> Res<ControlMessage> {
     match tokio::time::timeout(timeout, rx.recv()).await {
         Ok(Some(Ok(ControlMessage::Error { message }))) => {
-            Err(fail("target")(format!("target reported: {message}")))
+            Err(fail(phase, "target")(format!("target reported: {message}")))
         }
         Ok(Some(Ok(m))) => Ok(m),
-        Ok(Some(Err(e))) => Err(fail("control stream")(e)),
-        Ok(None) => Err(fail("control stream")("closed")),
-        Err(_) => Err(fail("control stream")(format!(
+        Ok(Some(Err(e))) => Err(fail(phase, "control stream")(e)),
+        Ok(None) => Err(fail(phase, "control stream")("closed")),
+        Err(_) => Err(fail(phase, "control stream")(format!(
             "no answer from target within {timeout:?}"
         ))),
     }

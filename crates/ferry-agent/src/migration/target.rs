@@ -828,54 +828,34 @@ impl IncomingRegistry {
         let (err_tx, mut err_rx) = mpsc::channel::<String>(8);
         let acceptor = tokio::spawn(accept_streams(conn.clone(), inc.clone(), err_tx));
         let mut loaded = inc.loaded.clone();
-        let mut loaded_sent = false;
         let (digest_tx, mut digest_rx) = mpsc::channel::<Result<u128, String>>(1);
-        // Our RAM fingerprint once the final round is in, and whether the source asked
-        // for it explicitly (DigestRequest) rather than with its Commit.
-        let (mut my_digest, mut digest_wanted): (Option<Result<u128, String>>, bool) =
-            (None, false);
-        // The source's Commit, waiting for the device state and our fingerprint.
-        let mut pending_commit: Option<(Option<u128>, bool)> = None;
-        // When each switchover step was seen here, for the log: final round announced,
-        // written, fingerprint taken, device state loaded, commit asked.
-        let mut tl: [Option<std::time::Instant>; 5] = [None; 5];
+        let mut seen = SwitchoverSeen::default();
         let reason = loop {
-            if let Some((theirs, leave_paused)) = pending_commit {
-                let loaded_now = loaded.borrow().clone();
-                let verdict = decide_commit(loaded_now.as_ref(), theirs, my_digest.as_ref());
-                if let Some(v) = verdict {
-                    pending_commit = None;
-                    if let Some(t0) = tl[0] {
-                        let ms = |t: Option<std::time::Instant>| {
-                            t.map(|t| format!("{:.1}", t.duration_since(t0).as_secs_f64() * 1e3))
-                                .unwrap_or_else(|| "-".into())
-                        };
-                        info!(migration = %inc.id, "switchover here (ms after the final round was announced): pages written {}, fingerprint {}, device state loaded {}, commit asked {}, deciding {}",
-                            ms(tl[1]), ms(tl[2]), ms(tl[3]), ms(tl[4]), ms(Some(std::time::Instant::now())));
-                    }
-                    let reply = match self.commit_decided(inc, v, leave_paused).await {
-                        Ok((resume_unix_us, ready_unix_us)) => ControlMessage::Committed {
-                            resume_unix_us,
-                            ready_unix_us,
-                        },
-                        Err(s) => ControlMessage::Error {
-                            message: s.message().to_string(),
-                        },
-                    };
-                    let committed = matches!(reply, ControlMessage::Committed { .. });
-                    if let Err(e) = send(&mut w, &reply).await {
-                        break e;
-                    }
-                    if committed {
-                        // Let the answer reach the source: it closes the connection.
-                        let _ = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
-                        break "committed".into();
-                    }
+            let loaded_now = loaded.borrow().clone();
+            if let Some((v, leave_paused)) = seen.verdict(loaded_now.as_ref()) {
+                info!(migration = %inc.id, "switchover here (ms after the final round was announced): {}", seen.timeline);
+                let reply = match self.commit_decided(inc, v, leave_paused).await {
+                    Ok((resume_unix_us, ready_unix_us)) => ControlMessage::Committed {
+                        resume_unix_us,
+                        ready_unix_us,
+                    },
+                    Err(s) => ControlMessage::Error {
+                        message: s.message().to_string(),
+                    },
+                };
+                let committed = matches!(reply, ControlMessage::Committed { .. });
+                if let Err(e) = send(&mut w, &reply).await {
+                    break e;
+                }
+                if committed {
+                    // Let the answer reach the source: it closes the connection.
+                    let _ = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+                    break "committed".into();
                 }
             }
             tokio::select! {
                 Some(d) = digest_rx.recv() => {
-                    if digest_wanted {
+                    if seen.digest_wanted {
                         match &d {
                             Ok(f) => {
                                 if let Err(e) = send(&mut w, &ControlMessage::Digest { xxh3_128: f.to_le_bytes() }).await {
@@ -885,14 +865,14 @@ impl IncomingRegistry {
                             Err(e) => break format!("fingerprint of the RAM file: {e}"),
                         }
                     }
-                    my_digest = Some(d);
-                    tl[2] = Some(std::time::Instant::now());
+                    seen.digest = Some(d);
+                    seen.timeline.mark(Step::Fingerprint);
                 }
 
                 msg = rx.recv() => match msg {
                     Some(Ok(m @ (ControlMessage::RoundEnd { .. } | ControlMessage::FinalRoundEnd { .. }))) => {
                         if matches!(m, ControlMessage::FinalRoundEnd { .. }) {
-                            tl[0] = Some(std::time::Instant::now());
+                            seen.timeline.mark(Step::FinalAnnounced);
                         }
                         let (round, batches_total, last, verify) = match m {
                             ControlMessage::RoundEnd { round, batches_total } => (round, batches_total, false, false),
@@ -912,7 +892,7 @@ impl IncomingRegistry {
                                 break e;
                             }
                             inc.final_applied.send_replace(true);
-                            tl[1] = Some(std::time::Instant::now());
+                            seen.timeline.mark(Step::PagesWritten);
                             if verify {
                                 spawn_fingerprint(inc, digest_tx.clone());
                             }
@@ -922,8 +902,8 @@ impl IncomingRegistry {
                         }
                     }
                     Some(Ok(ControlMessage::DigestRequest)) => {
-                        digest_wanted = true;
-                        match &my_digest {
+                        seen.digest_wanted = true;
+                        match &seen.digest {
                             Some(Ok(f)) => {
                                 if let Err(e) = send(&mut w, &ControlMessage::Digest { xxh3_128: f.to_le_bytes() }).await {
                                     break e;
@@ -934,8 +914,8 @@ impl IncomingRegistry {
                         }
                     }
                     Some(Ok(ControlMessage::Commit { digest, leave_paused })) => {
-                        tl[4] = Some(std::time::Instant::now());
-                        pending_commit = Some((digest.map(u128::from_le_bytes), leave_paused));
+                        seen.timeline.mark(Step::CommitAsked);
+                        seen.commit = Some((digest.map(u128::from_le_bytes), leave_paused));
                     }
                     Some(Ok(ControlMessage::Error { message })) => break format!("source reported: {message}"),
                     Some(Ok(other)) => break format!("unexpected control message {other:?}"),
@@ -943,15 +923,15 @@ impl IncomingRegistry {
                     None => break "control stream ended".into(),
                 },
                 e = err_rx.recv() => break e.unwrap_or_else(|| "stream acceptor ended".into()),
-                r = loaded.changed(), if !loaded_sent => {
+                r = loaded.changed(), if !seen.loaded_reported => {
                     if r.is_err() {
-                        loaded_sent = true;
+                        seen.loaded_reported = true;
                         continue;
                     }
                     let v = loaded.borrow().clone();
                     if let Some(v) = v {
-                        loaded_sent = true;
-                        tl[3] = Some(std::time::Instant::now());
+                        seen.loaded_reported = true;
+                        seen.timeline.mark(Step::DeviceStateLoaded);
                         if let Err(e) = crate::failpoint::hit("tgt.device_state.loaded", &self.cfg.state_dir).await {
                             break e;
                         }
@@ -966,6 +946,81 @@ impl IncomingRegistry {
         };
         acceptor.abort();
         reason
+    }
+}
+
+/// What the target's data plane has seen of the switchover, beside the ownership state
+/// ([`Receiver`]) it decides with.
+#[derive(Debug, Default)]
+struct SwitchoverSeen {
+    /// The device state's load result went to the source.
+    loaded_reported: bool,
+    /// Our RAM fingerprint, once the final round is in.
+    digest: Option<Result<u128, String>>,
+    /// The source asked for the fingerprint explicitly (`DigestRequest`) rather than
+    /// sending its own with the Commit.
+    digest_wanted: bool,
+    /// The source's Commit (its fingerprint, leave paused), waiting for the device state
+    /// and our fingerprint.
+    commit: Option<(Option<u128>, bool)>,
+    timeline: Timeline,
+}
+
+impl SwitchoverSeen {
+    /// Once a Commit is pending and everything [`decide_commit`] needs is in: the verdict
+    /// and whether to leave the guest paused (the pending Commit is taken).
+    fn verdict(
+        &mut self,
+        loaded: Option<&Result<(), String>>,
+    ) -> Option<(Result<(), String>, bool)> {
+        let (theirs, leave_paused) = self.commit?;
+        let v = decide_commit(loaded, theirs, self.digest.as_ref())?;
+        self.commit = None;
+        self.timeline.mark(Step::Deciding);
+        Some((v, leave_paused))
+    }
+}
+
+/// A switchover step as the target sees it.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    FinalAnnounced,
+    PagesWritten,
+    Fingerprint,
+    DeviceStateLoaded,
+    CommitAsked,
+    Deciding,
+}
+
+/// When each switchover step was seen here, for the log.
+#[derive(Debug, Default)]
+struct Timeline([Option<std::time::Instant>; 6]);
+
+impl Timeline {
+    fn mark(&mut self, step: Step) {
+        self.0[step as usize] = Some(std::time::Instant::now());
+    }
+}
+
+impl std::fmt::Display for Timeline {
+    /// Milliseconds after the final round was announced, per step.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names = [
+            "pages written",
+            "fingerprint",
+            "device state loaded",
+            "commit asked",
+            "deciding",
+        ];
+        let t0 = self.0[Step::FinalAnnounced as usize];
+        for (i, name) in names.iter().enumerate() {
+            let ms = match (t0, self.0[i + 1]) {
+                (Some(t0), Some(t)) => format!("{:.1}", t.duration_since(t0).as_secs_f64() * 1e3),
+                _ => "-".into(),
+            };
+            write!(f, "{}{name} {ms}", if i > 0 { ", " } else { "" })?;
+        }
+        Ok(())
     }
 }
 
@@ -1130,4 +1185,46 @@ fn unix_us(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_waits_for_the_device_state_and_both_fingerprints() {
+        let mut seen = SwitchoverSeen::default();
+        let loaded = Ok(());
+        // No Commit yet: nothing to decide, whatever else is in.
+        assert!(seen.verdict(Some(&loaded)).is_none());
+        seen.commit = Some((Some(7), true));
+        // Commit with the source's fingerprint: ours is still being computed.
+        assert!(seen.verdict(Some(&loaded)).is_none());
+        seen.digest = Some(Ok(7));
+        // And the device state is not loaded yet.
+        assert!(seen.verdict(None).is_none());
+        let (v, leave_paused) = seen.verdict(Some(&loaded)).expect("decided");
+        assert_eq!(v, Ok(()));
+        assert!(leave_paused);
+        assert!(seen.commit.is_none(), "the pending Commit is taken");
+        assert!(seen.verdict(Some(&loaded)).is_none(), "decided once");
+        // Fingerprints that differ: refused.
+        seen.commit = Some((Some(8), false));
+        let (v, _) = seen.verdict(Some(&loaded)).expect("decided");
+        assert!(v.is_err(), "{v:?}");
+    }
+
+    #[test]
+    fn the_timeline_reports_every_step_from_the_final_round() {
+        let mut t = Timeline::default();
+        assert_eq!(
+            t.to_string(),
+            "pages written -, fingerprint -, device state loaded -, commit asked -, deciding -"
+        );
+        t.mark(Step::FinalAnnounced);
+        t.mark(Step::PagesWritten);
+        let s = t.to_string();
+        assert!(s.starts_with("pages written 0."), "{s}");
+        assert!(s.ends_with("deciding -"), "{s}");
+    }
 }
