@@ -175,6 +175,34 @@ impl Outgoing {
         self.persist(h);
     }
 
+    /// Ends a migration that completed (the target owns the VM): records when, counts
+    /// it, moves it to COMPLETED with `message`, journals that together with `ops` (e.g.
+    /// the VM record it removes) in one transaction, and forgets the live handle.
+    pub fn end_completed(
+        &self,
+        h: &OutgoingHandle,
+        metrics: &crate::metrics::Metrics,
+        message: String,
+        ops: Vec<Op>,
+    ) {
+        tracing::info!(migration = %h.id, vm = %h.status.borrow().vm, "{message}");
+        h.set_meta(|m| m.mark = SourceMark::Settled);
+        h.update(|s| {
+            s.phase = pb::MigrationPhase::Completed as i32;
+            s.message = message;
+            s.finished_unix_ms = now_ms();
+        });
+        if let Err(e) = self.persist_with(h, ops) {
+            tracing::error!(migration = %h.id, "journal: {e}");
+        }
+        metrics
+            .migrations
+            .with_label_values(&["source", "completed"])
+            .inc();
+        metrics.active.dec();
+        self.release(&h.id);
+    }
+
     /// Ends a migration that did not complete (failed, or cancelled on request): records
     /// why and when, counts it, moves it to its final phase with `message`, and journals
     /// that together with `ops` (e.g. the VM record it frees) in one transaction.

@@ -10,7 +10,7 @@
 use super::job::{fail, JobError, JobParams};
 use super::pages::PageSender;
 use super::relay::relay_capturing;
-use super::{now_ms, OutgoingHandle};
+use super::OutgoingHandle;
 use crate::convert::spec_to_pb;
 use crate::journal::Op;
 use crate::AgentCtx;
@@ -1612,25 +1612,8 @@ async fn finish_copy(
     let _ = ctx.vms.end_outgoing(vm, true, false).await;
     h.meta().remove_capture();
     crate::vms::remove_vm_files(&ctx.cfg, vm);
-    h.set_meta(|m| m.mark = SourceMark::Settled);
-    h.update(|s| {
-        s.phase = pb::MigrationPhase::Completed as i32;
-        s.message = message.clone();
-        s.finished_unix_ms = now_ms();
-    });
-    info!(migration = %h.id, vm, "{message}");
-    if let Err(e) = ctx
-        .outgoing
-        .persist_with(h, vec![Op::RemoveVm(vm.to_string())])
-    {
-        tracing::error!(migration = %h.id, "journal: {e}");
-    }
-    ctx.metrics
-        .migrations
-        .with_label_values(&["source", "completed"])
-        .inc();
-    ctx.metrics.active.dec();
-    ctx.outgoing.release(&h.id);
+    ctx.outgoing
+        .end_completed(h, &ctx.metrics, message, vec![Op::RemoveVm(vm.to_string())]);
     let _ = ctx
         .journal
         .prune_migrations(ctx.cfg.migration.journal_history);
