@@ -181,7 +181,7 @@ impl PageBatch {
                 raw.len()
             )));
         }
-        let crc = crc32fast::hash(raw);
+        let crc = batch_crc(round, runs, raw);
         let compressed = codec.compress(raw)?;
         let (used, payload): (Codec, &[u8]) = match &compressed {
             Some(c) => (codec, c.as_slice()),
@@ -218,13 +218,14 @@ impl ZeroPages {
     /// Encodes as a complete frame.
     pub fn encode(round: u32, runs: &[PageRun]) -> Result<EncodedBatch, WireError> {
         let pages = checked_page_count(runs)?;
-        let body_len = 4 + 2 + runs.len() * 12;
+        let body_len = 4 + 2 + runs.len() * 12 + 4;
         let mut out = Vec::with_capacity(FRAME_HEADER_LEN + body_len);
         out.extend_from_slice(&(body_len as u32).to_le_bytes());
         out.push(FrameType::ZeroPages as u8);
         out.extend_from_slice(&round.to_le_bytes());
         out.extend_from_slice(&(runs.len() as u16).to_le_bytes());
         put_runs(&mut out, runs);
+        out.extend_from_slice(&batch_crc(round, runs, &[]).to_le_bytes());
         Ok(EncodedBatch {
             bytes: out,
             pages,
@@ -255,7 +256,7 @@ impl DataChunk {
                 raw.len()
             )));
         }
-        let crc = crc32fast::hash(raw);
+        let crc = chunk_crc(offset, raw);
         let compressed = codec.compress(raw)?;
         let (used, payload): (Codec, &[u8]) = match &compressed {
             Some(c) => (codec, c.as_slice()),
@@ -271,6 +272,40 @@ impl DataChunk {
         out.extend_from_slice(&crc.to_le_bytes());
         out.extend_from_slice(payload);
         Ok(out)
+    }
+}
+
+/// The receiving side of a byte stream carried as [`DataChunk`] frames (the NBD tunnel):
+/// every frame must be a chunk, and chunks must follow each other without gap or overlap.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ChunkSequence {
+    next: u64,
+}
+
+impl ChunkSequence {
+    /// Takes the next frame of the stream; returns the bytes it adds.
+    pub fn accept(&mut self, frame: Frame) -> Result<Vec<u8>, WireError> {
+        let Frame::Chunk(c) = frame else {
+            return Err(WireError::InvalidBatch(
+                "a byte stream carries data chunks only".into(),
+            ));
+        };
+        if c.offset != self.next {
+            return Err(WireError::InvalidBatch(format!(
+                "chunk at offset {} where {} was due",
+                c.offset, self.next
+            )));
+        }
+        self.next = self
+            .next
+            .checked_add(c.data.len() as u64)
+            .ok_or_else(|| WireError::InvalidBatch("stream offset overflows".into()))?;
+        Ok(c.data)
+    }
+
+    /// Bytes of the stream accepted so far.
+    pub fn position(&self) -> u64 {
+        self.next
     }
 }
 
@@ -326,6 +361,14 @@ impl Frame {
                 let round = r.u32("zero-pages round")?;
                 let runs = r.runs()?;
                 checked_page_count(&runs)?;
+                let crc = r.u32("zero-pages checksum")?;
+                let actual = batch_crc(round, &runs, &[]);
+                if actual != crc {
+                    return Err(WireError::ChecksumMismatch {
+                        expected: crc,
+                        actual,
+                    });
+                }
                 Frame::ZeroPages(ZeroPages { round, runs })
             }
             FrameType::Chunk => {
@@ -341,7 +384,7 @@ impl Frame {
                 let payload = r.rest();
                 let mut data = vec![0u8; raw_len];
                 codec.decompress_into(payload, &mut data)?;
-                let actual = crc32fast::hash(&data);
+                let actual = chunk_crc(offset, &data);
                 if actual != crc {
                     return Err(WireError::ChecksumMismatch {
                         expected: crc,
@@ -364,7 +407,7 @@ impl Frame {
                 let payload = r.rest();
                 let mut data = vec![0u8; pages * PAGE_SIZE];
                 codec.decompress_into(payload, &mut data)?;
-                let actual = crc32fast::hash(&data);
+                let actual = batch_crc(round, &runs, &data);
                 if actual != crc {
                     return Err(WireError::ChecksumMismatch {
                         expected: crc,
@@ -415,6 +458,28 @@ impl Frame {
         out.extend_from_slice(&body);
         Ok(out)
     }
+}
+
+/// CRC32 of a page batch: its round, its page numbers and its raw pages. A flipped bit
+/// anywhere, page numbers included, fails the check (a batch written to the wrong pages
+/// would otherwise decode cleanly).
+fn batch_crc(round: u32, runs: &[PageRun], raw: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&round.to_le_bytes());
+    for run in runs {
+        h.update(&run.first.to_le_bytes());
+        h.update(&run.count.to_le_bytes());
+    }
+    h.update(raw);
+    h.finalize()
+}
+
+/// CRC32 of a data chunk: its offset and its raw bytes.
+fn chunk_crc(offset: u64, raw: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&offset.to_le_bytes());
+    h.update(raw);
+    h.finalize()
 }
 
 fn put_runs(out: &mut Vec<u8>, runs: &[PageRun]) {
@@ -543,6 +608,62 @@ mod tests {
                 other => panic!("decoded {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn checksums_cover_page_numbers_round_and_offset() {
+        // A page batch whose page number is flipped must not decode (it would write the
+        // right bytes to the wrong page).
+        let runs = [
+            PageRun {
+                first: 10,
+                count: 2,
+            },
+            PageRun {
+                first: 40,
+                count: 1,
+            },
+        ];
+        let raw = vec![7u8; 3 * PAGE_SIZE];
+        for codec in [Codec::None, Codec::Lz4] {
+            let good = PageBatch::encode(3, &runs, &raw, codec)
+                .expect("encode")
+                .bytes;
+            assert!(Frame::decode(&good).is_ok());
+            // Body: round (4) | codec (1) | run count (2) | runs (12 each) | crc | payload.
+            let first_run = FRAME_HEADER_LEN + 4 + 1 + 2;
+            for (what, at) in [
+                ("page number", first_run),
+                ("second run", first_run + 12),
+                ("round", FRAME_HEADER_LEN),
+            ] {
+                let mut bad = good.clone();
+                bad[at] ^= 1;
+                assert!(
+                    matches!(Frame::decode(&bad), Err(WireError::ChecksumMismatch { .. })),
+                    "{codec}: a flipped {what} must fail the checksum"
+                );
+            }
+            // A flipped count changes the size the payload must decompress to.
+            let mut bad = good.clone();
+            bad[first_run + 8] ^= 1;
+            assert!(Frame::decode(&bad).is_err(), "{codec}: a flipped count");
+        }
+        let good = ZeroPages::encode(5, &runs).expect("encode").bytes;
+        assert!(Frame::decode(&good).is_ok());
+        let mut bad = good.clone();
+        bad[FRAME_HEADER_LEN + 4 + 2] ^= 4;
+        assert!(matches!(
+            Frame::decode(&bad),
+            Err(WireError::ChecksumMismatch { .. })
+        ));
+        let good = DataChunk::encode(1 << 20, &[3u8; 4096], Codec::None).expect("encode");
+        let mut bad = good.clone();
+        bad[FRAME_HEADER_LEN + 2] ^= 1;
+        assert!(
+            matches!(Frame::decode(&bad), Err(WireError::ChecksumMismatch { .. })),
+            "a flipped chunk offset must fail the checksum"
+        );
     }
 
     #[test]

@@ -16,20 +16,26 @@ mod frame;
 pub use codec::{Codec, CodecError};
 pub use control::ControlMessage;
 pub use frame::{
-    DataChunk, EncodedBatch, Frame, FrameType, PageBatch, PageRun, StreamHeader, StreamKind,
-    ZeroPages, FRAME_HEADER_LEN, MAX_BATCH_PAGES, MAX_CHUNK, MAX_FRAME_BODY, STREAM_HEADER_LEN,
+    ChunkSequence, DataChunk, EncodedBatch, Frame, FrameType, PageBatch, PageRun, StreamHeader,
+    StreamKind, ZeroPages, FRAME_HEADER_LEN, MAX_BATCH_PAGES, MAX_CHUNK, MAX_FRAME_BODY,
+    STREAM_HEADER_LEN,
 };
 
-/// Version of the data-plane protocol this build speaks. A receiver accepts its own
-/// version and the previous one (see [`version_supported`]).
-pub const PROTOCOL_VERSION: u8 = 1;
+/// Version of the data-plane protocol this build speaks (see [`version_supported`]).
+/// 2: page-batch, zero-page and chunk checksums cover page numbers, round and offset.
+pub const PROTOCOL_VERSION: u8 = 2;
+
+/// The oldest version this build still decodes: version 1's checksums covered the page
+/// bytes only, so its frames do not check here.
+pub const OLDEST_SUPPORTED_VERSION: u8 = 2;
 
 /// Guest page size the wire format is written for.
 pub const PAGE_SIZE: usize = 4096;
 
-/// Whether a peer speaking `version` can be served: the current and the previous version.
+/// Whether a peer speaking `version` can be served: from [`OLDEST_SUPPORTED_VERSION`] to
+/// [`PROTOCOL_VERSION`] (normally the current and the previous one).
 pub fn version_supported(version: u8) -> bool {
-    version == PROTOCOL_VERSION || (PROTOCOL_VERSION > 1 && version == PROTOCOL_VERSION - 1)
+    (OLDEST_SUPPORTED_VERSION..=PROTOCOL_VERSION).contains(&version)
 }
 
 /// Everything that can be wrong with bytes received from a peer.
@@ -53,7 +59,7 @@ pub enum WireError {
     FrameTooLarge { len: usize, max: usize },
     #[error("invalid page batch: {0}")]
     InvalidBatch(String),
-    #[error("page batch checksum mismatch: expected {expected:08x}, computed {actual:08x}")]
+    #[error("frame checksum mismatch (page numbers, offset or data corrupted): expected {expected:08x}, computed {actual:08x}")]
     ChecksumMismatch { expected: u32, actual: u32 },
     #[error("codec: {0}")]
     Codec(#[from] CodecError),

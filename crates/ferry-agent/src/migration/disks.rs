@@ -19,7 +19,7 @@ use ferry_api::v1::ferry_peer_client::FerryPeerClient;
 use ferry_disk::{image, token::SharedStorageToken, ImageFormat, StorageRoots};
 use ferry_qemu::{DiskFormat, VmSpec};
 use ferry_transport::{FrameReader, FrameWriter};
-use ferry_wire::{Codec, DataChunk, Frame, MAX_CHUNK};
+use ferry_wire::{Codec, DataChunk, MAX_CHUNK};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 use tonic::Status;
@@ -373,21 +373,12 @@ pub async fn tunnel(
     };
     let down = async {
         let mut r = FrameReader::new(recv);
-        let mut pos = 0u64;
+        let mut seq = ferry_wire::ChunkSequence::default();
         while let Some(frame) = r.next().await.map_err(|e| format!("tunnel stream: {e}"))? {
-            let Frame::Chunk(c) = frame else {
-                return Err("unexpected frame in NBD tunnel".to_string());
-            };
-            if c.offset != pos {
-                return Err(format!(
-                    "NBD tunnel out of order: chunk at {} where {pos} was due",
-                    c.offset
-                ));
-            }
-            uw.write_all(&c.data)
+            let data = seq.accept(frame).map_err(|e| format!("NBD tunnel: {e}"))?;
+            uw.write_all(&data)
                 .await
                 .map_err(|e| format!("NBD socket: {e}"))?;
-            pos += c.data.len() as u64;
         }
         let _ = uw.shutdown().await;
         Ok::<(), String>(())
