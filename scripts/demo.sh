@@ -37,7 +37,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$BIN/ferryctl" certs init --dir "$DEMO/pki" --host a --host b --host operator >/dev/null
+"$BIN/ferryctl" certs init --dir "$DEMO/pki" --host a --host b --operator operator >/dev/null
 
 declare -A GRPC=([a]=127.0.0.1:7701 [b]=127.0.0.1:7702)
 declare -A QUIC=([a]=127.0.0.1:7711 [b]=127.0.0.1:7712)
@@ -50,6 +50,7 @@ quic_listen = "${QUIC[$h]}"
 ram_dir = "$RAM_BASE/$h"
 state_dir = "$DEMO/$h/state"
 accel = "tcg"            # /dev/kvm here cannot boot a guest; production uses kvm
+boot_roots = ["$ROOT/build/guest"]   # direct-boot kernels only from here
 [tls]
 ca = "$DEMO/pki/ca.pem"
 cert = "$DEMO/pki/$h.pem"

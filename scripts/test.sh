@@ -5,8 +5,10 @@
 #
 #   scripts/test.sh            default suite (about 15-20 minutes on 2 cores)
 #   FERRY_LONG=1 scripts/test.sh   also the long suites: the handoff simulation with
-#                                  10,000 seeded schedules and the whole failpoint x fault
-#                                  matrix on real QEMU (writes target/fault-matrix.md)
+#                                  10,000 seeded schedules, the whole failpoint x fault
+#                                  matrix on real QEMU (writes target/fault-matrix.md), the
+#                                  soak, and a short run of every fuzz target
+#                                  (scripts/fuzz.sh, nightly; skipped without it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,3 +30,6 @@ cargo build --workspace --all-targets "${FEATURES[@]}"
 # Integration tests inside one binary serialise themselves (they share two cores);
 # binaries run one after another.
 cargo test --workspace --no-fail-fast "${FEATURES[@]}"
+if [ "${FERRY_LONG:-0}" = 1 ]; then
+  FERRY_FUZZ_RUNS=${FERRY_FUZZ_RUNS:-20000} bash scripts/fuzz.sh
+fi

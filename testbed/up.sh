@@ -146,7 +146,7 @@ FERRYD_PIDS=()
 if [ -n "$FERRYD" ]; then
   cert_hosts=()
   for i in $(seq "$HOSTS"); do cert_hosts+=(--host "h$i:$(addr "$i")"); done
-  "$FERRYCTL" certs init --dir "$DIR/pki" "${cert_hosts[@]}" --host operator >/dev/null \
+  "$FERRYCTL" certs init --dir "$DIR/pki" "${cert_hosts[@]}" --operator operator >/dev/null \
     || die "ferryctl certs init failed"
   for i in $(seq "$HOSTS"); do
     h=h$i
@@ -167,6 +167,7 @@ ram_dir = "$RAM_ROOT/$h"
 state_dir = "$DIR/$h/state"
 accel = "tcg"            # /dev/kvm here cannot boot a guest; production uses kvm
 storage_roots = ["$DIR/$h/images"]
+boot_roots = ["${FERRY_TB_BOOT_ROOT:-$ROOT/build/guest}"]   # direct-boot kernels only from here
 qemu_binary = "$qemu"
 [tls]
 ca = "$DIR/pki/ca.pem"

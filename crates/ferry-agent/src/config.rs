@@ -33,6 +33,14 @@ pub struct AgentConfig {
     /// request naming an image outside them (after resolving `..` and symlinks) is refused.
     #[serde(default)]
     pub storage_roots: Vec<PathBuf>,
+    /// Directories direct-boot kernels, initrds and firmware may be read from. A VM spec
+    /// (defined here or arriving with a migration) naming a file outside them is refused:
+    /// QEMU would read it with the agent's privileges and hand it to the guest.
+    #[serde(default = "default_boot_roots")]
+    pub boot_roots: Vec<PathBuf>,
+    /// The file this configuration was read from (re-read on SIGHUP).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
     #[serde(default)]
     pub migration: MigrationDefaults,
     #[serde(default)]
@@ -58,6 +66,10 @@ pub struct TlsConfig {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Serial numbers (hex, as `openssl x509 -serial` or `ferryctl certs show` print them)
+    /// of mesh certificates refused on every API and on the data plane. Re-read on SIGHUP.
+    #[serde(default)]
+    pub deny_serials: Vec<String>,
 }
 
 /// Defaults for migrations that do not say otherwise.
@@ -100,6 +112,9 @@ pub struct MigrationDefaults {
     pub max_outgoing: usize,
     /// Live migrations this host receives at once; more Prepares are refused.
     pub max_incoming: usize,
+    /// Memory (MiB) an incoming migration must leave available for the host and its
+    /// other guests: a Prepare needing more is refused (admission).
+    pub memory_reserve_mib: u64,
 }
 
 impl Default for MigrationDefaults {
@@ -122,12 +137,16 @@ impl Default for MigrationDefaults {
             // KubeVirt's defaults: two per node each way.
             max_outgoing: 2,
             max_incoming: 2,
+            memory_reserve_mib: 512,
         }
     }
 }
 
 fn default_ram_dir() -> PathBuf {
     PathBuf::from("/dev/shm/ferry")
+}
+fn default_boot_roots() -> Vec<PathBuf> {
+    vec![PathBuf::from("/var/lib/ferry/boot")]
 }
 fn default_accel() -> String {
     "kvm".into()
@@ -142,8 +161,9 @@ impl AgentConfig {
         use anyhow::Context;
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config {}", path.display()))?;
-        let cfg: AgentConfig =
+        let mut cfg: AgentConfig =
             toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        cfg.source = Some(path.to_path_buf());
         cfg.check()
             .with_context(|| format!("checking config {}", path.display()))?;
         Ok(cfg)

@@ -5,6 +5,8 @@
 //! [`migration`] (the state machine, both sides), [`service`] (gRPC), [`server`]
 //! (start-up and wiring).
 
+pub mod access;
+pub mod admission;
 pub mod config;
 pub mod convert;
 pub mod cpuid;
@@ -23,6 +25,8 @@ use std::sync::Arc;
 
 /// Everything a request handler or a migration task needs from its agent.
 pub struct AgentCtx {
+    /// Who may call what (roles from certificates, the deny list).
+    pub access: Arc<access::Access>,
     pub cfg: Arc<config::AgentConfig>,
     pub identity: ferry_transport::pki::Identity,
     pub journal: Arc<journal::Journal>,

@@ -144,7 +144,36 @@ fn bridges() -> Vec<String> {
     v
 }
 
-fn mem_available() -> u64 {
+/// Admission of a guest's RAM on a host: `need` bytes of RAM file must fit in the RAM
+/// directory (`ram_dir_free`, 0 when unknown) and in available memory less `reserve`
+/// (tmpfs pages are memory). Pure; the caller measures.
+pub fn memory_admission(
+    need: u64,
+    mem_available: u64,
+    ram_dir_free: u64,
+    reserve: u64,
+) -> Result<(), String> {
+    let mem = mem_available.saturating_sub(reserve);
+    if need > mem {
+        return Err(format!(
+            "{} MiB of guest RAM do not fit: {} MiB available, {} MiB of it kept in reserve (migration.memory_reserve_mib)",
+            need >> 20,
+            mem_available >> 20,
+            reserve >> 20
+        ));
+    }
+    if ram_dir_free != 0 && need > ram_dir_free {
+        return Err(format!(
+            "{} MiB of guest RAM do not fit in the RAM directory: {} MiB free there",
+            need >> 20,
+            ram_dir_free >> 20
+        ));
+    }
+    Ok(())
+}
+
+/// MemAvailable of this host, bytes (0 if unknown).
+pub fn mem_available() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
         .lines()
@@ -154,7 +183,8 @@ fn mem_available() -> u64 {
         .unwrap_or(0)
 }
 
-fn fs_free(path: &Path) -> u64 {
+/// Free bytes of the filesystem holding `path` (0 if unknown).
+pub fn fs_free(path: &Path) -> u64 {
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
         return 0;
     };
@@ -203,6 +233,17 @@ pub async fn host_facts(ctx: &AgentCtx) -> pb::HostFacts {
             .filter_map(|v| v.spec.map(|s| s.name))
             .collect(),
         quic_addr: ctx.cfg.quic_listen.to_string(),
+        cert_identity: ctx
+            .identity
+            .peer_identity()
+            .map(|i| format!("{} {}", i.role, i.name))
+            .unwrap_or_else(|e| e.to_string()),
+        cert_not_after_unix: ctx
+            .identity
+            .peer_identity()
+            .map(|i| i.not_after_unix)
+            .unwrap_or(0),
+        ram_reserve_bytes: ctx.cfg.migration.memory_reserve_mib << 20,
         tracker: match &ctx.tracker {
             Ok(k) => k.name().to_string(),
             Err(e) => format!("none: {e}"),
@@ -436,24 +477,40 @@ pub fn compare(
             false,
         )
     });
-    // Memory for the RAM file.
+    // Memory for the RAM file: the target's own admission rule.
     let need = spec.memory_mib << 20;
     let free = t.mem_available_bytes.min(if t.ram_dir_free_bytes == 0 {
         u64::MAX
     } else {
         t.ram_dir_free_bytes
     });
-    out.push(if free >= need {
-        check("memory", Pass, format!("{host} has {} MiB available for {} MiB of guest RAM", free >> 20, spec.memory_mib), "", false)
-    } else {
-        check(
-            "memory",
-            Fail,
-            format!("{host} has only {} MiB available (memory and RAM directory) for {} MiB of guest RAM", free >> 20, spec.memory_mib),
-            "free memory on the target or pick another target",
-            false,
-        )
-    });
+    out.push(
+        match memory_admission(
+            need,
+            t.mem_available_bytes,
+            t.ram_dir_free_bytes,
+            t.ram_reserve_bytes,
+        ) {
+            Ok(()) => check(
+                "memory",
+                Pass,
+                format!(
+                    "{host} has {} MiB available for {} MiB of guest RAM",
+                    free >> 20,
+                    spec.memory_mib
+                ),
+                "",
+                false,
+            ),
+            Err(why) => check(
+                "memory",
+                Fail,
+                format!("{host}: {why}"),
+                "free memory on the target or pick another target",
+                false,
+            ),
+        },
+    );
     out
 }
 
@@ -661,6 +718,44 @@ pub fn predict(
     };
 }
 
+/// Certificates expiring within this many days are reported.
+pub const CERT_WARN_DAYS: i64 = 14;
+
+/// The certificates of both hosts, `(host, identity, not after)`: expired (or with no
+/// usable identity) fails, expiring within [`CERT_WARN_DAYS`] warns. Pure.
+pub fn certificate_check(
+    source: (&str, &str, i64),
+    target: (&str, &str, i64),
+    now_unix: i64,
+) -> pb::PreflightCheck {
+    let mut fails = Vec::new();
+    let mut warns = Vec::new();
+    let mut fine = Vec::new();
+    for (host, identity, not_after) in [source, target] {
+        let days = (not_after - now_unix) / 86400;
+        if not_after == 0 {
+            fails.push(format!("{host}: certificate expiry unknown ({identity})"));
+        } else if not_after <= now_unix {
+            fails.push(format!("{host}: certificate of {identity} has expired"));
+        } else if days < CERT_WARN_DAYS {
+            warns.push(format!(
+                "{host}: certificate of {identity} expires in {days} day(s)"
+            ));
+        } else {
+            fine.push(format!("{host}: {identity}, {days} days left"));
+        }
+    }
+    let fix =
+        "issue new certificates from the mesh CA (ferryctl certs init) and restart the agents";
+    if !fails.is_empty() {
+        check("certificates", Fail, fails.join("; "), fix, false)
+    } else if !warns.is_empty() {
+        check("certificates", Warn, warns.join("; "), fix, true)
+    } else {
+        check("certificates", Pass, fine.join("; "), "", false)
+    }
+}
+
 /// Runs the whole preflight for a VM and a target.
 pub async fn run(
     ctx: &AgentCtx,
@@ -702,6 +797,26 @@ pub async fn run(
         spec.accel.as_deref().unwrap_or(&ctx.cfg.accel),
         &facts,
     );
+
+    // Certificates: both ends' expiry, and that the target is an agent.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let own = ctx
+        .identity
+        .peer_identity()
+        .map(|i| (format!("{} {}", i.role, i.name), i.not_after_unix))
+        .unwrap_or_else(|e| (e.to_string(), 0));
+    checks.push(certificate_check(
+        (&ctx.cfg.host_name, &own.0, own.1),
+        (
+            &facts.host_name,
+            &facts.cert_identity,
+            facts.cert_not_after_unix,
+        ),
+        now,
+    ));
 
     // QEMU versions: same major.minor is the tested case; others work with a pinned type.
     let major_minor = |v: &str| v.split('.').take(2).collect::<Vec<_>>().join(".");
@@ -933,5 +1048,56 @@ mod tests {
         assert_eq!(normalize_feature("sse3"), "pni");
         assert_eq!(normalize_feature("xd"), "nx");
         assert_eq!(normalize_feature("i64"), "lm");
+    }
+}
+
+#[cfg(test)]
+mod admission_tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn memory_admission_keeps_the_reserve_and_fits_the_ram_dir() {
+        assert!(memory_admission(1024 * MIB, 4096 * MIB, 0, 512 * MIB).is_ok());
+        let e = memory_admission(4000 * MIB, 4096 * MIB, 0, 512 * MIB).expect_err("reserve");
+        assert!(e.contains("memory_reserve_mib"), "{e}");
+        let e = memory_admission(1024 * MIB, 8192 * MIB, 512 * MIB, 0).expect_err("ram dir");
+        assert!(e.contains("RAM directory: 512 MiB free"), "{e}");
+    }
+
+    #[test]
+    fn certificates_expired_expiring_and_fine() {
+        let now = 1_000_000_000;
+        let day = 86400;
+        let c = certificate_check(
+            ("a", "agent a", now + 100 * day),
+            ("b", "agent b", now + 90 * day),
+            now,
+        );
+        assert_eq!(c.status, Pass as i32, "{c:?}");
+        let c = certificate_check(
+            ("a", "agent a", now + 100 * day),
+            ("b", "agent b", now + 3 * day),
+            now,
+        );
+        assert_eq!(c.status, Warn as i32, "{c:?}");
+        assert!(
+            c.detail
+                .contains("b: certificate of agent b expires in 3 day(s)"),
+            "{c:?}"
+        );
+        let c = certificate_check(
+            ("a", "agent a", now - 1),
+            ("b", "agent b", now + 90 * day),
+            now,
+        );
+        assert_eq!(c.status, Fail as i32, "{c:?}");
+        assert!(c.detail.contains("has expired"), "{c:?}");
+        let c = certificate_check(("a", "agent a", now + 90 * day), ("b", "", 0), now);
+        assert_eq!(
+            c.status, Fail as i32,
+            "an old agent that reports no expiry: {c:?}"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! Start-up: directories, journal, tracker self-test, recovery, QUIC and gRPC servers.
 
+use crate::access::Need;
 use crate::config::AgentConfig;
 use crate::journal::Journal;
 use crate::migration::target::IncomingRegistry;
@@ -85,7 +86,12 @@ pub async fn build(cfg: AgentConfig) -> anyhow::Result<Arc<AgentCtx>> {
     let quic =
         QuicEndpoint::bind(cfg.quic_listen, &identity, &tuning).context("binding QUIC endpoint")?;
     let outgoing = Outgoing::new(journal.clone());
+    let access = crate::access::Access::new(&cfg.host_name, &cfg.tls.deny_serials);
+    if let Err(e) = identity.peer_identity() {
+        warn!("this agent's own certificate: {e}; peers will refuse it");
+    }
     let ctx = Arc::new(AgentCtx {
+        access,
         cfg,
         identity,
         journal,
@@ -126,6 +132,7 @@ async fn recover_outgoing(ctx: &Arc<AgentCtx>) {
             mark,
             was_running: rec.was_running,
             capture: rec.capture.clone(),
+            token: rec.token.clone(),
         };
         let why = format!(
             "agent on {} restarted during the migration",
@@ -191,19 +198,69 @@ pub async fn serve(
     ctx: Arc<AgentCtx>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    // Data plane: each connection is one incoming migration.
+    // Data plane: each connection is one incoming migration (or a probe). Handshakes run
+    // concurrently, each with a deadline and within per-address limits, so half-open
+    // connections from anyone on the network cannot stall the others.
     let quic = ctx.quic.clone();
-    let incoming = ctx.incoming.clone();
+    let (incoming, access) = (ctx.incoming.clone(), ctx.access.clone());
+    let handshake_deadline = Duration::from_secs(ctx.cfg.migration.idle_timeout_s.clamp(1, 10));
+    let limits = Arc::new(crate::admission::ConnectionLimits::default());
     tokio::spawn(async move {
-        while let Some(conn) = quic.accept().await {
-            match conn {
-                Ok(conn) => {
-                    tokio::spawn(incoming.clone().handle_connection(conn));
-                }
-                Err(e) => warn!("data-plane handshake refused: {e}"),
-            }
+        while let Some(attempt) = quic.accept_incoming().await {
+            let remote = attempt.remote_address();
+            let Some(slot) = limits.handshake(remote.ip()) else {
+                warn!(%remote, "data-plane handshake refused: too many in flight from this address");
+                attempt.refuse();
+                continue;
+            };
+            let (incoming, access, limits) = (incoming.clone(), access.clone(), limits.clone());
+            tokio::spawn(async move {
+                let conn = match tokio::time::timeout(handshake_deadline, attempt).await {
+                    Ok(Ok(conn)) => conn,
+                    Ok(Err(e)) => return warn!(%remote, "data-plane handshake failed: {e}"),
+                    Err(_) => {
+                        return warn!(%remote, "data-plane handshake not done within {handshake_deadline:?}: dropped")
+                    }
+                };
+                drop(slot);
+                let peer = match access.check_connection(&conn) {
+                    Ok(p) => p,
+                    Err(s) => {
+                        warn!(%remote, "data-plane connection refused: {}", s.message());
+                        conn.close(4u32.into(), s.message().as_bytes());
+                        return;
+                    }
+                };
+                let Some(_open) = limits.connection(&peer.name) else {
+                    warn!(%remote, peer = %peer.name, "data-plane connection refused: too many open from this agent");
+                    conn.close(5u32.into(), b"too many connections from this agent");
+                    return;
+                };
+                incoming.handle_connection(conn, peer).await;
+            });
         }
     });
+
+    // Configuration reload: the deny list takes effect on SIGHUP.
+    if let Some(path) = ctx.cfg.source.clone() {
+        let access = ctx.access.clone();
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        match AgentConfig::load(&path) {
+                            Ok(cfg) => {
+                                let n = access.set_denied(&cfg.tls.deny_serials);
+                                info!(config = %path.display(), denied = n, "configuration reloaded (SIGHUP): deny list in force");
+                            }
+                            Err(e) => error!("SIGHUP: keeping the current deny list: {e:#}"),
+                        }
+                    }
+                });
+            }
+            Err(e) => warn!("no SIGHUP handler (deny list reload): {e}"),
+        }
+    }
 
     if let Some(addr) = ctx.cfg.metrics_listen {
         let m = ctx.metrics.clone();
@@ -246,8 +303,14 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(FerryControlServer::new(ControlService { ctx: ctx.clone() }))
-        .add_service(FerryPeerServer::new(PeerService { ctx: ctx.clone() }))
+        .add_service(FerryControlServer::with_interceptor(
+            ControlService { ctx: ctx.clone() },
+            crate::access::interceptor(ctx.access.clone(), Need::Read, "the control API"),
+        ))
+        .add_service(FerryPeerServer::with_interceptor(
+            PeerService { ctx: ctx.clone() },
+            crate::access::interceptor(ctx.access.clone(), Need::Agent, "the peer API"),
+        ))
         .serve_with_shutdown(addr, shutdown)
         .await;
     ctx.quic.close();

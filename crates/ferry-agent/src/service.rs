@@ -1,5 +1,6 @@
 //! gRPC services: `FerryControl` for clients, `FerryPeer` for other agents.
 
+use crate::access::{caller, require_operator};
 use crate::convert::spec_from_pb;
 use crate::migration::source::{self, MigrationParams};
 use crate::migration::{is_terminal, now_ms};
@@ -31,6 +32,7 @@ impl FerryControl for ControlService {
         &self,
         req: Request<pb::DefineVmRequest>,
     ) -> Result<Response<pb::VmInfo>, Status> {
+        require_operator(&req, "DefineVm")?;
         let spec = req
             .into_inner()
             .spec
@@ -40,12 +42,14 @@ impl FerryControl for ControlService {
     }
 
     async fn undefine_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::VmInfo>, Status> {
+        require_operator(&req, "UndefineVm")?;
         Ok(Response::new(
             self.ctx.vms.undefine(&req.into_inner().name).await?,
         ))
     }
 
     async fn start_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::VmInfo>, Status> {
+        require_operator(&req, "StartVm")?;
         Ok(Response::new(
             self.ctx.vms.start(&req.into_inner().name).await?,
         ))
@@ -55,17 +59,20 @@ impl FerryControl for ControlService {
         &self,
         req: Request<pb::StopVmRequest>,
     ) -> Result<Response<pb::VmInfo>, Status> {
+        require_operator(&req, "StopVm")?;
         let r = req.into_inner();
         Ok(Response::new(self.ctx.vms.stop(&r.name, r.force).await?))
     }
 
     async fn suspend_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::VmInfo>, Status> {
+        require_operator(&req, "SuspendVm")?;
         Ok(Response::new(
             self.ctx.vms.suspend(&req.into_inner().name).await?,
         ))
     }
 
     async fn resume_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::VmInfo>, Status> {
+        require_operator(&req, "ResumeVm")?;
         Ok(Response::new(
             self.ctx.vms.resume(&req.into_inner().name).await?,
         ))
@@ -90,6 +97,7 @@ impl FerryControl for ControlService {
         &self,
         req: Request<pb::StartMigrationRequest>,
     ) -> Result<Response<pb::MigrationStatus>, Status> {
+        require_operator(&req, "StartMigration")?;
         let r = req.into_inner();
         let codec: Codec = if r.compress.is_empty() {
             Codec::None
@@ -179,6 +187,7 @@ impl FerryControl for ControlService {
             mark: ferry_handoff::SourceMark::BeforeCommit,
             was_running,
             capture: None,
+            token: None,
         };
         let handle = self.ctx.outgoing.register(status.clone(), meta);
         tokio::spawn(source::run_guarded(
@@ -231,6 +240,7 @@ impl FerryControl for ControlService {
         &self,
         req: Request<pb::MigrationRef>,
     ) -> Result<Response<pb::MigrationStatus>, Status> {
+        require_operator(&req, "CancelMigration")?;
         let id = req.into_inner().id;
         let h = self
             .ctx
@@ -278,6 +288,7 @@ impl FerryControl for ControlService {
         &self,
         req: Request<pb::PreflightRequest>,
     ) -> Result<Response<pb::PreflightReport>, Status> {
+        require_operator(&req, "Preflight")?;
         let r = req.into_inner();
         let codec: Codec = if r.compress.is_empty() {
             Codec::None
@@ -332,8 +343,9 @@ impl FerryPeer for PeerService {
         &self,
         req: Request<pb::PrepareRequest>,
     ) -> Result<Response<pb::PrepareResponse>, Status> {
+        let who = caller(&req)?;
         Ok(Response::new(
-            self.ctx.incoming.prepare(req.into_inner()).await?,
+            self.ctx.incoming.prepare(req.into_inner(), &who).await?,
         ))
     }
 
@@ -341,11 +353,12 @@ impl FerryPeer for PeerService {
         &self,
         req: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::CommitResponse>, Status> {
+        let who = caller(&req)?;
         let r = req.into_inner();
         let (resume_unix_us, ready_unix_us) = self
             .ctx
             .incoming
-            .commit(&r.migration_id, &r.token, r.leave_paused)
+            .commit(&r.migration_id, &r.token, r.leave_paused, &who)
             .await?;
         Ok(Response::new(pb::CommitResponse {
             resume_unix_us,
@@ -357,8 +370,13 @@ impl FerryPeer for PeerService {
         &self,
         req: Request<pb::AbortRequest>,
     ) -> Result<Response<pb::AbortResponse>, Status> {
+        let who = caller(&req)?;
         let r = req.into_inner();
-        let existed = self.ctx.incoming.abort(&r.migration_id, &r.reason).await?;
+        let existed = self
+            .ctx
+            .incoming
+            .abort(&r.migration_id, &r.token, &r.reason, &who)
+            .await?;
         Ok(Response::new(pb::AbortResponse { existed }))
     }
 
@@ -373,8 +391,9 @@ impl FerryPeer for PeerService {
         &self,
         req: Request<pb::PrepareColdMigrationRequest>,
     ) -> Result<Response<pb::PrepareColdMigrationResponse>, Status> {
+        let who = caller(&req)?;
         Ok(Response::new(
-            crate::migration::cold::prepare(&self.ctx, req.into_inner()).await?,
+            crate::migration::cold::prepare(&self.ctx, req.into_inner(), &who).await?,
         ))
     }
 
@@ -382,8 +401,9 @@ impl FerryPeer for PeerService {
         &self,
         req: Request<pb::FinishColdMigrationRequest>,
     ) -> Result<Response<pb::FinishColdMigrationResponse>, Status> {
+        let who = caller(&req)?;
         Ok(Response::new(
-            crate::migration::cold::finish(&self.ctx, req.into_inner()).await?,
+            crate::migration::cold::finish(&self.ctx, req.into_inner(), &who).await?,
         ))
     }
 
@@ -391,16 +411,19 @@ impl FerryPeer for PeerService {
         &self,
         req: Request<pb::AbortColdMigrationRequest>,
     ) -> Result<Response<pb::AbortColdMigrationResponse>, Status> {
+        let who = caller(&req)?;
         Ok(Response::new(
-            crate::migration::cold::abort(&self.ctx, req.into_inner()).await?,
+            crate::migration::cold::abort(&self.ctx, req.into_inner(), &who).await?,
         ))
     }
 
     async fn incoming_status(
         &self,
-        req: Request<pb::MigrationRef>,
+        req: Request<pb::IncomingStatusRequest>,
     ) -> Result<Response<pb::IncomingStatusResponse>, Status> {
-        let state = self.ctx.incoming.status(&req.into_inner().id).await?;
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        let state = self.ctx.incoming.status(&r.id, &r.token, &who).await?;
         Ok(Response::new(pb::IncomingStatusResponse {
             state: state as i32,
         }))

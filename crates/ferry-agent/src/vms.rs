@@ -31,6 +31,8 @@ pub struct VmManager {
     /// LD_PRELOAD shim that gives every QEMU a userfaultfd the agent can take.
     shim: Option<PathBuf>,
     storage: Arc<ferry_disk::StorageRoots>,
+    /// Where direct-boot kernels and initrds may be read from (`boot_roots` that exist).
+    boot: ferry_disk::StorageRoots,
     vms: tokio::sync::Mutex<HashMap<String, VmEntry>>,
 }
 
@@ -45,13 +47,65 @@ impl VmManager {
         shim: Option<PathBuf>,
         storage: Arc<ferry_disk::StorageRoots>,
     ) -> Arc<Self> {
+        let existing: Vec<&PathBuf> = cfg.boot_roots.iter().filter(|r| r.is_dir()).collect();
+        let boot = ferry_disk::StorageRoots::new(existing).unwrap_or_else(|e| {
+            tracing::warn!("boot_roots: {e}; no direct-boot kernel will be accepted");
+            ferry_disk::StorageRoots::empty()
+        });
         Arc::new(VmManager {
             cfg,
             journal,
             shim,
             storage,
+            boot,
             vms: tokio::sync::Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Refuses a spec naming a file this host must not hand to QEMU: disk images outside
+    /// its storage roots, a kernel or initrd outside its boot roots. Run on every spec
+    /// defined here and on every spec arriving with a migration.
+    pub fn check_spec_paths(&self, spec: &VmSpec) -> Result<(), Status> {
+        for (what, path) in [("kernel", &spec.kernel), ("initrd", &spec.initrd)] {
+            let Some(path) = path else { continue };
+            self.boot.confine(path).map_err(|_| {
+                Status::permission_denied(format!(
+                    "{what} {} of VM '{}' is outside host {}'s boot_roots {:?}: QEMU would read it with the agent's privileges",
+                    path.display(),
+                    spec.name,
+                    self.cfg.host_name,
+                    self.boot.roots()
+                ))
+            })?;
+        }
+        self.check_disk_paths(spec)
+    }
+
+    /// Refuses a spec arriving with a migration whose disk image another VM of this host
+    /// already uses: a peer must not be able to take over a local VM's disk by naming
+    /// it (on shared storage, say).
+    pub async fn check_disks_unclaimed(&self, spec: &VmSpec) -> Result<(), Status> {
+        let vms = self.vms.lock().await;
+        for d in &spec.disks {
+            let Ok(mine) = self.storage.confine(&d.path) else {
+                continue;
+            };
+            for (name, e) in vms.iter().filter(|(n, _)| **n != spec.name) {
+                for other in &e.spec.disks {
+                    if self.storage.confine(&other.path).ok().as_ref() == Some(&mine) {
+                        return Err(Status::failed_precondition(format!(
+                            "disk '{}' of VM '{}': image {} is VM '{name}''s disk '{}' on host {}",
+                            d.id,
+                            spec.name,
+                            mine.display(),
+                            other.id,
+                            self.cfg.host_name
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Refuses a spec whose disk images lie outside this host's storage roots.
@@ -108,7 +162,7 @@ impl VmManager {
     pub async fn define(&self, spec: VmSpec) -> Result<pb::VmInfo, Status> {
         spec.validate()
             .map_err(|e| Status::invalid_argument(format!("VM spec: {e}")))?;
-        self.check_disk_paths(&spec)?;
+        self.check_spec_paths(&spec)?;
         let mut vms = self.vms.lock().await;
         if vms.contains_key(&spec.name) {
             return Err(Status::already_exists(format!(

@@ -130,7 +130,7 @@ fn files_in(dir: &Path) -> Vec<String> {
 }
 
 /// The target holds nothing of the VM: no QEMU, no RAM file, no record.
-async fn assert_target_clean(b: &TestAgent, vm: &str, migration_id: &str, pki: &TestPki) {
+async fn assert_target_clean(b: &mut TestAgent, vm: &str, migration_id: &str, pki: &TestPki) {
     let mut cb = b.client().await.expect("client b");
     let vms = cb
         .list_vms(pb::ListVmsRequest {})
@@ -153,22 +153,33 @@ async fn assert_target_clean(b: &TestAgent, vm: &str, migration_id: &str, pki: &
         "a QEMU still runs for the target: {:?}",
         b.qemu_pids()
     );
+    // Later peer calls need the token from Prepare: an agent without it learns nothing.
     let chan = ferry_agent::tls::connect(&b.grpc_addr(), &pki.identity("a").expect("identity"))
         .await
         .expect("peer channel");
-    let st = FerryPeerClient::new(chan)
-        .incoming_status(pb::MigrationRef {
+    let e = FerryPeerClient::new(chan)
+        .incoming_status(pb::IncomingStatusRequest {
             id: migration_id.into(),
+            token: "not-the-token".into(),
         })
         .await
-        .expect("status")
-        .into_inner();
-    // Only the settled tombstone stays (history, pruned by `journal_history`).
+        .expect_err("a wrong token is refused");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // Only the settled tombstone stays (history, pruned by `journal_history`): read it
+    // from the target's journal itself, with the agent stopped (redb is single-process).
+    b.kill().expect("stop b");
+    let journal = ferry_agent::journal::Journal::open(&b.state_dir().join("ferry.redb"))
+        .expect("open b's journal");
+    let rec = journal
+        .migration(migration_id)
+        .expect("read b's journal")
+        .expect("the migration's tombstone");
     assert_eq!(
-        st.state,
-        pb::IncomingState::Aborted as i32,
-        "the target should know the migration as aborted"
+        rec.receiver,
+        Some(ferry_handoff::Receiver::Aborted),
+        "the target should know the migration as aborted: {rec:?}"
     );
+    assert_eq!(rec.peer, "a", "named by the source's certificate");
 }
 
 async fn migrate_with_codec(codec: &str) {
@@ -303,7 +314,7 @@ fn slow_migration(vm: &str, target: String) -> pb::StartMigrationRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_during_precopy_keeps_guest_on_source() {
     let _serial = SERIAL.lock().await;
-    let p = pair().await;
+    let mut p = pair().await;
     let src = boot_guest(&p.a, "db01", 20.0).await;
     let mut ca = p.a.client().await.expect("client a");
     let m = ca
@@ -335,7 +346,7 @@ async fn cancel_during_precopy_keeps_guest_on_source() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(guest_writes(&vm).await > w1, "guest runs on A");
     guest_check(&vm).await;
-    assert_target_clean(&p.b, "db01", &m.id, &p.pki).await;
+    assert_target_clean(&mut p.b, "db01", &m.id, &p.pki).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,7 +389,7 @@ async fn target_killed_mid_precopy_keeps_guest_on_source() {
 
     // The restarted target removes the half-made VM its predecessor left.
     p.b.restart().await.expect("restart b");
-    assert_target_clean(&p.b, "app01", &m.id, &p.pki).await;
+    assert_target_clean(&mut p.b, "app01", &m.id, &p.pki).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -203,8 +203,9 @@ async fn failed_checks_block_the_migration_with_specific_messages() {
     let mem = check(&r, "memory");
     assert_eq!(mem.status, pb::CheckStatus::Fail as i32);
     assert!(
-        mem.detail.starts_with("b has only ")
-            && mem.detail.ends_with("for 1048576 MiB of guest RAM"),
+        mem.detail
+            .starts_with("b: 1048576 MiB of guest RAM do not fit")
+            && mem.detail.contains("MiB available"),
         "{}",
         mem.detail
     );

@@ -254,6 +254,68 @@ pub fn create(
     Ok(())
 }
 
+/// The backing reference an image's header holds, read with its format pinned (never
+/// probed) and without opening the backing file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingReference {
+    /// The name as written (relative names are relative to the image's directory).
+    pub name: String,
+    /// The backing format recorded, if any.
+    pub format: Option<ImageFormat>,
+}
+
+/// Reads `path`'s backing reference as [`BackingReference`]; `None` without one. Refuses
+/// what ferry never follows: `json:` or protocol (`nbd://`, ...) backing names and qcow2
+/// external data files.
+pub fn backing_reference(
+    path: &Path,
+    format: ImageFormat,
+) -> Result<Option<BackingReference>, DiskError> {
+    let path = absolute(path)?;
+    let args: Vec<String> = vec![
+        "info".into(),
+        "--output=json".into(),
+        "-U".into(),
+        "-f".into(),
+        format.as_str().into(),
+    ];
+    let (command, stdout) = run_qemu_img(&args, &[&path])?;
+    let raw: RawInfo = serde_json::from_slice(&stdout)
+        .map_err(|source| DiskError::QemuImgOutput { command, source })?;
+    if let Some(df) = raw
+        .format_specific
+        .and_then(|s| s.data)
+        .and_then(|d| d.data_file)
+    {
+        return Err(DiskError::UnsupportedImage {
+            path,
+            reason: format!("external data file {df:?} is not supported"),
+        });
+    }
+    let Some(name) = raw.backing_filename else {
+        return Ok(None);
+    };
+    if name.starts_with("json:") || name.contains("://") {
+        return Err(DiskError::UnsupportedImage {
+            path,
+            reason: format!("backing file {name:?} is not a plain file"),
+        });
+    }
+    let format = match raw.backing_filename_format {
+        None => None,
+        Some(f) => Some(f.parse().map_err(|_| DiskError::UnsupportedFormat {
+            path: path.clone(),
+            format: f,
+        })?),
+    };
+    Ok(Some(BackingReference { name, format }))
+}
+
+/// Where a backing reference of `image` leads, as QEMU resolves it (not canonicalized).
+pub fn resolve_reference(image: &Path, name: &str) -> PathBuf {
+    resolve_backing(image, Path::new(name))
+}
+
 /// Points the backing reference of `path` at `backing` unless it already resolves there
 /// with that format: `qemu-img rebase -u`, which rewrites the header only (no guest data is
 /// read or written), as after moving a chain to another directory. The new reference is
@@ -271,26 +333,9 @@ pub fn point_backing_at(
     let path = absolute(path)?;
     let want =
         fs::canonicalize(backing).map_err(|e| DiskError::io("resolve backing file", backing, e))?;
-    let args: Vec<String> = vec![
-        "info".into(),
-        "--output=json".into(),
-        "-U".into(),
-        "-f".into(),
-        format.as_str().into(),
-    ];
-    let (command, stdout) = run_qemu_img(&args, &[&path])?;
-    let raw: RawInfo = serde_json::from_slice(&stdout)
-        .map_err(|source| DiskError::QemuImgOutput { command, source })?;
-    if let Some(name) = &raw.backing_filename {
-        if name.starts_with("json:") || name.contains("://") {
-            return Err(DiskError::UnsupportedImage {
-                path,
-                reason: format!("backing file {name:?} is not a plain file"),
-            });
-        }
-        let current = fs::canonicalize(resolve_backing(&path, Path::new(name))).ok();
-        let same_format = raw.backing_filename_format.as_deref() == Some(backing_format.as_str());
-        if current.as_deref() == Some(want.as_path()) && same_format {
+    if let Some(r) = backing_reference(&path, format)? {
+        let current = fs::canonicalize(resolve_backing(&path, Path::new(&r.name))).ok();
+        if current.as_deref() == Some(want.as_path()) && r.format == Some(backing_format) {
             return Ok(false);
         }
     }

@@ -93,11 +93,7 @@ impl PartialImage {
             .len();
         let previous = read_sidecar(&sidecar_path)?;
         if let Some(sc) = previous {
-            if sc.transfer_id == transfer_id
-                && sc.expected_len == expected_len
-                && sc.committed <= expected_len
-                && part_len == expected_len
-            {
+            if resumable(&sc, transfer_id, expected_len, part_len) {
                 tracing::info!(
                     path = %final_path.display(),
                     transfer_id,
@@ -381,6 +377,36 @@ fn remove_if_exists(path: &Path) -> Result<(), DiskError> {
 }
 
 /// The sidecar, or `None` if it is missing or unreadable as ours (then we start over).
+/// Whether a sidecar vouches for resuming this transfer: same transfer and length, no
+/// more committed than that, and a part file of the full length.
+fn resumable(sc: &Sidecar, transfer_id: &str, expected_len: u64, part_len: u64) -> bool {
+    sc.transfer_id == transfer_id
+        && sc.expected_len == expected_len
+        && sc.committed <= expected_len
+        && part_len == expected_len
+}
+
+/// Where an interrupted transfer resumes, decided from the sidecar's bytes as
+/// [`PartialImage::open_or_resume`] decides it: `Some(offset)` (at most `expected_len`)
+/// only for a sidecar of this version naming this transfer and length; `None` (start
+/// over) for anything else, however malformed. Pure (the fuzz target drives it).
+pub fn resume_point(
+    sidecar: &[u8],
+    transfer_id: &str,
+    expected_len: u64,
+    part_len: u64,
+) -> Option<u64> {
+    parse_sidecar(sidecar)
+        .filter(|sc| resumable(sc, transfer_id, expected_len, part_len))
+        .map(|sc| sc.committed)
+}
+
+fn parse_sidecar(bytes: &[u8]) -> Option<Sidecar> {
+    serde_json::from_slice::<Sidecar>(bytes)
+        .ok()
+        .filter(|sc| sc.version == SIDECAR_VERSION)
+}
+
 fn read_sidecar(path: &Path) -> Result<Option<Sidecar>, DiskError> {
     let bytes = match fs::read(path) {
         Ok(b) => b,

@@ -54,6 +54,11 @@ impl StorageRoots {
         Ok(StorageRoots { roots: out })
     }
 
+    /// No roots: every path is refused.
+    pub fn empty() -> Self {
+        StorageRoots { roots: Vec::new() }
+    }
+
     /// The canonical roots.
     pub fn roots(&self) -> &[PathBuf] {
         &self.roots

@@ -99,6 +99,29 @@ impl RamFile {
         made
     }
 
+    /// Like [`RamFile::create`], with every page allocated up front (`fallocate`): a RAM
+    /// directory without room for the whole guest fails here, with ENOSPC, instead of
+    /// with a SIGBUS when a page is first written (in the agent, or in QEMU later). On
+    /// tmpfs the allocated pages still read as holes (`SEEK_DATA`), so scans skip them.
+    pub fn create_reserved(path: impl AsRef<Path>, size_bytes: u64) -> Result<Self, MemoryError> {
+        use std::os::fd::AsRawFd;
+        let path = path.as_ref();
+        let ram = Self::create(path, size_bytes)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| io_err("open", path, e))?;
+        // SAFETY: a valid fd; fallocate only allocates blocks of the open file.
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size_bytes as libc::off_t) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            drop(ram);
+            let _ = std::fs::remove_file(path);
+            return Err(io_err("allocate", path, e));
+        }
+        Ok(ram)
+    }
+
     fn map(file: File, path: &Path, len: u64, writable: bool) -> Result<Self, MemoryError> {
         if len == 0 || len % PAGE != 0 || usize::try_from(len).is_err() {
             return Err(MemoryError::BadSize {

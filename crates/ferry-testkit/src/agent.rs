@@ -4,7 +4,10 @@
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_api::v1::ferry_control_client::FerryControlClient;
 use ferry_api::v1::ListVmsRequest;
-use ferry_transport::pki::{host_files, write_dev_pki, HostFiles, Identity};
+use ferry_transport::pki::{
+    host_files, write_dev_certs, write_dev_pki, HostFiles, Identity, DEFAULT_VALID_DAYS,
+};
+use ferry_transport::Role;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,7 +18,11 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 /// How long [`TestAgent::start`] and [`TestAgent::restart`] wait for gRPC to answer.
 pub const AGENT_START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A development PKI in a directory: one CA and a certificate per host name.
+/// The operator certificate every [`TestPki`] holds (what the tests' control clients use).
+pub const TEST_OPERATOR: &str = "operator";
+
+/// A development PKI in a directory: one CA, an agent certificate per host name and an
+/// operator certificate ([`TEST_OPERATOR`]).
 #[derive(Debug, Clone)]
 pub struct TestPki {
     dir: PathBuf,
@@ -29,6 +36,13 @@ impl TestPki {
             hosts.iter().map(|h| (h.to_string(), Vec::new())).collect();
         write_dev_pki(dir, &list)
             .map_err(|e| anyhow!("writing test PKI in {}: {e}", dir.display()))?;
+        write_dev_certs(
+            dir,
+            Role::Operator,
+            &[(TEST_OPERATOR.to_string(), Vec::new())],
+            DEFAULT_VALID_DAYS,
+        )
+        .map_err(|e| anyhow!("writing the test operator certificate: {e}"))?;
         Ok(TestPki {
             dir: dir.to_path_buf(),
         })
@@ -42,6 +56,23 @@ impl TestPki {
     /// Paths of a host's CA, certificate and key files.
     pub fn files(&self, name: &str) -> HostFiles {
         host_files(&self.dir, name)
+    }
+
+    /// Issues another certificate in `role` (e.g. a reader, or a second operator).
+    pub fn issue(&self, role: Role, name: &str) -> Result<Identity> {
+        write_dev_certs(
+            &self.dir,
+            role,
+            &[(name.to_string(), Vec::new())],
+            DEFAULT_VALID_DAYS,
+        )
+        .map_err(|e| anyhow!("issuing {role} {name}: {e}"))?;
+        self.identity(name)
+    }
+
+    /// The operator identity the tests' control clients use.
+    pub fn operator(&self) -> Result<Identity> {
+        self.identity(TEST_OPERATOR)
     }
 
     /// A host's loaded identity (usable as TLS server and client identity).
@@ -111,6 +142,13 @@ fn path_str(p: &Path) -> Result<&str> {
 }
 
 /// A unique `/dev/shm/ferry-test-<pid>-<n>-<nanos>` directory name for one agent's RAM.
+/// Where the tests' direct-boot kernels live: the built test guest's directory.
+fn boot_root() -> PathBuf {
+    crate::repo_root()
+        .map(|r| r.join("build").join("guest"))
+        .unwrap_or_else(|_| PathBuf::from("/var/lib/ferry/boot"))
+}
+
 fn unique_shm_root() -> PathBuf {
     static SEQ: AtomicU32 = AtomicU32::new(0);
     let n = SEQ.fetch_add(1, Ordering::Relaxed);
@@ -142,6 +180,8 @@ pub struct TestAgent {
     quic_addr: String,
     metrics_addr: String,
     identity: Identity,
+    /// The operator identity its control clients use.
+    operator: Identity,
     child: Option<Child>,
     /// `FAILPOINTS` for the next start (see ferry-agent's `failpoint.rs`).
     failpoints: Option<String>,
@@ -214,6 +254,7 @@ impl TestAgent {
              state_dir = {}\n\
              accel = {}\n\
              storage_roots = [{}]\n\
+             boot_roots = [{}]\n\
              qemu_binary = \"qemu-system-x86_64\"\n\
              \n\
              [tls]\n\
@@ -235,6 +276,7 @@ impl TestAgent {
             toml_str(path_str(&state_dir)?),
             toml_str(accel),
             toml_str(path_str(&storage_dir)?),
+            toml_str(path_str(&boot_root())?),
             toml_str(path_str(&tls.ca)?),
             toml_str(path_str(&tls.cert)?),
             toml_str(path_str(&tls.key)?),
@@ -257,6 +299,7 @@ impl TestAgent {
             quic_addr,
             metrics_addr,
             identity: pki.identity(name)?,
+            operator: pki.operator()?,
             child: None,
             failpoints: None,
         };
@@ -349,9 +392,9 @@ impl TestAgent {
         &self.identity
     }
 
-    /// A control-API client connected with the agent's own identity.
+    /// A control-API client connected as the PKI's operator.
     pub async fn client(&self) -> Result<FerryControlClient<Channel>> {
-        connect_control(&self.grpc_addr, &self.identity).await
+        connect_control(&self.grpc_addr, &self.operator).await
     }
 
     /// The process id of the running `ferryd`, if any.
@@ -696,6 +739,7 @@ mod tests {
             quic_addr: "127.0.0.1:1".into(),
             metrics_addr: "127.0.0.1:1".into(),
             identity: pki.identity("a").expect("identity"),
+            operator: pki.operator().expect("operator"),
             child: Some(fake_agent),
             failpoints: None,
         };

@@ -4,10 +4,12 @@
 //! Every agent of a mesh holds a certificate issued by the mesh's CA; a connection is
 //! accepted only when both ends present a certificate from that CA.
 
+pub mod identity;
 pub mod pki;
 mod quic;
 mod stream;
 
+pub use identity::{PeerIdentity, Role};
 pub use quic::{Congestion, QuicEndpoint, TransportTuning, ALPN};
 pub use stream::{
     read_stream_header, write_stream_header, ControlChannel, FrameReader, FrameWriter,
@@ -55,6 +57,8 @@ pub enum TransportError {
     Wire(#[from] ferry_wire::WireError),
     #[error("unexpected frame on {0} stream")]
     UnexpectedFrame(&'static str),
+    #[error("{0:?} is not a valid certificate name (1-64 of [A-Za-z0-9._-])")]
+    BadName(String),
     #[error("certificate generation: {0}")]
     Pki(#[from] rcgen::Error),
     #[error("writing {path}: {source}")]

@@ -192,6 +192,14 @@ impl QuicEndpoint {
         )
     }
 
+    /// Waits for the next connection attempt, its handshake not yet done: the caller
+    /// completes it (`.await`, with a deadline) or refuses it, on a task of its own, so a
+    /// peer that never finishes its handshake holds up nobody else. `None` once the
+    /// endpoint is closed.
+    pub async fn accept_incoming(&self) -> Option<quinn::Incoming> {
+        self.endpoint.accept().await
+    }
+
     /// Closes every connection and stops accepting.
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"shutdown");

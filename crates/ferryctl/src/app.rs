@@ -24,14 +24,39 @@ type Client = FerryControlClient<Channel>;
 pub async fn run(cli: Cli) -> Result<u8> {
     let g = cli.global;
     match cli.command {
-        Command::Certs(CertsCommand::Init { dir, hosts }) => {
-            let list: Vec<(String, Vec<String>)> = hosts
+        Command::Certs(CertsCommand::Init {
+            dir,
+            hosts,
+            operators,
+            readers,
+            days,
+        }) => {
+            use ferry_transport::Role;
+            if hosts.is_empty() && operators.is_empty() && readers.is_empty() {
+                anyhow::bail!("nothing to issue: give --host, --operator or --reader");
+            }
+            let had_ca = dir.join("ca.pem").exists() && dir.join("ca.key").exists();
+            let agents: Vec<(String, Vec<String>)> = hosts
                 .iter()
                 .map(|h| (h.name.clone(), h.sans.clone()))
                 .collect();
-            let had_ca = dir.join("ca.pem").exists() && dir.join("ca.key").exists();
-            ferry_transport::pki::write_dev_pki(&dir, &list)
-                .map_err(|e| anyhow::anyhow!("writing dev PKI in {}: {e}", dir.display()))?;
+            let plain = |names: &[String]| -> Vec<(String, Vec<String>)> {
+                names.iter().map(|n| (n.clone(), Vec::new())).collect()
+            };
+            for (role, list) in [
+                (Role::Agent, agents),
+                (Role::Operator, plain(&operators)),
+                (Role::Reader, plain(&readers)),
+            ] {
+                ferry_transport::pki::write_dev_certs(&dir, role, &list, days).map_err(|e| {
+                    anyhow::anyhow!("writing {role} certificates in {}: {e}", dir.display())
+                })?;
+                for (name, _) in &list {
+                    let f = ferry_transport::pki::host_files(&dir, name);
+                    println!("{} ({role} {name})", f.cert.display());
+                    println!("{}", f.key.display());
+                }
+            }
             let ca = if had_ca {
                 "(existing CA reused)"
             } else {
@@ -39,11 +64,25 @@ pub async fn run(cli: Cli) -> Result<u8> {
             };
             println!("{} {ca}", dir.join("ca.pem").display());
             println!("{}", dir.join("ca.key").display());
-            for h in &hosts {
-                let f = ferry_transport::pki::host_files(&dir, &h.name);
-                println!("{}", f.cert.display());
-                println!("{}", f.key.display());
-            }
+            Ok(0)
+        }
+        Command::Certs(CertsCommand::Show { cert }) => {
+            let pem = std::fs::read(&cert)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", cert.display()))?;
+            let der = rustls_pemfile::certs(&mut pem.as_slice())
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("no certificate in {}", cert.display()))?
+                .map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?;
+            let id = ferry_transport::PeerIdentity::from_der(der.as_ref())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?;
+            let expires = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH
+                    + std::time::Duration::from_secs(id.not_after_unix.max(0) as u64),
+            );
+            println!("role:    {}", id.role);
+            println!("name:    {}", id.name);
+            println!("serial:  {}", id.serial);
+            println!("expires: {expires}");
             Ok(0)
         }
         Command::Vm(cmd) => {

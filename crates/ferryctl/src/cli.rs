@@ -266,16 +266,43 @@ pub enum MigrationsCommand {
 /// `ferryctl certs ...`
 #[derive(Debug, Subcommand)]
 pub enum CertsCommand {
-    /// Create (or extend) a development PKI: a CA and one certificate per host.
+    /// Create (or extend) a PKI: a CA, an agent certificate per host, and operator and
+    /// reader certificates. Each certificate names its role and holder in a SAN URI
+    /// (urn:ferry:agent:NAME, urn:ferry:operator:NAME, urn:ferry:reader:NAME): agents
+    /// serve the peer API only to agents and the control API only to operators (readers:
+    /// list, get and watch).
     Init {
         /// Output directory (an existing CA there is reused).
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
-        /// A host: NAME or NAME:SAN,SAN,... (DNS names or IPs it is reached at;
+        /// An agent host: NAME or NAME:SAN,SAN,... (DNS names or IPs it is reached at;
         /// localhost and 127.0.0.1 are always included). Repeat for more hosts.
-        #[arg(long = "host", value_name = "NAME[:SAN,...]", required = true, value_parser = parse_host_spec)]
+        #[arg(long = "host", value_name = "NAME[:SAN,...]", value_parser = parse_host_spec)]
         hosts: Vec<HostSpec>,
+        /// An operator (a person or orchestrator: the whole control API). Repeatable.
+        #[arg(long = "operator", value_name = "NAME", value_parser = parse_name)]
+        operators: Vec<String>,
+        /// A read-only client (monitoring). Repeatable.
+        #[arg(long = "reader", value_name = "NAME", value_parser = parse_name)]
+        readers: Vec<String>,
+        /// Validity of the new certificates, days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
     },
+    /// Show a certificate's role, name, serial (what `[tls] deny_serials` takes) and expiry.
+    Show {
+        /// PEM certificate file.
+        cert: PathBuf,
+    },
+}
+
+/// A certificate holder's name (operator, reader).
+pub fn parse_name(s: &str) -> Result<String, String> {
+    if ferry_transport::identity::valid_name(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?}: a name is 1-64 of [A-Za-z0-9._-]"))
+    }
 }
 
 /// A host of `certs init`: its name and extra subject alternative names.
@@ -528,7 +555,7 @@ mod tests {
             "b:b.example,10.0.0.2",
         ])
         .expect("parse");
-        let Command::Certs(CertsCommand::Init { dir, hosts }) = c.command else {
+        let Command::Certs(CertsCommand::Init { dir, hosts, .. }) = c.command else {
             panic!("not certs init")
         };
         assert_eq!(dir, PathBuf::from("/tmp/pki"));
@@ -546,10 +573,28 @@ mod tests {
                 sans: vec!["b.example".into(), "10.0.0.2".into()]
             }
         );
-        assert!(
-            parse(&["certs", "init", "--dir", "/tmp/pki"]).is_err(),
-            "needs a host"
+        let c = parse(&[
+            "certs",
+            "init",
+            "--dir",
+            "/p",
+            "--operator",
+            "ops",
+            "--reader",
+            "grafana",
+        ])
+        .expect("operators and readers only");
+        let Command::Certs(CertsCommand::Init {
+            operators, readers, ..
+        }) = c.command
+        else {
+            panic!("not certs init")
+        };
+        assert_eq!(
+            (operators, readers),
+            (vec!["ops".to_string()], vec!["grafana".to_string()])
         );
+        assert!(parse(&["certs", "init", "--dir", "/p", "--operator", "a:b"]).is_err());
         assert!(parse(&["certs", "init", "--dir", "/p", "--host", "../x"]).is_err());
         assert!(parse(&["certs", "init", "--dir", "/p", "--host", ":san"]).is_err());
     }

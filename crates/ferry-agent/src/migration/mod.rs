@@ -101,6 +101,9 @@ pub struct SourceMeta {
     pub was_running: bool,
     /// The device-state capture (whole once the source QEMU completed).
     pub capture: Option<PathBuf>,
+    /// The target's token from Prepare: every later peer call of the migration carries
+    /// it, also after a restart of this agent.
+    pub token: Option<String>,
 }
 
 impl SourceMeta {
@@ -134,6 +137,7 @@ impl OutgoingHandle {
             mark: SourceMark::CommitSent,
             was_running: true,
             capture: None,
+            token: None,
         })
     }
 
@@ -291,6 +295,7 @@ impl Outgoing {
         rec.mark = Some(meta.mark);
         rec.was_running = meta.was_running;
         rec.capture = meta.capture;
+        rec.token = meta.token;
         ops.insert(0, Op::PutMigration(rec));
         self.journal.apply(&ops)
     }

@@ -462,6 +462,9 @@ impl Migration {
         undo.peer = Some(peer);
         self.fail_point("src.prepare.done").await?;
         self.token = prep.token.clone();
+        // Journaled: a restarted agent settles with it.
+        self.h.set_meta(|m| m.token = Some(prep.token.clone()));
+        self.ctx.outgoing.persist(&self.h);
         let target_label = format!("{} ({})", prep.target_host, self.p.job.target);
         self.h.update(|s| s.target = target_label);
         Ok(Prepared {
@@ -1405,6 +1408,7 @@ impl Migration {
             let req = pb::AbortRequest {
                 migration_id: self.p.job.id.clone(),
                 reason: reason.clone(),
+                token: self.token.clone(),
             };
             if let Err(err) = tokio::time::timeout(Duration::from_secs(10), peer.abort(req)).await {
                 warn!(migration = %self.p.job.id, "target abort call: {err}");
@@ -1481,10 +1485,13 @@ async fn source_qemu(proc: Option<&Arc<QemuProcess>>) -> SourceQemu {
 
 /// `IncomingStatus` from the target, as a [`TargetAnswer`] (an error is `Unreachable`:
 /// the target fails closed).
-async fn ask_target(ctx: &AgentCtx, target: &str, id: &str) -> TargetAnswer {
+async fn ask_target(ctx: &AgentCtx, target: &str, id: &str, token: &str) -> TargetAnswer {
     let reply = peer_call(ctx, target, |mut peer| async move {
-        peer.incoming_status(pb::MigrationRef { id: id.to_string() })
-            .await
+        peer.incoming_status(pb::IncomingStatusRequest {
+            id: id.to_string(),
+            token: token.to_string(),
+        })
+        .await
     })
     .await;
     match reply {
@@ -1545,8 +1552,9 @@ pub async fn settle(
     let mut pause = Duration::from_millis(250);
     loop {
         let _ = crate::failpoint::hit("src.settle.ask", &ctx.cfg.state_dir).await;
-        let answer = ask_target(ctx, target, &h.id).await;
         let meta = h.meta();
+        let token = meta.token.clone().unwrap_or_default();
+        let answer = ask_target(ctx, target, &h.id, &token).await;
         let qemu = source_qemu(proc).await;
         let action = source_recovery(
             meta.mark,
@@ -1563,6 +1571,7 @@ pub async fn settle(
                 let req = pb::AbortRequest {
                     migration_id: h.id.clone(),
                     reason: "the source is settling a commit it could not confirm".into(),
+                    token: token.clone(),
                 };
                 let reply =
                     peer_call(ctx, target, |mut peer| async move { peer.abort(req).await }).await;

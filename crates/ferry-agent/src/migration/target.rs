@@ -16,6 +16,7 @@ use ferry_api::v1 as pb;
 use ferry_handoff::{decide_commit, Effect, Receiver, ReceiverEvent};
 use ferry_memory::{PageSums, RamFile, PAGE_SIZE};
 use ferry_qemu::{QemuProcess, VmSpec};
+use ferry_transport::PeerIdentity;
 use ferry_transport::{read_stream_header, ControlChannel, FrameReader};
 use ferry_wire::{ControlMessage, Frame, StreamKind, PROTOCOL_VERSION};
 use std::collections::HashMap;
@@ -65,6 +66,9 @@ fn incoming_state(r: Receiver) -> pb::IncomingState {
 pub struct Incoming {
     id: String,
     token: String,
+    /// The agent that prepared it (its certificate's name): only it may connect,
+    /// commit, abort or ask.
+    peer: String,
     spec: VmSpec,
     /// The guest RAM file, mapped. Released once the migration ends (committed or
     /// aborted): kept, the mapping of a later-deleted file would pin its memory.
@@ -159,7 +163,17 @@ impl IncomingRegistry {
     pub async fn prepare(
         self: &Arc<Self>,
         req: pb::PrepareRequest,
+        caller: &PeerIdentity,
     ) -> Result<pb::PrepareResponse, Status> {
+        // The source is who its certificate says, whatever the request claims.
+        if !req.source_host.is_empty() && req.source_host != caller.name {
+            return Err(Status::permission_denied(format!(
+                "host {} refuses Prepare: it claims source_host {:?} but the caller's certificate is agent {}",
+                self.host(),
+                req.source_host,
+                caller.name
+            )));
+        }
         if !ferry_wire::version_supported(req.protocol_version.min(255) as u8) {
             return Err(Status::failed_precondition(format!(
                 "protocol version {} not supported by host {} (speaks {PROTOCOL_VERSION})",
@@ -197,8 +211,15 @@ impl IncomingRegistry {
             &req.shared_disks,
             &req.copy_disks,
         )?;
+        self.vms.check_spec_paths(&spec)?;
+        self.vms.check_disks_unclaimed(&spec).await?;
+        self.check_shared_chains(&spec, &req.shared_disks).await?;
+        self.admit(&spec)?;
         self.vms.reserve_incoming(&spec, &req.migration_id).await?;
-        match self.create(&req.migration_id, &spec, &req.copy_disks).await {
+        match self
+            .create(&req.migration_id, &spec, &req.copy_disks, &caller.name)
+            .await
+        {
             Ok(inc) => {
                 if let Ok(mut sl) = inc.slot.lock() {
                     *sl = Some(slot);
@@ -210,7 +231,7 @@ impl IncomingRegistry {
                             &inc.id,
                             Role::Target,
                             &spec.name,
-                            &req.source_host,
+                            &caller.name,
                             "prepared",
                         );
                         r.token = Some(token.clone());
@@ -224,7 +245,7 @@ impl IncomingRegistry {
                 }
                 self.spawn_watchdog(inc.clone());
                 self.fail_point("tgt.prepare.done").await?;
-                info!(migration = %inc.id, vm = %spec.name, source = %req.source_host, "prepared incoming migration");
+                info!(migration = %inc.id, vm = %spec.name, source = %caller.name, "prepared incoming migration");
                 Ok(pb::PrepareResponse {
                     quic_addr: self.cfg.quic_listen.to_string(),
                     token,
@@ -245,6 +266,7 @@ impl IncomingRegistry {
         id: &str,
         spec: &VmSpec,
         copy_disks: &[pb::DiskProbe],
+        peer: &str,
     ) -> Result<Arc<Incoming>, Status> {
         let host = self.host().to_string();
         let err = |what: &str, e: &dyn std::fmt::Display| {
@@ -256,13 +278,22 @@ impl IncomingRegistry {
         let launch = self.vms.launch_for(spec, true);
         prepare_dirs(&launch).map_err(|e| err("run directory", &e))?;
         let _ = std::fs::remove_file(&launch.ram_path);
-        let ram = RamFile::create(&launch.ram_path, spec.memory_mib << 20).map_err(|e| {
-            Status::resource_exhausted(format!(
-                "cannot create the {} MiB RAM file on {host}: {e}",
-                spec.memory_mib
-            ))
-        })?;
+        // Allocated up front, off the runtime: a RAM directory without room fails here.
+        let (path, bytes) = (launch.ram_path.clone(), spec.memory_mib << 20);
+        let ram = tokio::task::spawn_blocking(move || RamFile::create_reserved(&path, bytes))
+            .await
+            .map_err(|e| err("RAM file", &e))?
+            .map_err(|e| {
+                Status::resource_exhausted(format!(
+                    "cannot allocate the {} MiB RAM file on {host}: {e}",
+                    spec.memory_mib
+                ))
+            })?;
         let ram_pages = ram.page_count();
+        // The fingerprint's per-page sums: a large allocation, off the runtime too.
+        let sums = tokio::task::spawn_blocking(move || PageSums::new(ram_pages))
+            .await
+            .map_err(|e| err("page sums", &e))?;
         // Disks that travel: empty images of the same format and size, made before QEMU
         // opens them. Shared disks are opened in place (inactive until the switchover).
         let copies = super::disks::create_copies(&self.storage, &host, spec, copy_disks)?;
@@ -334,6 +365,7 @@ impl IncomingRegistry {
             Ok((incoming_sock, loaded, nbd)) => Ok(Arc::new(Incoming {
                 id: id.to_string(),
                 token: uuid::Uuid::new_v4().simple().to_string(),
+                peer: peer.to_string(),
                 spec: spec.clone(),
                 ram: std::sync::Mutex::new(Some(Arc::new(ram))),
                 proc,
@@ -345,7 +377,7 @@ impl IncomingRegistry {
                 copies,
                 nbd,
                 final_applied: watch::channel(false).0,
-                sums: Arc::new(PageSums::new(ram_pages)),
+                sums: Arc::new(sums),
                 slot: std::sync::Mutex::new(None),
             })),
             Err(e) => {
@@ -354,6 +386,76 @@ impl IncomingRegistry {
                 Err(e)
             }
         }
+    }
+
+    /// Shared disks are opened in place by the incoming QEMU: each image's backing
+    /// chain, read with the declared format (never probed), must stay inside this host's
+    /// storage roots (no `json:`, protocol or device-node backing files).
+    async fn check_shared_chains(
+        &self,
+        spec: &VmSpec,
+        shared: &[pb::DiskProbe],
+    ) -> Result<(), Status> {
+        let disks: Vec<_> = spec
+            .disks
+            .iter()
+            .filter(|d| shared.iter().any(|s| s.id == d.id))
+            .map(|d| {
+                (
+                    d.id.clone(),
+                    d.path.clone(),
+                    super::disks::image_format(d.format),
+                )
+            })
+            .collect();
+        let (storage, host, vm) = (
+            self.storage.clone(),
+            self.host().to_string(),
+            spec.name.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            for (id, path, format) in disks {
+                let refuse = |why: String| {
+                    Status::permission_denied(format!(
+                        "host {host} refuses shared disk '{id}' of VM '{vm}': {why}"
+                    ))
+                };
+                let chain = ferry_disk::backing_chain_as(&path, format)
+                    .map_err(|e| refuse(e.to_string()))?;
+                for layer in chain.iter().skip(1) {
+                    let p = storage
+                        .confine(&layer.path)
+                        .map_err(|e| refuse(format!("backing file: {e}")))?;
+                    if !std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
+                        return Err(refuse(format!(
+                            "backing file {} is not a regular file",
+                            p.display()
+                        )));
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Status::internal(format!("checking shared disks: {e}")))?
+    }
+
+    /// Admission: refuses a Prepare this host cannot hold (memory for the RAM file, with
+    /// the configured reserve kept free), before anything is created.
+    fn admit(&self, spec: &VmSpec) -> Result<(), Status> {
+        crate::preflight::memory_admission(
+            spec.memory_mib << 20,
+            crate::preflight::mem_available(),
+            crate::preflight::fs_free(&self.cfg.ram_dir),
+            self.cfg.migration.memory_reserve_mib << 20,
+        )
+        .map_err(|why| {
+            Status::resource_exhausted(format!(
+                "host {} refuses VM '{}': {why}",
+                self.host(),
+                spec.name
+            ))
+        })
     }
 
     /// A prepared migration whose source never connects removes itself.
@@ -381,10 +483,11 @@ impl IncomingRegistry {
         id: &str,
         token: &str,
         leave_paused: bool,
+        caller: &PeerIdentity,
     ) -> Result<(i64, i64), Status> {
         let Some(inc) = self.get(id) else {
             // Settled earlier (the registry entry is released then): answer from the journal.
-            return match self.status(id).await? {
+            return match self.status(id, token, caller).await? {
                 pb::IncomingState::Committed => Ok((0, 0)),
                 _ => Err(Status::not_found(format!(
                     "no incoming migration {id} on {}: it was aborted or never prepared",
@@ -392,9 +495,7 @@ impl IncomingRegistry {
                 ))),
             };
         };
-        if inc.token != token {
-            return Err(Status::permission_denied("wrong migration token"));
-        }
+        self.authorize(&inc.id, &inc.token, &inc.peer, token, caller)?;
         // No fingerprint over gRPC: the device state having loaded is the verdict.
         let loaded = inc.loaded.borrow().clone();
         let verdict = decide_commit(loaded.as_ref(), None, None)
@@ -587,7 +688,7 @@ impl IncomingRegistry {
     }
 
     fn record(&self, inc: &Incoming, state: &str) -> MigrationRecord {
-        let mut r = MigrationRecord::new(&inc.id, Role::Target, &inc.spec.name, "", state);
+        let mut r = MigrationRecord::new(&inc.id, Role::Target, &inc.spec.name, &inc.peer, state);
         r.token = Some(inc.token.clone());
         r.copies = inc.copies.clone();
         r
@@ -599,12 +700,42 @@ impl IncomingRegistry {
             .map_err(Status::internal)
     }
 
-    /// Abort (asked by the source): discard everything; refused once committed.
-    pub async fn abort(&self, id: &str, reason: &str) -> Result<bool, Status> {
+    /// Abort (asked by the source that prepared it): discard everything; refused once
+    /// committed.
+    pub async fn abort(
+        &self,
+        id: &str,
+        token: &str,
+        reason: &str,
+        caller: &PeerIdentity,
+    ) -> Result<bool, Status> {
         match self.get(id) {
-            Some(inc) => self.abort_internal(&inc, reason).await.map(|_| true),
+            Some(inc) => {
+                self.authorize(&inc.id, &inc.token, &inc.peer, token, caller)?;
+                self.abort_internal(&inc, reason).await.map(|_| true)
+            }
             None => Ok(false),
         }
+    }
+
+    /// A later call of a migration: the token from its Prepare, from the agent that
+    /// prepared it.
+    fn authorize(
+        &self,
+        id: &str,
+        token: &str,
+        peer: &str,
+        given: &str,
+        caller: &PeerIdentity,
+    ) -> Result<(), Status> {
+        crate::access::same_peer(peer, caller, self.host(), id)?;
+        if token != given {
+            return Err(Status::permission_denied(format!(
+                "host {}: wrong token for migration {id}",
+                self.host()
+            )));
+        }
+        Ok(())
     }
 
     async fn abort_internal(&self, inc: &Incoming, reason: &str) -> Result<(), Status> {
@@ -632,18 +763,34 @@ impl IncomingRegistry {
         self.carry_out(inc, &mut st, effects).await.map(|_| ())
     }
 
-    /// Where a migration stands here. Fails closed: a journal that cannot be read is an
-    /// error (the source then stays in doubt), never "unknown".
-    pub async fn status(&self, id: &str) -> Result<pb::IncomingState, Status> {
+    /// Where a migration stands here, for the agent that prepared it (with its token).
+    /// Fails closed: a journal that cannot be read is an error (the source then stays in
+    /// doubt), never "unknown".
+    pub async fn status(
+        &self,
+        id: &str,
+        token: &str,
+        caller: &PeerIdentity,
+    ) -> Result<pb::IncomingState, Status> {
         if let Some(inc) = self.get(id) {
+            self.authorize(&inc.id, &inc.token, &inc.peer, token, caller)?;
             return Ok(incoming_state(inc.state.lock().await.recv));
         }
         match self.journal.migration(id) {
-            Ok(Some(r)) if r.role == Role::Target => Ok(match r.receiver {
-                Some(recv) => incoming_state(recv),
-                None if r.state == "committed" => pb::IncomingState::Committed,
-                None => pb::IncomingState::Aborted,
-            }),
+            Ok(Some(r)) if r.role == Role::Target => {
+                self.authorize(
+                    &r.id,
+                    r.token.as_deref().unwrap_or_default(),
+                    &r.peer,
+                    token,
+                    caller,
+                )?;
+                Ok(match r.receiver {
+                    Some(recv) => incoming_state(recv),
+                    None if r.state == "committed" => pb::IncomingState::Committed,
+                    None => pb::IncomingState::Aborted,
+                })
+            }
             Ok(_) => Ok(pb::IncomingState::Unknown),
             Err(e) => Err(Status::unavailable(format!(
                 "host {} cannot read its journal: {e}",
@@ -708,12 +855,13 @@ impl IncomingRegistry {
 
     /// Serves one QUIC connection from a source agent: a migration's data plane, or a
     /// preflight bandwidth probe.
-    pub async fn handle_connection(self: Arc<Self>, conn: quinn::Connection) {
+    /// `peer` is the agent the connection's certificate names (checked by the caller).
+    pub async fn handle_connection(self: Arc<Self>, conn: quinn::Connection, peer: PeerIdentity) {
         let remote = conn.remote_address();
         let accepted = tokio::select! {
             bi = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()) => bi,
             // A cold migration's connection carries only unidirectional DiskImage streams.
-            Ok(uni) = conn.accept_uni() => return super::cold::serve_disk_streams(self.cold.clone(), conn, uni).await,
+            Ok(uni) = conn.accept_uni() => return super::cold::serve_disk_streams(self.cold.clone(), conn, uni, peer).await,
         };
         let first = async {
             let (send, mut recv) = accepted
@@ -738,7 +886,7 @@ impl IncomingRegistry {
             }
             return;
         }
-        let inc = match self.handshake(header, send, recv).await {
+        let inc = match self.handshake(header, send, recv, &peer).await {
             Ok(inc) => inc,
             Err(e) => {
                 warn!(%remote, "refused data-plane connection: {e}");
@@ -760,6 +908,7 @@ impl IncomingRegistry {
         header: ferry_wire::StreamHeader,
         send: quinn::SendStream,
         recv: quinn::RecvStream,
+        peer: &PeerIdentity,
     ) -> Result<(Arc<Incoming>, ControlChannel), String> {
         if header.kind != StreamKind::Control {
             return Err(format!(
@@ -787,6 +936,12 @@ impl IncomingRegistry {
         let inc = self
             .get(&migration_id)
             .ok_or_else(|| refuse(format!("unknown migration {migration_id}")))?;
+        if peer.name != inc.peer {
+            return Err(format!(
+                "migration {migration_id} was prepared by agent {}, not by agent {}",
+                inc.peer, peer.name
+            ));
+        }
         if token != inc.token {
             return Err("wrong migration token".into());
         }

@@ -125,6 +125,7 @@ pub async fn start(
         mark: ferry_handoff::SourceMark::BeforeCommit,
         was_running: false,
         capture: None,
+        token: None,
     };
     let h = ctx.outgoing.register(status.clone(), meta);
     let job = p.job.clone();

@@ -8,6 +8,7 @@ use crate::AgentCtx;
 use ferry_api::v1 as pb;
 use ferry_disk::{Blake3Digest, DiskError, ImageFormat, PartialImage, StorageRoots};
 use ferry_qemu::VmSpec;
+use ferry_transport::PeerIdentity;
 use ferry_transport::{read_stream_header, FrameReader};
 use ferry_wire::{ControlMessage, Frame, StreamKind, PROTOCOL_VERSION};
 use std::collections::HashMap;
@@ -407,8 +408,18 @@ struct Planned {
 pub async fn prepare(
     ctx: &Arc<AgentCtx>,
     req: pb::PrepareColdMigrationRequest,
+    caller: &PeerIdentity,
 ) -> Result<pb::PrepareColdMigrationResponse, Status> {
     let host = ctx.cfg.host_name.clone();
+    // The source is who its certificate says, whatever the request claims.
+    if !req.source_host.is_empty() && req.source_host != caller.name {
+        return Err(Status::permission_denied(format!(
+            "host {host} refuses PrepareColdMigration: it claims source_host {:?} but the caller's certificate is agent {}",
+            req.source_host, caller.name
+        )));
+    }
+    let mut req = req;
+    req.source_host = caller.name.clone();
     if !ferry_wire::version_supported(req.protocol_version.min(255) as u8) {
         return Err(Status::failed_precondition(format!(
             "protocol version {} not supported by host {host} (speaks {PROTOCOL_VERSION})",
@@ -438,6 +449,8 @@ pub async fn prepare(
             d.path = w.resolved.clone();
         }
     }
+    ctx.vms.check_spec_paths(&spec)?;
+    ctx.vms.check_disks_unclaimed(&spec).await?;
 
     // A new attempt from the same source replaces one it abandoned (its agent restarted
     // mid-copy, say): the reservation goes, the partial images stay and are resumed.
@@ -464,6 +477,19 @@ pub async fn prepare(
             .await;
     }
 
+    // Cold copies in progress count against the same limit as live ones (finished and
+    // failed ones linger as tombstones, their cancel token fired).
+    let receiving = registry
+        .0
+        .lock()
+        .map(|m| m.values().filter(|i| !i.cancel.is_cancelled()).count())
+        .unwrap_or(0);
+    let limit = ctx.cfg.migration.max_incoming;
+    if receiving >= limit {
+        return Err(Status::resource_exhausted(format!(
+            "host {host} already receives {receiving} cold migration(s) (migration.max_incoming = {limit}): try again when one has ended"
+        )));
+    }
     ctx.vms.reserve_incoming(&spec, &req.migration_id).await?;
     let opened = async {
         let (host2, vm) = (host.clone(), spec.name.clone());
@@ -797,6 +823,7 @@ pub async fn serve_disk_streams(
     registry: Arc<ColdRegistry>,
     conn: quinn::Connection,
     first: quinn::RecvStream,
+    peer: PeerIdentity,
 ) {
     let remote = conn.remote_address();
     let mut next = Some(first);
@@ -809,9 +836,9 @@ pub async fn serve_disk_streams(
                 Err(_) => return,
             },
         };
-        let registry = registry.clone();
+        let (registry, peer) = (registry.clone(), peer.clone());
         tokio::spawn(async move {
-            if let Err(e) = serve_image_stream(&registry, recv).await {
+            if let Err(e) = serve_image_stream(&registry, recv, &peer).await {
                 warn!(%remote, "disk-image stream: {e}");
             }
         });
@@ -821,6 +848,7 @@ pub async fn serve_disk_streams(
 async fn serve_image_stream(
     registry: &ColdRegistry,
     mut recv: quinn::RecvStream,
+    peer: &PeerIdentity,
 ) -> Result<(), String> {
     let header = tokio::time::timeout(STREAM_HELLO_TIMEOUT, read_stream_header(&mut recv))
         .await
@@ -846,6 +874,13 @@ async fn serve_image_stream(
         return Err("the stream did not start with DiskImageBegin".into());
     };
     let inc = match registry.lookup(&migration_id) {
+        Some(inc) if inc.source_host != peer.name => {
+            reader.stop();
+            return Err(format!(
+                "cold migration {migration_id} was prepared by agent {}, not by agent {}",
+                inc.source_host, peer.name
+            ));
+        }
         Some(inc) if inc.token == token => inc,
         Some(_) => {
             reader.stop();
@@ -874,6 +909,7 @@ async fn serve_image_stream(
 pub async fn finish(
     ctx: &Arc<AgentCtx>,
     req: pb::FinishColdMigrationRequest,
+    caller: &PeerIdentity,
 ) -> Result<pb::FinishColdMigrationResponse, Status> {
     let host = &ctx.cfg.host_name;
     let inc = ctx
@@ -886,6 +922,7 @@ pub async fn finish(
                 req.migration_id
             ))
         })?;
+    crate::access::same_peer(&inc.source_host, caller, host, &inc.id)?;
     if inc.token != req.token {
         return Err(Status::permission_denied("wrong migration token"));
     }
@@ -932,12 +969,29 @@ pub async fn finish(
         TargetState::Receiving => {}
     }
     // The chain moved between storage roots: each received overlay must name this host's
-    // copy of its backing layer before QEMU (or the define's checks) opens it.
-    let inc2 = inc.clone();
-    tokio::task::spawn_blocking(move || point_backing_references(&inc2.images))
-        .await
-        .map_err(|e| Status::internal(format!("rebasing images: {e}")))?
-        .map_err(|e| Status::internal(format!("host {host}: {e}")))?;
+    // copy of its backing layer before QEMU (or the define's checks) opens it. Then every
+    // received image is checked as QEMU would open it (format pinned): a backing file the
+    // source did not declare, outside the roots, not a regular file, or a `json:`/protocol
+    // name refuses the migration, and the received images are removed.
+    let (inc2, storage) = (inc.clone(), ctx.storage.clone());
+    let checked = tokio::task::spawn_blocking(move || {
+        point_backing_references(&inc2.images)?;
+        check_arrived(&inc2.images, &storage)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("checking images: {e}")))?;
+    if let Err(why) = checked {
+        drop(st);
+        for img in inc.images.iter().filter(|i| i.received) {
+            let _ = std::fs::remove_file(&img.path);
+        }
+        let reason = format!(
+            "host {host} refuses the images of VM '{}': {why}",
+            inc.spec.name
+        );
+        let _ = inc.abort(&reason, true, true).await;
+        return Err(Status::permission_denied(reason));
+    }
     let defined = ctx.vms.commit_offline(&inc.spec.name, &inc.id).await?;
     let resp = if req.start {
         match ctx.vms.start(&inc.spec.name).await {
@@ -987,11 +1041,65 @@ fn point_backing_references(images: &[TargetImage]) -> Result<(), String> {
     Ok(())
 }
 
+/// Every received image as QEMU will open it: format pinned, and its backing reference
+/// (after [`point_backing_references`]) exactly the declared layer below, a regular file
+/// inside the storage roots.
+fn check_arrived(images: &[TargetImage], storage: &StorageRoots) -> Result<(), String> {
+    for img in images.iter().filter(|i| i.received) {
+        let what = |why: String| format!("image {}: {why}", img.path.display());
+        let reference = ferry_disk::image::backing_reference(&img.path, img.format)
+            .map_err(|e| what(e.to_string()))?;
+        let below = img.backing.and_then(|b| images.get(b));
+        match (reference, below) {
+            (None, None) => {}
+            (Some(r), None) => {
+                return Err(what(format!(
+                    "it names backing file {:?}, which the source did not declare",
+                    r.name
+                )))
+            }
+            (None, Some(b)) => {
+                return Err(what(format!(
+                    "it does not reference its declared backing layer {}",
+                    b.path.display()
+                )))
+            }
+            (Some(r), Some(b)) => {
+                let to = ferry_disk::image::resolve_reference(&img.path, &r.name);
+                let resolved = storage
+                    .confine(&to)
+                    .map_err(|e| what(format!("backing file: {e}")))?;
+                if resolved != b.path {
+                    return Err(what(format!(
+                        "its backing file {} is not the declared layer {}",
+                        resolved.display(),
+                        b.path.display()
+                    )));
+                }
+                if !std::fs::symlink_metadata(&resolved).is_ok_and(|m| m.is_file()) {
+                    return Err(what(format!(
+                        "its backing file {} is not a regular file",
+                        resolved.display()
+                    )));
+                }
+                if r.format != Some(b.format) {
+                    return Err(what(format!(
+                        "its backing format is {:?}, not the declared {}",
+                        r.format, b.format
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Target: gives up on a cold migration at the source's request. Partial images stay for
 /// a resume unless `discard`. Refused (reported as `finished`) once the VM is defined here.
 pub async fn abort(
     ctx: &Arc<AgentCtx>,
     req: pb::AbortColdMigrationRequest,
+    caller: &PeerIdentity,
 ) -> Result<pb::AbortColdMigrationResponse, Status> {
     let Some(inc) = ctx.incoming.cold().lookup(&req.migration_id) else {
         return Ok(pb::AbortColdMigrationResponse {
@@ -999,6 +1107,7 @@ pub async fn abort(
             ..Default::default()
         });
     };
+    crate::access::same_peer(&inc.source_host, caller, &ctx.cfg.host_name, &inc.id)?;
     if inc.token != req.token {
         return Err(Status::permission_denied("wrong migration token"));
     }
