@@ -35,7 +35,7 @@ for t in "${TARGETS[@]}"; do
     exit 1
   fi
   execs=$(grep -m1 'stat::number_of_executed_units' "$log" | awk '{print $2}')
-  cov=$(grep -m1 'cov:' "$log" | tail -1 | grep -o 'cov: [0-9]*' || true)
+  cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 || true)
   echo "fuzz: $t clean: ${execs:-?} executions in $(( $(date +%s) - start )) s (${cov:-cov: ?}, corpus $(ls "corpus/$t" | wc -l) inputs)"
   rm -f "$log"
 done

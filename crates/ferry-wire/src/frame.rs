@@ -356,7 +356,18 @@ impl Frame {
     pub fn decode_body(ty: FrameType, body: &[u8]) -> Result<Frame, WireError> {
         let mut r = Reader { buf: body, pos: 0 };
         let frame = match ty {
-            FrameType::Control => return Ok(Frame::Control(ControlMessage::from_bytes(body)?)),
+            FrameType::Control => {
+                let crc = r.u32("control checksum")?;
+                let msg = r.rest();
+                let actual = crc32fast::hash(msg);
+                if actual != crc {
+                    return Err(WireError::ChecksumMismatch {
+                        expected: crc,
+                        actual,
+                    });
+                }
+                return Ok(Frame::Control(ControlMessage::from_bytes(msg)?));
+            }
             FrameType::ZeroPages => {
                 let round = r.u32("zero-pages round")?;
                 let runs = r.runs()?;
@@ -446,15 +457,18 @@ impl Frame {
     /// Encodes a control message as a complete frame.
     pub fn encode_control(msg: &ControlMessage) -> Result<Vec<u8>, WireError> {
         let body = msg.to_bytes()?;
-        if body.len() > MAX_FRAME_BODY {
+        if body.len() + 4 > MAX_FRAME_BODY {
             return Err(WireError::FrameTooLarge {
-                len: body.len(),
+                len: body.len() + 4,
                 max: MAX_FRAME_BODY,
             });
         }
-        let mut out = Vec::with_capacity(FRAME_HEADER_LEN + body.len());
-        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        let mut out = Vec::with_capacity(FRAME_HEADER_LEN + 4 + body.len());
+        out.extend_from_slice(&((body.len() + 4) as u32).to_le_bytes());
         out.push(FrameType::Control as u8);
+        // A checksum here too: one flipped bit must not turn another frame into a
+        // control message (found by the page_batch_integrity fuzz target).
+        out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
         out.extend_from_slice(&body);
         Ok(out)
     }

@@ -22,7 +22,8 @@ pub use frame::{
 };
 
 /// Version of the data-plane protocol this build speaks (see [`version_supported`]).
-/// 2: page-batch, zero-page and chunk checksums cover page numbers, round and offset.
+/// 2: page-batch, zero-page and chunk checksums cover page numbers, round and offset;
+/// control frames carry a checksum too.
 pub const PROTOCOL_VERSION: u8 = 2;
 
 /// The oldest version this build still decodes: version 1's checksums covered the page
