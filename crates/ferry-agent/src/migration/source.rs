@@ -434,6 +434,12 @@ impl Migration {
         }
         self.h
             .update(|s| s.stats.get_or_insert_with(Default::default).storage = storage.clone());
+        // The token is ours, journaled before Prepare: a source that dies before the answer
+        // can still ask about (and abort) what the target prepared.
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        self.h.set_meta(|m| m.token = Some(token.clone()));
+        self.ctx.outgoing.persist(&self.h);
+        self.token = token.clone();
         let prep = peer
             .prepare(pb::PrepareRequest {
                 migration_id: self.p.job.id.clone(),
@@ -446,6 +452,7 @@ impl Migration {
                     .filter(|p| p.shared)
                     .map(|p| p.probe.clone())
                     .collect(),
+                token: token.clone(),
             })
             .await
             .map_err(|s| {
@@ -461,10 +468,15 @@ impl Migration {
             .into_inner();
         undo.peer = Some(peer);
         self.fail_point("src.prepare.done").await?;
-        self.token = prep.token.clone();
-        // Journaled: a restarted agent settles with it.
-        self.h.set_meta(|m| m.token = Some(prep.token.clone()));
-        self.ctx.outgoing.persist(&self.h);
+        if prep.token != token {
+            return Err(JobError::new(
+                Phase::Prepare,
+                format!(
+                    "target {} answered with another token than the one sent (an old agent?)",
+                    self.p.job.target
+                ),
+            ));
+        }
         let target_label = format!("{} ({})", prep.target_host, self.p.job.target);
         self.h.update(|s| s.target = target_label);
         Ok(Prepared {

@@ -211,13 +211,30 @@ impl IncomingRegistry {
             &req.shared_disks,
             &req.copy_disks,
         )?;
+        let token = if req.token.is_empty() {
+            uuid::Uuid::new_v4().simple().to_string()
+        } else if (16..=128).contains(&req.token.len())
+            && req.token.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            req.token.clone()
+        } else {
+            return Err(Status::invalid_argument(
+                "token must be 16 to 128 letters and digits",
+            ));
+        };
         self.vms.check_spec_paths(&spec)?;
         self.vms.check_disks_unclaimed(&spec).await?;
         self.check_shared_chains(&spec, &req.shared_disks).await?;
         self.admit(&spec)?;
         self.vms.reserve_incoming(&spec, &req.migration_id).await?;
         match self
-            .create(&req.migration_id, &spec, &req.copy_disks, &caller.name)
+            .create(
+                &req.migration_id,
+                &spec,
+                &req.copy_disks,
+                &caller.name,
+                &token,
+            )
             .await
         {
             Ok(inc) => {
@@ -267,6 +284,7 @@ impl IncomingRegistry {
         spec: &VmSpec,
         copy_disks: &[pb::DiskProbe],
         peer: &str,
+        token: &str,
     ) -> Result<Arc<Incoming>, Status> {
         let host = self.host().to_string();
         let err = |what: &str, e: &dyn std::fmt::Display| {
@@ -364,7 +382,7 @@ impl IncomingRegistry {
         match setup.await {
             Ok((incoming_sock, loaded, nbd)) => Ok(Arc::new(Incoming {
                 id: id.to_string(),
-                token: uuid::Uuid::new_v4().simple().to_string(),
+                token: token.to_string(),
                 peer: peer.to_string(),
                 spec: spec.clone(),
                 ram: std::sync::Mutex::new(Some(Arc::new(ram))),
