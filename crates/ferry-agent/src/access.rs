@@ -128,8 +128,10 @@ impl Access {
             Some(leaf) => PeerIdentity::from_der(leaf.as_ref()),
             None => Err(IdentityError::Parse("no client certificate".into())),
         };
-        let denied = self.denied.read().map(|d| d.clone()).unwrap_or_default();
-        decide(id, need, &denied, &self.host, what)
+        match self.denied.read() {
+            Ok(denied) => decide(id, need, &denied, &self.host, what),
+            Err(_) => Err(Status::internal("deny list lock poisoned")),
+        }
     }
 
     /// Checks the caller of a gRPC request.
@@ -188,6 +190,23 @@ pub fn require_operator<T>(req: &Request<T>, what: &str) -> Result<PeerIdentity,
         )));
     }
     Ok(id)
+}
+
+/// Refuses a Prepare (`call`) whose `source_host` claim differs from the caller's
+/// certificate (an empty claim is taken as the caller).
+pub fn claimed_source(
+    claimed: &str,
+    caller: &PeerIdentity,
+    host: &str,
+    call: &str,
+) -> Result<(), Status> {
+    if !claimed.is_empty() && claimed != caller.name {
+        return Err(Status::permission_denied(format!(
+            "host {host} refuses {call}: it claims source_host {claimed:?} but the caller's certificate is agent {}",
+            caller.name
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses a later call of a migration unless the agent that prepared it makes it.

@@ -213,6 +213,7 @@ pub async fn host_facts(ctx: &AgentCtx) -> pb::HostFacts {
         },
         (None, _) => (Vec::new(), "tcg (QEMU emulates the CPU model)".to_string()),
     };
+    let own = ctx.identity.peer_identity();
     pb::HostFacts {
         host_name: ctx.cfg.host_name.clone(),
         protocol_version: u32::from(PROTOCOL_VERSION),
@@ -233,16 +234,11 @@ pub async fn host_facts(ctx: &AgentCtx) -> pb::HostFacts {
             .filter_map(|v| v.spec.map(|s| s.name))
             .collect(),
         quic_addr: ctx.cfg.quic_listen.to_string(),
-        cert_identity: ctx
-            .identity
-            .peer_identity()
-            .map(|i| format!("{} {}", i.role, i.name))
-            .unwrap_or_else(|e| e.to_string()),
-        cert_not_after_unix: ctx
-            .identity
-            .peer_identity()
-            .map(|i| i.not_after_unix)
-            .unwrap_or(0),
+        cert_identity: match &own {
+            Ok(i) => format!("{} {}", i.role, i.name),
+            Err(e) => e.to_string(),
+        },
+        cert_not_after_unix: own.as_ref().map(|i| i.not_after_unix).unwrap_or(0),
         ram_reserve_bytes: ctx.cfg.migration.memory_reserve_mib << 20,
         tracker: match &ctx.tracker {
             Ok(k) => k.name().to_string(),
@@ -520,7 +516,7 @@ pub fn compare(
 async fn probe(ctx: &AgentCtx, quic_addr: SocketAddr, cap: u64) -> Result<(f64, f64, f64), String> {
     let conn = ctx
         .quic
-        .connect(quic_addr, &quic_addr.ip().to_string())
+        .connect_ip(quic_addr)
         .await
         .map_err(|e| e.to_string())?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;

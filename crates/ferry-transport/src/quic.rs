@@ -180,6 +180,12 @@ impl QuicEndpoint {
             })
     }
 
+    /// Connects to an agent at `addr`, naming it by its IP address (agent certificates
+    /// list the addresses their agent is reached at).
+    pub async fn connect_ip(&self, addr: SocketAddr) -> Result<quinn::Connection, TransportError> {
+        self.connect(addr, &addr.ip().to_string()).await
+    }
+
     /// Waits for the next incoming connection and completes its handshake (client
     /// certificate verified). `None` once the endpoint is closed.
     pub async fn accept(&self) -> Option<Result<quinn::Connection, TransportError>> {

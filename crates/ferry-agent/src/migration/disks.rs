@@ -314,6 +314,21 @@ pub fn create_copies(
     }
 }
 
+/// A backing file of an image this host's QEMU will open: it must lie inside the storage
+/// roots and be a regular file (no device node). Returns where it resolves.
+pub fn confined_backing(storage: &StorageRoots, path: &Path) -> Result<PathBuf, String> {
+    let p = storage
+        .confine(path)
+        .map_err(|e| format!("backing file: {e}"))?;
+    if !std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
+        return Err(format!(
+            "backing file {} is not a regular file",
+            p.display()
+        ));
+    }
+    Ok(p)
+}
+
 /// Removes images [`create_copies`] made.
 pub fn remove_copies(paths: &[PathBuf]) {
     for p in paths {

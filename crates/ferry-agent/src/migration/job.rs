@@ -72,6 +72,11 @@ impl<P: std::fmt::Display> std::fmt::Display for JobError<P> {
 
 impl<P: std::fmt::Debug + std::fmt::Display> std::error::Error for JobError<P> {}
 
+/// A peer's gRPC refusal as text: its message and code.
+pub fn status_msg(s: &tonic::Status) -> String {
+    format!("{} ({:?})", s.message(), s.code())
+}
+
 /// Maps an error of step `what` (empty: none worth naming) to a failure in `phase`.
 pub fn fail<P, E: std::fmt::Display>(
     phase: P,

@@ -24,6 +24,27 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+/// What every Prepare (live or cold) checks first: a protocol version this host speaks,
+/// a UUID for the migration, a VM spec that parses.
+pub fn check_prepare(
+    host: &str,
+    protocol_version: u32,
+    migration_id: &str,
+    spec: Option<&pb::VmSpec>,
+) -> Result<ferry_qemu::VmSpec, tonic::Status> {
+    use tonic::Status;
+    if !ferry_wire::version_supported(protocol_version.min(255) as u8) {
+        return Err(Status::failed_precondition(format!(
+            "protocol version {protocol_version} not supported by host {host} (speaks {})",
+            ferry_wire::PROTOCOL_VERSION
+        )));
+    }
+    if uuid::Uuid::parse_str(migration_id).is_err() {
+        return Err(Status::invalid_argument("migration_id must be a UUID"));
+    }
+    crate::convert::spec_from_pb(spec.ok_or_else(|| Status::invalid_argument("spec is missing"))?)
+}
+
 /// Whether a phase is final. IN_DOUBT is not: the source settles it (COMPLETED or
 /// FAILED) once the target answers, and watchers see that end.
 pub fn is_terminal(phase: i32) -> bool {

@@ -7,7 +7,7 @@
 //! (the Commit call was sent), the source never resumes on its own: it asks the target
 //! what happened and, if it cannot find out, stays paused IN_DOUBT.
 
-use super::job::{fail, JobError, JobParams};
+use super::job::{fail, status_msg, JobError, JobParams};
 use super::pages::PageSender;
 use super::relay::relay_capturing;
 use super::OutgoingHandle;
@@ -65,10 +65,6 @@ pub use ferry_handoff::StallPolicy;
 pub type MigrateError = JobError<Phase>;
 
 type Res<T> = Result<T, MigrateError>;
-
-fn status_msg(s: tonic::Status) -> String {
-    format!("{} ({:?})", s.message(), s.code())
-}
 
 /// What has to be undone if the migration fails.
 #[derive(Default)]
@@ -461,7 +457,7 @@ impl Migration {
                     format!(
                         "target {} refused to prepare: {}",
                         self.p.job.target,
-                        status_msg(s)
+                        status_msg(&s)
                     ),
                 )
             })?
@@ -498,7 +494,7 @@ impl Migration {
         let conn = self
             .ctx
             .quic
-            .connect(quic_addr, &quic_addr.ip().to_string())
+            .connect_ip(quic_addr)
             .await
             .map_err(fail(at, ""))?;
         undo.conn = Some(conn.clone());

@@ -9,7 +9,6 @@ use super::pages::{apply_page_stream, AppliedCounter};
 use super::relay::relay;
 use super::source::spawn_control_reader;
 use crate::config::AgentConfig;
-use crate::convert::spec_from_pb;
 use crate::journal::{Journal, MigrationRecord, Op, Role};
 use crate::vms::{prepare_dirs, remove_vm_files, VmManager};
 use ferry_api::v1 as pb;
@@ -166,28 +165,12 @@ impl IncomingRegistry {
         caller: &PeerIdentity,
     ) -> Result<pb::PrepareResponse, Status> {
         // The source is who its certificate says, whatever the request claims.
-        if !req.source_host.is_empty() && req.source_host != caller.name {
-            return Err(Status::permission_denied(format!(
-                "host {} refuses Prepare: it claims source_host {:?} but the caller's certificate is agent {}",
-                self.host(),
-                req.source_host,
-                caller.name
-            )));
-        }
-        if !ferry_wire::version_supported(req.protocol_version.min(255) as u8) {
-            return Err(Status::failed_precondition(format!(
-                "protocol version {} not supported by host {} (speaks {PROTOCOL_VERSION})",
-                req.protocol_version,
-                self.host()
-            )));
-        }
-        if uuid::Uuid::parse_str(&req.migration_id).is_err() {
-            return Err(Status::invalid_argument("migration_id must be a UUID"));
-        }
-        let spec = spec_from_pb(
-            req.spec
-                .as_ref()
-                .ok_or_else(|| Status::invalid_argument("spec is missing"))?,
+        crate::access::claimed_source(&req.source_host, caller, self.host(), "Prepare")?;
+        let spec = super::check_prepare(
+            self.host(),
+            req.protocol_version,
+            &req.migration_id,
+            req.spec.as_ref(),
         )?;
         let limit = self.cfg.migration.max_incoming;
         let Some(slot) = self.slots.try_take(limit) else {
@@ -441,15 +424,7 @@ impl IncomingRegistry {
                 let chain = ferry_disk::backing_chain_as(&path, format)
                     .map_err(|e| refuse(e.to_string()))?;
                 for layer in chain.iter().skip(1) {
-                    let p = storage
-                        .confine(&layer.path)
-                        .map_err(|e| refuse(format!("backing file: {e}")))?;
-                    if !std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
-                        return Err(refuse(format!(
-                            "backing file {} is not a regular file",
-                            p.display()
-                        )));
-                    }
+                    super::disks::confined_backing(&storage, &layer.path).map_err(refuse)?;
                 }
             }
             Ok(())

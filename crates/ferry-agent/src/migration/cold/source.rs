@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::convert::spec_to_pb;
-use crate::migration::job::{fail, ColdPhase, JobError, JobParams};
+use crate::migration::job::{fail, status_msg, ColdPhase, JobError, JobParams};
 use crate::migration::pages::RateLimiter;
 use crate::migration::{now_ms, OutgoingHandle};
 use crate::vms::state_name;
@@ -40,10 +40,6 @@ struct ColdParams {
 type ColdError = JobError<ColdPhase>;
 
 type Res<T> = Result<T, ColdError>;
-
-fn status_msg(s: &Status) -> String {
-    format!("{} ({:?})", s.message(), s.code())
-}
 
 /// One image file the source sends.
 #[derive(Debug, Clone)]
@@ -418,7 +414,7 @@ impl Job {
         let conn = self
             .ctx
             .quic
-            .connect(quic_addr, &quic_addr.ip().to_string())
+            .connect_ip(quic_addr)
             .await
             .map_err(fail(at, ""))?;
         self.conn = Some(conn.clone());

@@ -2,7 +2,6 @@
 //! (define the VM), abort.
 
 use super::*;
-use crate::convert::spec_from_pb;
 use crate::vms::VmManager;
 use crate::AgentCtx;
 use ferry_api::v1 as pb;
@@ -10,7 +9,7 @@ use ferry_disk::{Blake3Digest, DiskError, ImageFormat, PartialImage, StorageRoot
 use ferry_qemu::VmSpec;
 use ferry_transport::PeerIdentity;
 use ferry_transport::{read_stream_header, FrameReader};
-use ferry_wire::{ControlMessage, Frame, StreamKind, PROTOCOL_VERSION};
+use ferry_wire::{ControlMessage, Frame, StreamKind};
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -412,27 +411,14 @@ pub async fn prepare(
 ) -> Result<pb::PrepareColdMigrationResponse, Status> {
     let host = ctx.cfg.host_name.clone();
     // The source is who its certificate says, whatever the request claims.
-    if !req.source_host.is_empty() && req.source_host != caller.name {
-        return Err(Status::permission_denied(format!(
-            "host {host} refuses PrepareColdMigration: it claims source_host {:?} but the caller's certificate is agent {}",
-            req.source_host, caller.name
-        )));
-    }
+    crate::access::claimed_source(&req.source_host, caller, &host, "PrepareColdMigration")?;
     let mut req = req;
     req.source_host = caller.name.clone();
-    if !ferry_wire::version_supported(req.protocol_version.min(255) as u8) {
-        return Err(Status::failed_precondition(format!(
-            "protocol version {} not supported by host {host} (speaks {PROTOCOL_VERSION})",
-            req.protocol_version
-        )));
-    }
-    if uuid::Uuid::parse_str(&req.migration_id).is_err() {
-        return Err(Status::invalid_argument("migration_id must be a UUID"));
-    }
-    let spec = spec_from_pb(
-        req.spec
-            .as_ref()
-            .ok_or_else(|| Status::invalid_argument("spec is missing"))?,
+    let spec = crate::migration::check_prepare(
+        &host,
+        req.protocol_version,
+        &req.migration_id,
+        req.spec.as_ref(),
     )?;
     let registry = ctx.incoming.cold();
     if registry.lookup(&req.migration_id).is_some() {
@@ -1066,20 +1052,13 @@ fn check_arrived(images: &[TargetImage], storage: &StorageRoots) -> Result<(), S
             }
             (Some(r), Some(b)) => {
                 let to = ferry_disk::image::resolve_reference(&img.path, &r.name);
-                let resolved = storage
-                    .confine(&to)
-                    .map_err(|e| what(format!("backing file: {e}")))?;
+                let resolved =
+                    crate::migration::disks::confined_backing(storage, &to).map_err(what)?;
                 if resolved != b.path {
                     return Err(what(format!(
                         "its backing file {} is not the declared layer {}",
                         resolved.display(),
                         b.path.display()
-                    )));
-                }
-                if !std::fs::symlink_metadata(&resolved).is_ok_and(|m| m.is_file()) {
-                    return Err(what(format!(
-                        "its backing file {} is not a regular file",
-                        resolved.display()
                     )));
                 }
                 if r.format != Some(b.format) {
