@@ -90,3 +90,26 @@ pub fn setup() {
         Box::leak(Box::new(scenario));
     }
 }
+
+/// Test hook, not a handoff step (so not in [`POINTS`]): with
+/// `FAILPOINTS="src.tracker.forget=return(N)"` the source drops the first N pages of each
+/// pre-copy collection of written pages — a write tracker that misses writes, for the
+/// tests of the audit that must catch it.
+#[cfg(feature = "failpoints")]
+pub fn forget_writes(dirty: &mut ferry_memory::DirtyBitmap) {
+    let Some(n) = fail::eval("src.tracker.forget", |arg| {
+        arg.and_then(|a| a.parse::<usize>().ok()).unwrap_or(0)
+    }) else {
+        return;
+    };
+    let forgotten: Vec<u64> = dirty.iter().take(n).collect();
+    for &p in &forgotten {
+        dirty.unset(p);
+    }
+    if !forgotten.is_empty() {
+        tracing::warn!(
+            "failpoint src.tracker.forget hit: dropped {} written page(s)",
+            forgotten.len()
+        );
+    }
+}

@@ -2,7 +2,7 @@
 
 use crate::access::{caller, require_operator};
 use crate::convert::spec_from_pb;
-use crate::migration::source::{self, MigrationParams};
+use crate::migration::source::{self, MigrationParams, VerifyMode};
 use crate::migration::{is_terminal, now_ms};
 use crate::AgentCtx;
 use ferry_api::v1 as pb;
@@ -151,7 +151,11 @@ impl FerryControl for ControlService {
                 r.max_rounds
             },
             page_streams,
-            verify: !r.skip_verify,
+            verify: if r.skip_verify {
+                VerifyMode::None
+            } else {
+                r.verify.parse().map_err(Status::invalid_argument)?
+            },
             force: r.force,
             timeout: (r.timeout_s > 0)
                 .then(|| std::time::Duration::from_secs(u64::from(r.timeout_s))),

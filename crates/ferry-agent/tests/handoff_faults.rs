@@ -59,16 +59,20 @@ fn ferryd() -> PathBuf {
 }
 
 async fn pair(fp_a: Option<&str>, fp_b: Option<&str>) -> Pair {
+    pair_with(fp_a, fp_b, "").await
+}
+
+/// [`pair`] with more `[migration]` settings for both agents.
+async fn pair_with(fp_a: Option<&str>, fp_b: Option<&str>, migration: &str) -> Pair {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = TestPki::new(&dir.path().join("pki"), &["a", "b"]).expect("pki");
-    let mut a =
-        TestAgent::start_with_config(&ferryd(), "a", &pki, dir.path(), "tcg", FAST_DEADLINES)
-            .await
-            .expect("agent a");
-    let mut b =
-        TestAgent::start_with_config(&ferryd(), "b", &pki, dir.path(), "tcg", FAST_DEADLINES)
-            .await
-            .expect("agent b");
+    let config = format!("{FAST_DEADLINES}{migration}");
+    let mut a = TestAgent::start_with_config(&ferryd(), "a", &pki, dir.path(), "tcg", &config)
+        .await
+        .expect("agent a");
+    let mut b = TestAgent::start_with_config(&ferryd(), "b", &pki, dir.path(), "tcg", &config)
+        .await
+        .expect("agent b");
     // Armed by a restart so that start-up itself runs unarmed code paths only.
     if fp_a.is_some() {
         a.set_failpoints(fp_a);
@@ -845,4 +849,46 @@ async fn rollback_leaves_a_suspended_guest_suspended() {
         .expect("resume by the operator");
     assert_eq!(p.a.observe_qemu(VM).await, QemuObserved::Running);
     guest_memory_ok(&p.a).await.expect("guest memory");
+}
+
+/// A write tracker that misses writes (a test double around the real uffd tracker: the
+/// `src.tracker.forget` hook drops 64 pages from each pre-copy collection) is caught by
+/// the source's audit with `--verify sent`, whose pause-time check alone would not see
+/// it (both sides' sums agree on the stale page). The migration fails, and the test asks
+/// both QEMUs itself: the guest runs on the source only, its memory intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_catches_a_tracker_that_misses_writes() {
+    let _s = SERIAL.lock().await;
+    // An audit window as large as the guest: every forgotten page is re-hashed.
+    let p = pair_with(
+        Some("src.tracker.forget=return(64)"),
+        None,
+        "audit_pages_per_round = 1048576\n",
+    )
+    .await;
+    boot(&p.a).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let id = start(&p, "lz4", false).await;
+    let end = wait_settled(&p.a, &id, Duration::from_secs(180))
+        .await
+        .expect("settled");
+    assert_eq!(
+        end.phase,
+        pb::MigrationPhase::Failed as i32,
+        "a tracker that misses writes must not get to commit: {end:?}\nA log:\n{}",
+        p.a.log_tail()
+    );
+    assert!(
+        end.error.contains("write tracker missed guest writes"),
+        "{end:?}"
+    );
+    assert!(
+        p.a.log_tail().contains("failpoint src.tracker.forget hit"),
+        "the hook fired"
+    );
+    assert_eq!(p.a.observe_qemu(VM).await, QemuObserved::Running);
+    assert_eq!(p.b.observe_qemu(VM).await, QemuObserved::NoQemu);
+    guest_memory_ok(&p.a)
+        .await
+        .expect("guest memory on the source");
 }

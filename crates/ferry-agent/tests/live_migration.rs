@@ -182,7 +182,7 @@ async fn assert_target_clean(b: &mut TestAgent, vm: &str, migration_id: &str, pk
     assert_eq!(rec.peer, "a", "named by the source's certificate");
 }
 
-async fn migrate_with_codec(codec: &str) {
+async fn migrate_with_codec(codec: &str, verify: &str) {
     let _serial = SERIAL.lock().await;
     let p = pair().await;
     let src = boot_guest(&p.a, "web01", 20.0).await;
@@ -195,6 +195,7 @@ async fn migrate_with_codec(codec: &str) {
             vm: "web01".into(),
             target: p.b.grpc_addr(),
             compress: codec.into(),
+            verify: verify.into(),
             ..Default::default()
         })
         .await
@@ -231,6 +232,11 @@ async fn migrate_with_codec(codec: &str) {
         "device state relayed: {stats:?}"
     );
     assert_eq!(stats.tracker, "uffd-wp-async");
+    assert_eq!(stats.verify, verify);
+    if verify == "sent" {
+        // The default budget (128 MiB a round) re-hashed at least one window.
+        assert!(stats.audited_pages > 0, "tracker audited: {stats:?}");
+    }
     if codec != "none" {
         assert!(
             stats.compression_ratio > 1.2,
@@ -285,17 +291,18 @@ async fn migrate_with_codec(codec: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_migration_raw() {
-    migrate_with_codec("none").await;
+    // The full scan of the source's RAM in the pause (`--verify full`).
+    migrate_with_codec("none", "full").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_migration_lz4() {
-    migrate_with_codec("lz4").await;
+    migrate_with_codec("lz4", "sent").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_migration_zstd() {
-    migrate_with_codec("zstd").await;
+    migrate_with_codec("zstd", "sent").await;
 }
 
 /// zstd at level 19 compresses a few MB/s: round 0 takes long enough to act during it.

@@ -21,6 +21,7 @@ pub mod phase;
 pub mod receiver;
 pub mod recovery;
 pub mod stall;
+pub mod verify;
 
 pub use phase::Phase;
 pub use receiver::{decide_commit, Effect, Receiver, ReceiverEvent};
@@ -29,3 +30,4 @@ pub use recovery::{
     SourceQemu, TargetAction, TargetAnswer, TargetQemu,
 };
 pub use stall::{stall_decision, StallDecision, StallInput, StallPolicy};
+pub use verify::VerifyMode;

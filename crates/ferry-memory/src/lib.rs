@@ -6,12 +6,15 @@
 //!   [`UffdTracker`] (userfaultfd async write-protect + `PAGEMAP_SCAN`, Linux >= 6.7) and
 //!   [`SoftDirtyTracker`] (needs CONFIG_MEM_SOFT_DIRTY). Never trust a tracker that has not
 //!   passed [`self_test`]: a kernel without soft-dirty accepts the interface and reports nothing.
+//! * [`TrackerAudit`]: during pre-copy, re-hash pages the tracker calls clean against
+//!   [`PageSums`] of what was sent, so the pause need only cover what was sent.
 //! * [`UFFD_SHIM_SO`] / [`install_shim`]: the LD_PRELOAD shim that creates the userfaultfd
 //!   inside QEMU, where it has to live.
 
 // `is_multiple_of` needs Rust 1.87; the workspace's rust-version is 1.85.
 #![allow(clippy::manual_is_multiple_of)]
 
+mod audit;
 mod bitmap;
 mod error;
 pub mod maps;
@@ -21,6 +24,7 @@ mod shim;
 mod softdirty;
 pub mod uffd;
 
+pub use audit::TrackerAudit;
 pub use bitmap::DirtyBitmap;
 pub use error::{MemoryError, TrackerError};
 pub use ram::{is_zero_page, page_sum, PageSums, RamFile};

@@ -528,17 +528,69 @@ impl PageSums {
         self.set_sum(page, page_sum(content));
     }
 
+    /// Records the content of a page known not to be all zero (the caller just checked):
+    /// saves the zero check [`PageSums::set`] would repeat.
+    pub fn set_nonzero(&self, page: u64, content: &[u8]) {
+        self.set_sum(page, twox_hash::XxHash3_128::oneshot(content));
+    }
+
     /// Records that `page` is now all zero.
     pub fn set_zero(&self, page: u64) {
         self.set_sum(page, 0);
     }
 
-    fn set_sum(&self, page: u64, sum: u128) {
+    /// Records `sum` (from [`page_sum`]) for `page`.
+    pub fn set_sum(&self, page: u64, sum: u128) {
         use std::sync::atomic::Ordering::Relaxed;
         if let (Some(lo), Some(hi)) = (self.lo.get(page as usize), self.hi.get(page as usize)) {
             lo.store(sum as u64, Relaxed);
             hi.store((sum >> 64) as u64, Relaxed);
         }
+    }
+
+    /// The sum recorded for `page` (0 beyond the end).
+    pub fn get(&self, page: u64) -> u128 {
+        use std::sync::atomic::Ordering::Relaxed;
+        match (self.lo.get(page as usize), self.hi.get(page as usize)) {
+            (Some(lo), Some(hi)) => {
+                u128::from(lo.load(Relaxed)) | (u128::from(hi.load(Relaxed)) << 64)
+            }
+            _ => 0,
+        }
+    }
+
+    /// Pages in `first..end` whose content in `ram` no longer matches the recorded sum,
+    /// leaving out the pages `skip` holds (pages whose new copy is on its way). The
+    /// source's audit of its write tracker: a page the tracker calls clean must still read
+    /// what was sent. Holes read as zero without being touched.
+    pub fn mismatches(
+        &self,
+        ram: &RamFile,
+        first: u64,
+        end: u64,
+        skip: &crate::DirtyBitmap,
+    ) -> Vec<u64> {
+        let end = end.min(ram.page_count()).min(self.lo.len() as u64);
+        if first >= end {
+            return Vec::new();
+        }
+        let mut now = vec![0u128; (end - first) as usize];
+        ram.page_sums(first, end, &mut now);
+        (first..end)
+            .zip(now)
+            .filter(|&(p, sum)| !skip.get(p) && sum != self.get(p))
+            .map(|(p, _)| p)
+            .collect()
+    }
+
+    /// Number of pages covered.
+    pub fn len(&self) -> u64 {
+        self.lo.len() as u64
+    }
+
+    /// Whether no page is covered.
+    pub fn is_empty(&self) -> bool {
+        self.lo.is_empty()
     }
 
     /// The fingerprint [`RamFile::fingerprint`] would compute over pages with these
@@ -757,6 +809,23 @@ mod tests {
         page.fill(0xee);
         ram.write_pages(40, &page).unwrap();
         assert_ne!(sums.fingerprint(), ram.fingerprint(2).unwrap());
+        // The audit names exactly that page, unless it is one whose new copy is pending.
+        let none = crate::DirtyBitmap::new(ram.page_count());
+        assert_eq!(sums.mismatches(&ram, 0, ram.page_count(), &none), vec![40]);
+        assert_eq!(sums.mismatches(&ram, 0, 40, &none), Vec::<u64>::new());
+        let mut pending = crate::DirtyBitmap::new(ram.page_count());
+        pending.set(40);
+        assert!(sums.mismatches(&ram, 0, 64, &pending).is_empty());
+        // A page zeroed behind the sums' back is caught too; recorded, it is not.
+        ram.zero_page(3).unwrap();
+        assert_eq!(sums.mismatches(&ram, 0, 64, &pending), vec![3]);
+        sums.set_nonzero(40, &page);
+        sums.set_sum(3, 0);
+        assert!(
+            sums.mismatches(&ram, 0, 1000, &none).is_empty(),
+            "end is clamped"
+        );
+        assert_eq!(sums.fingerprint(), ram.fingerprint(2).unwrap());
     }
 
     #[test]

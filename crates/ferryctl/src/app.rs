@@ -255,6 +255,7 @@ async fn migrate(client: &mut Client, g: &GlobalOpts, a: MigrateArgs) -> Result<
         max_rounds: a.max_rounds.unwrap_or(0),
         page_streams: a.streams.unwrap_or(0),
         skip_verify: a.no_verify,
+        verify: a.verify.clone().unwrap_or_default(),
         force: a.force,
         bandwidth_bytes_per_sec: a.bandwidth.unwrap_or(0),
         timeout_s: a

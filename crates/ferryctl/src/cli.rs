@@ -146,9 +146,15 @@ pub struct MigrateArgs {
     /// Parallel QUIC page streams, 1-16 (agent default: 4).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16))]
     pub streams: Option<u32>,
-    /// Skip the RAM digest comparison at switchover.
-    #[arg(long)]
+    /// Skip the RAM digest comparison at switchover (same as `--verify none`).
+    #[arg(long, conflicts_with = "verify")]
     pub no_verify: bool,
+    /// RAM verification before the commit: `sent` (default: sums of the pages sent,
+    /// compared with the target's, plus an audit of the write tracker during pre-copy),
+    /// `full` (the source also hashes all of its RAM in the pause: the pause grows with
+    /// the RAM size) or `none`.
+    #[arg(long, value_name = "MODE", value_parser = ["sent", "full", "none"])]
+    pub verify: Option<String>,
     /// Print the migration id and exit instead of watching.
     #[arg(long)]
     pub detach: bool,
@@ -453,6 +459,22 @@ mod tests {
         };
         assert_eq!((m.compress, m.downtime, m.streams), (None, None, None));
         assert!(m.detach && !m.no_verify);
+        let c = parse(&["migrate", "web1", "--to", "b:1", "--verify", "full"]).expect("parse");
+        let Command::Migrate(m) = c.command else {
+            panic!("not migrate")
+        };
+        assert_eq!(m.verify.as_deref(), Some("full"));
+        assert!(parse(&["migrate", "v", "--to", "b:1", "--verify", "some"]).is_err());
+        assert!(parse(&[
+            "migrate",
+            "v",
+            "--to",
+            "b:1",
+            "--verify",
+            "full",
+            "--no-verify"
+        ])
+        .is_err());
         for codec in ["none", "lz4", "zstd", "ZSTD:19"] {
             parse(&["migrate", "v", "--to", "b:1", "--compress", codec]).expect(codec);
         }

@@ -73,6 +73,8 @@ pub fn migration_stats(s: &MigrationStats) -> Value {
         "expected_downtime_ms": s.expected_downtime_ms,
         "codec": s.codec,
         "tracker": s.tracker,
+        "verify": s.verify,
+        "audited_pages": s.audited_pages,
         "ram_digest": s.ram_digest,
         "policy_applied": s.policy_applied,
         "downtime_breakdown": s.downtime_breakdown.as_ref().map(|b| json!({

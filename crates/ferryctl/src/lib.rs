@@ -6,6 +6,8 @@
 //! mutual-TLS channel.
 
 #![warn(missing_docs)]
+// `json!` of a migration's full status nests deeper than serde_json's default allows.
+#![recursion_limit = "256"]
 
 pub mod app;
 pub mod cli;

@@ -606,6 +606,17 @@ fn stats_lines(st: &MigrationStats, phase: MigrationPhase, kv: &mut dyn FnMut(&s
         format!("{} pages", count(st.last_round_dirty_pages)),
     );
     kv("tracker", or_dash(&st.tracker).to_string());
+    if !st.verify.is_empty() {
+        let audit = if st.audited_pages > 0 {
+            format!(
+                " (tracker audit: {} pages re-hashed)",
+                count(st.audited_pages)
+            )
+        } else {
+            String::new()
+        };
+        kv("verify", format!("{}{audit}", st.verify));
+    }
     let digest = if st.ram_digest.is_empty() {
         "- (not compared)".to_string()
     } else if phase == MigrationPhase::Completed {

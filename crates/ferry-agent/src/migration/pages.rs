@@ -97,6 +97,9 @@ pub struct PageSender {
     /// Pages sent more than once.
     pub resent: u64,
     limiter: Option<Arc<RateLimiter>>,
+    /// Sums of the pages as sent (the source's half of the verification), hashed while
+    /// each page is in cache for the compressor.
+    sums: Option<Arc<PageSums>>,
 }
 
 impl PageSender {
@@ -110,7 +113,19 @@ impl PageSender {
             ever_sent: DirtyBitmap::new(pages),
             resent: 0,
             limiter: None,
+            sums: None,
         }
+    }
+
+    /// Keeps per-page sums of what is sent: see [`PageSender::sums`].
+    pub fn with_sums(mut self) -> Self {
+        self.sums = Some(Arc::new(PageSums::new(self.ram.page_count())));
+        self
+    }
+
+    /// The sums of every page as last sent (all zero for pages never sent), when kept.
+    pub fn sums(&self) -> Option<&Arc<PageSums>> {
+        self.sums.as_ref()
     }
 
     /// Caps the bytes per second written to the page streams.
@@ -140,15 +155,16 @@ impl PageSender {
         }
         let mut tasks = Vec::with_capacity(n);
         for (w, shard) in std::mem::take(&mut self.writers).into_iter().zip(shards) {
-            let (ram, counters, codec, limiter) = (
-                self.ram.clone(),
-                self.counters.clone(),
-                self.codec,
-                self.limiter.clone(),
-            );
-            tasks.push(tokio::spawn(send_shard(
-                w, ram, shard, round, codec, skip_zero, counters, limiter,
-            )));
+            let job = ShardJob {
+                ram: self.ram.clone(),
+                round,
+                codec: self.codec,
+                skip_zero,
+                counters: self.counters.clone(),
+                limiter: self.limiter.clone(),
+                sums: self.sums.clone(),
+            };
+            tasks.push(tokio::spawn(send_shard(w, shard, job)));
         }
         let mut first_err = None;
         for t in tasks {
@@ -182,23 +198,38 @@ impl PageSender {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn send_shard(
-    mut w: FrameWriter,
+/// What one shard's sender shares with the others in a round.
+#[derive(Clone)]
+struct ShardJob {
     ram: Arc<RamFile>,
-    shard: Vec<u64>,
     round: u32,
     codec: Codec,
     skip_zero: bool,
     counters: Arc<PageCounters>,
     limiter: Option<Arc<RateLimiter>>,
+    sums: Option<Arc<PageSums>>,
+}
+
+async fn send_shard(
+    mut w: FrameWriter,
+    shard: Vec<u64>,
+    job: ShardJob,
 ) -> Result<FrameWriter, PageError> {
+    let ShardJob {
+        ram,
+        round,
+        codec,
+        skip_zero,
+        counters,
+        limiter,
+        sums,
+    } = job;
     for chunk in shard.chunks(BATCH_PAGES) {
         let chunk = chunk.to_vec();
-        let ram = ram.clone();
+        let (ram, sums) = (ram.clone(), sums.clone());
         // Reading and compressing are CPU work: keep them off the async workers.
         let frames = tokio::task::spawn_blocking(move || {
-            encode_chunk(&ram, round, &chunk, codec, skip_zero)
+            encode_chunk(&ram, round, &chunk, codec, skip_zero, sums.as_deref())
         })
         .await
         .map_err(|e| PageError::Join(e.to_string()))??;
@@ -244,13 +275,14 @@ fn push_run(runs: &mut Vec<PageRun>, page: u64) {
 }
 
 /// Reads `pages` (sorted, at most BATCH_PAGES) and encodes a data batch and, where
-/// needed, a zero-page batch.
+/// needed, a zero-page batch; records each page's sum in `sums` as it is read.
 fn encode_chunk(
     ram: &RamFile,
     round: u32,
     pages: &[u64],
     codec: Codec,
     skip_zero: bool,
+    sums: Option<&PageSums>,
 ) -> Result<Vec<EncodedBatch>, PageError> {
     let mut data = Vec::with_capacity(pages.len() * PAGE_SIZE);
     let (mut data_runs, mut zero_runs) = (Vec::new(), Vec::new());
@@ -258,10 +290,16 @@ fn encode_chunk(
     for &p in pages {
         ram.read_page(p, &mut buf)?;
         if is_zero_page(&buf) {
+            if let Some(s) = sums {
+                s.set_zero(p);
+            }
             if !skip_zero {
                 push_run(&mut zero_runs, p);
             }
         } else {
+            if let Some(s) = sums {
+                s.set_nonzero(p, &buf);
+            }
             data.extend_from_slice(&buf);
             push_run(&mut data_runs, p);
         }

@@ -20,7 +20,9 @@ use ferry_handoff::{
     rollback_resume, source_recovery, Phase, Resume, SourceAction, SourceMark, SourceQemu,
     StallDecision, TargetAnswer,
 };
-use ferry_memory::{DirtyBitmap, DirtyTracker, RamFile, TrackerKind, DEFAULT_SHIM_FD, PAGE_SIZE};
+use ferry_memory::{
+    DirtyBitmap, DirtyTracker, RamFile, TrackerAudit, TrackerKind, DEFAULT_SHIM_FD, PAGE_SIZE,
+};
 use ferry_qemu::{QemuProcess, VmSpec};
 use ferry_qmp::{wait_for_event, MirrorCopyMode, QmpClient, QmpEvent};
 use ferry_transport::{write_stream_header, ControlChannel, FrameWriter};
@@ -46,7 +48,8 @@ pub struct MigrationParams {
     pub downtime_ms: u32,
     pub max_rounds: u32,
     pub page_streams: u32,
-    pub verify: bool,
+    /// How the RAM is verified before the commit.
+    pub verify: VerifyMode,
     /// Go ahead despite failed soft preflight checks.
     pub force: bool,
     /// Roll back if not committing within this time.
@@ -58,7 +61,7 @@ pub struct MigrationParams {
     pub storage: super::disks::StorageMode,
 }
 
-pub use ferry_handoff::StallPolicy;
+pub use ferry_handoff::{StallPolicy, VerifyMode};
 
 /// A failed live migration: the [`Phase`] it failed in and why. Its text names VM, hosts
 /// and step.
@@ -228,6 +231,8 @@ struct Precopied {
     bandwidth: Option<f64>,
     /// Pages per second the guest wrote during the last round.
     dirty_rate: f64,
+    /// The tracker's audit (`--verify sent`), its last window still being hashed.
+    audit: Option<(TrackerAudit, Option<JoinHandle<Vec<u64>>>)>,
 }
 
 /// The switchover's work in flight that [`Migration::fence`] waits for.
@@ -281,6 +286,32 @@ impl Migration {
             let st = s.stats.get_or_insert_with(Default::default);
             st.policy_applied = msg.to_string();
         });
+    }
+
+    /// Settles the audit's suspects against a collection of written pages: a page that
+    /// read differently from what was sent and that the tracker did not report is a
+    /// write the tracker missed, and the migration stops (the guest stays here).
+    fn check_audit(&self, a: &mut TrackerAudit, collected: &DirtyBitmap, at: Phase) -> Res<()> {
+        let missed = a.settle(collected);
+        let audited = a.audited();
+        self.h.update(|s| {
+            if let Some(st) = s.stats.as_mut() {
+                st.audited_pages = audited;
+            }
+        });
+        if missed.is_empty() {
+            return Ok(());
+        }
+        let shown: Vec<String> = missed.iter().take(8).map(|p| p.to_string()).collect();
+        Err(JobError::new(
+            at,
+            format!(
+                "the write tracker missed guest writes: {} page(s) (first: {}) no longer hold what was sent and were not reported written; \
+                 the guest keeps running on this host (audit of {audited} pages so far)",
+                missed.len(),
+                shown.join(", ")
+            ),
+        ))
     }
 
     fn qmp(&self) -> &QmpClient {
@@ -587,6 +618,7 @@ impl Migration {
         self.h.update(|s| {
             if let Some(st) = s.stats.as_mut() {
                 st.tracker = tracker_name.into();
+                st.verify = self.p.verify.as_str().into();
             }
         });
         // Pace to the probed link rate: QUIC's BBR alone overshot the testbed's one-BDP
@@ -604,6 +636,16 @@ impl Migration {
             self.p.job.codec,
         )
         .with_rate_limit(pace);
+        // `--verify sent`: sums of what is sent, and the audit that keeps them honest.
+        let mut audit = None;
+        if self.p.verify == VerifyMode::Sent {
+            sender = sender.with_sums();
+            audit = Some(TrackerAudit::new(
+                link.ram.page_count(),
+                self.ctx.cfg.migration.audit_pages_per_round,
+            ));
+        }
+        let mut audit_task: Option<JoinHandle<Vec<u64>>> = None;
         let mut prev_dirty = u64::MAX;
         let ram2 = link.ram.clone();
         let mut pending = tokio::task::spawn_blocking(move || ram2.nonzero_pages())
@@ -644,13 +686,32 @@ impl Migration {
                     None => bw,
                 });
             }
-            let dirty = undo
+            let suspects = match audit_task.take() {
+                Some(t) => t.await.map_err(fail(at, "tracker audit"))?,
+                None => Vec::new(),
+            };
+            #[allow(unused_mut)]
+            let mut dirty = undo
                 .tracker
                 .as_mut()
                 .map(|t| t.collect())
                 .transpose()
                 .map_err(fail(at, "collect dirty pages"))?
                 .unwrap_or_else(|| DirtyBitmap::new(0));
+            #[cfg(feature = "failpoints")]
+            crate::failpoint::forget_writes(&mut dirty);
+            if let (Some(a), Some(sums)) = (audit.as_mut(), sender.sums()) {
+                a.add_suspects(suspects);
+                self.check_audit(a, &dirty, at)?;
+                // The next window is hashed while the next round is sent: it leaves out
+                // the pages of that round, the only ones whose sums change meanwhile.
+                if let Some((first, end)) = a.next_window() {
+                    let (sums, ram, skip) = (sums.clone(), link.ram.clone(), dirty.clone());
+                    audit_task = Some(tokio::task::spawn_blocking(move || {
+                        sums.mismatches(&ram, first, end, &skip)
+                    }));
+                }
+            }
             round += 1;
             let ratio = ratio(&sender);
             let bw = bandwidth.unwrap_or(1e9).max(1.0);
@@ -724,6 +785,7 @@ impl Migration {
             }
         }
         Ok(Precopied {
+            audit: audit.map(|a| (a, audit_task)),
             sender,
             pending,
             round,
@@ -754,7 +816,18 @@ impl Migration {
             mut round,
             bandwidth,
             dirty_rate,
+            audit,
         } = pre;
+        // The last audit window's suspects, settled against the pause's collection.
+        let mut audit = match audit {
+            Some((mut a, task)) => {
+                if let Some(t) = task {
+                    a.add_suspects(t.await.map_err(fail(at, "tracker audit"))?);
+                }
+                Some(a)
+            }
+            None => None,
+        };
         let relay_path = self
             .ctx
             .cfg
@@ -811,6 +884,9 @@ impl Migration {
             .transpose()
             .map_err(fail(at, "collect dirty pages"))?
             .unwrap_or_else(|| DirtyBitmap::new(0));
+        if let Some(a) = audit.as_mut() {
+            self.check_audit(a, &last, at)?;
+        }
         last.union_with(&pending);
         sender.note_resent(&last);
         let t_collected = t_final.elapsed();
@@ -833,7 +909,7 @@ impl Migration {
         let end = ControlMessage::FinalRoundEnd {
             round,
             batches_total: final_batches,
-            verify: self.p.verify,
+            verify: self.p.verify.compares(),
         };
         link.ctl_tx
             .write(&ferry_wire::Frame::encode_control(&end).map_err(fail(at, "round end"))?)
@@ -857,16 +933,29 @@ impl Migration {
         // The RAM files are final now. Their digests are computed while QEMU moves the
         // device state (a paused target QEMU loading state does not write guest RAM);
         // both must agree before the commit.
-        let digest = if self.p.verify {
-            self.show(
-                pb::MigrationPhase::Verifying,
-                "comparing RAM digests while sending device state",
-            );
-            let ram2 = link.ram.clone();
-            Some(tokio::task::spawn_blocking(move || ram2.fingerprint(2)))
-        } else {
-            self.show(pb::MigrationPhase::Switchover, "sending device state");
-            None
+        let digest = match (self.p.verify, sender.sums()) {
+            (VerifyMode::None, _) => {
+                self.show(pb::MigrationPhase::Switchover, "sending device state");
+                None
+            }
+            // O(pages): every page's sum as sent, the final round's included.
+            (VerifyMode::Sent, Some(sums)) => {
+                self.show(
+                    pb::MigrationPhase::Verifying,
+                    "comparing the sums of the pages sent while sending device state",
+                );
+                let sums = sums.clone();
+                Some(tokio::task::spawn_blocking(move || Ok(sums.fingerprint())))
+            }
+            // O(RAM): the source's whole RAM as it is now.
+            _ => {
+                self.show(
+                    pb::MigrationPhase::Verifying,
+                    "comparing RAM digests while sending device state",
+                );
+                let ram2 = link.ram.clone();
+                Some(tokio::task::spawn_blocking(move || ram2.fingerprint(2)))
+            }
         };
         self.qmp()
             .migrate_continue("pre-switchover")
