@@ -664,12 +664,15 @@ fn codec_sample(ram: &RamFile, codec: Codec) -> Result<(f64, f64, u64), String> 
 
 /// Pre-copy as a geometric series: each round lasts as long as it takes to send what
 /// the guest wrote during the previous one. Pure function of the measurements.
+/// `pause_scan_bytes` is the RAM the source hashes in the pause (all of it with
+/// `--verify full`, none by default).
 pub fn predict(
     p: &mut pb::Prediction,
     ram_bytes: u64,
     streams: u32,
     downtime_ms: u32,
     max_rounds: u32,
+    pause_scan_bytes: u64,
 ) {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -683,10 +686,10 @@ pub fn predict(
     };
     let rate = link_pages.min(cpu_pages).max(1.0); // guest bytes per second moved
     let dirty = p.dirty_pages_per_sec * PAGE_SIZE as f64;
-    // Fixed switchover cost: device state, commit, and the RAM fingerprints (~6 GB/s here).
-    // Plus about three round trips: the final round's confirmation, QEMU's device state
-    // with its return path, and the commit call (measured ~3.3 RTTs on the wan testbed).
-    let fixed_ms = 15.0 + ram_bytes as f64 / 6e9 * 1000.0 + 3.0 * p.rtt_ms;
+    // Fixed switchover cost: device state, commit, and a full RAM scan if asked (~6 GB/s
+    // here). Plus about three round trips: the final round's confirmation, QEMU's device
+    // state, and the commit call (measured ~3.3 RTTs on the wan testbed).
+    let fixed_ms = 15.0 + pause_scan_bytes as f64 / 6e9 * 1000.0 + 3.0 * p.rtt_ms;
     // The first round also pays the connection's start-up.
     let mut round_s = p.first_round_bytes as f64 / rate + p.link_ramp_ms / 1000.0;
     let mut total_s = round_s;
@@ -752,7 +755,21 @@ pub fn certificate_check(
     }
 }
 
-/// Runs the whole preflight for a VM and a target.
+/// How much a preflight measures besides its checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Depth {
+    /// The checks (CPU, name, machine, memory, storage, certificates, QEMU): one round
+    /// trip to the target. What a migration runs: the link, the guest's write rate and
+    /// the codec are measured by round 0 itself, and the convergence decision is made
+    /// during pre-copy, so nothing delays the first page.
+    Checks,
+    /// Also probes the data path (~1 s) and samples the write rate and the codec, for
+    /// a prediction before anything moves (`ferryctl preflight`).
+    Measure,
+}
+
+/// Runs the preflight for a VM and a target.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     ctx: &AgentCtx,
     spec: &VmSpec,
@@ -761,6 +778,7 @@ pub async fn run(
     codec: Codec,
     downtime_ms: u32,
     bandwidth_cap: u64,
+    depth: Depth,
 ) -> Result<pb::PreflightReport, tonic::Status> {
     let chan = crate::tls::connect(target, &ctx.identity)
         .await
@@ -864,6 +882,9 @@ pub async fn run(
     }
 
     let mut prediction = pb::Prediction::default();
+    if depth == Depth::Checks {
+        return Ok(report(checks, prediction, facts));
+    }
     // The data path, as the migration will use it, probed while the guest's write rate is
     // sampled (that is mostly waiting): the two together take ~1 s instead of ~2 s.
     let quic_addr = facts.quic_addr.parse::<SocketAddr>().ok();
@@ -925,6 +946,8 @@ pub async fn run(
                     ctx.cfg.migration.page_streams,
                     downtime_ms,
                     ctx.cfg.migration.max_rounds,
+                    // The default verification hashes no more than it sends.
+                    0,
                 );
                 prediction.converges = p2.converges;
                 prediction.predicted_total_ms = p2.predicted_total_ms;
@@ -976,16 +999,97 @@ pub async fn run(
             )),
         }
     }
+    Ok(report(checks, prediction, facts))
+}
+
+/// The report of `checks`: ok if none failed, ok with force if only soft ones did.
+fn report(
+    checks: Vec<pb::PreflightCheck>,
+    prediction: pb::Prediction,
+    facts: pb::HostFacts,
+) -> pb::PreflightReport {
     let failed = |c: &pb::PreflightCheck| c.status == Fail as i32;
     let ok = !checks.iter().any(failed);
     let ok_with_force = !checks.iter().any(|c| failed(c) && !c.soft);
-    Ok(pb::PreflightReport {
+    pb::PreflightReport {
         checks,
         prediction: Some(prediction),
         ok,
         ok_with_force,
         target: Some(facts),
-    })
+    }
+}
+
+/// What round 0 measured, for the prediction pre-copy makes after it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Round0 {
+    /// Wire bytes per second round 0 moved (the link, or the compressor if slower).
+    pub wire_bytes_per_sec: f64,
+    /// The connection's smoothed RTT.
+    pub rtt_ms: f64,
+    /// Pages the guest wrote per second during round 0.
+    pub dirty_pages_per_sec: f64,
+    /// Guest bytes per wire byte so far.
+    pub codec_ratio: f64,
+    /// What round 1 has to send (the pages written during round 0), bytes.
+    pub next_round_bytes: u64,
+    /// How long round 0 took.
+    pub elapsed_ms: f64,
+}
+
+/// The prediction after round 0: the rest of the pre-copy from what round 0 measured (a
+/// warm connection, no ramp; the codec's speed is inside the measured rate), with the
+/// total counted from the migration's start. Pure.
+pub fn predict_after_round0(
+    r: Round0,
+    ram_bytes: u64,
+    streams: u32,
+    downtime_ms: u32,
+    max_rounds: u32,
+    pause_scan_bytes: u64,
+) -> pb::Prediction {
+    let mut p = pb::Prediction {
+        link_bytes_per_sec: r.wire_bytes_per_sec,
+        rtt_ms: r.rtt_ms,
+        dirty_pages_per_sec: r.dirty_pages_per_sec,
+        codec_ratio: r.codec_ratio,
+        codec_bytes_per_sec: f64::INFINITY,
+        first_round_bytes: r.next_round_bytes,
+        link_ramp_ms: 0.0,
+        ..Default::default()
+    };
+    predict(
+        &mut p,
+        ram_bytes,
+        streams,
+        downtime_ms,
+        max_rounds.saturating_sub(1),
+        pause_scan_bytes,
+    );
+    if p.converges {
+        p.predicted_total_ms += r.elapsed_ms as u64;
+    }
+    // Round 0 is part of the count.
+    p.predicted_rounds += 1;
+    p.codec_bytes_per_sec = 0.0;
+    p
+}
+
+/// Why a pre-copy measured by round 0 will not converge, for the refusal (soft: `--force`
+/// goes on and the stall policy decides). `None` when it converges.
+pub fn round0_refusal(p: &pb::Prediction) -> Option<String> {
+    if p.converges {
+        return None;
+    }
+    let mib = |b: f64| b / f64::from(1u32 << 20);
+    Some(format!(
+        "will not converge: the guest writes {:.1} MiB/s and round 0 moved {:.1} MiB/s of pages \
+         ({:.0} MiB/s on the wire, {:.2}x compression)",
+        mib(p.dirty_pages_per_sec * PAGE_SIZE as f64),
+        mib(p.link_bytes_per_sec * p.codec_ratio.max(1.0)),
+        mib(p.link_bytes_per_sec),
+        p.codec_ratio
+    ))
 }
 
 #[cfg(test)]
@@ -1006,9 +1110,45 @@ mod tests {
     }
 
     #[test]
+    fn round0_prediction_counts_what_is_left() {
+        let r = Round0 {
+            wire_bytes_per_sec: 100.0 * 1048576.0,
+            rtt_ms: 20.0,
+            dirty_pages_per_sec: 20.0 * 256.0,
+            codec_ratio: 2.0,
+            next_round_bytes: 20 << 20,
+            elapsed_ms: 1000.0,
+        };
+        let p = predict_after_round0(r, 512 << 20, 4, 30, 30, 0);
+        assert!(p.converges && round0_refusal(&p).is_none());
+        // Round 1: 20 MiB at 200 MiB/s = 0.1 s; round 2: 10 ms fits 30 ms and is the
+        // final round. Fixed: 15 ms + 3 RTTs. Total from the start: 1000 + 100 + 10 + 75.
+        assert!((1180..=1190).contains(&p.predicted_total_ms), "{p:?}");
+        assert_eq!(p.predicted_rounds, 3, "round 0, round 1, final: {p:?}");
+        assert!((80..=90).contains(&p.predicted_downtime_ms), "{p:?}");
+        // A guest writing faster than round 0 moved pages is refused, with both rates.
+        let busy = predict_after_round0(
+            Round0 {
+                dirty_pages_per_sec: 250.0 * 256.0,
+                ..r
+            },
+            512 << 20,
+            4,
+            30,
+            30,
+            0,
+        );
+        let why = round0_refusal(&busy).expect("refused");
+        assert!(
+            why.contains("writes 250.0 MiB/s") && why.contains("moved 200.0 MiB/s"),
+            "{why}"
+        );
+    }
+
+    #[test]
     fn converging_series_is_summed() {
         let mut p = base();
-        predict(&mut p, 512 << 20, 4, 30, 30);
+        predict(&mut p, 512 << 20, 4, 30, 30, 512 << 20);
         assert!(p.converges);
         // Round 0: 200 MiB at 200 MiB/s of pages + 0.3 s start-up = 1.3 s; each round is a
         // tenth of the one before: 0.13 s, then 13 ms fits the 30 ms target and is the
@@ -1022,7 +1162,7 @@ mod tests {
     fn dirtying_faster_than_the_link_does_not_converge() {
         let mut p = base();
         p.dirty_pages_per_sec = 300.0 * 256.0; // 300 MiB/s against 200 MiB/s of pages
-        predict(&mut p, 512 << 20, 4, 30, 30);
+        predict(&mut p, 512 << 20, 4, 30, 30, 512 << 20);
         assert!(!p.converges);
         assert_eq!(p.predicted_total_ms, 0);
         // A round never carries more than the whole guest: 512 MiB at 200 MiB/s.
@@ -1033,7 +1173,7 @@ mod tests {
     fn slow_codec_is_the_limit() {
         let mut p = base();
         p.codec_bytes_per_sec = 10.0 * 1048576.0; // 10 MiB/s per core: slower than the guest writes
-        predict(&mut p, 512 << 20, 4, 30, 30);
+        predict(&mut p, 512 << 20, 4, 30, 30, 512 << 20);
         assert!(!p.converges, "{p:?}");
     }
 

@@ -322,6 +322,7 @@ impl FerryControl for ControlService {
             codec,
             downtime,
             r.bandwidth_bytes_per_sec,
+            crate::preflight::Depth::Measure,
         )
         .await?;
         Ok(Response::new(report))

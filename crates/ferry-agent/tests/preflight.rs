@@ -243,7 +243,9 @@ async fn non_convergence_is_predicted_and_handled_by_policy() {
     );
     assert!(r.ok_with_force && !r.ok);
 
-    // Without force the soft failure blocks; with --on-stall abort it stops cleanly.
+    // A migration does not probe before moving pages: round 0 measures the link and the
+    // write rate, and without force the same soft failure stops it there (rolled back);
+    // with --on-stall abort (forced) the stall policy stops it cleanly.
     let start = |on_stall: &str, force: bool| pb::StartMigrationRequest {
         vm: "busy".into(),
         target: b.grpc_addr(),
@@ -260,11 +262,25 @@ async fn non_convergence_is_predicted_and_handled_by_policy() {
     let end = ferry_testkit::watch_to_end(&mut ca, &m.id)
         .await
         .expect("watch migration");
+    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
     assert!(
-        end.error.contains("failed at preflight") && end.error.contains("--force overrides"),
+        end.error.contains("failed at precopy")
+            && end.error.contains("will not converge")
+            && end.error.contains("--force"),
         "{}",
         end.error
     );
+    // The prediction published is round 0's, from the capped link it measured.
+    let p0 = end
+        .stats
+        .as_ref()
+        .and_then(|s| s.prediction)
+        .expect("prediction");
+    assert!(
+        !p0.converges && p0.link_bytes_per_sec > 0.0 && p0.link_bytes_per_sec < 32.0 * 1048576.0,
+        "{p0:?}"
+    );
+    still_runs_on(&a, "busy", vm.pid).await;
 
     let m = ca
         .start_migration(start("abort", true))

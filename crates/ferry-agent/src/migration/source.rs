@@ -37,6 +37,9 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
+/// How long into round 0 the guest's write rate is sampled.
+const WRITE_RATE_SAMPLE: Duration = Duration::from_millis(500);
+
 /// Pacing rate relative to the probed steady rate of the link.
 const PACE_HEADROOM: f64 = 0.88;
 
@@ -288,6 +291,64 @@ impl Migration {
         });
     }
 
+    /// After round 0: the prediction from what it measured (link, write rate, codec),
+    /// published, and the convergence check the preflight used to make before any page
+    /// moved: a migration that cannot converge stops here unless forced (then the stall
+    /// policy decides, as before).
+    fn after_round0(
+        &mut self,
+        link: &Link,
+        sender: &PageSender,
+        secs: f64,
+        dirty_rate: f64,
+        next_pages: u64,
+    ) -> Res<()> {
+        let wire = sender.counters.wire_bytes.load(Ordering::Relaxed) as f64;
+        let r0 = crate::preflight::Round0 {
+            wire_bytes_per_sec: wire / secs.max(1e-6),
+            rtt_ms: link.conn.rtt().as_secs_f64() * 1000.0,
+            dirty_pages_per_sec: dirty_rate,
+            codec_ratio: ratio(sender),
+            next_round_bytes: next_pages * PAGE_SIZE as u64,
+            elapsed_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+        };
+        let p = crate::preflight::predict_after_round0(
+            r0,
+            self.spec.memory_mib << 20,
+            self.p.page_streams,
+            self.p.downtime_ms,
+            self.p.max_rounds,
+            if self.p.verify == VerifyMode::Full {
+                self.spec.memory_mib << 20
+            } else {
+                0
+            },
+        );
+        let refusal = crate::preflight::round0_refusal(&p);
+        self.h.update(|s| {
+            let st = s.stats.get_or_insert_with(Default::default);
+            // A preflight that measured (pacing) keeps its own figures.
+            if st
+                .prediction
+                .as_ref()
+                .is_none_or(|old| old.link_bytes_per_sec == 0.0)
+            {
+                st.prediction = Some(p);
+            }
+        });
+        match refusal {
+            Some(why) if !self.p.force => Err(JobError::new(
+                Phase::Precopy,
+                format!("{why} — --force goes on and lets --on-stall decide"),
+            )),
+            Some(why) => {
+                self.show(pb::MigrationPhase::Precopy, format!("forced past: {why}"));
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Settles the audit's suspects against a collection of written pages: a page that
     /// read differently from what was sent and that the tracker did not report is a
     /// write the tracker missed, and the migration stops (the guest stays here).
@@ -368,6 +429,12 @@ impl Migration {
             self.p.job.codec,
             self.p.downtime_ms,
             self.p.job.bandwidth,
+            // The link is measured by round 0 itself, unless pacing needs it up front.
+            if self.ctx.cfg.migration.pace_to_link && self.p.job.bandwidth == 0 {
+                crate::preflight::Depth::Measure
+            } else {
+                crate::preflight::Depth::Checks
+            },
         )
         .await
         .map_err(|s| JobError::new(Phase::Preflight, s.message()))?;
@@ -659,10 +726,35 @@ impl Migration {
             let wire0 = sender.counters.wire_bytes.load(Ordering::Relaxed);
             let t0 = Instant::now();
             sender.note_resent(&pending);
-            sender
-                .send_round(round, &pending, round == 0)
-                .await
-                .map_err(fail(at, "send pages"))?;
+            // Round 0 also samples the guest's write rate early on: over a whole long
+            // round the count of distinct pages saturates at the working set and reads
+            // as a lower rate than the guest's. What the sample collects joins round 1.
+            let mut early: Option<(DirtyBitmap, f64)> = None;
+            {
+                let send = sender.send_round(round, &pending, round == 0);
+                tokio::pin!(send);
+                let sent = if round == 0 && undo.tracker.is_some() {
+                    tokio::select! {
+                        r = &mut send => Some(r),
+                        _ = tokio::time::sleep(WRITE_RATE_SAMPLE) => None,
+                    }
+                } else {
+                    None
+                };
+                let sent = match sent {
+                    Some(r) => r,
+                    None => {
+                        if let Some(t) = undo.tracker.as_mut() {
+                            if round == 0 {
+                                let pages = t.collect().map_err(fail(at, "collect dirty pages"))?;
+                                early = Some((pages, t0.elapsed().as_secs_f64()));
+                            }
+                        }
+                        send.await
+                    }
+                };
+                sent.map_err(fail(at, "send pages"))?;
+            }
             // A round ends when the target has written it, not when QUIC buffered it:
             // otherwise throughput is overestimated and a backlog lands in the downtime.
             let round_deadline = Duration::from_secs(self.ctx.cfg.migration.round_timeout_s.max(1));
@@ -690,7 +782,6 @@ impl Migration {
                 Some(t) => t.await.map_err(fail(at, "tracker audit"))?,
                 None => Vec::new(),
             };
-            #[allow(unused_mut)]
             let mut dirty = undo
                 .tracker
                 .as_mut()
@@ -700,6 +791,11 @@ impl Migration {
                 .unwrap_or_else(|| DirtyBitmap::new(0));
             #[cfg(feature = "failpoints")]
             crate::failpoint::forget_writes(&mut dirty);
+            let mut sampled_rate = 0.0;
+            if let Some((pages, secs)) = early.take() {
+                sampled_rate = pages.count() as f64 / secs.max(1e-3);
+                dirty.union_with(&pages);
+            }
             if let (Some(a), Some(sums)) = (audit.as_mut(), sender.sums()) {
                 a.add_suspects(suspects);
                 self.check_audit(a, &dirty, at)?;
@@ -726,6 +822,10 @@ impl Migration {
                 predicted_ms,
                 &format!("round {round}: {} pages written meanwhile", dirty.count()),
             );
+            if round == 1 {
+                let rate = dirty_rate.max(sampled_rate);
+                self.after_round0(link, &sender, secs, rate, dirty.count())?;
+            }
             let count = dirty.count();
             pending = dirty;
             // The policy is a pure decision (`ferry_handoff::stall_decision`, unit-tested);
