@@ -9,7 +9,8 @@
 #
 # Environment: PROFILE (lan|dc|wan|far, default wan), GUEST_MIB (1024), WORKLOAD_MIB (512),
 # MIX (realistic|zero|text|random), DIRTY (comma list, MiB/s, default "0,50"), REPEAT (3),
-# METHODS (comma list, default all), FERRY_FLAGS (extra `ferryctl migrate` flags for the ferry
+# METHODS (comma list, default all), PERF=1 (perf record both agents in each ferry run: flame
+# graphs and CPU per stage in OUT/profiles; needs linux-perf and `cargo install inferno`), FERRY_FLAGS (extra `ferryctl migrate` flags for the ferry
 # runs, e.g. "--on-stall abort"), OUT (default benches/out/<profile>-<date>).
 # Writes OUT/results.json, OUT/table.md, OUT/plot.png; exits non-zero if any run failed
 # (migration error, guest memory check failed, or source and target RAM differ).
@@ -25,6 +26,10 @@ if ! /usr/bin/python3 -c "import matplotlib" 2>/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-matplotlib >/dev/null
 fi
 bash scripts/build-guest.sh >/dev/null
+if [ -n "${PERF:-}" ]; then
+  command -v perf >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null
+  command -v inferno-flamegraph >/dev/null || cargo install --locked inferno
+fi
 cargo build --release -p ferry-agent -p ferryctl -p ferry-linkem -p ferry-testkit
 BIN=$ROOT/target/release
 
@@ -38,4 +43,4 @@ testbed/up.sh --hosts 2 --profile "$PROFILE" --dir "$DIR" --retain-source-ram \
 /usr/bin/python3 benches/harness.py --testbed-env "$DIR/testbed.env" --bin "$BIN" --root "$ROOT" \
   --out "$OUT" --profile "$PROFILE" --guest-mib "${GUEST_MIB:-1024}" --workload-mib "${WORKLOAD_MIB:-512}" \
   --mix "${MIX:-realistic}" --dirty "${DIRTY:-0,50}" --repeat "${REPEAT:-3}" \
-  ${METHODS:+--methods "$METHODS"} --ferry-flags "${FERRY_FLAGS:-}"
+  ${METHODS:+--methods "$METHODS"} --ferry-flags "${FERRY_FLAGS:-}" ${PERF:+--perf}

@@ -49,11 +49,18 @@ FERRY_METHODS = {
     "ferry-zstd3": ("zstd:3", []),
     # Without ferry's full-RAM fingerprint comparison in the pause: the protocol's floor.
     "ferry-lz4-noverify": ("lz4", ["--no-verify"]),
+    "ferry-auto": ("auto", []),
+    "ferry-zstd1-full": ("zstd:1", ["--verify", "full"]),
 }
+# perf sampling rate for --perf (per thread).
+PERF_HZ = 499
+
 QEMU_METHODS = {
     "qemu-plain": {},
     "qemu-multifd": {"multifd": True},
     "qemu-multifd-zstd": {"multifd": True, "compression": "zstd"},
+    # What `virsh migrate --tls` and KubeVirt run: x509 credentials on both ends.
+    "qemu-multifd-zstd-tls": {"multifd": True, "compression": "zstd", "tls": True},
 }
 ALL_METHODS = list(FERRY_METHODS) + list(QEMU_METHODS)
 
@@ -327,8 +334,19 @@ def run_ferry(tb, args, method, dirty, idx, workdir):
         sampler.start()
         cpu0 = [proc_cpu(p) for p in tb.ferryd]
         net0 = netdev_bytes(tb.ferryd[0])
+        perf = None
+        if args.perf:
+            perf_data = os.path.join(args.out, f"perf-{name}.data")
+            # DWARF unwinding: the release build keeps line tables but no frame pointers.
+            perf = subprocess.Popen(["perf", "record", "-q", "-F", str(PERF_HZ), "--call-graph", "dwarf,16384",
+                                     "-p", ",".join(str(p) for p in tb.ferryd), "-o", perf_data],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
         r = tb.ctl(0, "--json", "migrate", name, "--to", tb.grpc[1], "--compress", codec, "--suspend", "--force", *extra, *args.ferry_flags.split(),
                    timeout=args.migration_timeout + 60, check=False)
+        if perf:
+            perf.send_signal(signal.SIGINT)
+            perf.wait(timeout=120)
         net1 = netdev_bytes(tb.ferryd[0])
         cpu1 = [proc_cpu(p) for p in tb.ferryd]
         qemu_cpu = sampler.finish()
@@ -339,6 +357,14 @@ def run_ferry(tb, args, method, dirty, idx, workdir):
         if st.get("phase") != "COMPLETED":
             raise RunFailed(f"migration {st.get('phase')}: {st.get('error') or r.stderr.strip()[-400:]}")
         s = st.get("stats") or {}
+        if perf:
+            sh([sys.executable, os.path.join(tb.root, "benches", "profile.py"), perf_data,
+                "--source-pid", str(tb.ferryd[0]), "--target-pid", str(tb.ferryd[1]),
+                "--page-bytes", str(s.get("page_bytes") or 1), "--freq", str(PERF_HZ),
+                "--out", os.path.join(args.out, "profiles"), "--name", f"{name}-{codec.replace(':', '')}-dirty{dirty:g}",
+                "--title", f"ferry agents (source | target), {codec}, {args.profile}, dirty {dirty:g} MiB/s"],
+               timeout=600)
+            os.unlink(perf_data)
         target = tb.ctl_json(1, "vm", "show", name)
         if str(target.get("state")).lower() != "paused":
             raise RunFailed(f"target VM is {target.get('state')}, expected paused")
@@ -410,6 +436,32 @@ class NativeQemu:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
+def qemu_tls_creds(out, dst_addr):
+    """x509 credentials in the layout QEMU's tls-creds-x509 reads (ca-cert.pem,
+    server-cert.pem/-key.pem, client-cert.pem/-key.pem): a CA, a server certificate for
+    the target (DNS ferry-bench-dst and its address) and a client one for the source.
+    ECDSA P-256, like ferry's own mesh certificates. Made once per benchmark run."""
+    d = os.path.join(out, "qemu-tls")
+    if os.path.exists(os.path.join(d, "client-cert.pem")):
+        return d
+    os.makedirs(d, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    sh(["openssl", "req", "-x509", *ec, "-keyout", f"{d}/ca-key.pem", "-out", f"{d}/ca-cert.pem", "-days", "7",
+        "-subj", "/CN=ferry-bench CA", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+    for role, usage, san in (("server", "serverAuth", f"DNS:ferry-bench-dst,IP:{dst_addr}"),
+                             ("client", "clientAuth", "DNS:ferry-bench-src")):
+        ext = os.path.join(d, f"{role}.ext")
+        with open(ext, "w") as f:
+            f.write(f"basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+                    f"extendedKeyUsage={usage}\nsubjectAltName={san}\n")
+        sh(["openssl", "req", *ec, "-keyout", f"{d}/{role}-key.pem", "-out", f"{d}/{role}.csr",
+            "-subj", f"/CN=ferry-bench-{role}"])
+        sh(["openssl", "x509", "-req", "-in", f"{d}/{role}.csr", "-CA", f"{d}/ca-cert.pem", "-CAkey", f"{d}/ca-key.pem",
+            "-CAcreateserial", "-out", f"{d}/{role}-cert.pem", "-days", "7", "-extfile", ext])
+    return d
+
+
 def run_qemu(tb, args, mode, dirty, idx, workdir):
     opts = QEMU_METHODS[mode]
     name = f"q{idx}"
@@ -430,10 +482,18 @@ def run_qemu(tb, args, mode, dirty, idx, workdir):
             params["multifd-channels"] = 2
         if opts.get("compression"):
             params["multifd-compression"] = opts["compression"]
+        if opts.get("tls"):
+            creds = qemu_tls_creds(args.out, tb.addr[1])
+            for q, endpoint in ((src.qmp, "client"), (dst.qmp, "server")):
+                q.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": "tls0", "dir": creds,
+                                       "endpoint": endpoint, "verify-peer": True})
+            params["tls-creds"] = "tls0"
         for q in (src.qmp, dst.qmp):
             q.cmd("migrate-set-capabilities", capabilities=caps)
             if params:
                 q.cmd("migrate-set-parameters", **params)
+        if opts.get("tls"):
+            src.qmp.cmd("migrate-set-parameters", **{"tls-hostname": "ferry-bench-dst"})
         # What `virsh migrate --live` does: no bandwidth cap, QEMU's default downtime limit.
         src.qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 10 << 30})
         port = 7800 + idx % 100
@@ -581,6 +641,9 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--settle", type=float, default=3.0, help="seconds between guest ready and migration")
     ap.add_argument("--migration-timeout", type=float, default=300.0)
+    ap.add_argument("--perf", action="store_true",
+                    help="perf record both agents during each ferry run; flame graph and stage table in OUT/profiles "
+                         "(the recording costs CPU: do not compare these runs' times with others)")
     ap.add_argument("--ferry-flags", default="", help="extra `ferryctl migrate` flags for every ferry run, e.g. '--on-stall abort'")
     args = ap.parse_args()
     args.dirty = [float(d) for d in args.dirty.split(",") if d]

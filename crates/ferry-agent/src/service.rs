@@ -2,13 +2,13 @@
 
 use crate::access::{caller, require_operator};
 use crate::convert::spec_from_pb;
+use crate::migration::auto_codec::Compression;
 use crate::migration::source::{self, MigrationParams, VerifyMode};
 use crate::migration::{is_terminal, now_ms};
 use crate::AgentCtx;
 use ferry_api::v1 as pb;
 use ferry_api::v1::ferry_control_server::FerryControl;
 use ferry_api::v1::ferry_peer_server::FerryPeer;
-use ferry_wire::Codec;
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio_stream::Stream;
@@ -99,13 +99,11 @@ impl FerryControl for ControlService {
     ) -> Result<Response<pb::MigrationStatus>, Status> {
         require_operator(&req, "StartMigration")?;
         let r = req.into_inner();
-        let codec: Codec = if r.compress.is_empty() {
-            Codec::None
-        } else {
-            r.compress
-                .parse()
-                .map_err(|e| Status::invalid_argument(format!("compress: {e}")))?
-        };
+        let compression: Compression = r
+            .compress
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("compress: {e}")))?;
+        let codec = compression.for_disks();
         if r.target.is_empty() {
             return Err(Status::invalid_argument(
                 "target: the target agent's address (host:port) is required",
@@ -137,6 +135,7 @@ impl FerryControl for ControlService {
                 id: uuid::Uuid::new_v4().to_string(),
                 vm: r.vm.clone(),
                 target: r.target.clone(),
+                compression,
                 codec,
                 bandwidth: r.bandwidth_bytes_per_sec,
             },
@@ -179,7 +178,7 @@ impl FerryControl for ControlService {
             target: r.target,
             phase: pb::MigrationPhase::Preparing as i32,
             stats: Some(pb::MigrationStats {
-                codec: codec.to_string(),
+                codec: compression.to_string(),
                 guest_ram_bytes: spec.memory_mib << 20,
                 ..Default::default()
             }),
@@ -294,13 +293,12 @@ impl FerryControl for ControlService {
     ) -> Result<Response<pb::PreflightReport>, Status> {
         require_operator(&req, "Preflight")?;
         let r = req.into_inner();
-        let codec: Codec = if r.compress.is_empty() {
-            Codec::None
-        } else {
-            r.compress
-                .parse()
-                .map_err(|e| Status::invalid_argument(format!("compress: {e}")))?
-        };
+        // `auto` is sampled as zstd-1, the codec it picks on a link-bound path.
+        let codec = r
+            .compress
+            .parse::<Compression>()
+            .map_err(|e| Status::invalid_argument(format!("compress: {e}")))?
+            .for_disks();
         let (spec, proc) = self.ctx.vms.spec_and_process(&r.vm).await?;
         // Its probes would re-arm and then release the userfaultfd the migration uses.
         if let Some(m) = self.ctx.vms.migration_of(&r.vm).await {

@@ -134,9 +134,11 @@ pub struct MigrateArgs {
     /// gRPC address (host:port) of the target agent.
     #[arg(long, value_name = "TARGET_ADDR")]
     pub to: String,
-    /// Page compression: none, lz4, zstd or zstd:LEVEL (1-19). Default: none.
-    #[arg(long, value_name = "CODEC", value_parser = parse_codec)]
-    pub compress: Option<Codec>,
+    /// Page compression: auto (the default: picked per migration from the link, the
+    /// free CPU and the guest's pages, revisited every round), none, lz4, zstd or
+    /// zstd:LEVEL (1-19). Disk blocks use zstd-1 under auto.
+    #[arg(long, value_name = "CODEC", value_parser = parse_compression)]
+    pub compress: Option<Compression>,
     /// Downtime target in milliseconds (agent default: 30).
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u32).range(1..))]
     pub downtime: Option<u32>,
@@ -206,9 +208,9 @@ pub struct PreflightArgs {
     /// Target agent's gRPC address (host:port).
     #[arg(long, value_name = "TARGET_ADDR")]
     pub to: String,
-    /// Codec to predict with.
-    #[arg(long, value_name = "CODEC", value_parser = parse_codec)]
-    pub compress: Option<Codec>,
+    /// Codec to predict with (auto is sampled as zstd-1).
+    #[arg(long, value_name = "CODEC", value_parser = parse_compression)]
+    pub compress: Option<Compression>,
     /// Downtime target in milliseconds.
     #[arg(long, value_name = "MS")]
     pub downtime: Option<u32>,
@@ -355,6 +357,33 @@ pub fn parse_codec(s: &str) -> Result<Codec, String> {
     Codec::from_str(s).map_err(|e| e.to_string())
 }
 
+/// `--compress`: `auto` or a codec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// The agent picks (and revisits) the codec.
+    Auto,
+    /// Always this codec.
+    Codec(Codec),
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Compression::Auto => f.write_str("auto"),
+            Compression::Codec(c) => write!(f, "{c}"),
+        }
+    }
+}
+
+/// Parses `auto` or a codec name (see [`parse_codec`]).
+pub fn parse_compression(s: &str) -> Result<Compression, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        Ok(Compression::Auto)
+    } else {
+        parse_codec(s).map(Compression::Codec)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -446,7 +475,10 @@ mod tests {
         };
         assert_eq!(m.vm, "web1");
         assert_eq!(m.to, "kvm02:7701");
-        assert_eq!(m.compress, Some(Codec::Zstd { level: 3 }));
+        assert_eq!(
+            m.compress,
+            Some(Compression::Codec(Codec::Zstd { level: 3 }))
+        );
         assert_eq!(
             (m.downtime, m.max_rounds, m.streams),
             (Some(50), Some(10), Some(8))
@@ -475,7 +507,7 @@ mod tests {
             "--no-verify"
         ])
         .is_err());
-        for codec in ["none", "lz4", "zstd", "ZSTD:19"] {
+        for codec in ["auto", "none", "lz4", "zstd", "ZSTD:19"] {
             parse(&["migrate", "v", "--to", "b:1", "--compress", codec]).expect(codec);
         }
     }

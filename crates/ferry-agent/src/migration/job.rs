@@ -19,7 +19,9 @@ pub struct JobParams {
     pub vm: String,
     /// The target agent's gRPC address.
     pub target: String,
-    /// How pages or image chunks travel.
+    /// What the operator asked for (`auto` or a codec).
+    pub compression: super::auto_codec::Compression,
+    /// How image chunks and disk blocks travel, and pages unless `auto` chooses.
     pub codec: Codec,
     /// Data-plane cap in bytes per second (0: none).
     pub bandwidth: u64,

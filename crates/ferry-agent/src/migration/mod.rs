@@ -6,6 +6,7 @@
 //! Phases follow DESIGN.md: Preparing → Connecting → Precopy → Switchover → Verifying →
 //! Committing → Completed; any failure before the commit rolls back to the source.
 
+pub mod auto_codec;
 pub mod cold;
 pub mod disks;
 pub mod job;

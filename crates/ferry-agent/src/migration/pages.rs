@@ -16,6 +16,30 @@ pub const BATCH_PAGES: usize = 256;
 /// Pages per shard region (2 MiB): keeps runs contiguous inside a stream.
 const REGION_SHIFT: u32 = 9;
 
+/// The codec the page streams use for their next batch: fixed, or changed by `auto`
+/// while a round is in flight (the wire carries the codec per batch).
+#[derive(Debug)]
+pub struct SharedCodec(std::sync::Mutex<Codec>);
+
+impl SharedCodec {
+    /// Starts with `c`.
+    pub fn new(c: Codec) -> Self {
+        SharedCodec(std::sync::Mutex::new(c))
+    }
+
+    /// The codec now.
+    pub fn get(&self) -> Codec {
+        self.0.lock().map(|c| *c).unwrap_or(Codec::None)
+    }
+
+    /// From the next batch on, `c`.
+    pub fn set(&self, c: Codec) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = c;
+        }
+    }
+}
+
 /// Counters of what the sender moved.
 #[derive(Default, Debug)]
 pub struct PageCounters {
@@ -91,7 +115,7 @@ impl RateLimiter {
 pub struct PageSender {
     writers: Vec<FrameWriter>,
     ram: Arc<RamFile>,
-    codec: Codec,
+    codec: Arc<SharedCodec>,
     pub counters: Arc<PageCounters>,
     ever_sent: DirtyBitmap,
     /// Pages sent more than once.
@@ -108,13 +132,18 @@ impl PageSender {
         PageSender {
             writers,
             ram,
-            codec,
+            codec: Arc::new(SharedCodec::new(codec)),
             counters: Arc::new(PageCounters::default()),
             ever_sent: DirtyBitmap::new(pages),
             resent: 0,
             limiter: None,
             sums: None,
         }
+    }
+
+    /// The codec cell the streams read before each batch (`auto` changes it mid-round).
+    pub fn codec(&self) -> Arc<SharedCodec> {
+        self.codec.clone()
     }
 
     /// Keeps per-page sums of what is sent: see [`PageSender::sums`].
@@ -158,7 +187,7 @@ impl PageSender {
             let job = ShardJob {
                 ram: self.ram.clone(),
                 round,
-                codec: self.codec,
+                codec: self.codec.clone(),
                 skip_zero,
                 counters: self.counters.clone(),
                 limiter: self.limiter.clone(),
@@ -203,7 +232,7 @@ impl PageSender {
 struct ShardJob {
     ram: Arc<RamFile>,
     round: u32,
-    codec: Codec,
+    codec: Arc<SharedCodec>,
     skip_zero: bool,
     counters: Arc<PageCounters>,
     limiter: Option<Arc<RateLimiter>>,
@@ -226,7 +255,7 @@ async fn send_shard(
     } = job;
     for chunk in shard.chunks(BATCH_PAGES) {
         let chunk = chunk.to_vec();
-        let (ram, sums) = (ram.clone(), sums.clone());
+        let (ram, sums, codec) = (ram.clone(), sums.clone(), codec.get());
         // Reading and compressing are CPU work: keep them off the async workers.
         let frames = tokio::task::spawn_blocking(move || {
             encode_chunk(&ram, round, &chunk, codec, skip_zero, sums.as_deref())

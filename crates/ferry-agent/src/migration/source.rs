@@ -7,8 +7,9 @@
 //! (the Commit call was sent), the source never resumes on its own: it asks the target
 //! what happened and, if it cannot find out, stays paused IN_DOUBT.
 
+use super::auto_codec::{self, Compression};
 use super::job::{fail, status_msg, JobError, JobParams};
-use super::pages::PageSender;
+use super::pages::{PageSender, SharedCodec};
 use super::relay::relay_capturing;
 use super::OutgoingHandle;
 use crate::convert::spec_to_pb;
@@ -26,7 +27,7 @@ use ferry_memory::{
 use ferry_qemu::{QemuProcess, VmSpec};
 use ferry_qmp::{wait_for_event, MirrorCopyMode, QmpClient, QmpEvent};
 use ferry_transport::{write_stream_header, ControlChannel, FrameWriter};
-use ferry_wire::{ControlMessage, StreamHeader, StreamKind, PROTOCOL_VERSION};
+use ferry_wire::{Codec, ControlMessage, StreamHeader, StreamKind, PROTOCOL_VERSION};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -36,6 +37,9 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tracing::{info, warn};
+
+/// How often round 0 looks at the link while `auto` decides.
+const AUTO_TICK: Duration = Duration::from_millis(25);
 
 /// How long into round 0 the guest's write rate is sampled.
 const WRITE_RATE_SAMPLE: Duration = Duration::from_millis(500);
@@ -250,6 +254,84 @@ struct Switched {
     digest: Option<JoinHandle<Result<u128, ferry_memory::MemoryError>>>,
     final_round: (u32, u64),
     pause_deadline: Duration,
+}
+
+/// `--compress auto` during a pre-copy: see [`auto_codec`].
+struct AutoCodec {
+    samples_task: Option<JoinHandle<Vec<auto_codec::CodecSample>>>,
+    samples: Vec<auto_codec::CodecSample>,
+    /// `(seconds into round 0, UDP bytes sent)`.
+    points: Vec<(f64, u64)>,
+    /// The link's rate in wire bytes per second, as last measured.
+    link: f64,
+    cell: Arc<SharedCodec>,
+    cores_limit: f64,
+    decided: bool,
+}
+
+impl AutoCodec {
+    /// The first choice, once the sample is in (waits for it at the end of round 0):
+    /// the link from round 0's raw start. Returns what it chose, to show.
+    async fn first_choice(&mut self, cores: f64) -> Option<String> {
+        let task = self.samples_task.take()?;
+        if !task.is_finished() && !self.points.is_empty() && self.points.len() < 400 {
+            // Not yet: keep watching (at most ~10 s of round 0).
+            self.samples_task = Some(task);
+            return None;
+        }
+        self.samples = task.await.unwrap_or_default();
+        self.link = auto_codec::peak_rate(&self.points, 0.1);
+        self.decided = true;
+        let c = auto_codec::choose(&self.samples, self.link, cores, Codec::Lz4);
+        self.cell.set(c);
+        Some(format!(
+            "compress auto: {c} (link {:.0} Mbit/s, {cores:.1} core(s) free, {})",
+            self.link * 8.0 / 1e6,
+            self.describe()
+        ))
+    }
+
+    /// After a round: the current codec's observed ratio and, if the round was
+    /// link-bound, its rate; switches if another codec now moves more pages.
+    fn revisit(
+        &mut self,
+        observed_ratio: f64,
+        round_rate: Option<f64>,
+        cores: f64,
+    ) -> Option<String> {
+        let current = self.cell.get();
+        self.samples = auto_codec::rescale(&self.samples, current, observed_ratio);
+        if let Some(r) = round_rate {
+            if auto_codec::link_bound(&self.samples, current, self.link, cores) {
+                self.link = r;
+            }
+        }
+        let c = auto_codec::choose(&self.samples, self.link, cores, current);
+        (c != current).then(|| {
+            self.cell.set(c);
+            format!(
+                "compress auto: {current} -> {c} (link {:.0} Mbit/s, {cores:.1} core(s) free, {})",
+                self.link * 8.0 / 1e6,
+                self.describe()
+            )
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.samples
+            .iter()
+            .filter(|s| s.codec != Codec::None)
+            .map(|s| {
+                format!(
+                    "{} {:.2}x at {:.0} MB/s",
+                    s.codec,
+                    s.ratio,
+                    s.bytes_per_sec / 1e6
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 impl Migration {
@@ -700,7 +782,7 @@ impl Migration {
         let mut sender = PageSender::new(
             std::mem::take(&mut link.writers),
             link.ram.clone(),
-            self.p.job.codec,
+            self.p.job.compression.initial(),
         )
         .with_rate_limit(pace);
         // `--verify sent`: sums of what is sent, and the audit that keeps them honest.
@@ -722,38 +804,80 @@ impl Migration {
         let mut round: u32 = 0;
         let mut bandwidth: Option<f64> = None; // wire bytes per second
         let mut dirty_rate: f64; // pages per second during the last pre-copy round
+                                 // `--compress auto`: the codec sample runs beside round 0's first moments.
+        let mut auto = (self.p.job.compression == Compression::Auto).then(|| {
+            let (ram, pages) = (link.ram.clone(), pending.clone());
+            AutoCodec {
+                samples_task: Some(tokio::task::spawn_blocking(move || {
+                    auto_codec::sample(&ram, &pages)
+                })),
+                samples: Vec::new(),
+                points: Vec::new(),
+                link: 0.0,
+                cell: sender.codec(),
+                cores_limit: (self.p.page_streams.max(1) as f64).min(
+                    std::thread::available_parallelism()
+                        .map(|n| n.get() as f64)
+                        .unwrap_or(1.0),
+                ),
+                decided: false,
+            }
+        });
         loop {
             let wire0 = sender.counters.wire_bytes.load(Ordering::Relaxed);
+            let (page0, payload0) = (
+                sender.counters.page_bytes.load(Ordering::Relaxed),
+                sender.counters.payload_bytes.load(Ordering::Relaxed),
+            );
             let t0 = Instant::now();
+            let cpu = auto_codec::CpuMeter::start();
             sender.note_resent(&pending);
             // Round 0 also samples the guest's write rate early on: over a whole long
             // round the count of distinct pages saturates at the working set and reads
             // as a lower rate than the guest's. What the sample collects joins round 1.
+            // With `auto` it watches the raw start of the round to measure the link.
             let mut early: Option<(DirtyBitmap, f64)> = None;
             {
                 let send = sender.send_round(round, &pending, round == 0);
                 tokio::pin!(send);
-                let sent = if round == 0 && undo.tracker.is_some() {
-                    tokio::select! {
-                        r = &mut send => Some(r),
-                        _ = tokio::time::sleep(WRITE_RATE_SAMPLE) => None,
-                    }
-                } else {
-                    None
-                };
-                let sent = match sent {
-                    Some(r) => r,
-                    None => {
-                        if let Some(t) = undo.tracker.as_mut() {
-                            if round == 0 {
-                                let pages = t.collect().map_err(fail(at, "collect dirty pages"))?;
-                                early = Some((pages, t0.elapsed().as_secs_f64()));
+                if round == 0 {
+                    let mut sampled_writes = undo.tracker.is_none();
+                    let mut tick = tokio::time::interval(AUTO_TICK);
+                    loop {
+                        let decided = auto.as_ref().is_none_or(|a| a.decided);
+                        if sampled_writes && decided {
+                            send.await.map_err(fail(at, "send pages"))?;
+                            break;
+                        }
+                        tokio::select! {
+                            r = &mut send => {
+                                r.map_err(fail(at, "send pages"))?;
+                                break;
+                            }
+                            _ = tick.tick() => {}
+                        }
+                        let el = t0.elapsed();
+                        if let Some(a) = auto.as_mut() {
+                            a.points
+                                .push((el.as_secs_f64(), link.conn.stats().udp_tx.bytes));
+                            if !a.decided && el >= auto_codec::DECIDE_AFTER {
+                                let cores = cpu.cores(a.cores_limit);
+                                if let Some(msg) = a.first_choice(cores).await {
+                                    self.show(pb::MigrationPhase::Precopy, msg);
+                                }
                             }
                         }
-                        send.await
+                        if !sampled_writes && el >= WRITE_RATE_SAMPLE {
+                            sampled_writes = true;
+                            if let Some(t) = undo.tracker.as_mut() {
+                                let pages = t.collect().map_err(fail(at, "collect dirty pages"))?;
+                                early = Some((pages, el.as_secs_f64()));
+                            }
+                        }
                     }
-                };
-                sent.map_err(fail(at, "send pages"))?;
+                } else {
+                    send.await.map_err(fail(at, "send pages"))?;
+                }
             }
             // A round ends when the target has written it, not when QUIC buffered it:
             // otherwise throughput is overestimated and a backlog lands in the downtime.
@@ -777,6 +901,27 @@ impl Migration {
                     Some(prev) => 0.5 * prev + 0.5 * bw,
                     None => bw,
                 });
+            }
+            if let Some(a) = auto.as_mut() {
+                let observed = (
+                    sender.counters.page_bytes.load(Ordering::Relaxed) - page0,
+                    sender.counters.payload_bytes.load(Ordering::Relaxed) - payload0,
+                );
+                let cores = cpu.cores(a.cores_limit);
+                if !a.decided {
+                    // Round 0 ended before the choice (a small guest).
+                    a.first_choice(cores).await;
+                }
+                let ratio = if observed.1 > 0 {
+                    observed.0 as f64 / observed.1 as f64
+                } else {
+                    0.0
+                };
+                let rate = (sent >= 4 << 20).then_some(sent as f64 / secs);
+                if let Some(msg) = a.revisit(ratio, rate, cores) {
+                    info!(migration = %self.p.job.id, "{msg}");
+                    self.show(pb::MigrationPhase::Precopy, msg);
+                }
             }
             let suspects = match audit_task.take() {
                 Some(t) => t.await.map_err(fail(at, "tracker audit"))?,
@@ -1458,12 +1603,16 @@ impl Migration {
     ) {
         let c = &sender.counters;
         let elapsed = self.started.elapsed();
+        let shown_codec = match self.p.job.compression {
+            Compression::Auto => format!("auto: {}", sender.codec().get()),
+            Compression::Fixed(c) => c.to_string(),
+        };
         let now = (
             c.page_bytes.load(Ordering::Relaxed),
             c.wire_bytes.load(Ordering::Relaxed),
             c.pages.load(Ordering::Relaxed),
         );
-        let codec = self.p.job.codec.to_string();
+        let codec = self.p.job.compression.to_string();
         let m = &self.ctx.metrics;
         m.page_bytes
             .with_label_values(&[&codec])
@@ -1492,7 +1641,7 @@ impl Migration {
             st.compression_ratio = ratio(sender);
             st.elapsed_ms = elapsed.as_millis() as u64;
             st.expected_downtime_ms = predicted_ms as u64;
-            st.codec = self.p.job.codec.to_string();
+            st.codec = shown_codec;
         });
     }
 

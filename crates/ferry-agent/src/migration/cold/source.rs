@@ -73,6 +73,7 @@ pub async fn start(
             id: uuid::Uuid::new_v4().to_string(),
             vm: r.vm.clone(),
             target: r.target.clone(),
+            compression: super::super::auto_codec::Compression::Fixed(codec),
             codec,
             bandwidth: r.bandwidth_bytes_per_sec,
         },
