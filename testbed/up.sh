@@ -22,7 +22,7 @@
 #   after --         more ferry-linkem arguments, e.g. -- --link ferry-h1,ferry-h3=far
 #
 # Environment: FERRY_TB_PREFIX (default "ferry") names the namespaces PREFIX-hI and the
-# RAM directory /dev/shm/PREFIX-tb; FERRY_TB_CONGESTION (bbr|cubic) ferryd's QUIC congestion
+# RAM directory /dev/shm/PREFIX-tb; FERRY_TB_CONGESTION (bbr|cubic|cubic-filtered) ferryd's QUIC congestion
 # controller. Needs root. testbed/down.sh undoes everything.
 set -euo pipefail
 

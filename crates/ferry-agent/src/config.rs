@@ -92,7 +92,8 @@ pub struct MigrationDefaults {
     /// link it cut queue drops from ~40% to ~10% of what was sent, but the probe's
     /// estimate varies by +-15% run to run, so a fixed pace also cost 10-20% of goodput.
     pub pace_to_link: bool,
-    /// QUIC congestion controller of the data plane: "bbr" or "cubic".
+    /// QUIC congestion controller of the data plane: "bbr", "cubic" or "cubic-filtered"
+    /// (cubic that ignores losses no queue explains: ferry_transport::congestion).
     pub congestion: String,
     /// Deadline of every peer gRPC call (Prepare, Abort, IncomingStatus, ...), seconds.
     pub peer_call_timeout_s: u64,

@@ -73,11 +73,11 @@ pub async fn build(cfg: AgentConfig) -> anyhow::Result<Arc<AgentCtx>> {
         .recover()
         .await
         .context("settling incoming migrations from the journal")?;
-    let congestion = match cfg.migration.congestion.as_str() {
-        "bbr" => ferry_transport::Congestion::Bbr,
-        "cubic" => ferry_transport::Congestion::Cubic,
-        other => anyhow::bail!("migration.congestion must be \"bbr\" or \"cubic\", not {other:?}"),
-    };
+    let congestion: ferry_transport::Congestion = cfg
+        .migration
+        .congestion
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("migration.congestion: {e}"))?;
     let tuning = TransportTuning {
         idle_timeout: Duration::from_secs(cfg.migration.idle_timeout_s.max(1)),
         congestion,

@@ -4,6 +4,7 @@
 //! Every agent of a mesh holds a certificate issued by the mesh's CA; a connection is
 //! accepted only when both ends present a certificate from that CA.
 
+pub mod congestion;
 pub mod identity;
 pub mod pki;
 mod quic;

@@ -17,6 +17,22 @@ pub enum Congestion {
     Bbr,
     /// Loss-based (quinn's default): collapses at 0.1% loss and 50 ms RTT.
     Cubic,
+    /// Cubic that ignores losses no queue explains ([`crate::congestion`]).
+    DelayFilteredCubic,
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "bbr" => Ok(Congestion::Bbr),
+            "cubic" => Ok(Congestion::Cubic),
+            "cubic-filtered" => Ok(Congestion::DelayFilteredCubic),
+            other => Err(format!(
+                "congestion controller must be \"bbr\", \"cubic\" or \"cubic-filtered\", not {other:?}"
+            )),
+        }
+    }
 }
 
 /// Flow-control and liveness settings.
@@ -58,8 +74,16 @@ fn transport_config(t: &TransportTuning) -> Result<quinn::TransportConfig, Trans
     cfg.send_window(u64::from(t.connection_window));
     cfg.max_concurrent_uni_streams(64u32.into());
     cfg.max_concurrent_bidi_streams(16u32.into());
-    if t.congestion == Congestion::Bbr {
-        cfg.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    match t.congestion {
+        Congestion::Bbr => {
+            cfg.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        }
+        Congestion::DelayFilteredCubic => {
+            cfg.congestion_controller_factory(Arc::new(
+                crate::congestion::DelayFilteredCubicConfig::default(),
+            ));
+        }
+        Congestion::Cubic => {}
     }
     Ok(cfg)
 }

@@ -49,6 +49,10 @@ pub struct PageCounters {
     pub payload_bytes: AtomicU64,
     pub wire_bytes: AtomicU64,
     pub batches: AtomicU64,
+    /// Nanoseconds the streams spent reading and compressing, and waiting for QUIC to
+    /// take their bytes (or for the rate cap): where the bottleneck is, for `auto`.
+    pub encode_ns: AtomicU64,
+    pub wait_ns: AtomicU64,
 }
 
 /// Errors while moving pages.
@@ -257,16 +261,24 @@ async fn send_shard(
         let chunk = chunk.to_vec();
         let (ram, sums, codec) = (ram.clone(), sums.clone(), codec.get());
         // Reading and compressing are CPU work: keep them off the async workers.
+        let t = std::time::Instant::now();
         let frames = tokio::task::spawn_blocking(move || {
             encode_chunk(&ram, round, &chunk, codec, skip_zero, sums.as_deref())
         })
         .await
         .map_err(|e| PageError::Join(e.to_string()))??;
+        counters
+            .encode_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         for f in frames {
+            let t = std::time::Instant::now();
             if let Some(l) = &limiter {
                 l.acquire(f.bytes.len()).await;
             }
             w.write(&f.bytes).await?;
+            counters
+                .wait_ns
+                .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
             counters.batches.fetch_add(1, Ordering::Relaxed);
             counters
                 .wire_bytes

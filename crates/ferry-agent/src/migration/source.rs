@@ -38,9 +38,6 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
-/// How often round 0 looks at the link while `auto` decides.
-const AUTO_TICK: Duration = Duration::from_millis(25);
-
 /// How long into round 0 the guest's write rate is sampled.
 const WRITE_RATE_SAMPLE: Duration = Duration::from_millis(500);
 
@@ -260,77 +257,103 @@ struct Switched {
 struct AutoCodec {
     samples_task: Option<JoinHandle<Vec<auto_codec::CodecSample>>>,
     samples: Vec<auto_codec::CodecSample>,
-    /// `(seconds into round 0, UDP bytes sent)`.
-    points: Vec<(f64, u64)>,
-    /// The link's rate in wire bytes per second, as last measured.
-    link: f64,
     cell: Arc<SharedCodec>,
     cores_limit: f64,
-    decided: bool,
+    link: auto_codec::LinkKnowledge,
+    /// Counters, UDP bytes sent, CPU meter and time at the start of the interval.
+    mark: Option<(u64, u64, u64, u64, u64, Instant, auto_codec::CpuMeter)>,
 }
 
 impl AutoCodec {
-    /// The first choice, once the sample is in (waits for it at the end of round 0):
-    /// the link from round 0's raw start. Returns what it chose, to show.
-    async fn first_choice(&mut self, cores: f64) -> Option<String> {
-        let task = self.samples_task.take()?;
-        if !task.is_finished() && !self.points.is_empty() && self.points.len() < 400 {
-            // Not yet: keep watching (at most ~10 s of round 0).
-            self.samples_task = Some(task);
-            return None;
-        }
-        self.samples = task.await.unwrap_or_default();
-        self.link = auto_codec::peak_rate(&self.points, 0.1);
-        self.decided = true;
-        let c = auto_codec::choose(&self.samples, self.link, cores, Codec::Lz4);
-        self.cell.set(c);
-        Some(format!(
-            "compress auto: {c} (link {:.0} Mbit/s, {cores:.1} core(s) free, {})",
-            self.link * 8.0 / 1e6,
-            self.describe()
-        ))
-    }
-
-    /// After a round: the current codec's observed ratio and, if the round was
-    /// link-bound, its rate; switches if another codec now moves more pages.
-    fn revisit(
+    /// Called every [`auto_codec::STEP_EVERY`] while a round runs: the interval since the
+    /// last call, and the codec for the next one. Returns what changed, to show.
+    fn tick(
         &mut self,
-        observed_ratio: f64,
-        round_rate: Option<f64>,
-        cores: f64,
+        sender_counters: &super::pages::PageCounters,
+        udp_bytes: u64,
     ) -> Option<String> {
-        let current = self.cell.get();
-        self.samples = auto_codec::rescale(&self.samples, current, observed_ratio);
-        if let Some(r) = round_rate {
-            if auto_codec::link_bound(&self.samples, current, self.link, cores) {
-                self.link = r;
+        if self.samples.is_empty() {
+            match self.samples_task.take() {
+                Some(t) if t.is_finished() => {
+                    self.samples = futures_now(t).unwrap_or_default();
+                }
+                other => self.samples_task = other,
             }
         }
-        let c = auto_codec::choose(&self.samples, self.link, cores, current);
-        (c != current).then(|| {
-            self.cell.set(c);
+        let c = sender_counters;
+        let now = (
+            c.wait_ns.load(Ordering::Relaxed),
+            c.encode_ns.load(Ordering::Relaxed),
+            c.page_bytes.load(Ordering::Relaxed),
+            c.payload_bytes.load(Ordering::Relaxed),
+            udp_bytes,
+        );
+        let Some((wait0, enc0, page0, pay0, udp0, at, cpu)) = self.mark.take() else {
+            self.mark = Some((
+                now.0,
+                now.1,
+                now.2,
+                now.3,
+                now.4,
+                Instant::now(),
+                auto_codec::CpuMeter::start(),
+            ));
+            return None;
+        };
+        let secs = at.elapsed().as_secs_f64().max(1e-3);
+        let (wait, enc) = ((now.0 - wait0) as f64, (now.1 - enc0) as f64);
+        let cores = cpu.cores(self.cores_limit);
+        self.mark = Some((
+            now.0,
+            now.1,
+            now.2,
+            now.3,
+            now.4,
+            Instant::now(),
+            auto_codec::CpuMeter::start(),
+        ));
+        if wait + enc <= 0.0 || self.samples.is_empty() {
+            return None;
+        }
+        let current = self.cell.get();
+        let (page, payload) = (now.2 - page0, now.3 - pay0);
+        if payload > 0 {
+            self.samples =
+                auto_codec::rescale(&self.samples, current, page as f64 / payload as f64);
+        }
+        let iv = auto_codec::Interval {
+            wait_share: wait / (wait + enc),
+            wire_rate: (now.4 - udp0) as f64 / secs,
+            cores,
+        };
+        let next = auto_codec::step(&self.samples, current, iv, &self.link);
+        self.link.add(&iv);
+        (next != current).then(|| {
+            self.cell.set(next);
             format!(
-                "compress auto: {current} -> {c} (link {:.0} Mbit/s, {cores:.1} core(s) free, {})",
-                self.link * 8.0 / 1e6,
-                self.describe()
+                "compress auto: {current} -> {next} ({}, link {:.0} Mbit/s, {cores:.1} core(s) free; {})",
+                if iv.wait_share >= auto_codec::LINK_BOUND { "link-bound" } else { "CPU-bound" },
+                iv.wire_rate * 8.0 / 1e6,
+                self.samples
+                    .iter()
+                    .filter(|s| s.codec != Codec::None)
+                    .map(|s| format!("{} {:.2}x at {:.0} MB/s", s.codec, s.ratio, s.bytes_per_sec / 1e6))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )
         })
     }
+}
 
-    fn describe(&self) -> String {
-        self.samples
-            .iter()
-            .filter(|s| s.codec != Codec::None)
-            .map(|s| {
-                format!(
-                    "{} {:.2}x at {:.0} MB/s",
-                    s.codec,
-                    s.ratio,
-                    s.bytes_per_sec / 1e6
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
+/// The output of a finished blocking task without awaiting (it is done).
+fn futures_now<T>(t: JoinHandle<T>) -> Option<T> {
+    use std::future::Future;
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut t = t;
+    match std::pin::Pin::new(&mut t).poll(&mut cx) {
+        std::task::Poll::Ready(r) => r.ok(),
+        std::task::Poll::Pending => None,
     }
 }
 
@@ -804,7 +827,7 @@ impl Migration {
         let mut round: u32 = 0;
         let mut bandwidth: Option<f64> = None; // wire bytes per second
         let mut dirty_rate: f64; // pages per second during the last pre-copy round
-                                 // `--compress auto`: the codec sample runs beside round 0's first moments.
+                                 // `--compress auto`: the codec sample runs beside round 0.
         let mut auto = (self.p.job.compression == Compression::Auto).then(|| {
             let (ram, pages) = (link.ram.clone(), pending.clone());
             AutoCodec {
@@ -812,71 +835,61 @@ impl Migration {
                     auto_codec::sample(&ram, &pages)
                 })),
                 samples: Vec::new(),
-                points: Vec::new(),
-                link: 0.0,
                 cell: sender.codec(),
                 cores_limit: (self.p.page_streams.max(1) as f64).min(
                     std::thread::available_parallelism()
                         .map(|n| n.get() as f64)
                         .unwrap_or(1.0),
                 ),
-                decided: false,
+                link: auto_codec::LinkKnowledge::default(),
+                mark: None,
             }
         });
         loop {
             let wire0 = sender.counters.wire_bytes.load(Ordering::Relaxed);
-            let (page0, payload0) = (
-                sender.counters.page_bytes.load(Ordering::Relaxed),
-                sender.counters.payload_bytes.load(Ordering::Relaxed),
-            );
             let t0 = Instant::now();
-            let cpu = auto_codec::CpuMeter::start();
             sender.note_resent(&pending);
             // Round 0 also samples the guest's write rate early on: over a whole long
             // round the count of distinct pages saturates at the working set and reads
             // as a lower rate than the guest's. What the sample collects joins round 1.
-            // With `auto` it watches the raw start of the round to measure the link.
+            // With `auto` the codec is revisited every STEP_EVERY while the round runs.
             let mut early: Option<(DirtyBitmap, f64)> = None;
             {
+                let counters = sender.counters.clone();
+                if let Some(a) = auto.as_mut() {
+                    // Intervals lie inside rounds: the pause between them says nothing.
+                    a.mark = None;
+                }
                 let send = sender.send_round(round, &pending, round == 0);
                 tokio::pin!(send);
-                if round == 0 {
-                    let mut sampled_writes = undo.tracker.is_none();
-                    let mut tick = tokio::time::interval(AUTO_TICK);
-                    loop {
-                        let decided = auto.as_ref().is_none_or(|a| a.decided);
-                        if sampled_writes && decided {
-                            send.await.map_err(fail(at, "send pages"))?;
+                let mut sampled_writes = round > 0 || undo.tracker.is_none();
+                let mut tick = tokio::time::interval(auto_codec::STEP_EVERY);
+                loop {
+                    if sampled_writes && auto.is_none() {
+                        send.await.map_err(fail(at, "send pages"))?;
+                        break;
+                    }
+                    tokio::select! {
+                        r = &mut send => {
+                            r.map_err(fail(at, "send pages"))?;
                             break;
                         }
-                        tokio::select! {
-                            r = &mut send => {
-                                r.map_err(fail(at, "send pages"))?;
-                                break;
-                            }
-                            _ = tick.tick() => {}
-                        }
-                        let el = t0.elapsed();
-                        if let Some(a) = auto.as_mut() {
-                            a.points
-                                .push((el.as_secs_f64(), link.conn.stats().udp_tx.bytes));
-                            if !a.decided && el >= auto_codec::DECIDE_AFTER {
-                                let cores = cpu.cores(a.cores_limit);
-                                if let Some(msg) = a.first_choice(cores).await {
-                                    self.show(pb::MigrationPhase::Precopy, msg);
-                                }
-                            }
-                        }
-                        if !sampled_writes && el >= WRITE_RATE_SAMPLE {
-                            sampled_writes = true;
-                            if let Some(t) = undo.tracker.as_mut() {
-                                let pages = t.collect().map_err(fail(at, "collect dirty pages"))?;
-                                early = Some((pages, el.as_secs_f64()));
-                            }
+                        _ = tick.tick() => {}
+                    }
+                    if let Some(a) = auto.as_mut() {
+                        if let Some(msg) = a.tick(&counters, link.conn.stats().udp_tx.bytes) {
+                            info!(migration = %self.p.job.id, "{msg}");
+                            self.show(pb::MigrationPhase::Precopy, msg);
                         }
                     }
-                } else {
-                    send.await.map_err(fail(at, "send pages"))?;
+                    let el = t0.elapsed();
+                    if !sampled_writes && el >= WRITE_RATE_SAMPLE {
+                        sampled_writes = true;
+                        if let Some(t) = undo.tracker.as_mut() {
+                            let pages = t.collect().map_err(fail(at, "collect dirty pages"))?;
+                            early = Some((pages, el.as_secs_f64()));
+                        }
+                    }
                 }
             }
             // A round ends when the target has written it, not when QUIC buffered it:
@@ -901,27 +914,6 @@ impl Migration {
                     Some(prev) => 0.5 * prev + 0.5 * bw,
                     None => bw,
                 });
-            }
-            if let Some(a) = auto.as_mut() {
-                let observed = (
-                    sender.counters.page_bytes.load(Ordering::Relaxed) - page0,
-                    sender.counters.payload_bytes.load(Ordering::Relaxed) - payload0,
-                );
-                let cores = cpu.cores(a.cores_limit);
-                if !a.decided {
-                    // Round 0 ended before the choice (a small guest).
-                    a.first_choice(cores).await;
-                }
-                let ratio = if observed.1 > 0 {
-                    observed.0 as f64 / observed.1 as f64
-                } else {
-                    0.0
-                };
-                let rate = (sent >= 4 << 20).then_some(sent as f64 / secs);
-                if let Some(msg) = a.revisit(ratio, rate, cores) {
-                    info!(migration = %self.p.job.id, "{msg}");
-                    self.show(pb::MigrationPhase::Precopy, msg);
-                }
             }
             let suspects = match audit_task.take() {
                 Some(t) => t.await.map_err(fail(at, "tracker audit"))?,
