@@ -175,7 +175,7 @@ cert = "$DIR/pki/$h.pem"
 key = "$DIR/pki/$h.key"
 [migration]
 retain_source_ram = $RETAIN
-congestion = "${FERRY_TB_CONGESTION:-bbr}"
+congestion = "${FERRY_TB_CONGESTION:-cubic-filtered}"
 ${FERRY_TB_MIGRATION_EXTRA:-}
 TOML
     # `ip netns exec` execs ferryd in place, so $! is ferryd's pid.
