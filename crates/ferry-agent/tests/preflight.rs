@@ -49,6 +49,8 @@ async fn preflight(
         vm: vm.into(),
         target: target.into(),
         bandwidth_bytes_per_sec: bandwidth,
+        // Uncompressed: the convergence figures below are about the raw link.
+        compress: "none".into(),
         ..Default::default()
     })
     .await
@@ -250,6 +252,7 @@ async fn non_convergence_is_predicted_and_handled_by_policy() {
         vm: "busy".into(),
         target: b.grpc_addr(),
         bandwidth_bytes_per_sec: cap,
+        compress: "none".into(),
         on_stall: on_stall.into(),
         force,
         ..Default::default()
