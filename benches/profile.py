@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """Where ferry's agents spend their CPU during a migration, from a `perf record` of both.
 
-    benches/profile.py PERF.data --source-pid N --target-pid M --page-bytes B --out DIR [--name NAME]
+    benches/profile.py PERF.data --source-pid N --target-pid M --page-bytes B --freq HZ --out DIR [--name NAME]
+    benches/profile.py NAME.folded ... (the tables again from collapsed stacks)
 
 Writes DIR/NAME.folded (collapsed stacks, one per agent: the root frame is `source` or
 `target`), DIR/NAME.svg (the flame graph, inferno), and DIR/NAME-stages.md: CPU seconds
@@ -22,8 +23,9 @@ import sys
 
 # (stage, regex over one frame). Order matters only between stages that share frames.
 STAGES = [
-    ("compress (lz4/zstd)", r"lz4_flex::block::compress|lz4_flex::.*compress|ZSTD_compress|zstd::.*compress|ZSTD_c"),
+    # Decompression first: its names contain "compress" too.
     ("decompress", r"lz4_flex::block::decompress|lz4_flex::.*decompress|ZSTD_decompress|ZSTD_d|zstd::.*decompress"),
+    ("compress (lz4/zstd)", r"lz4_flex::block::compress|lz4_flex::.*compress|ZSTD_compress|zstd::.*compress|ZSTD_c"),
     ("page sums (XXH3)", r"xxhash|XxHash3|twox_hash|page_sum|PageSums"),
     ("zero check", r"is_zero_page|is_zero_raw"),
     ("frame CRC", r"crc32fast|crc32"),
@@ -94,12 +96,16 @@ def main():
     ap.add_argument("--title", default="ferry agents during a migration")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
-    folded = collapse(a.perf_data, {a.source_pid: "source", a.target_pid: "target"})
     fpath = os.path.join(a.out, f"{a.name}.folded")
-    with open(fpath, "w") as f:
-        f.write("\n".join(folded) + "\n")
-    with open(os.path.join(a.out, f"{a.name}.svg"), "w") as f:
-        subprocess.run(["inferno-flamegraph", "--title", a.title, "--width", "1600", fpath], stdout=f, check=True)
+    if a.perf_data.endswith(".folded"):
+        # Tables again from stacks already collapsed (no perf needed).
+        folded = [l.rstrip("\n") for l in open(a.perf_data) if l.strip()]
+    else:
+        folded = collapse(a.perf_data, {a.source_pid: "source", a.target_pid: "target"})
+        with open(fpath, "w") as f:
+            f.write("\n".join(folded) + "\n")
+        with open(os.path.join(a.out, f"{a.name}.svg"), "w") as f:
+            subprocess.run(["inferno-flamegraph", "--title", a.title, "--width", "1600", fpath], stdout=f, check=True)
     per, totals = stages(folded)
     gib = a.page_bytes / 2**30
     rows = ["| stage | source CPU s | source s/GiB | target CPU s | target s/GiB |", "|---|---|---|---|---|"]
