@@ -256,6 +256,9 @@ struct Switched {
 /// `--compress auto` during a pre-copy: see [`auto_codec`].
 struct AutoCodec {
     samples_task: Option<JoinHandle<Vec<auto_codec::CodecSample>>>,
+    /// As sampled; `samples` are these corrected by what the wire showed (always from
+    /// these, so a clamp never loses the codecs' order).
+    base: Vec<auto_codec::CodecSample>,
     samples: Vec<auto_codec::CodecSample>,
     cell: Arc<SharedCodec>,
     cores_limit: f64,
@@ -267,15 +270,16 @@ struct AutoCodec {
 impl AutoCodec {
     /// Called every [`auto_codec::STEP_EVERY`] while a round runs: the interval since the
     /// last call, and the codec for the next one. Returns what changed, to show.
-    fn tick(
+    async fn tick(
         &mut self,
         sender_counters: &super::pages::PageCounters,
         udp_bytes: u64,
     ) -> Option<String> {
-        if self.samples.is_empty() {
+        if self.base.is_empty() {
             match self.samples_task.take() {
                 Some(t) if t.is_finished() => {
-                    self.samples = futures_now(t).unwrap_or_default();
+                    self.base = t.await.unwrap_or_default();
+                    self.samples = self.base.clone();
                 }
                 other => self.samples_task = other,
             }
@@ -318,8 +322,7 @@ impl AutoCodec {
         let current = self.cell.get();
         let (page, payload) = (now.2 - page0, now.3 - pay0);
         if payload > 0 {
-            self.samples =
-                auto_codec::rescale(&self.samples, current, page as f64 / payload as f64);
+            self.samples = auto_codec::rescale(&self.base, current, page as f64 / payload as f64);
         }
         let iv = auto_codec::Interval {
             wait_share: wait / (wait + enc),
@@ -342,18 +345,6 @@ impl AutoCodec {
                     .join(", ")
             )
         })
-    }
-}
-
-/// The output of a finished blocking task without awaiting (it is done).
-fn futures_now<T>(t: JoinHandle<T>) -> Option<T> {
-    use std::future::Future;
-    let waker = std::task::Waker::noop();
-    let mut cx = std::task::Context::from_waker(waker);
-    let mut t = t;
-    match std::pin::Pin::new(&mut t).poll(&mut cx) {
-        std::task::Poll::Ready(r) => r.ok(),
-        std::task::Poll::Pending => None,
     }
 }
 
@@ -429,7 +420,12 @@ impl Migration {
                 0
             },
         );
-        let refusal = crate::preflight::round0_refusal(&p);
+        // A round 0 of a few MiB is mostly the connection's start-up: no verdict from it.
+        let refusal = if wire >= f64::from(4u32 << 20) {
+            crate::preflight::round0_refusal(&p)
+        } else {
+            None
+        };
         self.h.update(|s| {
             let st = s.stats.get_or_insert_with(Default::default);
             // A preflight that measured (pacing) keeps its own figures.
@@ -775,7 +771,18 @@ impl Migration {
             )
             .map_err(fail(at, "arm tracker"))?;
         tracker.arm().map_err(fail(at, "arm tracker"))?;
+        // Round 0's first collection covers everything since now (QMP and the RAM scan
+        // included): its rate is measured from here.
+        let armed_at = Instant::now();
         let tracker_name = tracker.name();
+        // The soft-dirty tracker can lose a write by design (between reading pagemap and
+        // clearing the bits): with it the pause scans the whole RAM instead.
+        if self.p.verify == VerifyMode::Sent && tracker_kind == TrackerKind::SoftDirty {
+            self.p.verify = VerifyMode::Full;
+            self.policy(
+                "verify full: the soft-dirty tracker can miss a write, so the pause hashes all RAM",
+            );
+        }
         undo.tracker = Some(tracker);
         self.qmp()
             // No return path: see the fence.
@@ -834,6 +841,7 @@ impl Migration {
                 samples_task: Some(tokio::task::spawn_blocking(move || {
                     auto_codec::sample(&ram, &pages)
                 })),
+                base: Vec::new(),
                 samples: Vec::new(),
                 cell: sender.codec(),
                 cores_limit: (self.p.page_streams.max(1) as f64).min(
@@ -877,7 +885,7 @@ impl Migration {
                         _ = tick.tick() => {}
                     }
                     if let Some(a) = auto.as_mut() {
-                        if let Some(msg) = a.tick(&counters, link.conn.stats().udp_tx.bytes) {
+                        if let Some(msg) = a.tick(&counters, link.conn.stats().udp_tx.bytes).await {
                             info!(migration = %self.p.job.id, "{msg}");
                             self.show(pb::MigrationPhase::Precopy, msg);
                         }
@@ -887,7 +895,7 @@ impl Migration {
                         sampled_writes = true;
                         if let Some(t) = undo.tracker.as_mut() {
                             let pages = t.collect().map_err(fail(at, "collect dirty pages"))?;
-                            early = Some((pages, el.as_secs_f64()));
+                            early = Some((pages, armed_at.elapsed().as_secs_f64()));
                         }
                     }
                 }
@@ -949,7 +957,13 @@ impl Migration {
             let ratio = ratio(&sender);
             let bw = bandwidth.unwrap_or(1e9).max(1.0);
             let predicted_ms = dirty.count() as f64 * PAGE_SIZE as f64 / ratio / bw * 1000.0;
-            dirty_rate = dirty.count() as f64 / secs;
+            // Round 0's collection reaches back to the arming (see `armed_at`).
+            let window = if round == 1 {
+                armed_at.elapsed().as_secs_f64().max(secs)
+            } else {
+                secs
+            };
+            dirty_rate = dirty.count() as f64 / window;
             self.publish(
                 &sender,
                 round,
