@@ -626,40 +626,14 @@ async fn qemu_dirty_rate(proc: &QemuProcess) -> f64 {
     0.0
 }
 
-/// Compression ratio and one core's speed on a sample of the guest's non-zero pages.
+/// Compression ratio and one core's speed on a sample of the guest's non-zero pages, and
+/// the bytes round 0 would send.
 fn codec_sample(ram: &RamFile, codec: Codec) -> Result<(f64, f64, u64), String> {
     let nonzero = ram.nonzero_pages().map_err(|e| e.to_string())?;
-    let count = nonzero.count();
-    let step = (count / 2048).max(1);
-    let sample: Vec<u64> = nonzero.iter().step_by(step as usize).take(2048).collect();
-    let (mut raw, mut packed) = (0u64, 0u64);
-    let mut buf = vec![0u8; 256 * PAGE_SIZE];
-    let start = Instant::now();
-    for chunk in sample.chunks(256) {
-        let data = &mut buf[..chunk.len() * PAGE_SIZE];
-        for (i, p) in chunk.iter().enumerate() {
-            ram.read_page(*p, &mut data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])
-                .map_err(|e| e.to_string())?;
-        }
-        raw += data.len() as u64;
-        packed += codec
-            .compress(data)
-            .map_err(|e| e.to_string())?
-            .map(|c| c.len())
-            .unwrap_or(data.len()) as u64;
-    }
-    let secs = start.elapsed().as_secs_f64().max(1e-6);
-    let ratio = if packed == 0 {
-        1.0
-    } else {
-        raw as f64 / packed as f64
-    };
-    let speed = if codec == Codec::None {
-        f64::INFINITY
-    } else {
-        raw as f64 / secs
-    };
-    Ok((ratio, speed, count * PAGE_SIZE as u64))
+    let data = crate::migration::auto_codec::read_sample(ram, &nonzero, 2048)
+        .map_err(|e| e.to_string())?;
+    let s = crate::migration::auto_codec::measure(codec, &data).map_err(|e| e.to_string())?;
+    Ok((s.ratio, s.bytes_per_sec, nonzero.count() * PAGE_SIZE as u64))
 }
 
 /// Pre-copy as a geometric series: each round lasts as long as it takes to send what

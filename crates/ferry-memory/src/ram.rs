@@ -596,12 +596,7 @@ impl PageSums {
     /// The fingerprint [`RamFile::fingerprint`] would compute over pages with these
     /// contents. Call once every writer is done (their completion must happen-before).
     pub fn fingerprint(&self) -> u128 {
-        use std::sync::atomic::Ordering::Relaxed;
-        let sums =
-            self.lo.iter().zip(&self.hi).map(|(lo, hi)| {
-                u128::from(lo.load(Relaxed)) | (u128::from(hi.load(Relaxed)) << 64)
-            });
-        combine_page_sums(sums, self.lo.len() as u64)
+        combine_page_sums((0..self.len()).map(|p| self.get(p)), self.len())
     }
 }
 

@@ -18,8 +18,8 @@
 //!
 //! The decisions are pure functions; the CPU meter reads `/proc` at the edge.
 
-use ferry_memory::{DirtyBitmap, RamFile, PAGE_SIZE};
-use ferry_wire::Codec;
+use ferry_memory::{DirtyBitmap, MemoryError, RamFile, PAGE_SIZE};
+use ferry_wire::{Codec, CodecError};
 use std::time::{Duration, Instant};
 
 /// What the operator asked for.
@@ -109,45 +109,55 @@ pub struct CodecSample {
     pub bytes_per_sec: f64,
 }
 
-/// Compresses up to [`SAMPLE_PAGES`] of `pages` (spread over the RAM) with every
-/// candidate, in 1 MiB batches as the sender does. CPU work: call it off the runtime.
-pub fn sample(ram: &RamFile, pages: &DirtyBitmap) -> Vec<CodecSample> {
-    let count = pages.count().max(1);
-    let step = (count / SAMPLE_PAGES as u64).max(1) as usize;
-    let picked: Vec<u64> = pages.iter().step_by(step).take(SAMPLE_PAGES).collect();
+/// Up to `max` of `pages`, spread over the RAM, read into one buffer.
+pub fn read_sample(ram: &RamFile, pages: &DirtyBitmap, max: usize) -> Result<Vec<u8>, MemoryError> {
+    let step = (pages.count() / max.max(1) as u64).max(1) as usize;
+    let picked: Vec<u64> = pages.iter().step_by(step).take(max).collect();
     let mut data = vec![0u8; picked.len() * PAGE_SIZE];
-    for (i, p) in picked.iter().enumerate() {
-        if ram
-            .read_page(*p, &mut data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])
-            .is_err()
-        {
-            return Vec::new();
-        }
+    for (p, page) in picked.iter().zip(data.chunks_exact_mut(PAGE_SIZE)) {
+        ram.read_page(*p, page)?;
     }
+    Ok(data)
+}
+
+/// `codec` on `data` in 1 MiB batches, as the sender compresses: ratio and one core's
+/// speed (infinite for `none` or nothing to compress). A batch that does not shrink counts
+/// raw, as it would travel. CPU work: call it off the runtime.
+pub fn measure(codec: Codec, data: &[u8]) -> Result<CodecSample, CodecError> {
+    if codec == Codec::None || data.is_empty() {
+        return Ok(CodecSample {
+            codec,
+            ratio: 1.0,
+            bytes_per_sec: f64::INFINITY,
+        });
+    }
+    let start = Instant::now();
+    let mut packed = 0usize;
+    for batch in data.chunks(256 * PAGE_SIZE) {
+        packed += codec.compress(batch)?.map_or(batch.len(), |c| c.len());
+    }
+    let secs = start.elapsed().as_secs_f64().max(1e-6);
+    Ok(CodecSample {
+        codec,
+        ratio: data.len() as f64 / packed.max(1) as f64,
+        bytes_per_sec: data.len() as f64 / secs,
+    })
+}
+
+/// Every candidate measured on up to [`SAMPLE_PAGES`] of `pages`. Nothing when the RAM
+/// cannot be read; a codec that fails to compress gets no speed (never chosen).
+pub fn sample(ram: &RamFile, pages: &DirtyBitmap) -> Vec<CodecSample> {
+    let Ok(data) = read_sample(ram, pages, SAMPLE_PAGES) else {
+        return Vec::new();
+    };
     CANDIDATES
         .iter()
         .map(|&codec| {
-            if codec == Codec::None || data.is_empty() {
-                return CodecSample {
-                    codec,
-                    ratio: 1.0,
-                    bytes_per_sec: f64::INFINITY,
-                };
-            }
-            let start = Instant::now();
-            let mut packed = 0usize;
-            for batch in data.chunks(256 * PAGE_SIZE) {
-                packed += match codec.compress(batch) {
-                    Ok(Some(c)) => c.len(),
-                    _ => batch.len(),
-                };
-            }
-            let secs = start.elapsed().as_secs_f64().max(1e-6);
-            CodecSample {
+            measure(codec, &data).unwrap_or(CodecSample {
                 codec,
-                ratio: data.len() as f64 / packed.max(1) as f64,
-                bytes_per_sec: data.len() as f64 / secs,
-            }
+                ratio: 1.0,
+                bytes_per_sec: 0.0,
+            })
         })
         .collect()
 }

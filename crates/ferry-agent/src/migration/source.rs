@@ -263,8 +263,33 @@ struct AutoCodec {
     cell: Arc<SharedCodec>,
     cores_limit: f64,
     link: auto_codec::LinkKnowledge,
-    /// Counters, UDP bytes sent, CPU meter and time at the start of the interval.
-    mark: Option<(u64, u64, u64, u64, u64, Instant, auto_codec::CpuMeter)>,
+    /// Where the current interval started.
+    mark: Option<IntervalMark>,
+}
+
+/// The page streams' counters, the UDP bytes sent and the CPU at the start of an interval.
+struct IntervalMark {
+    wait_ns: u64,
+    encode_ns: u64,
+    page_bytes: u64,
+    payload_bytes: u64,
+    udp_bytes: u64,
+    at: Instant,
+    cpu: auto_codec::CpuMeter,
+}
+
+impl IntervalMark {
+    fn now(c: &super::pages::PageCounters, udp_bytes: u64) -> Self {
+        IntervalMark {
+            wait_ns: c.wait_ns.load(Ordering::Relaxed),
+            encode_ns: c.encode_ns.load(Ordering::Relaxed),
+            page_bytes: c.page_bytes.load(Ordering::Relaxed),
+            payload_bytes: c.payload_bytes.load(Ordering::Relaxed),
+            udp_bytes,
+            at: Instant::now(),
+            cpu: auto_codec::CpuMeter::start(),
+        }
+    }
 }
 
 impl AutoCodec {
@@ -284,49 +309,27 @@ impl AutoCodec {
                 other => self.samples_task = other,
             }
         }
-        let c = sender_counters;
-        let now = (
-            c.wait_ns.load(Ordering::Relaxed),
-            c.encode_ns.load(Ordering::Relaxed),
-            c.page_bytes.load(Ordering::Relaxed),
-            c.payload_bytes.load(Ordering::Relaxed),
-            udp_bytes,
-        );
-        let Some((wait0, enc0, page0, pay0, udp0, at, cpu)) = self.mark.take() else {
-            self.mark = Some((
-                now.0,
-                now.1,
-                now.2,
-                now.3,
-                now.4,
-                Instant::now(),
-                auto_codec::CpuMeter::start(),
-            ));
-            return None;
-        };
-        let secs = at.elapsed().as_secs_f64().max(1e-3);
-        let (wait, enc) = ((now.0 - wait0) as f64, (now.1 - enc0) as f64);
-        let cores = cpu.cores(self.cores_limit);
-        self.mark = Some((
-            now.0,
-            now.1,
-            now.2,
-            now.3,
-            now.4,
-            Instant::now(),
-            auto_codec::CpuMeter::start(),
-        ));
+        let now = IntervalMark::now(sender_counters, udp_bytes);
+        let start = self.mark.replace(now)?;
+        let now = self.mark.as_ref()?;
+        let secs = start.at.elapsed().as_secs_f64().max(1e-3);
+        let wait = (now.wait_ns - start.wait_ns) as f64;
+        let enc = (now.encode_ns - start.encode_ns) as f64;
+        let cores = start.cpu.cores(self.cores_limit);
         if wait + enc <= 0.0 || self.samples.is_empty() {
             return None;
         }
         let current = self.cell.get();
-        let (page, payload) = (now.2 - page0, now.3 - pay0);
+        let (page, payload) = (
+            now.page_bytes - start.page_bytes,
+            now.payload_bytes - start.payload_bytes,
+        );
         if payload > 0 {
             self.samples = auto_codec::rescale(&self.base, current, page as f64 / payload as f64);
         }
         let iv = auto_codec::Interval {
             wait_share: wait / (wait + enc),
-            wire_rate: (now.4 - udp0) as f64 / secs,
+            wire_rate: (now.udp_bytes - start.udp_bytes) as f64 / secs,
             cores,
         };
         let next = auto_codec::step(&self.samples, current, iv, &self.link);
@@ -834,7 +837,8 @@ impl Migration {
         let mut round: u32 = 0;
         let mut bandwidth: Option<f64> = None; // wire bytes per second
         let mut dirty_rate: f64; // pages per second during the last pre-copy round
-                                 // `--compress auto`: the codec sample runs beside round 0.
+
+        // `--compress auto`: the codec sample runs beside round 0.
         let mut auto = (self.p.job.compression == Compression::Auto).then(|| {
             let (ram, pages) = (link.ram.clone(), pending.clone());
             AutoCodec {
