@@ -399,6 +399,9 @@ def run_ferry(tb, args, method, dirty, idx, workdir):
             # the preflight itself: compare with migrate_ms).
             "predicted_total_ms": (s.get("prediction") or {}).get("predicted_total_ms"),
             "predicted_downtime_ms": (s.get("prediction") or {}).get("predicted_downtime_ms"),
+            # What the prediction was made from, and the rounds as they went.
+            "prediction": s.get("prediction"),
+            "round_history": s.get("round_history"),
         }
     finally:
         for host in (1, 0):

@@ -523,3 +523,107 @@ async fn bad_requests_get_clear_errors() {
         "a certificate from another CA must be refused"
     );
 }
+
+/// Issue 12: the status a watcher gets moves while round 0 runs (it used to sit at 0
+/// until the round ended): several updates before round 0 is over, with bytes, elapsed
+/// time and the round's own progress growing, and an ETA; every finished round lands in
+/// the history, the final one last. The link is capped so round 0 lasts a few seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_moves_within_round_0() {
+    let _serial = SERIAL.lock().await;
+    let p = pair().await;
+    let src = boot_guest(&p.a, "web02", 5.0).await;
+    let mut ca = p.a.client().await.expect("client a");
+    let m = ca
+        .start_migration(pb::StartMigrationRequest {
+            vm: "web02".into(),
+            target: p.b.grpc_addr(),
+            compress: "none".into(),
+            // ~170 MiB of written guest pages at 40 MB/s: round 0 takes ~4 s.
+            bandwidth_bytes_per_sec: 40_000_000,
+            ..Default::default()
+        })
+        .await
+        .expect("start")
+        .into_inner();
+    let mut stream = ca
+        .watch_migration(pb::MigrationRef { id: m.id.clone() })
+        .await
+        .expect("watch")
+        .into_inner();
+    // (wire bytes, elapsed ms, round pages done, eta ms) of each update seen in round 0.
+    let mut in_round0: Vec<(u64, u64, u64, u64)> = Vec::new();
+    let mut end = None;
+    while let Some(s) = tokio::time::timeout(Duration::from_secs(120), stream.message())
+        .await
+        .expect("an update within 120 s")
+        .expect("watch stream")
+    {
+        let st = s.stats.clone().unwrap_or_default();
+        if s.phase == pb::MigrationPhase::Precopy as i32 && st.rounds == 0 && st.round_pages > 0 {
+            in_round0.push((st.wire_bytes, st.elapsed_ms, st.round_pages_done, st.eta_ms));
+        }
+        if ferry_agent::migration::is_terminal(s.phase) {
+            end = Some(s);
+            break;
+        }
+    }
+    let end = end.expect("the stream reached a final phase");
+    assert_eq!(
+        end.phase,
+        pb::MigrationPhase::Completed as i32,
+        "{end:?}\nA log:\n{}",
+        p.a.log_tail()
+    );
+    // Distinct snapshots with bytes moving: several before round 0 ended.
+    in_round0.dedup();
+    let moving: Vec<_> = in_round0.iter().filter(|u| u.0 > 0).collect();
+    eprintln!("round 0 updates (wire, elapsed ms, pages done, eta ms): {moving:?}");
+    assert!(
+        moving.len() >= 4,
+        "updates within round 0 with bytes on the wire: {in_round0:?}"
+    );
+    for w in moving.windows(2) {
+        assert!(
+            w[1].0 >= w[0].0 && w[1].1 >= w[0].1 && w[1].2 >= w[0].2,
+            "{moving:?}"
+        );
+    }
+    let (first, last) = (moving[0], moving[moving.len() - 1]);
+    assert!(
+        last.0 > first.0,
+        "wire bytes grew within round 0: {moving:?}"
+    );
+    assert!(
+        last.1 > first.1,
+        "elapsed time grew within round 0: {moving:?}"
+    );
+    assert!(last.2 > first.2, "the round's pages done grew: {moving:?}");
+    assert!(
+        moving.iter().any(|u| u.3 > 0),
+        "an ETA was given during round 0: {moving:?}"
+    );
+    // The history: one record per round, the final round last and flagged.
+    let st = end.stats.expect("stats");
+    let h = &st.round_history;
+    assert!(h.len() >= 2, "rounds recorded: {h:?}");
+    assert_eq!(h[0].round, 0);
+    assert!(
+        h[0].pages > 0 && h[0].wire_bytes > 0 && h[0].duration_ms > 0,
+        "{h:?}"
+    );
+    assert!(h.last().is_some_and(|r| r.r#final), "{h:?}");
+    assert_eq!(h.iter().filter(|r| r.r#final).count(), 1, "{h:?}");
+    // The VM moved: asked of B's agent and of the processes, not of the status.
+    assert!(!pid_alive(src.pid), "source QEMU gone");
+    let mut cb = p.b.client().await.expect("client b");
+    let dst = cb
+        .get_vm(pb::VmRef {
+            name: "web02".into(),
+        })
+        .await
+        .expect("VM on B")
+        .into_inner();
+    assert_eq!(dst.state, pb::VmState::Running as i32);
+    guest_check(&dst).await;
+}

@@ -75,6 +75,17 @@ pub fn migration_stats(s: &MigrationStats) -> Value {
         "tracker": s.tracker,
         "verify": s.verify,
         "audited_pages": s.audited_pages,
+        "round_pages": s.round_pages,
+        "round_pages_done": s.round_pages_done,
+        "eta_ms": s.eta_ms,
+        "round_history": s.round_history.iter().map(|r| json!({
+            "round": r.round,
+            "pages": r.pages,
+            "wire_bytes": r.wire_bytes,
+            "duration_ms": r.duration_ms,
+            "dirty_pages": r.dirty_pages,
+            "final": r.r#final,
+        })).collect::<Vec<_>>(),
         "ram_digest": s.ram_digest,
         "policy_applied": s.policy_applied,
         "downtime_breakdown": s.downtime_breakdown.as_ref().map(|b| json!({
@@ -83,6 +94,7 @@ pub fn migration_stats(s: &MigrationStats) -> Value {
             "device_state_us": b.device_state_us,
             "verify_us": b.verify_us,
             "commit_us": b.commit_us,
+            "fence_us": b.fence_us,
         })),
         "prediction": s.prediction.as_ref().map(|p| json!({
             "link_bytes_per_sec": finite(p.link_bytes_per_sec),
@@ -97,6 +109,7 @@ pub fn migration_stats(s: &MigrationStats) -> Value {
             "predicted_downtime_ms": p.predicted_downtime_ms,
             "predicted_rounds": p.predicted_rounds,
             "link_ramp_ms": finite(p.link_ramp_ms),
+            "loss_rate": finite(p.loss_rate),
         })),
     })
 }

@@ -309,11 +309,11 @@ pub fn migration_table(migrations: &[MigrationStatus]) -> String {
     )
 }
 
-/// Progress bar length and position for a migration: guest RAM bytes, and how much of the
-/// first full pass is done. During the first round that is the pages sent with data plus
-/// zero pages (an underestimate: never-touched RAM is skipped, not counted); from the second
-/// round on, and once the guest is paused, the pass is complete and the bar full.
-/// `(0, 0)` while the RAM size is not known yet.
+/// Progress bar length and position for a migration. While a pre-copy round runs, the
+/// round's own pages (in bytes): done of what it has to send, refreshed every 250 ms by the
+/// agent. Otherwise guest RAM bytes, and how much of the first full pass is done (the
+/// pages sent with data plus zero pages; the bar is full from the second round on and
+/// once the guest is paused). `(0, 0)` while the RAM size is not known yet.
 pub fn progress_position(status: &MigrationStatus) -> (u64, u64) {
     let st = status.stats.clone().unwrap_or_default();
     if is_offline(&st) {
@@ -321,6 +321,14 @@ pub fn progress_position(status: &MigrationStatus) -> (u64, u64) {
         return (
             st.disk_bytes_done.min(st.disk_bytes_total),
             st.disk_bytes_total,
+        );
+    }
+    if st.round_pages > 0 && status.phase() == MigrationPhase::Precopy {
+        return (
+            st.round_pages_done
+                .min(st.round_pages)
+                .saturating_mul(PAGE_SIZE),
+            st.round_pages.saturating_mul(PAGE_SIZE),
         );
     }
     if st.guest_ram_bytes == 0 {
@@ -354,7 +362,7 @@ pub fn is_offline(st: &MigrationStats) -> bool {
 pub fn progress_prefix(status: &MigrationStatus) -> String {
     let st = status.stats.clone().unwrap_or_default();
     let phase = phase_name(status.phase());
-    if st.rounds > 0 {
+    if st.rounds > 0 || st.round_pages > 0 {
         format!(
             "{phase:<10} round {:<3} {:>8}",
             st.rounds,
@@ -420,6 +428,9 @@ pub fn progress_dirty(status: &MigrationStatus) -> String {
     }
     if st.expected_downtime_ms > 0 {
         parts.push(format!("downtime ~{}", millis(st.expected_downtime_ms)));
+    }
+    if st.eta_ms > 0 && status.phase() == MigrationPhase::Precopy {
+        parts.push(format!("ETA {}", millis(st.eta_ms)));
     }
     parts.join("  ")
 }
@@ -1000,6 +1011,29 @@ mod tests {
         assert_eq!(progress_prefix(&empty), "PREPARING                0 ms");
         assert_eq!(progress_transfer(&empty), "0 pages  0 B -> 0 B wire (-)  -");
         assert_eq!(progress_dirty(&empty), "dirty -");
+    }
+
+    #[test]
+    fn progress_within_round_0() {
+        // What the agent sends every 250 ms while round 0 runs: the round's own pages.
+        let mut s = status(MigrationPhase::Precopy);
+        if let Some(st) = s.stats.as_mut() {
+            st.rounds = 0;
+            st.round_pages = 40_000;
+            st.round_pages_done = 10_000;
+            st.eta_ms = 3250;
+            st.last_round_dirty_pages = 0;
+        }
+        assert_eq!(progress_position(&s), (10_000 * 4096, 40_000 * 4096));
+        assert_eq!(progress_prefix(&s), "PRECOPY    round 0     4.21 s");
+        assert!(
+            progress_dirty(&s).ends_with("downtime ~9 ms  ETA 3.25 s"),
+            "{}",
+            progress_dirty(&s)
+        );
+        // No ETA once the guest is paused.
+        s.phase = MigrationPhase::Switchover as i32;
+        assert!(!progress_dirty(&s).contains("ETA"));
     }
 
     #[test]

@@ -83,8 +83,9 @@ pub const CANDIDATES: [Codec; 4] = [
     Codec::Zstd { level: 3 },
 ];
 
-/// How often the controller looks at the streams while a round runs.
-pub const STEP_EVERY: Duration = Duration::from_millis(250);
+/// How often the controller looks at the streams while a round runs: on the tick of the
+/// live status.
+pub const STEP_EVERY: Duration = super::progress::PROGRESS_EVERY;
 
 /// A stronger codec must move this much more than the current one to be taken.
 pub const SWITCH_GAIN: f64 = 1.05;
