@@ -287,6 +287,13 @@ impl FerryControl for ControlService {
         }))
     }
 
+    async fn get_host_facts(
+        &self,
+        _req: Request<pb::HostFactsRequest>,
+    ) -> Result<Response<pb::HostFacts>, Status> {
+        Ok(Response::new(crate::preflight::host_facts(&self.ctx).await))
+    }
+
     async fn preflight(
         &self,
         req: Request<pb::PreflightRequest>,

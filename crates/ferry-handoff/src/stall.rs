@@ -38,8 +38,11 @@ pub struct StallInput {
     pub dirty_pages: u64,
     /// The same for the round before (`u64::MAX` if none, or after a throttle step).
     pub prev_dirty_pages: u64,
-    /// Predicted time of a final round of `dirty_pages`.
+    /// Predicted time of a final round of `dirty_pages` (its transfer).
     pub predicted_ms: f64,
+    /// The round trip the pause adds to that transfer (the path's unloaded RTT): the
+    /// final pages' confirmation cannot come back sooner.
+    pub path_ms: f64,
     pub downtime_ms: u32,
     /// Throttling only: whether the CPU quota can still be lowered.
     pub can_throttle_more: bool,
@@ -62,14 +65,29 @@ pub enum StallDecision {
 
 /// A round "stalls" at the round limit, or when from round 3 on it did not shrink by a
 /// tenth compared with the round before.
+///
+/// The pause is the final round's transfer plus a round trip. A final round whose transfer
+/// and round trip both fit the target switches over at once. One whose transfer alone fits
+/// (the target as QEMU counts it) gets more rounds while they still shrink — on a long
+/// path a smaller final round is the only part of the pause more rounds can cut — and
+/// switches over once they stop shrinking or at the round limit: never a stall, whatever
+/// the policy.
 pub fn stall_decision(i: StallInput, policy: StallPolicy) -> StallDecision {
-    if i.predicted_ms <= f64::from(i.downtime_ms) {
+    let target = f64::from(i.downtime_ms);
+    if i.predicted_ms + i.path_ms.max(0.0) <= target {
         return StallDecision::Switchover;
     }
     let at_limit = i.round >= i.max_rounds;
     let stalled = at_limit
         || (i.round >= 3
             && i.dirty_pages.saturating_mul(10) >= i.prev_dirty_pages.saturating_mul(9));
+    if i.predicted_ms <= target {
+        return if stalled || i.round < 3 && i.dirty_pages >= i.prev_dirty_pages {
+            StallDecision::Switchover
+        } else {
+            StallDecision::Continue
+        };
+    }
     if !stalled {
         return StallDecision::Continue;
     }
@@ -92,9 +110,55 @@ mod tests {
             dirty_pages: dirty,
             prev_dirty_pages: prev,
             predicted_ms,
+            path_ms: 0.0,
             downtime_ms: 30,
             can_throttle_more: true,
         }
+    }
+
+    #[test]
+    fn a_long_path_earns_more_rounds_while_they_shrink() {
+        // 20 ms transfer fits 30 ms, but not with a 20 ms round trip: go on while rounds
+        // shrink, whatever the policy (this is no stall)…
+        let mut i = input(4, 800, 1000, 20.0);
+        i.path_ms = 20.0;
+        for p in [
+            StallPolicy::Pause,
+            StallPolicy::Abort,
+            StallPolicy::Throttle,
+        ] {
+            assert_eq!(stall_decision(i, p), StallDecision::Continue);
+        }
+        // …then switch over once they stop shrinking, or at the round limit.
+        let mut flat = input(5, 780, 800, 20.0);
+        flat.path_ms = 20.0;
+        for p in [
+            StallPolicy::Pause,
+            StallPolicy::Abort,
+            StallPolicy::Throttle,
+        ] {
+            assert_eq!(stall_decision(flat, p), StallDecision::Switchover);
+        }
+        let mut limit = input(30, 100, 1000, 20.0);
+        limit.path_ms = 20.0;
+        assert_eq!(
+            stall_decision(limit, StallPolicy::Abort),
+            StallDecision::Switchover
+        );
+        // A round 1 or 2 that grew says the same as a flat one.
+        let mut grew = input(2, 1200, 1000, 20.0);
+        grew.path_ms = 20.0;
+        assert_eq!(
+            stall_decision(grew, StallPolicy::Pause),
+            StallDecision::Switchover
+        );
+        // Transfer and round trip within the target: at once.
+        let mut small = input(2, 100, 1000, 8.0);
+        small.path_ms = 20.0;
+        assert_eq!(
+            stall_decision(small, StallPolicy::Pause),
+            StallDecision::Switchover
+        );
     }
 
     #[test]

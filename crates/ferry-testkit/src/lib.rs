@@ -17,6 +17,7 @@ pub mod guest;
 
 pub use agent::{
     connect_control, watch_to_end, QemuObserved, TestAgent, TestPki, AGENT_START_TIMEOUT,
+    TEST_OPERATOR,
 };
 pub use console::{
     parse_check, parse_digest, parse_heartbeat, parse_pong, parse_ready, reply_prefix_for,

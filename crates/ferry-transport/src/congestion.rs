@@ -53,8 +53,17 @@ impl ControllerFactory for DelayFilteredCubicConfig {
             acked: 0,
             lost: 0,
             ignored: 0,
+            totals: LossTotals::default(),
         })
     }
+}
+
+/// Bytes over the connection's life: acknowledged, lost, and lost but judged random.
+#[derive(Debug, Clone, Copy, Default)]
+struct LossTotals {
+    acked: u64,
+    lost: u64,
+    random: u64,
 }
 
 /// quinn's cubic behind a filter that drops loss signals no queue explains.
@@ -67,12 +76,25 @@ pub struct DelayFilteredCubic {
     lost: u64,
     /// Loss events let pass as random, for the log.
     ignored: u64,
+    totals: LossTotals,
 }
 
 impl DelayFilteredCubic {
     /// Loss events this controller did not pass on (random loss).
     pub fn ignored_losses(&self) -> u64 {
         self.ignored
+    }
+
+    /// Share of the bytes sent that were lost to random loss (not to a queue): what a
+    /// short burst on an otherwise idle path should expect to lose.
+    pub fn random_loss_share(&self) -> f64 {
+        let t = self.totals;
+        let sent = t.acked + t.lost;
+        if sent == 0 {
+            0.0
+        } else {
+            t.random as f64 / sent as f64
+        }
     }
 
     fn loss_share(&self) -> f64 {
@@ -100,6 +122,7 @@ impl Controller for DelayFilteredCubic {
     ) {
         self.rtt = Some((rtt.conservative(), rtt.min()));
         self.acked += bytes;
+        self.totals.acked += bytes;
         // Age the loss window: only the last few MB matter.
         if self.acked > LOSS_WINDOW {
             self.acked /= 2;
@@ -126,6 +149,7 @@ impl Controller for DelayFilteredCubic {
         lost_bytes: u64,
     ) {
         self.lost += lost_bytes;
+        self.totals.lost += lost_bytes;
         let congestion = match self.rtt {
             // Before any RTT sample (or an ECN mark, lost_bytes 0): trust the signal.
             None => true,
@@ -137,6 +161,7 @@ impl Controller for DelayFilteredCubic {
                 .on_congestion_event(now, sent, persistent, lost_bytes);
         } else {
             self.ignored += 1;
+            self.totals.random += lost_bytes;
         }
     }
 
@@ -159,6 +184,7 @@ impl Controller for DelayFilteredCubic {
             acked: self.acked,
             lost: self.lost,
             ignored: self.ignored,
+            totals: self.totals,
         })
     }
 
@@ -169,6 +195,16 @@ impl Controller for DelayFilteredCubic {
     fn into_any(self: Box<Self>) -> Box<dyn Any> {
         self
     }
+}
+
+/// The share of a connection's bytes lost to random loss, as its controller judged them
+/// (`None` unless the connection runs [`DelayFilteredCubic`], the only one that tells).
+pub fn random_loss_share(conn: &quinn::Connection) -> Option<f64> {
+    conn.congestion_state()
+        .into_any()
+        .downcast::<DelayFilteredCubic>()
+        .ok()
+        .map(|c| c.random_loss_share())
 }
 
 #[cfg(test)]
@@ -220,5 +256,28 @@ mod tests {
             .downcast::<DelayFilteredCubic>()
             .expect("our controller");
         assert_eq!(c.ignored_losses(), 0);
+    }
+
+    #[test]
+    fn random_loss_share_counts_only_the_losses_let_pass() {
+        let now = Instant::now();
+        let f = Arc::new(DelayFilteredCubicConfig::default());
+        let mut c = f
+            .build(now, 1200)
+            .into_any()
+            .downcast::<DelayFilteredCubic>()
+            .expect("our controller");
+        assert_eq!(c.random_loss_share(), 0.0);
+        // 1 MB acknowledged on an empty 50 ms path, then 1 kB lost: random.
+        c.totals.acked = 1_000_000;
+        c.acked = 1_000_000;
+        c.rtt = Some((51 * MS, 50 * MS));
+        c.on_congestion_event(now, now, false, 1000);
+        assert_eq!(c.ignored_losses(), 1);
+        // With a queue built up, a loss is congestion and does not count.
+        c.rtt = Some((80 * MS, 50 * MS));
+        c.on_congestion_event(now, now, false, 5000);
+        let share = c.random_loss_share();
+        assert!((share - 1000.0 / 1_006_000.0).abs() < 1e-9, "{share}");
     }
 }

@@ -1,10 +1,11 @@
 //! Running a parsed command against an agent.
 
 use crate::cli::{
-    CertsCommand, Cli, Command, GlobalOpts, MigrateArgs, MigrationsCommand, PreflightArgs,
+    CertsCommand, Cli, Command, GlobalOpts, MigrateArgs, MigrationsCommand, PreflightArgs, UiArgs,
     VmCommand,
 };
-use crate::connect::{connect_with, rpc_error};
+use crate::connect::{connect_with, load_identity, resolve_tls_files, rpc_error};
+use crate::hosts::Hosts;
 use crate::{json, report, spec};
 use anyhow::{Context, Result};
 use ferry_api::v1 as pb;
@@ -22,8 +23,12 @@ type Client = FerryControlClient<Channel>;
 /// Runs a command; the result is the process exit code (see [`report::exit_code`] for
 /// migrations). Errors are returned for the caller to print.
 pub async fn run(cli: Cli) -> Result<u8> {
-    let g = cli.global;
+    let mut g = cli.global;
+    if !matches!(cli.command, Command::Certs(_) | Command::Ui(_)) {
+        g.agent = resolve_host(&g, &g.agent)?;
+    }
     match cli.command {
+        Command::Ui(a) => ui(&g, a).await,
         Command::Certs(CertsCommand::Init {
             dir,
             hosts,
@@ -94,11 +99,13 @@ pub async fn run(cli: Cli) -> Result<u8> {
             let mut client = connect_with(&g.agent, &g.tls).await?;
             vm(&mut client, &g, cmd, define_spec).await
         }
-        Command::Migrate(args) => {
+        Command::Migrate(mut args) => {
+            args.to = resolve_host(&g, &args.to)?;
             let mut client = connect_with(&g.agent, &g.tls).await?;
             migrate(&mut client, &g, args).await
         }
-        Command::Preflight(args) => {
+        Command::Preflight(mut args) => {
+            args.to = resolve_host(&g, &args.to)?;
             let mut client = connect_with(&g.agent, &g.tls).await?;
             preflight(&mut client, &g, args).await
         }
@@ -106,6 +113,55 @@ pub async fn run(cli: Cli) -> Result<u8> {
             let mut client = connect_with(&g.agent, &g.tls).await?;
             migrations(&mut client, &g, cmd).await
         }
+    }
+}
+
+/// An agent's address from a name in the hosts file, or the address given.
+fn resolve_host(g: &GlobalOpts, name_or_addr: &str) -> Result<String> {
+    if g.hosts_file.is_none() && name_or_addr.contains(':') {
+        return Ok(name_or_addr.to_string());
+    }
+    Hosts::from_option(g.hosts_file.as_deref())?.resolve(name_or_addr)
+}
+
+/// `ferryctl ui`: binds the loopback listener, prints the address with the session
+/// token, serves until interrupted.
+async fn ui(g: &GlobalOpts, a: UiArgs) -> Result<u8> {
+    if !a.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "--listen {}: the console serves on a loopback address only (127.0.0.1 or [::1]); \
+             reach it from elsewhere through an SSH tunnel",
+            a.listen
+        );
+    }
+    let hosts: std::collections::BTreeMap<String, String> = if !a.agents.is_empty() {
+        a.agents.into_iter().collect()
+    } else {
+        let file = Hosts::from_option(g.hosts_file.as_deref())?;
+        if file.hosts.is_empty() {
+            let addr = resolve_host(g, &g.agent)?;
+            [(crate::connect::host_of(&addr).to_string(), addr)].into()
+        } else {
+            file.hosts
+        }
+    };
+    let identity = load_identity(&resolve_tls_files(&g.tls)?)?;
+    let token = crate::ui::new_token();
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("listening on {}", a.listen))?;
+    let addr = listener.local_addr().context("listener address")?;
+    println!("ferry console: http://{addr}/?token={token}");
+    for (name, agent) in &hosts {
+        println!("  agent {name} at {agent}");
+    }
+    println!("(the token is this session's key: anyone with it can drive these agents as you)");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let console = std::sync::Arc::new(crate::ui::Console::new(hosts, identity, token));
+    tokio::select! {
+        r = crate::ui::serve(listener, console) => r.map(|_| 0),
+        _ = tokio::signal::ctrl_c() => Ok(0),
     }
 }
 

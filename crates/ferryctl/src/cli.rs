@@ -22,15 +22,26 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Global options")]
 pub struct GlobalOpts {
-    /// gRPC address (host:port) of the agent to talk to.
+    /// gRPC address (host:port) of the agent to talk to, or its name in the hosts file.
     #[arg(
         long,
         global = true,
         env = "FERRY_AGENT",
         default_value = "127.0.0.1:7701",
-        value_name = "ADDR"
+        value_name = "ADDR|NAME"
     )]
     pub agent: String,
+    /// Hosts file naming the agents (TOML: `[hosts]` then `kvm1 = "10.0.0.1:7701"`), so
+    /// --agent, --to and `ferryctl ui` can take names. Default:
+    /// ~/.config/ferry/hosts.toml when it exists.
+    #[arg(
+        long = "hosts",
+        id = "hosts_file",
+        global = true,
+        env = "FERRY_HOSTS",
+        value_name = "FILE"
+    )]
+    pub hosts_file: Option<PathBuf>,
     /// Print the agent's responses as JSON instead of tables and reports
     /// (`migrate`/`watch`: one JSON object per line per progress update).
     #[arg(long, global = true)]
@@ -79,6 +90,10 @@ pub enum Command {
     /// Development certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Serve the web console on a loopback address: hosts, VMs, migrations live, history.
+    /// It calls the agents over gRPC with this command's certificate; the page gets a
+    /// session token (printed at start), never a credential.
+    Ui(UiArgs),
 }
 
 /// `ferryctl vm ...`
@@ -198,6 +213,33 @@ pub struct MigrateArgs {
     /// (lower the guest's CPU quota step by step).
     #[arg(long, value_name = "POLICY", value_parser = ["pause", "abort", "throttle"])]
     pub on_stall: Option<String>,
+}
+
+/// `ferryctl ui`
+#[derive(Debug, Clone, Args)]
+pub struct UiArgs {
+    /// Loopback address to serve on (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:7780", value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
+    /// An agent to show, NAME=HOST:PORT (repeatable). Default: every host in the hosts
+    /// file, else the one --agent names.
+    #[arg(long = "host", value_name = "NAME=ADDR", value_parser = parse_named_host)]
+    pub agents: Vec<(String, String)>,
+}
+
+/// `NAME=HOST:PORT`.
+pub fn parse_named_host(s: &str) -> Result<(String, String), String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=HOST:PORT"))?;
+    crate::hosts::check_name(name).map_err(|e| e.to_string())?;
+    if addr
+        .rsplit_once(':')
+        .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+    {
+        return Err(format!("{s:?}: {addr:?} is not HOST:PORT"));
+    }
+    Ok((name.to_string(), addr.to_string()))
 }
 
 /// `ferryctl preflight VM --to ADDR`: the checks and prediction, without migrating.
@@ -397,6 +439,23 @@ mod tests {
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn hosts_file_and_host_flags_do_not_collide() {
+        // The global --hosts FILE beside subcommands' own --host flags.
+        let c = parse(&[
+            "--hosts", "h.toml", "certs", "init", "--dir", "d", "--host", "kvm1",
+        ])
+        .expect("certs init");
+        assert_eq!(c.global.hosts_file, Some(PathBuf::from("h.toml")));
+        let c = parse(&["ui", "--host", "a=127.0.0.1:7701", "--hosts", "h.toml"]).expect("ui");
+        match c.command {
+            Command::Ui(u) => assert_eq!(u.agents, vec![("a".into(), "127.0.0.1:7701".into())]),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["ui", "--host", "a=nowhere"]).is_err());
+        assert!(parse(&["--hosts", "h.toml", "vm", "list"]).is_ok());
     }
 
     #[test]

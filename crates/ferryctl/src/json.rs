@@ -95,6 +95,7 @@ pub fn migration_stats(s: &MigrationStats) -> Value {
             "verify_us": b.verify_us,
             "commit_us": b.commit_us,
             "fence_us": b.fence_us,
+            "commit_sent_us": b.commit_sent_us,
         })),
         "prediction": s.prediction.as_ref().map(|p| json!({
             "link_bytes_per_sec": finite(p.link_bytes_per_sec),
@@ -142,6 +143,29 @@ fn finite(x: f64) -> Value {
     } else {
         Value::Null
     }
+}
+
+/// A host's facts (`GetHostFacts`) as JSON.
+pub fn host_facts(f: &ferry_api::v1::HostFacts) -> Value {
+    json!({
+        "host_name": f.host_name,
+        "protocol_version": f.protocol_version,
+        "qemu_version": f.qemu_version,
+        "machine_types": f.machine_types,
+        "accel": f.accel,
+        "cpu_vendor": f.cpu_vendor,
+        "cpu_features_source": f.cpu_features_source,
+        "bridges": f.bridges,
+        "mem_available_bytes": f.mem_available_bytes,
+        "ram_dir_free_bytes": f.ram_dir_free_bytes,
+        "ram_reserve_bytes": f.ram_reserve_bytes,
+        "vm_names": f.vm_names,
+        "tracker": f.tracker,
+        "quic_addr": f.quic_addr,
+        "cert_identity": f.cert_identity,
+        "cert_not_after_unix": f.cert_not_after_unix,
+        "storage_roots": f.storage_roots,
+    })
 }
 
 /// A preflight report as JSON.

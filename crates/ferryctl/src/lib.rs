@@ -12,6 +12,8 @@
 pub mod app;
 pub mod cli;
 pub mod connect;
+pub mod hosts;
 pub mod json;
 pub mod report;
 pub mod spec;
+pub mod ui;

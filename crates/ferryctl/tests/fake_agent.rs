@@ -187,6 +187,12 @@ impl FerryControl for Fake {
     ) -> Result<Response<pb::PreflightReport>, Status> {
         Err(Status::unimplemented("the fake agent has no preflight"))
     }
+    async fn get_host_facts(
+        &self,
+        _: Request<pb::HostFactsRequest>,
+    ) -> Result<Response<pb::HostFacts>, Status> {
+        Err(Status::unimplemented("the fake agent has no host facts"))
+    }
 }
 
 /// Starts the fake agent with `fake-a`'s certificate; returns its address.

@@ -94,7 +94,12 @@ struct Undo {
     /// migration, holding its socket, if not stopped).
     nbd_listener: Option<tokio::task::JoinHandle<()>>,
     /// The control stream's receive side, for the commit exchange.
-    control_rx: Option<mpsc::Receiver<Result<ControlMessage, String>>>,
+    control_rx: Option<ControlRx>,
+    /// This agent's mapping of the guest's RAM. Dropping its last reference unmaps it,
+    /// which for a 1 GiB guest took ~18 ms of page-table teardown: inside the guest's
+    /// pause when the link was dropped after the fence. Kept until the guest runs
+    /// somewhere, then released off the runtime.
+    ram: Option<Arc<RamFile>>,
 }
 
 /// Runs [`run`] and, should it panic (a bug), still settles who owns the VM: the target
@@ -180,9 +185,13 @@ pub async fn run(
         }
         other => other,
     };
+    let ram = undo.ram.take();
     match result {
         Ok(resume_us) => m.finish_committed(resume_us, undo).await,
         Err(e) => m.roll_back(e, undo).await,
+    }
+    if let Some(ram) = ram {
+        let _ = tokio::task::spawn_blocking(move || drop(ram)).await;
     }
 }
 
@@ -220,7 +229,7 @@ struct Prepared {
 struct Link {
     conn: quinn::Connection,
     ctl_tx: FrameWriter,
-    ctl_rx: mpsc::Receiver<Result<ControlMessage, String>>,
+    ctl_rx: ControlRx,
     /// The page streams (taken by the page sender).
     writers: Vec<FrameWriter>,
     ram: Arc<RamFile>,
@@ -369,9 +378,14 @@ impl Migration {
 
     /// Records a switchover step, in microseconds since the guest stopped.
     fn mark(&self, f: impl FnOnce(&mut pb::DowntimeBreakdown, u64)) {
+        self.mark_at(SystemTime::now(), f)
+    }
+
+    /// Records a switchover step that happened at `at`.
+    fn mark_at(&self, at: SystemTime, f: impl FnOnce(&mut pb::DowntimeBreakdown, u64)) {
         let us = self
             .stop_time
-            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .and_then(|t| at.duration_since(t).ok())
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
         self.h.update(|s| {
@@ -485,6 +499,7 @@ impl Migration {
         let tracker = self.preflight().await?;
         let prepared = self.prepare(undo).await?;
         let mut link = self.connect(&prepared, undo).await?;
+        undo.ram = Some(link.ram.clone());
         if !prepared.copies.is_empty() {
             self.mirror_disks(&link.conn, &prepared.copies, undo)
                 .await?;
@@ -1016,7 +1031,7 @@ impl Migration {
                 let r0 = crate::preflight::Round0 {
                     wire_bytes_per_sec: crate::preflight::round0_rate(wire_end, secs, ramped),
                     rtt_ms: link.base_rtt.as_secs_f64() * 1000.0,
-                    loss_rate: crate::preflight::loss_rate(&link.conn.stats().path),
+                    loss_rate: crate::preflight::path_loss(&link.conn),
                     dirty_pages_per_sec: rate,
                     codec_ratio: next_ratio.unwrap_or(ratio),
                     next_round_bytes: dirty.count() * PAGE_SIZE as u64,
@@ -1034,6 +1049,7 @@ impl Migration {
                 dirty_pages: count,
                 prev_dirty_pages: prev_dirty,
                 predicted_ms,
+                path_ms: link.base_rtt.as_secs_f64() * 1000.0,
                 downtime_ms: self.p.downtime_ms,
                 can_throttle_more: true,
             };
@@ -1188,6 +1204,15 @@ impl Migration {
         last.union_with(&pending);
         sender.note_resent(&last);
         let t_collected = t_final.elapsed();
+        // QEMU saves its device state while the last pages travel: the state is on a
+        // stream of its own, the target holds it until every last page is written, and
+        // a paused QEMU saving its devices does not write guest RAM (whose last writes
+        // are in `last` already). Sequential, the save (~15 ms under TCG) followed the
+        // final round inside the pause.
+        self.qmp()
+            .migrate_continue("pre-switchover")
+            .await
+            .map_err(fail(at, "migrate-continue"))?;
         let wire_before = sender.counters.wire_bytes.load(Ordering::Relaxed);
         // Pipelined switchover: the last pages, the request for the target's digest and
         // QEMU's device state all leave at once; the target feeds the device state to its
@@ -1264,10 +1289,6 @@ impl Migration {
                 Some(tokio::task::spawn_blocking(move || ram2.fingerprint(2)))
             }
         };
-        self.qmp()
-            .migrate_continue("pre-switchover")
-            .await
-            .map_err(fail(at, "migrate-continue"))?;
         self.fail_point("src.device_state.sent").await?;
         Ok(Switched {
             sender,
@@ -1326,11 +1347,13 @@ impl Migration {
         self.fail_point("src.fence.done").await?;
         // The source's half of the verification; the target compares when asked to commit.
         if let Some(task) = digest {
+            let t = Instant::now();
             let local = task
                 .await
                 .map_err(fail(at, "verify"))?
                 .map_err(fail(at, "verify"))?;
             self.local_digest = Some(local);
+            info!(migration = %self.p.job.id, waited = ?t.elapsed(), "source digest ready");
         }
         let h = self.h.clone();
         let page_wire = sender.counters.wire_bytes.load(Ordering::Relaxed);
@@ -1361,12 +1384,14 @@ impl Migration {
             s.message = format!("committing on {}", self.p.job.target);
         });
         self.h.set_meta(|m| m.mark = SourceMark::CommitSent);
+        let t0 = Instant::now();
         let vm = self
             .ctx
             .vms
             .held_record(&self.p.job.vm)
             .await
             .map_err(|s| JobError::new(at, s.message()));
+        let t_record = t0.elapsed();
         let journaled = vm.and_then(|vm| {
             self.ctx
                 .outgoing
@@ -1381,7 +1406,7 @@ impl Migration {
                 format!("cannot journal the commit: {}", e.message),
             ));
         }
-        info!(migration = %self.p.job.id, vm = %self.p.job.vm, "committing on {}", self.p.job.target);
+        info!(migration = %self.p.job.id, vm = %self.p.job.vm, ?t_record, t_journaled = ?t0.elapsed(), "committing on {}", self.p.job.target);
         self.fail_point("src.commit.journaled").await?;
         let (Some(tx), Some(rx)) = (undo.control.as_mut(), undo.control_rx.as_mut()) else {
             return Err(JobError::new(at, "no control stream"));
@@ -1394,11 +1419,13 @@ impl Migration {
         tx.write(&ferry_wire::Frame::encode_control(&msg).map_err(fail(at, ""))?)
             .await
             .map_err(fail(at, "send Commit"))?;
+        self.mark(|b, us| b.commit_sent_us = us);
         self.fail_point("src.commit.sent").await?;
         let (final_round, final_batches) = self.final_round.unwrap_or((u32::MAX, 0));
         let wait = Duration::from_secs(self.ctx.cfg.migration.commit_timeout_s.max(1));
         loop {
-            match recv_control(rx, wait, at).await? {
+            let Arrived { msg, at: arrived } = recv_control_at(rx, wait, at).await?;
+            match msg {
                 ControlMessage::RoundApplied {
                     round,
                     batches_applied,
@@ -1409,10 +1436,10 @@ impl Migration {
                             format!("target wrote {batches_applied} of {final_batches} batches"),
                         ));
                     }
-                    self.mark(|b, us| b.final_round_us = us);
+                    self.mark_at(arrived, |b, us| b.final_round_us = us);
                 }
                 ControlMessage::DeviceStateLoaded { ok: true, .. } => {
-                    self.mark(|b, us| b.device_state_us = us)
+                    self.mark_at(arrived, |b, us| b.device_state_us = us)
                 }
                 ControlMessage::DeviceStateLoaded { ok: false, error } => {
                     // The target refuses to commit now; its answer follows.
@@ -2210,7 +2237,7 @@ pub async fn settle_and_end(
 /// Tells the target a round is complete and waits until it has written every batch.
 async fn confirm_round(
     tx: &mut FrameWriter,
-    rx: &mut mpsc::Receiver<Result<ControlMessage, String>>,
+    rx: &mut ControlRx,
     round: u32,
     batches_total: u64,
     deadline: Duration,
@@ -2245,14 +2272,15 @@ fn ratio(sender: &PageSender) -> f64 {
 }
 
 /// Reads control messages on a task of its own (reads are not cancel-safe).
-pub fn spawn_control_reader(
-    mut r: ferry_transport::FrameReader,
-) -> mpsc::Receiver<Result<ControlMessage, String>> {
+pub fn spawn_control_reader(mut r: ferry_transport::FrameReader) -> ControlRx {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         loop {
             let msg = match r.next().await {
-                Ok(Some(ferry_wire::Frame::Control(m))) => Ok(m),
+                Ok(Some(ferry_wire::Frame::Control(msg))) => Ok(Arrived {
+                    msg,
+                    at: SystemTime::now(),
+                }),
                 Ok(Some(_)) => Err("unexpected page frame on control stream".to_string()),
                 Ok(None) => Err("peer closed the control stream".to_string()),
                 Err(e) => Err(e.to_string()),
@@ -2266,16 +2294,29 @@ pub fn spawn_control_reader(
     rx
 }
 
-async fn recv_control(
-    rx: &mut mpsc::Receiver<Result<ControlMessage, String>>,
-    timeout: Duration,
-    phase: Phase,
-) -> Res<ControlMessage> {
+/// A control message and when it arrived (the pause's breakdown counts arrivals, not
+/// when a later phase got to read them).
+pub struct Arrived {
+    /// The message.
+    pub msg: ControlMessage,
+    /// When the reader took it off the stream.
+    pub at: SystemTime,
+}
+
+/// The control stream's messages as [`spawn_control_reader`] delivers them.
+pub type ControlRx = mpsc::Receiver<Result<Arrived, String>>;
+
+async fn recv_control(rx: &mut ControlRx, timeout: Duration, phase: Phase) -> Res<ControlMessage> {
+    recv_control_at(rx, timeout, phase).await.map(|a| a.msg)
+}
+
+async fn recv_control_at(rx: &mut ControlRx, timeout: Duration, phase: Phase) -> Res<Arrived> {
     match tokio::time::timeout(timeout, rx.recv()).await {
-        Ok(Some(Ok(ControlMessage::Error { message }))) => {
-            Err(fail(phase, "target")(format!("target reported: {message}")))
-        }
-        Ok(Some(Ok(m))) => Ok(m),
+        Ok(Some(Ok(Arrived {
+            msg: ControlMessage::Error { message },
+            ..
+        }))) => Err(fail(phase, "target")(format!("target reported: {message}"))),
+        Ok(Some(Ok(a))) => Ok(a),
         Ok(Some(Err(e))) => Err(fail(phase, "control stream")(e)),
         Ok(None) => Err(fail(phase, "control stream")("closed")),
         Err(_) => Err(fail(phase, "control stream")(format!(

@@ -1017,7 +1017,7 @@ impl IncomingRegistry {
                     seen.timeline.mark(Step::Fingerprint);
                 }
 
-                msg = rx.recv() => match msg {
+                msg = rx.recv() => match msg.map(|r| r.map(|a| a.msg)) {
                     Some(Ok(m @ (ControlMessage::RoundEnd { .. } | ControlMessage::FinalRoundEnd { .. }))) => {
                         if matches!(m, ControlMessage::FinalRoundEnd { .. }) {
                             seen.timeline.mark(Step::FinalAnnounced);
