@@ -38,4 +38,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
 apt-get install -y -qq busybox-static cpio gcc libc6-dev iproute2 socat python3 >/dev/null
+# The web console's browser test (crates/ferry-agent/tests/web_console.rs) drives
+# headless Chromium through chromedriver.
+apt-get install -y -qq chromium chromium-driver >/dev/null
 qemu-system-x86_64 --version | head -n1

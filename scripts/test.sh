@@ -13,7 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 have_deps() {
-  command -v qemu-system-x86_64 >/dev/null && command -v busybox >/dev/null && command -v cpio >/dev/null
+  command -v qemu-system-x86_64 >/dev/null && command -v busybox >/dev/null && command -v cpio >/dev/null \
+    && command -v chromedriver >/dev/null
 }
 if ! have_deps; then
   bash scripts/install-deps.sh

@@ -183,6 +183,30 @@ pub fn mem_available() -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) this process has used; 0 if unknown.
+pub fn own_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces, so split after its ')').
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after ')'.
+    let ticks: u64 = f
+        .get(11..13)
+        .map(|v| v.iter().filter_map(|x| x.parse::<u64>().ok()).sum())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz <= 0 {
+        0.0
+    } else {
+        ticks as f64 / hz as f64
+    }
+}
+
 /// Free bytes of the filesystem holding `path` (0 if unknown).
 pub fn fs_free(path: &Path) -> u64 {
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
@@ -240,6 +264,7 @@ pub async fn host_facts(ctx: &AgentCtx) -> pb::HostFacts {
         },
         cert_not_after_unix: own.as_ref().map(|i| i.not_after_unix).unwrap_or(0),
         ram_reserve_bytes: ctx.cfg.migration.memory_reserve_mib << 20,
+        agent_cpu_seconds: own_cpu_seconds(),
         storage_roots: ctx
             .cfg
             .storage_roots
@@ -1254,6 +1279,19 @@ mod tests {
         p.codec_bytes_per_sec = 10.0 * 1048576.0; // 10 MiB/s per core: slower than the guest writes
         predict(&mut p, 512 << 20, 4, 30, 30, 512 << 20);
         assert!(!p.converges, "{p:?}");
+    }
+
+    #[test]
+    fn own_cpu_time_grows_with_work() {
+        let before = own_cpu_seconds();
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(300) {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        let after = own_cpu_seconds();
+        assert!(after - before >= 0.1, "{before} -> {after}");
     }
 
     #[test]

@@ -769,3 +769,154 @@ fn parses_testbed_env() {
     assert_eq!(env["FERRY_TB_NETNS"], "ft1-h1 ft1-h2");
     assert_eq!(env["FERRY_TB_H1_GRPC"], "10.77.0.1:7701");
 }
+
+/// `ferryctl bench` on the testbed's wan link (`FERRY_LONG=1`): a guest on h1 moves to h2
+/// and back once per codec, each move verified by the agents; the command's JSON must
+/// hold every move, and the guest must end on h1 with its memory intact (asked of both
+/// agents and of the guest, not of the benchmark's report). The table is kept in
+/// `target/ferryctl-bench-wan.md` for benches/RESULTS.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferryctl_bench_on_the_testbed() {
+    if std::env::var("FERRY_LONG").ok().as_deref() != Some("1") {
+        eprintln!("ferryctl_bench_on_the_testbed: long suite only (FERRY_LONG=1)");
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut tb = match tokio::task::spawn_blocking(Testbed::up).await {
+        Ok(tb) => tb,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    };
+    let (h1, h2) = (tb.var("FERRY_TB_H1_GRPC"), tb.var("FERRY_TB_H2_GRPC"));
+    let pki_dir = PathBuf::from(tb.var("FERRY_TB_PKI_DIR"));
+    let netns = tb.var("FERRY_TB_H1_NETNS");
+    let vm = "bench01";
+    // Boot the guest on h1 (gRPC from inside h1's namespace).
+    let (h1b, pki_b) = (h1.clone(), pki_dir.clone());
+    let boot = in_netns(&netns, move || async move {
+        let files = host_files(&pki_b, "operator");
+        let id = Identity::load(&files.ca, &files.cert, &files.key).expect("operator");
+        let mut c1 = connect_control(&h1b, &id).await.expect("h1");
+        let g = guest_artifacts().expect("guest artifacts");
+        c1.define_vm(pb::DefineVmRequest {
+            spec: Some(pb::VmSpec {
+                name: vm.into(),
+                vcpus: 1,
+                memory_mib: 512,
+                kernel: g.kernel.display().to_string(),
+                initrd: g.initrd.display().to_string(),
+                cmdline: workload_cmdline(256, 20.0, "realistic", 3),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("define on h1");
+        let info = c1
+            .start_vm(pb::VmRef { name: vm.into() })
+            .await
+            .expect("start on h1")
+            .into_inner();
+        wait_for_log_line(
+            Path::new(&info.console_log),
+            "FERRY-READY",
+            Duration::from_secs(120),
+        )
+        .await
+        .expect("guest ready");
+    });
+    tokio::task::spawn_blocking(move || boot.join())
+        .await
+        .expect("join")
+        .unwrap_or_else(|p| std::panic::resume_unwind(p));
+
+    let out_dir = tb.dir_path.join("bench");
+    let (_, ferryctl, _) = binaries();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &netns])
+        .arg(&ferryctl)
+        .args(["--agent", &h1, "--pki-dir"])
+        .arg(&pki_dir)
+        .args(["--identity", "operator", "bench", vm, "--to", &h2])
+        .args([
+            "--codecs",
+            "none,lz4,zstd:1,zstd:3,auto",
+            "--repeat",
+            "1",
+            "--out",
+        ])
+        .arg(&out_dir)
+        .output()
+        .expect("run ferryctl bench");
+    assert!(
+        out.status.success(),
+        "ferryctl bench: {}",
+        output_text(&out)
+    );
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    eprintln!("{table}");
+    let doc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join(format!("bench-{vm}.json"))).expect("bench JSON"),
+    )
+    .expect("JSON");
+    let moves = doc["moves"].as_array().expect("moves");
+    assert_eq!(moves.len(), 10, "5 codecs x there and back: {doc}");
+    for m in moves {
+        assert_eq!(m["verify"], "sent", "{m}");
+        assert_eq!(m["ram_digest"].as_str().map(str::len), Some(32), "{m}");
+        assert!(m["wire_bytes"].as_u64().unwrap_or(0) > 0, "{m}");
+        assert!(m["cpu_source_s"].as_f64().unwrap_or(0.0) > 0.0, "{m}");
+    }
+    assert_eq!(doc["summary"].as_array().map(Vec::len), Some(5));
+    let svg = std::fs::read_to_string(out_dir.join(format!("bench-{vm}.svg"))).expect("plot");
+    assert!(svg.starts_with("<svg"), "{svg}");
+    let root = repo_root().expect("root");
+    let _ = std::fs::write(
+        root.join("target/ferryctl-bench-wan.md"),
+        format!("{table}\n"),
+    );
+    let _ = std::fs::copy(
+        out_dir.join(format!("bench-{vm}.svg")),
+        root.join("target/ferryctl-bench-wan.svg"),
+    );
+
+    // Where the guest runs, asked of both agents and of the guest itself.
+    let check = in_netns(&netns, move || async move {
+        let files = host_files(&pki_dir, "operator");
+        let id = Identity::load(&files.ca, &files.cert, &files.key).expect("operator");
+        let mut c1 = connect_control(&h1, &id).await.expect("h1");
+        let mut c2 = connect_control(&h2, &id).await.expect("h2");
+        let on_h1 = c1
+            .get_vm(pb::VmRef { name: vm.into() })
+            .await
+            .expect("back on h1")
+            .into_inner();
+        assert_eq!(on_h1.state, pb::VmState::Running as i32);
+        assert!(pid_alive(on_h1.pid));
+        let on_h2 = c2.get_vm(pb::VmRef { name: vm.into() }).await;
+        assert_eq!(on_h2.expect_err("not on h2").code(), tonic::Code::NotFound);
+        let line = console(&on_h1)
+            .await
+            .command("check", "FERRY-CHECK", Duration::from_secs(120))
+            .await
+            .expect("check reply");
+        assert!(parse_check(&line).expect("parse").ok, "{line}");
+        c1.stop_vm(pb::StopVmRequest {
+            name: vm.into(),
+            force: true,
+        })
+        .await
+        .expect("stop on h1");
+    });
+    tokio::task::spawn_blocking(move || check.join())
+        .await
+        .expect("join")
+        .unwrap_or_else(|p| std::panic::resume_unwind(p));
+    let out = tokio::task::spawn_blocking(move || tb.down())
+        .await
+        .expect("join")
+        .expect("down.sh ran");
+    assert!(
+        out.status.success(),
+        "testbed/down.sh: {}",
+        output_text(&out)
+    );
+}

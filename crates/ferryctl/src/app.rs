@@ -29,6 +29,12 @@ pub async fn run(cli: Cli) -> Result<u8> {
     }
     match cli.command {
         Command::Ui(a) => ui(&g, a).await,
+        Command::Bench(a) => {
+            let to = resolve_host(&g, &a.to)?;
+            let ca = connect_with(&g.agent, &g.tls).await?;
+            let cb = connect_with(&to, &g.tls).await?;
+            crate::bench::run(ca, cb, &g.agent, &to, &a).await
+        }
         Command::Certs(CertsCommand::Init {
             dir,
             hosts,

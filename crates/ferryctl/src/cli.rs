@@ -90,6 +90,10 @@ pub enum Command {
     /// Development certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Benchmark codecs on your own hosts and link: migrate a VM to another agent and
+    /// back once per codec (and per --repeat), each move verified; print the table and
+    /// write JSON and an SVG plot.
+    Bench(BenchArgs),
     /// Serve the web console on a loopback address: hosts, VMs, migrations live, history.
     /// It calls the agents over gRPC with this command's certificate; the page gets a
     /// session token (printed at start), never a credential.
@@ -213,6 +217,46 @@ pub struct MigrateArgs {
     /// (lower the guest's CPU quota step by step).
     #[arg(long, value_name = "POLICY", value_parser = ["pause", "abort", "throttle"])]
     pub on_stall: Option<String>,
+}
+
+/// `ferryctl bench VM --to HOST`
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// The VM to move (running on --agent; it ends there again).
+    pub vm: String,
+    /// The other agent: host:port or a name from the hosts file.
+    #[arg(long, value_name = "ADDR|NAME")]
+    pub to: String,
+    /// Codecs to compare, comma-separated.
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "none,lz4,zstd:1,zstd:3,auto",
+        value_parser = parse_compression
+    )]
+    pub codecs: Vec<Compression>,
+    /// Round trips (there and back) per codec.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub repeat: u32,
+    /// Directory for `bench-<vm>.json` and `bench-<vm>.svg`.
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    pub out: PathBuf,
+    /// Seconds to let the guest run between moves (its writes settle back to normal).
+    #[arg(long, value_name = "SECS", default_value_t = 3.0)]
+    pub settle: f64,
+    /// Downtime target in milliseconds (agent default: 30).
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub downtime: Option<u32>,
+    /// Cap the data plane (same syntax as `migrate --bandwidth`).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub bandwidth: Option<u64>,
+    /// RAM verification of every move: `sent` (default) or `full`.
+    #[arg(long, value_name = "MODE", default_value = "sent", value_parser = ["sent", "full"])]
+    pub verify: String,
+    /// Give up on a move that has not ended after this long.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
 }
 
 /// `ferryctl ui`

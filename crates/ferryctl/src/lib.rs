@@ -10,6 +10,7 @@
 #![recursion_limit = "256"]
 
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod connect;
 pub mod hosts;
