@@ -860,6 +860,14 @@ pub async fn run(
             ))
         })?
         .into_inner();
+    // An address that reaches this very agent (a loopback address given for a remote
+    // host, a second name of this one): the name its certificate and facts carry tells.
+    if facts.host_name == ctx.cfg.host_name {
+        return Err(tonic::Status::invalid_argument(format!(
+            "target {target} is this host ({}): give an address of another agent that {} can reach",
+            ctx.cfg.host_name, ctx.cfg.host_name
+        )));
+    }
     let (vendor, _) = cpuinfo();
     let vendor = ctx.cfg.preflight.cpu_vendor.clone().unwrap_or(vendor);
     let guest_features = match proc {

@@ -446,6 +446,28 @@ async fn bad_requests_get_clear_errors() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("gzip"), "{}", e.message());
 
+    // Another address of this very agent as the target: its facts name this host.
+    let own = p.a.grpc_addr().replace("127.0.0.1", "localhost");
+    let m = ca
+        .start_migration(pb::StartMigrationRequest {
+            vm: "web02".into(),
+            target: own.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("start")
+        .into_inner();
+    let end = ferry_testkit::watch_to_end(&mut ca, &m.id)
+        .await
+        .expect("watch migration");
+    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32);
+    assert!(
+        end.error
+            .contains(&format!("target {own} is this host (a)")),
+        "{}",
+        end.error
+    );
+
     // Name already defined on the target: refused at prepare, guest stays on A.
     let mut cb = p.b.client().await.expect("client b");
     cb.define_vm(pb::DefineVmRequest {

@@ -64,9 +64,12 @@ fn start_console(hosts_file: &Path, pki: &TestPki) -> (Reaped, String) {
         .expect("start ferryctl ui");
     let out = child.stdout.take().expect("stdout");
     let mut line = String::new();
-    BufReader::new(out)
+    let mut reader = BufReader::new(out);
+    reader
         .read_line(&mut line)
         .expect("the console's first line");
+    // The rest of its output is drained, not left to a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
     let url = line
         .trim()
         .strip_prefix("ferry console: ")
@@ -228,16 +231,34 @@ async fn console_lists_hosts_migrates_a_vm_and_shows_errors() {
         .strip_prefix("http://")
         .and_then(|r| r.split_once("/?token="))
         .expect("http://ADDR/?token=T");
-    let local = format!("127.0.0.1:{}", addr.rsplit_once(':').expect("port").1);
+    let port = addr.rsplit_once(':').expect("port").1.to_string();
+    let local = format!("127.0.0.1:{port}");
 
     // No token, a wrong one, or a foreign Host header: refused.
     assert_eq!(http_status(addr, "/api/hosts", &local, None).await, 401);
     assert_eq!(http_status(addr, "/", &local, None).await, 401);
     assert_eq!(
-        http_status(addr, "/api/hosts", &local, Some("ferry_ui=0123")).await,
+        http_status(
+            addr,
+            "/api/hosts",
+            &local,
+            Some(&format!("ferry_ui_{port}=0123"))
+        )
+        .await,
         401
     );
-    let cookie = format!("ferry_ui={token}");
+    // The session cookie is named after the console's port; another port's is no key.
+    assert_eq!(
+        http_status(
+            addr,
+            "/api/hosts",
+            &local,
+            Some(&format!("ferry_ui_1={token}"))
+        )
+        .await,
+        401
+    );
+    let cookie = format!("ferry_ui_{port}={token}");
     assert_eq!(
         http_status(addr, "/api/hosts", "evil.example", Some(&cookie)).await,
         421,

@@ -157,14 +157,22 @@ async fn ui(g: &GlobalOpts, a: UiArgs) -> Result<u8> {
         .await
         .with_context(|| format!("listening on {}", a.listen))?;
     let addr = listener.local_addr().context("listener address")?;
-    println!("ferry console: http://{addr}/?token={token}");
-    for (name, agent) in &hosts {
-        println!("  agent {name} at {agent}");
+    // Written, not println!: a reader that went away (a closed pipe) must not stop the
+    // console.
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "ferry console: http://{addr}/?token={token}");
+        for (name, agent) in &hosts {
+            let _ = writeln!(out, "  agent {name} at {agent}");
+        }
+        let _ = writeln!(
+            out,
+            "(the token is this session's key: anyone with it can drive these agents as you)"
+        );
+        let _ = out.flush();
     }
-    println!("(the token is this session's key: anyone with it can drive these agents as you)");
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
-    let console = std::sync::Arc::new(crate::ui::Console::new(hosts, identity, token));
+    let console = std::sync::Arc::new(crate::ui::Console::new(hosts, identity, token, addr.port()));
     tokio::select! {
         r = crate::ui::serve(listener, console) => r.map(|_| 0),
         _ = tokio::signal::ctrl_c() => Ok(0),

@@ -8,7 +8,7 @@
 use crate::cli::{BenchArgs, Compression};
 use crate::connect::rpc_error;
 use crate::report::{is_terminal, phase_name};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use ferry_api::v1 as pb;
 use ferry_api::v1::ferry_control_client::FerryControlClient;
 use serde::Serialize;
@@ -280,14 +280,24 @@ async fn one_move(
         }
         Ok::<_, anyhow::Error>(last)
     })
-    .await
-    .map_err(|_| {
-        anyhow!(
-            "migration {} ({codec}) did not end within {:?}",
-            started.id,
-            a.timeout
-        )
-    })??;
+    .await;
+    let end = match end {
+        Ok(r) => r?,
+        Err(_) => {
+            // Not left running behind the benchmark's back: cancelled (it rolls back
+            // unless it is already committing).
+            let _ = src
+                .cancel_migration(pb::MigrationRef {
+                    id: started.id.clone(),
+                })
+                .await;
+            bail!(
+                "migration {} ({codec}) did not end within {:?}: cancelled",
+                started.id,
+                a.timeout
+            );
+        }
+    };
     if end.phase() != pb::MigrationPhase::Completed {
         bail!(
             "migration {} of {} from {from} to {to} ({codec}) ended {}: {}",
@@ -324,7 +334,9 @@ async fn one_move(
 
 /// Runs the benchmark: `a_addr` is where the VM runs (`--agent`), `b_addr` the other
 /// agent. Prints a line per move and the table; writes the JSON and the plot. Stops at
-/// the first failed move (the agents roll it back; the VM stays where it was).
+/// the first failed move and says where the VM runs then (asked of both agents).
+/// Both addresses are handed to the agents as targets, so each must reach the other:
+/// a loopback `--agent` with a remote `--to` is refused.
 pub async fn run(
     mut ca: Client,
     mut cb: Client,
@@ -332,6 +344,22 @@ pub async fn run(
     b_addr: &str,
     a: &BenchArgs,
 ) -> Result<u8> {
+    let loopback = |addr: &str| {
+        let host = crate::connect::host_of(addr);
+        host == "localhost"
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    };
+    if loopback(a_addr) != loopback(b_addr) {
+        bail!(
+            "--agent {a_addr} and --to {b_addr}: one is a loopback address and the other is not, \
+             but the agent at {b_addr} is told to migrate the VM back to {a_addr}: give \
+             addresses both agents can reach"
+        );
+    }
     if !runs_on(&mut ca, &a.vm).await? {
         bail!(
             "VM {} is not running on {a_addr}: start it there first",
@@ -407,11 +435,23 @@ pub async fn run(
     print!("{}", table(&summary));
     println!("\nwrote {} and {}", json_path.display(), svg_path.display());
     match failure {
-        Some(e) => Err(e.context(format!(
-            "benchmark stopped after {} move(s); results so far are in {}",
-            moves.len(),
-            json_path.display()
-        ))),
+        Some(e) => {
+            let on_a = runs_on(&mut ca, &a.vm).await;
+            let on_b = runs_on(&mut cb, &a.vm).await;
+            let place = match (on_a, on_b) {
+                (Ok(true), Ok(false)) => format!("VM {} runs on {a_addr}", a.vm),
+                (Ok(false), Ok(true)) => format!("VM {} runs on {b_addr}", a.vm),
+                (x, y) => format!(
+                    "VM {}: running on {a_addr}: {x:?}, on {b_addr}: {y:?} — check both",
+                    a.vm
+                ),
+            };
+            Err(e.context(format!(
+                "benchmark stopped after {} move(s); {place}; results so far are in {}",
+                moves.len(),
+                json_path.display()
+            )))
+        }
         None => Ok(0),
     }
 }

@@ -1261,6 +1261,12 @@ impl Migration {
             0.0,
             &format!("final round: {} pages", last.count()),
         );
+        // The guest is paused: no estimate of the end is left to give.
+        self.h.update(|s| {
+            if let Some(st) = s.stats.as_mut() {
+                st.eta_ms = 0;
+            }
+        });
 
         // The RAM files are final now. Their digests are computed while QEMU moves the
         // device state (a paused target QEMU loading state does not write guest RAM);

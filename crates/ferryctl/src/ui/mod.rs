@@ -10,6 +10,7 @@
 
 use crate::connect::{connect, rpc_error};
 use crate::json;
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -32,8 +33,10 @@ use tonic::transport::Channel;
 /// The page: HTML, CSS and script in one file, compiled into the binary.
 const PAGE: &str = include_str!("page.html");
 
-/// The session cookie's name.
-const COOKIE: &str = "ferry_ui";
+/// The session cookie's name, followed by the console's port: browsers send a
+/// 127.0.0.1 cookie to every port of the host, so two consoles (or another local server)
+/// must not see or clobber each other's token.
+const COOKIE_PREFIX: &str = "ferry_ui_";
 
 /// How long a plain agent call may take before the page is told so.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
@@ -48,17 +51,25 @@ pub struct Console {
     hosts: BTreeMap<String, String>,
     identity: Identity,
     token: String,
+    /// `ferry_ui_<port>`.
+    cookie: String,
     clients: Mutex<HashMap<String, Client>>,
 }
 
 impl Console {
-    /// A console over `hosts` (name -> address) calling with `identity`; `token` is the
-    /// session token a browser must present.
-    pub fn new(hosts: BTreeMap<String, String>, identity: Identity, token: String) -> Console {
+    /// A console over `hosts` (name -> address) calling with `identity`, served on
+    /// `port`; `token` is the session token a browser must present.
+    pub fn new(
+        hosts: BTreeMap<String, String>,
+        identity: Identity,
+        token: String,
+        port: u16,
+    ) -> Console {
         Console {
             hosts,
             identity,
             token,
+            cookie: format!("{COOKIE_PREFIX}{port}"),
             clients: Mutex::new(HashMap::new()),
         }
     }
@@ -126,6 +137,16 @@ impl Console {
 
     fn token_ok(&self, presented: &str) -> bool {
         constant_time_eq(presented.as_bytes(), self.token.as_bytes())
+    }
+
+    /// Whether a request carries this session's token: in any cookie of this console's
+    /// name, or in `X-Ferry-Token`.
+    fn presented_ok(&self, headers: &HeaderMap) -> bool {
+        cookie_values(headers, &self.cookie).any(|t| self.token_ok(t))
+            || headers
+                .get("x-ferry-token")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|t| self.token_ok(t))
     }
 }
 
@@ -195,6 +216,12 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A request body that is not the JSON expected (or not JSON at all: a cross-site form
+/// cannot send `application/json`), as the page's error shape.
+fn bad_json(r: JsonRejection) -> ApiError {
+    ApiError::BadRequest(r.body_text())
+}
+
 /// The router: the page, the API, and the guard in front of both.
 pub fn router(console: Arc<Console>) -> Router {
     Router::new()
@@ -217,26 +244,32 @@ pub async fn serve(listener: tokio::net::TcpListener, console: Arc<Console>) -> 
         .map_err(|e| anyhow::anyhow!("web console: {e}"))
 }
 
-/// Whether a `Host` header names this loopback listener (not a rebinding name).
+/// Whether a `Host` header names a loopback address or `localhost` (not a name that
+/// could be rebound to this listener).
 fn host_is_local(headers: &HeaderMap) -> bool {
     let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
         return false;
     };
     let name = match host.rsplit_once(':') {
-        Some((n, port)) if port.chars().all(|c| c.is_ascii_digit()) => n,
+        Some((n, port)) if !n.is_empty() && port.chars().all(|c| c.is_ascii_digit()) => n,
         _ => host,
     };
-    matches!(name, "127.0.0.1" | "localhost" | "[::1]")
+    let bare = name.trim_start_matches('[').trim_end_matches(']');
+    name == "localhost"
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
-fn cookie_token(headers: &HeaderMap) -> Option<&str> {
+/// Values of every cookie called `name`.
+fn cookie_values<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
+        .filter(move |(k, _)| *k == name)
         .map(|(_, v)| v)
 }
 
@@ -265,7 +298,7 @@ async fn guard(
         if let Some(t) = q.token.as_deref() {
             if c.token_ok(t) {
                 let mut r = Redirect::to("/").into_response();
-                let cookie = format!("{COOKIE}={t}; HttpOnly; SameSite=Strict; Path=/");
+                let cookie = format!("{}={t}; HttpOnly; SameSite=Strict; Path=/", c.cookie);
                 if let Ok(v) = HeaderValue::from_str(&cookie) {
                     r.headers_mut().insert(header::SET_COOKIE, v);
                 }
@@ -273,9 +306,7 @@ async fn guard(
             }
         }
     }
-    let presented = cookie_token(headers)
-        .or_else(|| headers.get("x-ferry-token").and_then(|v| v.to_str().ok()));
-    if !presented.is_some_and(|t| c.token_ok(t)) {
+    if !c.presented_ok(headers) {
         return (
             StatusCode::UNAUTHORIZED,
             Json(json!({
@@ -346,8 +377,9 @@ struct VmAction {
 
 async fn vm_action(
     State(c): State<Arc<Console>>,
-    Json(a): Json<VmAction>,
+    body: Result<Json<VmAction>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Json(a) = body.map_err(bad_json)?;
     let r = |name: &str| pb::VmRef {
         name: name.to_string(),
     };
@@ -421,6 +453,9 @@ pub struct MigrateForm {
     /// Offline: start it on the target afterwards.
     #[serde(default)]
     pub start_on_target: bool,
+    /// Offline: remove its definition from the source afterwards.
+    #[serde(default)]
+    pub undefine_source: bool,
     /// Past failed soft checks.
     #[serde(default)]
     pub force: bool,
@@ -455,8 +490,9 @@ impl MigrateForm {
 
 async fn preflight(
     State(c): State<Arc<Console>>,
-    Json(f): Json<MigrateForm>,
+    body: Result<Json<MigrateForm>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Json(f) = body.map_err(bad_json)?;
     let target = f.check(&c)?;
     let req = pb::PreflightRequest {
         vm: f.vm.clone(),
@@ -476,8 +512,9 @@ async fn preflight(
 
 async fn migrate(
     State(c): State<Arc<Console>>,
-    Json(f): Json<MigrateForm>,
+    body: Result<Json<MigrateForm>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Json(f) = body.map_err(bad_json)?;
     let target = f.check(&c)?;
     let req = pb::StartMigrationRequest {
         vm: f.vm.clone(),
@@ -489,7 +526,7 @@ async fn migrate(
         verify: f.verify.clone(),
         offline: f.offline,
         start_on_target: f.offline && f.start_on_target,
-        undefine_source: f.offline,
+        undefine_source: f.offline && f.undefine_source,
         force: f.force,
         ..Default::default()
     };
@@ -512,8 +549,9 @@ struct MigrationAt {
 
 async fn cancel(
     State(c): State<Arc<Console>>,
-    Json(m): Json<MigrationAt>,
+    body: Result<Json<MigrationAt>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Json(m) = body.map_err(bad_json)?;
     let id = m.id.clone();
     let s = c
         .call(
@@ -598,7 +636,13 @@ async fn watch(
     tokio::spawn(async move {
         let mut stream = stream;
         loop {
-            let ev = match stream.message().await {
+            // A page that went away ends the agent's stream too, even when no status
+            // change is coming (a migration in doubt, an agent that hangs).
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                _ = tx.closed() => return,
+            };
+            let ev = match msg {
                 Ok(Some(s)) => {
                     let v = json::migration_status(&s);
                     Event::default().event("status").data(v.to_string())
@@ -648,6 +692,7 @@ mod tests {
             "localhost:7780",
             "[::1]:7780",
             "localhost",
+            "127.0.0.2:80",
         ] {
             h.insert(header::HOST, HeaderValue::from_static(ok));
             assert!(host_is_local(&h), "{ok}");
@@ -667,9 +712,16 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(
             header::COOKIE,
-            HeaderValue::from_static("a=1; ferry_ui=abc; b=2"),
+            HeaderValue::from_static("a=1; ferry_ui_7780=old; ferry_ui_7781=abc; b=2"),
         );
-        assert_eq!(cookie_token(&h), Some("abc"));
+        assert_eq!(
+            cookie_values(&h, "ferry_ui_7781").collect::<Vec<_>>(),
+            ["abc"]
+        );
+        assert_eq!(
+            cookie_values(&h, "ferry_ui_7780").collect::<Vec<_>>(),
+            ["old"]
+        );
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
