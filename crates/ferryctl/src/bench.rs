@@ -344,15 +344,7 @@ pub async fn run(
     b_addr: &str,
     a: &BenchArgs,
 ) -> Result<u8> {
-    let loopback = |addr: &str| {
-        let host = crate::connect::host_of(addr);
-        host == "localhost"
-            || host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
-    };
+    let loopback = |addr: &str| crate::connect::is_loopback_host(crate::connect::host_of(addr));
     if loopback(a_addr) != loopback(b_addr) {
         bail!(
             "--agent {a_addr} and --to {b_addr}: one is a loopback address and the other is not, \

@@ -73,6 +73,16 @@ pub fn load_identity(files: &TlsFiles) -> Result<Identity> {
         .map_err(|e| anyhow!("loading TLS identity: {e}"))
 }
 
+/// Whether a host name or address (IPv6 with or without brackets) is this machine's
+/// loopback: `localhost` or an address in 127.0.0.0/8 or `::1`.
+pub fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// The host part of `host:port` (`[::1]:7701` gives `::1`), the name the agent's certificate
 /// must carry.
 pub fn host_of(addr: &str) -> &str {

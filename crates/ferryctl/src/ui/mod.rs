@@ -254,11 +254,7 @@ fn host_is_local(headers: &HeaderMap) -> bool {
         Some((n, port)) if !n.is_empty() && port.chars().all(|c| c.is_ascii_digit()) => n,
         _ => host,
     };
-    let bare = name.trim_start_matches('[').trim_end_matches(']');
-    name == "localhost"
-        || bare
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+    crate::connect::is_loopback_host(name)
 }
 
 /// Values of every cookie called `name`.
