@@ -17,6 +17,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -429,12 +430,12 @@ fn read_sidecar(path: &Path) -> Result<Option<Sidecar>, DiskError> {
 /// How long a held lock is retried before the part file is called busy. A process forked
 /// by another thread (QEMU, qemu-img) shares our open files until it execs, lock included:
 /// a lock released a moment ago can still look held for that instant.
-const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
+const LOCK_PATIENCE: Duration = Duration::from_millis(500);
 
 /// Take an exclusive `flock` on the part file (released when it is closed); busy when
 /// another holder keeps it for [`LOCK_PATIENCE`].
 fn lock(file: &File, path: &Path) -> Result<(), DiskError> {
-    let give_up = std::time::Instant::now() + LOCK_PATIENCE;
+    let give_up = Instant::now() + LOCK_PATIENCE;
     loop {
         // SAFETY: flock on a descriptor we own.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
@@ -444,8 +445,8 @@ fn lock(file: &File, path: &Path) -> Result<(), DiskError> {
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EINTR) => continue,
-            Some(libc::EWOULDBLOCK) if std::time::Instant::now() < give_up => {
-                std::thread::sleep(std::time::Duration::from_millis(10));
+            Some(libc::EWOULDBLOCK) if Instant::now() < give_up => {
+                std::thread::sleep(Duration::from_millis(10));
             }
             Some(libc::EWOULDBLOCK) => {
                 return Err(DiskError::Busy {
