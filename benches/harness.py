@@ -177,8 +177,18 @@ def netdev_bytes(pid):
 
 
 def proc_cpu(pid, skip_vcpus=False):
-    """utime+stime seconds of a process (its threads, optionally without vCPU threads)."""
-    total = 0
+    """utime+stime seconds of a process, optionally without its vCPU threads.
+
+    The process-wide figure of /proc/PID/stat counts threads that have exited (QEMU's
+    multifd threads end with the migration); summing /proc/PID/task/* would drop them."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total = int(fields[11]) + int(fields[12])
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    if not skip_vcpus:
+        return total / CLK_TCK
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
@@ -187,11 +197,11 @@ def proc_cpu(pid, skip_vcpus=False):
         try:
             with open(f"/proc/{pid}/task/{tid}/comm") as f:
                 comm = f.read().strip()
-            if skip_vcpus and comm.startswith("CPU ") and ("/TCG" in comm or "/KVM" in comm):
+            if not (comm.startswith("CPU ") and ("/TCG" in comm or "/KVM" in comm)):
                 continue
             with open(f"/proc/{pid}/task/{tid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            total -= int(fields[11]) + int(fields[12])
         except (FileNotFoundError, ProcessLookupError, IndexError):
             continue
     return total / CLK_TCK
