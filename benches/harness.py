@@ -401,6 +401,8 @@ def run_ferry(tb, args, method, dirty, idx, workdir):
             "rounds": s.get("rounds"),
             "nonzero_ram_bytes": nonzero * PAGE,
             "cpu_agents_s": sum(b - a for a, b in zip(cpu0, cpu1)),
+            "cpu_source_agent_s": cpu1[0] - cpu0[0],
+            "cpu_target_agent_s": cpu1[1] - cpu0[1],
             "cpu_qemu_s": qemu_cpu,
             "policy": s.get("policy_applied", ""),
             "guest_check": check,

@@ -229,6 +229,21 @@ impl RamFile {
         Ok(())
     }
 
+    /// Appends a copy of page `idx` to `out` (one copy, into `out`'s spare capacity).
+    pub fn append_page(&self, idx: u64, out: &mut Vec<u8>) -> Result<(), MemoryError> {
+        self.check_range(idx, 1)?;
+        out.reserve(PAGE_SIZE);
+        let len = out.len();
+        // SAFETY: the source page lies inside the live mapping (checked above) and cannot
+        // overlap `out`'s buffer; `reserve` made room for PAGE_SIZE more bytes, which the
+        // copy initialises before `set_len` exposes them.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.page_ptr(idx), out.as_mut_ptr().add(len), PAGE_SIZE);
+            out.set_len(len + PAGE_SIZE);
+        }
+        Ok(())
+    }
+
     /// Overwrite page `idx` with `data` (exactly [`PAGE_SIZE`] bytes).
     pub fn write_page(&self, idx: u64, data: &[u8]) -> Result<(), MemoryError> {
         if data.len() != PAGE_SIZE {
@@ -251,12 +266,46 @@ impl RamFile {
         }
         self.check_writable()?;
         self.check_range(first_idx, (data.len() / PAGE_SIZE) as u64)?;
-        // SAFETY: destination inside the live, writable mapping (checked above); source is a
-        // Rust slice that cannot overlap a mapping we never hand out.
+        self.copy_in(first_idx, data);
+        Ok(())
+    }
+
+    fn copy_in(&self, first_idx: u64, data: &[u8]) {
+        // SAFETY: destination inside the live, writable mapping (checked by the callers);
+        // source is a Rust slice that cannot overlap a mapping we never hand out.
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr(), self.page_ptr(first_idx), data.len())
         };
-        Ok(())
+    }
+
+    /// Like [`write_pages`](Self::write_pages), but through the file (`pwrite`) rather than
+    /// through this process's mapping: on tmpfs that fills the page cache without faulting
+    /// each page into our page tables (0.2 against 0.45-0.9 CPU-s per GiB measured here).
+    /// For a receiver: a write-tracker armed on this mapping does not see these writes.
+    /// Where the file system has no `write` (hugetlbfs) it falls back to the mapping.
+    pub fn store_pages(&self, first_idx: u64, data: &[u8]) -> Result<(), MemoryError> {
+        use std::os::unix::fs::FileExt;
+        if data.is_empty() || data.len() % PAGE_SIZE != 0 {
+            return Err(MemoryError::BufferSize {
+                expected: data.len().div_ceil(PAGE_SIZE).max(1) * PAGE_SIZE,
+                got: data.len(),
+            });
+        }
+        self.check_writable()?;
+        self.check_range(first_idx, (data.len() / PAGE_SIZE) as u64)?;
+        match self.file.write_all_at(data, first_idx * PAGE) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                self.copy_in(first_idx, data);
+                Ok(())
+            }
+            Err(e) => Err(io_err("write", &self.path, e)),
+        }
+    }
+
+    /// [`store_pages`](Self::store_pages) of one page of zeros.
+    pub fn store_zero_page(&self, idx: u64) -> Result<(), MemoryError> {
+        self.store_pages(idx, &ZEROS[..PAGE_SIZE])
     }
 
     /// Fill page `idx` with zeros.
@@ -739,8 +788,40 @@ mod tests {
         ));
         assert!(matches!(ro.zero_page(3), Err(MemoryError::ReadOnly { .. })));
 
+        // Appending copies the page after what the buffer already holds.
+        let mut out = vec![9u8; 3];
+        ram.append_page(3, &mut out).unwrap();
+        assert_eq!(out.len(), 3 + PAGE_SIZE);
+        assert_eq!(&out[..3], &[9, 9, 9]);
+        assert_eq!(&out[3..], &data[..]);
+        assert!(matches!(
+            ram.append_page(16, &mut out),
+            Err(MemoryError::PageOutOfRange { .. })
+        ));
+        assert_eq!(out.len(), 3 + PAGE_SIZE, "a refused append adds nothing");
+
         ram.zero_page(3).unwrap();
         assert!(ram.is_zero_page(3).unwrap());
+
+        // Stored through the file: visible in both mappings made before the write.
+        let more = page_of(11);
+        ram.store_pages(5, &more).unwrap();
+        ro.read_page(5, &mut buf).unwrap();
+        assert_eq!(buf, more);
+        ram.read_page(5, &mut buf).unwrap();
+        assert_eq!(buf, more);
+        ram.store_zero_page(5).unwrap();
+        assert!(ram.is_zero_page(5).unwrap());
+        ro.read_page(5, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        assert!(matches!(
+            ro.store_pages(5, &more),
+            Err(MemoryError::ReadOnly { .. })
+        ));
+        assert!(matches!(
+            ram.store_pages(16, &more),
+            Err(MemoryError::PageOutOfRange { .. })
+        ));
     }
 
     #[test]

@@ -93,6 +93,18 @@ impl FrameWriter {
         Ok(())
     }
 
+    /// Writes an encoded frame handed over whole: quinn keeps the buffer instead of
+    /// copying it into its send queue.
+    pub async fn write_owned(&mut self, frame: Vec<u8>) -> Result<(), TransportError> {
+        let len = frame.len() as u64;
+        self.send
+            .write_chunk(bytes::Bytes::from(frame))
+            .await
+            .map_err(|e| TransportError::Stream(e.to_string()))?;
+        self.bytes_written += len;
+        Ok(())
+    }
+
     /// Finishes the stream (the reader then sees a clean end).
     pub fn finish(&mut self) -> Result<(), TransportError> {
         self.send

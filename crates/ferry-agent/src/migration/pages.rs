@@ -275,14 +275,13 @@ async fn send_shard(
             if let Some(l) = &limiter {
                 l.acquire(f.bytes.len()).await;
             }
-            w.write(&f.bytes).await?;
+            let wire_len = f.bytes.len() as u64;
+            w.write_owned(f.bytes).await?;
             counters
                 .wait_ns
                 .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
             counters.batches.fetch_add(1, Ordering::Relaxed);
-            counters
-                .wire_bytes
-                .fetch_add(f.bytes.len() as u64, Ordering::Relaxed);
+            counters.wire_bytes.fetch_add(wire_len, Ordering::Relaxed);
             if f.payload_len == 0 {
                 // Only zero-page frames carry no payload.
                 counters
@@ -325,12 +324,16 @@ fn encode_chunk(
     skip_zero: bool,
     sums: Option<&PageSums>,
 ) -> Result<Vec<EncodedBatch>, PageError> {
+    // Each page is copied once, straight onto the batch's buffer; a zero page comes off it
+    // again.
     let mut data = Vec::with_capacity(pages.len() * PAGE_SIZE);
     let (mut data_runs, mut zero_runs) = (Vec::new(), Vec::new());
-    let mut buf = vec![0u8; PAGE_SIZE];
     for &p in pages {
-        ram.read_page(p, &mut buf)?;
-        if is_zero_page(&buf) {
+        let used = data.len();
+        ram.append_page(p, &mut data)?;
+        let buf = &data[used..];
+        if is_zero_page(buf) {
+            data.truncate(used);
             if let Some(s) = sums {
                 s.set_zero(p);
             }
@@ -339,9 +342,8 @@ fn encode_chunk(
             }
         } else {
             if let Some(s) = sums {
-                s.set_nonzero(p, &buf);
+                s.set_nonzero(p, buf);
             }
-            data.extend_from_slice(&buf);
             push_run(&mut data_runs, p);
         }
     }
@@ -417,7 +419,7 @@ fn apply_frame(ram: &RamFile, sums: &PageSums, frame: Frame) -> Result<u64, Page
                 check(run)?;
                 let len = run.count as usize * PAGE_SIZE;
                 let data = &b.data[off..off + len];
-                ram.write_pages(run.first, data)?;
+                ram.store_pages(run.first, data)?;
                 for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
                     sums.set(run.first + i as u64, page);
                 }
@@ -430,7 +432,7 @@ fn apply_frame(ram: &RamFile, sums: &PageSums, frame: Frame) -> Result<u64, Page
             for run in &z.runs {
                 check(run)?;
                 for p in run.pages() {
-                    ram.zero_page(p)?;
+                    ram.store_zero_page(p)?;
                     sums.set_zero(p);
                     n += 1;
                 }
