@@ -399,6 +399,7 @@ def run_ferry(tb, args, method, dirty, idx, workdir):
             "page_bytes": s.get("page_bytes"),
             "ratio": s.get("compression_ratio"),
             "rounds": s.get("rounds"),
+            "pages_skipped": s.get("pages_skipped"),
             "nonzero_ram_bytes": nonzero * PAGE,
             "cpu_agents_s": sum(b - a for a, b in zip(cpu0, cpu1)),
             "cpu_source_agent_s": cpu1[0] - cpu0[0],

@@ -30,6 +30,7 @@ pub const POINTS: &[&str] = &[
     "src.rollback.start",
     "src.settle.ask",
     "tgt.prepare.done",
+    "tgt.ram.reserve",
     "tgt.hello.done",
     "tgt.final_round.applied",
     "tgt.device_state.loaded",

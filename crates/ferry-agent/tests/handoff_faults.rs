@@ -221,7 +221,7 @@ async fn lists_vm(agent: &TestAgent) -> bool {
 /// the one QEMU running the guest — the source QEMU before its device state was captured
 /// whole, or the target QEMU after it resumed the guest.
 fn crash_allowed(point: &str, fault: Fault) -> bool {
-    const BEFORE_CAPTURE: [&str; 10] = [
+    const BEFORE_CAPTURE: [&str; 11] = [
         "src.preflight.done",
         "src.prepare.done",
         "src.connect.done",
@@ -231,6 +231,7 @@ fn crash_allowed(point: &str, fault: Fault) -> bool {
         "src.final_round.sent",
         "src.device_state.sent",
         "tgt.prepare.done",
+        "tgt.ram.reserve",
         "tgt.hello.done",
     ];
     match fault {
@@ -891,4 +892,92 @@ async fn audit_catches_a_tracker_that_misses_writes() {
     guest_memory_ok(&p.a)
         .await
         .expect("guest memory on the source");
+}
+
+/// A tmpfs mounted over a directory for the life of the guard (the test runs as root,
+/// as CI does): a RAM directory with less room than the guest needs.
+struct SmallTmpfs(PathBuf);
+
+impl SmallTmpfs {
+    fn mount(dir: &Path, size_mib: u64) -> SmallTmpfs {
+        let st = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size_mib}m"),
+                "ferry-test",
+            ])
+            .arg(dir)
+            .status()
+            .expect("run mount");
+        assert!(
+            st.success(),
+            "mount tmpfs on {} (needs root)",
+            dir.display()
+        );
+        SmallTmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A target whose RAM directory has no room for the guest is refused before a page moves
+/// (preflight; Prepare checks again for a race), saying so; the guest keeps running on the source (both QEMUs asked) with its memory intact, and
+/// the target keeps nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_ram_directory_on_the_target_is_refused_before_anything_moves() {
+    let _s = SERIAL.lock().await;
+    let p = pair(None, None).await;
+    let _full = SmallTmpfs::mount(p.b.ram_dir(), 64);
+    boot(&p.a).await;
+    let id = start(&p, "", false).await;
+    let end = wait_settled(&p.a, &id, Duration::from_secs(120))
+        .await
+        .expect("settled");
+    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+    assert!(
+        end.error.contains("do not fit in the RAM directory") && end.error.contains("MiB free"),
+        "{end:?}"
+    );
+    assert_eq!(end.stats.as_ref().map(|s| s.wire_bytes), Some(0), "{end:?}");
+    assert_eq!(p.a.observe_qemu(VM).await, QemuObserved::Running);
+    assert_eq!(p.b.observe_qemu(VM).await, QemuObserved::NoQemu);
+    assert!(
+        files_in(p.b.ram_dir()).is_empty(),
+        "{:?}",
+        files_in(p.b.ram_dir())
+    );
+    guest_memory_ok(&p.a).await.expect("guest memory");
+}
+
+/// The RAM file is allocated while pre-copy runs; when that fails (injected at
+/// `tgt.ram.reserve`: the test double stands for a RAM directory filled by someone else
+/// after Prepare's check), the target refuses the device state and the migration rolls
+/// back: the guest runs on the source only, asked of both QEMUs, memory intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ram_allocation_failing_during_precopy_rolls_back() {
+    let _s = SERIAL.lock().await;
+    let p = pair(None, Some("tgt.ram.reserve=return(error)")).await;
+    boot(&p.a).await;
+    let id = start(&p, "", false).await;
+    let end = wait_settled(&p.a, &id, Duration::from_secs(180))
+        .await
+        .expect("settled");
+    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+    assert_eq!(p.a.observe_qemu(VM).await, QemuObserved::Running);
+    assert_eq!(p.b.observe_qemu(VM).await, QemuObserved::NoQemu);
+    assert!(!lists_vm(&p.b).await, "the target keeps no VM");
+    guest_memory_ok(&p.a).await.expect("guest memory");
+    assert!(
+        end.error.contains("cannot allocate the guest's RAM"),
+        "{end:?}"
+    );
 }

@@ -59,6 +59,25 @@ fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> MemoryError 
     }
 }
 
+/// Bytes an unprivileged writer may still allocate in the file system holding `dir`
+/// (`statvfs`: available blocks times the fragment size).
+pub fn available_bytes(dir: &Path) -> Result<u64, MemoryError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| {
+        io_err(
+            "statvfs",
+            dir,
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"),
+        )
+    })?;
+    // SAFETY: statvfs(3) fills the zeroed struct we pass; `c` is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io_err("statvfs", dir, std::io::Error::last_os_error()));
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 impl RamFile {
     /// Map an existing RAM file. Its size must be a non-zero multiple of [`PAGE_SIZE`].
     pub fn open(path: impl AsRef<Path>, writable: bool) -> Result<Self, MemoryError> {
@@ -104,22 +123,31 @@ impl RamFile {
     /// with a SIGBUS when a page is first written (in the agent, or in QEMU later). On
     /// tmpfs the allocated pages still read as holes (`SEEK_DATA`), so scans skip them.
     pub fn create_reserved(path: impl AsRef<Path>, size_bytes: u64) -> Result<Self, MemoryError> {
-        use std::os::fd::AsRawFd;
         let path = path.as_ref();
         let ram = Self::create(path, size_bytes)?;
-        let file = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| io_err("open", path, e))?;
-        // SAFETY: a valid fd; fallocate only allocates blocks of the open file.
-        let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size_bytes as libc::off_t) };
-        if r != 0 {
-            let e = std::io::Error::last_os_error();
+        if let Err(e) = ram.reserve() {
             drop(ram);
             let _ = std::fs::remove_file(path);
-            return Err(io_err("allocate", path, e));
+            return Err(e);
         }
         Ok(ram)
+    }
+
+    /// Allocates every page of the file that is not allocated yet (`fallocate`), so that
+    /// no later write or first touch can fail for want of room (ENOSPC, or SIGBUS through
+    /// a mapping). Safe to run while pages are being written: it only fills holes.
+    pub fn reserve(&self) -> Result<(), MemoryError> {
+        self.check_writable()?;
+        // SAFETY: a valid fd; fallocate only allocates blocks of the open file.
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, 0, self.len as libc::off_t) };
+        if r != 0 {
+            return Err(io_err(
+                "allocate",
+                &self.path,
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
     }
 
     fn map(file: File, path: &Path, len: u64, writable: bool) -> Result<Self, MemoryError> {
@@ -822,6 +850,28 @@ mod tests {
             ram.store_pages(16, &more),
             Err(MemoryError::PageOutOfRange { .. })
         ));
+    }
+
+    #[test]
+    fn reserve_allocates_holes_and_keeps_written_pages() {
+        let dir = shm_dir();
+        let p = dir.path().join("ram");
+        let ram = RamFile::create(&p, 64 * PAGE).unwrap();
+        let free_before = available_bytes(dir.path()).unwrap();
+        ram.store_pages(7, &page_of(3)).unwrap();
+        ram.reserve().unwrap();
+        let mut buf = vec![0u8; PAGE_SIZE];
+        ram.read_page(7, &mut buf).unwrap();
+        assert_eq!(buf, page_of(3), "reserving does not touch written pages");
+        use std::os::unix::fs::MetadataExt;
+        let blocks = std::fs::metadata(&p).unwrap().blocks() * 512;
+        assert!(blocks >= 64 * PAGE, "{blocks} bytes allocated");
+        assert!(available_bytes(dir.path()).unwrap() <= free_before);
+        assert!(matches!(
+            RamFile::open(&p, false).unwrap().reserve(),
+            Err(MemoryError::ReadOnly { .. })
+        ));
+        assert!(available_bytes(&dir.path().join("missing")).is_err());
     }
 
     #[test]

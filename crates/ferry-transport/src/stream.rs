@@ -105,6 +105,14 @@ impl FrameWriter {
         Ok(())
     }
 
+    /// Finishes the stream and waits (up to `limit`) until the peer has it all: what was
+    /// written last then survives a connection close that follows.
+    pub async fn finish_and_flush(&mut self, limit: std::time::Duration) {
+        if self.send.finish().is_ok() {
+            let _ = tokio::time::timeout(limit, self.send.stopped()).await;
+        }
+    }
+
     /// Finishes the stream (the reader then sees a clean end).
     pub fn finish(&mut self) -> Result<(), TransportError> {
         self.send

@@ -53,6 +53,7 @@ pub fn migration_stats(s: &MigrationStats) -> Value {
         "pages_sent": s.pages_sent,
         "zero_pages_sent": s.zero_pages_sent,
         "pages_resent": s.pages_resent,
+        "pages_skipped": s.pages_skipped,
         "page_bytes": s.page_bytes,
         "wire_bytes": s.wire_bytes,
         "device_state_bytes": s.device_state_bytes,

@@ -598,10 +598,11 @@ fn stats_lines(st: &MigrationStats, phase: MigrationPhase, kv: &mut dyn FnMut(&s
     kv(
         "pages sent",
         format!(
-            "{} (resent {}, zero {})",
+            "{} (resent {}, zero {}, left to the next round {})",
             count(st.pages_sent),
             count(st.pages_resent),
-            count(st.zero_pages_sent)
+            count(st.zero_pages_sent),
+            count(st.pages_skipped)
         ),
     );
     kv("page bytes", bytes(st.page_bytes));
@@ -888,6 +889,7 @@ mod tests {
                 pages_sent: 140_233,
                 zero_pages_sent: 3000,
                 pages_resent: 12_001,
+                pages_skipped: 2_500,
                 page_bytes: 140_233 * 4096,
                 wire_bytes: 300 << 20,
                 device_state_bytes: 600 << 10,
@@ -924,7 +926,7 @@ mod tests {
             "total time        4.21 s",
             "downtime          11 ms (expected 9 ms)",
             "guest RAM         512.0 MiB",
-            "pages sent        140,233 (resent 12,001, zero 3,000)",
+            "pages sent        140,233 (resent 12,001, zero 3,000, left to the next round 2,500)",
             "page bytes        547.8 MiB",
             "wire bytes        300.0 MiB",
             "compression       1.83x",

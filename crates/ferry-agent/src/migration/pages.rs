@@ -53,6 +53,60 @@ pub struct PageCounters {
     /// take their bytes (or for the rate cap): where the bottleneck is, for `auto`.
     pub encode_ns: AtomicU64,
     pub wait_ns: AtomicU64,
+    /// Pages left out of their round because the guest wrote them again before their
+    /// turn came ([`SkipSet`]): they travel once, in the next round.
+    pub skipped_pages: AtomicU64,
+}
+
+impl PageCounters {
+    /// Pages a round has dealt with: sent, sent as zero, or left to the next round.
+    pub fn pages_done(&self) -> u64 {
+        self.pages.load(Ordering::Relaxed)
+            + self.zero_pages.load(Ordering::Relaxed)
+            + self.skipped_pages.load(Ordering::Relaxed)
+    }
+}
+
+/// Pages of the running round the tracker has already seen written again. Sending one
+/// now would be wasted: it is in the next round's set, so its shard skips it when its
+/// turn comes. Shared between the round's loop (which adds what each mid-round collection
+/// of the tracker returns) and the shard senders (which test each page before reading it).
+pub struct SkipSet {
+    words: Vec<AtomicU64>,
+    pages: u64,
+}
+
+impl SkipSet {
+    pub fn new(pages: u64) -> Self {
+        SkipSet {
+            words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            pages,
+        }
+    }
+
+    /// Forgets every page (a new round starts).
+    pub fn clear(&self) {
+        for w in &self.words {
+            w.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Adds the pages of `written` (pages beyond this set's size are ignored).
+    pub fn add(&self, written: &DirtyBitmap) {
+        for p in written.iter().take_while(|&p| p < self.pages) {
+            if let Some(w) = self.words.get((p / 64) as usize) {
+                w.fetch_or(1 << (p % 64), Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn contains(&self, page: u64) -> bool {
+        page < self.pages
+            && self
+                .words
+                .get((page / 64) as usize)
+                .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (page % 64)) != 0)
+    }
 }
 
 /// Errors while moving pages.
@@ -128,6 +182,7 @@ pub struct PageSender {
     /// Sums of the pages as sent (the source's half of the verification), hashed while
     /// each page is in cache for the compressor.
     sums: Option<Arc<PageSums>>,
+    skip: Arc<SkipSet>,
 }
 
 impl PageSender {
@@ -142,7 +197,15 @@ impl PageSender {
             resent: 0,
             limiter: None,
             sums: None,
+            skip: Arc::new(SkipSet::new(pages)),
         }
+    }
+
+    /// The running round's [`SkipSet`]: pages added to it before their shard reaches them
+    /// are not sent in this round. Emptied when a round starts. Only for pre-copy rounds:
+    /// a page skipped must be in the next round's set.
+    pub fn skip_set(&self) -> Arc<SkipSet> {
+        self.skip.clone()
     }
 
     /// The codec cell the streams read before each batch (`auto` changes it mid-round).
@@ -175,9 +238,15 @@ impl PageSender {
         pages: &DirtyBitmap,
         skip_zero: bool,
     ) -> Result<(), PageError> {
+        self.skip.clear();
         let n = self.writers.len().max(1);
         let mut shards: Vec<Vec<u64>> = vec![Vec::new(); n];
+        // Pages this round sends for the first time: one it skips was not sent after all.
+        let mut first_time = Vec::new();
         for p in pages.iter() {
+            if !self.ever_sent.get(p) {
+                first_time.push(p);
+            }
             if !self.ever_sent.set(p) {
                 return Err(PageError::OutOfRange {
                     page: p,
@@ -196,6 +265,7 @@ impl PageSender {
                 counters: self.counters.clone(),
                 limiter: self.limiter.clone(),
                 sums: self.sums.clone(),
+                skip: self.skip.clone(),
             };
             tasks.push(tokio::spawn(send_shard(w, shard, job)));
         }
@@ -205,6 +275,11 @@ impl PageSender {
                 Ok(Ok(w)) => self.writers.push(w),
                 Ok(Err(e)) => first_err = first_err.or(Some(e)),
                 Err(e) => first_err = first_err.or(Some(PageError::Join(e.to_string()))),
+            }
+        }
+        for p in first_time {
+            if self.skip.contains(p) {
+                self.ever_sent.unset(p);
             }
         }
         match first_err {
@@ -241,6 +316,7 @@ struct ShardJob {
     counters: Arc<PageCounters>,
     limiter: Option<Arc<RateLimiter>>,
     sums: Option<Arc<PageSums>>,
+    skip: Arc<SkipSet>,
 }
 
 async fn send_shard(
@@ -256,9 +332,22 @@ async fn send_shard(
         counters,
         limiter,
         sums,
+        skip,
     } = job;
     for chunk in shard.chunks(BATCH_PAGES) {
-        let chunk = chunk.to_vec();
+        let given = chunk.len();
+        let chunk: Vec<u64> = chunk
+            .iter()
+            .copied()
+            .filter(|&p| !skip.contains(p))
+            .collect();
+        let skipped = (given - chunk.len()) as u64;
+        if skipped > 0 {
+            counters.skipped_pages.fetch_add(skipped, Ordering::Relaxed);
+        }
+        if chunk.is_empty() {
+            continue;
+        }
         let (ram, sums, codec) = (ram.clone(), sums.clone(), codec.get());
         // Reading and compressing are CPU work: keep them off the async workers.
         let t = std::time::Instant::now();
@@ -442,5 +531,40 @@ fn apply_frame(ram: &RamFile, sums: &PageSums, frame: Frame) -> Result<u64, Page
         Frame::Control(_) | Frame::Chunk(_) => Err(PageError::Transport(
             TransportError::UnexpectedFrame("page"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skip_set_holds_what_was_added_until_cleared() {
+        let s = SkipSet::new(200);
+        assert!(!(0..200).any(|p| s.contains(p)));
+        let mut written = DirtyBitmap::new(200);
+        for p in [0, 63, 64, 130, 199] {
+            written.set(p);
+        }
+        s.add(&written);
+        let held: Vec<u64> = (0..200).filter(|&p| s.contains(p)).collect();
+        assert_eq!(held, vec![0, 63, 64, 130, 199]);
+        // Out of range: never held, never a panic (a bitmap larger than the set is cut).
+        assert!(!s.contains(200) && !s.contains(u64::MAX));
+        let mut bigger = DirtyBitmap::new(300);
+        bigger.set(250);
+        s.add(&bigger);
+        assert!(!s.contains(250));
+        s.clear();
+        assert!(!(0..200).any(|p| s.contains(p)));
+    }
+
+    #[test]
+    fn counters_count_skipped_pages_as_done() {
+        let c = PageCounters::default();
+        c.pages.store(10, Ordering::Relaxed);
+        c.zero_pages.store(3, Ordering::Relaxed);
+        c.skipped_pages.store(4, Ordering::Relaxed);
+        assert_eq!(c.pages_done(), 17);
     }
 }

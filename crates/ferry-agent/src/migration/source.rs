@@ -41,6 +41,9 @@ use tracing::{info, warn};
 
 /// How long into round 0 the guest's write rate is sampled.
 const WRITE_RATE_SAMPLE: Duration = Duration::from_millis(500);
+/// How often a pre-copy round asks the tracker what the guest wrote meanwhile, so the
+/// shards skip pages that will be sent again in the next round anyway.
+const SKIP_COLLECT_EVERY: Duration = Duration::from_millis(250);
 
 /// Pacing rate relative to the probed steady rate of the link.
 const PACE_HEADROOM: f64 = 0.88;
@@ -873,6 +876,8 @@ impl Migration {
             // as a lower rate than the guest's. What the sample collects joins round 1.
             // With `auto` the codec is revisited every STEP_EVERY while the round runs.
             let mut early: Option<(DirtyBitmap, f64)> = None;
+            // What later mid-round collections returned: joins the next round too.
+            let mut collected: Option<DirtyBitmap> = None;
             // Wire bytes and time at that mark: round 0's rate after the connection's
             // start-up, for the prediction (slow start on a long path skews the average).
             let mut ramped: Option<(u64, f64)> = None;
@@ -884,10 +889,11 @@ impl Migration {
                 }
                 let round_pages = pending.count();
                 let at_start = (
-                    counters.pages.load(Ordering::Relaxed)
-                        + counters.zero_pages.load(Ordering::Relaxed),
+                    counters.pages_done(),
                     counters.wire_bytes.load(Ordering::Relaxed),
                 );
+                let skip = sender.skip_set();
+                let mut last_collect = Instant::now();
                 let send = sender.send_round(round, &pending, round == 0);
                 tokio::pin!(send);
                 let mut sampled_writes = round > 0 || undo.tracker.is_none();
@@ -924,9 +930,23 @@ impl Migration {
                         ));
                         if let Some(t) = undo.tracker.as_mut() {
                             let pages = t.collect().map_err(fail(at, "collect dirty pages"))?;
+                            last_collect = Instant::now();
+                            skip.add(&pages);
                             let secs = armed_at.elapsed().as_secs_f64();
                             known_dirty_rate = pages.count() as f64 / secs.max(1e-3);
                             early = Some((pages, secs));
+                        }
+                    } else if last_collect.elapsed() >= SKIP_COLLECT_EVERY {
+                        // Pages written again since the round began are left for the next
+                        // round instead of being sent twice.
+                        if let Some(t) = undo.tracker.as_mut() {
+                            let pages = t.collect().map_err(fail(at, "collect dirty pages"))?;
+                            last_collect = Instant::now();
+                            skip.add(&pages);
+                            match collected.as_mut() {
+                                Some(c) => c.union_with(&pages),
+                                None => collected = Some(pages),
+                            }
                         }
                     }
                 }
@@ -965,13 +985,16 @@ impl Migration {
                 .transpose()
                 .map_err(fail(at, "collect dirty pages"))?
                 .unwrap_or_else(|| DirtyBitmap::new(0));
-            #[cfg(feature = "failpoints")]
-            crate::failpoint::forget_writes(&mut dirty);
             let mut sampled_rate = 0.0;
             if let Some((pages, secs)) = early.take() {
                 sampled_rate = pages.count() as f64 / secs.max(1e-3);
                 dirty.union_with(&pages);
             }
+            if let Some(pages) = collected.take() {
+                dirty.union_with(&pages);
+            }
+            #[cfg(feature = "failpoints")]
+            crate::failpoint::forget_writes(&mut dirty);
             if let (Some(a), Some(sums)) = (audit.as_mut(), sender.sums()) {
                 a.add_suspects(suspects);
                 self.check_audit(a, &dirty, at)?;
@@ -1711,6 +1734,7 @@ impl Migration {
             st.pages_sent = c.pages.load(Ordering::Relaxed);
             st.zero_pages_sent = c.zero_pages.load(Ordering::Relaxed);
             st.pages_resent = sender.resent;
+            st.pages_skipped = c.skipped_pages.load(Ordering::Relaxed);
             st.page_bytes = c.page_bytes.load(Ordering::Relaxed);
             st.wire_bytes = c.wire_bytes.load(Ordering::Relaxed);
             st.rounds = round;
@@ -1761,6 +1785,7 @@ impl Migration {
         self.count_metrics(c);
         let pages = c.pages.load(Ordering::Relaxed);
         let zero = c.zero_pages.load(Ordering::Relaxed);
+        let done = c.pages_done();
         let wire = c.wire_bytes.load(Ordering::Relaxed);
         let secs = round_start.elapsed().as_secs_f64();
         let elapsed = self.started.elapsed();
@@ -1774,7 +1799,7 @@ impl Migration {
                 .unwrap_or(u64::from(self.p.downtime_ms));
             let p = RoundProgress {
                 round_pages,
-                done_pages: (pages + zero).saturating_sub(at_start.0).min(round_pages),
+                done_pages: done.saturating_sub(at_start.0).min(round_pages),
                 round_secs: secs,
                 dirty_pages_per_sec: dirty_rate,
                 expected_downtime_ms: expected_downtime as f64,
@@ -1782,6 +1807,7 @@ impl Migration {
             st.guest_ram_bytes = self.spec.memory_mib << 20;
             st.pages_sent = pages;
             st.zero_pages_sent = zero;
+            st.pages_skipped = c.skipped_pages.load(Ordering::Relaxed);
             st.page_bytes = c.page_bytes.load(Ordering::Relaxed);
             st.wire_bytes = wire;
             st.rounds = round;

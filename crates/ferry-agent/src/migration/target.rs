@@ -87,6 +87,9 @@ pub struct Incoming {
     final_applied: watch::Sender<bool>,
     /// The fingerprint's per-page sums of everything written here.
     sums: Arc<PageSums>,
+    /// Set once the whole RAM file is allocated (or could not be): the device state, the
+    /// first thing to make QEMU touch guest RAM, waits for it.
+    reserved: watch::Receiver<Option<Result<(), String>>>,
     /// This host's incoming slot, given back when the migration leaves the registry.
     slot: std::sync::Mutex<Option<super::SlotGuard>>,
 }
@@ -279,17 +282,31 @@ impl IncomingRegistry {
         let launch = self.vms.launch_for(spec, true);
         prepare_dirs(&launch).map_err(|e| err("run directory", &e))?;
         let _ = std::fs::remove_file(&launch.ram_path);
-        // Allocated up front, off the runtime: a RAM directory without room fails here.
+        // A RAM directory without room for the guest fails here. The pages themselves are
+        // allocated (fallocate) while the pre-copy runs: ~240 ms per GiB here, which
+        // Prepare used to add to every migration.
         let (path, bytes) = (launch.ram_path.clone(), spec.memory_mib << 20);
-        let ram = tokio::task::spawn_blocking(move || RamFile::create_reserved(&path, bytes))
+        let no_room = |e: &dyn std::fmt::Display| {
+            Status::resource_exhausted(format!(
+                "cannot allocate the {} MiB RAM file on {host}: {e}",
+                spec.memory_mib
+            ))
+        };
+        if let Some(dir) = path.parent() {
+            let free = ferry_memory::available_bytes(dir).map_err(|e| err("RAM directory", &e))?;
+            if free < bytes {
+                return Err(no_room(&format!(
+                    "{} has {} MiB free",
+                    dir.display(),
+                    free >> 20
+                )));
+            }
+        }
+        let ram = tokio::task::spawn_blocking(move || RamFile::create(&path, bytes))
             .await
             .map_err(|e| err("RAM file", &e))?
-            .map_err(|e| {
-                Status::resource_exhausted(format!(
-                    "cannot allocate the {} MiB RAM file on {host}: {e}",
-                    spec.memory_mib
-                ))
-            })?;
+            .map_err(|e| no_room(&e))?;
+        let ram = Arc::new(ram);
         let ram_pages = ram.page_count();
         // The fingerprint's per-page sums: a large allocation, off the runtime too.
         let sums = tokio::task::spawn_blocking(move || PageSums::new(ram_pages))
@@ -364,11 +381,12 @@ impl IncomingRegistry {
         };
         match setup.await {
             Ok((incoming_sock, loaded, nbd)) => Ok(Arc::new(Incoming {
+                reserved: self.reserve_in_background(ram.clone()),
                 id: id.to_string(),
                 token: token.to_string(),
                 peer: peer.to_string(),
                 spec: spec.clone(),
-                ram: std::sync::Mutex::new(Some(Arc::new(ram))),
+                ram: std::sync::Mutex::new(Some(ram)),
                 proc,
                 state: Mutex::new(State::prepared()),
                 applied: Arc::new(AppliedCounter::default()),
@@ -685,6 +703,26 @@ impl IncomingRegistry {
         r.token = Some(inc.token.clone());
         r.copies = inc.copies.clone();
         r
+    }
+
+    /// Allocates the rest of the RAM file off the runtime; the channel says how it went.
+    fn reserve_in_background(
+        &self,
+        ram: Arc<RamFile>,
+    ) -> watch::Receiver<Option<Result<(), String>>> {
+        let (tx, rx) = watch::channel(None);
+        let state_dir = self.cfg.state_dir.clone();
+        tokio::spawn(async move {
+            let r = match crate::failpoint::hit("tgt.ram.reserve", &state_dir).await {
+                Err(e) => Err(e),
+                Ok(()) => match tokio::task::spawn_blocking(move || ram.reserve()).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                },
+            };
+            let _ = tx.send(Some(r));
+        });
+        rx
     }
 
     async fn fail_point(&self, name: &'static str) -> Result<(), Status> {
@@ -1093,6 +1131,18 @@ impl IncomingRegistry {
             }
         };
         acceptor.abort();
+        if reason != "finished" {
+            // The source hears why, instead of only a closed connection.
+            let msg = ControlMessage::Error {
+                message: reason.clone(),
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                if send(&mut w, &msg).await.is_ok() {
+                    w.finish_and_flush(Duration::from_secs(1)).await;
+                }
+            })
+            .await;
+        }
         reason
     }
 }
@@ -1298,6 +1348,17 @@ async fn accept_streams(conn: quinn::Connection, inc: Arc<Incoming>, err_tx: mps
                         let held = matches!(tokio::time::timeout(Duration::from_secs(300), fin.wait_for(|done| *done)).await, Ok(Ok(_)));
                         if !held {
                             let _ = err_tx.send("the final round never completed".to_string()).await;
+                            return;
+                        }
+                        // Loading devices is QEMU's first touch of guest RAM: every page must
+                        // have its memory by then (a hole on a full tmpfs would be a SIGBUS).
+                        let mut reserved = inc.reserved.clone();
+                        let outcome = match tokio::time::timeout(Duration::from_secs(300), reserved.wait_for(|r| r.is_some())).await {
+                            Ok(Ok(r)) => r.clone().unwrap_or(Ok(())),
+                            _ => Err("the RAM file's allocation never finished".to_string()),
+                        };
+                        if let Err(e) = outcome {
+                            let _ = err_tx.send(format!("cannot allocate the guest's RAM on this host: {e}")).await;
                             return;
                         }
                         // QEMU listens once migrate-incoming ran; retry briefly in case of a race.
