@@ -27,7 +27,7 @@ pub mod uffd;
 pub use audit::TrackerAudit;
 pub use bitmap::DirtyBitmap;
 pub use error::{MemoryError, TrackerError};
-pub use ram::{available_bytes, is_zero_page, page_sum, PageSums, RamFile};
+pub use ram::{is_zero_page, page_sum, PageSums, RamFile};
 pub use selftest::{
     choose_tracker, self_test, verify_tracker, TrackerKind, MAX_EXTRA_PAGES, MAX_IDLE_PAGES,
 };

@@ -59,25 +59,6 @@ fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> MemoryError 
     }
 }
 
-/// Bytes an unprivileged writer may still allocate in the file system holding `dir`
-/// (`statvfs`: available blocks times the fragment size).
-pub fn available_bytes(dir: &Path) -> Result<u64, MemoryError> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| {
-        io_err(
-            "statvfs",
-            dir,
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"),
-        )
-    })?;
-    // SAFETY: statvfs(3) fills the zeroed struct we pass; `c` is a valid C string.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io_err("statvfs", dir, std::io::Error::last_os_error()));
-    }
-    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
-}
-
 impl RamFile {
     /// Map an existing RAM file. Its size must be a non-zero multiple of [`PAGE_SIZE`].
     pub fn open(path: impl AsRef<Path>, writable: bool) -> Result<Self, MemoryError> {
@@ -118,24 +99,10 @@ impl RamFile {
         made
     }
 
-    /// Like [`RamFile::create`], with every page allocated up front (`fallocate`): a RAM
-    /// directory without room for the whole guest fails here, with ENOSPC, instead of
-    /// with a SIGBUS when a page is first written (in the agent, or in QEMU later). On
-    /// tmpfs the allocated pages still read as holes (`SEEK_DATA`), so scans skip them.
-    pub fn create_reserved(path: impl AsRef<Path>, size_bytes: u64) -> Result<Self, MemoryError> {
-        let path = path.as_ref();
-        let ram = Self::create(path, size_bytes)?;
-        if let Err(e) = ram.reserve() {
-            drop(ram);
-            let _ = std::fs::remove_file(path);
-            return Err(e);
-        }
-        Ok(ram)
-    }
-
     /// Allocates every page of the file that is not allocated yet (`fallocate`), so that
     /// no later write or first touch can fail for want of room (ENOSPC, or SIGBUS through
-    /// a mapping). Safe to run while pages are being written: it only fills holes.
+    /// a mapping). Safe to run while pages are being written: it only fills holes. On
+    /// tmpfs the allocated pages still read as holes (`SEEK_DATA`), so scans skip them.
     ///
     /// Works in 16 MiB steps: tmpfs holds the file's lock for a whole `fallocate`, and
     /// writes of pages arriving meanwhile (`store_pages`) wait for it (240 ms per GiB here).
@@ -873,7 +840,6 @@ mod tests {
         let dir = shm_dir();
         let p = dir.path().join("ram");
         let ram = RamFile::create(&p, 64 * PAGE).unwrap();
-        let free_before = available_bytes(dir.path()).unwrap();
         ram.store_pages(7, &page_of(3)).unwrap();
         ram.reserve().unwrap();
         let mut buf = vec![0u8; PAGE_SIZE];
@@ -882,12 +848,10 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let blocks = std::fs::metadata(&p).unwrap().blocks() * 512;
         assert!(blocks >= 64 * PAGE, "{blocks} bytes allocated");
-        assert!(available_bytes(dir.path()).unwrap() <= free_before);
         assert!(matches!(
             RamFile::open(&p, false).unwrap().reserve(),
             Err(MemoryError::ReadOnly { .. })
         ));
-        assert!(available_bytes(&dir.path().join("missing")).is_err());
     }
 
     #[test]

@@ -96,6 +96,13 @@ pub const LINK_BOUND: f64 = 0.6;
 /// Share below which the CPU is the limit (the streams hardly ever wait for the link).
 pub const CPU_BOUND: f64 = 0.25;
 
+/// Share of an interval's written bytes still in QUIC's send buffer at its end above
+/// which the link is the limit whatever the streams' waits say: a send buffer larger
+/// than the path's BDP takes writes at once while the congestion window is still
+/// opening (measured on wan: 250 ms into round 0 the streams had not waited, yet the
+/// wire had carried 41 Mbit/s of a 1 Gbit/s link).
+pub const QUEUED_BOUND: f64 = 0.25;
+
 /// Pages the sample compresses with every candidate (2 MiB; ~50 ms of one core for all,
 /// taken from the sender's start on a busy host).
 pub const SAMPLE_PAGES: usize = 512;
@@ -131,6 +138,11 @@ pub fn measure(codec: Codec, data: &[u8]) -> Result<CodecSample, CodecError> {
             ratio: 1.0,
             bytes_per_sec: f64::INFINITY,
         });
+    }
+    // Untimed first: the streams keep a compressor per thread, so the speed that
+    // matters is a warm one (a fresh zstd context's set-up took most of a 2 MiB sample).
+    if let Some(first) = data.chunks(256 * PAGE_SIZE).next() {
+        codec.compress(first)?;
     }
     let start = Instant::now();
     let mut packed = 0usize;
@@ -180,6 +192,21 @@ pub struct Interval {
     pub wire_rate: f64,
     /// Cores free for compressing (idle or ours), from `/proc`.
     pub cores: f64,
+    /// Share of the bytes the streams wrote in the interval that QUIC had not sent by
+    /// its end (queued in its send buffer); 0 when it sent more than was written.
+    pub queued_share: f64,
+}
+
+impl Interval {
+    /// The link (or its congestion window) was the limit.
+    pub fn link_bound(&self) -> bool {
+        self.wait_share >= LINK_BOUND || self.queued_share >= QUEUED_BOUND
+    }
+
+    /// Compressing was the limit: the streams hardly waited and QUIC kept up.
+    pub fn cpu_bound(&self) -> bool {
+        self.wait_share <= CPU_BOUND && self.queued_share < QUEUED_BOUND
+    }
 }
 
 /// What the controller knows of the link across intervals.
@@ -196,7 +223,7 @@ impl LinkKnowledge {
     /// Adds an interval's figures.
     pub fn add(&mut self, iv: &Interval) {
         self.floor = self.floor.max(iv.wire_rate);
-        if iv.wait_share >= LINK_BOUND {
+        if iv.link_bound() {
             self.pushed = Some(self.pushed.unwrap_or(0.0).max(iv.wire_rate));
         }
     }
@@ -222,7 +249,7 @@ pub fn step(samples: &[CodecSample], current: Codec, iv: Interval, link: &LinkKn
     let Some(cur) = sample(current) else {
         return current;
     };
-    if iv.wait_share >= LINK_BOUND {
+    if iv.link_bound() {
         let now = throughput(cur, iv.wire_rate, iv.cores);
         let best = CANDIDATES[pos + 1..]
             .iter()
@@ -233,7 +260,7 @@ pub fn step(samples: &[CodecSample], current: Codec, iv: Interval, link: &LinkKn
             Some((c, t)) if t > now * SWITCH_GAIN => c,
             _ => current,
         }
-    } else if iv.wait_share <= CPU_BOUND && pos > 0 {
+    } else if iv.cpu_bound() && pos > 0 {
         let Some(down) = sample(CANDIDATES[pos - 1]) else {
             return current;
         };
@@ -367,6 +394,7 @@ mod tests {
             wait_share: 0.9,
             wire_rate,
             cores,
+            queued_share: 0.0,
         }
     }
 
@@ -421,6 +449,7 @@ mod tests {
             wait_share: 0.1,
             wire_rate: 100e6,
             cores: 1.0,
+            queued_share: 0.0,
         };
         // Link never pushed: it may be fast, try raw.
         assert_eq!(
@@ -442,6 +471,7 @@ mod tests {
             wait_share: 0.1,
             wire_rate: 60e6,
             cores: 1.0,
+            queued_share: 0.0,
         };
         assert_eq!(
             step(
@@ -456,6 +486,22 @@ mod tests {
             step(&samples(), Codec::None, cpu_bound, &UNKNOWN),
             Codec::None
         );
+        // The streams did not wait, but QUIC sent only a tenth of what they wrote (its
+        // buffer took the rest while the congestion window opened): the link is the
+        // limit, not the CPU — no step down to raw, and the link counts as pushed.
+        let buffered = Interval {
+            wire_rate: 5e6,
+            queued_share: 0.9,
+            ..cpu_bound
+        };
+        assert!(buffered.link_bound() && !buffered.cpu_bound());
+        assert_ne!(
+            step(&samples(), Codec::Lz4, buffered, &UNKNOWN),
+            Codec::None
+        );
+        let mut k = UNKNOWN;
+        k.add(&buffered);
+        assert_eq!(k.pushed, Some(5e6));
         // In between: stay.
         let mixed = Interval {
             wait_share: 0.4,
@@ -477,6 +523,7 @@ mod tests {
             wait_share: 0.1,
             wire_rate: 50e6,
             cores: 1.0,
+            queued_share: 0.0,
         });
         assert!(k.estimate().is_infinite(), "not pushed yet");
         k.add(&link_bound(40e6, 1.0));

@@ -289,6 +289,8 @@ struct IntervalMark {
     encode_ns: u64,
     page_bytes: u64,
     payload_bytes: u64,
+    /// Bytes the streams handed to QUIC.
+    written: u64,
     udp_bytes: u64,
     at: Instant,
     cpu: auto_codec::CpuMeter,
@@ -301,6 +303,7 @@ impl IntervalMark {
             encode_ns: c.encode_ns.load(Ordering::Relaxed),
             page_bytes: c.page_bytes.load(Ordering::Relaxed),
             payload_bytes: c.payload_bytes.load(Ordering::Relaxed),
+            written: c.wire_bytes.load(Ordering::Relaxed),
             udp_bytes,
             at: Instant::now(),
             cpu: auto_codec::CpuMeter::start(),
@@ -343,10 +346,19 @@ impl AutoCodec {
         if payload > 0 {
             self.samples = auto_codec::rescale(&self.base, current, page as f64 / payload as f64);
         }
+        let (written, sent) = (
+            now.written - start.written,
+            now.udp_bytes.saturating_sub(start.udp_bytes),
+        );
         let iv = auto_codec::Interval {
             wait_share: wait / (wait + enc),
-            wire_rate: (now.udp_bytes - start.udp_bytes) as f64 / secs,
+            wire_rate: sent as f64 / secs,
             cores,
+            queued_share: if written > 0 {
+                written.saturating_sub(sent) as f64 / written as f64
+            } else {
+                0.0
+            },
         };
         let next = auto_codec::step(&self.samples, current, iv, &self.link);
         self.link.add(&iv);
@@ -354,7 +366,7 @@ impl AutoCodec {
             self.cell.set(next);
             format!(
                 "compress auto: {current} -> {next} ({}, link {:.0} Mbit/s, {cores:.1} core(s) free; {})",
-                if iv.wait_share >= auto_codec::LINK_BOUND { "link-bound" } else { "CPU-bound" },
+                if iv.link_bound() { "link-bound" } else { "CPU-bound" },
                 iv.wire_rate * 8.0 / 1e6,
                 self.samples
                     .iter()

@@ -282,9 +282,9 @@ impl IncomingRegistry {
         let launch = self.vms.launch_for(spec, true);
         prepare_dirs(&launch).map_err(|e| err("run directory", &e))?;
         let _ = std::fs::remove_file(&launch.ram_path);
-        // A RAM directory without room for the guest fails here. The pages themselves are
-        // allocated (fallocate) while the pre-copy runs: ~240 ms per GiB here, which
-        // Prepare used to add to every migration.
+        // Admission checked the RAM directory's room. The pages themselves are allocated
+        // (fallocate) while the pre-copy runs: ~240 ms per GiB here, which Prepare used to
+        // add to every migration.
         let (path, bytes) = (launch.ram_path.clone(), spec.memory_mib << 20);
         let no_room = |e: &dyn std::fmt::Display| {
             Status::resource_exhausted(format!(
@@ -292,16 +292,6 @@ impl IncomingRegistry {
                 spec.memory_mib
             ))
         };
-        if let Some(dir) = path.parent() {
-            let free = ferry_memory::available_bytes(dir).map_err(|e| err("RAM directory", &e))?;
-            if free < bytes {
-                return Err(no_room(&format!(
-                    "{} has {} MiB free",
-                    dir.display(),
-                    free >> 20
-                )));
-            }
-        }
         let ram = tokio::task::spawn_blocking(move || RamFile::create(&path, bytes))
             .await
             .map_err(|e| err("RAM file", &e))?
