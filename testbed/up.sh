@@ -142,6 +142,12 @@ done
 head -n 1 "$DIR/linkem.log"
 
 # --- ferryd per host -------------------------------------------------------------------
+# The host's cgroup cpu controller, mounted again inside `ip netns exec` (see below).
+if [ -e /sys/fs/cgroup/cgroup.controllers ]; then
+  CGROUP_MOUNT='mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null || true'
+else
+  CGROUP_MOUNT='mount -t tmpfs cgroup_root /sys/fs/cgroup 2>/dev/null && mkdir -p /sys/fs/cgroup/cpu && mount -t cgroup -o cpu cgroup /sys/fs/cgroup/cpu 2>/dev/null || true'
+fi
 FERRYD_PIDS=()
 if [ -n "$FERRYD" ]; then
   cert_hosts=()
@@ -178,8 +184,12 @@ retain_source_ram = $RETAIN
 congestion = "${FERRY_TB_CONGESTION:-cubic-filtered}"
 ${FERRY_TB_MIGRATION_EXTRA:-}
 TOML
-    # `ip netns exec` execs ferryd in place, so $! is ferryd's pid.
-    setsid ip netns exec "$(ns "$i")" "$FERRYD" --config "$DIR/$h/ferryd.toml" \
+    # `ip netns exec` execs ferryd in place (through sh, which execs it too), so $! is
+    # ferryd's pid. It also mounts a fresh /sys, without the host's cgroup mounts: they
+    # are mounted again in that private mount namespace, or `--on-stall throttle` finds
+    # no cpu controller.
+    setsid ip netns exec "$(ns "$i")" sh -c "$CGROUP_MOUNT"'; exec "$0" "$@"' \
+      "$FERRYD" --config "$DIR/$h/ferryd.toml" \
       >"$DIR/$h/ferryd.log" 2>&1 </dev/null &
     FERRYD_PIDS+=($!)
   done
