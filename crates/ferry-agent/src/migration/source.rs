@@ -948,9 +948,10 @@ impl Migration {
                             known_dirty_rate = pages.count() as f64 / secs.max(1e-3);
                             early = Some((pages, secs));
                         }
-                    } else if last_collect.elapsed() >= SKIP_COLLECT_EVERY {
+                    } else if sampled_writes && last_collect.elapsed() >= SKIP_COLLECT_EVERY {
                         // Pages written again since the round began are left for the next
-                        // round instead of being sent twice.
+                        // round instead of being sent twice. Not before round 0's write-rate
+                        // sample: it must count every write since the arming.
                         if let Some(t) = undo.tracker.as_mut() {
                             let pages = t.collect().map_err(fail(at, "collect dirty pages"))?;
                             last_collect = Instant::now();
