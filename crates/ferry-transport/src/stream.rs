@@ -7,8 +7,21 @@ use quinn::{ReadExactError, RecvStream, SendStream};
 fn read_err(e: ReadExactError) -> TransportError {
     match e {
         ReadExactError::FinishedEarly(_) => TransportError::Closed,
-        ReadExactError::ReadError(e) => TransportError::Stream(e.to_string()),
+        ReadExactError::ReadError(e) => stream_err(e),
     }
+}
+
+/// A stream error with its causes: quinn's "connection lost" alone hides why, and a peer
+/// that closes the connection says why in its close reason ("closed by peer: 3: ...").
+fn stream_err(e: impl std::error::Error) -> TransportError {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    TransportError::Stream(text)
 }
 
 /// Writes the stream header that opens every stream.
@@ -16,9 +29,7 @@ pub async fn write_stream_header(
     send: &mut SendStream,
     header: StreamHeader,
 ) -> Result<(), TransportError> {
-    send.write_all(&header.encode())
-        .await
-        .map_err(|e| TransportError::Stream(e.to_string()))
+    send.write_all(&header.encode()).await.map_err(stream_err)
 }
 
 /// Reads and validates the stream header.
@@ -85,10 +96,7 @@ impl FrameWriter {
     }
 
     pub async fn write(&mut self, frame: &[u8]) -> Result<(), TransportError> {
-        self.send
-            .write_all(frame)
-            .await
-            .map_err(|e| TransportError::Stream(e.to_string()))?;
+        self.send.write_all(frame).await.map_err(stream_err)?;
         self.bytes_written += frame.len() as u64;
         Ok(())
     }
@@ -100,7 +108,7 @@ impl FrameWriter {
         self.send
             .write_chunk(bytes::Bytes::from(frame))
             .await
-            .map_err(|e| TransportError::Stream(e.to_string()))?;
+            .map_err(stream_err)?;
         self.bytes_written += len;
         Ok(())
     }
@@ -115,9 +123,7 @@ impl FrameWriter {
 
     /// Finishes the stream (the reader then sees a clean end).
     pub fn finish(&mut self) -> Result<(), TransportError> {
-        self.send
-            .finish()
-            .map_err(|e| TransportError::Stream(e.to_string()))
+        self.send.finish().map_err(stream_err)
     }
 }
 
@@ -151,5 +157,39 @@ impl ControlChannel {
     /// Splits into halves so one task can send while another receives.
     pub fn split(self) -> (FrameWriter, FrameReader) {
         (self.writer, self.reader)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|l| l as _)
+        }
+    }
+
+    #[test]
+    fn a_stream_error_carries_its_causes() {
+        let e = Layer(
+            "connection lost",
+            Some(Box::new(Layer("closed by peer: 3: no room", None))),
+        );
+        match stream_err(e) {
+            TransportError::Stream(t) => {
+                assert_eq!(t, "connection lost: closed by peer: 3: no room")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
