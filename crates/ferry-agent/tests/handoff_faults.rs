@@ -143,6 +143,16 @@ async fn guest_memory_ok(agent: &TestAgent) -> Result<(), String> {
     r.ok.then_some(()).ok_or(format!("{r:?}"))
 }
 
+/// Asked of both QEMUs: the guest runs on the source, the target has no QEMU for it, and
+/// the guest's memory is intact.
+async fn assert_runs_on_the_source_only(p: &Pair) {
+    assert_eq!(p.a.observe_qemu(VM).await, QemuObserved::Running);
+    assert_eq!(p.b.observe_qemu(VM).await, QemuObserved::NoQemu);
+    guest_memory_ok(&p.a)
+        .await
+        .expect("guest memory on the source");
+}
+
 async fn client(agent: &TestAgent) -> Option<FerryControlClient<Channel>> {
     tokio::time::timeout(Duration::from_secs(5), agent.client())
         .await
@@ -887,11 +897,7 @@ async fn audit_catches_a_tracker_that_misses_writes() {
         p.a.log_tail().contains("failpoint src.tracker.forget hit"),
         "the hook fired"
     );
-    assert_eq!(p.a.observe_qemu(VM).await, QemuObserved::Running);
-    assert_eq!(p.b.observe_qemu(VM).await, QemuObserved::NoQemu);
-    guest_memory_ok(&p.a)
-        .await
-        .expect("guest memory on the source");
+    assert_runs_on_the_source_only(&p).await;
 }
 
 /// A tmpfs mounted over a directory for the life of the guard (the test runs as root,
@@ -930,8 +936,8 @@ impl Drop for SmallTmpfs {
 }
 
 /// A target whose RAM directory has no room for the guest is refused before a page moves
-/// (preflight; Prepare checks again for a race), saying so; the guest keeps running on the source (both QEMUs asked) with its memory intact, and
-/// the target keeps nothing.
+/// (preflight; Prepare checks again for a race), saying so; the guest keeps running on
+/// the source (both QEMUs asked) with its memory intact, and the target keeps nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_ram_directory_on_the_target_is_refused_before_anything_moves() {
     let _s = SERIAL.lock().await;
@@ -948,14 +954,12 @@ async fn full_ram_directory_on_the_target_is_refused_before_anything_moves() {
         "{end:?}"
     );
     assert_eq!(end.stats.as_ref().map(|s| s.wire_bytes), Some(0), "{end:?}");
-    assert_eq!(p.a.observe_qemu(VM).await, QemuObserved::Running);
-    assert_eq!(p.b.observe_qemu(VM).await, QemuObserved::NoQemu);
     assert!(
         files_in(p.b.ram_dir()).is_empty(),
         "{:?}",
         files_in(p.b.ram_dir())
     );
-    guest_memory_ok(&p.a).await.expect("guest memory");
+    assert_runs_on_the_source_only(&p).await;
 }
 
 /// The RAM file is allocated while pre-copy runs; when that fails (injected at
@@ -972,10 +976,8 @@ async fn ram_allocation_failing_during_precopy_rolls_back() {
         .await
         .expect("settled");
     assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
-    assert_eq!(p.a.observe_qemu(VM).await, QemuObserved::Running);
-    assert_eq!(p.b.observe_qemu(VM).await, QemuObserved::NoQemu);
     assert!(!lists_vm(&p.b).await, "the target keeps no VM");
-    guest_memory_ok(&p.a).await.expect("guest memory");
+    assert_runs_on_the_source_only(&p).await;
     assert!(
         end.error.contains("cannot allocate the guest's RAM"),
         "{end:?}"

@@ -269,6 +269,13 @@ impl RamFile {
     /// Overwrite `data.len() / PAGE_SIZE` pages starting at `first_idx`; `data.len()` must be a
     /// non-zero multiple of [`PAGE_SIZE`].
     pub fn write_pages(&self, first_idx: u64, data: &[u8]) -> Result<(), MemoryError> {
+        self.check_write(first_idx, data)?;
+        self.copy_in(first_idx, data);
+        Ok(())
+    }
+
+    /// `data` is whole pages, the file writable and the pages inside it.
+    fn check_write(&self, first_idx: u64, data: &[u8]) -> Result<(), MemoryError> {
         if data.is_empty() || data.len() % PAGE_SIZE != 0 {
             return Err(MemoryError::BufferSize {
                 expected: data.len().div_ceil(PAGE_SIZE).max(1) * PAGE_SIZE,
@@ -276,9 +283,7 @@ impl RamFile {
             });
         }
         self.check_writable()?;
-        self.check_range(first_idx, (data.len() / PAGE_SIZE) as u64)?;
-        self.copy_in(first_idx, data);
-        Ok(())
+        self.check_range(first_idx, (data.len() / PAGE_SIZE) as u64)
     }
 
     fn copy_in(&self, first_idx: u64, data: &[u8]) {
@@ -296,14 +301,7 @@ impl RamFile {
     /// Where the file system has no `write` (hugetlbfs) it falls back to the mapping.
     pub fn store_pages(&self, first_idx: u64, data: &[u8]) -> Result<(), MemoryError> {
         use std::os::unix::fs::FileExt;
-        if data.is_empty() || data.len() % PAGE_SIZE != 0 {
-            return Err(MemoryError::BufferSize {
-                expected: data.len().div_ceil(PAGE_SIZE).max(1) * PAGE_SIZE,
-                got: data.len(),
-            });
-        }
-        self.check_writable()?;
-        self.check_range(first_idx, (data.len() / PAGE_SIZE) as u64)?;
+        self.check_write(first_idx, data)?;
         match self.file.write_all_at(data, first_idx * PAGE) {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {

@@ -887,8 +887,10 @@ impl Migration {
             // round the count of distinct pages saturates at the working set and reads
             // as a lower rate than the guest's. What the sample collects joins round 1.
             // With `auto` the codec is revisited every STEP_EVERY while the round runs.
-            let mut early: Option<(DirtyBitmap, f64)> = None;
-            // What later mid-round collections returned: joins the next round too.
+            // Its rate (pages per second since the arming), 0 when not taken this round.
+            let mut sampled_rate = 0.0;
+            // What the sample and later mid-round collections returned: joins the next
+            // round's set.
             let mut collected: Option<DirtyBitmap> = None;
             // Wire bytes and time at that mark: round 0's rate after the connection's
             // start-up, for the prediction (slow start on a long path skews the average).
@@ -934,32 +936,33 @@ impl Migration {
                         }
                     }
                     let el = t0.elapsed();
-                    if !sampled_writes && el >= WRITE_RATE_SAMPLE {
+                    let sample_due = !sampled_writes && el >= WRITE_RATE_SAMPLE;
+                    if sample_due {
                         sampled_writes = true;
                         ramped = Some((
                             counters.wire_bytes.load(Ordering::Relaxed),
                             el.as_secs_f64(),
                         ));
-                        if let Some(t) = undo.tracker.as_mut() {
-                            let pages = t.collect().map_err(fail(at, "collect dirty pages"))?;
-                            last_collect = Instant::now();
-                            skip.add(&pages);
-                            let secs = armed_at.elapsed().as_secs_f64();
-                            known_dirty_rate = pages.count() as f64 / secs.max(1e-3);
-                            early = Some((pages, secs));
+                    }
+                    // Pages written again since the round began are left for the next
+                    // round instead of being sent twice. Not before round 0's write-rate
+                    // sample: it must count every write since the arming.
+                    let skip_due = !sample_due
+                        && sampled_writes
+                        && last_collect.elapsed() >= SKIP_COLLECT_EVERY;
+                    let tracker = undo.tracker.as_mut().filter(|_| sample_due || skip_due);
+                    if let Some(t) = tracker {
+                        let pages = t.collect().map_err(fail(at, "collect dirty pages"))?;
+                        last_collect = Instant::now();
+                        skip.add(&pages);
+                        if sample_due {
+                            let secs = armed_at.elapsed().as_secs_f64().max(1e-3);
+                            sampled_rate = pages.count() as f64 / secs;
+                            known_dirty_rate = sampled_rate;
                         }
-                    } else if sampled_writes && last_collect.elapsed() >= SKIP_COLLECT_EVERY {
-                        // Pages written again since the round began are left for the next
-                        // round instead of being sent twice. Not before round 0's write-rate
-                        // sample: it must count every write since the arming.
-                        if let Some(t) = undo.tracker.as_mut() {
-                            let pages = t.collect().map_err(fail(at, "collect dirty pages"))?;
-                            last_collect = Instant::now();
-                            skip.add(&pages);
-                            match collected.as_mut() {
-                                Some(c) => c.union_with(&pages),
-                                None => collected = Some(pages),
-                            }
+                        match collected.as_mut() {
+                            Some(c) => c.union_with(&pages),
+                            None => collected = Some(pages),
                         }
                     }
                 }
@@ -998,11 +1001,6 @@ impl Migration {
                 .transpose()
                 .map_err(fail(at, "collect dirty pages"))?
                 .unwrap_or_else(|| DirtyBitmap::new(0));
-            let mut sampled_rate = 0.0;
-            if let Some((pages, secs)) = early.take() {
-                sampled_rate = pages.count() as f64 / secs.max(1e-3);
-                dirty.union_with(&pages);
-            }
             if let Some(pages) = collected.take() {
                 dirty.union_with(&pages);
             }

@@ -286,16 +286,15 @@ impl IncomingRegistry {
         // (fallocate) while the pre-copy runs: ~240 ms per GiB here, which Prepare used to
         // add to every migration.
         let (path, bytes) = (launch.ram_path.clone(), spec.memory_mib << 20);
-        let no_room = |e: &dyn std::fmt::Display| {
-            Status::resource_exhausted(format!(
-                "cannot allocate the {} MiB RAM file on {host}: {e}",
-                spec.memory_mib
-            ))
-        };
         let ram = tokio::task::spawn_blocking(move || RamFile::create(&path, bytes))
             .await
             .map_err(|e| err("RAM file", &e))?
-            .map_err(|e| no_room(&e))?;
+            .map_err(|e| {
+                Status::resource_exhausted(format!(
+                    "cannot allocate the {} MiB RAM file on {host}: {e}",
+                    spec.memory_mib
+                ))
+            })?;
         let ram = Arc::new(ram);
         let ram_pages = ram.page_count();
         // The fingerprint's per-page sums: a large allocation, off the runtime too.
