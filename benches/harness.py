@@ -176,15 +176,20 @@ def netdev_bytes(pid):
     return total
 
 
+def stat_ticks(path):
+    """utime+stime clock ticks from a /proc .../stat file."""
+    with open(path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
 def proc_cpu(pid, skip_vcpus=False):
     """utime+stime seconds of a process, optionally without its vCPU threads.
 
     The process-wide figure of /proc/PID/stat counts threads that have exited (QEMU's
     multifd threads end with the migration); summing /proc/PID/task/* would drop them."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total = int(fields[11]) + int(fields[12])
+        total = stat_ticks(f"/proc/{pid}/stat")
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return None
     if not skip_vcpus:
@@ -197,11 +202,8 @@ def proc_cpu(pid, skip_vcpus=False):
         try:
             with open(f"/proc/{pid}/task/{tid}/comm") as f:
                 comm = f.read().strip()
-            if not (comm.startswith("CPU ") and ("/TCG" in comm or "/KVM" in comm)):
-                continue
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total -= int(fields[11]) + int(fields[12])
+            if comm.startswith("CPU ") and ("/TCG" in comm or "/KVM" in comm):
+                total -= stat_ticks(f"/proc/{pid}/task/{tid}/stat")
         except (FileNotFoundError, ProcessLookupError, IndexError):
             continue
     return total / CLK_TCK
