@@ -53,6 +53,9 @@ pub struct PageCounters {
     /// take their bytes (or for the rate cap): where the bottleneck is, for `auto`.
     pub encode_ns: AtomicU64,
     pub wait_ns: AtomicU64,
+    /// CPU nanoseconds the streams spent reading and compressing (their threads' own
+    /// time, where `encode_ns` is wall time): what `auto` charges a codec.
+    pub encode_cpu_ns: AtomicU64,
     /// Pages left out of their round because the guest wrote them again before their
     /// turn came ([`SkipSet`]): they travel once, in the next round.
     pub skipped_pages: AtomicU64,
@@ -351,14 +354,20 @@ async fn send_shard(
         let (ram, sums, codec) = (ram.clone(), sums.clone(), codec.get());
         // Reading and compressing are CPU work: keep them off the async workers.
         let t = std::time::Instant::now();
-        let frames = tokio::task::spawn_blocking(move || {
-            encode_chunk(&ram, round, &chunk, codec, skip_zero, sums.as_deref())
+        let (frames, cpu) = tokio::task::spawn_blocking(move || {
+            let cpu = super::auto_codec::thread_cpu();
+            let frames = encode_chunk(&ram, round, &chunk, codec, skip_zero, sums.as_deref());
+            (frames, super::auto_codec::thread_cpu().saturating_sub(cpu))
         })
         .await
-        .map_err(|e| PageError::Join(e.to_string()))??;
+        .map_err(|e| PageError::Join(e.to_string()))?;
+        let frames = frames?;
         counters
             .encode_ns
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        counters
+            .encode_cpu_ns
+            .fetch_add(cpu.as_nanos() as u64, Ordering::Relaxed);
         for f in frames {
             let t = std::time::Instant::now();
             if let Some(l) = &limiter {

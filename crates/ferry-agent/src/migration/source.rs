@@ -277,8 +277,12 @@ struct AutoCodec {
     base: Vec<auto_codec::CodecSample>,
     samples: Vec<auto_codec::CodecSample>,
     cell: Arc<SharedCodec>,
+    /// This host's cores, and the page streams (each compresses on one).
     cores_limit: f64,
+    streams: f64,
     link: auto_codec::LinkKnowledge,
+    /// The CPU costs per byte as the last interval that sent enough showed.
+    costs: auto_codec::CpuCosts,
     /// Where the current interval started.
     mark: Option<IntervalMark>,
 }
@@ -287,6 +291,7 @@ struct AutoCodec {
 struct IntervalMark {
     wait_ns: u64,
     encode_ns: u64,
+    encode_cpu_ns: u64,
     page_bytes: u64,
     payload_bytes: u64,
     /// Bytes the streams handed to QUIC.
@@ -301,6 +306,7 @@ impl IntervalMark {
         IntervalMark {
             wait_ns: c.wait_ns.load(Ordering::Relaxed),
             encode_ns: c.encode_ns.load(Ordering::Relaxed),
+            encode_cpu_ns: c.encode_cpu_ns.load(Ordering::Relaxed),
             page_bytes: c.page_bytes.load(Ordering::Relaxed),
             payload_bytes: c.payload_bytes.load(Ordering::Relaxed),
             written: c.wire_bytes.load(Ordering::Relaxed),
@@ -334,7 +340,7 @@ impl AutoCodec {
         let secs = start.at.elapsed().as_secs_f64().max(1e-3);
         let wait = (now.wait_ns - start.wait_ns) as f64;
         let enc = (now.encode_ns - start.encode_ns) as f64;
-        let cores = start.cpu.cores(self.cores_limit);
+        let cpu = start.cpu.read(self.cores_limit)?;
         if wait + enc <= 0.0 || self.samples.is_empty() {
             return None;
         }
@@ -353,21 +359,40 @@ impl AutoCodec {
         let iv = auto_codec::Interval {
             wait_share: wait / (wait + enc),
             wire_rate: sent as f64 / secs,
-            cores,
             queued_share: if written > 0 {
                 written.saturating_sub(sent) as f64 / written as f64
             } else {
                 0.0
             },
+            cores: cpu.cores,
+            used: cpu.used,
+            encoding: (now.encode_cpu_ns - start.encode_cpu_ns) as f64 / 1e9 / secs,
+            page_rate: page as f64 / secs,
         };
-        let next = auto_codec::step(&self.samples, current, iv, &self.link);
+        let cur = self.samples.iter().find(|s| s.codec == current)?;
+        if let Some(c) = iv.costs(cur) {
+            self.costs = c;
+        }
+        let next = auto_codec::step(
+            &self.samples,
+            current,
+            iv,
+            &self.link,
+            self.streams,
+            &self.costs,
+        );
         self.link.add(&iv);
+        let cores = iv.cores;
         (next != current).then(|| {
             self.cell.set(next);
             format!(
-                "compress auto: {current} -> {next} ({}, link {:.0} Mbit/s, {cores:.1} core(s) free; {})",
+                "compress auto: {current} -> {next} ({}, wire {:.0} Mbit/s, {:.1} of {cores:.1} core(s) used; \
+                 {:.1} ns/byte to read, {:.1} to send; {})",
                 if iv.link_bound() { "link-bound" } else { "CPU-bound" },
                 iv.wire_rate * 8.0 / 1e6,
+                iv.used,
+                self.costs.read * 1e9,
+                self.costs.send * 1e9,
                 self.samples
                     .iter()
                     .filter(|s| s.codec != Codec::None)
@@ -870,12 +895,12 @@ impl Migration {
                 base: Vec::new(),
                 samples: Vec::new(),
                 cell: sender.codec(),
-                cores_limit: (self.p.page_streams.max(1) as f64).min(
-                    std::thread::available_parallelism()
-                        .map(|n| n.get() as f64)
-                        .unwrap_or(1.0),
-                ),
+                cores_limit: std::thread::available_parallelism()
+                    .map(|n| n.get() as f64)
+                    .unwrap_or(1.0),
+                streams: self.p.page_streams.max(1) as f64,
                 link: auto_codec::LinkKnowledge::default(),
+                costs: auto_codec::CpuCosts::default(),
                 mark: None,
             }
         });
