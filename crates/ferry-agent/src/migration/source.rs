@@ -323,8 +323,9 @@ impl AutoCodec {
     async fn tick(
         &mut self,
         sender_counters: &super::pages::PageCounters,
-        udp_bytes: u64,
+        conn: &quinn::ConnectionStats,
     ) -> Option<String> {
+        let udp_bytes = conn.udp_tx.bytes;
         if self.base.is_empty() {
             match self.samples_task.take() {
                 Some(t) if t.is_finished() => {
@@ -368,6 +369,7 @@ impl AutoCodec {
             used: cpu.used,
             encoding: (now.encode_cpu_ns - start.encode_cpu_ns) as f64 / 1e9 / secs,
             page_rate: page as f64 / secs,
+            window_rate: conn.path.cwnd as f64 / conn.path.rtt.as_secs_f64().max(1e-4),
         };
         let cur = self.samples.iter().find(|s| s.codec == current)?;
         if let Some(c) = iv.costs(cur) {
@@ -386,10 +388,11 @@ impl AutoCodec {
         (next != current).then(|| {
             self.cell.set(next);
             format!(
-                "compress auto: {current} -> {next} ({}, wire {:.0} Mbit/s, {:.1} of {cores:.1} core(s) used; \
-                 {:.1} ns/byte to read, {:.1} to send; {})",
+                "compress auto: {current} -> {next} ({}, wire {:.0} Mbit/s of a window allowing {:.0}, \
+                 {:.1} of {cores:.1} core(s) used; {:.1} ns/byte to read, {:.1} to send; {})",
                 if iv.link_bound() { "link-bound" } else { "CPU-bound" },
                 iv.wire_rate * 8.0 / 1e6,
+                iv.window_rate * 8.0 / 1e6,
                 iv.used,
                 self.costs.read * 1e9,
                 self.costs.send * 1e9,
@@ -955,7 +958,7 @@ impl Migration {
                         known_dirty_rate,
                     );
                     if let Some(a) = auto.as_mut() {
-                        if let Some(msg) = a.tick(&counters, link.conn.stats().udp_tx.bytes).await {
+                        if let Some(msg) = a.tick(&counters, &link.conn.stats()).await {
                             info!(migration = %self.p.job.id, "{msg}");
                             self.show(pb::MigrationPhase::Precopy, msg);
                         }
