@@ -1,7 +1,9 @@
 //! Typed reading and writing of ferry-wire frames on QUIC streams.
 
 use crate::TransportError;
-use ferry_wire::{ControlMessage, Frame, StreamHeader, FRAME_HEADER_LEN, STREAM_HEADER_LEN};
+use ferry_wire::{
+    ControlMessage, Frame, FrameType, StreamHeader, FRAME_HEADER_LEN, STREAM_HEADER_LEN,
+};
 use quinn::{ReadExactError, RecvStream, SendStream};
 
 fn read_err(e: ReadExactError) -> TransportError {
@@ -58,6 +60,24 @@ impl FrameReader {
 
     /// Next frame; `Ok(None)` when the peer finished the stream cleanly between frames.
     pub async fn next(&mut self) -> Result<Option<Frame>, TransportError> {
+        let mut body = std::mem::take(&mut self.body);
+        let got = self.next_body(&mut body).await;
+        let frame = match got {
+            Ok(Some(ty)) => Frame::decode_body(ty, &body).map(Some).map_err(Into::into),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        self.body = body;
+        frame
+    }
+
+    /// Next frame's type, its body read (undecoded) into `body`: for a receiver that
+    /// decodes off the async runtime (decompressing is CPU work). `Ok(None)` when the peer
+    /// finished the stream cleanly between frames.
+    pub async fn next_body(
+        &mut self,
+        body: &mut Vec<u8>,
+    ) -> Result<Option<FrameType>, TransportError> {
         let mut h = [0u8; FRAME_HEADER_LEN];
         match self.recv.read_exact(&mut h).await {
             Ok(()) => {}
@@ -65,13 +85,10 @@ impl FrameReader {
             Err(e) => return Err(read_err(e)),
         }
         let (ty, len) = Frame::parse_header(&h)?;
-        self.body.resize(len, 0);
-        self.recv
-            .read_exact(&mut self.body)
-            .await
-            .map_err(read_err)?;
+        body.resize(len, 0);
+        self.recv.read_exact(body).await.map_err(read_err)?;
         self.bytes_read += (FRAME_HEADER_LEN + len) as u64;
-        Ok(Some(Frame::decode_body(ty, &self.body)?))
+        Ok(Some(ty))
     }
 
     /// Stops the peer from sending more (used when aborting).

@@ -423,12 +423,36 @@ fn encode_chunk(
     sums: Option<&PageSums>,
 ) -> Result<Vec<EncodedBatch>, PageError> {
     // Each page is copied once, straight onto the batch's buffer; a zero page comes off it
-    // again.
-    let mut data = Vec::with_capacity(pages.len() * PAGE_SIZE);
+    // again. The buffer is the thread's own, kept across batches: a fresh 1 MiB one per
+    // batch cost an allocation and its page faults every time.
+    PAGE_BUFFER.with(|cell| {
+        let mut data = cell.take();
+        data.clear();
+        data.reserve(pages.len() * PAGE_SIZE);
+        let out = encode_pages(ram, round, pages, codec, skip_zero, sums, &mut data);
+        cell.replace(data);
+        out
+    })
+}
+
+thread_local! {
+    static PAGE_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// [`encode_chunk`] with the pages read into `data`.
+fn encode_pages(
+    ram: &RamFile,
+    round: u32,
+    pages: &[u64],
+    codec: Codec,
+    skip_zero: bool,
+    sums: Option<&PageSums>,
+    data: &mut Vec<u8>,
+) -> Result<Vec<EncodedBatch>, PageError> {
     let (mut data_runs, mut zero_runs) = (Vec::new(), Vec::new());
     for &p in pages {
         let used = data.len();
-        ram.append_page(p, &mut data)?;
+        ram.append_page(p, data)?;
         let buf = &data[used..];
         if is_zero_page(buf) {
             data.truncate(used);
@@ -447,7 +471,7 @@ fn encode_chunk(
     }
     let mut out = Vec::with_capacity(2);
     if !data_runs.is_empty() {
-        out.push(PageBatch::encode(round, &data_runs, &data, codec)?);
+        out.push(PageBatch::encode(round, &data_runs, data, codec)?);
     }
     if !zero_runs.is_empty() {
         out.push(ZeroPages::encode(round, &zero_runs)?);
@@ -485,11 +509,26 @@ pub async fn apply_page_stream(
     applied: Arc<AppliedCounter>,
     sums: Arc<PageSums>,
 ) -> Result<(), PageError> {
-    while let Some(frame) = reader.next().await? {
+    // Decoding (decompressing) and writing happen off the async runtime, whose threads
+    // also drive the QUIC connection; the frame's body and its decoded buffer go with
+    // the work and come back for the next frame, so no 1 MiB buffer is allocated,
+    // zeroed and faulted in per batch.
+    let (mut body, mut spare) = (Vec::new(), Vec::new());
+    while let Some(ty) = reader.next_body(&mut body).await? {
         let (ram, sums) = (ram.clone(), sums.clone());
-        let pages = tokio::task::spawn_blocking(move || apply_frame(&ram, &sums, frame))
+        let (b, s) = (std::mem::take(&mut body), std::mem::take(&mut spare));
+        let (pages, b, s) =
+            tokio::task::spawn_blocking(move || match Frame::decode_body_reusing(ty, &b, s) {
+                Ok(frame) => {
+                    let pages = apply_frame(&ram, &sums, &frame);
+                    (pages, b, frame.into_data())
+                }
+                Err(e) => (Err(e.into()), b, Vec::new()),
+            })
             .await
-            .map_err(|e| PageError::Join(e.to_string()))??;
+            .map_err(|e| PageError::Join(e.to_string()))?;
+        (body, spare) = (b, s);
+        let pages = pages?;
         applied.pages.fetch_add(pages, Ordering::Relaxed);
         applied.frames.fetch_add(1, Ordering::AcqRel);
         applied.notify.notify_waiters();
@@ -497,7 +536,7 @@ pub async fn apply_page_stream(
     Ok(())
 }
 
-fn apply_frame(ram: &RamFile, sums: &PageSums, frame: Frame) -> Result<u64, PageError> {
+fn apply_frame(ram: &RamFile, sums: &PageSums, frame: &Frame) -> Result<u64, PageError> {
     let limit = ram.page_count();
     let check = |run: &PageRun| {
         let end = run.first + u64::from(run.count);
