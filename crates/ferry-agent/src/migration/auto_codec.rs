@@ -7,10 +7,11 @@
 //! QUIC to take their bytes, how much of its cores the agent used, and what a byte cost
 //! it: reading and compressing (the streams' own thread CPU time) and sending (the rest
 //! of the agent's CPU, per wire byte: QUIC, TLS, UDP) — [`CpuCosts`]. The interval is
-//! **link-bound** when the streams waited (or QUIC sat on their bytes) while the CPU had
-//! room, **CPU-bound** when the agent held (nearly) every core it could get — whatever its
-//! streams waited for: a QUIC connection is sent from one task, and streams waiting for
-//! a CPU-starved sender wait for the CPU — or when its streams hardly waited. [`step`]
+//! **link-bound** when QUIC sent about what its congestion window allows, or the streams
+//! waited (or QUIC sat on their bytes) while the CPU had room; **CPU-bound** when QUIC sent
+//! well below its window and the agent held (nearly) every core it could get — whatever
+//! its streams waited for: a QUIC connection is sent from one task, and streams waiting
+//! for a CPU-starved sender wait for the CPU — or when its streams hardly waited. [`step`]
 //! then weighs every codec (none, lz4, zstd-1, zstd-3) by the pages it would move,
 //! [`throughput`]: the least of the link × its ratio (the link as measured now when
 //! link-bound, as known so far when CPU-bound), what the streams read and compress, what

@@ -424,35 +424,15 @@ fn encode_chunk(
 ) -> Result<Vec<EncodedBatch>, PageError> {
     // Each page is copied once, straight onto the batch's buffer; a zero page comes off it
     // again. The buffer is the thread's own, kept across batches: a fresh 1 MiB one per
-    // batch cost an allocation and its page faults every time.
-    PAGE_BUFFER.with(|cell| {
-        let mut data = cell.take();
-        data.clear();
-        data.reserve(pages.len() * PAGE_SIZE);
-        let out = encode_pages(ram, round, pages, codec, skip_zero, sums, &mut data);
-        cell.replace(data);
-        out
-    })
-}
-
-thread_local! {
-    static PAGE_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
-/// [`encode_chunk`] with the pages read into `data`.
-fn encode_pages(
-    ram: &RamFile,
-    round: u32,
-    pages: &[u64],
-    codec: Codec,
-    skip_zero: bool,
-    sums: Option<&PageSums>,
-    data: &mut Vec<u8>,
-) -> Result<Vec<EncodedBatch>, PageError> {
+    // batch cost an allocation and its page faults every time. (A batch that fails drops
+    // it; the next one starts a new buffer.)
+    let mut data = PAGE_BUFFER.take();
+    data.clear();
+    data.reserve(pages.len() * PAGE_SIZE);
     let (mut data_runs, mut zero_runs) = (Vec::new(), Vec::new());
     for &p in pages {
         let used = data.len();
-        ram.append_page(p, data)?;
+        ram.append_page(p, &mut data)?;
         let buf = &data[used..];
         if is_zero_page(buf) {
             data.truncate(used);
@@ -471,12 +451,17 @@ fn encode_pages(
     }
     let mut out = Vec::with_capacity(2);
     if !data_runs.is_empty() {
-        out.push(PageBatch::encode(round, &data_runs, data, codec)?);
+        out.push(PageBatch::encode(round, &data_runs, &data, codec)?);
     }
     if !zero_runs.is_empty() {
         out.push(ZeroPages::encode(round, &zero_runs)?);
     }
+    PAGE_BUFFER.set(data);
     Ok(out)
+}
+
+thread_local! {
+    static PAGE_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Target side: how many frames have been written into the RAM file.

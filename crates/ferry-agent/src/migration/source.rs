@@ -384,16 +384,16 @@ impl AutoCodec {
             &self.costs,
         );
         self.link.add(&iv);
-        let cores = iv.cores;
         (next != current).then(|| {
             self.cell.set(next);
             format!(
                 "compress auto: {current} -> {next} ({}, wire {:.0} Mbit/s of a window allowing {:.0}, \
-                 {:.1} of {cores:.1} core(s) used; {:.1} ns/byte to read, {:.1} to send; {})",
+                 {:.1} of {:.1} core(s) used; {:.1} ns/byte to read, {:.1} to send; {})",
                 if iv.link_bound() { "link-bound" } else { "CPU-bound" },
                 iv.wire_rate * 8.0 / 1e6,
                 iv.window_rate * 8.0 / 1e6,
                 iv.used,
+                iv.cores,
                 self.costs.read * 1e9,
                 self.costs.send * 1e9,
                 self.samples
