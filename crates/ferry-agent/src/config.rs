@@ -95,6 +95,10 @@ pub struct MigrationDefaults {
     /// QUIC congestion controller of the data plane: "bbr", "cubic" or "cubic-filtered"
     /// (cubic that ignores losses no queue explains: ferry_transport::congestion).
     pub congestion: String,
+    /// The data plane's receiver acknowledges every this many packets (QUIC ACK
+    /// frequency extension; 2 is RFC 9000's rule): fewer ACK datagrams to send and to
+    /// process on both hosts.
+    pub ack_every: u32,
     /// Deadline of every peer gRPC call (Prepare, Abort, IncomingStatus, ...), seconds.
     pub peer_call_timeout_s: u64,
     /// Deadline of each pre-copy round's confirmation by the target, seconds.
@@ -135,6 +139,7 @@ impl Default for MigrationDefaults {
             // Measured (benches/RESULTS.md): BBR's time on wan and far with a third of its
             // bytes on far, where plain cubic collapses.
             congestion: "cubic-filtered".into(),
+            ack_every: 2,
             peer_call_timeout_s: 60,
             round_timeout_s: 120,
             switchover_timeout_s: 60,

@@ -81,6 +81,7 @@ pub async fn build(cfg: AgentConfig) -> anyhow::Result<Arc<AgentCtx>> {
     let tuning = TransportTuning {
         idle_timeout: Duration::from_secs(cfg.migration.idle_timeout_s.max(1)),
         congestion,
+        ack_every: cfg.migration.ack_every,
         ..Default::default()
     };
     let quic =

@@ -49,6 +49,11 @@ pub struct TransportTuning {
     /// UDP socket send and receive buffers (bytes). The kernel default (~200 KiB) drops
     /// datagrams at 1 Gbit/s, which QUIC takes as congestion.
     pub socket_buffer: usize,
+    /// The peer acknowledges every this many ack-eliciting packets (QUIC's ACK frequency
+    /// extension, which quinn speaks on both ends); 2 is RFC 9000's rule. Each ACK is a
+    /// datagram the receiver sends and the sender processes: at 1 Gbit/s every second
+    /// packet means ~40,000 of them a second.
+    pub ack_every: u32,
 }
 
 impl Default for TransportTuning {
@@ -60,8 +65,29 @@ impl Default for TransportTuning {
             connection_window: 64 << 20,
             congestion: Congestion::DelayFilteredCubic,
             socket_buffer: 8 << 20,
+            ack_every: 2,
         }
     }
+}
+
+/// Longest the peer may hold an ACK back when it acknowledges less often than every second
+/// packet: the last packets of a burst are not left waiting for the 25 ms default.
+const ACK_DELAY_WHEN_THINNED: Duration = Duration::from_millis(5);
+
+/// The ACK frequency to request of the peer for acknowledging every `ack_every`
+/// ack-eliciting packets (0 and 1: every packet); `None` leaves RFC 9000's
+/// every-second-packet rule.
+pub fn ack_frequency(ack_every: u32) -> Option<quinn::AckFrequencyConfig> {
+    if ack_every == 2 {
+        return None;
+    }
+    let mut cfg = quinn::AckFrequencyConfig::default();
+    // The threshold counts packets received *without* an ACK: one less than the period.
+    cfg.ack_eliciting_threshold(ack_every.saturating_sub(1).into());
+    if ack_every > 2 {
+        cfg.max_ack_delay(Some(ACK_DELAY_WHEN_THINNED));
+    }
+    Some(cfg)
 }
 
 fn transport_config(t: &TransportTuning) -> Result<quinn::TransportConfig, TransportError> {
@@ -75,6 +101,7 @@ fn transport_config(t: &TransportTuning) -> Result<quinn::TransportConfig, Trans
     cfg.send_window(u64::from(t.connection_window));
     cfg.max_concurrent_uni_streams(64u32.into());
     cfg.max_concurrent_bidi_streams(16u32.into());
+    cfg.ack_frequency_config(ack_frequency(t.ack_every));
     match t.congestion {
         Congestion::Bbr => {
             cfg.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));

@@ -142,3 +142,57 @@ fn dev_pki_files_load() {
     let err = Identity::load(&f.ca, &dir.path().join("nope.pem"), &f.key).unwrap_err();
     assert!(err.to_string().contains("nope.pem"));
 }
+
+/// Sends `bursts` writes of two packets' worth, 1 ms apart (so datagrams reach the
+/// receiver a few at a time, as on a paced link, not in the large batches of a loopback
+/// burst, which quinn acknowledges once per batch anyway), from a client to a server both
+/// tuned with `ack_every`; returns (datagrams the server received, ACK frames it sent),
+/// read from the server's own connection statistics.
+async fn acks_for_paced_transfer(ack_every: u32, bursts: usize) -> (u64, u64) {
+    const BURST: usize = 2400;
+    let ca = generate_ca("test mesh").unwrap();
+    let t = TransportTuning {
+        ack_every,
+        ..tuning()
+    };
+    let server =
+        QuicEndpoint::bind("127.0.0.1:0".parse().unwrap(), &identity(&ca, "b"), &t).unwrap();
+    let addr = server.local_addr().unwrap();
+    let srv = tokio::spawn(async move {
+        let conn = server.accept().await.unwrap().unwrap();
+        let mut recv = conn.accept_uni().await.unwrap();
+        let got = recv.read_to_end(usize::MAX).await.unwrap();
+        let stats = conn.stats();
+        conn.close(0u32.into(), b"done");
+        (got.len(), stats.udp_rx.datagrams, stats.frame_tx.acks)
+    });
+    let client = QuicEndpoint::client(addr, &identity(&ca, "a"), &t).unwrap();
+    let conn = client.connect(addr, "127.0.0.1").await.unwrap();
+    let mut send = conn.open_uni().await.unwrap();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    for _ in 0..bursts {
+        tick.tick().await;
+        send.write_all(&[0x5a; BURST]).await.unwrap();
+    }
+    send.finish().unwrap();
+    let (len, datagrams, acks) = srv.await.unwrap();
+    assert_eq!(len, bursts * BURST, "the whole stream arrived");
+    (datagrams, acks)
+}
+
+#[tokio::test]
+async fn thinned_acks_are_requested_of_the_receiver() {
+    let (rx_default, acks_default) = acks_for_paced_transfer(2, 300).await;
+    let (rx_thin, acks_thin) = acks_for_paced_transfer(10, 300).await;
+    // RFC 9000's rule: an ACK for every second packet; asked for one per ten (or 5 ms),
+    // the receiver sends a fraction of that.
+    assert!(
+        acks_default * 3 >= rx_default,
+        "default: {acks_default} ACKs for {rx_default} datagrams"
+    );
+    assert!(
+        acks_thin * 4 <= rx_thin,
+        "ack_every 10: {acks_thin} ACKs for {rx_thin} datagrams"
+    );
+    eprintln!("ACKs: default {acks_default}/{rx_default}, every 10: {acks_thin}/{rx_thin}");
+}
