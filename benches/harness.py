@@ -184,45 +184,51 @@ def stat_ticks(path):
 
 
 def proc_cpu(pid, skip_vcpus=False):
-    """utime+stime seconds of a process, optionally without its vCPU threads.
+    """utime+stime seconds of a process, optionally without its vCPU threads."""
+    split = proc_cpu_split(pid)
+    if split is None:
+        return None
+    return split[0] if skip_vcpus else split[0] + split[1]
+
+
+def proc_cpu_split(pid):
+    """(seconds outside the vCPU threads, seconds in them) of a process.
 
     The process-wide figure of /proc/PID/stat counts threads that have exited (QEMU's
     multifd threads end with the migration); summing /proc/PID/task/* would drop them."""
     try:
         total = stat_ticks(f"/proc/{pid}/stat")
+        tids = os.listdir(f"/proc/{pid}/task")
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return None
-    if not skip_vcpus:
-        return total / CLK_TCK
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return None
+    vcpu = 0
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/comm") as f:
                 comm = f.read().strip()
             if comm.startswith("CPU ") and ("/TCG" in comm or "/KVM" in comm):
-                total -= stat_ticks(f"/proc/{pid}/task/{tid}/stat")
+                vcpu += stat_ticks(f"/proc/{pid}/task/{tid}/stat")
         except (FileNotFoundError, ProcessLookupError, IndexError):
             continue
-    return total / CLK_TCK
+    return (total - vcpu) / CLK_TCK, vcpu / CLK_TCK
 
 
 class QemuCpuSampler(threading.Thread):
-    """Samples non-vCPU CPU time of the QEMU processes found by `find` every 50 ms, so a
-    process that exits (ferry's source after commit) still counts up to its end."""
+    """Samples the CPU time of the QEMU processes found by `find` every 50 ms, apart for
+    the vCPU threads and the rest, so a process that exits (ferry's source after commit)
+    still counts up to its end. Also times its own window, for the machine's busy share."""
 
     def __init__(self, find):
         super().__init__(daemon=True)
         self.find = find
         self.first = {}
         self.last = {}
+        self.started = time.monotonic()
         self.stop_flag = threading.Event()
 
     def sample(self):
         for pid in self.find():
-            c = proc_cpu(pid, skip_vcpus=True)
+            c = proc_cpu_split(pid)
             if c is None:
                 continue
             self.first.setdefault(pid, c)
@@ -234,10 +240,19 @@ class QemuCpuSampler(threading.Thread):
             time.sleep(0.05)
 
     def finish(self):
+        """(QEMU non-vCPU seconds, vCPU seconds, seconds the window lasted)."""
         self.sample()
         self.stop_flag.set()
         self.join()
-        return sum(self.last[p] - self.first[p] for p in self.last)
+        other = sum(self.last[p][0] - self.first[p][0] for p in self.last)
+        vcpu = sum(self.last[p][1] - self.first[p][1] for p in self.last)
+        return other, vcpu, time.monotonic() - self.started
+
+
+def machine_busy(cpu_s, window_s):
+    """Share of the machine's cores the measured processes kept busy over the window."""
+    cores = os.cpu_count() or 1
+    return cpu_s / (cores * window_s) if window_s > 0 else None
 
 
 def qemu_pids_under(path_fragment):
@@ -361,7 +376,7 @@ def run_ferry(tb, args, method, dirty, idx, workdir):
             perf.wait(timeout=120)
         net1 = netdev_bytes(tb.ferryd[0])
         cpu1 = [proc_cpu(p) for p in tb.ferryd]
-        qemu_cpu = sampler.finish()
+        qemu_cpu, vcpu_cpu, window_s = sampler.finish()
         lines = [json.loads(l) for l in r.stdout.splitlines() if l.strip().startswith("{")]
         if not lines:
             raise RunFailed(f"ferryctl migrate printed no status: {r.stderr.strip()[-400:]}")
@@ -407,6 +422,8 @@ def run_ferry(tb, args, method, dirty, idx, workdir):
             "cpu_source_agent_s": cpu1[0] - cpu0[0],
             "cpu_target_agent_s": cpu1[1] - cpu0[1],
             "cpu_qemu_s": qemu_cpu,
+            "cpu_vcpu_s": vcpu_cpu,
+            "machine_busy": machine_busy(sum(b - a for a, b in zip(cpu0, cpu1)) + qemu_cpu + vcpu_cpu, window_s),
             "policy": s.get("policy_applied", ""),
             "guest_check": check,
             "downtime_breakdown_us": s.get("downtime_breakdown"),
@@ -529,7 +546,7 @@ def run_qemu(tb, args, mode, dirty, idx, workdir):
         if done["data"]["status"] != "completed":
             raise RunFailed("QEMU incoming migration failed on the target")
         net1 = netdev_bytes(tb.ferryd[0])
-        qemu_cpu = sampler.finish()
+        qemu_cpu, vcpu_cpu, window_s = sampler.finish()
         stop = src.qmp.wait_event(lambda e: e["event"] == "STOP", 5)
         info = src.qmp.cmd("query-migrate")
         differ, nonzero = compare_ram(src.ram, dst.ram)
@@ -558,6 +575,8 @@ def run_qemu(tb, args, mode, dirty, idx, workdir):
             "nonzero_ram_bytes": nonzero * PAGE,
             "cpu_agents_s": 0.0,
             "cpu_qemu_s": qemu_cpu,
+            "cpu_vcpu_s": vcpu_cpu,
+            "machine_busy": machine_busy(qemu_cpu + vcpu_cpu, window_s),
             "policy": "",
             "guest_check": check,
         }
@@ -586,9 +605,9 @@ def fmt_pair(p, scale=1.0, digits=0):
 def build_table(results, args):
     rows = []
     head = ("| dirty MiB/s | method | ok runs | total ms (min/median) | downtime ms | wire MiB | "
-            "wire / touched RAM | ratio | rounds | CPU s agents | CPU s QEMU (non-vCPU) | predicted / actual migrate ms | failures |")
+            "wire / touched RAM | ratio | rounds | CPU s agents | CPU s QEMU (non-vCPU) | CPU s vCPU | machine busy % | predicted / actual migrate ms | failures |")
     rows.append(head)
-    rows.append("|" + "---|" * 13)
+    rows.append("|" + "---|" * 15)
     for dirty in args.dirty:
         for m in args.methods:
             runs = [r for r in results if r["dirty"] == dirty and r["method"] == m]
@@ -607,6 +626,7 @@ def build_table(results, args):
                 f"{(statistics.median(touched) if touched else float('nan')):.2f} | "
                 f"{'–' if ratio is None else f'{ratio[1]:.2f}'} | {fmt_pair(summarize(runs, 'rounds'))} | "
                 f"{fmt_pair(summarize(runs, 'cpu_agents_s'), digits=2)} | {fmt_pair(summarize(runs, 'cpu_qemu_s'), digits=2)} | "
+                f"{fmt_pair(summarize(runs, 'cpu_vcpu_s'), digits=2)} | {fmt_pair(summarize(runs, 'machine_busy'), 100)} | "
                 f"{pred_col} | {fails[:200]} |")
     return "\n".join(rows) + "\n"
 

@@ -137,7 +137,13 @@ impl QemuLaunch {
         let mut a: Vec<String> = Vec::with_capacity(64);
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| (*s).to_owned()));
 
-        push(&["-name", &qemu_escape(&s.name)]);
+        // Threads named by role ("CPU 0/TCG", "CPU 0/KVM", "live_migration", ...), as
+        // libvirt runs QEMU: top, perf and the benchmark harness can tell a vCPU's time from
+        // the rest of the process's.
+        push(&[
+            "-name",
+            &format!("guest={},debug-threads=on", qemu_escape(&s.name)),
+        ]);
         push(&[
             "-machine",
             &format!("{},memory-backend=ram0", qemu_escape(&s.machine)),
@@ -294,7 +300,7 @@ mod tests {
         l.validate().expect("valid");
         let expected = [
             "-name",
-            "web1",
+            "guest=web1,debug-threads=on",
             "-machine",
             "pc-i440fx-7.2,memory-backend=ram0",
             "-accel",

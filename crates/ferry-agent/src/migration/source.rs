@@ -1890,6 +1890,22 @@ impl Migration {
             _ => 0,
         };
         if let Some(c) = undo.conn.take() {
+            let st = c.stats();
+            // What the data plane cost in packets: datagrams per send call says whether UDP
+            // segmentation offload (GSO) batched them, ACKs per datagram what the peer sent back.
+            info!(
+                migration = %self.p.job.id,
+                datagrams = st.udp_tx.datagrams,
+                send_calls = st.udp_tx.ios,
+                bytes = st.udp_tx.bytes,
+                acks_received = st.frame_rx.acks,
+                datagrams_received = st.udp_rx.datagrams,
+                lost_packets = st.path.lost_packets,
+                congestion_events = st.path.congestion_events,
+                mtu = st.path.current_mtu,
+                rtt = ?st.path.rtt,
+                "data plane totals"
+            );
             c.close(0u32.into(), b"committed");
         }
         if let Some(t) = undo.throttle.take() {
