@@ -224,6 +224,8 @@ class QemuCpuSampler(threading.Thread):
         self.first = {}
         self.last = {}
         self.started = time.monotonic()
+        self.host0 = host_cpu_ticks()
+        self.host_busy = None
         self.stop_flag = threading.Event()
 
     def sample(self):
@@ -244,9 +246,20 @@ class QemuCpuSampler(threading.Thread):
         self.sample()
         self.stop_flag.set()
         self.join()
+        host1 = host_cpu_ticks()
+        self.host_busy = (host1[0] - self.host0[0]) / max(1, host1[1] - self.host0[1])
         other = sum(self.last[p][0] - self.first[p][0] for p in self.last)
         vcpu = sum(self.last[p][1] - self.first[p][1] for p in self.last)
         return other, vcpu, time.monotonic() - self.started
+
+
+def host_cpu_ticks():
+    """(busy, all) clock ticks of the whole host from /proc/stat: everything that ran,
+    the testbed's link emulator and the kernel's network path included."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return sum(v) - idle, sum(v)
 
 
 def machine_busy(cpu_s, window_s):
@@ -424,6 +437,7 @@ def run_ferry(tb, args, method, dirty, idx, workdir):
             "cpu_qemu_s": qemu_cpu,
             "cpu_vcpu_s": vcpu_cpu,
             "machine_busy": machine_busy(sum(b - a for a, b in zip(cpu0, cpu1)) + qemu_cpu + vcpu_cpu, window_s),
+            "host_busy": sampler.host_busy,
             "policy": s.get("policy_applied", ""),
             "guest_check": check,
             "downtime_breakdown_us": s.get("downtime_breakdown"),
@@ -577,6 +591,7 @@ def run_qemu(tb, args, mode, dirty, idx, workdir):
             "cpu_qemu_s": qemu_cpu,
             "cpu_vcpu_s": vcpu_cpu,
             "machine_busy": machine_busy(qemu_cpu + vcpu_cpu, window_s),
+            "host_busy": sampler.host_busy,
             "policy": "",
             "guest_check": check,
         }
@@ -596,6 +611,11 @@ def summarize(runs, key):
     return min(vals), statistics.median(vals)
 
 
+def med(runs, key, scale=1.0):
+    p = summarize(runs, key)
+    return "–" if p is None else f"{p[1] * scale:.0f}"
+
+
 def fmt_pair(p, scale=1.0, digits=0):
     if p is None:
         return "–"
@@ -605,7 +625,7 @@ def fmt_pair(p, scale=1.0, digits=0):
 def build_table(results, args):
     rows = []
     head = ("| dirty MiB/s | method | ok runs | total ms (min/median) | downtime ms | wire MiB | "
-            "wire / touched RAM | ratio | rounds | CPU s agents | CPU s QEMU (non-vCPU) | CPU s vCPU | machine busy % | predicted / actual migrate ms | failures |")
+            "wire / touched RAM | ratio | rounds | CPU s agents | CPU s QEMU (non-vCPU) | CPU s vCPU | busy %: agents+QEMU / host | predicted / actual migrate ms | failures |")
     rows.append(head)
     rows.append("|" + "---|" * 15)
     for dirty in args.dirty:
@@ -626,7 +646,8 @@ def build_table(results, args):
                 f"{(statistics.median(touched) if touched else float('nan')):.2f} | "
                 f"{'–' if ratio is None else f'{ratio[1]:.2f}'} | {fmt_pair(summarize(runs, 'rounds'))} | "
                 f"{fmt_pair(summarize(runs, 'cpu_agents_s'), digits=2)} | {fmt_pair(summarize(runs, 'cpu_qemu_s'), digits=2)} | "
-                f"{fmt_pair(summarize(runs, 'cpu_vcpu_s'), digits=2)} | {fmt_pair(summarize(runs, 'machine_busy'), 100)} | "
+                f"{fmt_pair(summarize(runs, 'cpu_vcpu_s'), digits=2)} | "
+                f"{med(runs, 'machine_busy', 100)} / {med(runs, 'host_busy', 100)} | "
                 f"{pred_col} | {fails[:200]} |")
     return "\n".join(rows) + "\n"
 
