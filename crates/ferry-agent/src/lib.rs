@@ -43,4 +43,7 @@ pub struct AgentCtx {
     pub metrics: Arc<metrics::Metrics>,
     /// Where disk images may live on this host.
     pub storage: Arc<ferry_disk::StorageRoots>,
+    /// The source QEMU's device-state save as this host's switchovers measured it: the
+    /// pause the next predictions assume.
+    pub device_save: Arc<preflight::DeviceSaveHistory>,
 }

@@ -693,6 +693,40 @@ fn codec_sample(ram: &RamFile, codec: Codec) -> Result<(f64, f64, u64), String> 
 /// (benches/RESULTS.md, the downtime breakdowns): 22-43 ms on lan, wan and far.
 pub const DEVICE_SAVE_MS: f64 = 28.0;
 
+/// The device-state save this host measured in its switchovers, for the next predictions
+/// ([`learn_device_save`]); 0 until one migration committed from here. The default
+/// constant came from another machine: a host twice as fast paused for 30 ms where 41 were
+/// predicted (benches/RESULTS.md, third session of 2026-12-01).
+#[derive(Debug, Default)]
+pub struct DeviceSaveHistory(std::sync::Mutex<f64>);
+
+impl DeviceSaveHistory {
+    /// What to predict with (0: nothing measured yet).
+    pub fn get(&self) -> f64 {
+        self.0.lock().map(|v| *v).unwrap_or(0.0)
+    }
+
+    /// Takes in one switchover's measured save.
+    pub fn record(&self, measured_ms: f64) {
+        if let Ok(mut v) = self.0.lock() {
+            *v = learn_device_save(*v, measured_ms);
+        }
+    }
+}
+
+/// The device-state save to predict with after a migration measured `measured_ms` (from
+/// the guest's stop to the commit leaving, less [`SWITCH_STEPS_MS`]): the average of what
+/// this host measured, half weight to the newest. `previous` is 0 before any. Pure.
+pub fn learn_device_save(previous: f64, measured_ms: f64) -> f64 {
+    // A save out of this range is a stall or a bad clock, not the host's speed.
+    let m = measured_ms.clamp(1.0, 1000.0);
+    if previous > 0.0 {
+        0.5 * previous + 0.5 * m
+    } else {
+        m
+    }
+}
+
 /// The pause's own steps around the save: the last collection before the final round
 /// leaves, and the commit (journaled) leaving after the fence.
 pub const SWITCH_STEPS_MS: f64 = 2.0;
@@ -789,8 +823,12 @@ pub fn predict(
         rounds += 1;
     }
     p.predicted_rounds = rounds + 1;
+    if p.device_save_ms <= 0.0 {
+        p.device_save_ms = DEVICE_SAVE_MS;
+    }
     let final_ms = SWITCH_STEPS_MS
-        + DEVICE_SAVE_MS.max((round_s + recovery_s(round_s)) * 1000.0)
+        + p.device_save_ms
+            .max((round_s + recovery_s(round_s)) * 1000.0)
         + pause_scan_bytes as f64 / 6e9 * 1000.0
         + rtt_s * 1000.0 / 2.0
         + RESUME_MS;
@@ -1034,6 +1072,7 @@ pub async fn run(
                 prediction.first_round_bytes = first;
                 let mut p2 = prediction;
                 p2.codec_bytes_per_sec = speed;
+                p2.device_save_ms = ctx.device_save.get();
                 predict(
                     &mut p2,
                     spec.memory_mib << 20,
@@ -1047,6 +1086,7 @@ pub async fn run(
                 prediction.predicted_total_ms = p2.predicted_total_ms;
                 prediction.predicted_downtime_ms = p2.predicted_downtime_ms;
                 prediction.predicted_rounds = p2.predicted_rounds;
+                prediction.device_save_ms = p2.device_save_ms;
                 let mib = |b: f64| b / f64::from(1u32 << 20);
                 let detail = format!(
                     "guest writes {:.1} MiB/s (QEMU estimate {:.1}); {codec} {:.2}x; link {:.0} MiB/s; predicted {} ms total, {} ms downtime, {} rounds",
@@ -1132,6 +1172,8 @@ pub struct Round0 {
     pub next_round_bytes: u64,
     /// How long round 0 took.
     pub elapsed_ms: f64,
+    /// The device-state save this host last measured (0: none yet, the default applies).
+    pub device_save_ms: f64,
 }
 
 /// The prediction after round 0: the rest of the pre-copy from what round 0 measured (a
@@ -1154,6 +1196,7 @@ pub fn predict_after_round0(
         codec_bytes_per_sec: f64::INFINITY,
         first_round_bytes: r.next_round_bytes,
         link_ramp_ms: 0.0,
+        device_save_ms: r.device_save_ms,
         ..Default::default()
     };
     predict(
@@ -1217,6 +1260,7 @@ mod tests {
             codec_ratio: 2.0,
             next_round_bytes: 20 << 20,
             elapsed_ms: 1000.0,
+            device_save_ms: 0.0,
         };
         let p = predict_after_round0(r, 512 << 20, 4, 30, 30, 0);
         assert!(p.converges && round0_refusal(&p).is_none());
@@ -1405,6 +1449,50 @@ mod admission_tests {
         assert_eq!(
             c.status, Fail as i32,
             "an old agent that reports no expiry: {c:?}"
+        );
+    }
+
+    #[test]
+    fn the_device_save_is_learned_from_the_hosts_switchovers() {
+        // The first measurement is taken as is; then the newest weighs half.
+        assert_eq!(learn_device_save(0.0, 18.0), 18.0);
+        assert_eq!(learn_device_save(18.0, 26.0), 22.0);
+        // A stalled switchover does not teach a 10 s save.
+        assert_eq!(learn_device_save(20.0, 10_000.0), 510.0);
+        let h = DeviceSaveHistory::default();
+        assert_eq!(h.get(), 0.0);
+        h.record(16.0);
+        h.record(20.0);
+        assert_eq!(h.get(), 18.0);
+    }
+
+    #[test]
+    fn the_pause_prediction_uses_the_learned_save() {
+        let base = pb::Prediction {
+            link_bytes_per_sec: 118e6,
+            rtt_ms: 20.0,
+            dirty_pages_per_sec: 12_800.0,
+            codec_ratio: 1.8,
+            codec_bytes_per_sec: f64::INFINITY,
+            first_round_bytes: 8 << 20,
+            ..Default::default()
+        };
+        let mut default = base;
+        predict(&mut default, 1 << 30, 4, 30, 30, 0);
+        assert_eq!(
+            default.device_save_ms, DEVICE_SAVE_MS,
+            "nothing learned: the default"
+        );
+        let mut learned = pb::Prediction {
+            device_save_ms: 18.0,
+            ..base
+        };
+        predict(&mut learned, 1 << 30, 4, 30, 30, 0);
+        // A save longer than the final round's transfer is the pause's core: 10 ms less.
+        assert_eq!(
+            default.predicted_downtime_ms - learned.predicted_downtime_ms,
+            10,
+            "{default:?} against {learned:?}"
         );
     }
 }

@@ -105,6 +105,7 @@ pub async fn build(cfg: AgentConfig) -> anyhow::Result<Arc<AgentCtx>> {
         machine_types,
         metrics,
         storage,
+        device_save: Default::default(),
     });
     recover_outgoing(&ctx).await;
     Ok(ctx)

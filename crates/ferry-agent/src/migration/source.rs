@@ -1098,6 +1098,7 @@ impl Migration {
                     codec_ratio: next_ratio.unwrap_or(ratio),
                     next_round_bytes: dirty.count() * PAGE_SIZE as u64,
                     elapsed_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+                    device_save_ms: self.ctx.device_save.get(),
                 };
                 self.after_round0(r0, wire_end as f64)?;
             }
@@ -1879,6 +1880,19 @@ impl Migration {
     }
 
     async fn finish_committed(&mut self, resume_us: i64, mut undo: Undo) {
+        // The save as the pause model counts it: from the stop to the commit leaving, less
+        // the steps around it (the final round travels meanwhile and is modelled apart).
+        let commit_sent_us = self
+            .h
+            .snapshot()
+            .stats
+            .and_then(|s| s.downtime_breakdown)
+            .map(|b| b.commit_sent_us);
+        if let Some(us) = commit_sent_us.filter(|&us| us > 0) {
+            self.ctx
+                .device_save
+                .record(us as f64 / 1000.0 - crate::preflight::SWITCH_STEPS_MS);
+        }
         let downtime_ms = match (self.stop_time, resume_us) {
             (Some(stop), r) if r > 0 => {
                 let stop_us = stop
