@@ -112,6 +112,7 @@ pub fn migration_stats(s: &MigrationStats) -> Value {
             "predicted_rounds": p.predicted_rounds,
             "link_ramp_ms": finite(p.link_ramp_ms),
             "loss_rate": finite(p.loss_rate),
+            "device_save_ms": finite(p.device_save_ms),
         })),
     })
 }
