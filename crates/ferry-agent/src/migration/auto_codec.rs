@@ -212,6 +212,51 @@ pub struct CpuCosts {
     pub send: f64,
 }
 
+/// Intervals whose CPU costs the controller keeps: their median is what it weighs codecs
+/// with.
+pub const COST_INTERVALS: usize = 5;
+
+/// What the controller knows of the CPU costs: the median, cost by cost, of the last
+/// [`COST_INTERVALS`] intervals that moved enough to tell. One interval's costs swing with
+/// whatever else ran in those 250 ms: on wan, two cores shared with the guest, the target
+/// and the link emulator, 0.9 to 2.4 ns a byte to read from one interval to the next, and a
+/// round's start-up with the round's own work in it showed 10.6 ns a byte to send at
+/// 161 Mbit/s. Taking each interval's costs as they came flipped the codec at most steps,
+/// once to `none` on that start-up; an average still carries such an interval for several.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CostKnowledge {
+    recent: std::collections::VecDeque<CpuCosts>,
+}
+
+impl CostKnowledge {
+    /// Adds an interval that used `current` (one that moved too little to tell is left out).
+    pub fn add(&mut self, iv: &Interval, current: &CodecSample) {
+        if let Some(c) = iv.costs(current) {
+            if self.recent.len() == COST_INTERVALS {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(c);
+        }
+    }
+
+    /// The costs per byte as known (zero before an interval told them).
+    pub fn costs(&self) -> CpuCosts {
+        let median = |f: fn(&CpuCosts) -> f64| {
+            let mut v: Vec<f64> = self.recent.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            match v.len() {
+                0 => 0.0,
+                n if n % 2 == 1 => v[n / 2],
+                n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+            }
+        };
+        CpuCosts {
+            read: median(|c| c.read),
+            send: median(|c| c.send),
+        }
+    }
+}
+
 /// CPU seconds one core spends compressing a guest byte with `s` (0 for `none`).
 fn compress_cost(s: &CodecSample) -> f64 {
     if s.bytes_per_sec.is_infinite() {
@@ -808,5 +853,56 @@ mod tests {
         assert!("brotli".parse::<Compression>().is_err());
         assert_eq!(Compression::Auto.to_string(), "auto");
         assert_eq!(Compression::Auto.initial(), Codec::Lz4);
+    }
+
+    #[test]
+    fn one_odd_interval_does_not_move_the_known_costs() {
+        let lz4 = samples()[1];
+        let steady = Interval {
+            wait_share: 0.9,
+            wire_rate: 120e6,
+            queued_share: 0.0,
+            cores: 1.0,
+            used: 0.9,
+            encoding: 0.55,
+            page_rate: 200e6,
+            window_rate: 125e6,
+        };
+        let mut k = CostKnowledge::default();
+        assert_eq!(k.costs(), CpuCosts::default(), "nothing known yet");
+        k.add(&steady, &lz4);
+        let own = steady.costs(&lz4).expect("enough was sent");
+        assert_eq!(k.costs(), own, "the first interval's costs as they are");
+        k.add(&steady, &lz4);
+        k.add(&steady, &lz4);
+        // A round's start-up with the round's own work in it: ~15x the send cost.
+        let ramp = Interval {
+            wire_rate: 20e6,
+            page_rate: 30e6,
+            used: 1.0,
+            encoding: 0.1,
+            ..steady
+        };
+        assert!(ramp.costs(&lz4).expect("enough was sent").send > 10.0 * own.send);
+        k.add(&ramp, &lz4);
+        assert_eq!(k.costs(), own, "one odd interval in four");
+        // An interval that moved almost nothing is left out.
+        k.add(
+            &Interval {
+                wire_rate: 5e5,
+                ..steady
+            },
+            &lz4,
+        );
+        assert_eq!(k.costs(), own);
+        // What persists becomes the cost: the old intervals leave the window.
+        let dearer = Interval {
+            used: 1.0,
+            ..steady
+        };
+        for _ in 0..COST_INTERVALS {
+            k.add(&dearer, &lz4);
+        }
+        assert_eq!(k.costs(), dearer.costs(&lz4).expect("enough was sent"));
     }
 }

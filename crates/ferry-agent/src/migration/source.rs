@@ -281,8 +281,8 @@ struct AutoCodec {
     cores_limit: f64,
     streams: f64,
     link: auto_codec::LinkKnowledge,
-    /// The CPU costs per byte as the last interval that sent enough showed.
-    costs: auto_codec::CpuCosts,
+    /// The CPU costs per byte as the intervals that sent enough showed.
+    costs: auto_codec::CostKnowledge,
     /// Where the current interval started.
     mark: Option<IntervalMark>,
 }
@@ -372,17 +372,9 @@ impl AutoCodec {
             window_rate: conn.path.cwnd as f64 / conn.path.rtt.as_secs_f64().max(1e-4),
         };
         let cur = self.samples.iter().find(|s| s.codec == current)?;
-        if let Some(c) = iv.costs(cur) {
-            self.costs = c;
-        }
-        let next = auto_codec::step(
-            &self.samples,
-            current,
-            iv,
-            &self.link,
-            self.streams,
-            &self.costs,
-        );
+        self.costs.add(&iv, cur);
+        let costs = self.costs.costs();
+        let next = auto_codec::step(&self.samples, current, iv, &self.link, self.streams, &costs);
         self.link.add(&iv);
         (next != current).then(|| {
             self.cell.set(next);
@@ -394,8 +386,8 @@ impl AutoCodec {
                 iv.window_rate * 8.0 / 1e6,
                 iv.used,
                 iv.cores,
-                self.costs.read * 1e9,
-                self.costs.send * 1e9,
+                costs.read * 1e9,
+                costs.send * 1e9,
                 self.samples
                     .iter()
                     .filter(|s| s.codec != Codec::None)
@@ -903,7 +895,7 @@ impl Migration {
                     .unwrap_or(1.0),
                 streams: self.p.page_streams.max(1) as f64,
                 link: auto_codec::LinkKnowledge::default(),
-                costs: auto_codec::CpuCosts::default(),
+                costs: auto_codec::CostKnowledge::default(),
                 mark: None,
             }
         });
