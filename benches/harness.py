@@ -257,7 +257,8 @@ def host_cpu_ticks():
     """(busy, all) clock ticks of the whole host from /proc/stat: everything that ran,
     the testbed's link emulator and the kernel's network path included."""
     with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal; guest time is inside user/nice.
+        v = [int(x) for x in f.readline().split()[1:9]]
     idle = v[3] + (v[4] if len(v) > 4 else 0)
     return sum(v) - idle, sum(v)
 

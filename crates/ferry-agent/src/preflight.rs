@@ -715,8 +715,10 @@ impl DeviceSaveHistory {
 }
 
 /// The device-state save to predict with after a migration measured `measured_ms` (from
-/// the guest's stop to the commit leaving, less [`SWITCH_STEPS_MS`]): the average of what
-/// this host measured, half weight to the newest. `previous` is 0 before any. Pure.
+/// the guest's stop to the fence, as [`DEVICE_SAVE_MS`] was measured): a decaying average
+/// of what this host measured, half weight to the newest. `previous` is 0 before any. One
+/// figure for the host, whatever the VM: a VM with many more devices than the last ones
+/// saves for longer than predicted until its own switchover is learned. Pure.
 pub fn learn_device_save(previous: f64, measured_ms: f64) -> f64 {
     // A save out of this range is a stall or a bad clock, not the host's speed.
     let m = measured_ms.clamp(1.0, 1000.0);

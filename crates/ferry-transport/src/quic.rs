@@ -84,6 +84,9 @@ pub fn ack_frequency(ack_every: u32) -> Option<quinn::AckFrequencyConfig> {
     let mut cfg = quinn::AckFrequencyConfig::default();
     // The threshold counts packets received *without* an ACK: one less than the period.
     cfg.ack_eliciting_threshold(ack_every.saturating_sub(1).into());
+    // A packet out of order is acknowledged at once, as without the extension (whose
+    // default waits for two): the ACK that reveals a loss is not delayed.
+    cfg.reordering_threshold(1u32.into());
     if ack_every > 2 {
         cfg.max_ack_delay(Some(ACK_DELAY_WHEN_THINNED));
     }

@@ -6,7 +6,8 @@
 //! at the last interval ([`Interval`]): how much of the streams' time went to waiting for
 //! QUIC to take their bytes, how much of its cores the agent used, and what a byte cost
 //! it: reading and compressing (the streams' own thread CPU time) and sending (the rest
-//! of the agent's CPU, per wire byte: QUIC, TLS, UDP) — [`CpuCosts`]. The interval is
+//! of the agent's CPU, per wire byte: QUIC, TLS, UDP) — [`CpuCosts`], weighed as the median
+//! of the last five intervals ([`CostKnowledge`]). The interval is
 //! **link-bound** when QUIC sent about what its congestion window allows, or the streams
 //! waited (or QUIC sat on their bytes) while the CPU had room; **CPU-bound** when QUIC sent
 //! well below its window and the agent held (nearly) every core it could get — whatever

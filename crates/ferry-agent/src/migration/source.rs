@@ -149,6 +149,7 @@ pub async fn run(
         at: Phase::Preflight,
         started,
         stop_time: None,
+        mirrors_in_pause: false,
         token: String::new(),
         reported: (0, 0, 0),
         link_rate: 0.0,
@@ -209,6 +210,8 @@ struct Migration {
     started: Instant,
     /// When the source vCPUs stopped (QMP STOP event).
     stop_time: Option<SystemTime>,
+    /// Disk mirrors were finished inside the pause: their time is in the fence's mark.
+    mirrors_in_pause: bool,
     token: String,
     /// Counter values already added to the metrics (they are published as deltas).
     reported: (u64, u64, u64),
@@ -1241,6 +1244,7 @@ impl Migration {
         // Disks: the mirrors are in step (write-blocking) and the guest is paused; a READY
         // mirror cancelled now completes with both sides equal. Now, never later.
         if !undo.mirrors.is_empty() {
+            self.mirrors_in_pause = true;
             self.finish_mirrors(undo).await?;
         }
 
@@ -1872,18 +1876,18 @@ impl Migration {
     }
 
     async fn finish_committed(&mut self, resume_us: i64, mut undo: Undo) {
-        // The save as the pause model counts it: from the stop to the commit leaving, less
-        // the steps around it (the final round travels meanwhile and is modelled apart).
-        let commit_sent_us = self
+        // QEMU's device-state save as the pause model counts it: from the stop to the fence
+        // (the source QEMU completed, its stream relayed; the final round travels meanwhile
+        // and is modelled apart). Not learned when disk mirrors were finished in the pause:
+        // their time is in that span too.
+        let fence_us = self
             .h
             .snapshot()
             .stats
             .and_then(|s| s.downtime_breakdown)
-            .map(|b| b.commit_sent_us);
-        if let Some(us) = commit_sent_us.filter(|&us| us > 0) {
-            self.ctx
-                .device_save
-                .record(us as f64 / 1000.0 - crate::preflight::SWITCH_STEPS_MS);
+            .map(|b| b.fence_us);
+        if let Some(us) = fence_us.filter(|&us| us > 0 && !self.mirrors_in_pause) {
+            self.ctx.device_save.record(us as f64 / 1000.0);
         }
         let downtime_ms = match (self.stop_time, resume_us) {
             (Some(stop), r) if r > 0 => {
