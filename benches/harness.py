@@ -183,12 +183,12 @@ def stat_ticks(path):
     return int(fields[11]) + int(fields[12])
 
 
-def proc_cpu(pid, skip_vcpus=False):
-    """utime+stime seconds of a process, optionally without its vCPU threads."""
-    split = proc_cpu_split(pid)
-    if split is None:
+def proc_cpu(pid):
+    """utime+stime seconds of a process, threads that have exited included."""
+    try:
+        return stat_ticks(f"/proc/{pid}/stat") / CLK_TCK
+    except (FileNotFoundError, ProcessLookupError, IndexError):
         return None
-    return split[0] if skip_vcpus else split[0] + split[1]
 
 
 def proc_cpu_split(pid):
@@ -390,6 +390,7 @@ def run_ferry(tb, args, method, dirty, idx, workdir):
             perf.wait(timeout=120)
         net1 = netdev_bytes(tb.ferryd[0])
         cpu1 = [proc_cpu(p) for p in tb.ferryd]
+        agents_cpu = sum(b - a for a, b in zip(cpu0, cpu1))
         qemu_cpu, vcpu_cpu, window_s = sampler.finish()
         lines = [json.loads(l) for l in r.stdout.splitlines() if l.strip().startswith("{")]
         if not lines:
@@ -432,12 +433,12 @@ def run_ferry(tb, args, method, dirty, idx, workdir):
             "rounds": s.get("rounds"),
             "pages_skipped": s.get("pages_skipped"),
             "nonzero_ram_bytes": nonzero * PAGE,
-            "cpu_agents_s": sum(b - a for a, b in zip(cpu0, cpu1)),
+            "cpu_agents_s": agents_cpu,
             "cpu_source_agent_s": cpu1[0] - cpu0[0],
             "cpu_target_agent_s": cpu1[1] - cpu0[1],
             "cpu_qemu_s": qemu_cpu,
             "cpu_vcpu_s": vcpu_cpu,
-            "machine_busy": machine_busy(sum(b - a for a, b in zip(cpu0, cpu1)) + qemu_cpu + vcpu_cpu, window_s),
+            "machine_busy": machine_busy(agents_cpu + qemu_cpu + vcpu_cpu, window_s),
             "host_busy": sampler.host_busy,
             "policy": s.get("policy_applied", ""),
             "guest_check": check,

@@ -149,7 +149,6 @@ pub async fn run(
         at: Phase::Preflight,
         started,
         stop_time: None,
-        mirrors_in_pause: false,
         token: String::new(),
         reported: (0, 0, 0),
         link_rate: 0.0,
@@ -210,8 +209,6 @@ struct Migration {
     started: Instant,
     /// When the source vCPUs stopped (QMP STOP event).
     stop_time: Option<SystemTime>,
-    /// Disk mirrors were finished inside the pause: their time is in the fence's mark.
-    mirrors_in_pause: bool,
     token: String,
     /// Counter values already added to the metrics (they are published as deltas).
     reported: (u64, u64, u64),
@@ -1244,7 +1241,6 @@ impl Migration {
         // Disks: the mirrors are in step (write-blocking) and the guest is paused; a READY
         // mirror cancelled now completes with both sides equal. Now, never later.
         if !undo.mirrors.is_empty() {
-            self.mirrors_in_pause = true;
             self.finish_mirrors(undo).await?;
         }
 
@@ -1878,15 +1874,15 @@ impl Migration {
     async fn finish_committed(&mut self, resume_us: i64, mut undo: Undo) {
         // QEMU's device-state save as the pause model counts it: from the stop to the fence
         // (the source QEMU completed, its stream relayed; the final round travels meanwhile
-        // and is modelled apart). Not learned when disk mirrors were finished in the pause:
-        // their time is in that span too.
+        // and is modelled apart). Not learned when disk mirrors were finished in the pause
+        // (a migration with disks has their counters): their time is in that span too.
         let fence_us = self
             .h
             .snapshot()
             .stats
             .and_then(|s| s.downtime_breakdown)
             .map(|b| b.fence_us);
-        if let Some(us) = fence_us.filter(|&us| us > 0 && !self.mirrors_in_pause) {
+        if let Some(us) = fence_us.filter(|&us| us > 0 && self.disk_counters.is_none()) {
             self.ctx.device_save.record(us as f64 / 1000.0);
         }
         let downtime_ms = match (self.stop_time, resume_us) {
