@@ -899,6 +899,10 @@ impl Migration {
                 mark: None,
             }
         });
+        let round_deadline = Duration::from_secs(self.ctx.cfg.migration.round_timeout_s.max(1));
+        // The round announced last and not yet confirmed, and what the confirmations say.
+        let mut unconfirmed: Option<Unconfirmed> = None;
+        let mut confirmations = Confirmations::default();
         loop {
             let wire0 = sender.counters.wire_bytes.load(Ordering::Relaxed);
             let t0 = Instant::now();
@@ -989,26 +993,35 @@ impl Migration {
             }
             // A round ends when the target has written it, not when QUIC buffered it:
             // otherwise throughput is overestimated and a backlog lands in the downtime.
-            let round_deadline = Duration::from_secs(self.ctx.cfg.migration.round_timeout_s.max(1));
-            confirm_round(
-                &mut link.ctl_tx,
-                &mut link.ctl_rx,
+            // The next round does not wait for that, though (a round trip with the link
+            // idle, ~0.3 s of a wan migration): pages of one region always travel on one
+            // stream, so a page's later copy cannot overtake its earlier one. At most one
+            // round is left unconfirmed; round 0 is confirmed at once, since the
+            // prediction made after it needs the link's rate.
+            let sent = sender.counters.wire_bytes.load(Ordering::Relaxed) - wire0;
+            let this = Unconfirmed {
                 round,
-                sender.batches_total(),
-                round_deadline,
-            )
-            .await?;
+                batches_total: sender.batches_total(),
+                wire_bytes: sent,
+                started: t0,
+            };
+            announce_round(&mut link.ctl_tx, &this).await?;
+            if let Some(prev) = unconfirmed.take() {
+                confirmations
+                    .confirm(&mut link.ctl_rx, prev, round_deadline)
+                    .await?;
+            }
+            if round == 0 {
+                confirmations
+                    .confirm(&mut link.ctl_rx, this, round_deadline)
+                    .await?;
+            } else {
+                unconfirmed = Some(this);
+            }
             self.fail_point("src.precopy.round").await?;
             let secs = t0.elapsed().as_secs_f64().max(1e-6);
-            let sent = sender.counters.wire_bytes.load(Ordering::Relaxed) - wire0;
-            // Only rounds big enough to fill the pipe say anything about the link.
-            if sent >= 4 << 20 || bandwidth.is_none() {
-                let bw = sent as f64 / secs;
-                bandwidth = Some(match bandwidth {
-                    Some(prev) if sent < 4 << 20 => prev,
-                    Some(prev) => 0.5 * prev + 0.5 * bw,
-                    None => bw,
-                });
+            if let Some(bw) = confirmations.bandwidth {
+                bandwidth = Some(bw);
             }
             let suspects = match audit_task.take() {
                 Some(t) => t.await.map_err(fail(at, "tracker audit"))?,
@@ -1152,6 +1165,13 @@ impl Migration {
                     prev_dirty = u64::MAX;
                 }
             }
+        }
+        // Nothing of pre-copy may still be in flight when the guest pauses: it would
+        // land in the downtime (and its confirmation in the switchover's messages).
+        if let Some(prev) = unconfirmed.take() {
+            confirmations
+                .confirm(&mut link.ctl_rx, prev, round_deadline)
+                .await?;
         }
         Ok(Precopied {
             audit: audit.map(|a| (a, audit_task)),
@@ -2327,29 +2347,79 @@ pub async fn settle_and_end(
     }
 }
 
-/// Tells the target a round is complete and waits until it has written every batch.
-async fn confirm_round(
-    tx: &mut FrameWriter,
-    rx: &mut ControlRx,
+/// A pre-copy round whose end was announced to the target and whose confirmation has
+/// not been read yet.
+struct Unconfirmed {
     round: u32,
+    /// Frames sent on all streams up to the end of this round.
     batches_total: u64,
-    deadline: Duration,
-) -> Res<()> {
+    /// Wire bytes this round wrote to the page streams.
+    wire_bytes: u64,
+    /// When the round began to send.
+    started: Instant,
+}
+
+/// Tells the target a round is complete (it answers once it has written every batch).
+async fn announce_round(tx: &mut FrameWriter, r: &Unconfirmed) -> Res<()> {
     let msg = ferry_wire::Frame::encode_control(&ControlMessage::RoundEnd {
-        round,
-        batches_total,
+        round: r.round,
+        batches_total: r.batches_total,
     })
     .map_err(fail(Phase::Precopy, "round end"))?;
     tx.write(&msg)
         .await
-        .map_err(fail(Phase::Precopy, "round end"))?;
-    match recv_control(rx, deadline, Phase::Precopy).await? {
-        ControlMessage::RoundApplied {
-            batches_applied, ..
-        } if batches_applied >= batches_total => Ok(()),
-        other => Err(fail(Phase::Precopy, "round end")(format!(
-            "target did not confirm round {round}: {other:?}"
-        ))),
+        .map_err(fail(Phase::Precopy, "round end"))
+}
+
+/// The link's rate as the target's round confirmations show it.
+#[derive(Default)]
+struct Confirmations {
+    /// When the last confirmation arrived.
+    last_at: Option<Instant>,
+    /// Wire bytes per second, once a round has been confirmed.
+    bandwidth: Option<f64>,
+}
+
+impl Confirmations {
+    /// Waits for `r`'s confirmation and folds its rate into [`Self::bandwidth`].
+    async fn confirm(&mut self, rx: &mut ControlRx, r: Unconfirmed, deadline: Duration) -> Res<()> {
+        let a = recv_control_at(rx, deadline, Phase::Precopy).await?;
+        match a.msg {
+            ControlMessage::RoundApplied {
+                round,
+                batches_applied,
+            } if round == r.round && batches_applied >= r.batches_total => {}
+            other => {
+                return Err(fail(Phase::Precopy, "round end")(format!(
+                    "target did not confirm round {}: {other:?}",
+                    r.round
+                )))
+            }
+        }
+        // The arrival as the reader saw it: the confirmation may have waited while the
+        // next round was sent.
+        let now = Instant::now();
+        let at = now
+            .checked_sub(SystemTime::now().duration_since(a.at).unwrap_or_default())
+            .unwrap_or(now);
+        // The link carried this round from when it began or the previous round was
+        // through, whichever is later, until its confirmation.
+        let from = self.last_at.map_or(r.started, |l| l.max(r.started));
+        let secs = at.saturating_duration_since(from).as_secs_f64();
+        self.bandwidth = round_bandwidth(self.bandwidth, r.wire_bytes, secs);
+        self.last_at = Some(at);
+        Ok(())
+    }
+}
+
+/// The link's rate after a confirmed round of `wire_bytes` that took `secs`: only rounds
+/// big enough to fill the pipe say anything about the link; each such round weighs half.
+fn round_bandwidth(prev: Option<f64>, wire_bytes: u64, secs: f64) -> Option<f64> {
+    let bw = wire_bytes as f64 / secs.max(1e-6);
+    match prev {
+        None => Some(bw),
+        Some(prev) if wire_bytes < 4 << 20 => Some(prev),
+        Some(prev) => Some(0.5 * prev + 0.5 * bw),
     }
 }
 
@@ -2399,10 +2469,6 @@ pub struct Arrived {
 /// The control stream's messages as [`spawn_control_reader`] delivers them.
 pub type ControlRx = mpsc::Receiver<Result<Arrived, String>>;
 
-async fn recv_control(rx: &mut ControlRx, timeout: Duration, phase: Phase) -> Res<ControlMessage> {
-    recv_control_at(rx, timeout, phase).await.map(|a| a.msg)
-}
-
 async fn recv_control_at(rx: &mut ControlRx, timeout: Duration, phase: Phase) -> Res<Arrived> {
     match tokio::time::timeout(timeout, rx.recv()).await {
         Ok(Some(Ok(Arrived {
@@ -2415,5 +2481,36 @@ async fn recv_control_at(rx: &mut ControlRx, timeout: Duration, phase: Phase) ->
         Err(_) => Err(fail(phase, "control stream")(format!(
             "no answer from target within {timeout:?}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_bandwidth;
+
+    #[test]
+    fn first_confirmed_round_sets_the_rate_whatever_its_size() {
+        assert_eq!(
+            round_bandwidth(None, 1 << 20, 0.5),
+            Some(2.0 * (1 << 20) as f64)
+        );
+    }
+
+    #[test]
+    fn small_rounds_leave_the_rate_alone() {
+        // A round of 1 MiB does not fill a wan pipe: its rate says nothing about the link.
+        assert_eq!(round_bandwidth(Some(100e6), 1 << 20, 1.0), Some(100e6));
+    }
+
+    #[test]
+    fn big_rounds_weigh_half() {
+        let bw = round_bandwidth(Some(100e6), 50_000_000, 1.0).unwrap();
+        assert!((bw - 75e6).abs() < 1.0, "{bw}");
+    }
+
+    #[test]
+    fn a_zero_interval_does_not_divide_by_zero() {
+        let bw = round_bandwidth(None, 8 << 20, 0.0).unwrap();
+        assert!(bw.is_finite() && bw > 0.0);
     }
 }
