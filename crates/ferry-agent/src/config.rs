@@ -99,6 +99,10 @@ pub struct MigrationDefaults {
     /// frequency extension; 2 is RFC 9000's rule): fewer ACK datagrams to send and to
     /// process on both hosts.
     pub ack_every: u32,
+    /// Careful resume: a data-plane connection to a peer this agent sent a migration to
+    /// in the last 10 minutes starts with half the window that path carried (when its
+    /// handshake RTT matches), not with slow start (ferry_transport::resume).
+    pub careful_resume: bool,
     /// Deadline of every peer gRPC call (Prepare, Abort, IncomingStatus, ...), seconds.
     pub peer_call_timeout_s: u64,
     /// Deadline of each pre-copy round's confirmation by the target, seconds.
@@ -140,6 +144,7 @@ impl Default for MigrationDefaults {
             // bytes on far, where plain cubic collapses.
             congestion: "cubic-filtered".into(),
             ack_every: 2,
+            careful_resume: true,
             peer_call_timeout_s: 60,
             round_timeout_s: 120,
             switchover_timeout_s: 60,

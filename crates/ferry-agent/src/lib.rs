@@ -46,4 +46,6 @@ pub struct AgentCtx {
     /// The source QEMU's device-state save as this host's switchovers measured it: the
     /// pause the next predictions assume.
     pub device_save: Arc<preflight::DeviceSaveHistory>,
+    /// What the data plane's paths to peers carried lately (careful resume).
+    pub paths: Arc<ferry_transport::resume::PathMemory>,
 }

@@ -106,6 +106,7 @@ pub async fn build(cfg: AgentConfig) -> anyhow::Result<Arc<AgentCtx>> {
         metrics,
         storage,
         device_save: Default::default(),
+        paths: Default::default(),
     });
     recover_outgoing(&ctx).await;
     Ok(ctx)

@@ -45,6 +45,18 @@ pub struct DelayFilteredCubicConfig {
     cubic: Arc<CubicConfig>,
 }
 
+impl DelayFilteredCubicConfig {
+    /// Starts connections with a window of `bytes` instead of cubic's ten packets
+    /// (careful resume: [`crate::resume`]).
+    pub fn with_initial_window(bytes: u64) -> Self {
+        let mut cubic = CubicConfig::default();
+        cubic.initial_window(bytes);
+        DelayFilteredCubicConfig {
+            cubic: Arc::new(cubic),
+        }
+    }
+}
+
 impl ControllerFactory for DelayFilteredCubicConfig {
     fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
         Box::new(DelayFilteredCubic {

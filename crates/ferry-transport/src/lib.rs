@@ -8,10 +8,11 @@ pub mod congestion;
 pub mod identity;
 pub mod pki;
 mod quic;
+pub mod resume;
 mod stream;
 
 pub use identity::{PeerIdentity, Role};
-pub use quic::{Congestion, QuicEndpoint, TransportTuning, ALPN};
+pub use quic::{default_initial_window, Congestion, QuicEndpoint, TransportTuning, ALPN};
 pub use stream::{
     read_stream_header, write_stream_header, ControlChannel, FrameReader, FrameWriter,
 };

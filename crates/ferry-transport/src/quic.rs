@@ -93,7 +93,25 @@ pub fn ack_frequency(ack_every: u32) -> Option<quinn::AckFrequencyConfig> {
     Some(cfg)
 }
 
+/// The congestion window a connection starts with when nothing is resumed (quinn's
+/// ten packets).
+pub fn default_initial_window() -> u64 {
+    use quinn::congestion::ControllerFactory;
+    Arc::new(quinn::congestion::CubicConfig::default())
+        .build(std::time::Instant::now(), 1200)
+        .initial_window()
+}
+
 fn transport_config(t: &TransportTuning) -> Result<quinn::TransportConfig, TransportError> {
+    transport_config_with_window(t, None)
+}
+
+/// [`transport_config`], its connections starting with a congestion window of
+/// `initial_window` bytes when given (careful resume).
+fn transport_config_with_window(
+    t: &TransportTuning,
+    initial_window: Option<u64>,
+) -> Result<quinn::TransportConfig, TransportError> {
     let mut cfg = quinn::TransportConfig::default();
     let idle = quinn::IdleTimeout::try_from(t.idle_timeout)
         .map_err(|e| TransportError::QuicConfig(e.to_string()))?;
@@ -105,16 +123,30 @@ fn transport_config(t: &TransportTuning) -> Result<quinn::TransportConfig, Trans
     cfg.max_concurrent_uni_streams(64u32.into());
     cfg.max_concurrent_bidi_streams(16u32.into());
     cfg.ack_frequency_config(ack_frequency(t.ack_every));
-    match t.congestion {
-        Congestion::Bbr => {
-            cfg.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    match (t.congestion, initial_window) {
+        (Congestion::Bbr, w) => {
+            let mut bbr = quinn::congestion::BbrConfig::default();
+            if let Some(w) = w {
+                bbr.initial_window(w);
+            }
+            cfg.congestion_controller_factory(Arc::new(bbr));
         }
-        Congestion::DelayFilteredCubic => {
+        (Congestion::DelayFilteredCubic, None) => {
             cfg.congestion_controller_factory(Arc::new(
                 crate::congestion::DelayFilteredCubicConfig::default(),
             ));
         }
-        Congestion::Cubic => {}
+        (Congestion::DelayFilteredCubic, Some(w)) => {
+            cfg.congestion_controller_factory(Arc::new(
+                crate::congestion::DelayFilteredCubicConfig::with_initial_window(w),
+            ));
+        }
+        (Congestion::Cubic, None) => {}
+        (Congestion::Cubic, Some(w)) => {
+            let mut cubic = quinn::congestion::CubicConfig::default();
+            cubic.initial_window(w);
+            cfg.congestion_controller_factory(Arc::new(cubic));
+        }
     }
     Ok(cfg)
 }
@@ -165,6 +197,10 @@ fn client_config(
 #[derive(Clone)]
 pub struct QuicEndpoint {
     endpoint: quinn::Endpoint,
+    /// The client side's configuration, and the tuning it was built from: a resumed
+    /// connection gets a copy with another initial window.
+    client: quinn::ClientConfig,
+    tuning: TransportTuning,
 }
 
 impl QuicEndpoint {
@@ -183,8 +219,13 @@ impl QuicEndpoint {
             runtime,
         )
         .map_err(|source| TransportError::Bind { addr, source })?;
-        endpoint.set_default_client_config(client_config(id, tuning)?);
-        Ok(QuicEndpoint { endpoint })
+        let client = client_config(id, tuning)?;
+        endpoint.set_default_client_config(client.clone());
+        Ok(QuicEndpoint {
+            endpoint,
+            client,
+            tuning: tuning.clone(),
+        })
     }
 
     /// A client-only endpoint (binds an ephemeral port on the wildcard address of `family_of`).
@@ -205,8 +246,13 @@ impl QuicEndpoint {
         let mut endpoint =
             quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
                 .map_err(|source| TransportError::Bind { addr: bind, source })?;
-        endpoint.set_default_client_config(client_config(id, tuning)?);
-        Ok(QuicEndpoint { endpoint })
+        let client = client_config(id, tuning)?;
+        endpoint.set_default_client_config(client.clone());
+        Ok(QuicEndpoint {
+            endpoint,
+            client,
+            tuning: tuning.clone(),
+        })
     }
 
     /// The address actually bound.
@@ -239,6 +285,33 @@ impl QuicEndpoint {
     /// list the addresses their agent is reached at).
     pub async fn connect_ip(&self, addr: SocketAddr) -> Result<quinn::Connection, TransportError> {
         self.connect(addr, &addr.ip().to_string()).await
+    }
+
+    /// [`connect_ip`](Self::connect_ip) with the congestion window starting at
+    /// `initial_window` bytes (careful resume: [`crate::resume`]); `None` is slow start.
+    pub async fn connect_ip_with_window(
+        &self,
+        addr: SocketAddr,
+        initial_window: Option<u64>,
+    ) -> Result<quinn::Connection, TransportError> {
+        let Some(w) = initial_window else {
+            return self.connect_ip(addr).await;
+        };
+        let mut cfg = self.client.clone();
+        cfg.transport_config(Arc::new(transport_config_with_window(
+            &self.tuning,
+            Some(w),
+        )?));
+        let connecting = self
+            .endpoint
+            .connect_with(cfg, addr, &addr.ip().to_string())
+            .map_err(|source| TransportError::Connect { addr, source })?;
+        connecting
+            .await
+            .map_err(|source| TransportError::Connection {
+                addr: addr.to_string(),
+                source,
+            })
     }
 
     /// Waits for the next incoming connection and completes its handshake (client

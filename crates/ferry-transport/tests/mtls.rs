@@ -203,3 +203,43 @@ async fn thinned_acks_are_requested_of_the_receiver() {
     );
     eprintln!("ACKs: default {acks_default}/{rx_default}, every 10: {acks_thin}/{rx_thin}");
 }
+
+/// Careful resume: a connection opened with a window starts with it (the controller quinn
+/// runs for this connection reports it), one opened without starts with slow start's.
+#[tokio::test]
+async fn resumed_connection_starts_with_the_given_window() {
+    let ca = generate_ca("test mesh").unwrap();
+    let server = QuicEndpoint::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &identity(&ca, "b"),
+        &tuning(),
+    )
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    let srv = tokio::spawn(async move {
+        for _ in 0..2 {
+            let conn = server.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { conn.closed().await });
+        }
+    });
+    let client = QuicEndpoint::client(addr, &identity(&ca, "a"), &tuning()).unwrap();
+    const JUMP: u64 = 1_000_000;
+    let resumed = client
+        .connect_ip_with_window(addr, Some(JUMP))
+        .await
+        .unwrap();
+    let fresh = client.connect_ip_with_window(addr, None).await.unwrap();
+    let (w_resumed, w_fresh) = (resumed.stats().path.cwnd, fresh.stats().path.cwnd);
+    // The handshake's own acknowledgements may add a few KB in slow start.
+    assert!(
+        (JUMP..JUMP + 64_000).contains(&w_resumed),
+        "resumed window {w_resumed}"
+    );
+    assert!(
+        w_fresh < 100_000 && w_fresh >= ferry_transport::default_initial_window(),
+        "fresh window {w_fresh}"
+    );
+    resumed.close(0u32.into(), b"done");
+    fresh.close(0u32.into(), b"done");
+    srv.await.unwrap();
+}

@@ -732,12 +732,7 @@ impl Migration {
         );
         let at = Phase::Connect;
         let quic_addr: SocketAddr = prepared.quic_addr.parse().map_err(fail(at, "address"))?;
-        let conn = self
-            .ctx
-            .quic
-            .connect_ip(quic_addr)
-            .await
-            .map_err(fail(at, ""))?;
+        let conn = self.connect_resumed(quic_addr).await?;
         undo.conn = Some(conn.clone());
         let (mut cs, cr) = conn.open_bi().await.map_err(fail(at, "control stream"))?;
         write_stream_header(&mut cs, StreamHeader::new(StreamKind::Control, 0))
@@ -787,6 +782,42 @@ impl Migration {
             writers,
             ram,
         })
+    }
+
+    /// Opens the data-plane connection, its congestion window resumed from what this
+    /// path carried lately when the handshake's RTT says it is the same path (careful
+    /// resume: `ferry_transport::resume`), else with slow start.
+    async fn connect_resumed(&self, addr: SocketAddr) -> Res<quinn::Connection> {
+        use ferry_transport::resume::{resume_window, rtt_matches};
+        let at = Phase::Connect;
+        let saved = self
+            .ctx
+            .cfg
+            .migration
+            .careful_resume
+            .then(|| self.ctx.paths.get(addr))
+            .flatten();
+        let floor = ferry_transport::default_initial_window();
+        let window = resume_window(saved.as_ref(), Instant::now(), floor);
+        let conn = self
+            .ctx
+            .quic
+            .connect_ip_with_window(addr, window)
+            .await
+            .map_err(fail(at, ""))?;
+        let (Some(w), Some(s)) = (window, saved) else {
+            return Ok(conn);
+        };
+        if rtt_matches(s.rtt, conn.rtt()) {
+            info!(migration = %self.p.job.id, "careful resume: the data plane starts with a {w}-byte window (this path carried {:.0} Mbit/s at {:?} RTT {:.0} s ago)",
+                s.delivered_bytes_per_sec * 8.0 / 1e6, s.rtt, s.at.elapsed().as_secs_f64());
+            return Ok(conn);
+        }
+        // Another path behind the address: nothing sent yet, so start over with slow start.
+        info!(migration = %self.p.job.id, "careful resume not used: handshake RTT {:?} against {:?} saved for this path", conn.rtt(), s.rtt);
+        self.ctx.paths.forget(addr);
+        conn.close(0u32.into(), b"path changed; reconnecting");
+        self.ctx.quic.connect_ip(addr).await.map_err(fail(at, ""))
     }
 
     /// [`Phase::Precopy`]: write tracking armed inside the source QEMU, then rounds of
@@ -870,10 +901,12 @@ impl Migration {
         let mut audit_task: Option<JoinHandle<Vec<u64>>> = None;
         let mut prev_dirty = u64::MAX;
         let ram2 = link.ram.clone();
+        let scan_from = Instant::now();
         let mut pending = tokio::task::spawn_blocking(move || ram2.nonzero_pages())
             .await
             .map_err(fail(at, "scan RAM"))?
             .map_err(fail(at, "scan RAM"))?;
+        info!(migration = %self.p.job.id, pages = pending.count(), took = ?scan_from.elapsed(), "round 0: non-zero pages found");
         let mut round: u32 = 0;
         let mut bandwidth: Option<f64> = None; // wire bytes per second
         let mut dirty_rate: f64; // pages per second during the last pre-copy round
@@ -1015,6 +1048,17 @@ impl Migration {
                 confirmations
                     .confirm(&mut link.ctl_rx, this, round_deadline)
                     .await?;
+                // What this path carried, for the next connection to the same peer.
+                if let Some(bw) = confirmations.bandwidth {
+                    self.ctx.paths.record(
+                        link.conn.remote_address(),
+                        ferry_transport::resume::PathRecord {
+                            delivered_bytes_per_sec: bw,
+                            rtt: link.base_rtt,
+                            at: Instant::now(),
+                        },
+                    );
+                }
             } else {
                 unconfirmed = Some(this);
             }
