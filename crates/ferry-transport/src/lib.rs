@@ -12,7 +12,10 @@ pub mod resume;
 mod stream;
 
 pub use identity::{PeerIdentity, Role};
-pub use quic::{default_initial_window, Congestion, QuicEndpoint, TransportTuning, ALPN};
+pub use quic::{
+    default_initial_window, fit_send_window, send_window_for, Congestion, QuicEndpoint,
+    TransportTuning, ALPN, SEND_BUFFER_MARGIN,
+};
 pub use stream::{
     read_stream_header, write_stream_header, ControlChannel, FrameReader, FrameWriter,
 };

@@ -933,6 +933,8 @@ impl Migration {
             }
         });
         let round_deadline = Duration::from_secs(self.ctx.cfg.migration.round_timeout_s.max(1));
+        let max_send_window = u64::from(self.ctx.quic.tuning().connection_window);
+        ferry_transport::fit_send_window(&link.conn, max_send_window);
         // The round announced last and not yet confirmed, and what the confirmations say.
         let mut unconfirmed: Option<Unconfirmed> = None;
         let mut confirmations = Confirmations::default();
@@ -978,6 +980,8 @@ impl Migration {
                         }
                         _ = tick.tick() => {}
                     }
+                    // Keep what is written close to the wire (see send_window_for).
+                    ferry_transport::fit_send_window(&link.conn, max_send_window);
                     self.round_progress(
                         &counters,
                         round,
