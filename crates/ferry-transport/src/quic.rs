@@ -379,28 +379,35 @@ fn udp_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, Tr
     Ok(socket)
 }
 
-/// Buffered data kept beyond the congestion window at least: the encoders' next batches
-/// (four streams of a 256-page batch each, ~1 MiB each compressed, and a scheduling hiccup
-/// on a busy host).
-pub const SEND_BUFFER_MARGIN: u64 = 8 << 20;
+/// Data kept buffered beyond the congestion window, in time at the window's rate: what
+/// covers the encoders' next batches and a scheduling hiccup on a busy host.
+pub const SEND_BUFFER_AHEAD: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// ...and at least this many bytes (four page streams' next compressed batch).
+pub const SEND_BUFFER_MIN_MARGIN: u64 = 2 << 20;
 
 /// The send window (bytes a sender may have written and not yet had acknowledged) for a
-/// connection whose congestion window is `cwnd`: the window in flight plus as much again,
-/// at least [`SEND_BUFFER_MARGIN`], at most `max`.
+/// connection whose congestion window is `cwnd` at round-trip time `rtt`: the window in
+/// flight plus [`SEND_BUFFER_AHEAD`] more at its rate (`cwnd / rtt`), at least
+/// [`SEND_BUFFER_MIN_MARGIN`] more, at most `max`.
 ///
 /// A fixed 64 MiB let the page sender run up to 2.7 s ahead of the wire on the testbed's
-/// 200 Mbit/s `far` link: a round "ended" when its last page was buffered, the next one
-/// started with what the guest wrote meanwhile, and then waited for the buffer to drain
+/// 200 Mbit/s `far` link, and a fixed 8 MiB margin still 0.35 s: a round "ended" when its
+/// last page was buffered, and the next one, started then, waited for the buffer to drain
 /// while the guest wrote on (benches/RESULTS.md). Fitted to the congestion window, what
-/// is written is on the wire within about a round trip and a margin.
-pub fn send_window_for(cwnd: u64, max: u64) -> u64 {
-    (cwnd.saturating_add(cwnd.max(SEND_BUFFER_MARGIN))).min(max)
+/// is written leaves within about 50 ms on any link.
+pub fn send_window_for(cwnd: u64, rtt: std::time::Duration, max: u64) -> u64 {
+    let rtt = rtt.as_secs_f64().max(1e-6);
+    let ahead = cwnd as f64 * SEND_BUFFER_AHEAD.as_secs_f64() / rtt;
+    let margin = (ahead.min(max as f64) as u64).max(SEND_BUFFER_MIN_MARGIN);
+    cwnd.saturating_add(margin).min(max)
 }
 
 /// Fits `conn`'s send window to its congestion window now ([`send_window_for`]); returns
 /// the window set.
 pub fn fit_send_window(conn: &quinn::Connection, max: u64) -> u64 {
-    let w = send_window_for(conn.stats().path.cwnd, max);
+    let path = conn.stats().path;
+    let w = send_window_for(path.cwnd, path.rtt, max);
     conn.set_send_window(w);
     w
 }
@@ -410,16 +417,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn send_window_is_the_congestion_window_plus_a_margin() {
-        // Slow start: the margin dominates.
+    fn send_window_is_the_congestion_window_plus_50_ms_of_it() {
+        let ms = std::time::Duration::from_millis;
+        const MAX: u64 = 64 << 20;
+        // far: 3 MB in flight at 50 ms, 3 MB more (50 ms at 60 MB/s).
+        assert_eq!(send_window_for(3_000_000, ms(50), MAX), 6_000_000);
+        // wan: 3.4 MB at 20 ms, 2.5x that ahead.
         assert_eq!(
-            send_window_for(12_000, 64 << 20),
-            12_000 + SEND_BUFFER_MARGIN
+            send_window_for(3_400_000, ms(20), MAX),
+            3_400_000 + 8_500_000
         );
-        // A large window: twice it.
-        assert_eq!(send_window_for(20 << 20, 64 << 20), 40 << 20);
-        // Never beyond the connection's own limit.
-        assert_eq!(send_window_for(50 << 20, 64 << 20), 64 << 20);
-        assert_eq!(send_window_for(u64::MAX, 64 << 20), 64 << 20);
+        // Slow start: at least the minimum margin.
+        assert_eq!(
+            send_window_for(12_000, ms(50), MAX),
+            12_000 + SEND_BUFFER_MIN_MARGIN
+        );
+        // A short path, and a broken RTT: never beyond the connection's own limit.
+        assert_eq!(send_window_for(1 << 20, ms(0), MAX), MAX);
+        assert_eq!(send_window_for(u64::MAX, ms(20), MAX), MAX);
     }
 }
