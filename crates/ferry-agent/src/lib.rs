@@ -48,4 +48,6 @@ pub struct AgentCtx {
     pub device_save: Arc<preflight::DeviceSaveHistory>,
     /// What the data plane's paths to peers carried lately (careful resume).
     pub paths: Arc<ferry_transport::resume::PathMemory>,
+    /// The codec `auto` ended round 0 with, per target (the next migration starts there).
+    pub codecs: Arc<migration::auto_codec::CodecMemory>,
 }

@@ -107,6 +107,7 @@ pub async fn build(cfg: AgentConfig) -> anyhow::Result<Arc<AgentCtx>> {
         storage,
         device_save: Default::default(),
         paths: Default::default(),
+        codecs: Default::default(),
     });
     recover_outgoing(&ctx).await;
     Ok(ctx)

@@ -67,8 +67,14 @@ impl Compression {
     /// The codec a pre-copy starts with: lz4 for `auto` (cheap, and 1.5x where the link
     /// is the limit), else the fixed one.
     pub fn initial(self) -> Codec {
+        self.initial_with(None)
+    }
+
+    /// [`initial`](Self::initial), for `auto` the codec `remembered` from the last
+    /// migration to the same target when there is one ([`CodecMemory`]).
+    pub fn initial_with(self, remembered: Option<Codec>) -> Codec {
         match self {
-            Compression::Auto => Codec::Lz4,
+            Compression::Auto => remembered.unwrap_or(Codec::Lz4),
             Compression::Fixed(c) => c,
         }
     }
@@ -185,6 +191,34 @@ pub fn sample(ram: &RamFile, pages: &DirtyBitmap) -> Vec<CodecSample> {
             })
         })
         .collect()
+}
+
+/// A remembered codec older than this says nothing about the link and host now.
+pub const CODEC_MEMORY_AGE: Duration = Duration::from_secs(600);
+
+/// The codec `auto` was using when round 0 of the last migration to a target ended: the
+/// next migration there starts with it. Round 0 on lan lasts ~1.2 s, and the controller's
+/// first step comes 0.3-0.6 s in; starting every migration on lz4 cost lan 20% against
+/// raw (benches/RESULTS.md). In memory only: a restarted agent starts on lz4 again.
+#[derive(Debug, Default)]
+pub struct CodecMemory {
+    by_target: std::sync::Mutex<std::collections::HashMap<String, (Codec, Instant)>>,
+}
+
+impl CodecMemory {
+    /// The codec remembered for `target`, unless older than [`CODEC_MEMORY_AGE`].
+    pub fn get(&self, target: &str) -> Option<Codec> {
+        let m = self.by_target.lock().ok()?;
+        let &(codec, at) = m.get(target)?;
+        (at.elapsed() <= CODEC_MEMORY_AGE).then_some(codec)
+    }
+
+    /// Remembers `codec` for `target`.
+    pub fn record(&self, target: &str, codec: Codec) {
+        if let Ok(mut m) = self.by_target.lock() {
+            m.insert(target.to_string(), (codec, Instant::now()));
+        }
+    }
 }
 
 /// Cores a QUIC connection's sending can use: quinn drives a connection (packet
@@ -529,6 +563,15 @@ fn own_cpu() -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn codec_memory_is_per_target() {
+        let m = super::CodecMemory::default();
+        assert_eq!(m.get("h2"), None);
+        m.record("h2", ferry_wire::Codec::None);
+        assert_eq!(m.get("h2"), Some(ferry_wire::Codec::None));
+        assert_eq!(m.get("h3"), None);
+    }
+
     use super::*;
 
     /// Figures of the order measured here on the realistic guest mix (one core).
@@ -854,6 +897,14 @@ mod tests {
         assert!("brotli".parse::<Compression>().is_err());
         assert_eq!(Compression::Auto.to_string(), "auto");
         assert_eq!(Compression::Auto.initial(), Codec::Lz4);
+        assert_eq!(
+            Compression::Auto.initial_with(Some(Codec::None)),
+            Codec::None
+        );
+        assert_eq!(
+            Compression::Fixed(Codec::Lz4).initial_with(Some(Codec::None)),
+            Codec::Lz4
+        );
     }
 
     #[test]

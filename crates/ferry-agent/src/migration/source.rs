@@ -883,10 +883,16 @@ impl Migration {
         } else {
             0
         };
+        let remembered = (self.p.job.compression == Compression::Auto)
+            .then(|| self.ctx.codecs.get(&self.p.job.target))
+            .flatten();
+        if let Some(c) = remembered {
+            info!(migration = %self.p.job.id, "compress auto: starting with {c}, where round 0 of the last migration to {} ended", self.p.job.target);
+        }
         let mut sender = PageSender::new(
             std::mem::take(&mut link.writers),
             link.ram.clone(),
-            self.p.job.compression.initial(),
+            self.p.job.compression.initial_with(remembered),
         )
         .with_rate_limit(pace);
         // `--verify sent`: sums of what is sent, and the audit that keeps them honest.
@@ -1052,6 +1058,11 @@ impl Migration {
                 confirmations
                     .confirm(&mut link.ctl_rx, this, round_deadline)
                     .await?;
+                if self.p.job.compression == Compression::Auto {
+                    self.ctx
+                        .codecs
+                        .record(&self.p.job.target, sender.codec().get());
+                }
                 // What this path carried, for the next connection to the same peer.
                 if let Some(bw) = confirmations.bandwidth {
                     self.ctx.paths.record(
