@@ -29,5 +29,5 @@ pub use recovery::{
     rollback_resume, source_recovery, target_recovery, Resume, SourceAction, SourceMark,
     SourceQemu, TargetAction, TargetAnswer, TargetQemu,
 };
-pub use stall::{stall_decision, StallDecision, StallInput, StallPolicy};
+pub use stall::{round_comparable, stall_decision, StallDecision, StallInput, StallPolicy};
 pub use verify::VerifyMode;

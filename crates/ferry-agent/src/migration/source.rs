@@ -1049,11 +1049,14 @@ impl Migration {
                 started: t0,
             };
             announce_round(&mut link.ctl_tx, &this).await?;
+            // How long this round waited for the previous one (see round_comparable).
+            let waiting = Instant::now();
             if let Some(prev) = unconfirmed.take() {
                 confirmations
                     .confirm(&mut link.ctl_rx, prev, round_deadline)
                     .await?;
             }
+            let waited = waiting.elapsed();
             if round == 0 {
                 confirmations
                     .confirm(&mut link.ctl_rx, this, round_deadline)
@@ -1174,7 +1177,14 @@ impl Migration {
                 round,
                 max_rounds: self.p.max_rounds,
                 dirty_pages: count,
-                prev_dirty_pages: prev_dirty,
+                prev_dirty_pages: if ferry_handoff::round_comparable(
+                    waited.as_secs_f64() * 1000.0,
+                    secs * 1000.0,
+                ) {
+                    prev_dirty
+                } else {
+                    u64::MAX
+                },
                 predicted_ms,
                 path_ms: link.base_rtt.as_secs_f64() * 1000.0,
                 downtime_ms: self.p.downtime_ms,
