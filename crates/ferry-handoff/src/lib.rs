@@ -29,5 +29,7 @@ pub use recovery::{
     rollback_resume, source_recovery, target_recovery, Resume, SourceAction, SourceMark,
     SourceQemu, TargetAction, TargetAnswer, TargetQemu,
 };
-pub use stall::{round_comparable, stall_decision, StallDecision, StallInput, StallPolicy};
+pub use stall::{
+    compare_rounds, round_comparable, stall_decision, StallDecision, StallInput, StallPolicy,
+};
 pub use verify::VerifyMode;

@@ -65,13 +65,22 @@ pub enum StallDecision {
 }
 
 /// Whether a round's write count compares with the round before it: not when the round
-/// spent most of its window (collection to collection) waiting for the previous round's
-/// confirmation. With pipelined rounds a small round that follows a big one is sent at
-/// once and then waits while the big one drains: the writes it collects measure that
-/// drain, not how fast rounds shrink (on wan a 2 MB round waiting 60 of its 82 ms read as
-/// flat and stopped pre-copy with a 56 ms pause against 30-35 ms otherwise).
-pub fn round_comparable(waited_ms: f64, window_ms: f64) -> bool {
-    waited_ms <= 0.5 * window_ms
+/// spent most of its window (collection to collection) waiting for the previous round to
+/// drain. With pipelined rounds a small round that follows a big one is sent at once and
+/// then waits while the big one drains: the writes it collects measure that drain, not
+/// how fast rounds shrink (on wan a 2 MB round waiting 60 of its 82 ms read as flat and
+/// stopped pre-copy with a 56 ms pause against 30-35 ms otherwise). Waiting about a round
+/// trip (`rtt_ms`) for the previous round's confirmation is every small round's rhythm on
+/// a long path, and compares: only a wait beyond two round trips is a drain.
+pub fn round_comparable(waited_ms: f64, window_ms: f64, rtt_ms: f64) -> bool {
+    waited_ms <= 0.5 * window_ms || waited_ms <= 2.0 * rtt_ms
+}
+
+/// Whether this round's writes are compared with the previous round's: yes unless it
+/// waited for a drain ([`round_comparable`]) and the round before it was compared — one
+/// pass at a time, so that pre-copy cannot go on to the round limit on passes.
+pub fn compare_rounds(waited_ms: f64, window_ms: f64, rtt_ms: f64, last_passed: bool) -> bool {
+    round_comparable(waited_ms, window_ms, rtt_ms) || last_passed
 }
 
 /// A round "stalls" at the round limit, or when from round 3 on it did not shrink by a
@@ -232,9 +241,16 @@ mod tests {
 
     #[test]
     fn a_round_that_mostly_waited_for_the_previous_one_does_not_compare() {
-        assert!(round_comparable(0.0, 80.0));
-        assert!(round_comparable(40.0, 80.0));
-        assert!(!round_comparable(60.0, 82.0));
+        // wan (21 ms round trip): a 2 MB round that waited 60 of its 82 ms for a drain.
+        assert!(!round_comparable(60.0, 82.0, 21.0));
+        assert!(round_comparable(40.0, 82.0, 21.0));
+        assert!(round_comparable(0.0, 80.0, 21.0));
+        // far (50 ms): a small round waiting 85 ms is its confirmation's round trip.
+        assert!(round_comparable(85.0, 90.0, 50.0));
+        // One pass, then the next round compares whatever it waited for.
+        assert!(!compare_rounds(60.0, 82.0, 21.0, false));
+        assert!(compare_rounds(60.0, 82.0, 21.0, true));
+        assert!(compare_rounds(10.0, 82.0, 21.0, false));
     }
 
     #[test]

@@ -943,6 +943,8 @@ impl Migration {
         ferry_transport::fit_send_window(&link.conn, max_send_window);
         // The round announced last and not yet confirmed, and what the confirmations say.
         let mut unconfirmed: Option<Unconfirmed> = None;
+        // Whether the last round's writes were not compared with the round before it.
+        let mut last_passed = false;
         let mut confirmations = Confirmations::default();
         loop {
             let wire0 = sender.counters.wire_bytes.load(Ordering::Relaxed);
@@ -1173,18 +1175,18 @@ impl Migration {
             pending = dirty;
             // The policy is a pure decision (`ferry_handoff::stall_decision`, unit-tested);
             // the throttle's cgroup writes stay here.
+            let compared = ferry_handoff::compare_rounds(
+                waited.as_secs_f64() * 1000.0,
+                secs * 1000.0,
+                link.base_rtt.as_secs_f64() * 1000.0,
+                last_passed,
+            );
+            last_passed = !compared;
             let input = ferry_handoff::StallInput {
                 round,
                 max_rounds: self.p.max_rounds,
                 dirty_pages: count,
-                prev_dirty_pages: if ferry_handoff::round_comparable(
-                    waited.as_secs_f64() * 1000.0,
-                    secs * 1000.0,
-                ) {
-                    prev_dirty
-                } else {
-                    u64::MAX
-                },
+                prev_dirty_pages: if compared { prev_dirty } else { u64::MAX },
                 predicted_ms,
                 path_ms: link.base_rtt.as_secs_f64() * 1000.0,
                 downtime_ms: self.p.downtime_ms,
