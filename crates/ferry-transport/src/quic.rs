@@ -383,13 +383,16 @@ fn udp_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, Tr
 /// covers the encoders' next batches and a scheduling hiccup on a busy host.
 pub const SEND_BUFFER_AHEAD: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// ...and at least this many bytes (four page streams' next compressed batch).
+/// ...and at least this many bytes (a few page streams' next batch and a hiccup).
 pub const SEND_BUFFER_MIN_MARGIN: u64 = 2 << 20;
 
 /// The send window (bytes a sender may have written and not yet had acknowledged) for a
 /// connection whose congestion window is `cwnd` at round-trip time `rtt`: the window in
 /// flight plus [`SEND_BUFFER_AHEAD`] more at its rate (`cwnd / rtt`), at least
-/// [`SEND_BUFFER_MIN_MARGIN`] more, at most `max`.
+/// [`SEND_BUFFER_MIN_MARGIN`] and at least the window itself more, at most `max`. The
+/// last: the window is refitted every 250 ms and quinn's controller stops growing once the
+/// send window limits it (it counts as application-limited), so slow start on a long path
+/// must be able to double between refits.
 ///
 /// A fixed 64 MiB let the page sender run up to 2.7 s ahead of the wire on the testbed's
 /// 200 Mbit/s `far` link, and a fixed 8 MiB margin still 0.35 s: a round "ended" when its
@@ -399,7 +402,9 @@ pub const SEND_BUFFER_MIN_MARGIN: u64 = 2 << 20;
 pub fn send_window_for(cwnd: u64, rtt: std::time::Duration, max: u64) -> u64 {
     let rtt = rtt.as_secs_f64().max(1e-6);
     let ahead = cwnd as f64 * SEND_BUFFER_AHEAD.as_secs_f64() / rtt;
-    let margin = (ahead.min(max as f64) as u64).max(SEND_BUFFER_MIN_MARGIN);
+    let margin = (ahead.min(max as f64) as u64)
+        .max(SEND_BUFFER_MIN_MARGIN)
+        .max(cwnd);
     cwnd.saturating_add(margin).min(max)
 }
 
@@ -432,6 +437,9 @@ mod tests {
             send_window_for(12_000, ms(50), MAX),
             12_000 + SEND_BUFFER_MIN_MARGIN
         );
+        // A long fat path in slow start (4 MiB at 130 ms): room to double before the
+        // next refit.
+        assert_eq!(send_window_for(4 << 20, ms(130), MAX), 8 << 20);
         // A short path, and a broken RTT: never beyond the connection's own limit.
         assert_eq!(send_window_for(1 << 20, ms(0), MAX), MAX);
         assert_eq!(send_window_for(u64::MAX, ms(20), MAX), MAX);

@@ -24,8 +24,12 @@ use std::time::{Duration, Instant};
 /// A record older than this says nothing about the path now.
 pub const MAX_AGE: Duration = Duration::from_secs(600);
 
-/// The new handshake's RTT must lie within this factor of the saved RTT (both ways).
+/// The new handshake's RTT must lie within this factor of the saved RTT (both ways)...
 pub const RTT_RANGE: f64 = 2.0;
+
+/// ...or within this much of it: on a short path (lan, a fraction of a millisecond) the
+/// handshake's own crypto and scheduling move the RTT by more than 2x.
+pub const RTT_SLACK: Duration = Duration::from_millis(2);
 
 /// The largest window a resumed connection starts with (a 1 Gbit/s path at 130 ms).
 pub const MAX_JUMP: u64 = 8 << 20;
@@ -62,7 +66,10 @@ pub fn resume_window(saved: Option<&PathRecord>, now: Instant, floor: u64) -> Op
 /// starts with slow start instead.
 pub fn rtt_matches(saved: Duration, now: Duration) -> bool {
     let (s, n) = (saved.as_secs_f64(), now.as_secs_f64());
-    s > 0.0 && n > 0.0 && n <= s * RTT_RANGE && n >= s / RTT_RANGE
+    if s <= 0.0 || n <= 0.0 {
+        return false;
+    }
+    (n - s).abs() <= RTT_SLACK.as_secs_f64() || (n <= s * RTT_RANGE && n >= s / RTT_RANGE)
 }
 
 /// The last [`PathRecord`] per peer address.
@@ -161,6 +168,10 @@ mod tests {
         assert!(!rtt_matches(ms(20), ms(41)));
         assert!(!rtt_matches(ms(20), ms(9)));
         assert!(!rtt_matches(Duration::ZERO, ms(9)));
+        // A short path: jitter beyond 2x but within the slack.
+        let us = Duration::from_micros;
+        assert!(rtt_matches(us(150), us(900)));
+        assert!(!rtt_matches(us(150), ms(5)));
     }
 
     #[test]

@@ -20,7 +20,9 @@ pub enum ControlMessage {
     /// The source finished round `round`; `batches_total` frames (page and zero batches)
     /// have been sent on all page streams since the start of the migration.
     RoundEnd { round: u32, batches_total: u64 },
-    /// The target has written every page of every batch up to `batches_applied`.
+    /// The target has written every batch of round `round` and of the rounds before it:
+    /// `batches_applied` of them (batches of later rounds, already arriving while pre-copy
+    /// rounds overlap, are not counted).
     RoundApplied { round: u32, batches_applied: u64 },
     /// The source asks for the fingerprint of the target's RAM file (both sides paused).
     DigestRequest,

@@ -333,6 +333,15 @@ pub enum Frame {
 }
 
 impl Frame {
+    /// The pre-copy round a page frame belongs to (`None` for control and chunk frames).
+    pub fn round(&self) -> Option<u32> {
+        match self {
+            Frame::Pages(b) => Some(b.round),
+            Frame::ZeroPages(z) => Some(z.round),
+            Frame::Control(_) | Frame::Chunk(_) => None,
+        }
+    }
+
     /// The frame's decoded data buffer (pages or a chunk), to decode the next frame into
     /// with [`Frame::decode_body_reusing`]; empty for other frames.
     pub fn into_data(self) -> Vec<u8> {

@@ -208,9 +208,14 @@ pub struct CodecMemory {
 impl CodecMemory {
     /// The codec remembered for `target`, unless older than [`CODEC_MEMORY_AGE`].
     pub fn get(&self, target: &str) -> Option<Codec> {
+        self.get_at(target, Instant::now())
+    }
+
+    /// [`get`](Self::get) as of `now`.
+    pub fn get_at(&self, target: &str, now: Instant) -> Option<Codec> {
         let m = self.by_target.lock().ok()?;
         let &(codec, at) = m.get(target)?;
-        (at.elapsed() <= CODEC_MEMORY_AGE).then_some(codec)
+        (now.saturating_duration_since(at) <= CODEC_MEMORY_AGE).then_some(codec)
     }
 
     /// Remembers `codec` for `target`.
@@ -570,6 +575,10 @@ mod tests {
         m.record("h2", ferry_wire::Codec::None);
         assert_eq!(m.get("h2"), Some(ferry_wire::Codec::None));
         assert_eq!(m.get("h3"), None);
+        // Ten minutes on, it is forgotten.
+        let later =
+            std::time::Instant::now() + super::CODEC_MEMORY_AGE + std::time::Duration::from_secs(1);
+        assert_eq!(m.get_at("h2", later), None);
     }
 
     use super::*;

@@ -470,14 +470,36 @@ pub struct AppliedCounter {
     pub frames: AtomicU64,
     pub pages: AtomicU64,
     pub notify: Notify,
+    /// Frames applied per round. Pre-copy rounds overlap on the wire (the next round
+    /// starts before the last is confirmed), so a round is complete when the frames of
+    /// it and every round before it are applied, whatever later rounds brought meanwhile.
+    by_round: std::sync::Mutex<std::collections::BTreeMap<u32, u64>>,
 }
 
 impl AppliedCounter {
-    /// Waits until at least `n` frames have been applied.
-    pub async fn wait_for(&self, n: u64) {
+    /// Counts one applied frame of `round` (frames without one count under round 0).
+    pub fn add_frame(&self, round: Option<u32>) {
+        if let Ok(mut m) = self.by_round.lock() {
+            *m.entry(round.unwrap_or(0)).or_insert(0) += 1;
+        }
+        self.frames.fetch_add(1, Ordering::AcqRel);
+        self.notify.notify_waiters();
+    }
+
+    /// Frames applied of rounds up to and including `round`.
+    pub fn frames_through(&self, round: u32) -> u64 {
+        self.by_round
+            .lock()
+            .map(|m| m.range(..=round).map(|(_, n)| n).sum())
+            .unwrap_or(0)
+    }
+
+    /// Waits until at least `n` frames of rounds up to and including `round` have been
+    /// applied (`n` is what the source sent up to the end of that round).
+    pub async fn wait_through(&self, round: u32, n: u64) {
         loop {
             let notified = self.notify.notified();
-            if self.frames.load(Ordering::Acquire) >= n {
+            if self.frames_through(round) >= n {
                 return;
             }
             notified.await;
@@ -505,7 +527,7 @@ pub async fn apply_page_stream(
         let (pages, b, s) =
             tokio::task::spawn_blocking(move || match Frame::decode_body_reusing(ty, &b, s) {
                 Ok(frame) => {
-                    let pages = apply_frame(&ram, &sums, &frame);
+                    let pages = apply_frame(&ram, &sums, &frame).map(|n| (n, frame.round()));
                     (pages, b, frame.into_data())
                 }
                 Err(e) => (Err(e.into()), b, Vec::new()),
@@ -513,10 +535,9 @@ pub async fn apply_page_stream(
             .await
             .map_err(|e| PageError::Join(e.to_string()))?;
         (body, spare) = (b, s);
-        let pages = pages?;
+        let (pages, round) = pages?;
         applied.pages.fetch_add(pages, Ordering::Relaxed);
-        applied.frames.fetch_add(1, Ordering::AcqRel);
-        applied.notify.notify_waiters();
+        applied.add_frame(round);
     }
     Ok(())
 }

@@ -231,6 +231,8 @@ struct Prepared {
 /// The data plane [`Migration::connect`] opens.
 struct Link {
     conn: quinn::Connection,
+    /// The target's data-plane address as dialled (careful resume's key).
+    peer: SocketAddr,
     ctl_tx: FrameWriter,
     ctl_rx: ControlRx,
     /// The page streams (taken by the page sender).
@@ -777,6 +779,7 @@ impl Migration {
         Ok(Link {
             base_rtt: conn.rtt(),
             conn,
+            peer: quic_addr,
             ctl_tx,
             ctl_rx,
             writers,
@@ -1036,9 +1039,9 @@ impl Migration {
                     }
                 }
             }
-            // A round ends when the target has written it, not when QUIC buffered it:
-            // otherwise throughput is overestimated and a backlog lands in the downtime.
-            // The next round does not wait for that, though (a round trip with the link
+            // A round counts as done when the target has written it, not when QUIC
+            // buffered it: otherwise throughput is overestimated and a backlog lands in the
+            // downtime. The next round does not wait for that, though (a round trip with the link
             // idle, ~0.3 s of a wan migration): pages of one region always travel on one
             // stream, so a page's later copy cannot overtake its earlier one. At most one
             // round is left unconfirmed; round 0 is confirmed at once, since the
@@ -1071,7 +1074,7 @@ impl Migration {
                 // What this path carried, for the next connection to the same peer.
                 if let Some(bw) = confirmations.bandwidth {
                     self.ctx.paths.record(
-                        link.conn.remote_address(),
+                        link.peer,
                         ferry_transport::resume::PathRecord {
                             delivered_bytes_per_sec: bw,
                             rtt: link.base_rtt,
@@ -1360,6 +1363,12 @@ impl Migration {
             .await
             .map_err(fail(at, "migrate-continue"))?;
         let wire_before = sender.counters.wire_bytes.load(Ordering::Relaxed);
+        // The send window as the congestion window is now (it was last fitted during a
+        // pre-copy round).
+        ferry_transport::fit_send_window(
+            &link.conn,
+            u64::from(self.ctx.quic.tuning().connection_window),
+        );
         // Pipelined switchover: the last pages, the request for the target's digest and
         // QEMU's device state all leave at once; the target feeds the device state to its
         // QEMU (and hashes its RAM) only once every last page is written. One round trip
@@ -1576,7 +1585,9 @@ impl Migration {
         let (final_round, final_batches) = self.final_round.unwrap_or((u32::MAX, 0));
         let wait = Duration::from_secs(self.ctx.cfg.migration.commit_timeout_s.max(1));
         loop {
-            let Arrived { msg, at: arrived } = recv_control_at(rx, wait, at).await?;
+            let Arrived {
+                msg, at: arrived, ..
+            } = recv_control_at(rx, wait, at).await?;
             match msg {
                 ControlMessage::RoundApplied {
                     round,
@@ -2469,24 +2480,30 @@ impl Confirmations {
         }
         // The arrival as the reader saw it: the confirmation may have waited while the
         // next round was sent.
-        let now = Instant::now();
-        let at = now
-            .checked_sub(SystemTime::now().duration_since(a.at).unwrap_or_default())
-            .unwrap_or(now);
-        // The link carried this round from when it began or the previous round was
-        // through, whichever is later, until its confirmation.
-        let from = self.last_at.map_or(r.started, |l| l.max(r.started));
-        let secs = at.saturating_duration_since(from).as_secs_f64();
+        let at = a.instant;
+        let secs = link_busy_secs(self.last_at, r.started, at);
         self.bandwidth = round_bandwidth(self.bandwidth, r.wire_bytes, secs);
         self.last_at = Some(at);
         Ok(())
     }
 }
 
+/// How long the link carried a round that began sending at `started` and was confirmed at
+/// `confirmed`: from its start or the previous round's confirmation (`last`), whichever is
+/// later — with pipelined rounds the link was busy with the previous round until then.
+fn link_busy_secs(last: Option<Instant>, started: Instant, confirmed: Instant) -> f64 {
+    let from = last.map_or(started, |l| l.max(started));
+    confirmed.saturating_duration_since(from).as_secs_f64()
+}
+
 /// The link's rate after a confirmed round of `wire_bytes` that took `secs`: only rounds
 /// big enough to fill the pipe say anything about the link; each such round weighs half.
+/// An interval under a millisecond says nothing (a rate from it would be absurd).
 fn round_bandwidth(prev: Option<f64>, wire_bytes: u64, secs: f64) -> Option<f64> {
-    let bw = wire_bytes as f64 / secs.max(1e-6);
+    if secs < 1e-3 {
+        return prev;
+    }
+    let bw = wire_bytes as f64 / secs;
     match prev {
         None => Some(bw),
         Some(prev) if wire_bytes < 4 << 20 => Some(prev),
@@ -2514,6 +2531,7 @@ pub fn spawn_control_reader(mut r: ferry_transport::FrameReader) -> ControlRx {
                 Ok(Some(ferry_wire::Frame::Control(msg))) => Ok(Arrived {
                     msg,
                     at: SystemTime::now(),
+                    instant: Instant::now(),
                 }),
                 Ok(Some(_)) => Err("unexpected page frame on control stream".to_string()),
                 Ok(None) => Err("peer closed the control stream".to_string()),
@@ -2535,6 +2553,8 @@ pub struct Arrived {
     pub msg: ControlMessage,
     /// When the reader took it off the stream.
     pub at: SystemTime,
+    /// The same moment on the monotonic clock (intervals: a wall-clock step cannot bend them).
+    pub instant: Instant,
 }
 
 /// The control stream's messages as [`spawn_control_reader`] delivers them.
@@ -2580,8 +2600,24 @@ mod tests {
     }
 
     #[test]
-    fn a_zero_interval_does_not_divide_by_zero() {
-        let bw = round_bandwidth(None, 8 << 20, 0.0).unwrap();
-        assert!(bw.is_finite() && bw > 0.0);
+    fn an_interval_under_a_millisecond_leaves_the_rate_as_it_was() {
+        assert_eq!(round_bandwidth(None, 8 << 20, 0.0), None);
+        assert_eq!(round_bandwidth(Some(100e6), 8 << 20, 1e-4), Some(100e6));
+    }
+
+    #[test]
+    fn the_link_is_busy_from_the_later_of_start_and_last_confirmation() {
+        use super::link_busy_secs;
+        use std::time::{Duration, Instant};
+        let t = Instant::now();
+        let s = Duration::from_secs;
+        // Round 0: no confirmation before, from its start.
+        assert_eq!(link_busy_secs(None, t, t + s(3)), 3.0);
+        // Pipelined: the round began before the previous one was confirmed.
+        assert_eq!(link_busy_secs(Some(t + s(2)), t + s(1), t + s(3)), 1.0);
+        // Not pipelined: the round began after.
+        assert_eq!(link_busy_secs(Some(t), t + s(1), t + s(3)), 2.0);
+        // A confirmation read before the round's start cannot make time negative.
+        assert_eq!(link_busy_secs(None, t + s(1), t), 0.0);
     }
 }

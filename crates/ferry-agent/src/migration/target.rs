@@ -20,7 +20,6 @@ use ferry_transport::{read_stream_header, ControlChannel, FrameReader};
 use ferry_wire::{ControlMessage, Frame, StreamKind, PROTOCOL_VERSION};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch, Mutex};
@@ -1055,11 +1054,11 @@ impl IncomingRegistry {
                             _ => (0, 0, false, false),
                         };
                         tokio::select! {
-                            _ = inc.applied.wait_for(batches_total) => {}
+                            _ = inc.applied.wait_through(round, batches_total) => {}
                             e = err_rx.recv() => break e.unwrap_or_else(|| "page streams ended".into()),
                             _ = tokio::time::sleep(Duration::from_secs(120)) => break "timed out waiting for page batches".into(),
                         }
-                        let batches_applied = inc.applied.frames.load(Ordering::Acquire);
+                        let batches_applied = inc.applied.frames_through(round);
                         if last {
                             // Every page is in place: the held device state may reach QEMU,
                             // and our fingerprint can be taken while it loads.
