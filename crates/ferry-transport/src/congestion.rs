@@ -46,11 +46,9 @@ pub struct DelayFilteredCubicConfig {
 }
 
 impl DelayFilteredCubicConfig {
-    /// Starts connections with a window of `bytes` instead of cubic's ten packets
-    /// (careful resume: [`crate::resume`]).
-    pub fn with_initial_window(bytes: u64) -> Self {
-        let mut cubic = CubicConfig::default();
-        cubic.initial_window(bytes);
+    /// The filter around `cubic` (e.g. one whose connections start with a resumed window:
+    /// [`crate::resume`]).
+    pub fn new(cubic: CubicConfig) -> Self {
         DelayFilteredCubicConfig {
             cubic: Arc::new(cubic),
         }

@@ -13,8 +13,8 @@ mod stream;
 
 pub use identity::{PeerIdentity, Role};
 pub use quic::{
-    default_initial_window, fit_send_window, send_window_for, Congestion, QuicEndpoint,
-    TransportTuning, ALPN, SEND_BUFFER_AHEAD, SEND_BUFFER_MIN_MARGIN,
+    default_initial_window, send_window_for, Congestion, QuicEndpoint, TransportTuning, ALPN,
+    SEND_BUFFER_AHEAD, SEND_BUFFER_MIN_MARGIN,
 };
 pub use stream::{
     read_stream_header, write_stream_header, ControlChannel, FrameReader, FrameWriter,

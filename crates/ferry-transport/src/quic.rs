@@ -102,13 +102,9 @@ pub fn default_initial_window() -> u64 {
         .initial_window()
 }
 
-fn transport_config(t: &TransportTuning) -> Result<quinn::TransportConfig, TransportError> {
-    transport_config_with_window(t, None)
-}
-
-/// [`transport_config`], its connections starting with a congestion window of
-/// `initial_window` bytes when given (careful resume).
-fn transport_config_with_window(
+/// The transport settings of `t`, connections starting with a congestion window of
+/// `initial_window` bytes when given (careful resume), else with the controller's own.
+fn transport_config(
     t: &TransportTuning,
     initial_window: Option<u64>,
 ) -> Result<quinn::TransportConfig, TransportError> {
@@ -123,29 +119,26 @@ fn transport_config_with_window(
     cfg.max_concurrent_uni_streams(64u32.into());
     cfg.max_concurrent_bidi_streams(16u32.into());
     cfg.ack_frequency_config(ack_frequency(t.ack_every));
-    match (t.congestion, initial_window) {
-        (Congestion::Bbr, w) => {
+    match t.congestion {
+        Congestion::Bbr => {
             let mut bbr = quinn::congestion::BbrConfig::default();
-            if let Some(w) = w {
+            if let Some(w) = initial_window {
                 bbr.initial_window(w);
             }
             cfg.congestion_controller_factory(Arc::new(bbr));
         }
-        (Congestion::DelayFilteredCubic, None) => {
-            cfg.congestion_controller_factory(Arc::new(
-                crate::congestion::DelayFilteredCubicConfig::default(),
-            ));
-        }
-        (Congestion::DelayFilteredCubic, Some(w)) => {
-            cfg.congestion_controller_factory(Arc::new(
-                crate::congestion::DelayFilteredCubicConfig::with_initial_window(w),
-            ));
-        }
-        (Congestion::Cubic, None) => {}
-        (Congestion::Cubic, Some(w)) => {
+        Congestion::DelayFilteredCubic | Congestion::Cubic => {
             let mut cubic = quinn::congestion::CubicConfig::default();
-            cubic.initial_window(w);
-            cfg.congestion_controller_factory(Arc::new(cubic));
+            if let Some(w) = initial_window {
+                cubic.initial_window(w);
+            }
+            if t.congestion == Congestion::Cubic {
+                cfg.congestion_controller_factory(Arc::new(cubic));
+            } else {
+                cfg.congestion_controller_factory(Arc::new(
+                    crate::congestion::DelayFilteredCubicConfig::new(cubic),
+                ));
+            }
         }
     }
     Ok(cfg)
@@ -173,7 +166,7 @@ fn server_config(
     let quic =
         QuicServerConfig::try_from(tls).map_err(|e| TransportError::QuicConfig(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    cfg.transport_config(Arc::new(transport_config(t)?));
+    cfg.transport_config(Arc::new(transport_config(t, None)?));
     Ok(cfg)
 }
 
@@ -189,7 +182,7 @@ fn client_config(
     let quic =
         QuicClientConfig::try_from(tls).map_err(|e| TransportError::QuicConfig(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(Arc::new(transport_config(t)?));
+    cfg.transport_config(Arc::new(transport_config(t, None)?));
     Ok(cfg)
 }
 
@@ -212,20 +205,14 @@ impl QuicEndpoint {
     ) -> Result<Self, TransportError> {
         let socket = udp_socket(addr, tuning.socket_buffer)?;
         let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
-        let mut endpoint = quinn::Endpoint::new(
+        let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(server_config(id, tuning)?),
             socket,
             runtime,
         )
         .map_err(|source| TransportError::Bind { addr, source })?;
-        let client = client_config(id, tuning)?;
-        endpoint.set_default_client_config(client.clone());
-        Ok(QuicEndpoint {
-            endpoint,
-            client,
-            tuning: tuning.clone(),
-        })
+        Self::with_client(endpoint, id, tuning)
     }
 
     /// A client-only endpoint (binds an ephemeral port on the wildcard address of `family_of`).
@@ -243,9 +230,19 @@ impl QuicEndpoint {
         .map_err(|e: std::net::AddrParseError| TransportError::QuicConfig(e.to_string()))?;
         let socket = udp_socket(bind, tuning.socket_buffer)?;
         let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
-        let mut endpoint =
+        let endpoint =
             quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
                 .map_err(|source| TransportError::Bind { addr: bind, source })?;
+        Self::with_client(endpoint, id, tuning)
+    }
+
+    /// Completes an endpoint with its client side (the default for every connection it
+    /// dials, kept for resumed connections to copy).
+    fn with_client(
+        mut endpoint: quinn::Endpoint,
+        id: &Identity,
+        tuning: &TransportTuning,
+    ) -> Result<Self, TransportError> {
         let client = client_config(id, tuning)?;
         endpoint.set_default_client_config(client.clone());
         Ok(QuicEndpoint {
@@ -255,9 +252,13 @@ impl QuicEndpoint {
         })
     }
 
-    /// The tuning this endpoint's connections were configured with.
-    pub fn tuning(&self) -> &TransportTuning {
-        &self.tuning
+    /// Fits `conn`'s send window to its congestion window now ([`send_window_for`], at
+    /// most this endpoint's connection window); returns the window set.
+    pub fn fit_send_window(&self, conn: &quinn::Connection) -> u64 {
+        let path = conn.stats().path;
+        let w = send_window_for(path.cwnd, path.rtt, self.tuning.connection_window.into());
+        conn.set_send_window(w);
+        w
     }
 
     /// The address actually bound.
@@ -274,9 +275,20 @@ impl QuicEndpoint {
         addr: SocketAddr,
         server_name: &str,
     ) -> Result<quinn::Connection, TransportError> {
+        self.connect_with(self.client.clone(), addr, server_name)
+            .await
+    }
+
+    /// [`connect`](Self::connect) with the client configuration `cfg`.
+    async fn connect_with(
+        &self,
+        cfg: quinn::ClientConfig,
+        addr: SocketAddr,
+        server_name: &str,
+    ) -> Result<quinn::Connection, TransportError> {
         let connecting = self
             .endpoint
-            .connect(addr, server_name)
+            .connect_with(cfg, addr, server_name)
             .map_err(|source| TransportError::Connect { addr, source })?;
         connecting
             .await
@@ -303,20 +315,8 @@ impl QuicEndpoint {
             return self.connect_ip(addr).await;
         };
         let mut cfg = self.client.clone();
-        cfg.transport_config(Arc::new(transport_config_with_window(
-            &self.tuning,
-            Some(w),
-        )?));
-        let connecting = self
-            .endpoint
-            .connect_with(cfg, addr, &addr.ip().to_string())
-            .map_err(|source| TransportError::Connect { addr, source })?;
-        connecting
-            .await
-            .map_err(|source| TransportError::Connection {
-                addr: addr.to_string(),
-                source,
-            })
+        cfg.transport_config(Arc::new(transport_config(&self.tuning, Some(w))?));
+        self.connect_with(cfg, addr, &addr.ip().to_string()).await
     }
 
     /// Waits for the next incoming connection and completes its handshake (client
@@ -406,15 +406,6 @@ pub fn send_window_for(cwnd: u64, rtt: std::time::Duration, max: u64) -> u64 {
         .max(SEND_BUFFER_MIN_MARGIN)
         .max(cwnd);
     cwnd.saturating_add(margin).min(max)
-}
-
-/// Fits `conn`'s send window to its congestion window now ([`send_window_for`]); returns
-/// the window set.
-pub fn fit_send_window(conn: &quinn::Connection, max: u64) -> u64 {
-    let path = conn.stats().path;
-    let w = send_window_for(path.cwnd, path.rtt, max);
-    conn.set_send_window(w);
-    w
 }
 
 #[cfg(test)]

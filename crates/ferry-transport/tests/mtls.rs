@@ -23,16 +23,17 @@ fn tuning() -> TransportTuning {
     }
 }
 
+/// A server endpoint on a free loopback port, and its address.
+fn bind_server(id: &Identity, t: &TransportTuning) -> (QuicEndpoint, std::net::SocketAddr) {
+    let server = QuicEndpoint::bind("127.0.0.1:0".parse().unwrap(), id, t).unwrap();
+    let addr = server.local_addr().unwrap();
+    (server, addr)
+}
+
 #[tokio::test]
 async fn same_ca_peers_exchange_control_messages() {
     let ca = generate_ca("test mesh").unwrap();
-    let server = QuicEndpoint::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        &identity(&ca, "b"),
-        &tuning(),
-    )
-    .unwrap();
-    let addr = server.local_addr().unwrap();
+    let (server, addr) = bind_server(&identity(&ca, "b"), &tuning());
     let srv = tokio::spawn(async move {
         let conn = server.accept().await.unwrap().unwrap();
         let (send, mut recv) = conn.accept_bi().await.unwrap();
@@ -67,13 +68,7 @@ async fn same_ca_peers_exchange_control_messages() {
 async fn client_from_another_ca_is_refused() {
     let mesh = generate_ca("mesh").unwrap();
     let rogue = generate_ca("rogue").unwrap();
-    let server = QuicEndpoint::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        &identity(&mesh, "b"),
-        &tuning(),
-    )
-    .unwrap();
-    let addr = server.local_addr().unwrap();
+    let (server, addr) = bind_server(&identity(&mesh, "b"), &tuning());
     let srv = tokio::spawn(async move { server.accept().await.unwrap() });
     // The rogue client trusts the mesh CA (so it accepts the server) but its own
     // certificate comes from another CA: the server must refuse the handshake.
@@ -109,13 +104,7 @@ async fn client_from_another_ca_is_refused() {
 async fn server_from_another_ca_is_refused_by_client() {
     let mesh = generate_ca("mesh").unwrap();
     let rogue = generate_ca("rogue").unwrap();
-    let server = QuicEndpoint::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        &identity(&rogue, "b"),
-        &tuning(),
-    )
-    .unwrap();
-    let addr = server.local_addr().unwrap();
+    let (server, addr) = bind_server(&identity(&rogue, "b"), &tuning());
     tokio::spawn(async move { server.accept().await });
     let client = QuicEndpoint::client(addr, &identity(&mesh, "a"), &tuning()).unwrap();
     let err = client
@@ -155,9 +144,7 @@ async fn acks_for_paced_transfer(ack_every: u32, bursts: usize) -> (u64, u64) {
         ack_every,
         ..tuning()
     };
-    let server =
-        QuicEndpoint::bind("127.0.0.1:0".parse().unwrap(), &identity(&ca, "b"), &t).unwrap();
-    let addr = server.local_addr().unwrap();
+    let (server, addr) = bind_server(&identity(&ca, "b"), &t);
     let srv = tokio::spawn(async move {
         let conn = server.accept().await.unwrap().unwrap();
         let mut recv = conn.accept_uni().await.unwrap();
@@ -209,13 +196,7 @@ async fn thinned_acks_are_requested_of_the_receiver() {
 #[tokio::test]
 async fn resumed_connection_starts_with_the_given_window() {
     let ca = generate_ca("test mesh").unwrap();
-    let server = QuicEndpoint::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        &identity(&ca, "b"),
-        &tuning(),
-    )
-    .unwrap();
-    let addr = server.local_addr().unwrap();
+    let (server, addr) = bind_server(&identity(&ca, "b"), &tuning());
     let srv = tokio::spawn(async move {
         for _ in 0..2 {
             let conn = server.accept().await.unwrap().unwrap();

@@ -467,7 +467,6 @@ thread_local! {
 /// Target side: how many frames have been written into the RAM file.
 #[derive(Default)]
 pub struct AppliedCounter {
-    pub frames: AtomicU64,
     pub pages: AtomicU64,
     pub notify: Notify,
     /// Frames applied per round. Pre-copy rounds overlap on the wire (the next round
@@ -482,7 +481,6 @@ impl AppliedCounter {
         if let Ok(mut m) = self.by_round.lock() {
             *m.entry(round.unwrap_or(0)).or_insert(0) += 1;
         }
-        self.frames.fetch_add(1, Ordering::AcqRel);
         self.notify.notify_waiters();
     }
 

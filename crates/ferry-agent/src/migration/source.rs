@@ -917,7 +917,6 @@ impl Migration {
             .map_err(fail(at, "scan RAM"))?;
         info!(migration = %self.p.job.id, pages = pending.count(), took = ?scan_from.elapsed(), "round 0: non-zero pages found");
         let mut round: u32 = 0;
-        let mut bandwidth: Option<f64> = None; // wire bytes per second
         let mut dirty_rate: f64; // pages per second during the last pre-copy round
                                  // The write rate as last known, for the live ETA (round 0's early sample first).
         let mut known_dirty_rate = 0.0;
@@ -942,8 +941,7 @@ impl Migration {
             }
         });
         let round_deadline = Duration::from_secs(self.ctx.cfg.migration.round_timeout_s.max(1));
-        let max_send_window = u64::from(self.ctx.quic.tuning().connection_window);
-        ferry_transport::fit_send_window(&link.conn, max_send_window);
+        self.ctx.quic.fit_send_window(&link.conn);
         // The round announced last and not yet confirmed, and what the confirmations say.
         let mut unconfirmed: Option<Unconfirmed> = None;
         // Whether the last round's writes were not compared with the round before it.
@@ -992,7 +990,7 @@ impl Migration {
                         _ = tick.tick() => {}
                     }
                     // Keep what is written close to the wire (see send_window_for).
-                    ferry_transport::fit_send_window(&link.conn, max_send_window);
+                    self.ctx.quic.fit_send_window(&link.conn);
                     self.round_progress(
                         &counters,
                         round,
@@ -1087,9 +1085,6 @@ impl Migration {
             }
             self.fail_point("src.precopy.round").await?;
             let secs = t0.elapsed().as_secs_f64().max(1e-6);
-            if let Some(bw) = confirmations.bandwidth {
-                bandwidth = Some(bw);
-            }
             let suspects = match audit_task.take() {
                 Some(t) => t.await.map_err(fail(at, "tracker audit"))?,
                 None => Vec::new(),
@@ -1120,7 +1115,7 @@ impl Migration {
             }
             round += 1;
             let ratio = ratio(&sender);
-            let bw = bandwidth.unwrap_or(1e9).max(1.0);
+            let bw = confirmations.bandwidth.unwrap_or(1e9).max(1.0);
             let predicted_ms = dirty.count() as f64 * PAGE_SIZE as f64 / ratio / bw * 1000.0;
             // Round 0's collection reaches back to the arming (see `armed_at`).
             let window = if round == 1 {
@@ -1240,6 +1235,8 @@ impl Migration {
                 }
             }
         }
+        // The link's rate the decision to stop was taken with.
+        let bandwidth = confirmations.bandwidth;
         // Nothing of pre-copy may still be in flight when the guest pauses: it would
         // land in the downtime (and its confirmation in the switchover's messages).
         if let Some(prev) = unconfirmed.take() {
@@ -1365,10 +1362,7 @@ impl Migration {
         let wire_before = sender.counters.wire_bytes.load(Ordering::Relaxed);
         // The send window as the congestion window is now (it was last fitted during a
         // pre-copy round).
-        ferry_transport::fit_send_window(
-            &link.conn,
-            u64::from(self.ctx.quic.tuning().connection_window),
-        );
+        self.ctx.quic.fit_send_window(&link.conn);
         // Pipelined switchover: the last pages, the request for the target's digest and
         // QEMU's device state all leave at once; the target feeds the device state to its
         // QEMU (and hashes its RAM) only once every last page is written. One round trip
