@@ -24,11 +24,13 @@ pub use frame::{
 /// Version of the data-plane protocol this build speaks (see [`version_supported`]).
 /// 2: page-batch, zero-page and chunk checksums cover page numbers, round and offset;
 /// control frames carry a checksum too.
-pub const PROTOCOL_VERSION: u8 = 2;
+/// 3: the RAM fingerprint both sides compare is a sum of per-page terms (kept up to date as
+/// pages are written, read in O(1) in the pause); a version-2 peer's fingerprint differs.
+pub const PROTOCOL_VERSION: u8 = 3;
 
-/// The oldest version this build still decodes: version 1's checksums covered the page
-/// bytes only, so its frames do not check here.
-pub const OLDEST_SUPPORTED_VERSION: u8 = 2;
+/// The oldest version this build still serves: version 2 computes another RAM fingerprint
+/// (every verified migration would fail), version 1's checksums covered the page bytes only.
+pub const OLDEST_SUPPORTED_VERSION: u8 = 3;
 
 /// Guest page size the wire format is written for.
 pub const PAGE_SIZE: usize = 4096;
