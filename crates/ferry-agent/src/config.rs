@@ -25,6 +25,11 @@ pub struct AgentConfig {
     pub accel: String,
     #[serde(default = "default_qemu")]
     pub qemu_binary: PathBuf,
+    /// QEMU trace event patterns enabled in every QEMU this agent starts, logged to
+    /// `qemu-trace.log` in the VM's run directory (e.g. `["vmstate_downtime*"]`: where
+    /// a migration's pause goes inside QEMU). None by default.
+    #[serde(default)]
+    pub qemu_trace: Vec<String>,
     pub tls: TlsConfig,
     /// Prometheus metrics endpoint (plain HTTP, `GET /metrics`); none when unset.
     #[serde(default)]
@@ -196,6 +201,15 @@ impl AgentConfig {
             "accel must be kvm or tcg, not '{}'",
             self.accel
         );
+        if let Some(bad) = self
+            .qemu_trace
+            .iter()
+            .find(|p| !ferry_qemu::valid_trace_pattern(p))
+        {
+            anyhow::bail!(
+                "qemu_trace: {bad:?} is not a trace event pattern (letters, digits, _ - *)"
+            );
+        }
         let m = &self.migration;
         anyhow::ensure!(
             (1..=16).contains(&m.page_streams),
@@ -245,5 +259,10 @@ mod tests {
         assert!(toml::from_str::<AgentConfig>(&format!("bogus = 1\n{base}")).is_err());
         let cfg: AgentConfig = toml::from_str(&format!("accel = 'xen'\n{base}")).expect("parses");
         assert!(cfg.check().unwrap_err().to_string().contains("accel"));
+        let cfg: AgentConfig = toml::from_str(&format!(
+            "qemu_trace = ['vmstate_downtime*', 'x,file=/etc/y']\n{base}"
+        ))
+        .expect("parses");
+        assert!(cfg.check().unwrap_err().to_string().contains("qemu_trace"));
     }
 }

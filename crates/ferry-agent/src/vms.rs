@@ -137,6 +137,7 @@ impl VmManager {
         );
         l.incoming = incoming;
         l.preload = self.shim.clone();
+        l.trace = self.cfg.qemu_trace.clone();
         l
     }
 

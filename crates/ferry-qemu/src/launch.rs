@@ -14,6 +14,14 @@ pub fn qemu_escape(value: &str) -> String {
 }
 
 /// A [`VmSpec`] plus the host-specific settings needed to start it.
+/// Whether `p` can be a QEMU trace event pattern here: letters, digits, `_`, `-` and
+/// `*` only (no `,` that would start another `-trace` option).
+pub fn valid_trace_pattern(p: &str) -> bool {
+    !p.is_empty()
+        && p.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '*' | '-'))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuLaunch {
     /// The VM.
@@ -33,6 +41,10 @@ pub struct QemuLaunch {
     pub preload: Option<PathBuf>,
     /// Extra environment variables for QEMU.
     pub extra_env: Vec<(String, String)>,
+    /// QEMU trace event patterns to enable (`-trace enable=...`), logged to
+    /// [`QemuLaunch::trace_log`]; e.g. `vmstate_downtime*` says where a
+    /// migration's pause goes inside QEMU.
+    pub trace: Vec<String>,
 }
 
 impl QemuLaunch {
@@ -51,6 +63,7 @@ impl QemuLaunch {
             incoming: false,
             preload: None,
             extra_env: Vec::new(),
+            trace: Vec::new(),
         }
     }
 
@@ -86,6 +99,11 @@ impl QemuLaunch {
         self.run_dir.join("qemu.pid")
     }
 
+    /// `RUN/qemu-trace.log`: QEMU's trace events, when [`QemuLaunch::trace`] names any.
+    pub fn trace_log(&self) -> PathBuf {
+        self.run_dir.join("qemu-trace.log")
+    }
+
     /// `RUN/qemu.stderr`: QEMU's stdout and stderr.
     pub fn stderr_log(&self) -> PathBuf {
         self.run_dir.join("qemu.stderr")
@@ -110,6 +128,14 @@ impl QemuLaunch {
         }
         if let Some(p) = &self.preload {
             validate_path("preload", p)?;
+        }
+        for e in &self.trace {
+            if !valid_trace_pattern(e) {
+                return Err(SpecError::new(
+                    "trace",
+                    format!("{e:?} is not a trace event pattern (letters, digits, _ - *)"),
+                ));
+            }
         }
         for (k, v) in &self.extra_env {
             if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
@@ -168,6 +194,13 @@ impl QemuLaunch {
             "none",
             "-no-reboot",
         ]);
+        // QEMU's own trace events, to its log in the run directory.
+        if !self.trace.is_empty() {
+            for e in &self.trace {
+                push(&["-trace", &format!("enable={e}")]);
+            }
+            push(&["-D", &raw_path(&self.trace_log())]);
+        }
         push(&["-pidfile", &raw_path(&self.pidfile())]);
         push(&[
             "-qmp",
@@ -408,6 +441,17 @@ mod tests {
 
         let mut l = launch(false);
         l.extra_env.push(("A=B".into(), "c".into()));
+        let mut t = l.clone();
+        t.extra_env.clear();
+        t.trace = vec!["vmstate_downtime*".into()];
+        t.validate().expect("trace pattern");
+        let argv = t.argv();
+        assert!(argv
+            .windows(2)
+            .any(|w| w == ["-trace", "enable=vmstate_downtime*"]));
+        assert!(argv.iter().any(|a| a.ends_with("qemu-trace.log")));
+        t.trace = vec!["a,file=/etc/x".into()];
+        assert_eq!(t.validate().expect_err("option syntax").field, "trace");
         assert_eq!(l.validate().expect_err("env").field, "extra_env");
     }
 }

@@ -17,7 +17,7 @@ mod spec;
 
 pub use error::QemuError;
 pub use ferry_qmp::{QemuVersion, QmpClient};
-pub use launch::{qemu_escape, QemuLaunch};
+pub use launch::{qemu_escape, valid_trace_pattern, QemuLaunch};
 pub use probe::{machine_types, qemu_version};
 pub use process::{QemuExit, QemuProcess, DEFAULT_QMP_TIMEOUT};
 pub use spec::{

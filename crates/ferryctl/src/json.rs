@@ -97,6 +97,7 @@ pub fn migration_stats(s: &MigrationStats) -> Value {
             "commit_us": b.commit_us,
             "fence_us": b.fence_us,
             "commit_sent_us": b.commit_sent_us,
+            "continue_us": b.continue_us,
         })),
         "prediction": s.prediction.as_ref().map(|p| json!({
             "link_bytes_per_sec": finite(p.link_bytes_per_sec),

@@ -582,8 +582,10 @@ fn stats_lines(st: &MigrationStats, phase: MigrationPhase, kv: &mut dyn FnMut(&s
         kv(
             "  pause timeline",
             format!(
-                "QEMU ready {} ms, last pages {} ms, device state {} ms, digests {} ms, resumed {} ms",
+                "QEMU ready {} ms, device-state save from {} ms, source fenced {} ms, last pages {} ms, device state {} ms, digests {} ms, resumed {} ms",
                 ms(b.pre_switchover_us),
+                ms(b.continue_us),
+                ms(b.fence_us),
                 ms(b.final_round_us),
                 ms(b.device_state_us),
                 ms(b.verify_us),

@@ -189,12 +189,18 @@ pub async fn run(
         other => other,
     };
     let ram = undo.ram.take();
+    // A committed source's tracker is torn down off the pause and off the runtime (see
+    // the final round); a rollback disarms it before the guest runs on.
+    let tracker = result.is_ok().then(|| undo.tracker.take()).flatten();
     match result {
         Ok(resume_us) => m.finish_committed(resume_us, undo).await,
         Err(e) => m.roll_back(e, undo).await,
     }
     if let Some(ram) = ram {
         let _ = tokio::task::spawn_blocking(move || drop(ram)).await;
+    }
+    if let Some(t) = tracker {
+        let _ = tokio::task::spawn_blocking(move || drop(t)).await;
     }
 }
 
@@ -1359,6 +1365,7 @@ impl Migration {
             .migrate_continue("pre-switchover")
             .await
             .map_err(fail(at, "migrate-continue"))?;
+        self.mark(|b, us| b.continue_us = us);
         let wire_before = sender.counters.wire_bytes.load(Ordering::Relaxed);
         // The send window as the congestion window is now (it was last fitted during a
         // pre-copy round).
@@ -1396,10 +1403,10 @@ impl Migration {
             .write(&ferry_wire::Frame::encode_control(&end).map_err(fail(at, "round end"))?)
             .await
             .map_err(fail(at, "round end"))?;
-        if let Some(mut t) = undo.tracker.take() {
-            let _ = t.disarm();
-        }
-        tracing::debug!(migration = %self.p.job.id, pages = last.count(), ?t_collected, ?t_sent, "final round sent");
+        // The tracker stays armed: unregistering the whole of guest RAM took 20 ms for a
+        // 4 GiB guest, here inside the pause, before the fence. A committed source drops
+        // it once the guest runs on the target; a rollback disarms it.
+        info!(migration = %self.p.job.id, pages = last.count(), ?t_collected, ?t_sent, t_announced = ?t_final.elapsed(), "final round sent");
         self.fail_point("src.final_round.sent").await?;
         self.publish(
             &sender,
@@ -1491,6 +1498,13 @@ impl Migration {
                 ),
             ));
         }
+        let since_stop = |t: SystemTime| {
+            self.stop_time
+                .and_then(|s| t.duration_since(s).ok())
+                .unwrap_or_default()
+        };
+        let (completed_at, completed_seen) =
+            (since_stop(ev.timestamp), since_stop(SystemTime::now()));
         let (captured, forward) = tokio::time::timeout(pause_deadline, relay)
             .await
             .map_err(|_| JobError::new(at, "the device-state relay did not finish"))?
@@ -1498,6 +1512,7 @@ impl Migration {
             .map_err(fail(at, "device-state relay"))?;
         std::fs::rename(&capture_part, &capture).map_err(fail(at, "device-state capture"))?;
         self.h.set_meta(|m| m.capture = Some(capture.clone()));
+        info!(migration = %self.p.job.id, ?completed_at, ?completed_seen, relay_done = ?since_stop(SystemTime::now()), captured, "source QEMU completed");
         self.mark(|b, us| b.fence_us = us);
         self.fail_point("src.fence.done").await?;
         // The source's half of the verification; the target compares when asked to commit.

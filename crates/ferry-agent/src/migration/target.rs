@@ -530,7 +530,11 @@ impl IncomingRegistry {
         let mut queue: std::collections::VecDeque<Effect> = effects.into();
         let mut refusal: Option<String> = None;
         let mut owned = false;
+        // When each effect started (the commit's share of the guest's pause, logged).
+        let t0 = std::time::Instant::now();
+        let mut started: Vec<(String, Duration)> = Vec::new();
         while let Some(e) = queue.pop_front() {
+            started.push((format!("{e:?}"), t0.elapsed()));
             match e {
                 Effect::JournalCommitted { leave_paused } => {
                     // The mirror is over (the source cancelled it at pre-switchover): close
@@ -606,6 +610,7 @@ impl IncomingRegistry {
                 Effect::Refuse(why) => refusal = Some(why),
             }
         }
+        info!(migration = %inc.id, took = ?t0.elapsed(), "handoff effects carried out (each from): {started:?}");
         if matches!(st.recv, Receiver::Owned | Receiver::Aborted) {
             // Nothing outlives its migration: the registry entry (RAM mapping, per-page
             // sums, QEMU handle) goes; IncomingStatus answers from the journal.
