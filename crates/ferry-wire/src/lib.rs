@@ -26,6 +26,7 @@ pub use frame::{
 /// control frames carry a checksum too.
 /// 3: the RAM fingerprint both sides compare is a sum of per-page terms (kept up to date as
 /// pages are written, read in O(1) in the pause); a version-2 peer's fingerprint differs.
+/// The device-state stream carries [`DataChunk`] frames (compressed), not raw bytes.
 pub const PROTOCOL_VERSION: u8 = 3;
 
 /// The oldest version this build still serves: version 2 computes another RAM fingerprint

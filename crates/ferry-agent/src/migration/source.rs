@@ -1320,9 +1320,12 @@ impl Migration {
             .with_extension(format!("devstate-{}", self.p.job.short_id()));
         let capture_part = capture.with_extension("part");
         let cap2 = capture_part.clone();
+        // The device state travels with the codec the pages use now (none where the link
+        // outruns the compressor).
+        let codec = sender.codec().get();
         let relay = tokio::spawn(async move {
             let (unix, _) = listener.accept().await?;
-            relay_capturing(unix, ds, &cap2).await
+            relay_capturing(unix, ds, codec, &cap2).await
         });
         let mut events = self.qmp().subscribe();
         self.qmp()
@@ -1341,8 +1344,19 @@ impl Migration {
             self.finish_mirrors(undo).await?;
         }
 
-        // The guest is paused: last round, then the target must hold every page.
+        // The guest is paused. QEMU saves its device state while the last pages are
+        // collected and travel: the state is on a stream of its own, the target holds it
+        // until every last page is written, and a paused QEMU saving its devices does not
+        // write guest RAM (a collection after the save began catches whatever it might,
+        // one before could not). Sequential, the save followed the final round inside
+        // the pause.
         let t_final = Instant::now();
+        self.qmp()
+            .migrate_continue("pre-switchover")
+            .await
+            .map_err(fail(at, "migrate-continue"))?;
+        self.mark(|b, us| b.continue_us = us);
+        // Last round, then the target must hold every page.
         let mut last = undo
             .tracker
             .as_mut()
@@ -1356,16 +1370,6 @@ impl Migration {
         last.union_with(&pending);
         sender.note_resent(&last);
         let t_collected = t_final.elapsed();
-        // QEMU saves its device state while the last pages travel: the state is on a
-        // stream of its own, the target holds it until every last page is written, and
-        // a paused QEMU saving its devices does not write guest RAM (whose last writes
-        // are in `last` already). Sequential, the save (~15 ms under TCG) followed the
-        // final round inside the pause.
-        self.qmp()
-            .migrate_continue("pre-switchover")
-            .await
-            .map_err(fail(at, "migrate-continue"))?;
-        self.mark(|b, us| b.continue_us = us);
         let wire_before = sender.counters.wire_bytes.load(Ordering::Relaxed);
         // The send window as the congestion window is now (it was last fitted during a
         // pre-copy round).

@@ -6,7 +6,7 @@
 //! vanishing, a bad frame, a timeout) removes the QEMU, the RAM file and every record.
 
 use super::pages::{apply_page_stream, AppliedCounter};
-use super::relay::relay;
+use super::relay::relay_to_qemu;
 use super::source::spawn_control_reader;
 use crate::config::AgentConfig;
 use crate::journal::{Journal, MigrationRecord, Op, Role};
@@ -1369,7 +1369,9 @@ async fn accept_streams(conn: quinn::Connection, inc: Arc<Incoming>, err_tx: mps
                             let _ = err_tx.send(format!("cannot connect to target QEMU at {}", inc.incoming_sock.display())).await;
                             return;
                         };
-                        if let Err(e) = relay(unix, send, recv).await {
+                        // The stream stays open (not reset) until the state is relayed.
+                        let _send = send;
+                        if let Err(e) = relay_to_qemu(unix, recv).await {
                             warn!(migration = %inc.id, "device-state relay: {e}");
                         }
                     });
