@@ -633,7 +633,9 @@ impl PageSums {
         self.set_sum(page, 0);
     }
 
-    /// Records `sum` (from [`page_sum`]) for `page`.
+    /// Records `sum` (from [`page_sum`]) for `page`. One writer per page at a time: two
+    /// writers of one page could tear its two halves and leave the running total wrong
+    /// for good (the fingerprints would then differ: a refused commit, never a false one).
     pub fn set_sum(&self, page: u64, sum: u128) {
         use std::sync::atomic::Ordering::Relaxed;
         if let (Some(lo), Some(hi)) = (self.lo.get(page as usize), self.hi.get(page as usize)) {

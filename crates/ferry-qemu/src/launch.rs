@@ -13,7 +13,6 @@ pub fn qemu_escape(value: &str) -> String {
     value.replace(',', ",,")
 }
 
-/// A [`VmSpec`] plus the host-specific settings needed to start it.
 /// Whether `p` can be a QEMU trace event pattern here: letters, digits, `_`, `-` and
 /// `*` only (no `,` that would start another `-trace` option).
 pub fn valid_trace_pattern(p: &str) -> bool {
@@ -22,6 +21,7 @@ pub fn valid_trace_pattern(p: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '*' | '-'))
 }
 
+/// A [`VmSpec`] plus the host-specific settings needed to start it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuLaunch {
     /// The VM.

@@ -31,7 +31,8 @@ pub enum StreamKind {
     Control = 1,
     /// Unidirectional, source to target: page batch and zero-page frames.
     Pages = 2,
-    /// Bidirectional: QEMU's migration stream (device state), relayed byte for byte.
+    /// Bidirectional stream, used source to target: QEMU's migration stream (device state)
+    /// as [`DataChunk`] frames (offset = position in QEMU's stream).
     DeviceState = 3,
     /// Bidirectional, on a connection of its own: preflight's bandwidth probe. The source
     /// sends bytes and finishes; the target answers with the count (u64) and finishes.
@@ -236,7 +237,8 @@ impl ZeroPages {
 }
 
 /// Bytes of a file or a byte stream at `offset`, compressed when that pays, with a
-/// CRC32 of the raw bytes. Carries disk images (cold migration) and tunnelled NBD traffic.
+/// CRC32 of the raw bytes. Carries disk images (cold migration), tunnelled NBD traffic and
+/// QEMU's device state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataChunk {
     pub offset: u64,
@@ -275,7 +277,8 @@ impl DataChunk {
     }
 }
 
-/// The receiving side of a byte stream carried as [`DataChunk`] frames (the NBD tunnel):
+/// The receiving side of a byte stream carried as [`DataChunk`] frames (the NBD tunnel, the
+/// device state):
 /// every frame must be a chunk, and chunks must follow each other without gap or overlap.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ChunkSequence {

@@ -37,7 +37,8 @@ pub const OLDEST_SUPPORTED_VERSION: u8 = 3;
 pub const PAGE_SIZE: usize = 4096;
 
 /// Whether a peer speaking `version` can be served: from [`OLDEST_SUPPORTED_VERSION`] to
-/// [`PROTOCOL_VERSION`] (normally the current and the previous one).
+/// [`PROTOCOL_VERSION`] (the current one and any earlier one that still interoperates:
+/// none today).
 pub fn version_supported(version: u8) -> bool {
     (OLDEST_SUPPORTED_VERSION..=PROTOCOL_VERSION).contains(&version)
 }

@@ -1371,8 +1371,11 @@ async fn accept_streams(conn: quinn::Connection, inc: Arc<Incoming>, err_tx: mps
                         };
                         // The stream stays open (not reset) until the state is relayed.
                         let _send = send;
+                        // A corrupt or cut stream ends the serve loop with its cause (the
+                        // source hears it); QEMU sees its socket close and fails its load.
                         if let Err(e) = relay_to_qemu(unix, recv).await {
                             warn!(migration = %inc.id, "device-state relay: {e}");
+                            let _ = err_tx.send(format!("device-state relay: {e}")).await;
                         }
                     });
                 }
