@@ -155,6 +155,7 @@ pub async fn run(
         disk_counters: None,
         local_digest: None,
         final_round: None,
+        tail_round: None,
     };
     ctx.metrics.active.inc();
     let deadline = p.timeout.unwrap_or(Duration::from_secs(u64::MAX / 4));
@@ -226,6 +227,9 @@ struct Migration {
     local_digest: Option<u128>,
     /// The final round and the batch count it ends at.
     final_round: Option<(u32, u64)>,
+    /// The last pre-copy round and its batch count, when the guest paused before its
+    /// confirmation came: it is read during the commit exchange.
+    tail_round: Option<(u32, u64)>,
 }
 
 /// What [`Migration::prepare`] leaves: where the data plane goes, the disks that travel.
@@ -1243,13 +1247,11 @@ impl Migration {
         }
         // The link's rate the decision to stop was taken with.
         let bandwidth = confirmations.bandwidth;
-        // Nothing of pre-copy may still be in flight when the guest pauses: it would
-        // land in the downtime (and its confirmation in the switchover's messages).
-        if let Some(prev) = unconfirmed.take() {
-            confirmations
-                .confirm(&mut link.ctl_rx, prev, round_deadline)
-                .await?;
-        }
+        // The last round's confirmation is not waited for: the guest would write on for a
+        // round trip (far: 50 ms, ~250 more pages in the pause) while it travels. What of
+        // that round is still in flight reaches the target ahead of the final pages on the
+        // same streams; its confirmation is read during the commit exchange.
+        self.tail_round = unconfirmed.take().map(|u| (u.round, u.batches_total));
         Ok(Precopied {
             audit: audit.map(|a| (a, audit_task)),
             sender,
@@ -1602,6 +1604,18 @@ impl Migration {
                 msg, at: arrived, ..
             } = recv_control_at(rx, wait, at).await?;
             match msg {
+                ControlMessage::RoundApplied {
+                    round,
+                    batches_applied,
+                } if self.tail_round.is_some_and(|(r, _)| r == round) => {
+                    let (_, batches) = self.tail_round.take().unwrap_or_default();
+                    if batches_applied < batches {
+                        return Err(JobError::new(
+                            at,
+                            format!("target wrote {batches_applied} of {batches} batches of round {round}"),
+                        ));
+                    }
+                }
                 ControlMessage::RoundApplied {
                     round,
                     batches_applied,
