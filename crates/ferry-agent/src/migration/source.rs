@@ -1366,12 +1366,13 @@ impl Migration {
             relay_capturing(unix, ds, codec, &cap2).await
         });
         let mut events = self.qmp().subscribe();
+        let migrate_at = SystemTime::now();
         self.qmp()
             .migrate(&format!("unix:{}", relay_path.display()))
             .await
             .map_err(fail(at, "start QEMU migration"))?;
         undo.migrate_issued = true;
-        self.wait_pre_switchover(&mut events).await?;
+        self.wait_pre_switchover(&mut events, migrate_at).await?;
         self.mark(|b, us| b.pre_switchover_us = us);
         self.fail_point("src.switchover.paused").await?;
         let pause_deadline =
@@ -1880,19 +1881,29 @@ impl Migration {
     async fn wait_pre_switchover(
         &mut self,
         events: &mut tokio::sync::broadcast::Receiver<QmpEvent>,
+        from: SystemTime,
     ) -> Res<()> {
+        // QEMU's steps from `migrate` (at `from`) to the stop: the guest writes on
+        // meanwhile, into the final round.
+        let mut steps: Vec<(String, Duration)> = Vec::new();
         loop {
             let ev = wait_for_event(events, Duration::from_secs(120), |e| {
                 e.name == "STOP" || e.name == "MIGRATION"
             })
             .await
             .map_err(fail(Phase::Switchover, "switchover"))?;
+            let since = ev.timestamp.duration_since(from).unwrap_or_default();
             if ev.name == "STOP" {
                 self.stop_time = Some(ev.timestamp);
+                steps.push(("STOP".into(), since));
                 continue;
             }
+            steps.push((ev.migration_status().unwrap_or("?").to_string(), since));
             match ev.migration_status() {
-                Some("pre-switchover") => return Ok(()),
+                Some("pre-switchover") => {
+                    info!(migration = %self.p.job.id, "QEMU from migrate to the stop: {steps:?}");
+                    return Ok(());
+                }
                 Some("failed") | Some("cancelled") => {
                     let why = qemu_migration_error(self.qmp()).await;
                     return Err(fail(Phase::Switchover, "switchover")(format!(
