@@ -19,6 +19,7 @@ pub mod server;
 pub mod service;
 pub mod throttle;
 pub mod tls;
+pub mod tracker_claims;
 pub mod vms;
 
 use std::sync::Arc;
@@ -50,4 +51,6 @@ pub struct AgentCtx {
     pub paths: Arc<ferry_transport::resume::PathMemory>,
     /// The codec `auto` ended round 0 with, per target (the next migration starts there).
     pub codecs: Arc<migration::auto_codec::CodecMemory>,
+    /// Which VMs' QEMUs have a write tracker attached (one at a time).
+    pub trackers: Arc<tracker_claims::TrackerClaims>,
 }

@@ -648,6 +648,13 @@ fn slope(pts: &[(f64, f64)]) -> Option<f64> {
 /// Pages written per second by the running guest, with ferry's own tracker.
 async fn dirty_rate(ctx: &AgentCtx, spec: &VmSpec, proc: &QemuProcess) -> Result<f64, String> {
     let kind = ctx.tracker.clone()?;
+    // Never beside a migration's tracker: see `tracker_claims`.
+    let _claim = ctx.trackers.try_claim(&spec.name).ok_or_else(|| {
+        format!(
+            "VM '{}' is being migrated: its write tracker is in use",
+            spec.name
+        )
+    })?;
     let path = ctx.cfg.ram_path(&spec.name);
     let len = spec.memory_mib << 20;
     let pid = proc.pid() as i32;

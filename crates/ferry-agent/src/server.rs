@@ -108,6 +108,7 @@ pub async fn build(cfg: AgentConfig) -> anyhow::Result<Arc<AgentCtx>> {
         device_save: Default::default(),
         paths: Default::default(),
         codecs: Default::default(),
+        trackers: Default::default(),
     });
     recover_outgoing(&ctx).await;
     Ok(ctx)

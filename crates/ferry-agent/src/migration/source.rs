@@ -98,6 +98,9 @@ struct Undo {
     nbd_listener: Option<tokio::task::JoinHandle<()>>,
     /// The control stream's receive side, for the commit exchange.
     control_rx: Option<ControlRx>,
+    /// This VM's write tracker claimed (one tracker per VM: see `tracker_claims`); let go
+    /// with the rest of the undo, after the tracker itself on every path.
+    tracker_claim: Option<crate::tracker_claims::TrackerClaim>,
     /// This agent's mapping of the guest's RAM. Dropping its last reference unmaps it,
     /// which for a 1 GiB guest took ~18 ms of page-table teardown: inside the guest's
     /// pause when the link was dropped after the fence. Kept until the guest runs
@@ -192,7 +195,9 @@ pub async fn run(
     let ram = undo.ram.take();
     // A committed source's tracker is torn down off the pause and off the runtime (see
     // the final round); a rollback disarms it before the guest runs on.
-    let tracker = result.is_ok().then(|| undo.tracker.take()).flatten();
+    let tracker = result
+        .is_ok()
+        .then(|| (undo.tracker.take(), undo.tracker_claim.take()));
     match result {
         Ok(resume_us) => m.finish_committed(resume_us, undo).await,
         Err(e) => m.roll_back(e, undo).await,
@@ -200,8 +205,9 @@ pub async fn run(
     if let Some(ram) = ram {
         let _ = tokio::task::spawn_blocking(move || drop(ram)).await;
     }
-    if let Some(t) = tracker {
+    if let Some((t, claim)) = tracker {
         let _ = tokio::task::spawn_blocking(move || drop(t)).await;
+        drop(claim);
     }
 }
 
@@ -559,7 +565,7 @@ impl Migration {
                 .map_err(fail(Phase::Prepare, "open RAM"))?,
         );
         undo.ram = Some(ram.clone());
-        let round0 = self.arm_tracker(tracker, &ram, undo)?;
+        let round0 = self.arm_tracker(tracker, &ram, undo).await?;
         let prepared = self.prepare(undo).await?;
         let mut link = self.connect(&prepared, ram, undo).await?;
         if !prepared.copies.is_empty() {
@@ -852,14 +858,30 @@ impl Migration {
     /// Arms write tracking inside the source QEMU (uffd taken from the process) and
     /// starts the scan for round 0's pages (every non-zero page), which must follow the
     /// arming: a page written after the scan is the tracker's. The tracker goes to `undo`
-    /// (a rollback disarms it).
-    fn arm_tracker(
+    /// (a rollback disarms it), after the VM's tracker is claimed (a `ferryctl preflight`
+    /// dirty-rate sample may hold it for ~1 s).
+    async fn arm_tracker(
         &mut self,
         tracker_kind: TrackerKind,
         ram: &Arc<RamFile>,
         undo: &mut Undo,
     ) -> Res<Round0Scan> {
         let at = Phase::Prepare;
+        let claim = self
+            .ctx
+            .trackers
+            .claim(&self.spec.name, Duration::from_secs(5))
+            .await
+            .ok_or_else(|| {
+                JobError::new(
+                    at,
+                    format!(
+                        "the write tracker of VM '{}' stayed busy for 5 s (a dirty-rate sample?)",
+                        self.spec.name
+                    ),
+                )
+            })?;
+        undo.tracker_claim = Some(claim);
         let ram_path = self.ctx.cfg.ram_path(&self.spec.name);
         let mut tracker = tracker_kind
             .attach(
