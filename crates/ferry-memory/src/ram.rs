@@ -706,8 +706,9 @@ impl RamFile {
     /// page (0 for zero pages and holes, which are skipped without reading), each bound to
     /// its page index and added up — see [`page_sum`]. With `--verify full` it runs while
     /// the guest is paused: the source scans its whole RAM (this is what catches a write
-    /// the tracker missed); the target keeps [`PageSums`] and their total as it writes. Not cryptographic: it detects accidental differences,
-    /// not forgeries; the peers are already authenticated. Independent of `threads`.
+    /// the tracker missed); the target keeps [`PageSums`] and their total as it writes.
+    /// Not cryptographic: it detects accidental differences, not forgeries; the peers are
+    /// already authenticated. Independent of `threads`.
     pub fn fingerprint(&self, threads: usize) -> Result<u128, MemoryError> {
         let pages = self.page_count();
         let chunks = pages.div_ceil(FINGERPRINT_CHUNK_PAGES).max(1);

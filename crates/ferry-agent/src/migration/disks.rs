@@ -18,9 +18,9 @@ use ferry_api::v1 as pb;
 use ferry_api::v1::ferry_peer_client::FerryPeerClient;
 use ferry_disk::{image, token::SharedStorageToken, ImageFormat, StorageRoots};
 use ferry_qemu::{DiskFormat, VmSpec};
-use ferry_transport::{FrameReader, FrameWriter};
-use ferry_wire::{Codec, DataChunk, MAX_CHUNK};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ferry_transport::FrameWriter;
+use ferry_wire::{Codec, MAX_CHUNK};
+use tokio::io::AsyncReadExt;
 use tonic::transport::Channel;
 use tonic::Status;
 
@@ -366,17 +366,7 @@ pub async fn tunnel(
             if n == 0 {
                 break;
             }
-            // Compression runs on the blocking pool only for big chunks: NBD requests
-            // and replies are mostly small, and latency matters for them.
-            let frame = if n >= 64 * 1024 && codec != Codec::None {
-                let data = buf[..n].to_vec();
-                tokio::task::spawn_blocking(move || DataChunk::encode(pos, &data, codec))
-                    .await
-                    .map_err(|e| e.to_string())?
-            } else {
-                DataChunk::encode(pos, &buf[..n], if n >= 4096 { codec } else { Codec::None })
-            }
-            .map_err(|e| e.to_string())?;
+            let frame = super::relay::encode_stream_chunk(pos, &buf[..n], codec).await?;
             w.write(&frame)
                 .await
                 .map_err(|e| format!("tunnel stream: {e}"))?;
@@ -387,16 +377,9 @@ pub async fn tunnel(
         Ok::<(), String>(())
     };
     let down = async {
-        let mut r = FrameReader::new(recv);
-        let mut seq = ferry_wire::ChunkSequence::default();
-        while let Some(frame) = r.next().await.map_err(|e| format!("tunnel stream: {e}"))? {
-            let data = seq.accept(frame).map_err(|e| format!("NBD tunnel: {e}"))?;
-            uw.write_all(&data)
-                .await
-                .map_err(|e| format!("NBD socket: {e}"))?;
-        }
-        let _ = uw.shutdown().await;
-        Ok::<(), String>(())
+        super::relay::write_stream_chunks(recv, &mut uw, "tunnel stream", "NBD socket")
+            .await
+            .map(|_| ())
     };
     // The first failure ends both directions: the unix socket closes with them, so the
     // QEMU on this side sees its NBD peer gone (EOF) instead of waiting forever for

@@ -441,13 +441,17 @@ impl Migration {
         self.mark_at(SystemTime::now(), f)
     }
 
+    /// How long after the source guest stopped `at` was (zero before the stop, or
+    /// unknown).
+    fn since_stop(&self, at: SystemTime) -> Duration {
+        self.stop_time
+            .and_then(|t| at.duration_since(t).ok())
+            .unwrap_or_default()
+    }
+
     /// Records a switchover step that happened at `at`.
     fn mark_at(&self, at: SystemTime, f: impl FnOnce(&mut pb::DowntimeBreakdown, u64)) {
-        let us = self
-            .stop_time
-            .and_then(|t| at.duration_since(t).ok())
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0);
+        let us = self.since_stop(at).as_micros() as u64;
         self.h.update(|s| {
             f(
                 s.stats
@@ -1563,13 +1567,10 @@ impl Migration {
                 ),
             ));
         }
-        let since_stop = |t: SystemTime| {
-            self.stop_time
-                .and_then(|s| t.duration_since(s).ok())
-                .unwrap_or_default()
-        };
-        let (completed_at, completed_seen) =
-            (since_stop(ev.timestamp), since_stop(SystemTime::now()));
+        let (completed_at, completed_seen) = (
+            self.since_stop(ev.timestamp),
+            self.since_stop(SystemTime::now()),
+        );
         let (captured, forward) = tokio::time::timeout(pause_deadline, relay)
             .await
             .map_err(|_| JobError::new(at, "the device-state relay did not finish"))?
@@ -1577,7 +1578,7 @@ impl Migration {
             .map_err(fail(at, "device-state relay"))?;
         std::fs::rename(&capture_part, &capture).map_err(fail(at, "device-state capture"))?;
         self.h.set_meta(|m| m.capture = Some(capture.clone()));
-        info!(migration = %self.p.job.id, ?completed_at, ?completed_seen, relay_done = ?since_stop(SystemTime::now()), captured, "source QEMU completed");
+        info!(migration = %self.p.job.id, ?completed_at, ?completed_seen, relay_done = ?self.since_stop(SystemTime::now()), captured, "source QEMU completed");
         self.mark(|b, us| b.fence_us = us);
         self.fail_point("src.fence.done").await?;
         // The source's half of the verification; the target compares when asked to commit.
