@@ -47,6 +47,11 @@ pub struct StallInput {
     pub downtime_ms: u32,
     /// Throttling only: whether the CPU quota can still be lowered.
     pub can_throttle_more: bool,
+    /// Whether the tracker's audit is still hashing a window pre-copy must not end
+    /// without. Its suspects are settled against a collection taken after it finished, so
+    /// a switchover would wait for it with the guest writing on; another short round
+    /// sends those writes instead.
+    pub audit_pending: bool,
 }
 
 /// The decision after a round.
@@ -91,8 +96,19 @@ pub fn compare_rounds(waited_ms: f64, window_ms: f64, rtt_ms: f64, last_passed: 
 /// (the target as QEMU counts it) gets more rounds while they still shrink — on a long
 /// path a smaller final round is the only part of the pause more rounds can cut — and
 /// switches over once they stop shrinking or at the round limit: never a stall, whatever
-/// the policy.
+/// the policy. A switchover while the tracker's audit still hashes a window becomes
+/// another round, up to the round limit ([`StallInput::audit_pending`]).
 pub fn stall_decision(i: StallInput, policy: StallPolicy) -> StallDecision {
+    let at_limit = i.round >= i.max_rounds;
+    match pressure_decision(i, policy) {
+        // Not at the round limit: the audit gets the rounds it needs to finish.
+        StallDecision::Switchover if i.audit_pending && !at_limit => StallDecision::Continue,
+        d => d,
+    }
+}
+
+/// [`stall_decision`] from the rounds' sizes alone.
+fn pressure_decision(i: StallInput, policy: StallPolicy) -> StallDecision {
     let target = f64::from(i.downtime_ms);
     if i.predicted_ms + i.path_ms.max(0.0) <= target {
         return StallDecision::Switchover;
@@ -133,7 +149,39 @@ mod tests {
             path_ms: 0.0,
             downtime_ms: 30,
             can_throttle_more: true,
+            audit_pending: false,
         }
+    }
+
+    #[test]
+    fn a_running_audit_earns_more_rounds_until_the_limit() {
+        let mut i = input(4, 100, 1000, 5.0);
+        assert_eq!(
+            stall_decision(i, StallPolicy::Pause),
+            StallDecision::Switchover
+        );
+        i.audit_pending = true;
+        assert_eq!(
+            stall_decision(i, StallPolicy::Pause),
+            StallDecision::Continue
+        );
+        // At the round limit the switchover waits for the audit instead.
+        i.round = i.max_rounds;
+        assert_eq!(
+            stall_decision(i, StallPolicy::Pause),
+            StallDecision::Switchover
+        );
+        // A stall is a stall, audit or not.
+        let mut stalled = input(30, 5000, 5000, 500.0);
+        stalled.audit_pending = true;
+        assert_eq!(
+            stall_decision(stalled, StallPolicy::Pause),
+            StallDecision::StopAndCopy
+        );
+        assert_eq!(
+            stall_decision(stalled, StallPolicy::Abort),
+            StallDecision::Abort
+        );
     }
 
     #[test]

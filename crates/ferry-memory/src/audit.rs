@@ -50,6 +50,12 @@ impl TrackerAudit {
         Some((first, end))
     }
 
+    /// Takes back a window [`next_window`](Self::next_window) gave that was not hashed to
+    /// the end: its pages do not count as audited.
+    pub fn abandon(&mut self, first: u64, end: u64) {
+        self.audited = self.audited.saturating_sub(end.saturating_sub(first));
+    }
+
     /// Adds the pages of a window that did not read as sent.
     pub fn add_suspects(&mut self, pages: impl IntoIterator<Item = u64>) {
         self.suspects.extend(pages);
@@ -83,6 +89,8 @@ mod tests {
         assert_eq!(a.next_window(), Some((8, 10)));
         assert_eq!(a.next_window(), Some((0, 4)));
         assert_eq!(a.audited(), 14);
+        a.abandon(0, 4);
+        assert_eq!(a.audited(), 10);
         // A budget larger than the RAM audits all of it each round.
         let mut whole = TrackerAudit::new(10, 100);
         assert_eq!(whole.next_window(), Some((0, 10)));

@@ -23,7 +23,8 @@ use ferry_handoff::{
     StallDecision, TargetAnswer,
 };
 use ferry_memory::{
-    DirtyBitmap, DirtyTracker, RamFile, TrackerAudit, TrackerKind, DEFAULT_SHIM_FD, PAGE_SIZE,
+    DirtyBitmap, DirtyTracker, PageSums, RamFile, TrackerAudit, TrackerKind, DEFAULT_SHIM_FD,
+    PAGE_SIZE,
 };
 use ferry_qemu::{QemuProcess, VmSpec};
 use ferry_qmp::{wait_for_event, MirrorCopyMode, QmpClient, QmpEvent};
@@ -31,7 +32,7 @@ use ferry_transport::{write_stream_header, ControlChannel, FrameWriter};
 use ferry_wire::{Codec, ControlMessage, StreamHeader, StreamKind, PROTOCOL_VERSION};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{broadcast, mpsc};
@@ -269,8 +270,11 @@ struct Precopied {
     bandwidth: Option<f64>,
     /// Pages per second the guest wrote during the last round.
     dirty_rate: f64,
-    /// The tracker's audit (`--verify sent`), its last window still being hashed.
-    audit: Option<(TrackerAudit, Option<JoinHandle<Vec<u64>>>)>,
+    /// The tracker's audit (`--verify sent`), its last window perhaps still being hashed.
+    audit: Option<(TrackerAudit, Option<RunningAudit>)>,
+    /// When the written pages were last collected: the final round holds what the guest
+    /// writes from then to the stop.
+    collected_at: Instant,
 }
 
 /// Round 0's start, made while the target prepares: when write tracking was armed, and
@@ -980,7 +984,10 @@ impl Migration {
                 self.ctx.cfg.migration.audit_pages_per_round,
             ));
         }
-        let mut audit_task: Option<JoinHandle<Vec<u64>>> = None;
+        let mut audit_task: Option<RunningAudit> = None;
+        // Whether an audit window has been settled (see RunningAudit::required).
+        let mut audit_settled = false;
+        let mut collected_at = armed_at;
         let mut prev_dirty = u64::MAX;
         let waited = Instant::now();
         let (mut pending, took) = scan
@@ -1157,10 +1164,13 @@ impl Migration {
             }
             self.fail_point("src.precopy.round").await?;
             let secs = t0.elapsed().as_secs_f64().max(1e-6);
-            let suspects = match audit_task.take() {
-                Some(t) => t.await.map_err(fail(at, "tracker audit"))?,
-                None => Vec::new(),
-            };
+            // The audit is not waited for: a window still hashing is settled at a later
+            // round's end (waiting here made every short round 10-20 ms longer, and the
+            // final round with it). Asked before the collection, so that a finished
+            // window's reads all precede it.
+            let audit_done = audit_task.as_ref().is_some_and(|t| t.task.is_finished());
+            let window_began = collected_at;
+            collected_at = Instant::now();
             let mut dirty = undo
                 .tracker
                 .as_mut()
@@ -1173,18 +1183,27 @@ impl Migration {
             }
             #[cfg(feature = "failpoints")]
             crate::failpoint::forget_writes(&mut dirty);
-            if let (Some(a), Some(sums)) = (audit.as_mut(), sender.sums()) {
-                a.add_suspects(suspects);
-                self.check_audit(a, &dirty, at)?;
-                // The next window is hashed while the next round is sent: it leaves out
-                // the pages of that round, the only ones whose sums change meanwhile.
-                if let Some((first, end)) = a.next_window() {
-                    let (sums, ram, skip) = (sums.clone(), link.ram.clone(), dirty.clone());
-                    audit_task = Some(tokio::task::spawn_blocking(move || {
-                        sums.mismatches(&ram, first, end, &skip)
-                    }));
+            if let Some(t) = audit_task.as_mut() {
+                t.since.union_with(&dirty);
+            }
+            if audit_done {
+                if let (Some(a), Some(t)) = (audit.as_mut(), audit_task.take()) {
+                    let suspects = t.task.await.map_err(fail(at, "tracker audit"))?;
+                    a.add_suspects(suspects.unwrap_or_default());
+                    self.check_audit(a, &t.since, at)?;
+                    audit_settled = true;
                 }
             }
+            // The first window is required: pre-copy does not end before one window
+            // begun after round 0 has been settled (the later ones only while rounds run).
+            if audit_task.is_none() && !audit_settled {
+                if let (Some(a), Some(sums)) = (audit.as_mut(), sender.sums()) {
+                    audit_task = RunningAudit::start(a, sums, &link.ram, &dirty, true);
+                }
+            }
+            info!(migration = %self.p.job.id, round, pages = pending.count(), written = dirty.count(),
+                took = ?t0.elapsed(), window = ?collected_at.duration_since(window_began), confirm_waited = ?waited, audit_running = audit_task.is_some(),
+                "pre-copy round ended");
             round += 1;
             let ratio = ratio(&sender);
             let bw = confirmations.bandwidth.unwrap_or(1e9).max(1.0);
@@ -1261,6 +1280,7 @@ impl Migration {
                 path_ms: link.base_rtt.as_secs_f64() * 1000.0,
                 downtime_ms: self.p.downtime_ms,
                 can_throttle_more: true,
+                audit_pending: audit_task.as_ref().is_some_and(|t| t.required),
             };
             prev_dirty = count;
             match ferry_handoff::stall_decision(input, self.p.on_stall) {
@@ -1306,6 +1326,19 @@ impl Migration {
                     prev_dirty = u64::MAX;
                 }
             }
+            // Another round: the next audit window, when none is hashing, is hashed while
+            // it is sent.
+            if audit_task.is_none() {
+                if let (Some(a), Some(sums)) = (audit.as_mut(), sender.sums()) {
+                    audit_task = RunningAudit::start(a, sums, &link.ram, &pending, false);
+                }
+            }
+        }
+        // A window begun only because rounds went on is not waited for (with the guest
+        // writing on, that wait would land in the final round): it stops hashing and does
+        // not count as audited.
+        if let (Some(a), Some(t)) = (audit.as_mut(), audit_task.take_if(|t| !t.required)) {
+            t.abandon(a);
         }
         // The link's rate the decision to stop was taken with.
         let bandwidth = confirmations.bandwidth;
@@ -1321,6 +1354,7 @@ impl Migration {
             round,
             bandwidth,
             dirty_rate,
+            collected_at,
         })
     }
 
@@ -1347,14 +1381,20 @@ impl Migration {
             bandwidth,
             dirty_rate,
             audit,
+            collected_at,
         } = pre;
-        // The last audit window's suspects, settled against the pause's collection.
+        // The required audit window's suspects, when pre-copy ended at its round limit
+        // before the window was done, settled against the pause's collection and those
+        // since the window began.
         let mut audit = match audit {
-            Some((mut a, task)) => {
-                if let Some(t) = task {
-                    a.add_suspects(t.await.map_err(fail(at, "tracker audit"))?);
+            Some((mut a, running)) => {
+                let mut since = DirtyBitmap::new(0);
+                if let Some(t) = running {
+                    let suspects = t.task.await.map_err(fail(at, "tracker audit"))?;
+                    a.add_suspects(suspects.unwrap_or_default());
+                    since = t.since;
                 }
-                Some(a)
+                Some((a, since))
             }
             None => None,
         };
@@ -1393,6 +1433,7 @@ impl Migration {
         });
         let mut events = self.qmp().subscribe();
         let migrate_at = SystemTime::now();
+        let t_migrate = collected_at.elapsed();
         self.qmp()
             .migrate(&format!("unix:{}", relay_path.display()))
             .await
@@ -1429,8 +1470,9 @@ impl Migration {
             .transpose()
             .map_err(fail(at, "collect dirty pages"))?
             .unwrap_or_else(|| DirtyBitmap::new(0));
-        if let Some(a) = audit.as_mut() {
-            self.check_audit(a, &last, at)?;
+        if let Some((a, since)) = audit.as_mut() {
+            since.union_with(&last);
+            self.check_audit(a, since, at)?;
         }
         last.union_with(&pending);
         sender.note_resent(&last);
@@ -1475,7 +1517,8 @@ impl Migration {
         // The tracker stays armed: unregistering the whole of guest RAM took 20 ms for a
         // 4 GiB guest, here inside the pause, before the fence. A committed source drops
         // it once the guest runs on the target; a rollback disarms it.
-        info!(migration = %self.p.job.id, pages = last.count(), ?t_collected, ?t_sent, t_announced = ?t_final.elapsed(), "final round sent");
+        info!(migration = %self.p.job.id, pages = last.count(), ?t_migrate, written_for = ?collected_at.elapsed().saturating_sub(t_final.elapsed()),
+            ?t_collected, ?t_sent, t_announced = ?t_final.elapsed(), "final round sent");
         self.fail_point("src.final_round.sent").await?;
         self.publish(
             &sender,
@@ -2523,6 +2566,66 @@ pub async fn settle_and_end(
             .await
         }
         _ => take_back(&ctx, &h, &vm, proc.as_ref(), &why, false, 0).await,
+    }
+}
+
+/// A window of the tracker's audit being hashed off the runtime, and every collection of
+/// written pages since it began: its suspects are settled against all of them (a page
+/// sent again meanwhile has new sums, and the collection that sent it explains it).
+struct RunningAudit {
+    /// The window's suspects; `None` once abandoned.
+    task: JoinHandle<Option<Vec<u64>>>,
+    since: DirtyBitmap,
+    window: (u64, u64),
+    cancel: Arc<AtomicBool>,
+    /// The first window after round 0: pre-copy does not end before it is settled, so
+    /// that every migration audits at least one window. Later windows are hashed while
+    /// rounds go on anyway and abandoned when pre-copy ends first.
+    required: bool,
+}
+
+/// Pages an audit window hashes between looks at its cancel flag (16 MiB: a few ms).
+const AUDIT_CHUNK: u64 = 4096;
+
+impl RunningAudit {
+    /// Starts hashing the audit's next window off the runtime, leaving out `skip` (the
+    /// next round's pages, whose sums change meanwhile). `None` when auditing is off.
+    fn start(
+        a: &mut TrackerAudit,
+        sums: &Arc<PageSums>,
+        ram: &Arc<RamFile>,
+        skip: &DirtyBitmap,
+        required: bool,
+    ) -> Option<RunningAudit> {
+        let (first, end) = a.next_window()?;
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (sums, ram, skip, stop) = (sums.clone(), ram.clone(), skip.clone(), cancel.clone());
+        let task = tokio::task::spawn_blocking(move || {
+            let mut suspects = Vec::new();
+            let mut p = first;
+            while p < end {
+                if stop.load(Ordering::Relaxed) {
+                    return None;
+                }
+                let chunk_end = (p + AUDIT_CHUNK).min(end);
+                suspects.extend(sums.mismatches(&ram, p, chunk_end, &skip));
+                p = chunk_end;
+            }
+            Some(suspects)
+        });
+        Some(RunningAudit {
+            task,
+            since: DirtyBitmap::new(0),
+            window: (first, end),
+            cancel,
+            required,
+        })
+    }
+
+    /// Stops hashing (the task ends at its next chunk); the window does not count.
+    fn abandon(self, a: &mut TrackerAudit) {
+        self.cancel.store(true, Ordering::Relaxed);
+        a.abandon(self.window.0, self.window.1);
     }
 }
 
