@@ -52,6 +52,10 @@ pub struct StallInput {
     /// a switchover would wait for it with the guest writing on; another short round
     /// sends those writes instead.
     pub audit_pending: bool,
+    /// Time the link needs for what earlier rounds still hold queued at the sender (their
+    /// unconfirmed bytes beyond a round trip's worth): a final round sent now arrives
+    /// behind them.
+    pub queued_ms: f64,
 }
 
 /// The decision after a round.
@@ -67,7 +71,14 @@ pub enum StallDecision {
     Abort,
     /// Stalled: lower the CPU quota one step, then another round.
     ThrottleStep,
+    /// The final round would fit but would queue behind earlier rounds' bytes: another
+    /// round that waits for the oldest unconfirmed round's confirmation.
+    Drain,
 }
+
+/// Share of the downtime target a queue ahead of the final round may take before
+/// pre-copy waits for it to drain.
+pub const DRAIN_SHARE: f64 = 0.1;
 
 /// Whether a round's write count compares with the round before it: not when the round
 /// spent most of its window (collection to collection) waiting for the previous round to
@@ -97,12 +108,20 @@ pub fn compare_rounds(waited_ms: f64, window_ms: f64, rtt_ms: f64, last_passed: 
 /// path a smaller final round is the only part of the pause more rounds can cut — and
 /// switches over once they stop shrinking or at the round limit: never a stall, whatever
 /// the policy. A switchover while the tracker's audit still hashes a window becomes
-/// another round, up to the round limit ([`StallInput::audit_pending`]).
+/// another round, up to the round limit ([`StallInput::audit_pending`]); so does one while
+/// earlier rounds' bytes still queue at the sender, waiting for them
+/// ([`StallDecision::Drain`]).
 pub fn stall_decision(i: StallInput, policy: StallPolicy) -> StallDecision {
     let at_limit = i.round >= i.max_rounds;
     match pressure_decision(i, policy) {
-        // Not at the round limit: the audit gets the rounds it needs to finish.
+        // Not at the round limit: the audit gets the rounds it needs to finish…
         StallDecision::Switchover if i.audit_pending && !at_limit => StallDecision::Continue,
+        // …and the sender's queue the rounds it needs to drain.
+        StallDecision::Switchover
+            if i.queued_ms > DRAIN_SHARE * f64::from(i.downtime_ms) && !at_limit =>
+        {
+            StallDecision::Drain
+        }
         d => d,
     }
 }
@@ -150,7 +169,39 @@ mod tests {
             downtime_ms: 30,
             can_throttle_more: true,
             audit_pending: false,
+            queued_ms: 0.0,
         }
+    }
+
+    #[test]
+    fn a_queue_ahead_of_the_final_round_drains_first() {
+        let mut i = input(4, 100, 1000, 5.0);
+        i.queued_ms = 2.0;
+        // Within a tenth of the target: go.
+        assert_eq!(
+            stall_decision(i, StallPolicy::Pause),
+            StallDecision::Switchover
+        );
+        i.queued_ms = 60.0;
+        assert_eq!(stall_decision(i, StallPolicy::Pause), StallDecision::Drain);
+        // The audit comes first (its round need not wait), the round limit last.
+        i.audit_pending = true;
+        assert_eq!(
+            stall_decision(i, StallPolicy::Pause),
+            StallDecision::Continue
+        );
+        i.round = i.max_rounds;
+        assert_eq!(
+            stall_decision(i, StallPolicy::Pause),
+            StallDecision::Switchover
+        );
+        // A round that does not fit is decided as before, queue or not.
+        let mut big = input(4, 800, 1000, 80.0);
+        big.queued_ms = 60.0;
+        assert_eq!(
+            stall_decision(big, StallPolicy::Pause),
+            StallDecision::Continue
+        );
     }
 
     #[test]

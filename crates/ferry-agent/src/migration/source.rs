@@ -30,6 +30,7 @@ use ferry_qemu::{QemuProcess, VmSpec};
 use ferry_qmp::{wait_for_event, MirrorCopyMode, QmpClient, QmpEvent};
 use ferry_transport::{write_stream_header, ControlChannel, FrameWriter};
 use ferry_wire::{Codec, ControlMessage, StreamHeader, StreamKind, PROTOCOL_VERSION};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -1021,8 +1022,11 @@ impl Migration {
         });
         let round_deadline = Duration::from_secs(self.ctx.cfg.migration.round_timeout_s.max(1));
         self.ctx.quic.fit_send_window(&link.conn);
-        // The round announced last and not yet confirmed, and what the confirmations say.
-        let mut unconfirmed: Option<Unconfirmed> = None;
+        // The rounds announced and not yet confirmed, oldest first, and what the
+        // confirmations say.
+        let mut unconfirmed: VecDeque<Unconfirmed> = VecDeque::new();
+        // Whether the next round waits for the oldest confirmation (StallDecision::Drain).
+        let mut drain = false;
         // Whether the last round's writes were not compared with the round before it.
         let mut last_passed = false;
         let mut confirmations = Confirmations::default();
@@ -1120,9 +1124,13 @@ impl Migration {
             // buffered it: otherwise throughput is overestimated and a backlog lands in the
             // downtime. The next round does not wait for that, though (a round trip with the link
             // idle, ~0.3 s of a wan migration): pages of one region always travel on one
-            // stream, so a page's later copy cannot overtake its earlier one. At most one
-            // round is left unconfirmed; round 0 is confirmed at once, since the
-            // prediction made after it needs the link's rate.
+            // stream, so a page's later copy cannot overtake its earlier one. Up to
+            // MAX_ROUNDS_IN_FLIGHT rounds are left unconfirmed: a round lasts as long as its
+            // pages take to leave, not a round trip, so the last one, and the final round
+            // that holds its writes, shrink below a round trip's worth of the guest's
+            // writes. QUIC's send window (fitted to the congestion window) keeps what they
+            // queue small. Round 0 is confirmed at once, since the prediction made after it
+            // needs the link's rate.
             let sent = sender.counters.wire_bytes.load(Ordering::Relaxed) - wire0;
             let this = Unconfirmed {
                 round,
@@ -1131,15 +1139,25 @@ impl Migration {
                 started: t0,
             };
             announce_round(&mut link.ctl_tx, &this).await?;
-            // How long this round waited for the previous one (see round_comparable).
+            // How long this round waited for earlier ones (see round_comparable).
             let waiting = Instant::now();
-            if let Some(prev) = unconfirmed.take() {
-                confirmations
-                    .confirm(&mut link.ctl_rx, prev, round_deadline)
-                    .await?;
-            }
+            let round0 = if round == 0 {
+                Some(this)
+            } else {
+                unconfirmed.push_back(this);
+                None
+            };
+            confirmations
+                .confirm_arrived(
+                    &mut link.ctl_rx,
+                    &mut unconfirmed,
+                    MAX_ROUNDS_IN_FLIGHT,
+                    std::mem::take(&mut drain),
+                    round_deadline,
+                )
+                .await?;
             let waited = waiting.elapsed();
-            if round == 0 {
+            if let Some(this) = round0 {
                 confirmations
                     .confirm(&mut link.ctl_rx, this, round_deadline)
                     .await?;
@@ -1159,8 +1177,6 @@ impl Migration {
                         },
                     );
                 }
-            } else {
-                unconfirmed = Some(this);
             }
             self.fail_point("src.precopy.round").await?;
             let secs = t0.elapsed().as_secs_f64().max(1e-6);
@@ -1281,11 +1297,17 @@ impl Migration {
                 downtime_ms: self.p.downtime_ms,
                 can_throttle_more: true,
                 audit_pending: audit_task.as_ref().is_some_and(|t| t.required),
+                queued_ms: queued_ms(&unconfirmed, bw, link.base_rtt),
             };
             prev_dirty = count;
             match ferry_handoff::stall_decision(input, self.p.on_stall) {
                 StallDecision::Switchover => break,
                 StallDecision::Continue => {}
+                StallDecision::Drain => {
+                    info!(migration = %self.p.job.id, queued_ms = input.queued_ms, unconfirmed = unconfirmed.len(),
+                        "the final round would queue behind earlier rounds: one more round, waiting for a confirmation");
+                    drain = true;
+                }
                 StallDecision::StopAndCopy => {
                     let pct = undo.throttle.as_ref().map(|t| t.percent);
                     let msg = match pct {
@@ -1342,11 +1364,12 @@ impl Migration {
         }
         // The link's rate the decision to stop was taken with.
         let bandwidth = confirmations.bandwidth;
-        // The last round's confirmation is not waited for: the guest would write on for a
-        // round trip (far: 50 ms, ~250 more pages in the pause) while it travels. What of
-        // that round is still in flight reaches the target ahead of the final pages on the
-        // same streams; its confirmation is read during the commit exchange.
-        self.tail_round = unconfirmed.take().map(|u| (u.round, u.batches_total));
+        // The last rounds' confirmations are not waited for: the guest would write on for a
+        // round trip (far: 50 ms, ~250 more pages in the pause) while they travel. What of
+        // them is still in flight reaches the target ahead of the final pages on the same
+        // streams; the latest one's confirmation (which covers those before it) is read
+        // during the commit exchange.
+        self.tail_round = unconfirmed.back().map(|u| (u.round, u.batches_total));
         Ok(Precopied {
             audit: audit.map(|a| (a, audit_task)),
             sender,
@@ -1707,6 +1730,9 @@ impl Migration {
                 msg, at: arrived, ..
             } = recv_control_at(rx, wait, at).await?;
             match msg {
+                // An earlier unconfirmed pre-copy round: the tail's confirmation covers it.
+                ControlMessage::RoundApplied { round, .. }
+                    if self.tail_round.is_some_and(|(r, _)| round < r) => {}
                 ControlMessage::RoundApplied {
                     round,
                     batches_applied,
@@ -2629,6 +2655,9 @@ impl RunningAudit {
     }
 }
 
+/// Pre-copy rounds announced and not yet confirmed before the next round waits.
+const MAX_ROUNDS_IN_FLIGHT: usize = 8;
+
 /// A pre-copy round whose end was announced to the target and whose confirmation has
 /// not been read yet.
 struct Unconfirmed {
@@ -2663,9 +2692,44 @@ struct Confirmations {
 }
 
 impl Confirmations {
+    /// Reads the confirmations of `unconfirmed` rounds, oldest first: those that have
+    /// arrived, and waits for more while over `max` rounds are out (and for the oldest
+    /// one if `wait_one`).
+    async fn confirm_arrived(
+        &mut self,
+        rx: &mut ControlRx,
+        unconfirmed: &mut VecDeque<Unconfirmed>,
+        max: usize,
+        mut wait_one: bool,
+        deadline: Duration,
+    ) -> Res<()> {
+        while let Some(r) = unconfirmed.pop_front() {
+            let a = if unconfirmed.len() >= max || std::mem::take(&mut wait_one) {
+                recv_control_at(rx, deadline, Phase::Precopy).await?
+            } else {
+                match rx.try_recv() {
+                    Ok(Ok(a)) => a,
+                    Ok(Err(e)) => return Err(fail(Phase::Precopy, "round end")(e)),
+                    // Not here yet, or the reader ended (the next wait reports why).
+                    Err(_) => {
+                        unconfirmed.push_front(r);
+                        return Ok(());
+                    }
+                }
+            };
+            self.confirmed(a, r)?;
+        }
+        Ok(())
+    }
+
     /// Waits for `r`'s confirmation and folds its rate into [`Self::bandwidth`].
     async fn confirm(&mut self, rx: &mut ControlRx, r: Unconfirmed, deadline: Duration) -> Res<()> {
         let a = recv_control_at(rx, deadline, Phase::Precopy).await?;
+        self.confirmed(a, r)
+    }
+
+    /// `a` must confirm `r`; its rate is folded into [`Self::bandwidth`].
+    fn confirmed(&mut self, a: Arrived, r: Unconfirmed) -> Res<()> {
         match a.msg {
             ControlMessage::RoundApplied {
                 round,
@@ -2686,6 +2750,15 @@ impl Confirmations {
         self.last_at = Some(at);
         Ok(())
     }
+}
+
+/// Milliseconds the link needs for what `unconfirmed` rounds may still hold queued at the
+/// sender: their wire bytes beyond what a round trip at `bw` bytes per second keeps in
+/// flight or on its way back as confirmations.
+fn queued_ms(unconfirmed: &VecDeque<Unconfirmed>, bw: f64, rtt: Duration) -> f64 {
+    let bytes: u64 = unconfirmed.iter().map(|u| u.wire_bytes).sum();
+    let bw = bw.max(1.0);
+    (bytes as f64 - bw * rtt.as_secs_f64()).max(0.0) / bw * 1000.0
 }
 
 /// How long the link carried a round that began sending at `started` and was confirmed at
