@@ -34,7 +34,7 @@ STAGES = [
     ("UDP receive", r"recvmsg|recvmmsg|udp_recv|__sys_recvmsg|quinn_udp::.*recv|ip_rcv|udp_rcv"),
     ("QUIC protocol (quinn)", r"quinn_proto::|quinn::"),
     ("read guest RAM / copy", r"read_page|read_pages|RamFile::.*read|encode_chunk"),
-    ("write guest RAM", r"write_pages|write_page|zero_page|apply_frame"),
+    ("write guest RAM", r"write_pages|write_page|zero_page|apply_frame|store_pages|pwrite|write_all_at"),
     ("memcpy / memmove", r"memcpy|memmove|__memcpy|copy_user|rep_movs"),
     ("page faults / memory mgmt", r"page_fault|handle_mm_fault|do_anonymous_page|clear_page|shmem_fault|alloc_pages|__alloc|mmap|munmap|madvise|free_pages"),
     ("tracker (uffd/pagemap)", r"pagemap|userfaultfd|uffd|PAGEMAP_SCAN"),

@@ -771,8 +771,11 @@ pub fn round0_rate(wire_end: u64, secs: f64, ramped: Option<(u64, f64)>) -> f64 
 
 /// Pre-copy as a geometric series: each round sends what the guest wrote during the
 /// previous one. Rounds are pipelined: a round lasts its transfer, or a round trip when
-/// that is longer (it ends only once the round before it is confirmed), plus on a lossy
-/// path a lost packet's recovery. Only round 0 waits for its own confirmation
+/// that is longer, plus on a lossy path a lost packet's recovery. (Up to eight rounds are
+/// in flight, so short rounds end sooner than a round trip; but a switchover first drains
+/// what they left queued, `StallDecision::Drain`, and the guest's short-window write rate
+/// runs above the measured one: the round trip stays the floor, which the benchmark sets
+/// measured within 20%.) Only round 0 waits for its own confirmation
 /// (`first_confirmed`: the first round counted is round 0, before anything moved; after
 /// round 0 the first round counted is round 1). Pure function of the measurements.
 /// `pause_scan_bytes` is the RAM the source hashes in the pause (all of it with `--verify
