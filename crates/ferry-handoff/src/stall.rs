@@ -56,6 +56,10 @@ pub struct StallInput {
     /// unconfirmed bytes beyond a round trip's worth): a final round sent now arrives
     /// behind them.
     pub queued_ms: f64,
+    /// Whether the round just ended was the one a [`StallDecision::Drain`] asked for: it
+    /// holds what the guest wrote while the queue drained, and pre-copy ends after it
+    /// (compared with the round before, it would read as a stall).
+    pub after_drain: bool,
 }
 
 /// The decision after a round.
@@ -71,8 +75,9 @@ pub enum StallDecision {
     Abort,
     /// Stalled: lower the CPU quota one step, then another round.
     ThrottleStep,
-    /// The final round would fit but would queue behind earlier rounds' bytes: another
-    /// round that waits for the oldest unconfirmed round's confirmation.
+    /// The final round would fit but would queue behind earlier rounds' bytes: one more
+    /// round that waits for the oldest unconfirmed round's confirmation, then the
+    /// switchover.
     Drain,
 }
 
@@ -113,12 +118,19 @@ pub fn compare_rounds(waited_ms: f64, window_ms: f64, rtt_ms: f64, last_passed: 
 /// ([`StallDecision::Drain`]).
 pub fn stall_decision(i: StallInput, policy: StallPolicy) -> StallDecision {
     let at_limit = i.round >= i.max_rounds;
-    match pressure_decision(i, policy) {
+    let pressure = if i.after_drain {
+        StallDecision::Switchover
+    } else {
+        pressure_decision(i, policy)
+    };
+    match pressure {
         // Not at the round limit: the audit gets the rounds it needs to finish…
         StallDecision::Switchover if i.audit_pending && !at_limit => StallDecision::Continue,
         // …and the sender's queue the rounds it needs to drain.
         StallDecision::Switchover
-            if i.queued_ms > DRAIN_SHARE * f64::from(i.downtime_ms) && !at_limit =>
+            if i.queued_ms > DRAIN_SHARE * f64::from(i.downtime_ms)
+                && !i.after_drain
+                && !at_limit =>
         {
             StallDecision::Drain
         }
@@ -129,7 +141,8 @@ pub fn stall_decision(i: StallInput, policy: StallPolicy) -> StallDecision {
 /// [`stall_decision`] from the rounds' sizes alone.
 fn pressure_decision(i: StallInput, policy: StallPolicy) -> StallDecision {
     let target = f64::from(i.downtime_ms);
-    if i.predicted_ms + i.path_ms.max(0.0) <= target {
+    // Nothing written: no round can make the final one smaller.
+    if i.dirty_pages == 0 || i.predicted_ms + i.path_ms.max(0.0) <= target {
         return StallDecision::Switchover;
     }
     let at_limit = i.round >= i.max_rounds;
@@ -170,6 +183,39 @@ mod tests {
             can_throttle_more: true,
             audit_pending: false,
             queued_ms: 0.0,
+            after_drain: false,
+        }
+    }
+
+    #[test]
+    fn a_round_with_nothing_written_ends_pre_copy() {
+        // A long path: the round trip alone exceeds the target, yet there is nothing
+        // left to shrink.
+        let mut i = input(8, 0, 84, 0.0);
+        i.path_ms = 50.0;
+        assert_eq!(
+            stall_decision(i, StallPolicy::Pause),
+            StallDecision::Switchover
+        );
+    }
+
+    #[test]
+    fn the_round_after_a_drain_ends_pre_copy_without_a_stall() {
+        // It holds the writes made during the wait: flat against the round before and
+        // over the target, which alone reads as a stall.
+        let mut i = input(10, 612, 120, 45.0);
+        assert_eq!(
+            stall_decision(i, StallPolicy::Pause),
+            StallDecision::StopAndCopy
+        );
+        i.after_drain = true;
+        i.queued_ms = 40.0;
+        for p in [
+            StallPolicy::Pause,
+            StallPolicy::Abort,
+            StallPolicy::Throttle,
+        ] {
+            assert_eq!(stall_decision(i, p), StallDecision::Switchover);
         }
     }
 

@@ -1141,6 +1141,7 @@ impl Migration {
             announce_round(&mut link.ctl_tx, &this).await?;
             // How long this round waited for earlier ones (see round_comparable).
             let waiting = Instant::now();
+            let drain_round = std::mem::take(&mut drain);
             let round0 = if round == 0 {
                 Some(this)
             } else {
@@ -1152,7 +1153,7 @@ impl Migration {
                     &mut link.ctl_rx,
                     &mut unconfirmed,
                     MAX_ROUNDS_IN_FLIGHT,
-                    std::mem::take(&mut drain),
+                    drain_round,
                     round_deadline,
                 )
                 .await?;
@@ -1298,6 +1299,7 @@ impl Migration {
                 can_throttle_more: true,
                 audit_pending: audit_task.as_ref().is_some_and(|t| t.required),
                 queued_ms: queued_ms(&unconfirmed, bw, link.base_rtt),
+                after_drain: drain_round,
             };
             prev_dirty = count;
             match ferry_handoff::stall_decision(input, self.p.on_stall) {
