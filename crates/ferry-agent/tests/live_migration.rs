@@ -31,12 +31,17 @@ fn ferryd() -> PathBuf {
 }
 
 async fn pair() -> Pair {
+    pair_with_config("").await
+}
+
+/// Two agents with `migration` appended to their configs' `[migration]` table.
+async fn pair_with_config(migration: &str) -> Pair {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = TestPki::new(&dir.path().join("pki"), &["a", "b", "rogue-free-client"]).expect("pki");
-    let a = TestAgent::start(&ferryd(), "a", &pki, dir.path(), "tcg")
+    let a = TestAgent::start_with_config(&ferryd(), "a", &pki, dir.path(), "tcg", migration)
         .await
         .expect("agent a");
-    let b = TestAgent::start(&ferryd(), "b", &pki, dir.path(), "tcg")
+    let b = TestAgent::start_with_config(&ferryd(), "b", &pki, dir.path(), "tcg", migration)
         .await
         .expect("agent b");
     Pair {
@@ -183,8 +188,12 @@ async fn assert_target_clean(b: &mut TestAgent, vm: &str, migration_id: &str, pk
 }
 
 async fn migrate_with_codec(codec: &str, verify: &str) {
+    migrate_with_config(codec, verify, "").await;
+}
+
+async fn migrate_with_config(codec: &str, verify: &str, migration: &str) -> Pair {
     let _serial = SERIAL.lock().await;
-    let p = pair().await;
+    let p = pair_with_config(migration).await;
     let src = boot_guest(&p.a, "web01", 20.0).await;
     // Let the workload dirty memory for a while before moving it.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -297,6 +306,21 @@ async fn migrate_with_codec(codec: &str, verify: &str) {
     })
     .await
     .expect("stop on B");
+    p
+}
+
+/// `tight_tail_window` (from round 2 on, QUIC's send window is the congestion window
+/// alone): the same end-to-end checks as every codec's migration, and the source's log
+/// says the window was set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_migration_with_a_tight_tail_window() {
+    let p = migrate_with_config("lz4", "sent", "tight_tail_window = true\n").await;
+    let log = std::fs::read_to_string(p.a.log_path()).expect("source log");
+    assert!(
+        log.contains("tight_tail_window: from round 2 on"),
+        "the source fitted the window tight:\n{}",
+        p.a.log_tail()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -261,6 +261,22 @@ impl QuicEndpoint {
         w
     }
 
+    /// Fits `conn`'s send window to its congestion window alone (at least
+    /// [`SEND_WINDOW_TIGHT_MIN`]): what is written is then in flight rather than queued
+    /// ahead of the wire. For pre-copy's later rounds when the pause matters more than
+    /// their pace; the margin [`fit_send_window`](Self::fit_send_window) adds is for a
+    /// congestion window that still has to grow.
+    pub fn fit_send_window_tight(&self, conn: &quinn::Connection) -> u64 {
+        let w = conn
+            .stats()
+            .path
+            .cwnd
+            .max(SEND_WINDOW_TIGHT_MIN)
+            .min(self.tuning.connection_window.into());
+        conn.set_send_window(w);
+        w
+    }
+
     /// The address actually bound.
     pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
         self.endpoint
@@ -385,6 +401,9 @@ pub const SEND_BUFFER_AHEAD: std::time::Duration = std::time::Duration::from_mil
 
 /// ...and at least this many bytes (a few page streams' next batch and a hiccup).
 pub const SEND_BUFFER_MIN_MARGIN: u64 = 2 << 20;
+
+/// The least send window [`QuicEndpoint::fit_send_window_tight`] sets.
+pub const SEND_WINDOW_TIGHT_MIN: u64 = 64 << 10;
 
 /// The send window (bytes a sender may have written and not yet had acknowledged) for a
 /// connection whose congestion window is `cwnd` at round-trip time `rtt`: the window in

@@ -1031,6 +1031,22 @@ impl Migration {
         let mut last_passed = false;
         let mut confirmations = Confirmations::default();
         loop {
+            // `tight_tail_window`: from round 2 on, nothing written waits ahead of the wire.
+            let tight = round >= 2 && self.ctx.cfg.migration.tight_tail_window;
+            let (ctx, conn) = (self.ctx.clone(), link.conn.clone());
+            let fit_window = move || {
+                if tight {
+                    ctx.quic.fit_send_window_tight(&conn)
+                } else {
+                    ctx.quic.fit_send_window(&conn)
+                }
+            };
+            if tight {
+                let w = fit_window();
+                if round == 2 {
+                    info!(migration = %self.p.job.id, send_window = w, "tight_tail_window: from round 2 on the send window is the congestion window alone");
+                }
+            }
             let wire0 = sender.counters.wire_bytes.load(Ordering::Relaxed);
             let t0 = Instant::now();
             sender.note_resent(&pending);
@@ -1073,7 +1089,7 @@ impl Migration {
                         _ = tick.tick() => {}
                     }
                     // Keep what is written close to the wire (see send_window_for).
-                    self.ctx.quic.fit_send_window(&link.conn);
+                    fit_window();
                     self.round_progress(
                         &counters,
                         round,
