@@ -101,8 +101,9 @@ pub struct MigrationDefaults {
     /// (no margin ahead of it): what a round writes is then in flight, and nothing queues
     /// ahead of the final round. Off by default: measured on the testbed's `far` link
     /// (200 Mbit/s, 50 ms, 0.1% loss) it cut the pause by a third (50-84 ms against
-    /// 72-130) and cost 6-7% of the total time (the later rounds are ack-clocked) —
-    /// for guests whose pause matters more than the migration's length.
+    /// 72-130) and cost 3-10% of the total time (the later rounds are ack-clocked); on
+    /// `wan` it gained nothing — for guests whose pause matters more than the
+    /// migration's length.
     pub tight_tail_window: bool,
     /// QUIC congestion controller of the data plane: "bbr", "cubic" or "cubic-filtered"
     /// (cubic that ignores losses no queue explains: ferry_transport::congestion).

@@ -446,6 +446,16 @@ impl Migration {
         self.mark_at(SystemTime::now(), f)
     }
 
+    /// Fits `conn`'s send window to its congestion window: with the usual margin ahead
+    /// of it, or, `tight`, with none (`tight_tail_window`). Returns the window set.
+    fn fit_send_window(&self, conn: &quinn::Connection, tight: bool) -> u64 {
+        if tight {
+            self.ctx.quic.fit_send_window_tight(conn)
+        } else {
+            self.ctx.quic.fit_send_window(conn)
+        }
+    }
+
     /// How long after the source guest stopped `at` was (zero before the stop, or
     /// unknown).
     fn since_stop(&self, at: SystemTime) -> Duration {
@@ -1033,16 +1043,8 @@ impl Migration {
         loop {
             // `tight_tail_window`: from round 2 on, nothing written waits ahead of the wire.
             let tight = round >= 2 && self.ctx.cfg.migration.tight_tail_window;
-            let (ctx, conn) = (self.ctx.clone(), link.conn.clone());
-            let fit_window = move || {
-                if tight {
-                    ctx.quic.fit_send_window_tight(&conn)
-                } else {
-                    ctx.quic.fit_send_window(&conn)
-                }
-            };
             if tight {
-                let w = fit_window();
+                let w = self.fit_send_window(&link.conn, tight);
                 if round == 2 {
                     info!(migration = %self.p.job.id, send_window = w, "tight_tail_window: from round 2 on the send window is the congestion window alone");
                 }
@@ -1089,7 +1091,7 @@ impl Migration {
                         _ = tick.tick() => {}
                     }
                     // Keep what is written close to the wire (see send_window_for).
-                    fit_window();
+                    self.fit_send_window(&link.conn, tight);
                     self.round_progress(
                         &counters,
                         round,
