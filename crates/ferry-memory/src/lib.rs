@@ -48,6 +48,13 @@ pub trait DirtyTracker: Send {
     fn arm(&mut self) -> Result<(), TrackerError>;
     /// Pages written since `arm` or the previous `collect`; tracking continues (re-armed).
     fn collect(&mut self) -> Result<DirtyBitmap, TrackerError>;
+    /// The last collection of a migration, taken while the guest is paused: the same pages
+    /// as [`collect`](Self::collect), but nothing is re-armed, and the tracker is left
+    /// disarmed (`collect` fails until [`arm`](Self::arm) again). Trackers whose re-arming
+    /// costs the guest nothing keep the default, a plain `collect`.
+    fn collect_final(&mut self) -> Result<DirtyBitmap, TrackerError> {
+        self.collect()
+    }
     /// Stop tracking.
     fn disarm(&mut self) -> Result<(), TrackerError>;
 }

@@ -362,18 +362,27 @@ impl UffdTracker {
         (self.start, self.len)
     }
 
-    /// One PAGEMAP_SCAN pass over the range that write-protects what it matches. With
-    /// `out = Some`, only written pages match and they are recorded; with `None` every page
-    /// matches and nothing is recorded (arming).
-    fn scan(&mut self, mut out: Option<&mut DirtyBitmap>) -> Result<(), TrackerError> {
+    /// One PAGEMAP_SCAN pass over the range. With `out = Some`, only written pages match and
+    /// they are recorded; with `None` every page matches and nothing is recorded (arming).
+    /// With `protect`, what matches is write-protected in the same walk.
+    fn scan(
+        &mut self,
+        mut out: Option<&mut DirtyBitmap>,
+        protect: bool,
+    ) -> Result<(), TrackerError> {
         let end = self.start + self.len;
         let page = PAGE_SIZE as u64;
         let mask = if out.is_some() { PAGE_IS_WRITTEN } else { 0 };
+        let flags = if protect {
+            PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC
+        } else {
+            PM_SCAN_CHECK_WPASYNC
+        };
         let mut pos = self.start;
         while pos < end {
             let mut arg = PmScanArg {
                 size: size_of::<PmScanArg>() as u64,
-                flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                flags,
                 start: pos,
                 end,
                 vec: if out.is_some() {
@@ -435,7 +444,7 @@ impl DirtyTracker for UffdTracker {
         if !self.registered {
             self.register()?;
         }
-        self.scan(None)?;
+        self.scan(None, true)?;
         self.armed = true;
         Ok(())
     }
@@ -445,7 +454,22 @@ impl DirtyTracker for UffdTracker {
             return Err(TrackerError::NotArmed { tracker: NAME });
         }
         let mut bm = DirtyBitmap::new(self.file_offset_pages + self.len / PAGE_SIZE as u64);
-        self.scan(Some(&mut bm))?;
+        self.scan(Some(&mut bm), true)?;
+        Ok(bm)
+    }
+
+    /// Reads the written bits without write-protecting anything. Re-protecting changes the
+    /// page table of every 2 MiB region written and flushes the TLB of every core running
+    /// the target, once per region: measured here (`cargo bench -p ferry-bench --bench
+    /// tracker`) 8 ms for 500 scattered pages while another thread of the process runs,
+    /// against 0.3 ms for the scan alone. Inside the pause nothing needs protecting.
+    fn collect_final(&mut self) -> Result<DirtyBitmap, TrackerError> {
+        if !self.armed {
+            return Err(TrackerError::NotArmed { tracker: NAME });
+        }
+        let mut bm = DirtyBitmap::new(self.file_offset_pages + self.len / PAGE_SIZE as u64);
+        self.scan(Some(&mut bm), false)?;
+        self.armed = false;
         Ok(bm)
     }
 
@@ -543,6 +567,36 @@ mod behaviour_tests {
         t.arm().unwrap();
         ram.write_page(0, &page).unwrap();
         assert_eq!(t.collect().unwrap().iter().collect::<Vec<_>>(), vec![100]);
+    }
+
+    #[test]
+    fn the_final_collection_reports_the_same_pages_and_leaves_the_tracker_disarmed() {
+        let (_d, ram) = ram(2048);
+        let mut t = UffdTracker::attach_self(ram.mapping_addr(), ram.len() as usize, 0).unwrap();
+        t.arm().unwrap();
+        let page = [9u8; PAGE_SIZE];
+        for p in [3u64, 700, 701, 2047] {
+            ram.write_page(p, &page).unwrap();
+        }
+        assert_eq!(
+            t.collect().unwrap().iter().collect::<Vec<_>>(),
+            vec![3, 700, 701, 2047]
+        );
+        for p in [5u64, 700, 1500] {
+            ram.write_page(p, &page).unwrap();
+        }
+        assert_eq!(
+            t.collect_final().unwrap().iter().collect::<Vec<_>>(),
+            vec![5, 700, 1500]
+        );
+        // Nothing was re-protected: the same pages still read as written to a plain scan,
+        // and the tracker refuses to collect until armed again.
+        let mut still = DirtyBitmap::new(2048);
+        t.scan(Some(&mut still), false).unwrap();
+        assert_eq!(still.iter().collect::<Vec<_>>(), vec![5, 700, 1500]);
+        assert!(matches!(t.collect(), Err(TrackerError::NotArmed { .. })));
+        t.arm().unwrap();
+        assert_eq!(t.collect().unwrap().count(), 0);
     }
 
     #[test]
