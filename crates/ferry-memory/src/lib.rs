@@ -48,6 +48,13 @@ pub trait DirtyTracker: Send {
     fn arm(&mut self) -> Result<(), TrackerError>;
     /// Pages written since `arm` or the previous `collect`; tracking continues (re-armed).
     fn collect(&mut self) -> Result<DirtyBitmap, TrackerError>;
+    /// The pages [`collect`](Self::collect) would return now, without re-arming them (the
+    /// next `collect` reports them again, with whatever is written meanwhile): a cheap
+    /// look for deciding whether another round is needed at all. `None` where the
+    /// tracker cannot look without re-arming (the default).
+    fn peek(&mut self) -> Result<Option<DirtyBitmap>, TrackerError> {
+        Ok(None)
+    }
     /// The last collection of a migration, taken while the guest is paused: the same pages
     /// as [`collect`](Self::collect), but nothing is re-armed, and the tracker is left
     /// disarmed (`collect` fails until [`arm`](Self::arm) again). Trackers whose re-arming

@@ -458,6 +458,16 @@ impl DirtyTracker for UffdTracker {
         Ok(bm)
     }
 
+    /// A read-only scan (see [`collect_final`](Self::collect_final) for what that saves).
+    fn peek(&mut self) -> Result<Option<DirtyBitmap>, TrackerError> {
+        if !self.armed {
+            return Err(TrackerError::NotArmed { tracker: NAME });
+        }
+        let mut bm = DirtyBitmap::new(self.file_offset_pages + self.len / PAGE_SIZE as u64);
+        self.scan(Some(&mut bm), false)?;
+        Ok(Some(bm))
+    }
+
     /// Reads the written bits without write-protecting anything. Re-protecting changes the
     /// page table of every 2 MiB region written and flushes the TLB of every core running
     /// the target, once per region: measured here (`cargo bench -p ferry-bench --bench
@@ -595,7 +605,32 @@ mod behaviour_tests {
         t.scan(Some(&mut still), false).unwrap();
         assert_eq!(still.iter().collect::<Vec<_>>(), vec![5, 700, 1500]);
         assert!(matches!(t.collect(), Err(TrackerError::NotArmed { .. })));
+        assert!(matches!(t.peek(), Err(TrackerError::NotArmed { .. })));
         t.arm().unwrap();
+        assert_eq!(t.collect().unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_peek_reports_without_rearming_and_the_next_collect_reports_it_again() {
+        let (_d, ram) = ram(2048);
+        let mut t = UffdTracker::attach_self(ram.mapping_addr(), ram.len() as usize, 0).unwrap();
+        t.arm().unwrap();
+        let page = [4u8; PAGE_SIZE];
+        for p in [1u64, 600] {
+            ram.write_page(p, &page).unwrap();
+        }
+        let peeked = t.peek().unwrap().unwrap();
+        assert_eq!(peeked.iter().collect::<Vec<_>>(), vec![1, 600]);
+        // Written after the look (600 again, 900 new): the collection has both and the
+        // earlier ones; then nothing is left.
+        for p in [600u64, 900] {
+            ram.write_page(p, &page).unwrap();
+        }
+        assert_eq!(
+            t.collect().unwrap().iter().collect::<Vec<_>>(),
+            vec![1, 600, 900]
+        );
+        assert_eq!(t.peek().unwrap().unwrap().count(), 0);
         assert_eq!(t.collect().unwrap().count(), 0);
     }
 
