@@ -11,7 +11,8 @@
 # MIX (realistic|zero|text|random), DIRTY (comma list, MiB/s, default "0,50"), REPEAT (3),
 # METHODS (comma list, default all), PERF=1 (perf record both agents in each ferry run: flame
 # graphs and CPU per stage in OUT/profiles; needs linux-perf and `cargo install inferno`), FERRY_FLAGS (extra `ferryctl migrate` flags for the ferry
-# runs, e.g. "--on-stall abort"), OUT (default benches/out/<profile>-<date>).
+# runs, e.g. "--on-stall abort"), OUT (default benches/out/<profile>-<date>), FERRY_BIN
+# (binaries to run instead of building this tree's).
 # Writes OUT/results.json, OUT/table.md, OUT/plot.png; exits non-zero if any run failed
 # (migration error, guest memory check failed, or source and target RAM differ).
 set -euo pipefail
@@ -30,8 +31,14 @@ if [ -n "${PERF:-}" ]; then
   command -v perf >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null
   command -v inferno-flamegraph >/dev/null || cargo install --locked inferno
 fi
-cargo build --release -p ferry-agent -p ferryctl -p ferry-linkem -p ferry-testkit
-BIN=$ROOT/target/release
+# FERRY_BIN: a directory of binaries built earlier (e.g. another commit's, for an A/B on
+# the same machine state); nothing is built then.
+if [ -n "${FERRY_BIN:-}" ]; then
+  BIN=$FERRY_BIN
+else
+  cargo build --release -p ferry-agent -p ferryctl -p ferry-linkem -p ferry-testkit
+  BIN=$ROOT/target/release
+fi
 
 export FERRY_TB_PREFIX=fbench
 DIR=/tmp/fbench-testbed
