@@ -832,8 +832,14 @@ pub fn predict(
     loop {
         let next_s = next_round_s(round_s);
         // As `ferry_handoff::stall_decision` decides: transfer and round trip within the
-        // target at once; transfer alone once rounds stop shrinking (by a tenth).
-        let fits = next_s + rtt_s <= target_s;
+        // target at once (but a big final round gets one more round when that halves
+        // it); transfer alone once rounds stop shrinking (by a tenth).
+        let fits = next_s + rtt_s <= target_s
+            && !ferry_handoff::worth_another_round(
+                next_s * 1000.0,
+                pipelined_s(round_s) * 1000.0,
+                target_s * 1000.0,
+            );
         let flat = rounds >= 3 && next_s >= 0.9 * round_s;
         if fits || flat || rounds >= max_rounds.max(1) {
             round_s = next_s;
@@ -1375,6 +1381,27 @@ mod tests {
         awful.loss_rate = 0.5;
         predict(&mut awful, 512 << 20, 4, 30, 30, 0, true);
         assert_eq!(awful.predicted_downtime_ms, lossy.predicted_downtime_ms);
+    }
+
+    #[test]
+    fn a_short_path_takes_one_more_round_for_a_big_final_one() {
+        // lan: 0.5 ms round trip, 380 MB/s raw, the guest writing 50 MiB/s. Round 0 (64 MB)
+        // lasts 168 ms; what it leaves, 23 ms, would fit the 30 ms target with its round
+        // trip as the final round, but is over a third of it: sent as round 1, it leaves
+        // 3.2 ms for the final round. The pause: 2 ms + the 12 ms save (longer than
+        // 3.2 + 3) + 0.25 + 2 ms (30 ms with the final round of 23 ms).
+        let mut p = pb::Prediction {
+            link_bytes_per_sec: 380e6,
+            rtt_ms: 0.5,
+            dirty_pages_per_sec: 50.0 * 256.0,
+            codec_ratio: 1.0,
+            codec_bytes_per_sec: f64::INFINITY,
+            first_round_bytes: 64_000_000,
+            ..Default::default()
+        };
+        predict(&mut p, 1 << 30, 4, 30, 30, 0, false);
+        assert_eq!(p.predicted_rounds, 3, "rounds 0, 1, final: {p:?}");
+        assert_eq!(p.predicted_downtime_ms, 16, "{p:?}");
     }
 
     #[test]

@@ -30,6 +30,7 @@ pub use recovery::{
     SourceQemu, TargetAction, TargetAnswer, TargetQemu,
 };
 pub use stall::{
-    compare_rounds, round_comparable, stall_decision, StallDecision, StallInput, StallPolicy,
+    compare_rounds, round_comparable, stall_decision, worth_another_round, StallDecision,
+    StallInput, StallPolicy,
 };
 pub use verify::VerifyMode;

@@ -1037,6 +1037,8 @@ impl Migration {
         let mut unconfirmed: VecDeque<Unconfirmed> = VecDeque::new();
         // Whether the next round waits for the oldest confirmation (StallDecision::Drain).
         let mut drain = false;
+        // Whether a drain happened: at most one per migration.
+        let mut drained = false;
         // Whether the last round's writes were not compared with the round before it.
         let mut last_passed = false;
         let mut confirmations = Confirmations::default();
@@ -1333,7 +1335,9 @@ impl Migration {
                 can_throttle_more: true,
                 audit_pending: audit_task.as_ref().is_some_and(|t| t.required),
                 queued_ms: queued_ms(&unconfirmed, bw, link.base_rtt),
+                window_ms: collected_at.duration_since(window_began).as_secs_f64() * 1000.0,
                 after_drain: drain_round,
+                drained,
             };
             prev_dirty = count;
             match ferry_handoff::stall_decision(input, self.p.on_stall) {
@@ -1343,6 +1347,7 @@ impl Migration {
                     info!(migration = %self.p.job.id, queued_ms = input.queued_ms, unconfirmed = unconfirmed.len(),
                         "the final round would queue behind earlier rounds: one more round, waiting for a confirmation");
                     drain = true;
+                    drained = true;
                 }
                 StallDecision::StopAndCopy => {
                     let pct = undo.throttle.as_ref().map(|t| t.percent);
