@@ -309,16 +309,17 @@ async fn migrate_with_config(codec: &str, verify: &str, migration: &str) -> Pair
     p
 }
 
-/// `tight_tail_window` (from round 2 on, QUIC's send window is the congestion window
-/// alone): the same end-to-end checks as every codec's migration, and the source's log
-/// says the window was set.
+/// `tight_tail_window = false` (every round keeps a send margin ahead of the congestion
+/// window; the default is a window of the congestion window alone from round 2 on): the
+/// same end-to-end checks as every codec's migration, and the source's log says the
+/// window was never fitted tight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn live_migration_with_a_tight_tail_window() {
-    let p = migrate_with_config("lz4", "sent", "tight_tail_window = true\n").await;
+async fn live_migration_with_a_send_margin_in_every_round() {
+    let p = migrate_with_config("lz4", "sent", "tight_tail_window = false\n").await;
     let log = std::fs::read_to_string(p.a.log_path()).expect("source log");
     assert!(
-        log.contains("tight_tail_window: from round 2 on"),
-        "the source fitted the window tight:\n{}",
+        !log.contains("tight_tail_window: from round 2 on"),
+        "the source kept its margin:\n{}",
         p.a.log_tail()
     );
 }
@@ -339,9 +340,17 @@ async fn live_migration_auto() {
     migrate_with_codec("auto", "sent").await;
 }
 
+/// With the default configuration, which also fits the send window to the congestion
+/// window alone from round 2 on (`tight_tail_window`): the source's log says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_migration_zstd() {
-    migrate_with_codec("zstd", "sent").await;
+    let p = migrate_with_config("zstd", "sent", "").await;
+    let log = std::fs::read_to_string(p.a.log_path()).expect("source log");
+    assert!(
+        log.contains("tight_tail_window: from round 2 on"),
+        "the source fitted the window tight by default:\n{}",
+        p.a.log_tail()
+    );
 }
 
 /// zstd at level 19 compresses a few MB/s: round 0 takes long enough to act during it.
