@@ -341,7 +341,8 @@ async fn live_migration_auto() {
 }
 
 /// With the default configuration, which also fits the send window to the congestion
-/// window alone from round 2 on (`tight_tail_window`): the source's log says so.
+/// window alone from round 2 on a path round 0 found lossless (`tight_tail_window =
+/// "lossless"`; loopback loses nothing): the source's log says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_migration_zstd() {
     let p = migrate_with_config("zstd", "sent", "").await;

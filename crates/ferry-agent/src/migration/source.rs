@@ -1039,17 +1039,24 @@ impl Migration {
         let mut drain = false;
         // Whether a drain happened: at most one per migration.
         let mut drained = false;
+        // The share of round 0's packets lost (known after it), for `tight_tail_window`.
+        let mut round0_loss: Option<f64> = None;
         // Whether the last round's writes were not compared with the round before it.
         let mut last_passed = false;
         let mut confirmations = Confirmations::default();
         loop {
-            // `tight_tail_window`: from round 2 on, nothing written waits ahead of the wire.
-            let tight = round >= 2 && self.ctx.cfg.migration.tight_tail_window;
+            // `tight_tail_window`: from round 2 on, nothing written waits ahead of the wire
+            // (by default on a path round 0 found lossless).
+            let setting = self.ctx.cfg.migration.tight_tail_window;
+            let tight = setting.applies(round, round0_loss);
             if tight {
                 let w = self.fit_send_window(&link.conn, tight);
                 if round == 2 {
                     info!(migration = %self.p.job.id, send_window = w, "tight_tail_window: from round 2 on the send window is the congestion window alone");
                 }
+            } else if round == 2 && setting == crate::config::TightTailWindow::Lossless {
+                info!(migration = %self.p.job.id, loss = round0_loss.unwrap_or(0.0),
+                    "tight_tail_window: round 0 lost packets, the send window keeps its margin");
             }
             let wire0 = sender.counters.wire_bytes.load(Ordering::Relaxed);
             let t0 = Instant::now();
@@ -1304,7 +1311,7 @@ impl Migration {
                 let r0 = crate::preflight::Round0 {
                     wire_bytes_per_sec: crate::preflight::round0_rate(wire_end, secs, ramped),
                     rtt_ms: link.base_rtt.as_secs_f64() * 1000.0,
-                    loss_rate: crate::preflight::path_loss(&link.conn),
+                    loss_rate: *round0_loss.insert(crate::preflight::path_loss(&link.conn)),
                     dirty_pages_per_sec: rate,
                     codec_ratio: next_ratio.unwrap_or(ratio),
                     next_round_bytes: dirty.count() * PAGE_SIZE as u64,
