@@ -134,7 +134,8 @@ pub fn compare_rounds(waited_ms: f64, window_ms: f64, rtt_ms: f64, last_passed: 
 /// tenth compared with the round before.
 ///
 /// The pause is the final round's transfer plus a round trip. A final round whose transfer
-/// and round trip both fit the target switches over at once. One whose transfer alone fits
+/// and round trip both fit the target switches over at once, unless it is big and one more
+/// short round would halve it ([`worth_another_round`]). One whose transfer alone fits
 /// (the target as QEMU counts it) gets more rounds while they still shrink — on a long
 /// path a smaller final round is the only part of the pause more rounds can cut — and
 /// switches over once they stop shrinking or at the round limit: never a stall, whatever
