@@ -149,12 +149,9 @@ pub fn stall_decision(i: StallInput, policy: StallPolicy) -> StallDecision {
     let pressure = if i.after_drain {
         // What the guest wrote during the wait: on lan 800-1,900 pages, when one more
         // round of a few milliseconds leaves a few hundred.
-        let fits = i.dirty_pages > 0 && i.predicted_ms + i.path_ms.max(0.0) <= target;
-        if fits && !at_limit && worth_another_round(i.predicted_ms, i.window_ms, target) {
-            StallDecision::Continue
-        } else {
-            StallDecision::Switchover
-        }
+        when_it_fits(&i)
+            .filter(|_| i.dirty_pages > 0)
+            .unwrap_or(StallDecision::Switchover)
     } else {
         pressure_decision(i, policy)
     };
@@ -171,6 +168,20 @@ pub fn stall_decision(i: StallInput, policy: StallPolicy) -> StallDecision {
     }
 }
 
+/// When the final round's transfer and round trip fit the target: the switchover at
+/// once, unless one more short round would halve a big final round (not at the round
+/// limit). `None` when it does not fit.
+fn when_it_fits(i: &StallInput) -> Option<StallDecision> {
+    let target = f64::from(i.downtime_ms);
+    (i.predicted_ms + i.path_ms.max(0.0) <= target).then(|| {
+        if i.round < i.max_rounds && worth_another_round(i.predicted_ms, i.window_ms, target) {
+            StallDecision::Continue
+        } else {
+            StallDecision::Switchover
+        }
+    })
+}
+
 /// [`stall_decision`] from the rounds' sizes alone.
 fn pressure_decision(i: StallInput, policy: StallPolicy) -> StallDecision {
     let target = f64::from(i.downtime_ms);
@@ -179,14 +190,8 @@ fn pressure_decision(i: StallInput, policy: StallPolicy) -> StallDecision {
     if i.dirty_pages == 0 {
         return StallDecision::Switchover;
     }
-    // Transfer and round trip fit: at once, unless one more short round would halve a
-    // big final round.
-    if i.predicted_ms + i.path_ms.max(0.0) <= target {
-        return if !at_limit && worth_another_round(i.predicted_ms, i.window_ms, target) {
-            StallDecision::Continue
-        } else {
-            StallDecision::Switchover
-        };
+    if let Some(d) = when_it_fits(&i) {
+        return d;
     }
     let stalled = at_limit
         || (i.round >= 3

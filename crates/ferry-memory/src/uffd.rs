@@ -357,6 +357,17 @@ impl UffdTracker {
         Ok(())
     }
 
+    /// The pages written since they were last protected (armed trackers only),
+    /// re-protecting them with `protect`.
+    fn written(&mut self, protect: bool) -> Result<DirtyBitmap, TrackerError> {
+        if !self.armed {
+            return Err(TrackerError::NotArmed { tracker: NAME });
+        }
+        let mut bm = DirtyBitmap::new(self.file_offset_pages + self.len / PAGE_SIZE as u64);
+        self.scan(Some(&mut bm), protect)?;
+        Ok(bm)
+    }
+
     /// Address range tracked in the target (start, length in bytes).
     pub fn range(&self) -> (u64, u64) {
         (self.start, self.len)
@@ -450,22 +461,12 @@ impl DirtyTracker for UffdTracker {
     }
 
     fn collect(&mut self) -> Result<DirtyBitmap, TrackerError> {
-        if !self.armed {
-            return Err(TrackerError::NotArmed { tracker: NAME });
-        }
-        let mut bm = DirtyBitmap::new(self.file_offset_pages + self.len / PAGE_SIZE as u64);
-        self.scan(Some(&mut bm), true)?;
-        Ok(bm)
+        self.written(true)
     }
 
     /// A read-only scan (see [`collect_final`](Self::collect_final) for what that saves).
     fn peek(&mut self) -> Result<Option<DirtyBitmap>, TrackerError> {
-        if !self.armed {
-            return Err(TrackerError::NotArmed { tracker: NAME });
-        }
-        let mut bm = DirtyBitmap::new(self.file_offset_pages + self.len / PAGE_SIZE as u64);
-        self.scan(Some(&mut bm), false)?;
-        Ok(Some(bm))
+        self.written(false).map(Some)
     }
 
     /// Reads the written bits without write-protecting anything. Re-protecting changes the
@@ -474,11 +475,7 @@ impl DirtyTracker for UffdTracker {
     /// tracker`) 8 ms for 500 scattered pages while another thread of the process runs,
     /// against 0.3 ms for the scan alone. Inside the pause nothing needs protecting.
     fn collect_final(&mut self) -> Result<DirtyBitmap, TrackerError> {
-        if !self.armed {
-            return Err(TrackerError::NotArmed { tracker: NAME });
-        }
-        let mut bm = DirtyBitmap::new(self.file_offset_pages + self.len / PAGE_SIZE as u64);
-        self.scan(Some(&mut bm), false)?;
+        let bm = self.written(false)?;
         self.armed = false;
         Ok(bm)
     }

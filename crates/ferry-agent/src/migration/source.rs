@@ -23,8 +23,8 @@ use ferry_handoff::{
     StallDecision, TargetAnswer,
 };
 use ferry_memory::{
-    DirtyBitmap, DirtyTracker, PageSums, RamFile, TrackerAudit, TrackerKind, DEFAULT_SHIM_FD,
-    PAGE_SIZE,
+    DirtyBitmap, DirtyTracker, PageSums, RamFile, TrackerAudit, TrackerError, TrackerKind,
+    DEFAULT_SHIM_FD, PAGE_SIZE,
 };
 use ferry_qemu::{QemuProcess, VmSpec};
 use ferry_qmp::{wait_for_event, MirrorCopyMode, QmpClient, QmpEvent};
@@ -1135,13 +1135,8 @@ impl Migration {
                         // A look where the tracker can (the round's end collects these
                         // pages again): re-protecting mid-round cost a TLB flush per
                         // 2 MiB region written, thousands of them in rounds 0 and 1.
-                        let (pages, looked) = match t
-                            .peek()
-                            .map_err(fail(at, "collect dirty pages"))?
-                        {
-                            Some(pages) => (pages, true),
-                            None => (t.collect().map_err(fail(at, "collect dirty pages"))?, false),
-                        };
+                        let (pages, looked) =
+                            look_or_collect(t.as_mut()).map_err(fail(at, "collect dirty pages"))?;
                         last_collect = Instant::now();
                         skip.add(&pages);
                         if sample_due {
@@ -1232,10 +1227,7 @@ impl Migration {
             // ~500 scattered pages on this host, against 0.3-1 ms for a look), and before
             // the switchover those milliseconds were guest writes for the final round.
             let (mut dirty, peeked) = match undo.tracker.as_mut() {
-                Some(t) => match t.peek().map_err(fail(at, "collect dirty pages"))? {
-                    Some(pages) => (pages, true),
-                    None => (t.collect().map_err(fail(at, "collect dirty pages"))?, false),
-                },
+                Some(t) => look_or_collect(t.as_mut()).map_err(fail(at, "collect dirty pages"))?,
                 None => (DirtyBitmap::new(0), false),
             };
             if let Some(pages) = collected.take() {
@@ -2723,6 +2715,15 @@ impl RunningAudit {
         self.cancel.store(true, Ordering::Relaxed);
         a.abandon(self.window.0, self.window.1);
     }
+}
+
+/// What `t` reports written: a look (`peek`, `true`) where the tracker can, its
+/// collection (re-protecting) otherwise.
+fn look_or_collect(t: &mut dyn DirtyTracker) -> Result<(DirtyBitmap, bool), TrackerError> {
+    Ok(match t.peek()? {
+        Some(pages) => (pages, true),
+        None => (t.collect()?, false),
+    })
 }
 
 /// Pre-copy rounds announced and not yet confirmed before the next round waits.
