@@ -313,6 +313,8 @@ struct AutoCodec {
     link: auto_codec::LinkKnowledge,
     /// The CPU costs per byte as the intervals that sent enough showed.
     costs: auto_codec::CostKnowledge,
+    /// The recent decisive intervals' weighings of the codecs.
+    verdicts: auto_codec::Verdicts,
     /// Where the current interval started.
     mark: Option<IntervalMark>,
 }
@@ -404,13 +406,19 @@ impl AutoCodec {
         let cur = self.samples.iter().find(|s| s.codec == current)?;
         self.costs.add(&iv, cur);
         let costs = self.costs.costs();
-        let next = auto_codec::step(&self.samples, current, iv, &self.link, self.streams, &costs);
+        if let Some(w) =
+            auto_codec::weigh(&self.samples, current, iv, &self.link, self.streams, &costs)
+        {
+            self.verdicts.add(w);
+        }
+        let next = self.verdicts.choose(current);
         self.link.add(&iv);
         (next != current).then(|| {
             self.cell.set(next);
             format!(
-                "compress auto: {current} -> {next} ({}, wire {:.0} Mbit/s of a window allowing {:.0}, \
+                "compress auto: {current} -> {next} (over {} interval(s); this one {}, wire {:.0} Mbit/s of a window allowing {:.0}, \
                  {:.1} of {:.1} core(s) used; {:.1} ns/byte to read, {:.1} to send; {})",
+                self.verdicts.len(),
                 if iv.link_bound() { "link-bound" } else { "CPU-bound" },
                 iv.wire_rate * 8.0 / 1e6,
                 iv.window_rate * 8.0 / 1e6,
@@ -977,13 +985,17 @@ impl Migration {
         let remembered = (self.p.job.compression == Compression::Auto)
             .then(|| self.ctx.codecs.get(&self.p.job.target))
             .flatten();
-        if let Some(c) = remembered {
-            info!(migration = %self.p.job.id, "compress auto: starting with {c}, where round 0 of the last migration to {} ended", self.p.job.target);
+        if let Some(r) = remembered {
+            info!(migration = %self.p.job.id, link_mbit = r.link.pushed.map(|b| (b * 8.0 / 1e6).round()),
+                "compress auto: starting with {}, where round 0 of the last migration to {} ended", r.codec, self.p.job.target);
         }
         let mut sender = PageSender::new(
             std::mem::take(&mut link.writers),
             link.ram.clone(),
-            self.p.job.compression.initial_with(remembered),
+            self.p
+                .job
+                .compression
+                .initial_with(remembered.map(|r| r.codec)),
         )
         .with_rate_limit(pace);
         // `--verify sent`: sums of what is sent, and the audit that keeps them honest.
@@ -1025,8 +1037,9 @@ impl Migration {
                     .map(|n| n.get() as f64)
                     .unwrap_or(1.0),
                 streams: self.p.page_streams.max(1) as f64,
-                link: auto_codec::LinkKnowledge::default(),
+                link: remembered.map(|r| r.link).unwrap_or_default(),
                 costs: auto_codec::CostKnowledge::default(),
+                verdicts: auto_codec::Verdicts::default(),
                 mark: None,
             }
         });
@@ -1195,10 +1208,14 @@ impl Migration {
                 confirmations
                     .confirm(&mut link.ctl_rx, this, round_deadline)
                     .await?;
-                if self.p.job.compression == Compression::Auto {
-                    self.ctx
-                        .codecs
-                        .record(&self.p.job.target, sender.codec().get());
+                if let Some(a) = auto.as_ref() {
+                    self.ctx.codecs.record(
+                        &self.p.job.target,
+                        auto_codec::Remembered {
+                            codec: sender.codec().get(),
+                            link: a.link,
+                        },
+                    );
                 }
                 // What this path carried, for the next connection to the same peer.
                 if let Some(bw) = confirmations.bandwidth {
