@@ -412,14 +412,20 @@ pub struct LinkKnowledge {
 pub const LINK_WEIGHT: f64 = 0.5;
 
 impl LinkKnowledge {
-    /// Adds an interval's figures.
+    /// Adds an interval's figures. One that was not link-bound but carried more than the
+    /// estimate moves it up (by [`LINK_WEIGHT`] too): the link took that much without being
+    /// the limit. A connection's first interval reads window-limited while the congestion
+    /// window opens (measured on wan: 153 Mbit/s of a 1 Gbit/s link), and that figure,
+    /// kept, had every later CPU-bound interval weigh codecs for a 153 Mbit/s link while
+    /// 600-940 went out — `auto` sat on zstd-3, CPU-bound, for whole migrations.
     pub fn add(&mut self, iv: &Interval) {
-        if iv.link_bound() {
-            self.pushed = Some(match self.pushed {
-                Some(p) => p + LINK_WEIGHT * (iv.wire_rate - p),
-                None => iv.wire_rate,
-            });
-        }
+        self.pushed = match self.pushed {
+            Some(p) if iv.link_bound() || iv.wire_rate > p => {
+                Some(p + LINK_WEIGHT * (iv.wire_rate - p))
+            }
+            None if iv.link_bound() => Some(iv.wire_rate),
+            other => other,
+        };
     }
 
     /// The link's rate as far as known: unbounded until it was the limit.
@@ -445,7 +451,8 @@ pub fn weigh(
     let l = if iv.link_bound() {
         iv.wire_rate
     } else if iv.cpu_bound() {
-        link.estimate()
+        // It carried what went out without being the limit.
+        link.estimate().max(iv.wire_rate)
     } else {
         return None;
     };
@@ -999,6 +1006,41 @@ mod tests {
         assert_eq!(k.estimate(), 100e6);
         k.add(&link_bound(140e6, 1.0));
         assert_eq!(k.estimate(), 120e6);
+        // A CPU-bound interval below the estimate says nothing; one above it moves it up.
+        k.add(&streams_busy(60e6));
+        assert_eq!(k.estimate(), 120e6);
+        k.add(&streams_busy(160e6));
+        assert_eq!(k.estimate(), 140e6);
+    }
+
+    #[test]
+    fn a_window_opening_is_not_the_link_for_long() {
+        // wan, as logged: the first interval window-limited at 153 Mbit/s while the
+        // congestion window opened, then CPU-bound intervals sending 939, 644, 622 Mbit/s.
+        let mut k = LinkKnowledge::default();
+        let opening = link_bound(19e6, 1.3);
+        k.add(&opening);
+        assert_eq!(k.estimate(), 19e6);
+        let cpu = |wire: f64| Interval {
+            wait_share: 0.3,
+            wire_rate: wire,
+            queued_share: 0.0,
+            cores: 0.9,
+            used: 0.85,
+            encoding: 0.4,
+            page_rate: 1.7 * wire,
+            window_rate: 1.2e9,
+        };
+        assert!(cpu(117e6).cpu_bound());
+        // What the interval sent is the least the link carries: raw is weighed on 117 MB/s,
+        // not on 19.
+        let w = weigh(&samples(), Codec::Lz4, cpu(117e6), &k, 4.0, &NO_COSTS).expect("decisive");
+        assert!(w.of(Codec::None).expect("weighed") >= 117e6);
+        for wire in [117e6, 80e6, 78e6] {
+            k.add(&cpu(wire));
+        }
+        // Three intervals on, the estimate sits among what they carried, not at 19 MB/s.
+        assert!((70e6..=117e6).contains(&k.estimate()), "{:?}", k.estimate());
     }
 
     #[test]

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// How long into round 0 the guest's write rate is sampled.
 const WRITE_RATE_SAMPLE: Duration = Duration::from_millis(500);
@@ -409,6 +409,21 @@ impl AutoCodec {
         if let Some(w) =
             auto_codec::weigh(&self.samples, current, iv, &self.link, self.streams, &costs)
         {
+            debug!(
+                bound = if iv.link_bound() { "link" } else { "cpu" },
+                wire_mbit = (iv.wire_rate * 8.0 / 1e6).round(),
+                used = iv.used,
+                cores = iv.cores,
+                "compress auto: weighed against {current}: {}",
+                w.0.iter()
+                    .map(|&(c, t)| format!(
+                        "{c} {:.0} MB/s ({:.2}x)",
+                        t / 1e6,
+                        w.gain(c, current).unwrap_or(0.0)
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
             self.verdicts.add(w);
         }
         let next = self.verdicts.choose(current);
