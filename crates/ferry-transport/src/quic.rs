@@ -58,11 +58,16 @@ pub struct TransportTuning {
 
 impl Default for TransportTuning {
     fn default() -> Self {
-        // Windows sized for a 1 Gbit/s, 50 ms link (BDP ~6 MiB) with several streams.
+        // Windows for a 1 Gbit/s, 50 ms link (BDP ~6 MiB) with room to spare, and no more:
+        // the connection's receive window is also how far the sender may run ahead of a
+        // receiver that applies pages slower than the link carries them. On lan (2.7 Gbit/s,
+        // a CPU-starved target applying ~265 MB/s) 64 MiB let rounds queue ~240 ms deep;
+        // switchovers waited for that queue to drain and paused 37-170 ms, against 14-34 ms
+        // with 16 MiB (benches/RESULTS.md, eighth session).
         TransportTuning {
             idle_timeout: Duration::from_secs(10),
             stream_window: 16 << 20,
-            connection_window: 64 << 20,
+            connection_window: 16 << 20,
             congestion: Congestion::DelayFilteredCubic,
             socket_buffer: 8 << 20,
             ack_every: 2,
