@@ -708,27 +708,21 @@ mod tests {
 
     /// Figures of the order measured here on the realistic guest mix (one core).
     fn samples() -> Vec<CodecSample> {
+        samples_of((1.6, 600e6), (1.8, 330e6), (1.95, 150e6))
+    }
+
+    /// Raw, and lz4, zstd-1 and zstd-3 at these (ratio, one core's bytes per second).
+    fn samples_of(lz4: (f64, f64), z1: (f64, f64), z3: (f64, f64)) -> Vec<CodecSample> {
+        let at = |codec, (ratio, bytes_per_sec)| CodecSample {
+            codec,
+            ratio,
+            bytes_per_sec,
+        };
         vec![
-            CodecSample {
-                codec: Codec::None,
-                ratio: 1.0,
-                bytes_per_sec: f64::INFINITY,
-            },
-            CodecSample {
-                codec: Codec::Lz4,
-                ratio: 1.6,
-                bytes_per_sec: 600e6,
-            },
-            CodecSample {
-                codec: Codec::Zstd { level: 1 },
-                ratio: 1.8,
-                bytes_per_sec: 330e6,
-            },
-            CodecSample {
-                codec: Codec::Zstd { level: 3 },
-                ratio: 1.95,
-                bytes_per_sec: 150e6,
-            },
+            at(Codec::None, (1.0, f64::INFINITY)),
+            at(Codec::Lz4, lz4),
+            at(Codec::Zstd { level: 1 }, z1),
+            at(Codec::Zstd { level: 3 }, z3),
         ]
     }
 
@@ -1187,28 +1181,7 @@ mod tests {
         // wan, as logged: a migration starting on the remembered zstd-3, its first
         // interval CPU-bound (693 Mbit/s sent of a window allowing 3639, 1.0 of 1.1
         // cores), 1.1 ns a byte to read and 3.1 to send.
-        let samples = vec![
-            CodecSample {
-                codec: Codec::None,
-                ratio: 1.0,
-                bytes_per_sec: f64::INFINITY,
-            },
-            CodecSample {
-                codec: Codec::Lz4,
-                ratio: 1.50,
-                bytes_per_sec: 486e6,
-            },
-            CodecSample {
-                codec: Z1,
-                ratio: 1.68,
-                bytes_per_sec: 344e6,
-            },
-            CodecSample {
-                codec: Z3,
-                ratio: 1.81,
-                bytes_per_sec: 293e6,
-            },
-        ];
+        let samples = samples_of((1.50, 486e6), (1.68, 344e6), (1.81, 293e6));
         let iv = Interval {
             wait_share: 0.5,
             wire_rate: 86.6e6,
