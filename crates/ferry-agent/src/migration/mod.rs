@@ -11,6 +11,7 @@ pub mod cold;
 pub mod disks;
 pub mod job;
 pub mod pages;
+pub mod path_trace;
 pub mod progress;
 pub mod relay;
 pub mod source;

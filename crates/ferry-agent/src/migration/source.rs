@@ -1072,6 +1072,8 @@ impl Migration {
         // Whether the last round's writes were not compared with the round before it.
         let mut last_passed = false;
         let mut confirmations = Confirmations::default();
+        // Debug only: the path as the congestion controller sees it, until pre-copy ends.
+        let _path_trace = super::path_trace::PathTrace::start(&link.conn, &self.p.job.id);
         loop {
             // `tight_tail_window`: from round 2 on, nothing written waits ahead of the wire
             // (by default on a path round 0 found lossless).
@@ -2270,6 +2272,7 @@ impl Migration {
                 datagrams_received = st.udp_rx.datagrams,
                 lost_packets = st.path.lost_packets,
                 congestion_events = st.path.congestion_events,
+                window_held_mb = ferry_transport::congestion::held_bytes(&c).unwrap_or(0) / 1_000_000,
                 mtu = st.path.current_mtu,
                 rtt = ?st.path.rtt,
                 "data plane totals"
