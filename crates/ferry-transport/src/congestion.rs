@@ -187,11 +187,7 @@ impl DelayFilteredCubic {
     fn window_in_use(&mut self, now: Instant, rtt: Duration) -> bool {
         let recent = self.flight.recent(now, rtt);
         let window = self.inner.window();
-        let slow_start = self
-            .inner
-            .metrics()
-            .ssthresh
-            .is_some_and(|ss| window < ss);
+        let slow_start = self.inner.metrics().ssthresh.is_some_and(|ss| window < ss);
         window_may_grow(window, slow_start, recent)
     }
 
