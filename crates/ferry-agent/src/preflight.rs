@@ -837,7 +837,8 @@ pub fn predict(
         let next_s = next_round_s(round_s);
         // As `ferry_handoff::stall_decision` decides: transfer and round trip within the
         // target at once (but a big final round gets one more round when that halves
-        // it); transfer alone once rounds stop shrinking (by a tenth).
+        // it); transfer alone once two rounds in a row stop shrinking (by a tenth): an
+        // even series that is flat is flat from its first round, so from the third.
         let fits = next_s + rtt_s <= target_s
             && !ferry_handoff::worth_another_round(
                 next_s * 1000.0,

@@ -30,7 +30,7 @@ pub use recovery::{
     SourceQemu, TargetAction, TargetAnswer, TargetQemu,
 };
 pub use stall::{
-    compare_rounds, round_comparable, stall_decision, worth_another_round, StallDecision,
+    compare_rounds, round_comparable, shrank, stall_decision, worth_another_round, StallDecision,
     StallInput, StallPolicy,
 };
 pub use verify::VerifyMode;

@@ -1027,6 +1027,8 @@ impl Migration {
         let mut audit_settled = false;
         let mut collected_at = armed_at;
         let mut prev_dirty = u64::MAX;
+        // Whether the last round did not shrink against the one before it.
+        let mut prev_flat = false;
         let waited = Instant::now();
         let (mut pending, took) = scan
             .await
@@ -1362,6 +1364,7 @@ impl Migration {
                 max_rounds: self.p.max_rounds,
                 dirty_pages: count,
                 prev_dirty_pages: if compared { prev_dirty } else { u64::MAX },
+                prev_flat,
                 predicted_ms,
                 path_ms: link.base_rtt.as_secs_f64() * 1000.0,
                 downtime_ms: self.p.downtime_ms,
@@ -1373,6 +1376,7 @@ impl Migration {
                 drained,
             };
             prev_dirty = count;
+            prev_flat = !ferry_handoff::shrank(count, input.prev_dirty_pages);
             match ferry_handoff::stall_decision(input, self.p.on_stall) {
                 StallDecision::Switchover => break,
                 StallDecision::Continue => {}
@@ -1420,6 +1424,7 @@ impl Migration {
                     info!(migration = %self.p.job.id, "{msg}");
                     self.policy(&msg);
                     prev_dirty = u64::MAX;
+                    prev_flat = false;
                 }
             }
             // Another round: what was looked at is re-protected now, with whatever the
