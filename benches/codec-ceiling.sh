@@ -7,7 +7,8 @@
 #   benches/codec-ceiling.sh                 levels 1 3 6 9 19, 1 GiB guest, 512 MiB at 20 MiB/s
 #   LEVELS="1 3" RATE=50 benches/codec-ceiling.sh
 #
-# Environment: LEVELS, VM_MIB (1024), MEM_MIB (512), RATE (20), DIR (build/corpus-ceiling).
+# Environment: LEVELS, VM_MIB (1024), MEM_MIB (512), RATE (20), DIR (build/corpus-ceiling),
+# KEEP=1 (keep DIR/nonzero.bin for more runs, e.g. `zstd -b1 --fast=2 -B1MiB DIR/nonzero.bin`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${DIR:-build/corpus-ceiling}
@@ -29,4 +30,5 @@ PY
 for l in ${LEVELS:-1 3 6 9 19}; do
   zstd -q -b"$l" -B1MiB -i1 "$DIR/nonzero.bin" 2>&1 | tr '\r' '\n' | tail -1
 done
-rm -f "$DIR/guest-ram-realistic.bin" "$DIR/nonzero.bin"
+rm -f "$DIR/guest-ram-realistic.bin"
+[ -n "${KEEP:-}" ] || rm -f "$DIR/nonzero.bin"

@@ -47,6 +47,7 @@ FERRY_METHODS = {
     "ferry-lz4": ("lz4", []),
     "ferry-zstd1": ("zstd:1", []),
     "ferry-zstd3": ("zstd:3", []),
+    "ferry-zstdf1": ("zstd:-1", []),
     # Without ferry's full-RAM fingerprint comparison in the pause: the protocol's floor.
     "ferry-lz4-noverify": ("lz4", ["--no-verify"]),
     "ferry-auto": ("auto", []),

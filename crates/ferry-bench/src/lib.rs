@@ -27,6 +27,7 @@ pub const CORPORA: &[&str] = &["realistic", "idle"];
 pub const CODECS: &[(&str, Codec)] = &[
     ("none", Codec::None),
     ("lz4", Codec::Lz4),
+    ("zstd:-1", Codec::Zstd { level: -1 }),
     ("zstd:1", Codec::Zstd { level: 1 }),
     ("zstd:3", Codec::Zstd { level: 3 }),
 ];
