@@ -147,7 +147,8 @@ pub fn shrank(dirty: u64, prev: u64) -> bool {
 
 /// A round "stalls" at the round limit, or when from round 3 on it and the round before
 /// it each did not shrink by a tenth compared with their predecessors. One flat round is
-/// not enough: a guest that writes in bursts (the test guest, CPU-starved on a busy host,
+/// not enough to pause longer than the target (a flat round whose transfer fits ends
+/// pre-copy as before): a guest that writes in bursts (the test guest, CPU-starved on a busy host,
 /// catches up on up to 250 ms of writes at once) can fill one short round with more than
 /// a longer one before it: one flat round stopped 26 of the 558 wan migrations the
 /// benchmark sets recorded, pausing 38-215 ms against ~30 ms (benches/RESULTS.md, ninth
@@ -219,10 +220,14 @@ fn pressure_decision(i: StallInput, policy: StallPolicy) -> StallDecision {
     if let Some(d) = when_it_fits(&i) {
         return d;
     }
-    let stalled =
-        at_limit || (i.round >= 3 && i.prev_flat && !shrank(i.dirty_pages, i.prev_dirty_pages));
+    let flat = i.round >= 3 && !shrank(i.dirty_pages, i.prev_dirty_pages);
+    let stalled = at_limit || (flat && i.prev_flat);
     if i.predicted_ms <= target {
-        return if stalled || i.round < 3 && i.dirty_pages >= i.prev_dirty_pages {
+        // The transfer fits (a long path's round trip does not): one flat round says the
+        // rounds reached their floor. Waiting for a second risks a round a lost packet
+        // stretched (far: 20-100 pages a round, then 400-900 in one that waited 50-150 ms
+        // for a retransmission).
+        return if at_limit || flat || i.round < 3 && i.dirty_pages >= i.prev_dirty_pages {
             StallDecision::Switchover
         } else {
             StallDecision::Continue
@@ -584,6 +589,28 @@ mod tests {
         );
         // The rule itself: a tenth, and an uncompared round counts as shrunk.
         assert!(shrank(899, 1000) && !shrank(900, 1000) && shrank(5000, u64::MAX));
+    }
+
+    #[test]
+    fn a_flat_round_that_fits_ends_pre_copy_on_a_long_path() {
+        // Logged (far, 50 ms path, `auto`): 26 pages, then 106 in 6 ms. The transfer fits
+        // the target (the round trip cannot): switch over, do not wait for a second flat
+        // round (the next one, stretched by a retransmission, held 437 pages).
+        let mut i = input(12, 106, 26, 4.0);
+        i.path_ms = 50.0;
+        i.prev_flat = false;
+        assert_eq!(
+            stall_decision(i, StallPolicy::Pause),
+            StallDecision::Switchover
+        );
+        // Still shrinking: more rounds.
+        let mut shrinking = input(11, 26, 52, 1.0);
+        shrinking.path_ms = 50.0;
+        shrinking.prev_flat = false;
+        assert_eq!(
+            stall_decision(shrinking, StallPolicy::Pause),
+            StallDecision::Continue
+        );
     }
 
     #[test]
