@@ -155,7 +155,8 @@ pub struct MigrateArgs {
     pub to: String,
     /// Page compression: auto (the default: picked per migration from the link, the
     /// free CPU and the guest's pages, revisited every round), none, lz4, zstd or
-    /// zstd:LEVEL (1-19). Disk blocks use zstd-1 under auto.
+    /// zstd:LEVEL (1 to 19, or zstd's fast levels -1 to -5). Disk blocks use zstd-1
+    /// under auto.
     #[arg(long, value_name = "CODEC", value_parser = parse_compression)]
     pub compress: Option<Compression>,
     /// Downtime target in milliseconds (agent default: 30).
