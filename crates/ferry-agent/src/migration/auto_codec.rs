@@ -453,7 +453,11 @@ pub fn weigh(
 ) -> Option<Weighing> {
     samples.iter().find(|s| s.codec == current)?;
     let l = if iv.link_bound() {
-        iv.wire_rate
+        // Below what the link is known to carry, something else held the wire back (the
+        // target's flow control, a loss's recovery): a stronger codec would not get more
+        // through it. Logged on wan: "link-bound" at 566 Mbit/s of a link known at 762
+        // sent `auto` from zstd -1 to zstd-3, CPU-bound at 370 Mbit/s the next second.
+        link.pushed.map_or(iv.wire_rate, |p| p.max(iv.wire_rate))
     } else if iv.cpu_bound() {
         // It carried what went out without being the limit.
         link.estimate().max(iv.wire_rate)
@@ -813,6 +817,40 @@ mod tests {
             step(&s, ZF1, link_bound(125e6, 2.0), &UNKNOWN, 4.0, &NO_COSTS),
             Z3
         );
+    }
+
+    #[test]
+    fn a_wire_below_the_known_link_does_not_call_for_a_stronger_codec() {
+        // Logged (wan sweep, `auto` on zstd -1): streams waiting, wire 566 Mbit/s of a
+        // window allowing 1717, 0.3 of 0.5 core used, the link known at 762 Mbit/s.
+        let at = |codec, ratio, bytes_per_sec| CodecSample {
+            codec,
+            ratio,
+            bytes_per_sec,
+        };
+        const ZF1: Codec = Codec::Zstd { level: -1 };
+        let s = vec![
+            at(Codec::None, 1.0, f64::INFINITY),
+            at(Codec::Lz4, 1.43, 620e6),
+            at(ZF1, 1.61, 430e6),
+            at(Z1, 1.66, 390e6),
+            at(Z3, 1.78, 280e6),
+        ];
+        let held = Interval {
+            wait_share: 0.8,
+            wire_rate: 566e6 / 8.0,
+            queued_share: 0.0,
+            cores: 0.5,
+            used: 0.3,
+            encoding: 0.2,
+            page_rate: 566e6 / 8.0 * 1.61,
+            window_rate: 1717e6 / 8.0,
+        };
+        assert!(held.link_bound());
+        let link = known(762e6 / 8.0);
+        assert_eq!(step(&s, ZF1, held, &link, 4.0, &NO_COSTS), ZF1);
+        // With nothing known about the link, the interval's wire is all there is.
+        assert_ne!(step(&s, ZF1, held, &UNKNOWN, 4.0, &NO_COSTS), Codec::None);
     }
 
     #[test]
