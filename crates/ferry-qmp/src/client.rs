@@ -135,6 +135,16 @@ struct GreetingVersion {
     qemu: QemuVersion,
 }
 
+/// Events a connection may carry before QEMU's greeting ([`QmpClient::from_stream`]).
+const MAX_EVENTS_BEFORE_GREETING: usize = 16;
+
+/// Whether a line is a QMP event (an object with an `event` member).
+fn is_event(line: &str) -> bool {
+    serde_json::from_str::<Value>(line.trim())
+        .ok()
+        .is_some_and(|v| v.get("event").is_some())
+}
+
 impl QmpClient {
     /// Connects to a QMP unix socket, reads the greeting and leaves
     /// capabilities negotiation mode (`qmp_capabilities`).
@@ -192,17 +202,33 @@ impl QmpClient {
         let (read_half, write_half) = stream.into_split();
         let mut reader = BufReader::new(read_half);
 
+        // QEMU has sent an event before the greeting: once in the benchmark, to a client
+        // that connected while the VM started (RESUME as the first line; the event went
+        // out, it seems, before QEMU set the new connection to negotiation mode). Events
+        // before the greeting are skipped (callers ask for the state once connected);
+        // anything else is still an error.
         let mut line = String::new();
-        let n = reader.read_line(&mut line).await.map_err(QmpError::Io)?;
-        if n == 0 {
-            return Err(QmpError::Disconnected);
-        }
-        let greeting: Greeting = serde_json::from_str(line.trim()).map_err(|e| {
-            QmpError::Protocol(format!(
-                "unexpected QMP greeting ({e}): {}",
-                truncate(&line, 200)
-            ))
-        })?;
+        let mut skipped = 0;
+        let greeting: Greeting = loop {
+            line.clear();
+            let n = reader.read_line(&mut line).await.map_err(QmpError::Io)?;
+            if n == 0 {
+                return Err(QmpError::Disconnected);
+            }
+            match serde_json::from_str::<Greeting>(line.trim()) {
+                Ok(g) => break g,
+                Err(_) if skipped < MAX_EVENTS_BEFORE_GREETING && is_event(&line) => {
+                    skipped += 1;
+                    tracing::debug!(line = %truncate(&line, 200), "QMP event before the greeting, skipped");
+                }
+                Err(e) => {
+                    return Err(QmpError::Protocol(format!(
+                        "unexpected QMP greeting ({e}): {}",
+                        truncate(&line, 200)
+                    )))
+                }
+            }
+        };
         let version = greeting.qmp.version.qemu;
 
         let (events_tx, _) = broadcast::channel(EVENT_CAPACITY);
@@ -645,6 +671,28 @@ mod tests {
             }
         );
         server.await.expect("server");
+    }
+
+    #[tokio::test]
+    async fn an_event_before_the_greeting_is_skipped() {
+        // What a QEMU starting its VM sent once: RESUME, then the greeting.
+        let (_dir, path, server) = fake_server(|mut q| async move {
+            q.send(json!({"timestamp": {"seconds": 1796183813, "microseconds": 810238}, "event": "RESUME"}))
+                .await;
+            q.handshake(GREETING_7_2).await;
+        });
+        let c = QmpClient::connect(&path).await.expect("connect");
+        assert_eq!(c.version(), QemuVersion::new(7, 2, 19));
+        server.await.expect("server");
+        // A line that is neither greeting nor event is still refused.
+        let (_dir, path, _server) = fake_server(|mut q| async move {
+            q.send(json!({"return": {}})).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        match QmpClient::connect(&path).await {
+            Err(QmpError::Protocol(msg)) => assert!(msg.contains("greeting"), "{msg}"),
+            other => panic!("expected protocol error, got {other:?}"),
+        }
     }
 
     #[tokio::test]
