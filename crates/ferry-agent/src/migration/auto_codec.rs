@@ -778,6 +778,23 @@ mod tests {
 
     const Z1: Codec = Codec::Zstd { level: 1 };
     const Z3: Codec = Codec::Zstd { level: 3 };
+    const ZF1: Codec = Codec::Zstd { level: -1 };
+
+    /// [`samples_of`] with zstd's fast level -1 too, at `zf1` (ratio, bytes per second).
+    fn samples_with_fast(
+        lz4: (f64, f64),
+        zf1: (f64, f64),
+        z1: (f64, f64),
+        z3: (f64, f64),
+    ) -> Vec<CodecSample> {
+        let mut s = samples_of(lz4, z1, z3);
+        s.push(CodecSample {
+            codec: ZF1,
+            ratio: zf1.0,
+            bytes_per_sec: zf1.1,
+        });
+        s
+    }
 
     fn step4(current: Codec, iv: Interval, link: &LinkKnowledge, costs: &CpuCosts) -> Codec {
         step(&samples(), current, iv, link, 4.0, costs)
@@ -787,19 +804,7 @@ mod tests {
     fn zstd_fast_minus_one_wins_where_the_compressor_is_the_limit() {
         // One core's figures on the test guest's RAM (benches/RESULTS.md): lz4 1.60x at
         // 645 MB/s, zstd -1 1.75x at 620, zstd-1 1.83x at 458, zstd-3 1.96x at 324.
-        let at = |codec, ratio, bytes_per_sec| CodecSample {
-            codec,
-            ratio,
-            bytes_per_sec,
-        };
-        const ZF1: Codec = Codec::Zstd { level: -1 };
-        let s = vec![
-            at(Codec::None, 1.0, f64::INFINITY),
-            at(Codec::Lz4, 1.60, 645e6),
-            at(ZF1, 1.75, 620e6),
-            at(Z1, 1.83, 458e6),
-            at(Z3, 1.96, 324e6),
-        ];
+        let s = samples_with_fast((1.60, 645e6), (1.75, 620e6), (1.83, 458e6), (1.96, 324e6));
         // wan (125 MB/s), the streams busy with 0.4 of a core: zstd-1 is held back by its
         // core (183 MB/s of pages), lz4 by the link (200); -1 moves 219.
         let busy = Interval {
@@ -823,19 +828,7 @@ mod tests {
     fn a_wire_below_the_known_link_does_not_call_for_a_stronger_codec() {
         // Logged (wan sweep, `auto` on zstd -1): streams waiting, wire 566 Mbit/s of a
         // window allowing 1717, 0.3 of 0.5 core used, the link known at 762 Mbit/s.
-        let at = |codec, ratio, bytes_per_sec| CodecSample {
-            codec,
-            ratio,
-            bytes_per_sec,
-        };
-        const ZF1: Codec = Codec::Zstd { level: -1 };
-        let s = vec![
-            at(Codec::None, 1.0, f64::INFINITY),
-            at(Codec::Lz4, 1.43, 620e6),
-            at(ZF1, 1.61, 430e6),
-            at(Z1, 1.66, 390e6),
-            at(Z3, 1.78, 280e6),
-        ];
+        let s = samples_with_fast((1.43, 620e6), (1.61, 430e6), (1.66, 390e6), (1.78, 280e6));
         let held = Interval {
             wait_share: 0.8,
             wire_rate: 566e6 / 8.0,
