@@ -303,21 +303,21 @@ impl Controller for DelayFilteredCubic {
 /// The share of a connection's bytes lost to random loss, as its controller judged them
 /// (`None` unless the connection runs [`DelayFilteredCubic`], the only one that tells).
 pub fn random_loss_share(conn: &quinn::Connection) -> Option<f64> {
-    conn.congestion_state()
-        .into_any()
-        .downcast::<DelayFilteredCubic>()
-        .ok()
-        .map(|c| c.random_loss_share())
+    filtered_state(conn).map(|c| c.random_loss_share())
 }
 
 /// Bytes `conn` acknowledged without growing its window, which was not in use (`None`
 /// unless the connection runs [`DelayFilteredCubic`]).
 pub fn held_bytes(conn: &quinn::Connection) -> Option<u64> {
+    filtered_state(conn).map(|c| c.held_bytes())
+}
+
+/// A copy of `conn`'s controller if it is a [`DelayFilteredCubic`].
+fn filtered_state(conn: &quinn::Connection) -> Option<Box<DelayFilteredCubic>> {
     conn.congestion_state()
         .into_any()
         .downcast::<DelayFilteredCubic>()
         .ok()
-        .map(|c| c.held_bytes())
 }
 
 #[cfg(test)]
@@ -325,6 +325,15 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+
+    /// A fresh [`DelayFilteredCubic`] as the factory builds it (1200-byte MTU).
+    fn filtered_cubic(now: Instant) -> Box<DelayFilteredCubic> {
+        Arc::new(DelayFilteredCubicConfig::default())
+            .build(now, 1200)
+            .into_any()
+            .downcast::<DelayFilteredCubic>()
+            .expect("our controller")
+    }
 
     #[test]
     fn random_loss_on_an_empty_path_is_not_congestion() {
@@ -391,12 +400,7 @@ mod tests {
         // controller's own bookkeeping: sends, the flight after ACKs, and the check
         // `on_ack` makes before it lets cubic grow.)
         let now = Instant::now();
-        let f = Arc::new(DelayFilteredCubicConfig::default());
-        let mut c = f
-            .build(now, 1200)
-            .into_any()
-            .downcast::<DelayFilteredCubic>()
-            .expect("our controller");
+        let mut c = filtered_cubic(now);
         let w = c.window();
         let rtt = 20 * MS;
         // A sender that never has more than a tenth of its window out: not in use.
@@ -419,12 +423,7 @@ mod tests {
     #[test]
     fn random_loss_share_counts_only_the_losses_let_pass() {
         let now = Instant::now();
-        let f = Arc::new(DelayFilteredCubicConfig::default());
-        let mut c = f
-            .build(now, 1200)
-            .into_any()
-            .downcast::<DelayFilteredCubic>()
-            .expect("our controller");
+        let mut c = filtered_cubic(now);
         assert_eq!(c.random_loss_share(), 0.0);
         // 1 MB acknowledged on an empty 50 ms path, then 1 kB lost: random.
         c.totals.acked = 1_000_000;
