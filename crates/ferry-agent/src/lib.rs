@@ -53,4 +53,6 @@ pub struct AgentCtx {
     pub codecs: Arc<migration::auto_codec::CodecMemory>,
     /// Which VMs' QEMUs have a write tracker attached (one at a time).
     pub trackers: Arc<tracker_claims::TrackerClaims>,
+    /// gRPC channels to peer agents, reused across calls and migrations.
+    pub peers: Arc<tls::PeerChannels>,
 }

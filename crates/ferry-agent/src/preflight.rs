@@ -943,18 +943,17 @@ pub async fn run(
     bandwidth_cap: u64,
     depth: Depth,
 ) -> Result<pb::PreflightReport, tonic::Status> {
-    let chan = crate::tls::connect(target, &ctx.identity)
-        .await
-        .map_err(|e| {
-            tonic::Status::unavailable(format!(
-                "cannot reach target agent {target} from {}: {e}",
-                ctx.cfg.host_name
-            ))
-        })?;
+    let chan = ctx.peers.get(target, &ctx.identity).await.map_err(|e| {
+        tonic::Status::unavailable(format!(
+            "cannot reach target agent {target} from {}: {e}",
+            ctx.cfg.host_name
+        ))
+    })?;
     let facts = FerryPeerClient::new(chan.clone())
         .host_facts(pb::HostFactsRequest {})
         .await
         .map_err(|s| {
+            ctx.peers.forget_if_unreached(target, &s);
             tonic::Status::unavailable(format!(
                 "target {target} did not report its facts: {}",
                 s.message()

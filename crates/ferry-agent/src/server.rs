@@ -109,6 +109,7 @@ pub async fn build(cfg: AgentConfig) -> anyhow::Result<Arc<AgentCtx>> {
         paths: Default::default(),
         codecs: Default::default(),
         trackers: Default::default(),
+        peers: Default::default(),
     });
     recover_outgoing(&ctx).await;
     Ok(ctx)

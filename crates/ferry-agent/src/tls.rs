@@ -53,3 +53,161 @@ pub async fn connect_with_deadline(
         .connect()
         .await
 }
+
+/// How long a cached peer channel serves before a new connection (and TLS handshake)
+/// replaces it: bounds how long one connection outlives a certificate change on either
+/// side or a peer's deny list entry made after it was set up.
+pub const PEER_CHANNEL_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// gRPC channels to peer agents, one per address, reused across calls and migrations.
+/// A new channel costs a TCP and a TLS handshake, two round trips before its first call:
+/// on wan's 22 ms path 44 ms of every preflight and again of every Prepare
+/// (benches/RESULTS.md, tenth session). A channel is one HTTP/2 connection carrying
+/// concurrent calls, and it reconnects by itself when the peer restarts; every call still
+/// runs under the caller's deadline.
+#[derive(Default)]
+pub struct PeerChannels {
+    map: std::sync::Mutex<std::collections::HashMap<String, (Channel, std::time::Instant)>>,
+    connects: std::sync::atomic::AtomicU64,
+}
+
+impl PeerChannels {
+    /// The channel to `addr`, connected now when none is cached or the cached one is older
+    /// than [`PEER_CHANNEL_MAX_AGE`].
+    pub async fn get(&self, addr: &str, id: &Identity) -> Result<Channel, tonic::transport::Error> {
+        let now = std::time::Instant::now();
+        if let Ok(map) = self.map.lock() {
+            if let Some((chan, made)) = map.get(addr) {
+                if reusable(*made, now) {
+                    return Ok(chan.clone());
+                }
+            }
+        }
+        let chan = connect(addr, id).await?;
+        self.connects
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut map) = self.map.lock() {
+            map.insert(addr.to_string(), (chan.clone(), now));
+        }
+        Ok(chan)
+    }
+
+    /// Drops the cached channel to `addr` (the next call connects afresh): after a call
+    /// that timed out or found no peer, when the connection itself may be what failed.
+    pub fn forget(&self, addr: &str) {
+        if let Ok(mut map) = self.map.lock() {
+            map.remove(addr);
+        }
+    }
+
+    /// [`PeerChannels::forget`] when `status` says the peer was not reached or did not
+    /// answer in time, rather than answering with an error of its own.
+    pub fn forget_if_unreached(&self, addr: &str, status: &tonic::Status) {
+        if unreached(status.code()) {
+            self.forget(addr);
+        }
+    }
+
+    /// Connections made so far (for the tests and the agent's log).
+    pub fn connects(&self) -> u64 {
+        self.connects.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Whether a channel made at `made` still serves at `now` ([`PEER_CHANNEL_MAX_AGE`]). Pure.
+pub fn reusable(made: std::time::Instant, now: std::time::Instant) -> bool {
+    now.saturating_duration_since(made) < PEER_CHANNEL_MAX_AGE
+}
+
+/// Whether a call's status code says the connection, not the peer, may have failed:
+/// unreachable, timed out, or cut off mid-call. Pure.
+pub fn unreached(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_channel_serves_until_its_max_age() {
+        let made = Instant::now();
+        assert!(reusable(made, made));
+        assert!(reusable(
+            made,
+            made + PEER_CHANNEL_MAX_AGE - Duration::from_millis(1)
+        ));
+        assert!(!reusable(made, made + PEER_CHANNEL_MAX_AGE));
+        // A clock read before `made` (another thread's `now`) is no age at all.
+        assert!(reusable(made + Duration::from_secs(1), made));
+    }
+
+    #[test]
+    fn only_transport_failures_drop_a_channel() {
+        for c in [
+            tonic::Code::Unavailable,
+            tonic::Code::DeadlineExceeded,
+            tonic::Code::Unknown,
+        ] {
+            assert!(unreached(c), "{c:?}");
+        }
+        for c in [
+            tonic::Code::PermissionDenied,
+            tonic::Code::NotFound,
+            tonic::Code::AlreadyExists,
+            tonic::Code::ResourceExhausted,
+            tonic::Code::FailedPrecondition,
+            tonic::Code::InvalidArgument,
+        ] {
+            assert!(!unreached(c), "{c:?}");
+        }
+    }
+
+    /// A real TLS gRPC server (no services: the handshake is what the channel pays) behind
+    /// a listener that counts the TCP connections it accepts.
+    #[tokio::test]
+    async fn one_connection_serves_many_gets_until_forgotten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = ferry_testkit::TestPki::new(dir.path(), &["a", "b"]).expect("pki");
+        let (a, b) = (pki.identity("a").expect("a"), pki.identity("b").expect("b"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = accepted.clone();
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            move |s| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                s
+            },
+        );
+        let server = tonic::transport::Server::builder()
+            .tls_config(server_tls(&b))
+            .expect("tls")
+            .add_routes(tonic::service::Routes::default())
+            .serve_with_incoming(incoming);
+        let server = tokio::spawn(server);
+        // The test certificates name the hosts and "localhost".
+        let addr = format!("localhost:{port}");
+        let peers = PeerChannels::default();
+        for _ in 0..3 {
+            peers.get(&addr, &a).await.expect("channel");
+        }
+        assert_eq!(peers.connects(), 1);
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        peers.forget_if_unreached(&addr, &tonic::Status::permission_denied("no"));
+        peers.get(&addr, &a).await.expect("channel");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        peers.forget_if_unreached(&addr, &tonic::Status::unavailable("gone"));
+        peers.get(&addr, &a).await.expect("channel");
+        assert_eq!(peers.connects(), 2);
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        server.abort();
+    }
+}

@@ -717,7 +717,10 @@ impl Migration {
             pb::MigrationPhase::Preparing,
             format!("asking {} to prepare", self.p.job.target),
         );
-        let chan = crate::tls::connect(&self.p.job.target, &self.ctx.identity)
+        let chan = self
+            .ctx
+            .peers
+            .get(&self.p.job.target, &self.ctx.identity)
             .await
             .map_err(|e| {
                 JobError::new(
@@ -768,6 +771,7 @@ impl Migration {
             })
             .await
             .map_err(|s| {
+                self.ctx.peers.forget_if_unreached(&self.p.job.target, &s);
                 JobError::new(
                     Phase::Prepare,
                     format!(
@@ -2479,7 +2483,7 @@ async fn ask_target(ctx: &AgentCtx, target: &str, id: &str, token: &str) -> Targ
 }
 
 /// A peer gRPC call under one deadline (`peer_call_timeout_s`, at most 30 s) covering
-/// connect, TLS handshake and the call: a frozen peer accepts TCP connections (its kernel
+/// connect and TLS handshake (when no cached channel serves) and the call: a frozen peer accepts TCP connections (its kernel
 /// does) and then never answers. `None`: no answer in time.
 async fn peer_call<T, F, Fut>(
     ctx: &AgentCtx,
@@ -2492,16 +2496,22 @@ where
 {
     let deadline = Duration::from_secs(ctx.cfg.migration.peer_call_timeout_s.clamp(1, 30));
     let attempt = async {
-        let chan = crate::tls::connect_with_deadline(target, &ctx.identity, deadline)
-            .await
-            .ok()?;
+        let chan = ctx.peers.get(target, &ctx.identity).await.ok()?;
         Some(
             call(FerryPeerClient::new(chan))
                 .await
                 .map(tonic::Response::into_inner),
         )
     };
-    tokio::time::timeout(deadline, attempt).await.ok().flatten()
+    let answer = tokio::time::timeout(deadline, attempt).await.ok().flatten();
+    // A peer that did not answer may have lost the connection itself: connect afresh next
+    // time (the cached channel would only reconnect once the old one is seen broken).
+    match &answer {
+        None => ctx.peers.forget(target),
+        Some(Err(s)) => ctx.peers.forget_if_unreached(target, s),
+        Some(Ok(_)) => {}
+    }
+    answer
 }
 
 /// Asks the target until the outcome is known, per [`source_recovery`]; meanwhile the

@@ -340,7 +340,10 @@ impl Job {
                 self.images.len()
             ),
         );
-        let chan = crate::tls::connect(&self.p.job.target, &self.ctx.identity)
+        let chan = self
+            .ctx
+            .peers
+            .get(&self.p.job.target, &self.ctx.identity)
             .await
             .map_err(|e| {
                 JobError::new(
@@ -377,6 +380,7 @@ impl Job {
             .prepare_cold_migration(req)
             .await
             .map_err(|s| {
+                self.ctx.peers.forget_if_unreached(&self.p.job.target, &s);
                 JobError::new(
                     at,
                     format!("target {} refused: {}", self.p.job.target, status_msg(&s)),
