@@ -157,6 +157,7 @@ pub async fn run(
         token: String::new(),
         reported: (0, 0, 0),
         link_rate: 0.0,
+        target_quic: None,
         disk_counters: None,
         local_digest: None,
         final_round: None,
@@ -229,6 +230,9 @@ struct Migration {
     reported: (u64, u64, u64),
     /// Steady rate the preflight probe measured on the data path (bytes/s, 0: unknown).
     link_rate: f64,
+    /// The target's data-plane address as its preflight facts gave it: the QUIC handshake
+    /// starts there while Prepare runs.
+    target_quic: Option<SocketAddr>,
     /// Bytes through the NBD tunnels of the disk mirrors.
     disk_counters: Option<Arc<super::disks::TunnelCounters>>,
     /// Fingerprint of the source RAM at switchover (when verifying).
@@ -244,6 +248,39 @@ struct Migration {
 struct Prepared {
     quic_addr: String,
     copies: Vec<pb::DiskProbe>,
+    /// The QUIC handshake made while the target prepared, and the address it went to
+    /// (a connection is dropped, which closes it, when Prepare names another address).
+    early: Option<(SocketAddr, Res<quinn::Connection>)>,
+}
+
+/// What [`Migration::connect`] does with the QUIC handshake made while the target
+/// prepared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EarlyHandshake {
+    /// The connection is open, to the address Prepare named: the data plane's.
+    Use,
+    /// That address refused or never answered: its error is the phase's (a second
+    /// attempt would double the wait).
+    Report,
+    /// Another address, or a connection closed since (the target waits 10 s for the
+    /// control stream): connect afresh.
+    Fresh,
+}
+
+/// [`EarlyHandshake`] for a handshake to `made_to` that gave `open` (`Ok(whether the
+/// connection is still open)`, or `Err` when it failed) against the address Prepare named.
+/// Pure.
+fn early_handshake<E>(
+    made_to: SocketAddr,
+    open: Result<bool, E>,
+    prepared_at: SocketAddr,
+) -> EarlyHandshake {
+    match open {
+        _ if made_to != prepared_at => EarlyHandshake::Fresh,
+        Ok(true) => EarlyHandshake::Use,
+        Ok(false) => EarlyHandshake::Fresh,
+        Err(_) => EarlyHandshake::Report,
+    }
 }
 
 /// The data plane [`Migration::connect`] opens.
@@ -608,8 +645,8 @@ impl Migration {
         );
         undo.ram = Some(ram.clone());
         let round0 = self.arm_tracker(tracker, &ram, undo).await?;
-        let prepared = self.prepare(undo).await?;
-        let mut link = self.connect(&prepared, ram, undo).await?;
+        let mut prepared = self.prepare(undo).await?;
+        let mut link = self.connect(&mut prepared, ram, undo).await?;
         if !prepared.copies.is_empty() {
             self.mirror_disks(&link.conn, &prepared.copies, undo)
                 .await?;
@@ -676,6 +713,10 @@ impl Migration {
         self.h.update(|s| {
             s.stats.get_or_insert_with(Default::default).prediction = report.prediction
         });
+        self.target_quic = report
+            .target
+            .as_ref()
+            .and_then(|t| t.quic_addr.parse().ok());
         self.link_rate = report
             .prediction
             .as_ref()
@@ -755,21 +796,47 @@ impl Migration {
         self.h.set_meta(|m| m.token = Some(token.clone()));
         self.ctx.outgoing.persist(&self.h);
         self.token = token.clone();
-        let prep = peer
-            .prepare(pb::PrepareRequest {
-                migration_id: self.p.job.id.clone(),
-                spec: Some(spec_to_pb(&self.spec)),
-                source_host: self.ctx.cfg.host_name.clone(),
-                protocol_version: u32::from(PROTOCOL_VERSION),
-                copy_disks: copies.clone(),
-                shared_disks: plans
-                    .iter()
-                    .filter(|p| p.shared)
-                    .map(|p| p.probe.clone())
-                    .collect(),
-                token: token.clone(),
-            })
-            .await
+        let request = pb::PrepareRequest {
+            migration_id: self.p.job.id.clone(),
+            spec: Some(spec_to_pb(&self.spec)),
+            source_host: self.ctx.cfg.host_name.clone(),
+            protocol_version: u32::from(PROTOCOL_VERSION),
+            copy_disks: copies.clone(),
+            shared_disks: plans
+                .iter()
+                .filter(|p| p.shared)
+                .map(|p| p.probe.clone())
+                .collect(),
+            token: token.clone(),
+        };
+        // The data plane's QUIC handshake (a round trip, and careful resume's check of it)
+        // runs while the target prepares, to the address its facts gave; the target waits
+        // for the handshake's control stream (10 s), which only opens after Prepare. A
+        // refused Prepare does not wait for the handshake.
+        let early_addr = self.target_quic;
+        let this = &*self;
+        let early = async move {
+            let a = early_addr?;
+            Some((a, this.connect_resumed(a).await))
+        };
+        let (answer, early) = {
+            let rpc = peer.prepare(request);
+            tokio::pin!(rpc, early);
+            let mut early_out = None;
+            let answer = loop {
+                tokio::select! {
+                    a = &mut rpc => break a,
+                    e = &mut early, if early_out.is_none() => early_out = Some(e),
+                }
+            };
+            let early = match early_out {
+                Some(e) => e,
+                None if answer.is_ok() => early.await,
+                None => None,
+            };
+            (answer, early)
+        };
+        let prep = answer
             .map_err(|s| {
                 self.ctx.peers.forget_if_unreached(&self.p.job.target, &s);
                 JobError::new(
@@ -798,6 +865,7 @@ impl Migration {
         Ok(Prepared {
             quic_addr: prep.quic_addr,
             copies,
+            early,
         })
     }
 
@@ -805,7 +873,7 @@ impl Migration {
     /// page streams.
     async fn connect(
         &mut self,
-        prepared: &Prepared,
+        prepared: &mut Prepared,
         ram: Arc<RamFile>,
         undo: &mut Undo,
     ) -> Res<Link> {
@@ -816,7 +884,19 @@ impl Migration {
         );
         let at = Phase::Connect;
         let quic_addr: SocketAddr = prepared.quic_addr.parse().map_err(fail(at, "address"))?;
-        let conn = self.connect_resumed(quic_addr).await?;
+        let early = prepared.early.take();
+        let use_of = early.as_ref().map(|(a, r)| {
+            let open = r.as_ref().map(|c| c.close_reason().is_none());
+            early_handshake(*a, open, quic_addr)
+        });
+        let conn = match (early, use_of) {
+            (Some((_, Ok(c))), Some(EarlyHandshake::Use)) => {
+                info!(migration = %self.p.job.id, rtt = ?c.rtt(), "data plane connected while the target prepared");
+                c
+            }
+            (Some((_, Err(e))), Some(EarlyHandshake::Report)) => return Err(e),
+            _ => self.connect_resumed(quic_addr).await?,
+        };
         undo.conn = Some(conn.clone());
         let (mut cs, cr) = conn.open_bi().await.map_err(fail(at, "control stream"))?;
         write_stream_header(&mut cs, StreamHeader::new(StreamKind::Control, 0))
@@ -2972,6 +3052,24 @@ async fn recv_control_at(rx: &mut ControlRx, timeout: Duration, phase: Phase) ->
 #[cfg(test)]
 mod tests {
     use super::round_bandwidth;
+    use super::{early_handshake, EarlyHandshake};
+
+    #[test]
+    fn the_handshake_made_during_prepare_serves_only_the_address_prepare_named() {
+        let (a, b) = (
+            "10.0.0.2:7711".parse().expect("addr"),
+            "10.0.0.3:7711".parse().expect("addr"),
+        );
+        let ok = Ok::<bool, ()>;
+        assert_eq!(early_handshake(a, ok(true), a), EarlyHandshake::Use);
+        // The target closed it (no control stream within its 10 s): a new one.
+        assert_eq!(early_handshake(a, ok(false), a), EarlyHandshake::Fresh);
+        // Failed to the address Prepare names: that failure is the answer.
+        assert_eq!(early_handshake(a, Err(()), a), EarlyHandshake::Report);
+        // Prepare named another address: whatever happened at the old one does not count.
+        assert_eq!(early_handshake(a, ok(true), b), EarlyHandshake::Fresh);
+        assert_eq!(early_handshake(a, Err(()), b), EarlyHandshake::Fresh);
+    }
 
     #[test]
     fn first_confirmed_round_sets_the_rate_whatever_its_size() {
