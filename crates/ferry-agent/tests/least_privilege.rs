@@ -737,3 +737,111 @@ fn peer_identity_of_test_certificates() {
     let op = pki.operator().expect("op").peer_identity().expect("id");
     assert_eq!(op.role, Role::Operator);
 }
+
+/// Sends the data plane's Hello for `mid` to `quic_addr` as agent `id`, the way a source
+/// does while its Prepare runs; returns the control channel (and its connection) to read
+/// the answer from.
+async fn hello(
+    quic_addr: &str,
+    id: &Identity,
+    mid: &str,
+    token: &str,
+    ram_bytes: u64,
+) -> (
+    ferry_transport::QuicEndpoint,
+    quinn::Connection,
+    ferry_transport::ControlChannel,
+) {
+    let addr: std::net::SocketAddr = quic_addr.parse().expect("quic addr");
+    let ep = ferry_transport::QuicEndpoint::client(addr, id, &Default::default())
+        .expect("client endpoint");
+    let conn = ep.connect(addr, "127.0.0.1").await.expect("connect");
+    let (mut send, recv) = conn.open_bi().await.expect("control stream");
+    ferry_transport::write_stream_header(
+        &mut send,
+        ferry_wire::StreamHeader::new(ferry_wire::StreamKind::Control, 0),
+    )
+    .await
+    .expect("header");
+    let mut ctl = ferry_transport::ControlChannel::new(send, recv);
+    ctl.send(&ferry_wire::ControlMessage::Hello {
+        version: ferry_wire::PROTOCOL_VERSION,
+        migration_id: mid.into(),
+        token: token.into(),
+        ram_bytes,
+        page_size: 4096,
+        page_streams: 1,
+    })
+    .await
+    .expect("hello");
+    (ep, conn, ctl)
+}
+
+/// 5) A source opens the data plane while its Prepare runs: a Hello that comes before the
+/// Prepare waits for it and is then answered; one from another agent is still refused
+/// once the migration is prepared (waiting lends it nothing); one for a migration never
+/// prepared is refused within `HELLO_WAITS_FOR_PREPARE` (plus slack).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_before_its_prepare_waits_for_it() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = TestPki::new(&dir.path().join("pki"), &["a", "b", "c"]).expect("pki");
+    let b = TestAgent::start(&ferryd(), "b", &pki, dir.path(), "tcg")
+        .await
+        .expect("agent b");
+    let (a_id, c_id) = (pki.identity("a").expect("a"), pki.identity("c").expect("c"));
+    let mid = uuid::Uuid::new_v4().to_string();
+    let token = "0123456789abcdef0123456789abcdef";
+    let ram = 64u64 << 20;
+    let (_ea, _ca, mut from_a) = hello(&b.quic_addr(), &a_id, &mid, token, ram).await;
+    let (_ec, _cc, mut from_c) = hello(&b.quic_addr(), &c_id, &mid, token, ram).await;
+    // Not prepared yet: no answer, either way.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), from_a.recv())
+            .await
+            .is_err(),
+        "B answered a Hello before the migration was prepared"
+    );
+    let mut a_peer = peer(&b.grpc_addr(), &a_id).await;
+    let mut req = prepare_req(&mid, small_spec("early", 64), "a");
+    req.token = token.into();
+    let prep = a_peer.prepare(req).await.expect("A prepares").into_inner();
+    assert_eq!(prep.token, token);
+    let answer = tokio::time::timeout(Duration::from_secs(10), from_a.recv())
+        .await
+        .expect("A's Hello answered once prepared")
+        .expect("control stream");
+    assert!(
+        matches!(answer, ferry_wire::ControlMessage::HelloOk { .. }),
+        "{answer:?}"
+    );
+    // C waited as long, with the token: refused (the connection closes with the reason).
+    let refused = tokio::time::timeout(Duration::from_secs(10), from_c.recv())
+        .await
+        .expect("C's Hello answered once prepared");
+    let why = format!("{:?}", refused.expect_err("C is refused"));
+    assert!(why.contains("prepared by agent a, not by agent c"), "{why}");
+
+    // A Hello for a migration nobody prepares: refused in bounded time.
+    let t0 = Instant::now();
+    let (_eu, _cu, mut unknown) = hello(&b.quic_addr(), &a_id, "never-prepared", token, ram).await;
+    let refused = tokio::time::timeout(Duration::from_secs(15), unknown.recv())
+        .await
+        .expect("refused within 15 s");
+    let why = format!("{:?}", refused.expect_err("refused"));
+    assert!(why.contains("unknown migration never-prepared"), "{why}");
+    assert!(t0.elapsed() >= ferry_agent::migration::target::HELLO_WAITS_FOR_PREPARE);
+
+    // B's side, asked directly: the migration A prepared waits for A alone; A aborts it.
+    let r = a_peer
+        .abort(pb::AbortRequest {
+            migration_id: mid.clone(),
+            reason: "test done".into(),
+            token: token.into(),
+        })
+        .await
+        .expect("A aborts")
+        .into_inner();
+    assert!(r.existed);
+    assert_eq!(b.observe_qemu("early").await, QemuObserved::NoQemu);
+}

@@ -248,38 +248,48 @@ struct Migration {
 struct Prepared {
     quic_addr: String,
     copies: Vec<pb::DiskProbe>,
-    /// The QUIC handshake made while the target prepared, and the address it went to
+    /// The data plane opened while the target prepared, and the address it went to
     /// (a connection is dropped, which closes it, when Prepare names another address).
-    early: Option<(SocketAddr, Res<quinn::Connection>)>,
+    early: Option<(SocketAddr, Result<OpenedDataPlane, OpenFailure>)>,
 }
 
-/// What [`Migration::connect`] does with the QUIC handshake made while the target
-/// prepared.
+/// A data plane the target accepted: the connection and its control stream after Hello.
+type OpenedDataPlane = (quinn::Connection, ControlChannel);
+
+/// How opening the data plane failed ([`Migration::open_data_plane`]).
+struct OpenFailure {
+    err: JobError<Phase>,
+    /// Whether the target answered (and refused) rather than never being reached or never
+    /// answering.
+    answered: bool,
+}
+
+/// What [`Migration::connect`] does with the data plane opened while the target prepared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum EarlyHandshake {
-    /// The connection is open, to the address Prepare named: the data plane's.
+    /// Open, to the address Prepare named: the data plane.
     Use,
-    /// That address refused or never answered: its error is the phase's (a second
-    /// attempt would double the wait).
+    /// That address was never reached or never answered: its error is the phase's (a
+    /// second attempt would double the wait).
     Report,
-    /// Another address, or a connection closed since (the target waits 10 s for the
-    /// control stream): connect afresh.
+    /// Another address, a connection closed since, or a refusal (an agent of a version that
+    /// does not wait for its Prepare refuses a Hello that came first): open afresh.
     Fresh,
 }
 
-/// [`EarlyHandshake`] for a handshake to `made_to` that gave `open` (`Ok(whether the
-/// connection is still open)`, or `Err` when it failed) against the address Prepare named.
-/// Pure.
-fn early_handshake<E>(
+/// [`EarlyHandshake`] for a data plane opened to `made_to` that gave `open` (`Ok(whether
+/// the connection is still open)`, or `Err(whether the target answered)` when it failed)
+/// against the address Prepare named. Pure.
+fn early_handshake(
     made_to: SocketAddr,
-    open: Result<bool, E>,
+    open: Result<bool, bool>,
     prepared_at: SocketAddr,
 ) -> EarlyHandshake {
     match open {
         _ if made_to != prepared_at => EarlyHandshake::Fresh,
         Ok(true) => EarlyHandshake::Use,
-        Ok(false) => EarlyHandshake::Fresh,
-        Err(_) => EarlyHandshake::Report,
+        Ok(false) | Err(true) => EarlyHandshake::Fresh,
+        Err(false) => EarlyHandshake::Report,
     }
 }
 
@@ -809,15 +819,16 @@ impl Migration {
                 .collect(),
             token: token.clone(),
         };
-        // The data plane's QUIC handshake (a round trip, and careful resume's check of it)
-        // runs while the target prepares, to the address its facts gave; the target waits
-        // for the handshake's control stream (10 s), which only opens after Prepare. A
-        // refused Prepare does not wait for the handshake.
+        // The data plane opens while the target prepares, to the address its facts gave: the
+        // QUIC handshake (a round trip, and careful resume's check of it) and the Hello,
+        // which the target answers once its Prepare is done (two round trips, 45 ms on wan,
+        // that no longer come after Prepare). A refused Prepare does not wait for it.
         let early_addr = self.target_quic;
+        let ram_bytes = undo.ram.as_ref().map(|r| r.len());
         let this = &*self;
         let early = async move {
-            let a = early_addr?;
-            Some((a, this.connect_resumed(a).await))
+            let (a, ram_bytes) = (early_addr?, ram_bytes?);
+            Some((a, this.open_data_plane(a, ram_bytes).await))
         };
         let (answer, early) = {
             let rpc = peer.prepare(request);
@@ -886,43 +897,24 @@ impl Migration {
         let quic_addr: SocketAddr = prepared.quic_addr.parse().map_err(fail(at, "address"))?;
         let early = prepared.early.take();
         let use_of = early.as_ref().map(|(a, r)| {
-            let open = r.as_ref().map(|c| c.close_reason().is_none());
+            let open = match r {
+                Ok((c, _)) => Ok(c.close_reason().is_none()),
+                Err(f) => Err(f.answered),
+            };
             early_handshake(*a, open, quic_addr)
         });
-        let conn = match (early, use_of) {
-            (Some((_, Ok(c))), Some(EarlyHandshake::Use)) => {
-                info!(migration = %self.p.job.id, rtt = ?c.rtt(), "data plane connected while the target prepared");
-                c
+        let (conn, ctl) = match (early, use_of) {
+            (Some((_, Ok(opened))), Some(EarlyHandshake::Use)) => {
+                info!(migration = %self.p.job.id, rtt = ?opened.0.rtt(), "data plane opened while the target prepared");
+                opened
             }
-            (Some((_, Err(e))), Some(EarlyHandshake::Report)) => return Err(e),
-            _ => self.connect_resumed(quic_addr).await?,
+            (Some((_, Err(f))), Some(EarlyHandshake::Report)) => return Err(f.err),
+            _ => self
+                .open_data_plane(quic_addr, ram.len())
+                .await
+                .map_err(|f| f.err)?,
         };
         undo.conn = Some(conn.clone());
-        let (mut cs, cr) = conn.open_bi().await.map_err(fail(at, "control stream"))?;
-        write_stream_header(&mut cs, StreamHeader::new(StreamKind::Control, 0))
-            .await
-            .map_err(fail(at, "control stream"))?;
-        let mut ctl = ControlChannel::new(cs, cr);
-        ctl.send(&ControlMessage::Hello {
-            version: PROTOCOL_VERSION,
-            migration_id: self.p.job.id.clone(),
-            token: self.token.clone(),
-            ram_bytes: ram.len(),
-            page_size: PAGE_SIZE as u32,
-            page_streams: self.p.page_streams as u16,
-        })
-        .await
-        .map_err(fail(at, "handshake"))?;
-        let handshake = |e: String| JobError::new(at, format!("handshake: {e}"));
-        match tokio::time::timeout(Duration::from_secs(15), ctl.recv()).await {
-            Ok(Ok(ControlMessage::HelloOk { .. })) => {}
-            Ok(Ok(ControlMessage::Error { message })) => {
-                return Err(handshake(format!("target refused: {message}")))
-            }
-            Ok(Ok(other)) => return Err(handshake(format!("unexpected {other:?}"))),
-            Ok(Err(e)) => return Err(handshake(e.to_string())),
-            Err(_) => return Err(handshake("no answer from target within 15 s".into())),
-        }
         let (ctl_tx, ctl_rx) = ctl.split();
         let ctl_rx = spawn_control_reader(ctl_rx);
         let mut writers = Vec::new();
@@ -943,6 +935,59 @@ impl Migration {
             writers,
             ram,
         })
+    }
+
+    /// Opens the data plane: the QUIC connection ([`Migration::connect_resumed`]), the
+    /// control stream, and the Hello the target answers once the migration is prepared
+    /// there (it waits for a Prepare still running: [`super::target::HELLO_WAITS_FOR_PREPARE`]).
+    async fn open_data_plane(
+        &self,
+        addr: SocketAddr,
+        ram_bytes: u64,
+    ) -> Result<OpenedDataPlane, OpenFailure> {
+        let at = Phase::Connect;
+        let unanswered = |err| OpenFailure {
+            err,
+            answered: false,
+        };
+        let conn = self.connect_resumed(addr).await.map_err(unanswered)?;
+        let answered = |err| OpenFailure {
+            err,
+            answered: true,
+        };
+        let (mut cs, cr) = conn
+            .open_bi()
+            .await
+            .map_err(|e| answered(fail(at, "control stream")(e)))?;
+        write_stream_header(&mut cs, StreamHeader::new(StreamKind::Control, 0))
+            .await
+            .map_err(|e| answered(fail(at, "control stream")(e)))?;
+        let mut ctl = ControlChannel::new(cs, cr);
+        ctl.send(&ControlMessage::Hello {
+            version: PROTOCOL_VERSION,
+            migration_id: self.p.job.id.clone(),
+            token: self.token.clone(),
+            ram_bytes,
+            page_size: PAGE_SIZE as u32,
+            page_streams: self.p.page_streams as u16,
+        })
+        .await
+        .map_err(|e| answered(fail(at, "handshake")(e)))?;
+        let handshake = |e: String| JobError::new(at, format!("handshake: {e}"));
+        // The target may first finish its Prepare (up to HELLO_WAITS_FOR_PREPARE).
+        let wait = super::target::HELLO_WAITS_FOR_PREPARE + Duration::from_secs(5);
+        match tokio::time::timeout(wait, ctl.recv()).await {
+            Ok(Ok(ControlMessage::HelloOk { .. })) => Ok((conn, ctl)),
+            Ok(Ok(ControlMessage::Error { message })) => {
+                Err(answered(handshake(format!("target refused: {message}"))))
+            }
+            Ok(Ok(other)) => Err(answered(handshake(format!("unexpected {other:?}")))),
+            Ok(Err(e)) => Err(answered(handshake(e.to_string()))),
+            Err(_) => Err(unanswered(handshake(format!(
+                "no answer from target within {} s",
+                wait.as_secs()
+            )))),
+        }
     }
 
     /// Opens the data-plane connection, its congestion window resumed from what this
@@ -3060,15 +3105,17 @@ mod tests {
             "10.0.0.2:7711".parse().expect("addr"),
             "10.0.0.3:7711".parse().expect("addr"),
         );
-        let ok = Ok::<bool, ()>;
-        assert_eq!(early_handshake(a, ok(true), a), EarlyHandshake::Use);
-        // The target closed it (no control stream within its 10 s): a new one.
-        assert_eq!(early_handshake(a, ok(false), a), EarlyHandshake::Fresh);
-        // Failed to the address Prepare names: that failure is the answer.
-        assert_eq!(early_handshake(a, Err(()), a), EarlyHandshake::Report);
+        assert_eq!(early_handshake(a, Ok(true), a), EarlyHandshake::Use);
+        // Closed since it opened: a new one.
+        assert_eq!(early_handshake(a, Ok(false), a), EarlyHandshake::Fresh);
+        // Never reached or never answered at the address Prepare names: that is the answer.
+        assert_eq!(early_handshake(a, Err(false), a), EarlyHandshake::Report);
+        // Refused (an older agent refuses a Hello before its Prepare is done): once more,
+        // now that it is prepared.
+        assert_eq!(early_handshake(a, Err(true), a), EarlyHandshake::Fresh);
         // Prepare named another address: whatever happened at the old one does not count.
-        assert_eq!(early_handshake(a, ok(true), b), EarlyHandshake::Fresh);
-        assert_eq!(early_handshake(a, Err(()), b), EarlyHandshake::Fresh);
+        assert_eq!(early_handshake(a, Ok(true), b), EarlyHandshake::Fresh);
+        assert_eq!(early_handshake(a, Err(false), b), EarlyHandshake::Fresh);
     }
 
     #[test]

@@ -105,6 +105,10 @@ impl Incoming {
     }
 }
 
+/// How long a source's Hello waits for the Prepare of its migration to finish here (the
+/// source sends it while Prepare runs, to save the data plane's opening round trips).
+pub const HELLO_WAITS_FOR_PREPARE: Duration = Duration::from_secs(10);
+
 /// Incoming migrations of this host.
 pub struct IncomingRegistry {
     cfg: Arc<AgentConfig>,
@@ -114,6 +118,9 @@ pub struct IncomingRegistry {
     metrics: Arc<crate::metrics::Metrics>,
     storage: Arc<ferry_disk::StorageRoots>,
     map: std::sync::Mutex<HashMap<String, Arc<Incoming>>>,
+    /// Woken when a migration joins `map`: a source's Hello may arrive while its Prepare
+    /// still runs here (the source opens the data plane meanwhile).
+    prepared: tokio::sync::Notify,
     /// Slots of incoming live migrations (`max_incoming`).
     slots: Arc<super::Slots>,
     /// Incoming cold (offline) migrations: `migration/cold.rs`.
@@ -137,6 +144,7 @@ impl IncomingRegistry {
             metrics,
             storage,
             map: std::sync::Mutex::new(HashMap::new()),
+            prepared: tokio::sync::Notify::new(),
             slots: Arc::default(),
             cold: Arc::default(),
         })
@@ -154,6 +162,18 @@ impl IncomingRegistry {
 
     fn get(&self, id: &str) -> Option<Arc<Incoming>> {
         self.map.lock().ok()?.get(id).cloned()
+    }
+
+    /// The migration `id`, waiting up to `wait` for a Prepare still running to add it.
+    async fn get_prepared(&self, id: &str, wait: Duration) -> Option<Arc<Incoming>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let added = self.prepared.notified();
+            if let Some(inc) = self.get(id) {
+                return Some(inc);
+            }
+            tokio::time::timeout_at(deadline, added).await.ok()?;
+        }
     }
 
     fn host(&self) -> &str {
@@ -245,6 +265,7 @@ impl IncomingRegistry {
                 if let Ok(mut m) = self.map.lock() {
                     m.insert(inc.id.clone(), inc.clone());
                 }
+                self.prepared.notify_waiters();
                 self.spawn_watchdog(inc.clone());
                 self.fail_point("tgt.prepare.done").await?;
                 info!(migration = %inc.id, vm = %spec.name, source = %caller.name, "prepared incoming migration");
@@ -910,7 +931,12 @@ impl IncomingRegistry {
             }
             return;
         }
-        let inc = match self.handshake(header, send, recv, &peer).await {
+        // The Hello may wait for its Prepare: not beyond the connection's life.
+        let handshake = tokio::select! {
+            h = self.handshake(header, send, recv, &peer) => h,
+            e = conn.closed() => Err(format!("connection closed before the handshake: {e}")),
+        };
+        let inc = match handshake {
             Ok(inc) => inc,
             Err(e) => {
                 warn!(%remote, "refused data-plane connection: {e}");
@@ -956,10 +982,15 @@ impl IncomingRegistry {
         else {
             return Err("first message is not hello".into());
         };
-        let refuse = |m: String| m;
         let inc = self
-            .get(&migration_id)
-            .ok_or_else(|| refuse(format!("unknown migration {migration_id}")))?;
+            .get_prepared(&migration_id, HELLO_WAITS_FOR_PREPARE)
+            .await
+            .ok_or_else(|| {
+                format!(
+                    "unknown migration {migration_id} (not prepared here within {} s)",
+                    HELLO_WAITS_FOR_PREPARE.as_secs()
+                )
+            })?;
         if peer.name != inc.peer {
             return Err(format!(
                 "migration {migration_id} was prepared by agent {}, not by agent {}",
