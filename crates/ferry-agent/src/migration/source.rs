@@ -262,6 +262,8 @@ struct OpenFailure {
     /// Whether the target answered (and refused) rather than never being reached or never
     /// answering.
     answered: bool,
+    /// Whether it failed before the target's Prepare answered.
+    while_preparing: bool,
 }
 
 /// What [`Migration::connect`] does with the data plane opened while the target prepared.
@@ -269,17 +271,19 @@ struct OpenFailure {
 enum EarlyHandshake {
     /// Open, to the address Prepare named: the data plane.
     Use,
-    /// That address was never reached or never answered: its error is the phase's (a
-    /// second attempt would double the wait).
+    /// That address was never reached or never answered, though the target had answered
+    /// its Prepare: its error is the phase's (a second attempt would double the wait).
     Report,
-    /// Another address, a connection closed since, or a refusal (an agent of a version that
-    /// does not wait for its Prepare refuses a Hello that came first): open afresh.
+    /// Another address, a connection closed since, a refusal (an agent of a version that
+    /// does not wait for its Prepare refuses a Hello that came first), or no answer while
+    /// the target was still preparing (stalled past the handshake's deadline, it answered
+    /// since): open afresh.
     Fresh,
 }
 
 /// [`EarlyHandshake`] for a data plane opened to `made_to` that gave `open` (`Ok(whether
-/// the connection is still open)`, or `Err(whether the target answered)` when it failed)
-/// against the address Prepare named. Pure.
+/// the connection is still open)`, or when it failed `Err(whether the target answered or
+/// the failure came before Prepare's answer)`) against the address Prepare named. Pure.
 fn early_handshake(
     made_to: SocketAddr,
     open: Result<bool, bool>,
@@ -841,6 +845,15 @@ impl Migration {
                 }
             };
             let early = match early_out {
+                // Failed while the target was still preparing (a target stalled longer
+                // than the handshake's deadline): worth one more try once it answered.
+                Some(Some((a, Err(f)))) => Some((
+                    a,
+                    Err(OpenFailure {
+                        while_preparing: true,
+                        ..f
+                    }),
+                )),
                 Some(e) => e,
                 None if answer.is_ok() => early.await,
                 None => None,
@@ -899,7 +912,7 @@ impl Migration {
         let use_of = early.as_ref().map(|(a, r)| {
             let open = match r {
                 Ok((c, _)) => Ok(c.close_reason().is_none()),
-                Err(f) => Err(f.answered),
+                Err(f) => Err(f.answered || f.while_preparing),
             };
             early_handshake(*a, open, quic_addr)
         });
@@ -949,11 +962,13 @@ impl Migration {
         let unanswered = |err| OpenFailure {
             err,
             answered: false,
+            while_preparing: false,
         };
         let conn = self.connect_resumed(addr).await.map_err(unanswered)?;
         let answered = |err| OpenFailure {
             err,
             answered: true,
+            while_preparing: false,
         };
         let (mut cs, cr) = conn
             .open_bi()
@@ -3108,10 +3123,12 @@ mod tests {
         assert_eq!(early_handshake(a, Ok(true), a), EarlyHandshake::Use);
         // Closed since it opened: a new one.
         assert_eq!(early_handshake(a, Ok(false), a), EarlyHandshake::Fresh);
-        // Never reached or never answered at the address Prepare names: that is the answer.
+        // Never reached or never answered at the address Prepare names, after Prepare's
+        // answer: that is the answer.
         assert_eq!(early_handshake(a, Err(false), a), EarlyHandshake::Report);
-        // Refused (an older agent refuses a Hello before its Prepare is done): once more,
-        // now that it is prepared.
+        // Refused (an older agent refuses a Hello before its Prepare is done), or no answer
+        // while the target was still preparing (the fault matrix's target frozen for 12 s
+        // inside Prepare): once more, now that it is prepared.
         assert_eq!(early_handshake(a, Err(true), a), EarlyHandshake::Fresh);
         // Prepare named another address: whatever happened at the old one does not count.
         assert_eq!(early_handshake(a, Ok(true), b), EarlyHandshake::Fresh);
