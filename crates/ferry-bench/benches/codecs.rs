@@ -26,7 +26,7 @@ use ferry_bench::{
     compress_all, corpus_dir, corpus_file, is_zero_page, report_dir, CodecSummary, Corpus,
     BATCH_BYTES, CODECS, CORPORA, CORPUS_ENV, PAGE_SIZE,
 };
-use ferry_wire::Codec;
+use ferry_wire::{Codec, PageBatch, PageRun};
 use std::hint::black_box;
 
 fn main() {
@@ -142,6 +142,28 @@ fn bench_corpus(c: &mut Criterion, corpus: &Corpus) -> CorpusReport {
                     _ => black_box(codec.compress(black_box(batch)).expect("compress"))
                         .map_or(0, |v| v.len()),
                 }
+            })
+        });
+    }
+    g.finish();
+
+    // The whole page frame the sender builds from a batch (`PageBatch::encode`: header,
+    // CRC, compression, payload in the frame), one batch per iteration.
+    let mut g = c.benchmark_group(format!("{name}/frame"));
+    g.throughput(Throughput::BytesDecimal(batch_len as u64));
+    g.sampling_mode(SamplingMode::Flat).sample_size(30);
+    for (cname, codec) in CODECS {
+        let mut i = 0usize;
+        g.bench_function(cname.replace(':', "-"), |b| {
+            b.iter(|| {
+                let batch = batches[i % batches.len()];
+                i += 1;
+                let runs = [PageRun {
+                    first: 0,
+                    count: (batch.len() / PAGE_SIZE) as u32,
+                }];
+                let f = PageBatch::encode(0, &runs, black_box(batch), *codec).expect("encode");
+                black_box(f.bytes).len()
             })
         });
     }

@@ -66,16 +66,42 @@ impl Codec {
     /// Compresses `raw`. Returns `None` when the result would not be smaller, in which
     /// case the caller sends the bytes raw.
     pub fn compress(self, raw: &[u8]) -> Result<Option<Vec<u8>>, CodecError> {
-        let out = match self {
-            Codec::None => return Ok(None),
-            Codec::Lz4 => lz4_flex::block::compress(raw),
-            Codec::Zstd { level } => zstd_compress(raw, level)?,
+        let mut out = Vec::new();
+        Ok(self.compress_append(raw, &mut out)?.then_some(out))
+    }
+
+    /// Appends `raw` compressed to `out` and returns true, or leaves `out` as it was and
+    /// returns false when that would not save 3% (the caller then sends `raw` as it is).
+    /// The sender compresses straight into the frame it sends: a separate buffer per 1 MiB
+    /// batch cost an allocation, its page faults and a copy of the result.
+    pub fn compress_append(self, raw: &[u8], out: &mut Vec<u8>) -> Result<bool, CodecError> {
+        let start = out.len();
+        let written = match self {
+            Codec::None => return Ok(false),
+            Codec::Lz4 => {
+                out.resize(
+                    start + lz4_flex::block::get_maximum_output_size(raw.len()),
+                    0,
+                );
+                match lz4_flex::block::compress_into(raw, &mut out[start..]) {
+                    Ok(n) => {
+                        out.truncate(start + n);
+                        n
+                    }
+                    Err(e) => {
+                        out.truncate(start);
+                        return Err(CodecError::Compress(e.to_string()));
+                    }
+                }
+            }
+            Codec::Zstd { level } => zstd_compress_append(raw, level, out)?,
         };
         // Keep a margin: a block that saves under 3% is not worth the decode time.
-        if out.len() + raw.len() / 32 >= raw.len() {
-            Ok(None)
+        if written + raw.len() / 32 >= raw.len() {
+            out.truncate(start);
+            Ok(false)
         } else {
-            Ok(Some(out))
+            Ok(true)
         }
     }
 
@@ -124,8 +150,39 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-fn zstd_compress(raw: &[u8], level: i32) -> Result<Vec<u8>, CodecError> {
+/// The room after a Vec's first `start` bytes, as zstd's output buffer: zstd writes the
+/// compressed block there and the Vec grows by what it wrote.
+struct VecTail<'a> {
+    vec: &'a mut Vec<u8>,
+    start: usize,
+}
+
+// SAFETY: `as_slice` covers only initialised bytes (those written past `start`), `capacity`
+// and `as_mut_ptr` describe the Vec's own allocation past `start`, and `filled_until`
+// exposes exactly the bytes zstd reports written.
+unsafe impl zstd::zstd_safe::WriteBuf for VecTail<'_> {
+    fn as_slice(&self) -> &[u8] {
+        &self.vec[self.start..]
+    }
+    fn capacity(&self) -> usize {
+        self.vec.capacity() - self.start
+    }
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        // SAFETY: `start` is at most the Vec's length, inside its allocation.
+        unsafe { self.vec.as_mut_ptr().add(self.start) }
+    }
+    unsafe fn filled_until(&mut self, n: usize) {
+        // SAFETY: the caller (zstd) initialised `n` bytes from `as_mut_ptr`.
+        unsafe { self.vec.set_len(self.start + n) }
+    }
+}
+
+/// Compresses `raw` at the end of `out` (room for zstd's bound reserved first); returns
+/// the bytes written.
+fn zstd_compress_append(raw: &[u8], level: i32, out: &mut Vec<u8>) -> Result<usize, CodecError> {
     let err = |e: std::io::Error| CodecError::Compress(e.to_string());
+    let start = out.len();
+    out.reserve(zstd::zstd_safe::compress_bound(raw.len()));
     ZSTD_CCTX.with(|cell| {
         let mut slot = cell.borrow_mut();
         let ctx = match &mut *slot {
@@ -136,7 +193,8 @@ fn zstd_compress(raw: &[u8], level: i32) -> Result<Vec<u8>, CodecError> {
                     .1
             }
         };
-        ctx.compress(raw).map_err(err)
+        ctx.compress_to_buffer(raw, &mut VecTail { vec: out, start })
+            .map_err(err)
     })
 }
 
@@ -272,5 +330,48 @@ mod tests {
             .collect();
         assert_eq!(Codec::Lz4.compress(&noise).unwrap(), None);
         assert_eq!(Codec::Zstd { level: 1 }.compress(&noise).unwrap(), None);
+    }
+
+    #[test]
+    fn compress_append_keeps_what_was_there() {
+        let text: Vec<u8> = b"pages of a guest, pages of a guest "
+            .iter()
+            .cycle()
+            .take(65536)
+            .copied()
+            .collect();
+        let mut x = 0x2545f4914f6cdd1du64;
+        let noise: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        for c in [
+            Codec::Lz4,
+            Codec::Zstd { level: -1 },
+            Codec::Zstd { level: 3 },
+        ] {
+            let head = b"frame head".to_vec();
+            // Compressible: appended after the head, decodes to the input.
+            let mut out = head.clone();
+            assert!(c.compress_append(&text, &mut out).unwrap(), "{c}");
+            assert_eq!(&out[..head.len()], &head[..]);
+            let packed = &out[head.len()..];
+            assert!(packed.len() < text.len() / 4, "{c}: {}", packed.len());
+            assert_eq!(Some(packed.to_vec()), c.compress(&text).unwrap(), "{c}");
+            let mut back = vec![0u8; text.len()];
+            c.decompress_into(packed, &mut back).unwrap();
+            assert_eq!(back, text, "{c}");
+            // Incompressible: false, and the head is all that is there.
+            let mut out = head.clone();
+            assert!(!c.compress_append(&noise, &mut out).unwrap(), "{c}");
+            assert_eq!(out, head, "{c}");
+        }
+        let mut out = b"x".to_vec();
+        assert!(!Codec::None.compress_append(&text, &mut out).unwrap());
+        assert_eq!(out, b"x");
     }
 }

@@ -183,27 +183,33 @@ impl PageBatch {
             )));
         }
         let crc = batch_crc(round, runs, raw);
-        let compressed = codec.compress(raw)?;
-        let (used, payload): (Codec, &[u8]) = match &compressed {
-            Some(c) => (codec, c.as_slice()),
-            None => (Codec::None, raw),
-        };
         let head = 4 + 1 + 2 + runs.len() * 12 + 4;
-        let body_len = head + payload.len();
-        let mut out = Vec::with_capacity(FRAME_HEADER_LEN + body_len);
-        out.extend_from_slice(&(body_len as u32).to_le_bytes());
+        // The payload is compressed straight into the frame (`compress_append` makes its
+        // room); the body length and the codec byte are filled in once it is known.
+        let mut out = Vec::with_capacity(FRAME_HEADER_LEN + head);
+        out.extend_from_slice(&[0; 4]);
         out.push(FrameType::Pages as u8);
         out.extend_from_slice(&round.to_le_bytes());
-        out.push(used.id());
+        let codec_at = out.len();
+        out.push(Codec::None.id());
         out.extend_from_slice(&(runs.len() as u16).to_le_bytes());
         put_runs(&mut out, runs);
         out.extend_from_slice(&crc.to_le_bytes());
-        out.extend_from_slice(payload);
+        let payload_at = out.len();
+        let used = if codec.compress_append(raw, &mut out)? {
+            codec
+        } else {
+            out.extend_from_slice(raw);
+            Codec::None
+        };
+        out[codec_at] = used.id();
+        let body_len = (out.len() - FRAME_HEADER_LEN) as u32;
+        out[..4].copy_from_slice(&body_len.to_le_bytes());
         Ok(EncodedBatch {
+            payload_len: out.len() - payload_at,
             bytes: out,
             pages,
             codec: used,
-            payload_len: payload.len(),
         })
     }
 }
