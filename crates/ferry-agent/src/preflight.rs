@@ -1115,7 +1115,7 @@ pub async fn run(
                 predict(
                     &mut p2,
                     spec.memory_mib << 20,
-                    ctx.cfg.migration.page_streams,
+                    ctx.cfg.migration.page_streams(),
                     downtime_ms,
                     ctx.cfg.migration.max_rounds,
                     // The default verification hashes no more than it sends.

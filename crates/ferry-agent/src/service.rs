@@ -123,7 +123,7 @@ impl FerryControl for ControlService {
         }
         let d = &self.ctx.cfg.migration;
         let page_streams = if r.page_streams == 0 {
-            d.page_streams
+            d.page_streams()
         } else {
             r.page_streams
         };

@@ -165,7 +165,7 @@ pub struct MigrateArgs {
     /// Most pre-copy rounds before the switchover (agent default: 30).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_rounds: Option<u32>,
-    /// Parallel QUIC page streams, 1-16 (agent default: 4).
+    /// Parallel QUIC page streams, 1-16 (agent default: one per core, at most 4).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16))]
     pub streams: Option<u32>,
     /// Skip the RAM digest comparison at switchover (same as `--verify none`).
