@@ -299,6 +299,19 @@ mod tests {
         assert_eq!(one, again, "a reused context gives the same block");
     }
 
+    /// `n` pseudo-random bytes (xorshift from `seed`): what no codec shrinks.
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
     #[test]
     fn compress_round_trip_and_incompressible() {
         let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog "
@@ -319,15 +332,7 @@ mod tests {
             assert_eq!(out, text);
         }
         // Pseudo-random bytes do not shrink: the codec says so.
-        let mut x = 0x9e3779b97f4a7c15u64;
-        let noise: Vec<u8> = (0..8192)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let noise = noise(8192, 0x9e3779b97f4a7c15);
         assert_eq!(Codec::Lz4.compress(&noise).unwrap(), None);
         assert_eq!(Codec::Zstd { level: 1 }.compress(&noise).unwrap(), None);
     }
@@ -340,15 +345,7 @@ mod tests {
             .take(65536)
             .copied()
             .collect();
-        let mut x = 0x2545f4914f6cdd1du64;
-        let noise: Vec<u8> = (0..65536)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let noise = noise(65536, 0x2545f4914f6cdd1d);
         for c in [
             Codec::Lz4,
             Codec::Zstd { level: -1 },
