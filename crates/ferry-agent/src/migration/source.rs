@@ -262,8 +262,6 @@ struct OpenFailure {
     /// Whether the target answered (and refused) rather than never being reached or never
     /// answering.
     answered: bool,
-    /// Whether it failed before the target's Prepare answered.
-    while_preparing: bool,
 }
 
 /// What [`Migration::connect`] does with the data plane opened while the target prepared.
@@ -274,16 +272,15 @@ enum EarlyHandshake {
     /// That address was never reached or never answered, though the target had answered
     /// its Prepare: its error is the phase's (a second attempt would double the wait).
     Report,
-    /// Another address, a connection closed since, a refusal (an agent of a version that
-    /// does not wait for its Prepare refuses a Hello that came first), or no answer while
-    /// the target was still preparing (stalled past the handshake's deadline, it answered
-    /// since): open afresh.
+    /// Another address, a connection closed since, or a refusal (an agent of a version that
+    /// does not wait for its Prepare refuses a Hello that came first): open afresh. (A
+    /// failure while the target was still preparing is not kept: `connect` opens afresh.)
     Fresh,
 }
 
 /// [`EarlyHandshake`] for a data plane opened to `made_to` that gave `open` (`Ok(whether
-/// the connection is still open)`, or when it failed `Err(whether the target answered or
-/// the failure came before Prepare's answer)`) against the address Prepare named. Pure.
+/// the connection is still open)`, or `Err(whether the target answered)` when it failed)
+/// against the address Prepare named. Pure.
 fn early_handshake(
     made_to: SocketAddr,
     open: Result<bool, bool>,
@@ -846,14 +843,8 @@ impl Migration {
             };
             let early = match early_out {
                 // Failed while the target was still preparing (a target stalled longer
-                // than the handshake's deadline): worth one more try once it answered.
-                Some(Some((a, Err(f)))) => Some((
-                    a,
-                    Err(OpenFailure {
-                        while_preparing: true,
-                        ..f
-                    }),
-                )),
+                // than the handshake's deadline): `connect` opens afresh now it answered.
+                Some(Some((_, Err(_)))) => None,
                 Some(e) => e,
                 None if answer.is_ok() => early.await,
                 None => None,
@@ -912,7 +903,7 @@ impl Migration {
         let use_of = early.as_ref().map(|(a, r)| {
             let open = match r {
                 Ok((c, _)) => Ok(c.close_reason().is_none()),
-                Err(f) => Err(f.answered || f.while_preparing),
+                Err(f) => Err(f.answered),
             };
             early_handshake(*a, open, quic_addr)
         });
@@ -962,13 +953,11 @@ impl Migration {
         let unanswered = |err| OpenFailure {
             err,
             answered: false,
-            while_preparing: false,
         };
         let conn = self.connect_resumed(addr).await.map_err(unanswered)?;
         let answered = |err| OpenFailure {
             err,
             answered: true,
-            while_preparing: false,
         };
         let (mut cs, cr) = conn
             .open_bi()
@@ -2623,8 +2612,9 @@ async fn ask_target(ctx: &AgentCtx, target: &str, id: &str, token: &str) -> Targ
 }
 
 /// A peer gRPC call under one deadline (`peer_call_timeout_s`, at most 30 s) covering
-/// connect and TLS handshake (when no cached channel serves) and the call: a frozen peer accepts TCP connections (its kernel
-/// does) and then never answers. `None`: no answer in time.
+/// connect and TLS handshake (when no cached channel serves) and the call: a frozen peer
+/// accepts TCP connections (its kernel does) and then never answers. `None`: no answer in
+/// time.
 async fn peer_call<T, F, Fut>(
     ctx: &AgentCtx,
     target: &str,
@@ -3126,9 +3116,8 @@ mod tests {
         // Never reached or never answered at the address Prepare names, after Prepare's
         // answer: that is the answer.
         assert_eq!(early_handshake(a, Err(false), a), EarlyHandshake::Report);
-        // Refused (an older agent refuses a Hello before its Prepare is done), or no answer
-        // while the target was still preparing (the fault matrix's target frozen for 12 s
-        // inside Prepare): once more, now that it is prepared.
+        // Refused (an older agent refuses a Hello before its Prepare is done): once more,
+        // now that it is prepared.
         assert_eq!(early_handshake(a, Err(true), a), EarlyHandshake::Fresh);
         // Prepare named another address: whatever happened at the old one does not count.
         assert_eq!(early_handshake(a, Ok(true), b), EarlyHandshake::Fresh);
