@@ -128,46 +128,26 @@ fn bench_corpus(c: &mut Criterion, corpus: &Corpus) -> CorpusReport {
     }
 
     // One batch takes 0.05-3 ms: 30 flat samples fit a 3 s measurement.
-    let mut g = c.benchmark_group(format!("{name}/compress"));
-    g.throughput(Throughput::BytesDecimal(batch_len as u64));
-    g.sampling_mode(SamplingMode::Flat).sample_size(30);
-    for (cname, codec) in CODECS {
-        let mut i = 0usize;
-        g.bench_function(cname.replace(':', "-"), |b| {
-            b.iter(|| {
-                let batch = batches[i % batches.len()];
-                i += 1;
-                match codec {
-                    Codec::None => black_box(black_box(batch).to_vec()).len(),
-                    _ => black_box(codec.compress(black_box(batch)).expect("compress"))
-                        .map_or(0, |v| v.len()),
-                }
-            })
-        });
-    }
-    g.finish();
-
+    each_codec_per_batch(
+        c,
+        &format!("{name}/compress"),
+        &batches,
+        |codec, batch| match codec {
+            Codec::None => black_box(black_box(batch).to_vec()).len(),
+            _ => black_box(codec.compress(black_box(batch)).expect("compress"))
+                .map_or(0, |v| v.len()),
+        },
+    );
     // The whole page frame the sender builds from a batch (`PageBatch::encode`: header,
     // CRC, compression, payload in the frame), one batch per iteration.
-    let mut g = c.benchmark_group(format!("{name}/frame"));
-    g.throughput(Throughput::BytesDecimal(batch_len as u64));
-    g.sampling_mode(SamplingMode::Flat).sample_size(30);
-    for (cname, codec) in CODECS {
-        let mut i = 0usize;
-        g.bench_function(cname.replace(':', "-"), |b| {
-            b.iter(|| {
-                let batch = batches[i % batches.len()];
-                i += 1;
-                let runs = [PageRun {
-                    first: 0,
-                    count: (batch.len() / PAGE_SIZE) as u32,
-                }];
-                let f = PageBatch::encode(0, &runs, black_box(batch), *codec).expect("encode");
-                black_box(f.bytes).len()
-            })
-        });
-    }
-    g.finish();
+    each_codec_per_batch(c, &format!("{name}/frame"), &batches, |codec, batch| {
+        let runs = [PageRun {
+            first: 0,
+            count: (batch.len() / PAGE_SIZE) as u32,
+        }];
+        let f = PageBatch::encode(0, &runs, black_box(batch), codec).expect("encode");
+        black_box(f.bytes).len()
+    });
 
     let mut g = c.benchmark_group(format!("{name}/decompress"));
     g.throughput(Throughput::BytesDecimal(batch_len as u64));
@@ -247,6 +227,30 @@ fn bench_corpus(c: &mut Criterion, corpus: &Corpus) -> CorpusReport {
 
 /// `target/ferry-bench/codecs.json`: the corpus sizes and codec ratios (criterion keeps
 /// the timings under `target/criterion/`).
+/// One flat benchmark group, `title`/<codec> for each of [`CODECS`]: each iteration runs
+/// `work` on the next batch, cycling through them (throughput in raw batch bytes).
+fn each_codec_per_batch(
+    c: &mut Criterion,
+    title: &str,
+    batches: &[&[u8]],
+    mut work: impl FnMut(Codec, &[u8]) -> usize,
+) {
+    let mut g = c.benchmark_group(title);
+    g.throughput(Throughput::BytesDecimal(batches[0].len() as u64));
+    g.sampling_mode(SamplingMode::Flat).sample_size(30);
+    for (cname, codec) in CODECS {
+        let mut i = 0usize;
+        g.bench_function(cname.replace(':', "-"), |b| {
+            b.iter(|| {
+                let batch = batches[i % batches.len()];
+                i += 1;
+                work(*codec, batch)
+            })
+        });
+    }
+    g.finish();
+}
+
 fn write_report(report: &[CorpusReport]) {
     let corpora: Vec<String> = report
         .iter()
