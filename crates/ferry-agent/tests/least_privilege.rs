@@ -36,6 +36,30 @@ fn small_spec(name: &str, memory_mib: u64) -> pb::VmSpec {
     }
 }
 
+/// A test against agent B alone: B, the PKI with `hosts`' certificates, the directory,
+/// and the lock that keeps these tests apart (fields drop in this order: B stops first).
+struct AgentB {
+    b: TestAgent,
+    pki: TestPki,
+    dir: tempfile::TempDir,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+}
+
+async fn agent_b(hosts: &[&str]) -> AgentB {
+    let serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = TestPki::new(&dir.path().join("pki"), hosts).expect("pki");
+    let b = TestAgent::start(&ferryd(), "b", &pki, dir.path(), "tcg")
+        .await
+        .expect("agent b");
+    AgentB {
+        b,
+        pki,
+        dir,
+        _serial: serial,
+    }
+}
+
 async fn peer(addr: &str, id: &Identity) -> FerryPeerClient<Channel> {
     FerryPeerClient::new(
         ferry_agent::tls::connect(addr, id)
@@ -74,12 +98,8 @@ fn serial_of(id: &Identity) -> String {
 /// is refused after SIGHUP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_tokens_and_the_deny_list() {
-    let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pki = TestPki::new(&dir.path().join("pki"), &["a", "b", "c"]).expect("pki");
-    let b = TestAgent::start(&ferryd(), "b", &pki, dir.path(), "tcg")
-        .await
-        .expect("agent b");
+    let t = agent_b(&["a", "b", "c"]).await;
+    let (pki, b) = (&t.pki, &t.b);
     let operator = pki.operator().expect("operator");
     let reader = pki.issue(Role::Reader, "grafana").expect("reader");
     let (a_id, c_id) = (pki.identity("a").expect("a"), pki.identity("c").expect("c"));
@@ -320,12 +340,8 @@ async fn roles_tokens_and_the_deny_list() {
 ///    target's own guest keeps running (asked over QMP).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confinement_and_admission() {
-    let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pki = TestPki::new(&dir.path().join("pki"), &["a", "b"]).expect("pki");
-    let b = TestAgent::start(&ferryd(), "b", &pki, dir.path(), "tcg")
-        .await
-        .expect("agent b");
+    let t = agent_b(&["a", "b"]).await;
+    let (pki, b) = (&t.pki, &t.b);
     let mut spec = small_spec("shadow", 64);
     spec.kernel = "/etc/shadow".into();
     let e = b
@@ -575,12 +591,8 @@ fn qcow2_with_raw_backing_name(path: &Path, backing: &str) {
 /// spec, is refused on arrival and removed; the VM is not defined and nothing runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_cold_images_are_refused_on_arrival() {
-    let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pki = TestPki::new(&dir.path().join("pki"), &["a", "b"]).expect("pki");
-    let b = TestAgent::start(&ferryd(), "b", &pki, dir.path(), "tcg")
-        .await
-        .expect("agent b");
+    let t = agent_b(&["a", "b"]).await;
+    let (dir, pki, b) = (&t.dir, &t.pki, &t.b);
     let cases = [
         (
             "outside.qcow2",
@@ -598,7 +610,7 @@ async fn hostile_cold_images_are_refused_on_arrival() {
         let image = dir.path().join(file);
         qcow2_with_raw_backing_name(&image, backing);
         let vm = format!("evil{i}");
-        let e = hostile_cold_copy(&b, &pki, &vm, &image)
+        let e = hostile_cold_copy(b, pki, &vm, &image)
             .await
             .expect_err("refused on arrival");
         eprintln!("{file}: {}", e.message());
@@ -783,12 +795,8 @@ async fn hello(
 /// prepared is refused within `HELLO_WAITS_FOR_PREPARE` (plus slack).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hello_before_its_prepare_waits_for_it() {
-    let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pki = TestPki::new(&dir.path().join("pki"), &["a", "b", "c"]).expect("pki");
-    let b = TestAgent::start(&ferryd(), "b", &pki, dir.path(), "tcg")
-        .await
-        .expect("agent b");
+    let t = agent_b(&["a", "b", "c"]).await;
+    let (pki, b) = (&t.pki, &t.b);
     let (a_id, c_id) = (pki.identity("a").expect("a"), pki.identity("c").expect("c"));
     let mid = uuid::Uuid::new_v4().to_string();
     let token = "0123456789abcdef0123456789abcdef";
