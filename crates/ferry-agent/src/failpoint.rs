@@ -31,6 +31,7 @@ pub const POINTS: &[&str] = &[
     "src.settle.ask",
     "tgt.prepare.done",
     "tgt.ram.reserve",
+    "tgt.qemu.started",
     "tgt.hello.done",
     "tgt.final_round.applied",
     "tgt.device_state.loaded",

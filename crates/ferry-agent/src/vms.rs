@@ -662,7 +662,16 @@ impl VmManager {
                 None => None,
             };
             if rec.incoming_migration.is_some() {
-                // Never committed here: the source still owns the VM. Remove every trace.
+                // Never committed here: the source still owns the VM. Remove every trace,
+                // including a QEMU started for it but not yet recorded (the agent died
+                // in between): its run directory's pidfile names it.
+                let adopted = match adopted {
+                    Some(p) => Some(p),
+                    None => QemuProcess::adopt_run_dir(&run_dir)
+                        .await
+                        .ok()
+                        .map(Arc::new),
+                };
                 if let Some(p) = adopted {
                     let _ = p.kill().await;
                 }

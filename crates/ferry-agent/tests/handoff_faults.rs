@@ -231,7 +231,7 @@ async fn lists_vm(agent: &TestAgent) -> bool {
 /// the one QEMU running the guest — the source QEMU before its device state was captured
 /// whole, or the target QEMU after it resumed the guest.
 fn crash_allowed(point: &str, fault: Fault) -> bool {
-    const BEFORE_CAPTURE: [&str; 11] = [
+    const BEFORE_CAPTURE: [&str; 12] = [
         "src.preflight.done",
         "src.prepare.done",
         "src.connect.done",
@@ -242,6 +242,7 @@ fn crash_allowed(point: &str, fault: Fault) -> bool {
         "src.device_state.sent",
         "tgt.prepare.done",
         "tgt.ram.reserve",
+        "tgt.qemu.started",
         "tgt.hello.done",
     ];
     match fault {
@@ -960,6 +961,34 @@ async fn full_ram_directory_on_the_target_is_refused_before_anything_moves() {
         files_in(p.b.ram_dir())
     );
     assert_runs_on_the_source_only(&p).await;
+}
+
+/// The target QEMU starts while pre-copy runs (Prepare answers before it does); when its
+/// start fails (injected at `tgt.qemu.started`, after the spawn: the test double stands
+/// for a QEMU that will not take its migration settings), the target ends the migration
+/// at once and tells the source why: the guest runs on the source only, asked of both
+/// QEMUs, memory intact, and no QEMU process is left on the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_qemu_failing_to_start_during_precopy_rolls_back() {
+    let _s = SERIAL.lock().await;
+    let p = pair(None, Some("tgt.qemu.started=return(error)")).await;
+    boot(&p.a).await;
+    let id = start(&p, "", false).await;
+    let end = wait_settled(&p.a, &id, Duration::from_secs(180))
+        .await
+        .expect("settled");
+    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+    assert!(
+        end.error.contains("target QEMU") && end.error.contains("tgt.qemu.started"),
+        "{end:?}"
+    );
+    assert!(!lists_vm(&p.b).await, "the target keeps no VM");
+    assert_runs_on_the_source_only(&p).await;
+    assert!(
+        p.b.qemu_pids().is_empty(),
+        "no QEMU left on the target: {:?}",
+        p.b.qemu_pids()
+    );
 }
 
 /// The RAM file is allocated while pre-copy runs; when that fails (injected at

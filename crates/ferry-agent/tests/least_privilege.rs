@@ -277,9 +277,16 @@ async fn roles_tokens_and_the_deny_list() {
         .expect("A asks")
         .into_inner();
     assert_eq!(st.state, pb::IncomingState::Prepared as i32);
+    // The incoming QEMU starts in the background, after Prepare answered.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = b.observe_qemu("m1").await;
+    while !matches!(seen, QemuObserved::Stopped(_)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        seen = b.observe_qemu("m1").await;
+    }
     assert!(
-        matches!(b.observe_qemu("m1").await, QemuObserved::Stopped(_)),
-        "B's incoming QEMU waits, paused"
+        matches!(seen, QemuObserved::Stopped(_)),
+        "B's incoming QEMU waits, paused: {seen:?}"
     );
     // A, with its token, aborts it: everything goes.
     let r = a_peer

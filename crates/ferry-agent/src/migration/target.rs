@@ -1,7 +1,8 @@
 //! The target side of a live migration: Prepare, the data plane of one migration,
 //! Commit and Abort.
 //!
-//! A prepared migration owns a paused QEMU (`-S -incoming defer`) and a sparse RAM file.
+//! A prepared migration owns a sparse RAM file and a paused QEMU (`-S -incoming defer`),
+//! started while round 0 travels ([`IncomingQemu`]).
 //! It is resumed only after COMMITTED is journaled; anything else (Abort, the source
 //! vanishing, a bad frame, a timeout) removes the QEMU, the RAM file and every record.
 
@@ -20,6 +21,7 @@ use ferry_transport::{read_stream_header, ControlChannel, FrameReader};
 use ferry_wire::{ControlMessage, Frame, StreamKind, PROTOCOL_VERSION};
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch, Mutex};
@@ -71,7 +73,8 @@ pub struct Incoming {
     /// The guest RAM file, mapped. Released once the migration ends (committed or
     /// aborted): kept, the mapping of a later-deleted file would pin its memory.
     ram: std::sync::Mutex<Option<Arc<RamFile>>>,
-    proc: Arc<QemuProcess>,
+    /// The paused target QEMU, started while round 0 runs (see [`IncomingQemu`]).
+    qemu: IncomingQemu,
     state: Mutex<State>,
     applied: Arc<AppliedCounter>,
     /// Set once the target QEMU finished (or failed) loading the device state.
@@ -102,6 +105,90 @@ impl Incoming {
         if let Ok(mut r) = self.ram.lock() {
             r.take();
         }
+    }
+}
+
+/// How long anything that needs the target QEMU waits for it to start (QEMU's QMP connect
+/// alone is bounded at 30 s).
+const QEMU_START_WAIT: Duration = Duration::from_secs(60);
+
+/// The target QEMU of an incoming migration. QEMU is first needed for the device state at
+/// the switchover, so Prepare answers before it runs and it starts while round 0 travels
+/// (starting it was ~55 of Prepare's ~85 ms on wan); when disks travel it starts before
+/// Prepare answers (the source's mirror needs its NBD exports). A QEMU that fails to start
+/// ends the migration as soon as it fails: the source hears why on the control stream.
+struct IncomingQemu {
+    started: watch::Receiver<Option<Result<Arc<QemuProcess>, String>>>,
+    /// Set when the migration is discarded: a start that ends after that kills its QEMU.
+    discarded: Arc<AtomicBool>,
+}
+
+impl IncomingQemu {
+    /// A QEMU already started.
+    fn running(proc: Arc<QemuProcess>) -> Self {
+        IncomingQemu {
+            started: watch::channel(Some(Ok(proc))).1,
+            discarded: Arc::default(),
+        }
+    }
+
+    /// Starts `start` in the background; its QEMU is killed if the migration was
+    /// discarded meanwhile.
+    fn start<F>(start: F) -> Self
+    where
+        F: std::future::Future<Output = Result<Arc<QemuProcess>, String>> + Send + 'static,
+    {
+        let (tx, rx) = watch::channel(None);
+        let discarded: Arc<AtomicBool> = Arc::default();
+        let gone = discarded.clone();
+        tokio::spawn(async move {
+            let r = start.await;
+            let r = match r {
+                // No await between the check and the send: a discard either sees this
+                // QEMU in the channel or its flag is seen here.
+                Ok(p) if gone.load(AtomicOrdering::SeqCst) => {
+                    let _ = p.kill().await;
+                    Err("the migration was discarded while its QEMU started".to_string())
+                }
+                r => r,
+            };
+            let _ = tx.send(Some(r));
+        });
+        IncomingQemu {
+            started: rx,
+            discarded,
+        }
+    }
+
+    /// The QEMU once started, or why it did not (bounded by [`QEMU_START_WAIT`]).
+    async fn get(&self) -> Result<Arc<QemuProcess>, String> {
+        let mut rx = self.started.clone();
+        let waited = tokio::time::timeout(QEMU_START_WAIT, rx.wait_for(Option::is_some))
+            .await
+            .map(|r| r.map(|v| v.clone()));
+        match waited {
+            Ok(Ok(v)) => v.unwrap_or_else(|| Err("no target QEMU".to_string())),
+            Ok(Err(_)) => Err("the target QEMU's start was lost".to_string()),
+            Err(_) => Err(format!(
+                "the target QEMU did not start within {} s",
+                QEMU_START_WAIT.as_secs()
+            )),
+        }
+    }
+
+    /// Resolves with the start's error; never, once QEMU runs.
+    async fn failure(&self) -> String {
+        match self.get().await {
+            Err(e) => e,
+            Ok(_) => std::future::pending().await,
+        }
+    }
+
+    /// For the discard: a start still running kills its own QEMU when it ends (if it
+    /// outlasts the wait); the QEMU already started, to kill.
+    async fn settle(&self) -> Option<Arc<QemuProcess>> {
+        self.discarded.store(true, AtomicOrdering::SeqCst);
+        self.get().await.ok()
     }
 }
 
@@ -324,96 +411,54 @@ impl IncomingRegistry {
         // Disks that travel: empty images of the same format and size, made before QEMU
         // opens them. Shared disks are opened in place (inactive until the switchover).
         let copies = super::disks::create_copies(&self.storage, &host, spec, copy_disks)?;
-        let proc = match QemuProcess::spawn(&launch, &self.cfg.qemu_binary).await {
-            Ok(p) => Arc::new(p),
-            Err(e) => {
-                super::disks::remove_copies(&copies);
-                return Err(err("starting QEMU", &e));
-            }
-        };
-        let setup = async {
-            self.vms.attach_incoming(&spec.name, proc.clone()).await?;
-            let qmp = proc.qmp();
-            let nbd = if copy_disks.is_empty() {
-                None
-            } else {
-                let sock = launch.run_dir.join("nbd.sock");
-                let _ = std::fs::remove_file(&sock);
-                qmp.nbd_server_start_unix(&sock.display().to_string())
-                    .await
-                    .map_err(|e| err("nbd-server-start", &e))?;
-                let mut exports = Vec::new();
-                for d in copy_disks {
-                    let export = format!("ferry-exp-{}", d.id);
-                    qmp.block_export_add_nbd(&export, &d.id, &d.id, true)
-                        .await
-                        .map_err(|e| err("block-export-add", &e))?;
-                    exports.push(export);
+        let incoming_sock = launch.run_dir.join("incoming.sock");
+        let (loaded_tx, loaded) = watch::channel(None);
+        let start = start_target_qemu(
+            self.vms.clone(),
+            self.cfg.clone(),
+            launch,
+            spec.name.clone(),
+            copy_disks.to_vec(),
+            loaded_tx,
+        );
+        let (qemu, nbd) = if copy_disks.is_empty() {
+            (
+                IncomingQemu::start(async move { start.await.map(|(p, _)| p) }),
+                None,
+            )
+        } else {
+            // The source's mirror starts before the switchover: the NBD exports it
+            // writes to exist before Prepare answers.
+            match start.await {
+                Ok((p, nbd)) => (IncomingQemu::running(p), nbd),
+                Err(e) => {
+                    super::disks::remove_copies(&copies);
+                    return Err(Status::internal(format!(
+                        "preparing VM '{}' on {host}: {e}",
+                        spec.name
+                    )));
                 }
-                Some((sock, exports))
-            };
-            let mut events = qmp.subscribe();
-            // No return path: the source QEMU completes (is fenced) as soon as its agent has
-            // the device state. Late block activation: a shared image stays inactive here
-            // until `cont`, so a rollback never finds it open for writing on both hosts.
-            qmp.migrate_set_capabilities(&[
-                ("x-ignore-shared", true),
-                ("events", true),
-                ("late-block-activate", true),
-            ])
-            .await
-            .map_err(|e| err("capabilities", &e))?;
-            let sock = launch.run_dir.join("incoming.sock");
-            let _ = std::fs::remove_file(&sock);
-            qmp.migrate_incoming(&format!("unix:{}", sock.display()))
-                .await
-                .map_err(|e| err("migrate-incoming", &e))?;
-            let (tx, rx) = watch::channel(None);
-            tokio::spawn(async move {
-                let r = ferry_qmp::wait_migration_status(
-                    &mut events,
-                    Duration::from_secs(24 * 3600),
-                    &["completed", "failed"],
-                )
-                .await;
-                let v = match r {
-                    Ok(ev) if ev.migration_status() == Some("completed") => Ok(()),
-                    Ok(ev) => Err(format!(
-                        "target QEMU migration {}",
-                        ev.migration_status().unwrap_or("?")
-                    )),
-                    Err(e) => Err(e.to_string()),
-                };
-                let _ = tx.send(Some(v));
-            });
-            Ok::<_, Status>((sock, rx, nbd))
-        };
-        match setup.await {
-            Ok((incoming_sock, loaded, nbd)) => Ok(Arc::new(Incoming {
-                reserved: self.reserve_in_background(ram.clone()),
-                id: id.to_string(),
-                token: token.to_string(),
-                peer: peer.to_string(),
-                spec: spec.clone(),
-                ram: std::sync::Mutex::new(Some(ram)),
-                proc,
-                state: Mutex::new(State::prepared()),
-                applied: Arc::new(AppliedCounter::default()),
-                loaded,
-                cancel: CancellationToken::new(),
-                incoming_sock,
-                copies,
-                nbd,
-                final_applied: watch::channel(false).0,
-                sums: Arc::new(sums),
-                slot: std::sync::Mutex::new(None),
-            })),
-            Err(e) => {
-                let _ = proc.kill().await;
-                super::disks::remove_copies(&copies);
-                Err(e)
             }
-        }
+        };
+        Ok(Arc::new(Incoming {
+            reserved: self.reserve_in_background(ram.clone()),
+            id: id.to_string(),
+            token: token.to_string(),
+            peer: peer.to_string(),
+            spec: spec.clone(),
+            ram: std::sync::Mutex::new(Some(ram)),
+            qemu,
+            state: Mutex::new(State::prepared()),
+            applied: Arc::new(AppliedCounter::default()),
+            loaded,
+            cancel: CancellationToken::new(),
+            incoming_sock,
+            copies,
+            nbd,
+            final_applied: watch::channel(false).0,
+            sums: Arc::new(sums),
+            slot: std::sync::Mutex::new(None),
+        }))
     }
 
     /// Shared disks are opened in place by the incoming QEMU: each image's backing
@@ -611,7 +656,8 @@ impl IncomingRegistry {
                 Effect::Discard => {
                     inc.cancel.cancel();
                     inc.release_ram();
-                    self.discard(&inc.spec.name, &inc.id, Some(&inc.proc), &inc.copies)
+                    let proc = inc.qemu.settle().await;
+                    self.discard(&inc.spec.name, &inc.id, proc.as_ref(), &inc.copies)
                         .await;
                     // Only exit/hang here: an injected error must not cut the sequence short.
                     let _ = self.fail_point("tgt.abort.discarded").await;
@@ -665,7 +711,8 @@ impl IncomingRegistry {
 
     /// `cont` and wait for RESUME (bounded), then `announce-self`.
     async fn resume(&self, inc: &Incoming) -> Result<i64, String> {
-        let qmp = inc.proc.qmp();
+        let proc = inc.qemu.get().await?;
+        let qmp = proc.qmp();
         let mut events = qmp.subscribe();
         qmp.cont()
             .await
@@ -683,7 +730,11 @@ impl IncomingRegistry {
 
     async fn close_exports(&self, inc: &Incoming) {
         if let Some((_, exports)) = &inc.nbd {
-            let qmp = inc.proc.qmp();
+            // Disks travel: QEMU started before Prepare answered.
+            let Ok(proc) = inc.qemu.get().await else {
+                return;
+            };
+            let qmp = proc.qmp();
             for e in exports {
                 if let Err(err) = qmp.block_export_del(e).await {
                     warn!(migration = %inc.id, "block-export-del {e}: {err}");
@@ -1133,6 +1184,7 @@ impl IncomingRegistry {
                     None => break "control stream ended".into(),
                 },
                 e = err_rx.recv() => break e.unwrap_or_else(|| "stream acceptor ended".into()),
+                e = inc.qemu.failure() => break format!("the target QEMU on {}: {e}", self.host()),
                 r = loaded.changed(), if !seen.loaded_reported => {
                     if r.is_err() {
                         seen.loaded_reported = true;
@@ -1385,7 +1437,11 @@ async fn accept_streams(conn: quinn::Connection, inc: Arc<Incoming>, err_tx: mps
                             let _ = err_tx.send(format!("cannot allocate the guest's RAM on this host: {e}")).await;
                             return;
                         }
-                        // QEMU listens once migrate-incoming ran; retry briefly in case of a race.
+                        // QEMU listens once migrate-incoming ran (it starts during pre-copy).
+                        if let Err(e) = inc.qemu.get().await {
+                            let _ = err_tx.send(format!("the target QEMU: {e}")).await;
+                            return;
+                        }
                         let mut unix = None;
                         for _ in 0..50 {
                             match tokio::net::UnixStream::connect(&inc.incoming_sock).await {
@@ -1415,6 +1471,93 @@ async fn accept_streams(conn: quinn::Connection, inc: Arc<Incoming>, err_tx: mps
                     return;
                 }
             },
+        }
+    }
+}
+
+/// Starts the paused target QEMU (`-S -incoming defer`), records it with the VM, opens
+/// the NBD exports of the disks that travel, and sets it listening for the device state
+/// on `RUN/incoming.sock`; `loaded` hears when QEMU has loaded it (or failed to). A QEMU
+/// that started is killed if a later step fails.
+async fn start_target_qemu(
+    vms: Arc<VmManager>,
+    cfg: Arc<AgentConfig>,
+    launch: ferry_qemu::QemuLaunch,
+    name: String,
+    copy_disks: Vec<pb::DiskProbe>,
+    loaded: watch::Sender<Option<Result<(), String>>>,
+) -> Result<(Arc<QemuProcess>, Option<(PathBuf, Vec<String>)>), String> {
+    let proc = QemuProcess::spawn(&launch, &cfg.qemu_binary)
+        .await
+        .map(Arc::new)
+        .map_err(|e| format!("starting QEMU: {e}"))?;
+    let setup = async {
+        vms.attach_incoming(&name, proc.clone())
+            .await
+            .map_err(|s| format!("recording QEMU: {}", s.message()))?;
+        crate::failpoint::hit("tgt.qemu.started", &cfg.state_dir).await?;
+        let qmp = proc.qmp();
+        let nbd = if copy_disks.is_empty() {
+            None
+        } else {
+            let sock = launch.run_dir.join("nbd.sock");
+            let _ = std::fs::remove_file(&sock);
+            qmp.nbd_server_start_unix(&sock.display().to_string())
+                .await
+                .map_err(|e| format!("nbd-server-start: {e}"))?;
+            let mut exports = Vec::new();
+            for d in &copy_disks {
+                let export = format!("ferry-exp-{}", d.id);
+                qmp.block_export_add_nbd(&export, &d.id, &d.id, true)
+                    .await
+                    .map_err(|e| format!("block-export-add: {e}"))?;
+                exports.push(export);
+            }
+            Some((sock, exports))
+        };
+        let mut events = qmp.subscribe();
+        // No return path: the source QEMU completes (is fenced) as soon as its agent has
+        // the device state. Late block activation: a shared image stays inactive here
+        // until `cont`, so a rollback never finds it open for writing on both hosts.
+        qmp.migrate_set_capabilities(&[
+            ("x-ignore-shared", true),
+            ("events", true),
+            ("late-block-activate", true),
+        ])
+        .await
+        .map_err(|e| format!("capabilities: {e}"))?;
+        let sock = launch.run_dir.join("incoming.sock");
+        let _ = std::fs::remove_file(&sock);
+        qmp.migrate_incoming(&format!("unix:{}", sock.display()))
+            .await
+            .map_err(|e| format!("migrate-incoming: {e}"))?;
+        tokio::spawn(async move {
+            let r = ferry_qmp::wait_migration_status(
+                &mut events,
+                Duration::from_secs(24 * 3600),
+                &["completed", "failed"],
+            )
+            .await;
+            let v = match r {
+                Ok(ev) if ev.migration_status() == Some("completed") => Ok(()),
+                Ok(ev) => Err(format!(
+                    "target QEMU migration {}",
+                    ev.migration_status().unwrap_or("?")
+                )),
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = loaded.send(Some(v));
+        });
+        Ok::<_, String>(nbd)
+    };
+    match setup.await {
+        Ok(nbd) => {
+            info!(vm = %name, pid = proc.pid(), "target QEMU listening for the device state");
+            Ok((proc, nbd))
+        }
+        Err(e) => {
+            let _ = proc.kill().await;
+            Err(e)
         }
     }
 }
