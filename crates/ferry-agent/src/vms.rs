@@ -579,10 +579,24 @@ impl VmManager {
         Ok(())
     }
 
-    /// Records the incoming QEMU process (paused, waiting for state).
-    pub async fn attach_incoming(&self, name: &str, proc: Arc<QemuProcess>) -> Result<(), Status> {
+    /// Records the incoming QEMU process (paused, waiting for state) of migration
+    /// `migration`: refused once that migration no longer holds the name (discarded
+    /// while its QEMU started, the name perhaps reserved again by another).
+    pub async fn attach_incoming(
+        &self,
+        name: &str,
+        migration: &str,
+        proc: Arc<QemuProcess>,
+    ) -> Result<(), Status> {
         let mut vms = self.vms.lock().await;
-        let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
+        let e = vms
+            .get_mut(name)
+            .filter(|e| e.migration.as_deref() == Some(migration))
+            .ok_or_else(|| {
+                Status::aborted(format!(
+                    "VM '{name}' is no longer reserved for migration {migration}"
+                ))
+            })?;
         e.process = Some(proc);
         self.persist(e)
     }
@@ -664,16 +678,17 @@ impl VmManager {
             if rec.incoming_migration.is_some() {
                 // Never committed here: the source still owns the VM. Remove every trace,
                 // including a QEMU started for it but not yet recorded (the agent died
-                // in between): its run directory's pidfile names it.
-                let adopted = match adopted {
-                    Some(p) => Some(p),
-                    None => QemuProcess::adopt_run_dir(&run_dir)
-                        .await
-                        .ok()
-                        .map(Arc::new),
-                };
+                // in between) or one that does not answer QMP: the run directory's
+                // pidfile names it.
                 if let Some(p) = adopted {
                     let _ = p.kill().await;
+                }
+                match QemuProcess::kill_stray(&run_dir).await {
+                    Ok(Some(pid)) => {
+                        info!(vm = %name, pid, "killed the unrecorded QEMU of an uncommitted incoming VM")
+                    }
+                    Ok(None) => {}
+                    Err(e) => warn!(vm = %name, "uncommitted incoming VM: {e}"),
                 }
                 remove_vm_files(&self.cfg, &name);
                 self.journal.remove_vm(&name)?;

@@ -860,3 +860,49 @@ async fn a_hello_before_its_prepare_waits_for_it() {
     assert!(r.existed);
     assert_eq!(b.observe_qemu("early").await, QemuObserved::NoQemu);
 }
+
+/// The incoming QEMU starts after Prepare has answered. An Abort that comes at once (the
+/// QEMU still starting) or later leaves nothing on B: no QEMU process (its command lines
+/// read from /proc), no VM, no RAM file; and the name is free for the next Prepare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_while_the_incoming_qemu_starts_leaves_nothing() {
+    let t = agent_b(&["a", "b"]).await;
+    let (pki, b) = (&t.pki, &t.b);
+    let mut a_peer = peer(&b.grpc_addr(), &pki.identity("a").expect("a")).await;
+    for wait_ms in [0u64, 0, 10, 30, 60, 500] {
+        let mid = uuid::Uuid::new_v4().to_string();
+        let prep = a_peer
+            .prepare(prepare_req(&mid, small_spec("quick", 64), "a"))
+            .await
+            .expect("A prepares")
+            .into_inner();
+        tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+        let r = a_peer
+            .abort(pb::AbortRequest {
+                migration_id: mid.clone(),
+                reason: "changed my mind".into(),
+                token: prep.token.clone(),
+            })
+            .await
+            .expect("A aborts")
+            .into_inner();
+        assert!(r.existed);
+        // Abort answers once the discard is done: nothing to wait for.
+        assert!(
+            b.qemu_pids().is_empty(),
+            "after {wait_ms} ms: QEMU left on B: {:?}",
+            b.qemu_pids()
+        );
+        assert_eq!(b.observe_qemu("quick").await, QemuObserved::NoQemu);
+        assert!(!b.ram_dir().join("quick.ram").exists(), "after {wait_ms} ms");
+        let st = a_peer
+            .incoming_status(pb::IncomingStatusRequest {
+                id: mid.clone(),
+                token: prep.token.clone(),
+            })
+            .await
+            .expect("status")
+            .into_inner();
+        assert_eq!(st.state, pb::IncomingState::Aborted as i32, "after {wait_ms} ms");
+    }
+}

@@ -265,6 +265,45 @@ impl QemuProcess {
         Self::adopt(pid, run_dir).await
     }
 
+    /// SIGKILLs the QEMU that `RUN/qemu.pid` names, without QMP (one that is starting or
+    /// hung may not answer it), and waits for it to be gone. For a QEMU no record names:
+    /// its agent died between starting it and recording it. Returns its pid, or `None`
+    /// when no such QEMU runs (no pidfile, or the pid is not the QEMU of `run_dir`).
+    pub async fn kill_stray(run_dir: &Path) -> Result<Option<u32>, QemuError> {
+        let Some(pid) = read_pidfile(&run_dir.join("qemu.pid")) else {
+            return Ok(None);
+        };
+        if check_ours(pid, run_dir).is_err() {
+            return Ok(None);
+        }
+        let fd = match pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
+            Err(e) => return Err(QemuError::io(format!("pidfd_open({pid})"), e)),
+        };
+        // The pidfd pins the process; re-checked, it is the one we checked.
+        if check_ours(pid, run_dir).is_err() {
+            return Ok(None);
+        }
+        match pidfd_send_sigkill(&fd) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(Some(pid)),
+            Err(e) => return Err(QemuError::io(format!("killing QEMU pid {pid}"), e)),
+        }
+        tracing::info!(pid, run_dir = %run_dir.display(), "SIGKILL sent to a stray QEMU");
+        let deadline = tokio::time::Instant::now() + KILL_WAIT;
+        while check_ours(pid, run_dir).is_ok() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(QemuError::StillRunning {
+                    pid,
+                    waited: KILL_WAIT,
+                });
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        Ok(Some(pid))
+    }
+
     /// QEMU's process id.
     pub fn pid(&self) -> u32 {
         self.pid

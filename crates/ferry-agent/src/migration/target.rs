@@ -108,9 +108,9 @@ impl Incoming {
     }
 }
 
-/// How long anything that needs the target QEMU waits for it to start (QEMU's QMP connect
-/// alone is bounded at 30 s).
-const QEMU_START_WAIT: Duration = Duration::from_secs(60);
+/// How long anything that needs the target QEMU waits for it to start: beyond QEMU's own
+/// QMP connect limit (30 s), so a start that never connected has ended by then.
+const QEMU_START_WAIT: Duration = Duration::from_secs(45);
 
 /// The target QEMU of an incoming migration. QEMU is first needed for the device state at
 /// the switchover, so Prepare answers before it runs and it starts while round 0 travels
@@ -119,33 +119,55 @@ const QEMU_START_WAIT: Duration = Duration::from_secs(60);
 /// ends the migration as soon as it fails: the source hears why on the control stream.
 struct IncomingQemu {
     started: watch::Receiver<Option<Result<Arc<QemuProcess>, String>>>,
-    /// Set when the migration is discarded: a start that ends after that kills its QEMU.
+    /// The process as soon as it exists, before its QMP setup: a discard kills it at once.
+    spawned: watch::Receiver<Option<Arc<QemuProcess>>>,
+    /// Set when the migration is discarded: the start stops at its next step.
     discarded: Arc<AtomicBool>,
+}
+
+/// Given to a background start: publishes its QEMU the moment it exists.
+struct SpawnHook {
+    spawned: watch::Sender<Option<Arc<QemuProcess>>>,
+    discarded: Arc<AtomicBool>,
+}
+
+impl SpawnHook {
+    /// Publishes `proc`; false when the migration was discarded (the caller kills it).
+    /// Published before the flag is read, and a discard sets the flag before it looks:
+    /// one of the two always sees the other.
+    fn spawned(&self, proc: &Arc<QemuProcess>) -> bool {
+        self.spawned.send_replace(Some(proc.clone()));
+        !self.discarded.load(AtomicOrdering::SeqCst)
+    }
 }
 
 impl IncomingQemu {
     /// A QEMU already started.
     fn running(proc: Arc<QemuProcess>) -> Self {
         IncomingQemu {
-            started: watch::channel(Some(Ok(proc))).1,
+            started: watch::channel(Some(Ok(proc.clone()))).1,
+            spawned: watch::channel(Some(proc)).1,
             discarded: Arc::default(),
         }
     }
 
-    /// Starts `start` in the background; its QEMU is killed if the migration was
-    /// discarded meanwhile.
-    fn start<F>(start: F) -> Self
+    /// Runs `start` in the background; its QEMU is killed if the migration is discarded
+    /// before the start ends.
+    fn start<F, Fut>(start: F) -> Self
     where
-        F: std::future::Future<Output = Result<Arc<QemuProcess>, String>> + Send + 'static,
+        F: FnOnce(SpawnHook) -> Fut,
+        Fut: std::future::Future<Output = Result<Arc<QemuProcess>, String>> + Send + 'static,
     {
         let (tx, rx) = watch::channel(None);
+        let (spawned_tx, spawned) = watch::channel(None);
         let discarded: Arc<AtomicBool> = Arc::default();
         let gone = discarded.clone();
+        let fut = start(SpawnHook {
+            spawned: spawned_tx,
+            discarded: discarded.clone(),
+        });
         tokio::spawn(async move {
-            let r = start.await;
-            let r = match r {
-                // No await between the check and the send: a discard either sees this
-                // QEMU in the channel or its flag is seen here.
+            let r = match fut.await {
                 Ok(p) if gone.load(AtomicOrdering::SeqCst) => {
                     let _ = p.kill().await;
                     Err("the migration was discarded while its QEMU started".to_string())
@@ -156,6 +178,7 @@ impl IncomingQemu {
         });
         IncomingQemu {
             started: rx,
+            spawned,
             discarded,
         }
     }
@@ -176,6 +199,14 @@ impl IncomingQemu {
         }
     }
 
+    /// Why the start failed, if it has.
+    fn start_error(&self) -> Option<String> {
+        match &*self.started.borrow() {
+            Some(Err(e)) => Some(e.clone()),
+            _ => None,
+        }
+    }
+
     /// Resolves with the start's error; never, once QEMU runs.
     async fn failure(&self) -> String {
         match self.get().await {
@@ -184,10 +215,13 @@ impl IncomingQemu {
         }
     }
 
-    /// For the discard: a start still running kills its own QEMU when it ends (if it
-    /// outlasts the wait); the QEMU already started, to kill.
+    /// For the discard: the QEMU to kill. One already spawned is returned at once (its
+    /// setup then fails on QMP); before that, the start ends by killing what it spawns.
     async fn settle(&self) -> Option<Arc<QemuProcess>> {
         self.discarded.store(true, AtomicOrdering::SeqCst);
+        if let Some(p) = self.spawned.borrow().clone() {
+            return Some(p);
+        }
         self.get().await.ok()
     }
 }
@@ -334,21 +368,30 @@ impl IncomingRegistry {
                     *sl = Some(slot);
                 }
                 let token = inc.token.clone();
-                self.journal
-                    .put_migration(&{
-                        let mut r = MigrationRecord::new(
-                            &inc.id,
-                            Role::Target,
-                            &spec.name,
-                            &caller.name,
-                            "prepared",
-                        );
-                        r.token = Some(token.clone());
-                        r.receiver = Some(Receiver::Prepared);
-                        r.copies = inc.copies.clone();
-                        r
-                    })
-                    .map_err(|e| Status::internal(format!("journal: {e}")))?;
+                let journaled = self.journal.put_migration(&{
+                    let mut r = MigrationRecord::new(
+                        &inc.id,
+                        Role::Target,
+                        &spec.name,
+                        &caller.name,
+                        "prepared",
+                    );
+                    r.token = Some(token.clone());
+                    r.receiver = Some(Receiver::Prepared);
+                    r.copies = inc.copies.clone();
+                    r
+                });
+                if let Err(e) = journaled {
+                    // Nothing promised yet: undo all of it.
+                    if let Some(p) = inc.qemu.settle().await {
+                        let _ = p.kill().await;
+                    }
+                    inc.release_ram();
+                    let _ = self.vms.drop_incoming(&spec.name, &req.migration_id).await;
+                    remove_vm_files(&self.cfg, &spec.name);
+                    super::disks::remove_copies(&inc.copies);
+                    return Err(Status::internal(format!("journal: {e}")));
+                }
                 if let Ok(mut m) = self.map.lock() {
                     m.insert(inc.id.clone(), inc.clone());
                 }
@@ -413,23 +456,24 @@ impl IncomingRegistry {
         let copies = super::disks::create_copies(&self.storage, &host, spec, copy_disks)?;
         let incoming_sock = launch.run_dir.join("incoming.sock");
         let (loaded_tx, loaded) = watch::channel(None);
-        let start = start_target_qemu(
-            self.vms.clone(),
-            self.cfg.clone(),
+        let start = TargetQemuStart {
+            vms: self.vms.clone(),
+            cfg: self.cfg.clone(),
             launch,
-            spec.name.clone(),
-            copy_disks.to_vec(),
-            loaded_tx,
-        );
+            name: spec.name.clone(),
+            migration: id.to_string(),
+            copy_disks: copy_disks.to_vec(),
+            loaded: loaded_tx,
+        };
         let (qemu, nbd) = if copy_disks.is_empty() {
-            (
-                IncomingQemu::start(async move { start.await.map(|(p, _)| p) }),
-                None,
-            )
+            let qemu = IncomingQemu::start(move |hook| async move {
+                start.run(Some(hook)).await.map(|(p, _)| p)
+            });
+            (qemu, None)
         } else {
             // The source's mirror starts before the switchover: the NBD exports it
             // writes to exist before Prepare answers.
-            match start.await {
+            match start.run(None).await {
                 Ok((p, nbd)) => (IncomingQemu::running(p), nbd),
                 Err(e) => {
                     super::disks::remove_copies(&copies);
@@ -563,8 +607,12 @@ impl IncomingRegistry {
         self.authorize(&inc.id, &inc.token, &inc.peer, token, caller)?;
         // No fingerprint over gRPC: the device state having loaded is the verdict.
         let loaded = inc.loaded.borrow().clone();
-        let verdict = decide_commit(loaded.as_ref(), None, None)
-            .unwrap_or_else(|| Err("target QEMU has not loaded the device state".to_string()));
+        let verdict = decide_commit(loaded.as_ref(), None, None).unwrap_or_else(|| {
+            Err(match inc.qemu.start_error() {
+                Some(e) => format!("the target QEMU did not start: {e}"),
+                None => "target QEMU has not loaded the device state".to_string(),
+            })
+        });
         self.commit_decided(&inc, verdict, leave_paused).await
     }
 
@@ -799,7 +847,7 @@ impl IncomingRegistry {
     /// Abort (asked by the source that prepared it): discard everything; refused once
     /// committed.
     pub async fn abort(
-        &self,
+        self: &Arc<Self>,
         id: &str,
         token: &str,
         reason: &str,
@@ -808,7 +856,13 @@ impl IncomingRegistry {
         match self.get(id) {
             Some(inc) => {
                 self.authorize(&inc.id, &inc.token, &inc.peer, token, caller)?;
-                self.abort_internal(&inc, reason).await.map(|_| true)
+                // Its own task: a caller that gives up (its RPC deadline) does not cut the
+                // discard short halfway, under the state lock, with nothing to retry it.
+                let (me, reason) = (self.clone(), reason.to_string());
+                tokio::spawn(async move { me.abort_internal(&inc, &reason).await })
+                    .await
+                    .map_err(|e| Status::internal(format!("abort: {e}")))?
+                    .map(|_| true)
             }
             None => Ok(false),
         }
@@ -1475,89 +1529,113 @@ async fn accept_streams(conn: quinn::Connection, inc: Arc<Incoming>, err_tx: mps
     }
 }
 
-/// Starts the paused target QEMU (`-S -incoming defer`), records it with the VM, opens
-/// the NBD exports of the disks that travel, and sets it listening for the device state
-/// on `RUN/incoming.sock`; `loaded` hears when QEMU has loaded it (or failed to). A QEMU
-/// that started is killed if a later step fails.
-async fn start_target_qemu(
+/// What starting an incoming migration's QEMU needs.
+struct TargetQemuStart {
     vms: Arc<VmManager>,
     cfg: Arc<AgentConfig>,
     launch: ferry_qemu::QemuLaunch,
     name: String,
+    migration: String,
     copy_disks: Vec<pb::DiskProbe>,
+    /// Hears when QEMU has loaded the device state (or failed to).
     loaded: watch::Sender<Option<Result<(), String>>>,
-) -> Result<(Arc<QemuProcess>, Option<(PathBuf, Vec<String>)>), String> {
-    let proc = QemuProcess::spawn(&launch, &cfg.qemu_binary)
-        .await
-        .map(Arc::new)
-        .map_err(|e| format!("starting QEMU: {e}"))?;
-    let setup = async {
-        vms.attach_incoming(&name, proc.clone())
+}
+
+impl TargetQemuStart {
+    /// Starts the paused target QEMU (`-S -incoming defer`), records it with the VM, opens
+    /// the NBD exports of the disks that travel and sets it listening for the device state
+    /// on `RUN/incoming.sock`. A QEMU that started is killed if a later step fails; `hook`
+    /// publishes it the moment it exists (a background start).
+    async fn run(
+        self,
+        hook: Option<SpawnHook>,
+    ) -> Result<(Arc<QemuProcess>, Option<(PathBuf, Vec<String>)>), String> {
+        let TargetQemuStart {
+            vms,
+            cfg,
+            launch,
+            name,
+            migration,
+            copy_disks,
+            loaded,
+        } = self;
+        let proc = QemuProcess::spawn(&launch, &cfg.qemu_binary)
             .await
-            .map_err(|s| format!("recording QEMU: {}", s.message()))?;
-        crate::failpoint::hit("tgt.qemu.started", &cfg.state_dir).await?;
-        let qmp = proc.qmp();
-        let nbd = if copy_disks.is_empty() {
-            None
-        } else {
-            let sock = launch.run_dir.join("nbd.sock");
-            let _ = std::fs::remove_file(&sock);
-            qmp.nbd_server_start_unix(&sock.display().to_string())
-                .await
-                .map_err(|e| format!("nbd-server-start: {e}"))?;
-            let mut exports = Vec::new();
-            for d in &copy_disks {
-                let export = format!("ferry-exp-{}", d.id);
-                qmp.block_export_add_nbd(&export, &d.id, &d.id, true)
-                    .await
-                    .map_err(|e| format!("block-export-add: {e}"))?;
-                exports.push(export);
+            .map(Arc::new)
+            .map_err(|e| format!("starting QEMU: {e}"))?;
+        let setup = async {
+            if hook.as_ref().is_some_and(|h| !h.spawned(&proc)) {
+                return Err("the migration was discarded while its QEMU started".to_string());
             }
-            Some((sock, exports))
-        };
-        let mut events = qmp.subscribe();
-        // No return path: the source QEMU completes (is fenced) as soon as its agent has
-        // the device state. Late block activation: a shared image stays inactive here
-        // until `cont`, so a rollback never finds it open for writing on both hosts.
-        qmp.migrate_set_capabilities(&[
-            ("x-ignore-shared", true),
-            ("events", true),
-            ("late-block-activate", true),
-        ])
-        .await
-        .map_err(|e| format!("capabilities: {e}"))?;
-        let sock = launch.run_dir.join("incoming.sock");
-        let _ = std::fs::remove_file(&sock);
-        qmp.migrate_incoming(&format!("unix:{}", sock.display()))
-            .await
-            .map_err(|e| format!("migrate-incoming: {e}"))?;
-        tokio::spawn(async move {
-            let r = ferry_qmp::wait_migration_status(
-                &mut events,
-                Duration::from_secs(24 * 3600),
-                &["completed", "failed"],
-            )
-            .await;
-            let v = match r {
-                Ok(ev) if ev.migration_status() == Some("completed") => Ok(()),
-                Ok(ev) => Err(format!(
-                    "target QEMU migration {}",
-                    ev.migration_status().unwrap_or("?")
-                )),
-                Err(e) => Err(e.to_string()),
+            // Between the spawn and its record: a crash here leaves a QEMU that only the run
+            // directory's pidfile names (restart recovery kills it by that).
+            crate::failpoint::hit("tgt.qemu.started", &cfg.state_dir).await?;
+            vms.attach_incoming(&name, &migration, proc.clone())
+                .await
+                .map_err(|s| format!("recording QEMU: {}", s.message()))?;
+            let qmp = proc.qmp();
+            let nbd = if copy_disks.is_empty() {
+                None
+            } else {
+                let sock = launch.run_dir.join("nbd.sock");
+                let _ = std::fs::remove_file(&sock);
+                qmp.nbd_server_start_unix(&sock.display().to_string())
+                    .await
+                    .map_err(|e| format!("nbd-server-start: {e}"))?;
+                let mut exports = Vec::new();
+                for d in &copy_disks {
+                    let export = format!("ferry-exp-{}", d.id);
+                    qmp.block_export_add_nbd(&export, &d.id, &d.id, true)
+                        .await
+                        .map_err(|e| format!("block-export-add: {e}"))?;
+                    exports.push(export);
+                }
+                Some((sock, exports))
             };
-            let _ = loaded.send(Some(v));
-        });
-        Ok::<_, String>(nbd)
-    };
-    match setup.await {
-        Ok(nbd) => {
-            info!(vm = %name, pid = proc.pid(), "target QEMU listening for the device state");
-            Ok((proc, nbd))
-        }
-        Err(e) => {
-            let _ = proc.kill().await;
-            Err(e)
+            let mut events = qmp.subscribe();
+            // No return path: the source QEMU completes (is fenced) as soon as its agent has
+            // the device state. Late block activation: a shared image stays inactive here
+            // until `cont`, so a rollback never finds it open for writing on both hosts.
+            qmp.migrate_set_capabilities(&[
+                ("x-ignore-shared", true),
+                ("events", true),
+                ("late-block-activate", true),
+            ])
+            .await
+            .map_err(|e| format!("capabilities: {e}"))?;
+            let sock = launch.run_dir.join("incoming.sock");
+            let _ = std::fs::remove_file(&sock);
+            qmp.migrate_incoming(&format!("unix:{}", sock.display()))
+                .await
+                .map_err(|e| format!("migrate-incoming: {e}"))?;
+            tokio::spawn(async move {
+                let r = ferry_qmp::wait_migration_status(
+                    &mut events,
+                    Duration::from_secs(24 * 3600),
+                    &["completed", "failed"],
+                )
+                .await;
+                let v = match r {
+                    Ok(ev) if ev.migration_status() == Some("completed") => Ok(()),
+                    Ok(ev) => Err(format!(
+                        "target QEMU migration {}",
+                        ev.migration_status().unwrap_or("?")
+                    )),
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = loaded.send(Some(v));
+            });
+            Ok::<_, String>(nbd)
+        };
+        match setup.await {
+            Ok(nbd) => {
+                info!(vm = %name, pid = proc.pid(), "target QEMU listening for the device state");
+                Ok((proc, nbd))
+            }
+            Err(e) => {
+                let _ = proc.kill().await;
+                Err(e)
+            }
         }
     }
 }
