@@ -894,7 +894,10 @@ async fn an_abort_while_the_incoming_qemu_starts_leaves_nothing() {
             b.qemu_pids()
         );
         assert_eq!(b.observe_qemu("quick").await, QemuObserved::NoQemu);
-        assert!(!b.ram_dir().join("quick.ram").exists(), "after {wait_ms} ms");
+        assert!(
+            !b.ram_dir().join("quick.ram").exists(),
+            "after {wait_ms} ms"
+        );
         let st = a_peer
             .incoming_status(pb::IncomingStatusRequest {
                 id: mid.clone(),
@@ -903,6 +906,10 @@ async fn an_abort_while_the_incoming_qemu_starts_leaves_nothing() {
             .await
             .expect("status")
             .into_inner();
-        assert_eq!(st.state, pb::IncomingState::Aborted as i32, "after {wait_ms} ms");
+        assert_eq!(
+            st.state,
+            pb::IncomingState::Aborted as i32,
+            "after {wait_ms} ms"
+        );
     }
 }

@@ -50,6 +50,12 @@ impl DirtyBitmap {
         Ok(bm)
     }
 
+    /// The bitmap's words (page `p` is bit `p % 64` of word `p / 64`), to fill in place:
+    /// disjoint sub-slices may be filled by several threads.
+    pub(crate) fn words_mut(&mut self) -> &mut [u64] {
+        &mut self.words
+    }
+
     /// Number of pages covered (valid indices are `0..len_pages()`).
     pub fn len_pages(&self) -> u64 {
         self.len_pages

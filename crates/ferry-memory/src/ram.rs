@@ -352,6 +352,54 @@ impl RamFile {
         Ok(bm)
     }
 
+    /// [`nonzero_pages`](Self::nonzero_pages) on up to `threads` threads, each taking
+    /// 64 MiB chunks of the file in turn: the scan reads every allocated zero page whole
+    /// (56-75 ms for a 1 GiB guest on a busy host) and sits between Prepare and round 0's
+    /// first page once the target prepares faster than it.
+    pub fn nonzero_pages_parallel(&self, threads: usize) -> Result<DirtyBitmap, MemoryError> {
+        // Whole bitmap words per chunk, so threads fill disjoint words.
+        const CHUNK_PAGES: u64 = 16 * 1024;
+        let pages = self.page_count();
+        let chunks = pages.div_ceil(CHUNK_PAGES);
+        let threads = threads.clamp(1, chunks.max(1) as usize);
+        if threads == 1 {
+            return self.nonzero_pages();
+        }
+        let mut bm = DirtyBitmap::new(pages);
+        let work: std::sync::Mutex<Vec<(u64, &mut [u64])>> = std::sync::Mutex::new(
+            bm.words_mut()
+                .chunks_mut((CHUNK_PAGES / 64) as usize)
+                .enumerate()
+                .map(|(i, w)| (i as u64 * CHUNK_PAGES, w))
+                .rev()
+                .collect(),
+        );
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| loop {
+                    let next = work.lock().map(|mut w| w.pop()).unwrap_or(None);
+                    let Some((first, words)) = next else {
+                        return;
+                    };
+                    let end = (first + CHUNK_PAGES).min(pages);
+                    self.for_each_segment(first * PAGE, end * PAGE, |start, stop, is_data| {
+                        if !is_data {
+                            return;
+                        }
+                        for idx in start / PAGE..stop.div_ceil(PAGE).min(end) {
+                            // SAFETY: segments lie inside 0..len, so idx is an in-range page.
+                            if !unsafe { is_zero_raw(self.page_ptr(idx), PAGE_SIZE) } {
+                                let bit = idx - first;
+                                words[(bit / 64) as usize] |= 1u64 << (bit % 64);
+                            }
+                        }
+                    });
+                });
+            }
+        });
+        Ok(bm)
+    }
+
     /// BLAKE3 of the whole file content (holes hash as zeros, without being touched).
     pub fn digest(&self) -> Result<blake3::Hash, MemoryError> {
         let mut hasher = blake3::Hasher::new();
@@ -937,6 +985,32 @@ mod tests {
         );
         let _ = ram.digest().unwrap();
         let _ = ram.digest_parallel(2).unwrap();
+        let after = std::fs::metadata(&p).unwrap().blocks();
+        assert_eq!(before, after, "scans must not allocate holes");
+    }
+
+    #[test]
+    fn a_parallel_scan_finds_the_same_pages() {
+        let dir = shm_dir();
+        let p = dir.path().join("ram");
+        // 2.5 chunks of 64 MiB (the last one short), sparse; written pages at the chunks'
+        // edges, an explicit zero page, and the very last page.
+        let pages = 40_000u64;
+        let ram = RamFile::create(&p, pages * PAGE).unwrap();
+        for idx in [0, 63, 64, 16_383, 16_384, 20_000, 32_767, 32_768, pages - 1] {
+            ram.write_page(idx, &page_of(idx as u8 | 1)).unwrap();
+        }
+        ram.write_pages(5000, &vec![0u8; PAGE_SIZE]).unwrap();
+        let before = std::fs::metadata(&p).unwrap().blocks();
+        let one = ram.nonzero_pages().unwrap();
+        assert_eq!(one.count(), 9);
+        for threads in [1, 2, 3, 8] {
+            assert_eq!(
+                ram.nonzero_pages_parallel(threads).unwrap(),
+                one,
+                "{threads} threads"
+            );
+        }
         let after = std::fs::metadata(&p).unwrap().blocks();
         assert_eq!(before, after, "scans must not allocate holes");
     }

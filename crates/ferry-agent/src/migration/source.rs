@@ -1072,9 +1072,13 @@ impl Migration {
         let armed_at = Instant::now();
         undo.tracker = Some(tracker);
         let ram2 = ram.clone();
+        // On as many threads as the page streams compress on: since the target answers
+        // Prepare before its QEMU starts, the scan is what round 0's first page waits for.
+        let threads = self.p.page_streams.max(1) as usize;
         let scan = tokio::task::spawn_blocking(move || {
             let t = Instant::now();
-            ram2.nonzero_pages().map(|p| (p, t.elapsed()))
+            ram2.nonzero_pages_parallel(threads)
+                .map(|p| (p, t.elapsed()))
         });
         Ok(Round0Scan { armed_at, scan })
     }
