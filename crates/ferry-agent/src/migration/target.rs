@@ -121,7 +121,8 @@ struct IncomingQemu {
     started: watch::Receiver<Option<Result<Arc<QemuProcess>, String>>>,
     /// The process as soon as it exists, before its QMP setup: a discard kills it at once.
     spawned: watch::Receiver<Option<Arc<QemuProcess>>>,
-    /// Set when the migration is discarded: the start stops at its next step.
+    /// Set when the migration is discarded: read once QEMU exists and when the start ends
+    /// (either kills it); a discard kills a QEMU already published itself.
     discarded: Arc<AtomicBool>,
 }
 
@@ -454,7 +455,7 @@ impl IncomingRegistry {
         // Disks that travel: empty images of the same format and size, made before QEMU
         // opens them. Shared disks are opened in place (inactive until the switchover).
         let copies = super::disks::create_copies(&self.storage, &host, spec, copy_disks)?;
-        let incoming_sock = launch.run_dir.join("incoming.sock");
+        let incoming_sock = incoming_socket(&launch);
         let (loaded_tx, loaded) = watch::channel(None);
         let start = TargetQemuStart {
             vms: self.vms.clone(),
@@ -1529,6 +1530,11 @@ async fn accept_streams(conn: quinn::Connection, inc: Arc<Incoming>, err_tx: mps
     }
 }
 
+/// Where the target QEMU listens for the device state (`migrate-incoming`).
+fn incoming_socket(launch: &ferry_qemu::QemuLaunch) -> PathBuf {
+    launch.run_dir.join("incoming.sock")
+}
+
 /// What starting an incoming migration's QEMU needs.
 struct TargetQemuStart {
     vms: Arc<VmManager>,
@@ -1603,7 +1609,7 @@ impl TargetQemuStart {
             ])
             .await
             .map_err(|e| format!("capabilities: {e}"))?;
-            let sock = launch.run_dir.join("incoming.sock");
+            let sock = incoming_socket(&launch);
             let _ = std::fs::remove_file(&sock);
             qmp.migrate_incoming(&format!("unix:{}", sock.display()))
                 .await
