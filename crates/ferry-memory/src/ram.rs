@@ -338,18 +338,7 @@ impl RamFile {
 
     /// Every page that is not all zeros. Holes are skipped without being touched.
     pub fn nonzero_pages(&self) -> Result<DirtyBitmap, MemoryError> {
-        let mut bm = DirtyBitmap::new(self.page_count());
-        self.for_each_segment(0, self.len, |start, end, is_data| {
-            if is_data {
-                for idx in start / PAGE..end.div_ceil(PAGE) {
-                    // SAFETY: segments lie inside 0..len, so idx is an in-range page.
-                    if !unsafe { is_zero_raw(self.page_ptr(idx), PAGE_SIZE) } {
-                        bm.set(idx);
-                    }
-                }
-            }
-        });
-        Ok(bm)
+        self.nonzero_pages_parallel(1)
     }
 
     /// [`nonzero_pages`](Self::nonzero_pages) on up to `threads` threads, each taking
@@ -362,9 +351,6 @@ impl RamFile {
         let pages = self.page_count();
         let chunks = pages.div_ceil(CHUNK_PAGES);
         let threads = threads.clamp(1, chunks.max(1) as usize);
-        if threads == 1 {
-            return self.nonzero_pages();
-        }
         let mut bm = DirtyBitmap::new(pages);
         let work: std::sync::Mutex<Vec<(u64, &mut [u64])>> = std::sync::Mutex::new(
             bm.words_mut()
@@ -374,29 +360,34 @@ impl RamFile {
                 .rev()
                 .collect(),
         );
-        std::thread::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(|| loop {
-                    let next = work.lock().map(|mut w| w.pop()).unwrap_or(None);
-                    let Some((first, words)) = next else {
-                        return;
-                    };
-                    let end = (first + CHUNK_PAGES).min(pages);
-                    self.for_each_segment(first * PAGE, end * PAGE, |start, stop, is_data| {
-                        if !is_data {
-                            return;
-                        }
-                        for idx in start / PAGE..stop.div_ceil(PAGE).min(end) {
-                            // SAFETY: segments lie inside 0..len, so idx is an in-range page.
-                            if !unsafe { is_zero_raw(self.page_ptr(idx), PAGE_SIZE) } {
-                                let bit = idx - first;
-                                words[(bit / 64) as usize] |= 1u64 << (bit % 64);
-                            }
-                        }
-                    });
-                });
-            }
-        });
+        let worker = || loop {
+            let next = work.lock().map(|mut w| w.pop()).unwrap_or(None);
+            let Some((first, words)) = next else {
+                return;
+            };
+            let end = (first + CHUNK_PAGES).min(pages);
+            self.for_each_segment(first * PAGE, end * PAGE, |start, stop, is_data| {
+                if !is_data {
+                    return;
+                }
+                for idx in start / PAGE..stop.div_ceil(PAGE).min(end) {
+                    // SAFETY: segments lie inside 0..len, so idx is an in-range page.
+                    if !unsafe { is_zero_raw(self.page_ptr(idx), PAGE_SIZE) } {
+                        let bit = idx - first;
+                        words[(bit / 64) as usize] |= 1u64 << (bit % 64);
+                    }
+                }
+            });
+        };
+        if threads == 1 {
+            worker();
+        } else {
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    s.spawn(worker);
+                }
+            });
+        }
         Ok(bm)
     }
 
@@ -997,13 +988,14 @@ mod tests {
         // edges, an explicit zero page, and the very last page.
         let pages = 40_000u64;
         let ram = RamFile::create(&p, pages * PAGE).unwrap();
-        for idx in [0, 63, 64, 16_383, 16_384, 20_000, 32_767, 32_768, pages - 1] {
+        let written = [0, 63, 64, 16_383, 16_384, 20_000, 32_767, 32_768, pages - 1];
+        for idx in written {
             ram.write_page(idx, &page_of(idx as u8 | 1)).unwrap();
         }
         ram.write_pages(5000, &vec![0u8; PAGE_SIZE]).unwrap();
         let before = std::fs::metadata(&p).unwrap().blocks();
         let one = ram.nonzero_pages().unwrap();
-        assert_eq!(one.count(), 9);
+        assert_eq!(one.iter().collect::<Vec<_>>(), written.to_vec());
         for threads in [1, 2, 3, 8] {
             assert_eq!(
                 ram.nonzero_pages_parallel(threads).unwrap(),
