@@ -354,7 +354,7 @@ impl IncomingRegistry {
         self.check_shared_chains(&spec, &req.shared_disks).await?;
         self.admit(&spec)?;
         self.vms.reserve_incoming(&spec, &req.migration_id).await?;
-        match self
+        let created = self
             .create(
                 &req.migration_id,
                 &spec,
@@ -362,14 +362,13 @@ impl IncomingRegistry {
                 &caller.name,
                 &token,
             )
-            .await
-        {
+            .await;
+        let journaled = match created {
             Ok(inc) => {
                 if let Ok(mut sl) = inc.slot.lock() {
                     *sl = Some(slot);
                 }
-                let token = inc.token.clone();
-                let journaled = self.journal.put_migration(&{
+                let put = self.journal.put_migration(&{
                     let mut r = MigrationRecord::new(
                         &inc.id,
                         Role::Target,
@@ -377,42 +376,47 @@ impl IncomingRegistry {
                         &caller.name,
                         "prepared",
                     );
-                    r.token = Some(token.clone());
+                    r.token = Some(inc.token.clone());
                     r.receiver = Some(Receiver::Prepared);
                     r.copies = inc.copies.clone();
                     r
                 });
-                if let Err(e) = journaled {
-                    // Nothing promised yet: undo all of it.
-                    if let Some(p) = inc.qemu.settle().await {
-                        let _ = p.kill().await;
+                match put {
+                    Ok(()) => Ok(inc),
+                    Err(e) => {
+                        // Nothing promised yet: what `create` made goes too.
+                        if let Some(p) = inc.qemu.settle().await {
+                            let _ = p.kill().await;
+                        }
+                        inc.release_ram();
+                        super::disks::remove_copies(&inc.copies);
+                        Err(Status::internal(format!("journal: {e}")))
                     }
-                    inc.release_ram();
-                    let _ = self.vms.drop_incoming(&spec.name, &req.migration_id).await;
-                    remove_vm_files(&self.cfg, &spec.name);
-                    super::disks::remove_copies(&inc.copies);
-                    return Err(Status::internal(format!("journal: {e}")));
                 }
-                if let Ok(mut m) = self.map.lock() {
-                    m.insert(inc.id.clone(), inc.clone());
-                }
-                self.prepared.notify_waiters();
-                self.spawn_watchdog(inc.clone());
-                self.fail_point("tgt.prepare.done").await?;
-                info!(migration = %inc.id, vm = %spec.name, source = %caller.name, "prepared incoming migration");
-                Ok(pb::PrepareResponse {
-                    quic_addr: self.cfg.quic_listen.to_string(),
-                    token,
-                    qemu_version: self.qemu_version.clone(),
-                    target_host: self.host().to_string(),
-                })
             }
+            Err(e) => Err(e),
+        };
+        let inc = match journaled {
+            Ok(inc) => inc,
             Err(e) => {
                 let _ = self.vms.drop_incoming(&spec.name, &req.migration_id).await;
                 remove_vm_files(&self.cfg, &spec.name);
-                Err(e)
+                return Err(e);
             }
+        };
+        if let Ok(mut m) = self.map.lock() {
+            m.insert(inc.id.clone(), inc.clone());
         }
+        self.prepared.notify_waiters();
+        self.spawn_watchdog(inc.clone());
+        self.fail_point("tgt.prepare.done").await?;
+        info!(migration = %inc.id, vm = %spec.name, source = %caller.name, "prepared incoming migration");
+        Ok(pb::PrepareResponse {
+            quic_addr: self.cfg.quic_listen.to_string(),
+            token: inc.token.clone(),
+            qemu_version: self.qemu_version.clone(),
+            target_host: self.host().to_string(),
+        })
     }
 
     async fn create(
