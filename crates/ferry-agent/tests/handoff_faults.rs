@@ -963,6 +963,22 @@ async fn full_ram_directory_on_the_target_is_refused_before_anything_moves() {
     assert_runs_on_the_source_only(&p).await;
 }
 
+/// A migration whose target fails during pre-copy (`target_failpoints` armed on B): it
+/// ends FAILED, the target keeps no VM, and the guest runs on the source only (both QEMUs
+/// asked, its memory checked). Returns the pair and the source's final status.
+async fn target_failing_during_precopy(target_failpoints: &str) -> (Pair, pb::MigrationStatus) {
+    let p = pair(None, Some(target_failpoints)).await;
+    boot(&p.a).await;
+    let id = start(&p, "", false).await;
+    let end = wait_settled(&p.a, &id, Duration::from_secs(180))
+        .await
+        .expect("settled");
+    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+    assert!(!lists_vm(&p.b).await, "the target keeps no VM");
+    assert_runs_on_the_source_only(&p).await;
+    (p, end)
+}
+
 /// The target QEMU starts while pre-copy runs (Prepare answers before it does); when its
 /// start fails (injected at `tgt.qemu.started`, after the spawn: the test double stands
 /// for a QEMU that will not take its migration settings), the target ends the migration
@@ -971,19 +987,11 @@ async fn full_ram_directory_on_the_target_is_refused_before_anything_moves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_qemu_failing_to_start_during_precopy_rolls_back() {
     let _s = SERIAL.lock().await;
-    let p = pair(None, Some("tgt.qemu.started=return(error)")).await;
-    boot(&p.a).await;
-    let id = start(&p, "", false).await;
-    let end = wait_settled(&p.a, &id, Duration::from_secs(180))
-        .await
-        .expect("settled");
-    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+    let (p, end) = target_failing_during_precopy("tgt.qemu.started=return(error)").await;
     assert!(
         end.error.contains("target QEMU") && end.error.contains("tgt.qemu.started"),
         "{end:?}"
     );
-    assert!(!lists_vm(&p.b).await, "the target keeps no VM");
-    assert_runs_on_the_source_only(&p).await;
     assert!(
         p.b.qemu_pids().is_empty(),
         "no QEMU left on the target: {:?}",
@@ -998,15 +1006,7 @@ async fn target_qemu_failing_to_start_during_precopy_rolls_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ram_allocation_failing_during_precopy_rolls_back() {
     let _s = SERIAL.lock().await;
-    let p = pair(None, Some("tgt.ram.reserve=return(error)")).await;
-    boot(&p.a).await;
-    let id = start(&p, "", false).await;
-    let end = wait_settled(&p.a, &id, Duration::from_secs(180))
-        .await
-        .expect("settled");
-    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
-    assert!(!lists_vm(&p.b).await, "the target keeps no VM");
-    assert_runs_on_the_source_only(&p).await;
+    let (_p, end) = target_failing_during_precopy("tgt.ram.reserve=return(error)").await;
     assert!(
         end.error.contains("cannot allocate the guest's RAM"),
         "{end:?}"

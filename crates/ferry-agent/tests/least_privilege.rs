@@ -88,6 +88,20 @@ fn denied<T: std::fmt::Debug>(r: Result<T, tonic::Status>, needle: &str) {
     );
 }
 
+/// `peer` aborts migration `mid` with its token: accepted, and the migration existed.
+async fn aborts(peer: &mut FerryPeerClient<Channel>, mid: &str, token: &str, reason: &str) {
+    let r = peer
+        .abort(pb::AbortRequest {
+            migration_id: mid.into(),
+            reason: reason.into(),
+            token: token.into(),
+        })
+        .await
+        .expect("the preparing agent aborts")
+        .into_inner();
+    assert!(r.existed, "{mid} existed");
+}
+
 fn serial_of(id: &Identity) -> String {
     id.peer_identity().expect("identity").serial
 }
@@ -289,16 +303,7 @@ async fn roles_tokens_and_the_deny_list() {
         "B's incoming QEMU waits, paused: {seen:?}"
     );
     // A, with its token, aborts it: everything goes.
-    let r = a_peer
-        .abort(pb::AbortRequest {
-            migration_id: mid.clone(),
-            reason: "test done".into(),
-            token: prep.token.clone(),
-        })
-        .await
-        .expect("A aborts")
-        .into_inner();
-    assert!(r.existed);
+    aborts(&mut a_peer, &mid, &prep.token, "test done").await;
     assert_eq!(b.observe_qemu("m1").await, QemuObserved::NoQemu);
 
     // The deny list: C's serial, added to B's config, takes effect on SIGHUP.
@@ -848,16 +853,7 @@ async fn a_hello_before_its_prepare_waits_for_it() {
     assert!(t0.elapsed() >= ferry_agent::migration::target::HELLO_WAITS_FOR_PREPARE);
 
     // B's side, asked directly: the migration A prepared waits for A alone; A aborts it.
-    let r = a_peer
-        .abort(pb::AbortRequest {
-            migration_id: mid.clone(),
-            reason: "test done".into(),
-            token: token.into(),
-        })
-        .await
-        .expect("A aborts")
-        .into_inner();
-    assert!(r.existed);
+    aborts(&mut a_peer, &mid, token, "test done").await;
     assert_eq!(b.observe_qemu("early").await, QemuObserved::NoQemu);
 }
 
@@ -877,16 +873,7 @@ async fn an_abort_while_the_incoming_qemu_starts_leaves_nothing() {
             .expect("A prepares")
             .into_inner();
         tokio::time::sleep(Duration::from_millis(wait_ms)).await;
-        let r = a_peer
-            .abort(pb::AbortRequest {
-                migration_id: mid.clone(),
-                reason: "changed my mind".into(),
-                token: prep.token.clone(),
-            })
-            .await
-            .expect("A aborts")
-            .into_inner();
-        assert!(r.existed);
+        aborts(&mut a_peer, &mid, &prep.token, "changed my mind").await;
         // Abort answers once the discard is done: nothing to wait for.
         assert!(
             b.qemu_pids().is_empty(),
