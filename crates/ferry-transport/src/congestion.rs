@@ -5,8 +5,8 @@
 //! almost nothing there but collapses 17x on the 200 Mbit/s `far` link with 0.1% random
 //! loss, because it halves its window for losses no queue caused. A loss is a congestion
 //! signal only when a queue has built: [`DelayFilteredCubic`] forwards a loss to cubic when
-//! the RTT sits well above the path's minimum (the bottleneck queue is filling) or when
-//! losses are too frequent to be noise, and otherwise lets it pass as random loss. On a
+//! the smoothed RTT sits well above the path's minimum (the bottleneck queue is filling)
+//! or when losses are too frequent to be noise, and otherwise lets it pass as random loss. On a
 //! clean link it is cubic; on a lossy, empty path it keeps its window. Persistent
 //! congestion always goes through. The decision is [`loss_is_congestion`], pure.
 //!
@@ -145,7 +145,7 @@ struct LossTotals {
 /// quinn's cubic behind a filter that drops loss signals no queue explains.
 pub struct DelayFilteredCubic {
     inner: Box<dyn Controller>,
-    /// (conservative RTT, minimum RTT) at the last ack.
+    /// (smoothed RTT, minimum RTT) at the last ack.
     rtt: Option<(Duration, Duration)>,
     /// Bytes acknowledged and lost since the window was last aged.
     acked: u64,
@@ -215,7 +215,12 @@ impl Controller for DelayFilteredCubic {
         app_limited: bool,
         rtt: &RttEstimator,
     ) {
-        self.rtt = Some((rtt.conservative(), rtt.min()));
+        // The smoothed RTT (ACK delay taken out), not the latest sample: a queue that
+        // fills raises both, but one late sample (a peer's delayed ACK, up to 25 ms; a
+        // busy host's scheduling) raises only the latest, and a random loss reported
+        // beside it read as congestion. On far the smoothed RTT sat 2-5 ms above the
+        // minimum when losses were reported (benches/RESULTS.md, twelfth session).
+        self.rtt = Some((rtt.get(), rtt.min()));
         self.acked += bytes;
         self.totals.acked += bytes;
         // Age the loss window: only the last few MB matter.

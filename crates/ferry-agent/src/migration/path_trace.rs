@@ -32,6 +32,7 @@ impl PathTrace {
                     t_ms = t0.elapsed().as_millis() as u64,
                     cwnd_kb = p.cwnd / 1000,
                     rtt_us = p.rtt.as_micros() as u64,
+                    min_rtt_us = p.min_rtt.as_micros() as u64,
                     sent_kb = s.udp_tx.bytes.saturating_sub(last.udp_tx.bytes) / 1000,
                     lost = p.lost_packets.saturating_sub(q.lost_packets),
                     events = p.congestion_events.saturating_sub(q.congestion_events),
