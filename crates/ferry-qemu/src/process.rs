@@ -213,12 +213,8 @@ impl QemuProcess {
     /// QEMU serves one QMP client per socket: the previous agent's
     /// connection must be gone, or this times out.
     pub async fn adopt(pid: u32, run_dir: &Path) -> Result<QemuProcess, QemuError> {
-        check_ours(pid, run_dir)?;
-        let pidfd = pidfd_open(pid).ok().map(Arc::new);
-        // Re-check: if the pid was reused between the first check and
-        // pidfd_open, the new process fails this; if it passes, the pidfd
-        // pins the process we checked.
-        check_ours(pid, run_dir)?;
+        // Without a pidfd (an old kernel) it is signalled by pid.
+        let pidfd = pin_ours(pid, run_dir)?.ok().map(Arc::new);
 
         let (exit_tx, exit_rx) = watch::channel(None);
         tokio::spawn(watch_foreign(
@@ -273,18 +269,12 @@ impl QemuProcess {
         let Some(pid) = read_pidfile(&run_dir.join("qemu.pid")) else {
             return Ok(None);
         };
-        if check_ours(pid, run_dir).is_err() {
-            return Ok(None);
-        }
-        let fd = match pidfd_open(pid) {
-            Ok(fd) => fd,
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
-            Err(e) => return Err(QemuError::io(format!("pidfd_open({pid})"), e)),
+        // Killing needs the pidfd: a pid alone could name another process by now.
+        let fd = match pin_ours(pid, run_dir) {
+            Err(_) => return Ok(None),
+            Ok(Ok(fd)) => fd,
+            Ok(Err(e)) => return Err(QemuError::io(format!("pidfd_open({pid})"), e)),
         };
-        // The pidfd pins the process; re-checked, it is the one we checked.
-        if check_ours(pid, run_dir).is_err() {
-            return Ok(None);
-        }
         match pidfd_send_sigkill(&fd) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(Some(pid)),
@@ -506,6 +496,17 @@ fn check_ours(pid: u32, run_dir: &Path) -> Result<(), QemuError> {
             run_dir: run_dir.to_owned(),
         })
     }
+}
+
+/// A pidfd for `pid` once it is checked to be the QEMU of `run_dir`, before and after
+/// opening it: a pid reused in between fails the second check, and once both pass the pidfd
+/// pins the process checked. `Err` when it is not (or no longer) that QEMU; `Ok(Err)` when
+/// it is but `pidfd_open` failed (a kernel without it).
+fn pin_ours(pid: u32, run_dir: &Path) -> Result<io::Result<OwnedFd>, QemuError> {
+    check_ours(pid, run_dir)?;
+    let fd = pidfd_open(pid);
+    check_ours(pid, run_dir)?;
+    Ok(fd)
 }
 
 fn read_pidfile(path: &Path) -> Option<u32> {
