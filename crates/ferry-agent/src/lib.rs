@@ -47,6 +47,8 @@ pub struct AgentCtx {
     /// The source QEMU's device-state save as this host's switchovers measured it: the
     /// pause the next predictions assume.
     pub device_save: Arc<preflight::DeviceSaveHistory>,
+    /// The pause from Commit sent to the target's resume, per target, as measured.
+    pub commit_tail: Arc<preflight::CommitTailHistory>,
     /// What the data plane's paths to peers carried lately (careful resume).
     pub paths: Arc<ferry_transport::resume::PathMemory>,
     /// The codec `auto` ended round 0 with, per target (the next migration starts there).

@@ -738,6 +738,33 @@ pub fn learn_device_save(previous: f64, measured_ms: f64) -> f64 {
     }
 }
 
+/// The pause's tail as the last switchovers to each target measured it: from Commit sent
+/// to the target's resume (the last pages and the device state arriving, the target's load
+/// and resume, half a round trip). On a busy host the handshake's RTT, which the model
+/// would halve, read 21-44 ms on a 20 ms path; replayed on the recorded wan sets the learned
+/// tail put 34 of 39 pauses within 20% where the model put 26 (benches/RESULTS.md, twelfth
+/// session). Same decaying average as the save ([`learn_device_save`]).
+#[derive(Debug, Default)]
+pub struct CommitTailHistory(std::sync::Mutex<std::collections::HashMap<String, f64>>);
+
+impl CommitTailHistory {
+    /// What to predict with for `target` (0: nothing measured yet).
+    pub fn get(&self, target: &str) -> f64 {
+        self.0
+            .lock()
+            .map(|m| m.get(target).copied().unwrap_or(0.0))
+            .unwrap_or(0.0)
+    }
+
+    /// Takes in one switchover's measured tail to `target`.
+    pub fn record(&self, target: &str, measured_ms: f64) {
+        if let Ok(mut m) = self.0.lock() {
+            let v = m.entry(target.to_string()).or_insert(0.0);
+            *v = learn_device_save(*v, measured_ms);
+        }
+    }
+}
+
 /// The pause's own steps around the save: the last collection before the final round
 /// leaves, and the commit (journaled) leaving after the fence.
 pub const SWITCH_STEPS_MS: f64 = 2.0;
@@ -878,13 +905,18 @@ pub fn predict(
     // A packet of the final flight lost stalls the stream the target waits on; at its
     // tail nothing later is acknowledged and the probe timeout finds it.
     let tail_recovery_s = recovery_s(round_s) * TAIL_RECOVERY_RTTS;
+    // From Commit sent to the resume: as measured to this target when known, on a
+    // lossless path (a measured tail on a lossy one holds recoveries the loss term counts).
+    let commit_tail_ms = if p.commit_tail_ms > 0.0 && loss == 0.0 {
+        p.commit_tail_ms
+    } else {
+        rtt_s * 1000.0 / 2.0 + TARGET_LOAD_MS + RESUME_MS
+    };
     let final_ms = SWITCH_STEPS_MS
         + p.device_save_ms.max(round_s * 1000.0)
         + tail_recovery_s * 1000.0
         + pause_scan_bytes as f64 / 6e9 * 1000.0
-        + rtt_s * 1000.0 / 2.0
-        + TARGET_LOAD_MS
-        + RESUME_MS;
+        + commit_tail_ms;
     p.predicted_downtime_ms = final_ms as u64;
     p.predicted_total_ms = if p.converges {
         (total_s * 1000.0 + final_ms) as u64
@@ -1125,6 +1157,7 @@ pub async fn run(
                 let mut p2 = prediction;
                 p2.codec_bytes_per_sec = speed;
                 p2.device_save_ms = ctx.device_save.get();
+                p2.commit_tail_ms = ctx.commit_tail.get(target);
                 predict(
                     &mut p2,
                     spec.memory_mib << 20,
@@ -1140,6 +1173,7 @@ pub async fn run(
                 prediction.predicted_downtime_ms = p2.predicted_downtime_ms;
                 prediction.predicted_rounds = p2.predicted_rounds;
                 prediction.device_save_ms = p2.device_save_ms;
+                prediction.commit_tail_ms = p2.commit_tail_ms;
                 let mib = |b: f64| b / f64::from(1u32 << 20);
                 let detail = format!(
                     "guest writes {:.1} MiB/s (QEMU estimate {:.1}); {codec} {:.2}x; link {:.0} MiB/s; predicted {} ms total, {} ms downtime, {} rounds",
@@ -1227,6 +1261,8 @@ pub struct Round0 {
     pub elapsed_ms: f64,
     /// The device-state save this host last measured (0: none yet, the default applies).
     pub device_save_ms: f64,
+    /// The pause's tail to this target as last measured ([`CommitTailHistory`]; 0: none).
+    pub commit_tail_ms: f64,
 }
 
 /// The prediction after round 0: the rest of the pre-copy from what round 0 measured (a
@@ -1250,6 +1286,7 @@ pub fn predict_after_round0(
         first_round_bytes: r.next_round_bytes,
         link_ramp_ms: 0.0,
         device_save_ms: r.device_save_ms,
+        commit_tail_ms: r.commit_tail_ms,
         ..Default::default()
     };
     predict(
@@ -1315,6 +1352,7 @@ mod tests {
             next_round_bytes: 20 << 20,
             elapsed_ms: 1000.0,
             device_save_ms: 0.0,
+            commit_tail_ms: 0.0,
         };
         let p = predict_after_round0(r, 512 << 20, 4, 30, 30, 0);
         assert!(p.converges && round0_refusal(&p).is_none());
@@ -1571,5 +1609,51 @@ mod admission_tests {
         // 2 + 30 + 10 + 3 + 2.
         assert_eq!(learned.predicted_downtime_ms, 47, "{learned:?}");
         assert_eq!(default.predicted_downtime_ms, 29, "{default:?}");
+    }
+
+    #[test]
+    fn the_pause_tail_is_learned_per_target_and_used_on_lossless_paths() {
+        let h = CommitTailHistory::default();
+        assert_eq!(h.get("b:7701"), 0.0);
+        h.record("b:7701", 14.0);
+        h.record("b:7701", 18.0);
+        h.record("c:7701", 40.0);
+        assert_eq!(h.get("b:7701"), 16.0, "a decaying average, newest half");
+        assert_eq!(h.get("c:7701"), 40.0, "one figure per target");
+        // A handshake RTT read at 36 ms: the model's tail is 18 + 3 + 2 = 23 ms; a
+        // measured 13 ms replaces it.
+        let base = pb::Prediction {
+            link_bytes_per_sec: 118e6,
+            rtt_ms: 36.0,
+            dirty_pages_per_sec: 12_800.0,
+            codec_ratio: 1.8,
+            codec_bytes_per_sec: f64::INFINITY,
+            first_round_bytes: 8 << 20,
+            device_save_ms: 12.0,
+            ..Default::default()
+        };
+        let mut modelled = base;
+        predict(&mut modelled, 1 << 30, 4, 30, 30, 0, false);
+        let mut learned = pb::Prediction {
+            commit_tail_ms: 13.0,
+            ..base
+        };
+        predict(&mut learned, 1 << 30, 4, 30, 30, 0, false);
+        assert_eq!(
+            modelled.predicted_downtime_ms - learned.predicted_downtime_ms,
+            10,
+            "{modelled:?} {learned:?}"
+        );
+        // On a lossy path the measured tail held recoveries: the model and its loss term.
+        let lossy = |tail| {
+            let mut p = pb::Prediction {
+                loss_rate: 0.001,
+                commit_tail_ms: tail,
+                ..base
+            };
+            predict(&mut p, 1 << 30, 4, 30, 30, 0, false);
+            p.predicted_downtime_ms
+        };
+        assert_eq!(lossy(13.0), lossy(0.0));
     }
 }

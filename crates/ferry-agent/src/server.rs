@@ -106,6 +106,7 @@ pub async fn build(cfg: AgentConfig) -> anyhow::Result<Arc<AgentCtx>> {
         metrics,
         storage,
         device_save: Default::default(),
+        commit_tail: Default::default(),
         paths: Default::default(),
         codecs: Default::default(),
         trackers: Default::default(),

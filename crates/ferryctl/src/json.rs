@@ -114,6 +114,7 @@ pub fn migration_stats(s: &MigrationStats) -> Value {
             "link_ramp_ms": finite(p.link_ramp_ms),
             "loss_rate": finite(p.loss_rate),
             "device_save_ms": finite(p.device_save_ms),
+            "commit_tail_ms": finite(p.commit_tail_ms),
         })),
     })
 }

@@ -1482,6 +1482,7 @@ impl Migration {
                     next_round_bytes: dirty.count() * PAGE_SIZE as u64,
                     elapsed_ms: self.started.elapsed().as_secs_f64() * 1000.0,
                     device_save_ms: self.ctx.device_save.get(),
+                    commit_tail_ms: self.ctx.commit_tail.get(&self.p.job.target),
                 };
                 self.after_round0(r0, wire_end as f64)?;
             }
@@ -2456,6 +2457,18 @@ impl Migration {
             }
             st.elapsed_ms = elapsed;
         });
+        // The pause's tail to this target, for the next predictions: Commit sent to the
+        // target's resume (both marks counted from the stop; the resume's is set above).
+        let tail = self
+            .h
+            .snapshot()
+            .stats
+            .and_then(|s| s.downtime_breakdown)
+            .filter(|b| b.commit_sent_us > 0 && b.commit_us > b.commit_sent_us)
+            .map(|b| (b.commit_us - b.commit_sent_us) as f64 / 1000.0);
+        if let Some(ms) = tail {
+            self.ctx.commit_tail.record(&self.p.job.target, ms);
+        }
         let m = &self.ctx.metrics;
         m.downtime.observe(downtime_ms as f64 / 1000.0);
         m.duration.observe(elapsed as f64 / 1000.0);
