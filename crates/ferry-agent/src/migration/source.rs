@@ -2443,6 +2443,9 @@ impl Migration {
             }
         }
         let elapsed = self.started.elapsed().as_millis() as u64;
+        // The pause's tail to this target, for the next predictions: Commit sent to the
+        // target's resume (both marks counted from the stop).
+        let mut tail = None;
         self.h.update(|s| {
             let st = s.stats.get_or_insert_with(Default::default);
             st.downtime_ms = downtime_ms;
@@ -2451,21 +2454,14 @@ impl Migration {
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .map(|d| d.as_micros() as i64)
                     .unwrap_or(0);
-                st.downtime_breakdown
-                    .get_or_insert_with(Default::default)
-                    .commit_us = (resume_us - stop_us).max(0) as u64;
+                let b = st.downtime_breakdown.get_or_insert_with(Default::default);
+                b.commit_us = (resume_us - stop_us).max(0) as u64;
+                if b.commit_sent_us > 0 && b.commit_us > b.commit_sent_us {
+                    tail = Some((b.commit_us - b.commit_sent_us) as f64 / 1000.0);
+                }
             }
             st.elapsed_ms = elapsed;
         });
-        // The pause's tail to this target, for the next predictions: Commit sent to the
-        // target's resume (both marks counted from the stop; the resume's is set above).
-        let tail = self
-            .h
-            .snapshot()
-            .stats
-            .and_then(|s| s.downtime_breakdown)
-            .filter(|b| b.commit_sent_us > 0 && b.commit_us > b.commit_sent_us)
-            .map(|b| (b.commit_us - b.commit_sent_us) as f64 / 1000.0);
         if let Some(ms) = tail {
             self.ctx.commit_tail.record(&self.p.job.target, ms);
         }
