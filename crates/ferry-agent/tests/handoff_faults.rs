@@ -193,6 +193,15 @@ async fn wait_settled(
     None
 }
 
+/// Starts a migration of the pair's VM (no compression, verified) and waits for it to
+/// settle, which must be FAILED; returns the source's final status.
+async fn start_failing(p: &Pair, within: Duration) -> pb::MigrationStatus {
+    let id = start(p, "", false).await;
+    let end = wait_settled(&p.a, &id, within).await.expect("settled");
+    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+    end
+}
+
 fn kill_pids(pids: &[u32]) {
     for &pid in pids {
         if let Ok(pid) = libc::pid_t::try_from(pid) {
@@ -838,11 +847,7 @@ async fn rollback_leaves_a_suspended_guest_suspended() {
         p.a.observe_qemu(VM).await,
         QemuObserved::Stopped("paused".into())
     );
-    let id = start(&p, "", false).await;
-    let end = wait_settled(&p.a, &id, Duration::from_secs(120))
-        .await
-        .expect("settled");
-    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+    let end = start_failing(&p, Duration::from_secs(120)).await;
     assert!(end.message.contains("left suspended"), "{end:?}");
     assert_eq!(
         p.a.observe_qemu(VM).await,
@@ -945,11 +950,7 @@ async fn full_ram_directory_on_the_target_is_refused_before_anything_moves() {
     let p = pair(None, None).await;
     let _full = SmallTmpfs::mount(p.b.ram_dir(), 64);
     boot(&p.a).await;
-    let id = start(&p, "", false).await;
-    let end = wait_settled(&p.a, &id, Duration::from_secs(120))
-        .await
-        .expect("settled");
-    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+    let end = start_failing(&p, Duration::from_secs(120)).await;
     assert!(
         end.error.contains("do not fit in the RAM directory") && end.error.contains("MiB free"),
         "{end:?}"
@@ -969,11 +970,7 @@ async fn full_ram_directory_on_the_target_is_refused_before_anything_moves() {
 async fn target_failing_during_precopy(target_failpoints: &str) -> (Pair, pb::MigrationStatus) {
     let p = pair(None, Some(target_failpoints)).await;
     boot(&p.a).await;
-    let id = start(&p, "", false).await;
-    let end = wait_settled(&p.a, &id, Duration::from_secs(180))
-        .await
-        .expect("settled");
-    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+    let end = start_failing(&p, Duration::from_secs(180)).await;
     assert!(!lists_vm(&p.b).await, "the target keeps no VM");
     assert_runs_on_the_source_only(&p).await;
     (p, end)
