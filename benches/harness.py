@@ -234,6 +234,12 @@ class QemuCpuSampler(threading.Thread):
             c = proc_cpu_split(pid)
             if c is None:
                 continue
+            prev = self.last.get(pid)
+            if prev is not None and c[1] < prev[1]:
+                # A QEMU exiting: its vCPU threads left the task list, their time stays in
+                # the process total. Keep their last count (without it, one run of s25-far
+                # read -5.73 vCPU-s and charged the difference to QEMU's other threads).
+                c = (c[0] + c[1] - prev[1], prev[1])
             self.first.setdefault(pid, c)
             self.last[pid] = c
 
