@@ -766,6 +766,7 @@ mod tests {
             page, [0u8; PAGE_SIZE],
             "nothing of the corrupt frame is written"
         );
+        // Only now may the stream end: the error above came while it was open.
         drop(w);
     }
 
