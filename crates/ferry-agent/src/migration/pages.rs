@@ -670,6 +670,19 @@ mod tests {
         (connected.unwrap(), accepted.unwrap().unwrap(), dir)
     }
 
+    /// The target's side: applies the connection's first unidirectional stream to `dst`.
+    fn spawn_apply(
+        conn: quinn::Connection,
+        dst: Arc<RamFile>,
+        applied: Arc<AppliedCounter>,
+    ) -> tokio::task::JoinHandle<Result<(), PageError>> {
+        tokio::spawn(async move {
+            let recv = conn.accept_uni().await.unwrap();
+            let sums = Arc::new(PageSums::new(dst.page_count()));
+            apply_page_stream(FrameReader::new(recv), dst, applied, sums).await
+        })
+    }
+
     /// Over a real QUIC connection on loopback: every frame of a page stream is counted
     /// as written while the stream stays open — the source waits for that count before
     /// it sends on, so a count that waited for the next frame to arrive would hang it —
@@ -686,14 +699,7 @@ mod tests {
         }
         let dst = Arc::new(RamFile::create(dir.path().join("target"), bytes).unwrap());
         let applied = Arc::new(AppliedCounter::default());
-        let target = tokio::spawn({
-            let (dst, applied) = (dst.clone(), applied.clone());
-            async move {
-                let recv = conn_t.accept_uni().await.unwrap();
-                let sums = Arc::new(PageSums::new(pages));
-                apply_page_stream(FrameReader::new(recv), dst, applied, sums).await
-            }
-        });
+        let target = spawn_apply(conn_t, dst.clone(), applied.clone());
         let stream = conn_s.open_uni().await.unwrap();
         let mut sender = PageSender::new(
             vec![FrameWriter::new(stream)],
@@ -735,14 +741,7 @@ mod tests {
         let dst =
             Arc::new(RamFile::create(dir.path().join("target"), pages * PAGE_SIZE as u64).unwrap());
         let applied = Arc::new(AppliedCounter::default());
-        let target = tokio::spawn({
-            let (dst, applied) = (dst.clone(), applied.clone());
-            async move {
-                let recv = conn_t.accept_uni().await.unwrap();
-                let sums = Arc::new(PageSums::new(pages));
-                apply_page_stream(FrameReader::new(recv), dst, applied, sums).await
-            }
-        });
+        let target = spawn_apply(conn_t, dst.clone(), applied.clone());
         let mut w = FrameWriter::new(conn_s.open_uni().await.unwrap());
         let data = vec![7u8; PAGE_SIZE];
         let run = |first| [PageRun { first, count: 1 }];
