@@ -7,7 +7,7 @@ use crate::journal::{Journal, VmRecord};
 use ferry_api::v1 as pb;
 use ferry_qemu::{QemuLaunch, QemuProcess, VmSpec};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::Status;
@@ -232,6 +232,16 @@ impl VmManager {
         prepare_dirs(&launch).map_err(|err| Status::internal(format!("VM '{name}': {err}")))?;
         // A RAM file left by a crash would be reused by QEMU: start from a clean one.
         let _ = std::fs::remove_file(&launch.ram_path);
+        if e.spec.memory_prealloc {
+            preallocate_ram(&launch.ram_path, e.spec.memory_mib << 20)
+                .await
+                .map_err(|err| {
+                    Status::resource_exhausted(format!(
+                        "VM '{name}' on host {}: cannot allocate its {} MiB of RAM: {err}",
+                        self.cfg.host_name, e.spec.memory_mib
+                    ))
+                })?;
+        }
         let proc = QemuProcess::spawn(&launch, &self.cfg.qemu_binary)
             .await
             .map_err(|err| {
@@ -819,6 +829,22 @@ pub fn prepare_dirs(l: &QemuLaunch) -> std::io::Result<()> {
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+/// A VM's RAM file made with every page allocated (`memory_prealloc`), before its QEMU
+/// opens it: `fallocate` rather than QEMU's `prealloc=on`, which writes every page and
+/// leaves them all for the migration's scan to read as data. A half-made file is removed.
+pub async fn preallocate_ram(path: &Path, bytes: u64) -> Result<(), String> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let ram = ferry_memory::RamFile::create(&path, bytes).map_err(|e| e.to_string())?;
+        ram.reserve().map_err(|e| {
+            let _ = std::fs::remove_file(&path);
+            e.to_string()
+        })
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 /// Removes a VM's RAM file and run directory.

@@ -103,12 +103,14 @@ async fn start(p: &Pair, compress: &str, skip_verify: bool) -> String {
 }
 
 async fn boot(agent: &TestAgent) -> pb::VmInfo {
-    boot_with_disk(agent, false).await
+    boot_with(agent, false, false).await
 }
 
 /// Boots the guest; with `disk`, it also writes (and later verifies) a 64 MiB qcow2 disk
-/// in the agent's own storage root, which travels in a migration (no shared storage).
-async fn boot_with_disk(agent: &TestAgent, disk: bool) -> pb::VmInfo {
+/// in the agent's own storage root, which travels in a migration (no shared storage);
+/// with `prealloc`, its RAM is allocated in full on each host (`memory_prealloc`: only
+/// then does the target allocate the RAM file's holes, at `tgt.ram.reserve`).
+async fn boot_with(agent: &TestAgent, disk: bool, prealloc: bool) -> pb::VmInfo {
     let g = guest_artifacts().expect("guest artifacts: run scripts/build-guest.sh");
     let mut spec = pb::VmSpec {
         name: VM.into(),
@@ -117,6 +119,7 @@ async fn boot_with_disk(agent: &TestAgent, disk: bool) -> pb::VmInfo {
         kernel: g.kernel.display().to_string(),
         initrd: g.initrd.display().to_string(),
         cmdline: workload_cmdline(96, 5.0, "realistic", 11),
+        memory_prealloc: prealloc,
         ..Default::default()
     };
     if disk {
@@ -361,7 +364,7 @@ async fn run_cell(point: &'static str, fault: Fault, skip_verify: bool) -> Cell 
         });
     }
     let mut p = pair(fa.as_deref(), fb.as_deref()).await;
-    let _info = boot_with_disk(&p.a, point == "src.disks.ready").await;
+    let _info = boot_with(&p.a, point == "src.disks.ready", point == "tgt.ram.reserve").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let id = start(&p, "lz4", skip_verify).await;
     let reached = wait_point(&mut p, point, &id).await;
@@ -967,9 +970,12 @@ async fn full_ram_directory_on_the_target_is_refused_before_anything_moves() {
 /// A migration whose target fails during pre-copy (`target_failpoints` armed on B): it
 /// ends FAILED, the target keeps no VM, and the guest runs on the source only (both QEMUs
 /// asked, its memory checked). Returns the pair and the source's final status.
-async fn target_failing_during_precopy(target_failpoints: &str) -> (Pair, pb::MigrationStatus) {
+async fn target_failing_during_precopy(
+    target_failpoints: &str,
+    prealloc: bool,
+) -> (Pair, pb::MigrationStatus) {
     let p = pair(None, Some(target_failpoints)).await;
-    boot(&p.a).await;
+    boot_with(&p.a, false, prealloc).await;
     let end = start_failing(&p, Duration::from_secs(180)).await;
     assert!(!lists_vm(&p.b).await, "the target keeps no VM");
     assert_runs_on_the_source_only(&p).await;
@@ -984,7 +990,7 @@ async fn target_failing_during_precopy(target_failpoints: &str) -> (Pair, pb::Mi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_qemu_failing_to_start_during_precopy_rolls_back() {
     let _s = SERIAL.lock().await;
-    let (p, end) = target_failing_during_precopy("tgt.qemu.started=return(error)").await;
+    let (p, end) = target_failing_during_precopy("tgt.qemu.started=return(error)", false).await;
     assert!(
         end.error.contains("target QEMU") && end.error.contains("tgt.qemu.started"),
         "{end:?}"
@@ -996,14 +1002,15 @@ async fn target_qemu_failing_to_start_during_precopy_rolls_back() {
     );
 }
 
-/// The RAM file is allocated while pre-copy runs; when that fails (injected at
-/// `tgt.ram.reserve`: the test double stands for a RAM directory filled by someone else
-/// after Prepare's check), the target refuses the device state and the migration rolls
-/// back: the guest runs on the source only, asked of both QEMUs, memory intact.
+/// A VM with `memory_prealloc` has its RAM file allocated in full while pre-copy runs;
+/// when that fails (injected at `tgt.ram.reserve`: the test double stands for a RAM
+/// directory filled by someone else after Prepare's check), the target refuses the device
+/// state and the migration rolls back: the guest runs on the source only, asked of both
+/// QEMUs, memory intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ram_allocation_failing_during_precopy_rolls_back() {
     let _s = SERIAL.lock().await;
-    let (_p, end) = target_failing_during_precopy("tgt.ram.reserve=return(error)").await;
+    let (_p, end) = target_failing_during_precopy("tgt.ram.reserve=return(error)", true).await;
     assert!(
         end.error.contains("cannot allocate the guest's RAM"),
         "{end:?}"

@@ -204,3 +204,100 @@ async fn history_and_vms_survive_an_agent_restart() {
     .await
     .expect("stop adopted VM");
 }
+
+/// A VM with `memory_prealloc` whose RAM does not fit its host's RAM directory (a 64 MiB
+/// tmpfs mounted over it, for a 128 MiB guest) is refused at start with a clear error,
+/// stays defined, and leaves no RAM file behind; once it fits, it starts with its RAM
+/// held in full. Needs root (the mount), like the rest of these tests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preallocated_vm_that_does_not_fit_is_refused_at_start_and_leaves_nothing() {
+    use std::os::unix::fs::MetadataExt;
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = TestPki::new(&dir.path().join("pki"), &["a"]).expect("pki");
+    let a = TestAgent::start(&ferryd(), "a", &pki, dir.path(), "tcg")
+        .await
+        .expect("a");
+    let ram_dir = a.ram_dir().to_path_buf();
+    let mount = |size: &str| {
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&ram_dir)
+            .status()
+            .expect("mount");
+        assert!(
+            st.success(),
+            "mount a {size} tmpfs on {}",
+            ram_dir.display()
+        );
+    };
+    let umount = || {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&ram_dir)
+            .status();
+    };
+    mount("64M");
+    let g = guest_artifacts().expect("guest artifacts: run scripts/build-guest.sh");
+    let spec = pb::VmSpec {
+        name: "big01".into(),
+        vcpus: 1,
+        memory_mib: 128,
+        memory_prealloc: true,
+        kernel: g.kernel.display().to_string(),
+        initrd: g.initrd.display().to_string(),
+        cmdline: workload_cmdline(16, 1.0, "realistic", 5),
+        ..Default::default()
+    };
+    let mut ca = a.client().await.expect("client");
+    ca.define_vm(pb::DefineVmRequest {
+        spec: Some(spec.clone()),
+    })
+    .await
+    .expect("define");
+    let refused = ca
+        .start_vm(pb::VmRef {
+            name: "big01".into(),
+        })
+        .await;
+    let left: Vec<_> = std::fs::read_dir(&ram_dir)
+        .expect("RAM dir")
+        .filter_map(|e| e.ok().map(|e| e.file_name()))
+        .collect();
+    umount();
+    let e = refused.expect_err("128 MiB of preallocated RAM cannot fit in 64 MiB");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("cannot allocate its 128 MiB of RAM") && e.message().contains("big01"),
+        "{e:?}"
+    );
+    assert!(
+        left.is_empty(),
+        "nothing left in the RAM directory: {left:?}"
+    );
+    let vm = ca
+        .get_vm(pb::VmRef {
+            name: "big01".into(),
+        })
+        .await
+        .expect("still defined")
+        .into_inner();
+    assert_eq!(vm.state, pb::VmState::Defined as i32);
+    assert_eq!(vm.pid, 0);
+    // With room (the tmpfs gone), the same VM starts, its RAM held in full.
+    let vm = ca
+        .start_vm(pb::VmRef {
+            name: "big01".into(),
+        })
+        .await
+        .expect("start once it fits")
+        .into_inner();
+    let held = std::fs::metadata(&vm.ram_file).expect("RAM file").blocks() * 512;
+    assert!(held >= 128 << 20, "preallocated: {held} bytes held");
+    ca.stop_vm(pb::StopVmRequest {
+        name: "big01".into(),
+        force: true,
+    })
+    .await
+    .expect("stop");
+}

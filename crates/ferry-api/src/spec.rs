@@ -8,6 +8,7 @@ use std::path::PathBuf;
 /// A gRPC VM spec to a validated [`VmSpec`] (empty fields take their defaults).
 pub fn from_pb(p: &pb::VmSpec) -> Result<VmSpec, String> {
     let mut s = VmSpec::new(p.name.clone(), p.memory_mib);
+    s.memory_prealloc = p.memory_prealloc;
     if p.vcpus != 0 {
         s.vcpus = p.vcpus;
     }
@@ -64,6 +65,7 @@ pub fn to_pb(s: &VmSpec) -> pb::VmSpec {
         name: s.name.clone(),
         vcpus: s.vcpus,
         memory_mib: s.memory_mib,
+        memory_prealloc: s.memory_prealloc,
         cpu_model: s.cpu_model.clone(),
         machine: s.machine.clone(),
         accel: s.accel.clone().unwrap_or_default(),

@@ -60,6 +60,14 @@ pub struct VmSpec {
     pub vcpus: u32,
     /// Guest memory in MiB, 16..=1048576.
     pub memory_mib: u64,
+    /// Allocate all of the guest's memory on the host before the guest runs: when the VM
+    /// starts, and on a migration's target before the guest resumes there (libvirt's
+    /// `<allocation mode="immediate">`). Without it (the default) the host gives the guest
+    /// memory as it writes it, and a migrated guest holds on its target only the pages that
+    /// arrived — but a host whose RAM directory fills up later kills a guest that touches a
+    /// page it never had (SIGBUS), as with any sparse VM.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub memory_prealloc: bool,
     /// QEMU `-cpu` value: a model name, optionally followed by
     /// `,feature` flags (`qemu64,+ssse3`). Passed to QEMU verbatim.
     #[serde(default = "default_cpu_model")]
@@ -203,6 +211,7 @@ impl VmSpec {
             name: name.into(),
             vcpus: default_vcpus(),
             memory_mib,
+            memory_prealloc: false,
             cpu_model: default_cpu_model(),
             machine: default_machine(),
             accel: None,

@@ -12,6 +12,7 @@ pub fn vm_spec(s: &VmSpec) -> Value {
         "name": s.name,
         "vcpus": s.vcpus,
         "memory_mib": s.memory_mib,
+        "memory_prealloc": s.memory_prealloc,
         "cpu_model": s.cpu_model,
         "machine": s.machine,
         "accel": s.accel,

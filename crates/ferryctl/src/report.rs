@@ -209,7 +209,18 @@ pub fn vm_details(vm: &VmInfo) -> String {
     kv("name", or_dash(&spec.name));
     kv("state", vm_state_name(vm.state()));
     kv("vcpus", &spec.vcpus.to_string());
-    kv("memory", &format!("{} MiB", spec.memory_mib));
+    kv(
+        "memory",
+        &format!(
+            "{} MiB{}",
+            spec.memory_mib,
+            if spec.memory_prealloc {
+                " (preallocated)"
+            } else {
+                ""
+            }
+        ),
+    );
     kv(
         "cpu model",
         if spec.cpu_model.is_empty() {

@@ -11,6 +11,7 @@ const SPEC_KEYS: &[&str] = &[
     "name",
     "vcpus",
     "memory_mib",
+    "memory_prealloc",
     "cpu_model",
     "machine",
     "accel",
@@ -89,6 +90,7 @@ mod tests {
         name = "web1"
         vcpus = 2
         memory_mib = 512
+        memory_prealloc = true
         accel = "tcg"
         kernel = "/var/lib/ferry/vmlinuz"
         initrd = "/var/lib/ferry/initrd"
@@ -119,6 +121,7 @@ mod tests {
         assert_eq!(s.name, "web1");
         assert_eq!(s.vcpus, 2);
         assert_eq!(s.memory_mib, 512);
+        assert!(s.memory_prealloc);
         assert_eq!(s.cpu_model, ferry_qemu::DEFAULT_CPU_MODEL);
         assert_eq!(s.machine, ferry_qemu::DEFAULT_MACHINE);
         assert_eq!(s.accel, "tcg");
@@ -149,6 +152,10 @@ mod tests {
     fn minimal_spec_leaves_optional_fields_empty() {
         let s = spec_from_toml("name = \"a\"\nmemory_mib = 64\nkernel = \"/k\"\n").expect("valid");
         assert_eq!(s.vcpus, 1);
+        assert!(
+            !s.memory_prealloc,
+            "RAM is allocated as the guest writes it"
+        );
         assert_eq!(s.accel, "");
         assert_eq!(s.initrd, "");
         assert_eq!(s.cmdline, "");

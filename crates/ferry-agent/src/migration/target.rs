@@ -437,9 +437,10 @@ impl IncomingRegistry {
         let launch = self.vms.launch_for(spec, true);
         prepare_dirs(&launch).map_err(|e| err("run directory", &e))?;
         let _ = std::fs::remove_file(&launch.ram_path);
-        // Admission checked the RAM directory's room. The pages themselves are allocated
-        // (fallocate) while the pre-copy runs: ~240 ms per GiB here, which Prepare used to
-        // add to every migration.
+        // Admission checked the RAM directory's room for all of the guest's RAM. The pages
+        // are allocated as they arrive; a VM with `memory_prealloc` has the rest allocated
+        // too (fallocate) while the pre-copy runs: ~240 ms per GiB here, which Prepare used
+        // to add to every migration.
         let (path, bytes) = (launch.ram_path.clone(), spec.memory_mib << 20);
         let ram = tokio::task::spawn_blocking(move || RamFile::create(&path, bytes))
             .await
@@ -490,7 +491,7 @@ impl IncomingRegistry {
             }
         };
         Ok(Arc::new(Incoming {
-            reserved: self.reserve_in_background(ram.clone()),
+            reserved: self.reserve_in_background(ram.clone(), spec.memory_prealloc),
             id: id.to_string(),
             token: token.to_string(),
             peer: peer.to_string(),
@@ -823,11 +824,17 @@ impl IncomingRegistry {
         r
     }
 
-    /// Allocates the rest of the RAM file off the runtime; the channel says how it went.
+    /// Allocates the rest of the RAM file off the runtime when the VM asks for its memory
+    /// preallocated; the channel says how it went (at once, when it does not: its pages are
+    /// allocated as they arrive, and by the guest as it writes).
     fn reserve_in_background(
         &self,
         ram: Arc<RamFile>,
+        prealloc: bool,
     ) -> watch::Receiver<Option<Result<(), String>>> {
+        if !prealloc {
+            return watch::channel(Some(Ok(()))).1;
+        }
         let (tx, rx) = watch::channel(None);
         let state_dir = self.cfg.state_dir.clone();
         tokio::spawn(async move {
