@@ -1246,7 +1246,7 @@ fn report(
 pub struct Round0 {
     /// Wire bytes per second round 0 moved (the link, or the compressor if slower).
     pub wire_bytes_per_sec: f64,
-    /// The path's RTT before round 0 loaded it (the handshake's).
+    /// The path's RTT without load: QUIC's least sample (the handshake's when none).
     pub rtt_ms: f64,
     /// Share of the packets round 0 sent that were lost.
     pub loss_rate: f64,
