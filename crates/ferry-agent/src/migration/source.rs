@@ -3025,9 +3025,6 @@ fn queued_ms(unconfirmed: &VecDeque<Unconfirmed>, bw: f64, rtt: Duration) -> f64
     (bytes as f64 - bw * rtt.as_secs_f64()).max(0.0) / bw * 1000.0
 }
 
-/// How long the link carried a round that began sending at `started` and was confirmed at
-/// `confirmed`: from its start or the previous round's confirmation (`last`), whichever is
-/// later — with pipelined rounds the link was busy with the previous round until then.
 /// The path's round trip without load or processing: the least sample QUIC took (its
 /// ack delay not subtracted), which the handshake's figure (`base_rtt`) is not — that one
 /// holds the handshake's crypto, 23-38 ms on a 20 ms path here.
@@ -3044,6 +3041,9 @@ fn least_rtt(min_rtt: Duration, base_rtt: Duration) -> Duration {
     }
 }
 
+/// How long the link carried a round that began sending at `started` and was confirmed at
+/// `confirmed`: from its start or the previous round's confirmation (`last`), whichever is
+/// later — with pipelined rounds the link was busy with the previous round until then.
 fn link_busy_secs(last: Option<Instant>, started: Instant, confirmed: Instant) -> f64 {
     let from = last.map_or(started, |l| l.max(started));
     confirmed.saturating_duration_since(from).as_secs_f64()
