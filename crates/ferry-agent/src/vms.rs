@@ -245,6 +245,8 @@ impl VmManager {
         let proc = QemuProcess::spawn(&launch, &self.cfg.qemu_binary)
             .await
             .map_err(|err| {
+                // A preallocated file holds the guest's whole RAM: not left behind.
+                let _ = std::fs::remove_file(&launch.ram_path);
                 Status::internal(format!(
                     "starting VM '{name}' on host {}: {err}",
                     self.cfg.host_name
