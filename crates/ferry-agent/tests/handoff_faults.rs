@@ -1016,3 +1016,40 @@ async fn ram_allocation_failing_during_precopy_rolls_back() {
         "{end:?}"
     );
 }
+
+/// A target whose RAM directory fills up after Prepare admitted the guest (someone else's
+/// file written while the target is held at `tgt.hello.done`, before any page moved): the
+/// default guest's pages take room as they arrive, meet ENOSPC on the target, and the
+/// target ends the migration saying so; it rolls back, the guest runs on the source only
+/// (both QEMUs asked, its memory checked), and the target keeps no VM and no RAM file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ram_directory_filling_up_during_precopy_rolls_back() {
+    let _s = SERIAL.lock().await;
+    let mut p = pair(None, Some("tgt.hello.done=return(hang)")).await;
+    // Room for the 256 MiB guest at admission…
+    let _tmpfs = SmallTmpfs::mount(p.b.ram_dir(), 320);
+    boot(&p.a).await;
+    let id = start(&p, "", false).await;
+    assert!(
+        p.b.wait_failpoint("tgt.hello.done", Duration::from_secs(60))
+            .await,
+        "the target reached the hello:\n{}",
+        p.b.log_tail()
+    );
+    // …then 300 MiB of someone else's: 20 MiB left, less than the guest's pages.
+    let filler = p.b.ram_dir().join("someone-else");
+    std::fs::write(&filler, vec![1u8; 300 << 20]).expect("fill the RAM directory");
+    p.b.release_failpoint().expect("release");
+    let end = wait_settled(&p.a, &id, Duration::from_secs(120))
+        .await
+        .expect("settled");
+    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+    assert!(end.error.contains("No space left on device"), "{end:?}");
+    assert!(!lists_vm(&p.b).await, "the target keeps no VM");
+    assert_eq!(
+        files_in(p.b.ram_dir()),
+        vec!["someone-else".to_string()],
+        "no RAM file left on the target"
+    );
+    assert_runs_on_the_source_only(&p).await;
+}

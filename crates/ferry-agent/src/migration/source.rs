@@ -1263,7 +1263,10 @@ impl Migration {
                 loop {
                     tokio::select! {
                         r = &mut send => {
-                            r.map_err(fail(at, "send pages"))?;
+                            if let Err(e) = r {
+                                let why = why_sending_failed(&mut link.ctl_rx, e).await;
+                                return Err(fail(at, "send pages")(why));
+                            }
                             break;
                         }
                         _ = tick.tick() => {}
@@ -1754,9 +1757,14 @@ impl Migration {
                     fail(at, "send final pages")(format!(
                         "the final round did not leave within {pause_deadline:?} (link stalled?)"
                     ))
-                })?
-                .map(|_| sender.batches_total())
-                .map_err(fail(at, "send final pages"))?;
+                })?;
+        let final_batches = match final_batches {
+            Ok(_) => sender.batches_total(),
+            Err(e) => {
+                let why = why_sending_failed(&mut link.ctl_rx, e).await;
+                return Err(fail(at, "send final pages")(why));
+            }
+        };
         let t_sent = t_final.elapsed();
         self.record_round(pb::RoundRecord {
             round,
@@ -3112,6 +3120,28 @@ pub struct Arrived {
 
 /// The control stream's messages as [`spawn_control_reader`] delivers them.
 pub type ControlRx = mpsc::Receiver<Result<Arrived, String>>;
+
+/// How long a failed page send waits for the target to say why.
+const TARGET_REASON_WAIT: Duration = Duration::from_secs(2);
+
+/// Why sending pages failed: a target that stops reading its page streams (a page it
+/// could not write, ENOSPC on a full RAM directory) says why on the control stream, and
+/// that is what the operator needs rather than "stopped by peer"; the send's own error
+/// when the target says nothing within [`TARGET_REASON_WAIT`].
+async fn why_sending_failed(rx: &mut ControlRx, e: impl std::fmt::Display) -> String {
+    let deadline = tokio::time::Instant::now() + TARGET_REASON_WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(Ok(Arrived {
+                msg: ControlMessage::Error { message },
+                ..
+            }))) => return format!("target reported: {message}"),
+            // Confirmations of earlier rounds: the reason may follow them.
+            Ok(Some(Ok(_))) => continue,
+            _ => return e.to_string(),
+        }
+    }
+}
 
 async fn recv_control_at(rx: &mut ControlRx, timeout: Duration, phase: Phase) -> Res<Arrived> {
     match tokio::time::timeout(timeout, rx.recv()).await {
