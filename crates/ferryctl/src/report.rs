@@ -885,9 +885,19 @@ mod tests {
             "disk disk0      /d.raw (raw, read-only)",
             "nic net0        bridge br0, auto MAC",
             "cpu model       (default)",
+            "memory          512 MiB\n",
         ] {
             assert!(d.contains(want), "missing {want:?} in\n{d}");
         }
+        let mut pre = vm();
+        if let Some(s) = pre.spec.as_mut() {
+            s.memory_prealloc = true;
+        }
+        let d = vm_details(&pre);
+        assert!(
+            d.contains("memory          512 MiB (preallocated)\n"),
+            "{d}"
+        );
     }
 
     fn status(phase: MigrationPhase) -> MigrationStatus {
