@@ -144,27 +144,48 @@ fn bridges() -> Vec<String> {
     v
 }
 
+/// Guest RAM the VMs on a host may still take: each one's size less what its RAM file
+/// holds, `(size, held)` per VM. A guest's RAM is allocated as it writes it (unless
+/// preallocated), so the room it has not taken yet is promised to it. Pure; the caller
+/// measures.
+pub fn ram_promised(vms: impl IntoIterator<Item = (u64, u64)>) -> u64 {
+    vms.into_iter()
+        .map(|(size, held)| size.saturating_sub(held))
+        .fold(0u64, u64::saturating_add)
+}
+
 /// Admission of a guest's RAM on a host: `need` bytes of RAM file must fit in the RAM
 /// directory (`ram_dir_free`, 0 when unknown) and in available memory less `reserve`
-/// (tmpfs pages are memory). Pure; the caller measures.
+/// (tmpfs pages are memory), beside the `promised` bytes the guests already there may
+/// still take ([`ram_promised`]). Pure; the caller measures.
 pub fn memory_admission(
     need: u64,
     mem_available: u64,
     ram_dir_free: u64,
     reserve: u64,
+    promised: u64,
 ) -> Result<(), String> {
+    let want = need.saturating_add(promised);
+    let beside = if promised > 0 {
+        format!(
+            " beside the {} MiB the guests already there may still take",
+            promised >> 20
+        )
+    } else {
+        String::new()
+    };
     let mem = mem_available.saturating_sub(reserve);
-    if need > mem {
+    if want > mem {
         return Err(format!(
-            "{} MiB of guest RAM do not fit: {} MiB available, {} MiB of it kept in reserve (migration.memory_reserve_mib)",
+            "{} MiB of guest RAM do not fit{beside}: {} MiB available, {} MiB of it kept in reserve (migration.memory_reserve_mib)",
             need >> 20,
             mem_available >> 20,
             reserve >> 20
         ));
     }
-    if ram_dir_free != 0 && need > ram_dir_free {
+    if ram_dir_free != 0 && want > ram_dir_free {
         return Err(format!(
-            "{} MiB of guest RAM do not fit in the RAM directory: {} MiB free there",
+            "{} MiB of guest RAM do not fit in the RAM directory{beside}: {} MiB free there",
             need >> 20,
             ram_dir_free >> 20
         ));
@@ -265,6 +286,7 @@ pub async fn host_facts(ctx: &AgentCtx) -> pb::HostFacts {
         cert_not_after_unix: own.as_ref().map(|i| i.not_after_unix).unwrap_or(0),
         ram_reserve_bytes: ctx.cfg.migration.memory_reserve_mib << 20,
         agent_cpu_seconds: own_cpu_seconds(),
+        ram_promised_bytes: ctx.vms.ram_promised().await,
         storage_roots: ctx
             .cfg
             .storage_roots
@@ -517,6 +539,7 @@ pub fn compare(
             t.mem_available_bytes,
             t.ram_dir_free_bytes,
             t.ram_reserve_bytes,
+            t.ram_promised_bytes,
         ) {
             Ok(()) => check(
                 "memory",
@@ -1526,11 +1549,37 @@ mod admission_tests {
 
     #[test]
     fn memory_admission_keeps_the_reserve_and_fits_the_ram_dir() {
-        assert!(memory_admission(1024 * MIB, 4096 * MIB, 0, 512 * MIB).is_ok());
-        let e = memory_admission(4000 * MIB, 4096 * MIB, 0, 512 * MIB).expect_err("reserve");
+        assert!(memory_admission(1024 * MIB, 4096 * MIB, 0, 512 * MIB, 0).is_ok());
+        let e = memory_admission(4000 * MIB, 4096 * MIB, 0, 512 * MIB, 0).expect_err("reserve");
         assert!(e.contains("memory_reserve_mib"), "{e}");
-        let e = memory_admission(1024 * MIB, 8192 * MIB, 512 * MIB, 0).expect_err("ram dir");
+        let e = memory_admission(1024 * MIB, 8192 * MIB, 512 * MIB, 0, 0).expect_err("ram dir");
         assert!(e.contains("RAM directory: 512 MiB free"), "{e}");
+    }
+
+    #[test]
+    fn memory_admission_counts_what_the_guests_already_there_may_still_take() {
+        // Two sparse guests of 2 GiB holding 512 MiB each: 3 GiB promised.
+        let promised = ram_promised([(2048 * MIB, 512 * MIB), (2048 * MIB, 512 * MIB)]);
+        assert_eq!(promised, 3072 * MIB);
+        // A preallocated guest (its file holds all of it) promises nothing more.
+        assert_eq!(ram_promised([(1024 * MIB, 1024 * MIB)]), 0);
+        // 4000 MiB free in the RAM directory hold a 1 GiB guest alone, not beside the 3 GiB.
+        assert!(memory_admission(1024 * MIB, 64 << 30, 4000 * MIB, 0, 0).is_ok());
+        let e =
+            memory_admission(1024 * MIB, 64 << 30, 4000 * MIB, 0, promised).expect_err("promised");
+        assert!(
+            e.contains("beside the 3072 MiB the guests already there may still take"),
+            "{e}"
+        );
+        assert!(
+            memory_admission(1024 * MIB, 64 << 30, 4000 * MIB, 0, promised - 100 * MIB).is_ok()
+        );
+        // The same in memory.
+        let e = memory_admission(1024 * MIB, 4000 * MIB, 0, 0, promised).expect_err("memory");
+        assert!(
+            e.contains("memory_reserve_mib") && e.contains("3072 MiB"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -414,6 +414,31 @@ impl VmManager {
         v
     }
 
+    /// Guest RAM the VMs with a QEMU here, or arriving, may still take: each one's size
+    /// less what its RAM file holds ([`crate::preflight::ram_promised`]).
+    pub async fn ram_promised(&self) -> u64 {
+        let files: Vec<(u64, PathBuf)> = {
+            let vms = self.vms.lock().await;
+            vms.values()
+                .filter(|e| {
+                    matches!(
+                        e.state,
+                        pb::VmState::Running
+                            | pb::VmState::Paused
+                            | pb::VmState::Migrating
+                            | pb::VmState::Incoming
+                    )
+                })
+                .map(|e| (e.spec.memory_mib << 20, self.cfg.ram_path(&e.spec.name)))
+                .collect()
+        };
+        crate::preflight::ram_promised(
+            files
+                .into_iter()
+                .map(|(size, path)| (size, allocated_bytes(&path))),
+        )
+    }
+
     /// Marks a running (or suspended) VM as the source of `migration`, journaled, and
     /// hands out its spec, its process and whether the guest was running.
     pub async fn begin_outgoing(
@@ -847,6 +872,14 @@ pub async fn preallocate_ram(path: &Path, bytes: u64) -> Result<(), String> {
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+/// Bytes of host memory a file holds (its allocated blocks; 0 when it does not exist).
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| m.blocks().saturating_mul(512))
+        .unwrap_or(0)
 }
 
 /// Removes a VM's RAM file and run directory.

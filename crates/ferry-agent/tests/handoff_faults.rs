@@ -1053,3 +1053,78 @@ async fn ram_directory_filling_up_during_precopy_rolls_back() {
     );
     assert_runs_on_the_source_only(&p).await;
 }
+
+/// Admission counts what the guests already on the target may still take: a guest's RAM
+/// is allocated as it writes it, so the room its file does not hold yet is promised to
+/// it. The target's RAM directory (a tmpfs) gets a running 512 MiB guest of its own and
+/// someone else's file leaving room for the 256 MiB guest alone but not beside what that
+/// guest may still take: the migration is refused before a page moves, saying so, and
+/// both guests run where they were (their QEMUs asked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_target_counts_what_its_own_guests_may_still_take() {
+    use std::os::unix::fs::MetadataExt;
+    let _s = SERIAL.lock().await;
+    let p = pair(None, None).await;
+    let _tmpfs = SmallTmpfs::mount(p.b.ram_dir(), 1024);
+    let g = guest_artifacts().expect("guest artifacts: run scripts/build-guest.sh");
+    let resident =
+        p.b.define_and_boot(pb::VmSpec {
+            name: "resident01".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            kernel: g.kernel.display().to_string(),
+            initrd: g.initrd.display().to_string(),
+            cmdline: workload_cmdline(32, 1.0, "realistic", 3),
+            ..Default::default()
+        })
+        .await
+        .expect("boot the target's own guest");
+    boot(&p.a).await;
+    let held = std::fs::metadata(&resident.ram_file)
+        .expect("RAM file")
+        .blocks()
+        * 512;
+    let promised = (512u64 << 20).saturating_sub(held);
+    assert!(
+        promised > 64 << 20,
+        "a sparse guest: {held} of 512 MiB held"
+    );
+    // Leave room for the 256 MiB guest and half of what the resident one may still take.
+    let free = fs_free_bytes(p.b.ram_dir()).expect("statvfs");
+    let leave = (256u64 << 20) + promised / 2;
+    assert!(free > leave, "{free} free");
+    let filler = p.b.ram_dir().join("someone-else");
+    std::fs::write(&filler, vec![1u8; (free - leave) as usize]).expect("fill");
+    let end = start_failing(&p, Duration::from_secs(120)).await;
+    assert!(
+        end.error
+            .contains("do not fit in the RAM directory beside the")
+            && end
+                .error
+                .contains("the guests already there may still take"),
+        "{end:?}"
+    );
+    assert_eq!(end.stats.as_ref().map(|s| s.wire_bytes), Some(0), "{end:?}");
+    assert_runs_on_the_source_only(&p).await;
+    assert_eq!(
+        p.b.observe_qemu("resident01").await,
+        QemuObserved::Running,
+        "the target's own guest runs on"
+    );
+    let mut cb = p.b.client().await.expect("client b");
+    cb.stop_vm(pb::StopVmRequest {
+        name: "resident01".into(),
+        force: true,
+    })
+    .await
+    .expect("stop the resident guest");
+}
+
+/// Free bytes of the file system holding `dir` (`statvfs`).
+fn fs_free_bytes(dir: &Path) -> Option<u64> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a statvfs to fill.
+    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0)
+        .then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}

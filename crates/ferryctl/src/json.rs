@@ -164,6 +164,7 @@ pub fn host_facts(f: &ferry_api::v1::HostFacts) -> Value {
         "mem_available_bytes": f.mem_available_bytes,
         "ram_dir_free_bytes": f.ram_dir_free_bytes,
         "ram_reserve_bytes": f.ram_reserve_bytes,
+        "ram_promised_bytes": f.ram_promised_bytes,
         "vm_names": f.vm_names,
         "tracker": f.tracker,
         "quic_addr": f.quic_addr,

@@ -352,7 +352,7 @@ impl IncomingRegistry {
         self.vms.check_spec_paths(&spec)?;
         self.vms.check_disks_unclaimed(&spec).await?;
         self.check_shared_chains(&spec, &req.shared_disks).await?;
-        self.admit(&spec)?;
+        self.admit(&spec).await?;
         self.vms.reserve_incoming(&spec, &req.migration_id).await?;
         let created = self
             .create(
@@ -557,12 +557,13 @@ impl IncomingRegistry {
 
     /// Admission: refuses a Prepare this host cannot hold (memory for the RAM file, with
     /// the configured reserve kept free), before anything is created.
-    fn admit(&self, spec: &VmSpec) -> Result<(), Status> {
+    async fn admit(&self, spec: &VmSpec) -> Result<(), Status> {
         crate::preflight::memory_admission(
             spec.memory_mib << 20,
             crate::preflight::mem_available(),
             crate::preflight::fs_free(&self.cfg.ram_dir),
             self.cfg.migration.memory_reserve_mib << 20,
+            self.vms.ram_promised().await,
         )
         .map_err(|why| {
             Status::resource_exhausted(format!(
