@@ -215,6 +215,7 @@ impl VmManager {
     /// Starts a defined VM's QEMU.
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<pb::VmInfo, Status> {
         let mut vms = self.vms.lock().await;
+        let promised = self.promised_in(&vms);
         let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
         if let Some(m) = &e.migration {
             // A VM being copied away (cold migration) must not change under the copy.
@@ -232,6 +233,21 @@ impl VmManager {
         prepare_dirs(&launch).map_err(|err| Status::internal(format!("VM '{name}': {err}")))?;
         // A RAM file left by a crash would be reused by QEMU: start from a clean one.
         let _ = std::fs::remove_file(&launch.ram_path);
+        // The admission a migration's target applies: room for all of this guest's RAM
+        // beside what the guests already here may still take.
+        crate::preflight::memory_admission(
+            e.spec.memory_mib << 20,
+            crate::preflight::mem_available(),
+            crate::preflight::fs_free(&self.cfg.ram_dir),
+            self.cfg.migration.memory_reserve_mib << 20,
+            promised,
+        )
+        .map_err(|why| {
+            Status::resource_exhausted(format!(
+                "host {} cannot start VM '{name}': {why}",
+                self.cfg.host_name
+            ))
+        })?;
         if e.spec.memory_prealloc {
             preallocate_ram(&launch.ram_path, e.spec.memory_mib << 20)
                 .await
@@ -417,8 +433,13 @@ impl VmManager {
     /// Guest RAM the VMs with a QEMU here, or arriving, may still take: each one's size
     /// less what its RAM file holds ([`crate::preflight::ram_promised`]).
     pub async fn ram_promised(&self) -> u64 {
-        let files: Vec<(u64, PathBuf)> = {
-            let vms = self.vms.lock().await;
+        let vms = self.vms.lock().await;
+        self.promised_in(&vms)
+    }
+
+    /// [`Self::ram_promised`] of the VMs in `vms` (the caller holds the lock).
+    fn promised_in(&self, vms: &HashMap<String, VmEntry>) -> u64 {
+        crate::preflight::ram_promised(
             vms.values()
                 .filter(|e| {
                     matches!(
@@ -429,13 +450,10 @@ impl VmManager {
                             | pb::VmState::Incoming
                     )
                 })
-                .map(|e| (e.spec.memory_mib << 20, self.cfg.ram_path(&e.spec.name)))
-                .collect()
-        };
-        crate::preflight::ram_promised(
-            files
-                .into_iter()
-                .map(|(size, path)| (size, allocated_bytes(&path))),
+                .map(|e| {
+                    let path = self.cfg.ram_path(&e.spec.name);
+                    (e.spec.memory_mib << 20, allocated_bytes(&path))
+                }),
         )
     }
 
