@@ -215,8 +215,7 @@ impl VmManager {
     /// Starts a defined VM's QEMU.
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<pb::VmInfo, Status> {
         let mut vms = self.vms.lock().await;
-        let promised = self.promised_in(&vms);
-        let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
+        let e = vms.get(name).ok_or_else(|| self.unknown(name))?;
         if let Some(m) = &e.migration {
             // A VM being copied away (cold migration) must not change under the copy.
             return Err(Status::failed_precondition(format!(
@@ -229,32 +228,26 @@ impl VmManager {
                 state_name(e.state)
             )));
         }
-        let launch = self.launch_for(&e.spec, false);
+        let spec = e.spec.clone();
+        let launch = self.launch_for(&spec, false);
         prepare_dirs(&launch).map_err(|err| Status::internal(format!("VM '{name}': {err}")))?;
         // A RAM file left by a crash would be reused by QEMU: start from a clean one.
         let _ = std::fs::remove_file(&launch.ram_path);
         // The admission a migration's target applies: room for all of this guest's RAM
         // beside what the guests already here may still take.
-        crate::preflight::memory_admission(
-            e.spec.memory_mib << 20,
-            crate::preflight::mem_available(),
-            crate::preflight::fs_free(&self.cfg.ram_dir),
-            self.cfg.migration.memory_reserve_mib << 20,
-            promised,
-        )
-        .map_err(|why| {
+        self.admit_ram(&vms, &spec).map_err(|why| {
             Status::resource_exhausted(format!(
                 "host {} cannot start VM '{name}': {why}",
                 self.cfg.host_name
             ))
         })?;
-        if e.spec.memory_prealloc {
-            preallocate_ram(&launch.ram_path, e.spec.memory_mib << 20)
+        if spec.memory_prealloc {
+            preallocate_ram(&launch.ram_path, spec.memory_mib << 20)
                 .await
                 .map_err(|err| {
                     Status::resource_exhausted(format!(
                         "VM '{name}' on host {}: cannot allocate its {} MiB of RAM: {err}",
-                        self.cfg.host_name, e.spec.memory_mib
+                        self.cfg.host_name, spec.memory_mib
                     ))
                 })?;
         }
@@ -269,6 +262,8 @@ impl VmManager {
                 ))
             })?;
         let proc = Arc::new(proc);
+        // The lock was held throughout: the entry is still there.
+        let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
         e.process = Some(proc.clone());
         e.state = pb::VmState::Running;
         self.persist(e)?;
@@ -435,6 +430,19 @@ impl VmManager {
     pub async fn ram_promised(&self) -> u64 {
         let vms = self.vms.lock().await;
         self.promised_in(&vms)
+    }
+
+    /// Whether this host can hold all of `spec`'s RAM beside what the guests in `vms`
+    /// (the caller holds the lock) may still take ([`crate::preflight::memory_admission`]);
+    /// why not, if it cannot.
+    fn admit_ram(&self, vms: &HashMap<String, VmEntry>, spec: &VmSpec) -> Result<(), String> {
+        crate::preflight::memory_admission(
+            spec.memory_mib << 20,
+            crate::preflight::mem_available(),
+            crate::preflight::fs_free(&self.cfg.ram_dir),
+            self.cfg.migration.memory_reserve_mib << 20,
+            self.promised_in(vms),
+        )
     }
 
     /// [`Self::ram_promised`] of the VMs in `vms` (the caller holds the lock).
@@ -617,10 +625,27 @@ impl VmManager {
     }
 
     /// Reserves `spec.name` for an incoming migration; refuses a name already defined here.
-    pub async fn reserve_incoming(&self, spec: &VmSpec, migration: &str) -> Result<(), Status> {
+    ///
+    /// With `admit_ram` (a live migration, whose guest will run here) the guest's RAM is
+    /// admitted first, under the same lock as the name: two Prepares arriving together
+    /// cannot both count the same free room ([`Self::admit_ram`]).
+    pub async fn reserve_incoming(
+        &self,
+        spec: &VmSpec,
+        migration: &str,
+        admit_ram: bool,
+    ) -> Result<(), Status> {
         let mut vms = self.vms.lock().await;
         if vms.contains_key(&spec.name) {
             return Err(Status::already_exists(format!("VM name '{}' is already defined on target host {}: undefine it there or rename the VM", spec.name, self.cfg.host_name)));
+        }
+        if admit_ram {
+            self.admit_ram(&vms, spec).map_err(|why| {
+                Status::resource_exhausted(format!(
+                    "host {} refuses VM '{}': {why}",
+                    self.cfg.host_name, spec.name
+                ))
+            })?;
         }
         let e = VmEntry {
             spec: spec.clone(),
@@ -916,5 +941,75 @@ pub fn state_name(s: pb::VmState) -> &'static str {
         pb::VmState::Migrating => "migrating",
         pb::VmState::Incoming => "an incoming migration target",
         pb::VmState::Crashed => "crashed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tmpfs mounted for a test (root, as CI runs), unmounted when dropped.
+    struct Tmpfs(PathBuf);
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    /// Two incoming live migrations admitted one after the other (the manager's lock,
+    /// held from the admission to the name's entry, makes two racing Prepares do just
+    /// that): the first arrival's whole RAM counts as promised
+    /// before its RAM file exists, so the second is refused where the free room alone
+    /// would hold it. A 1536 MiB tmpfs RAM directory, 1 GiB guests. A cold copy (it
+    /// arrives stopped) is not admitted for RAM.
+    #[tokio::test]
+    async fn an_arriving_guest_is_promised_its_ram_before_its_file_exists() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (state, ram) = (dir.path().join("state"), dir.path().join("ram"));
+        std::fs::create_dir_all(&state).expect("state dir");
+        std::fs::create_dir_all(&ram).expect("ram dir");
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1536M", "tmpfs"])
+            .arg(&ram)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount a tmpfs (needs root)");
+        let _tmpfs = Tmpfs(ram.clone());
+        let cfg: AgentConfig = toml::from_str(&format!(
+            "host_name='t'\ngrpc_listen='127.0.0.1:1'\nquic_listen='127.0.0.1:2'\n\
+             state_dir='{}'\nram_dir='{}'\n[tls]\nca='c'\ncert='c'\nkey='k'\n\
+             [migration]\nmemory_reserve_mib = 0\n",
+            state.display(),
+            ram.display()
+        ))
+        .expect("config");
+        let journal = Arc::new(Journal::open(&state.join("j.redb")).expect("journal"));
+        let vms = VmManager::new(
+            Arc::new(cfg),
+            journal,
+            None,
+            Arc::new(ferry_disk::StorageRoots::empty()),
+        );
+        vms.reserve_incoming(&VmSpec::new("a", 1024), "m1", true)
+            .await
+            .expect("the first 1 GiB guest fits");
+        assert_eq!(vms.ram_promised().await, 1 << 30);
+        let e = vms
+            .reserve_incoming(&VmSpec::new("b", 1024), "m2", true)
+            .await
+            .expect_err("the second does not, beside the first");
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+        assert!(
+            e.message()
+                .contains("beside the 1024 MiB the guests already there may still take"),
+            "{e:?}"
+        );
+        vms.reserve_incoming(&VmSpec::new("c", 1024), "m3", false)
+            .await
+            .expect("a cold copy arrives stopped");
     }
 }

@@ -352,8 +352,10 @@ impl IncomingRegistry {
         self.vms.check_spec_paths(&spec)?;
         self.vms.check_disks_unclaimed(&spec).await?;
         self.check_shared_chains(&spec, &req.shared_disks).await?;
-        self.admit(&spec).await?;
-        self.vms.reserve_incoming(&spec, &req.migration_id).await?;
+        // Admission (memory for the RAM file) and the name, under one lock.
+        self.vms
+            .reserve_incoming(&spec, &req.migration_id, true)
+            .await?;
         let created = self
             .create(
                 &req.migration_id,
@@ -553,25 +555,6 @@ impl IncomingRegistry {
         })
         .await
         .map_err(|e| Status::internal(format!("checking shared disks: {e}")))?
-    }
-
-    /// Admission: refuses a Prepare this host cannot hold (memory for the RAM file, with
-    /// the configured reserve kept free), before anything is created.
-    async fn admit(&self, spec: &VmSpec) -> Result<(), Status> {
-        crate::preflight::memory_admission(
-            spec.memory_mib << 20,
-            crate::preflight::mem_available(),
-            crate::preflight::fs_free(&self.cfg.ram_dir),
-            self.cfg.migration.memory_reserve_mib << 20,
-            self.vms.ram_promised().await,
-        )
-        .map_err(|why| {
-            Status::resource_exhausted(format!(
-                "host {} refuses VM '{}': {why}",
-                self.host(),
-                spec.name
-            ))
-        })
     }
 
     /// A prepared migration whose source never connects removes itself.

@@ -476,7 +476,10 @@ pub async fn prepare(
             "host {host} already receives {receiving} cold migration(s) (migration.max_incoming = {limit}): try again when one has ended"
         )));
     }
-    ctx.vms.reserve_incoming(&spec, &req.migration_id).await?;
+    // A cold copy arrives stopped: its RAM is admitted when it starts.
+    ctx.vms
+        .reserve_incoming(&spec, &req.migration_id, false)
+        .await?;
     let opened = async {
         let (host2, vm) = (host.clone(), spec.name.clone());
         let planned = tokio::task::spawn_blocking(move || plan_images(&host2, &vm, wanted))
