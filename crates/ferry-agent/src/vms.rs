@@ -22,6 +22,12 @@ pub struct VmEntry {
     pub migration: Option<String>,
     /// QMP `cont` to RESUME of the last [`VmManager::resume`] (microseconds).
     pub resume_latency_us: u64,
+    /// A start is under way without the registry's lock (its RAM being allocated, its
+    /// QEMU spawning): admitted, its RAM counted as promised, and nothing else may change
+    /// the VM until it ends. Not journaled: a restart finds no QEMU, or adopts it.
+    pub starting: bool,
+    /// A cold migration's copy on its way here (state `Incoming`): it arrives stopped.
+    pub arriving_cold: bool,
 }
 
 /// Registry and supervisor of this host's VMs.
@@ -177,6 +183,8 @@ impl VmManager {
             process: None,
             migration: None,
             resume_latency_us: 0,
+            starting: false,
+            arriving_cold: false,
         };
         self.persist(&e)?;
         let info = self.info(&e);
@@ -188,6 +196,7 @@ impl VmManager {
     pub async fn undefine(&self, name: &str) -> Result<pb::VmInfo, Status> {
         let mut vms = self.vms.lock().await;
         let e = vms.get(name).ok_or_else(|| self.unknown(name))?;
+        not_starting(e)?;
         if let Some(m) = &e.migration {
             return Err(Status::failed_precondition(format!(
                 "VM '{name}' is migrating ({m}): wait for the migration or cancel it"
@@ -212,58 +221,95 @@ impl VmManager {
         ))
     }
 
-    /// Starts a defined VM's QEMU.
+    /// Starts a defined VM's QEMU: admitted under the registry's lock, then its RAM
+    /// allocated (`memory_prealloc`) and its QEMU spawned without it (a whole-file
+    /// allocation takes ~240 ms per GiB, and an incoming migration's commit must not wait
+    /// behind it), on a task of its own so that a caller that goes away leaves neither a
+    /// half-started VM nor its RAM file.
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<pb::VmInfo, Status> {
-        let mut vms = self.vms.lock().await;
-        let e = vms.get(name).ok_or_else(|| self.unknown(name))?;
-        if let Some(m) = &e.migration {
-            // A VM being copied away (cold migration) must not change under the copy.
-            return Err(Status::failed_precondition(format!(
-                "VM '{name}' is migrating ({m}): wait for the migration or cancel it"
-            )));
-        }
-        if !matches!(e.state, pb::VmState::Defined | pb::VmState::Crashed) {
-            return Err(Status::failed_precondition(format!(
-                "VM '{name}' is already {}",
-                state_name(e.state)
-            )));
-        }
-        let spec = e.spec.clone();
-        let launch = self.launch_for(&spec, false);
-        prepare_dirs(&launch).map_err(|err| Status::internal(format!("VM '{name}': {err}")))?;
-        // A RAM file left by a crash would be reused by QEMU: start from a clean one.
-        let _ = std::fs::remove_file(&launch.ram_path);
-        // The admission a migration's target applies: room for all of this guest's RAM
-        // beside what the guests already here may still take.
-        self.admit_ram(&vms, &spec).map_err(|why| {
-            Status::resource_exhausted(format!(
-                "host {} cannot start VM '{name}': {why}",
-                self.cfg.host_name
-            ))
-        })?;
-        if spec.memory_prealloc {
-            preallocate_ram(&launch.ram_path, spec.memory_mib << 20)
-                .await
-                .map_err(|err| {
-                    Status::resource_exhausted(format!(
-                        "VM '{name}' on host {}: cannot allocate its {} MiB of RAM: {err}",
-                        self.cfg.host_name, spec.memory_mib
-                    ))
-                })?;
-        }
-        let proc = QemuProcess::spawn(&launch, &self.cfg.qemu_binary)
-            .await
-            .map_err(|err| {
-                // A preallocated file holds the guest's whole RAM: not left behind.
-                let _ = std::fs::remove_file(&launch.ram_path);
-                Status::internal(format!(
-                    "starting VM '{name}' on host {}: {err}",
+        let (spec, launch) = {
+            let mut vms = self.vms.lock().await;
+            let e = vms.get(name).ok_or_else(|| self.unknown(name))?;
+            not_starting(e)?;
+            if let Some(m) = &e.migration {
+                // A VM being copied away (cold migration) must not change under the copy.
+                return Err(Status::failed_precondition(format!(
+                    "VM '{name}' is migrating ({m}): wait for the migration or cancel it"
+                )));
+            }
+            if !matches!(e.state, pb::VmState::Defined | pb::VmState::Crashed) {
+                return Err(Status::failed_precondition(format!(
+                    "VM '{name}' is already {}",
+                    state_name(e.state)
+                )));
+            }
+            let spec = e.spec.clone();
+            // The admission a migration's target applies: room for all of this guest's
+            // RAM beside what the guests already here may still take.
+            self.admit_ram(&vms, &spec).map_err(|why| {
+                Status::resource_exhausted(format!(
+                    "host {} cannot start VM '{name}': {why}",
                     self.cfg.host_name
                 ))
             })?;
-        let proc = Arc::new(proc);
-        // The lock was held throughout: the entry is still there.
-        let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
+            let launch = self.launch_for(&spec, false);
+            prepare_dirs(&launch).map_err(|err| Status::internal(format!("VM '{name}': {err}")))?;
+            // A RAM file left by a crash would be reused by QEMU: start from a clean one.
+            let _ = std::fs::remove_file(&launch.ram_path);
+            if let Some(e) = vms.get_mut(name) {
+                e.starting = true;
+            }
+            (spec, launch)
+        };
+        let me = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move { me.finish_start(&name, spec, launch).await })
+            .await
+            .map_err(|e| Status::internal(format!("starting the VM: {e}")))?
+    }
+
+    /// The rest of [`Self::start`], the VM marked `starting`: RAM, QEMU, then the record.
+    async fn finish_start(
+        self: &Arc<Self>,
+        name: &str,
+        spec: VmSpec,
+        launch: QemuLaunch,
+    ) -> Result<pb::VmInfo, Status> {
+        let spawned = async {
+            if spec.memory_prealloc {
+                preallocate_ram(&launch.ram_path, spec.memory_mib << 20)
+                    .await
+                    .map_err(|err| {
+                        Status::resource_exhausted(format!(
+                            "VM '{name}' on host {}: cannot allocate its {} MiB of RAM: {err}",
+                            self.cfg.host_name, spec.memory_mib
+                        ))
+                    })?;
+            }
+            QemuProcess::spawn(&launch, &self.cfg.qemu_binary)
+                .await
+                .map_err(|err| {
+                    Status::internal(format!(
+                        "starting VM '{name}' on host {}: {err}",
+                        self.cfg.host_name
+                    ))
+                })
+        }
+        .await;
+        let mut vms = self.vms.lock().await;
+        // Nothing removes a starting VM (undefine and migrations refuse it).
+        let Some(e) = vms.get_mut(name) else {
+            return Err(self.unknown(name));
+        };
+        e.starting = false;
+        let proc = match spawned {
+            Ok(p) => Arc::new(p),
+            Err(s) => {
+                // A preallocated file holds the guest's whole RAM: not left behind.
+                let _ = std::fs::remove_file(&launch.ram_path);
+                return Err(s);
+            }
+        };
         e.process = Some(proc.clone());
         e.state = pb::VmState::Running;
         self.persist(e)?;
@@ -450,13 +496,14 @@ impl VmManager {
         crate::preflight::ram_promised(
             vms.values()
                 .filter(|e| {
-                    matches!(
-                        e.state,
-                        pb::VmState::Running
-                            | pb::VmState::Paused
-                            | pb::VmState::Migrating
-                            | pb::VmState::Incoming
-                    )
+                    e.starting
+                        || matches!(
+                            e.state,
+                            pb::VmState::Running
+                                | pb::VmState::Paused
+                                | pb::VmState::Migrating
+                                | pb::VmState::Incoming
+                        ) && !is_cold_arrival(e)
                 })
                 .map(|e| {
                     let path = self.cfg.ram_path(&e.spec.name);
@@ -653,6 +700,8 @@ impl VmManager {
             process: None,
             migration: Some(migration.into()),
             resume_latency_us: 0,
+            starting: false,
+            arriving_cold: !admit_ram,
         };
         self.persist(&e)?;
         vms.insert(spec.name.clone(), e);
@@ -794,6 +843,8 @@ impl VmManager {
                 process: adopted.clone(),
                 migration,
                 resume_latency_us: 0,
+                starting: false,
+                arriving_cold: false,
             };
             self.persist(&e)?;
             self.vms.lock().await.insert(name.clone(), e);
@@ -813,6 +864,7 @@ impl VmManager {
     pub async fn begin_offline(&self, name: &str, migration: &str) -> Result<VmSpec, Status> {
         let mut vms = self.vms.lock().await;
         let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
+        not_starting(e)?;
         if let Some(m) = &e.migration {
             return Err(Status::failed_precondition(format!(
                 "VM '{name}' is already migrating ({m})"
@@ -917,6 +969,23 @@ pub async fn preallocate_ram(path: &Path, bytes: u64) -> Result<(), String> {
     .map_err(|e| e.to_string())?
 }
 
+/// Refuses a change to a VM whose start is under way.
+fn not_starting(e: &VmEntry) -> Result<(), Status> {
+    if e.starting {
+        return Err(Status::failed_precondition(format!(
+            "VM '{}' is starting: wait for it",
+            e.spec.name
+        )));
+    }
+    Ok(())
+}
+
+/// A cold copy on its way here: it arrives stopped, so its RAM is admitted (and
+/// promised) only when it starts.
+fn is_cold_arrival(e: &VmEntry) -> bool {
+    e.state == pb::VmState::Incoming && e.arriving_cold
+}
+
 /// Bytes of host memory a file holds (its allocated blocks; 0 when it does not exist).
 fn allocated_bytes(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -1011,5 +1080,6 @@ mod tests {
         vms.reserve_incoming(&VmSpec::new("c", 1024), "m3", false)
             .await
             .expect("a cold copy arrives stopped");
+        assert_eq!(vms.ram_promised().await, 1 << 30, "nothing promised to it");
     }
 }

@@ -1044,7 +1044,10 @@ async fn ram_directory_filling_up_during_precopy_rolls_back() {
         .await
         .expect("settled");
     assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
-    assert!(end.error.contains("No space left on device"), "{end:?}");
+    assert!(
+        end.error.contains("target reported:") && end.error.contains("No space left on device"),
+        "the target's reason: {end:?}"
+    );
     assert!(!lists_vm(&p.b).await, "the target keeps no VM");
     assert_eq!(
         files_in(p.b.ram_dir()),
@@ -1096,6 +1099,8 @@ async fn the_target_counts_what_its_own_guests_may_still_take() {
     let filler = p.b.ram_dir().join("someone-else");
     std::fs::write(&filler, vec![1u8; (free - leave) as usize]).expect("fill");
     let end = start_failing(&p, Duration::from_secs(120)).await;
+    // The source's preflight refuses it from the target's facts (`ram_promised_bytes`);
+    // the target's own Prepare applies the same rule (unit test in vms.rs).
     assert!(
         end.error
             .contains("do not fit in the RAM directory beside the")

@@ -228,6 +228,7 @@ async fn a_vm_start_counts_what_the_guests_already_there_may_still_take() {
         .status()
         .expect("mount");
     assert!(st.success(), "mount a tmpfs on {}", ram_dir.display());
+    let _tmpfs = Unmount(ram_dir.clone());
     let g = guest_artifacts().expect("guest artifacts: run scripts/build-guest.sh");
     let spec = |name: &str, mib: u64, prealloc: bool| pb::VmSpec {
         name: name.into(),
@@ -262,6 +263,13 @@ async fn a_vm_start_counts_what_the_guests_already_there_may_still_take() {
         .expect("RAM dir")
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect();
+    let after_refusal = ca
+        .get_vm(pb::VmRef {
+            name: "big01".into(),
+        })
+        .await
+        .expect("still defined")
+        .into_inner();
     ca.stop_vm(pb::StopVmRequest {
         name: "resident01".into(),
         force: true,
@@ -284,10 +292,6 @@ async fn a_vm_start_counts_what_the_guests_already_there_may_still_take() {
             force: true,
         })
         .await;
-    let _ = std::process::Command::new("umount")
-        .arg("-l")
-        .arg(&ram_dir)
-        .status();
     assert!(
         600 - (held >> 20) > 128,
         "the free room alone would hold the 128 MiB guest ({} MiB held by the first)",
@@ -308,8 +312,22 @@ async fn a_vm_start_counts_what_the_guests_already_there_may_still_take() {
         vec!["resident01.ram".to_string()],
         "no RAM file for big01"
     );
+    assert_eq!(after_refusal.state, pb::VmState::Defined as i32);
+    assert_eq!(after_refusal.pid, 0);
     let started = started.expect("starts once the first guest stopped");
     assert!(started.get_ref().pid != 0, "{started:?}");
     let big_held = big_held.expect("big01's RAM file");
     assert!(big_held >= 128 << 20, "preallocated: {big_held} bytes held");
+}
+
+/// Unmounts a test's tmpfs when dropped (also when the test fails).
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
 }

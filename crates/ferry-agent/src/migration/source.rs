@@ -9,7 +9,7 @@
 
 use super::auto_codec::{self, Compression};
 use super::job::{fail, status_msg, JobError, JobParams};
-use super::pages::{PageCounters, PageSender, SharedCodec};
+use super::pages::{PageCounters, PageError, PageSender, SharedCodec};
 use super::progress::{self, RoundProgress};
 use super::relay::relay_capturing;
 use super::OutgoingHandle;
@@ -3040,7 +3040,8 @@ fn path_rtt(conn: &quinn::Connection, base_rtt: Duration) -> Duration {
     least_rtt(conn.stats().path.min_rtt, base_rtt)
 }
 
-/// The smaller of QUIC's least sample and the handshake's figure (no sample yet: 0).
+/// The smaller of QUIC's least sample and the handshake's figure (a zero sample, which
+/// quinn does not report, would mean none).
 fn least_rtt(min_rtt: Duration, base_rtt: Duration) -> Duration {
     if min_rtt.is_zero() {
         base_rtt
@@ -3128,7 +3129,11 @@ const TARGET_REASON_WAIT: Duration = Duration::from_secs(2);
 /// could not write, ENOSPC on a full RAM directory) says why on the control stream, and
 /// that is what the operator needs rather than "stopped by peer"; the send's own error
 /// when the target says nothing within [`TARGET_REASON_WAIT`].
-async fn why_sending_failed(rx: &mut ControlRx, e: impl std::fmt::Display) -> String {
+async fn why_sending_failed(rx: &mut ControlRx, e: PageError) -> String {
+    // Reading RAM or encoding failed here: the target has nothing to say about it.
+    if !matches!(e, PageError::Transport(_)) {
+        return e.to_string();
+    }
     let deadline = tokio::time::Instant::now() + TARGET_REASON_WAIT;
     loop {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
@@ -3138,6 +3143,8 @@ async fn why_sending_failed(rx: &mut ControlRx, e: impl std::fmt::Display) -> St
             }))) => return format!("target reported: {message}"),
             // Confirmations of earlier rounds: the reason may follow them.
             Ok(Some(Ok(_))) => continue,
+            // The control stream broke as well: its reason says more than the send's.
+            Ok(Some(Err(c))) => return format!("{e} (control stream: {c})"),
             _ => return e.to_string(),
         }
     }
