@@ -1017,18 +1017,6 @@ pub fn state_name(s: pb::VmState) -> &'static str {
 mod tests {
     use super::*;
 
-    /// A tmpfs mounted for a test (root, as CI runs), unmounted when dropped.
-    struct Tmpfs(PathBuf);
-
-    impl Drop for Tmpfs {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-
     /// Two incoming live migrations admitted one after the other (the manager's lock,
     /// held from the admission to the name's entry, makes two racing Prepares do just
     /// that): the first arrival's whole RAM counts as promised
@@ -1040,14 +1028,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (state, ram) = (dir.path().join("state"), dir.path().join("ram"));
         std::fs::create_dir_all(&state).expect("state dir");
-        std::fs::create_dir_all(&ram).expect("ram dir");
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=1536M", "tmpfs"])
-            .arg(&ram)
-            .status()
-            .expect("mount");
-        assert!(st.success(), "mount a tmpfs (needs root)");
-        let _tmpfs = Tmpfs(ram.clone());
+        let _tmpfs = ferry_testkit::Tmpfs::mount(&ram, 1536);
         let cfg: AgentConfig = toml::from_str(&format!(
             "host_name='t'\ngrpc_listen='127.0.0.1:1'\nquic_listen='127.0.0.1:2'\n\
              state_dir='{}'\nram_dir='{}'\n[tls]\nca='c'\ncert='c'\nkey='k'\n\

@@ -11,7 +11,7 @@
 //! The tests share the machine's two cores: they run one at a time (a global lock).
 
 use ferry_api::v1 as pb;
-use ferry_testkit::{guest_artifacts, workload_cmdline, TestAgent, TestPki};
+use ferry_testkit::{guest_artifacts, workload_cmdline, TestAgent, TestPki, Tmpfs};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -81,25 +81,6 @@ impl Mesh {
         )
         .await
         .expect("agent")
-    }
-}
-
-/// A tmpfs mounted for the test, unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(dir).expect("tmpfs dir");
-        run(Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir));
-        Tmpfs(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 
@@ -551,7 +532,7 @@ async fn cold_migration_refusals_and_backing_chain() {
     let a = m.host("a", &m.root()).await;
     let b = m.host("b", &m.root()).await;
     // A target whose storage is a 32 MiB tmpfs, and one whose storage root is elsewhere.
-    let tmpfs = Tmpfs::mount(&m.private("small"), "32m");
+    let tmpfs = Tmpfs::mount(&m.private("small"), 32);
     let small = m.host("small", &m.root()).await;
     let other_root = m.path("other-root");
     let other = m.host("other", &other_root).await;

@@ -10,7 +10,9 @@
 
 use ferry_api::v1 as pb;
 use ferry_api::v1::ferry_control_client::FerryControlClient;
-use ferry_testkit::{guest_artifacts, workload_cmdline, QemuObserved, TestAgent, TestPki};
+use ferry_testkit::{
+    allocated_bytes, guest_artifacts, workload_cmdline, QemuObserved, TestAgent, TestPki, Tmpfs,
+};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -909,41 +911,6 @@ async fn audit_catches_a_tracker_that_misses_writes() {
     assert_runs_on_the_source_only(&p).await;
 }
 
-/// A tmpfs mounted over a directory for the life of the guard (the test runs as root,
-/// as CI does): a RAM directory with less room than the guest needs.
-struct SmallTmpfs(PathBuf);
-
-impl SmallTmpfs {
-    fn mount(dir: &Path, size_mib: u64) -> SmallTmpfs {
-        let st = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size_mib}m"),
-                "ferry-test",
-            ])
-            .arg(dir)
-            .status()
-            .expect("run mount");
-        assert!(
-            st.success(),
-            "mount tmpfs on {} (needs root)",
-            dir.display()
-        );
-        SmallTmpfs(dir.to_path_buf())
-    }
-}
-
-impl Drop for SmallTmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// A target whose RAM directory has no room for the guest is refused before a page moves
 /// (preflight; Prepare checks again for a race), saying so; the guest keeps running on
 /// the source (both QEMUs asked) with its memory intact, and the target keeps nothing.
@@ -951,7 +918,7 @@ impl Drop for SmallTmpfs {
 async fn full_ram_directory_on_the_target_is_refused_before_anything_moves() {
     let _s = SERIAL.lock().await;
     let p = pair(None, None).await;
-    let _full = SmallTmpfs::mount(p.b.ram_dir(), 64);
+    let _full = Tmpfs::mount(p.b.ram_dir(), 64);
     boot(&p.a).await;
     let end = start_failing(&p, Duration::from_secs(120)).await;
     assert!(
@@ -1027,7 +994,7 @@ async fn ram_directory_filling_up_during_precopy_rolls_back() {
     let _s = SERIAL.lock().await;
     let mut p = pair(None, Some("tgt.hello.done=return(hang)")).await;
     // Room for the 256 MiB guest at admission…
-    let _tmpfs = SmallTmpfs::mount(p.b.ram_dir(), 320);
+    let _tmpfs = Tmpfs::mount(p.b.ram_dir(), 320);
     boot(&p.a).await;
     let id = start(&p, "", false).await;
     assert!(
@@ -1065,10 +1032,9 @@ async fn ram_directory_filling_up_during_precopy_rolls_back() {
 /// both guests run where they were (their QEMUs asked).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_target_counts_what_its_own_guests_may_still_take() {
-    use std::os::unix::fs::MetadataExt;
     let _s = SERIAL.lock().await;
     let p = pair(None, None).await;
-    let _tmpfs = SmallTmpfs::mount(p.b.ram_dir(), 1024);
+    let _tmpfs = Tmpfs::mount(p.b.ram_dir(), 1024);
     let g = guest_artifacts().expect("guest artifacts: run scripts/build-guest.sh");
     let resident =
         p.b.define_and_boot(pb::VmSpec {
@@ -1083,17 +1049,14 @@ async fn the_target_counts_what_its_own_guests_may_still_take() {
         .await
         .expect("boot the target's own guest");
     boot(&p.a).await;
-    let held = std::fs::metadata(&resident.ram_file)
-        .expect("RAM file")
-        .blocks()
-        * 512;
+    let held = allocated_bytes(&resident.ram_file);
     let promised = (512u64 << 20).saturating_sub(held);
     assert!(
         promised > 64 << 20,
         "a sparse guest: {held} of 512 MiB held"
     );
     // Leave room for the 256 MiB guest and half of what the resident one may still take.
-    let free = fs_free_bytes(p.b.ram_dir()).expect("statvfs");
+    let free = ferry_agent::preflight::fs_free(p.b.ram_dir());
     let leave = (256u64 << 20) + promised / 2;
     assert!(free > leave, "{free} free");
     let filler = p.b.ram_dir().join("someone-else");
@@ -1123,13 +1086,4 @@ async fn the_target_counts_what_its_own_guests_may_still_take() {
     })
     .await
     .expect("stop the resident guest");
-}
-
-/// Free bytes of the file system holding `dir` (`statvfs`).
-fn fs_free_bytes(dir: &Path) -> Option<u64> {
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid NUL-terminated path and a statvfs to fill.
-    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0)
-        .then(|| st.f_bavail as u64 * st.f_frsize as u64)
 }

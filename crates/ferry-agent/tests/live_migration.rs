@@ -8,7 +8,8 @@ use ferry_api::v1 as pb;
 use ferry_api::v1::ferry_control_client::FerryControlClient;
 use ferry_api::v1::ferry_peer_client::FerryPeerClient;
 use ferry_testkit::{
-    guest_artifacts, parse_check, workload_cmdline, GuestConsole, TestAgent, TestPki,
+    allocated_bytes, guest_artifacts, parse_check, workload_cmdline, GuestConsole, TestAgent,
+    TestPki,
 };
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -195,16 +196,10 @@ async fn migrate_with_config(codec: &str, verify: &str, migration: &str) -> Pair
     migrate(codec, verify, migration, false).await
 }
 
-/// Bytes of host memory a RAM file holds (its allocated blocks).
-fn allocated(ram_file: &str) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(ram_file).expect("RAM file").blocks() * 512
-}
-
 /// Checks a VM's RAM file against its `memory_prealloc`: all of it allocated, or (the
 /// default) well under it — this guest writes about half its RAM.
 fn assert_ram_allocation(ram_file: &str, prealloc: bool, host: &str) {
-    let (held, full) = (allocated(ram_file), VM_MIB << 20);
+    let (held, full) = (allocated_bytes(ram_file), VM_MIB << 20);
     eprintln!("{host}: RAM file holds {} of {} MiB", held >> 20, VM_MIB);
     if prealloc {
         assert!(

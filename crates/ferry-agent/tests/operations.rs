@@ -2,7 +2,9 @@
 //! restart. Real ferryd processes, real QEMU guests (TCG).
 
 use ferry_api::v1 as pb;
-use ferry_testkit::{guest_artifacts, workload_cmdline, TestAgent, TestPki};
+use ferry_testkit::{
+    allocated_bytes, guest_artifacts, workload_cmdline, TestAgent, TestPki, Tmpfs,
+};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -214,7 +216,6 @@ async fn history_and_vms_survive_an_agent_restart() {
 /// full. Needs root (the mount), like the rest of these tests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_start_counts_what_the_guests_already_there_may_still_take() {
-    use std::os::unix::fs::MetadataExt;
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = TestPki::new(&dir.path().join("pki"), &["a"]).expect("pki");
@@ -222,13 +223,7 @@ async fn a_vm_start_counts_what_the_guests_already_there_may_still_take() {
         .await
         .expect("a");
     let ram_dir = a.ram_dir().to_path_buf();
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=600M", "tmpfs"])
-        .arg(&ram_dir)
-        .status()
-        .expect("mount");
-    assert!(st.success(), "mount a tmpfs on {}", ram_dir.display());
-    let _tmpfs = Unmount(ram_dir.clone());
+    let _tmpfs = Tmpfs::mount(&ram_dir, 600);
     let g = guest_artifacts().expect("guest artifacts: run scripts/build-guest.sh");
     let spec = |name: &str, mib: u64, prealloc: bool| pb::VmSpec {
         name: name.into(),
@@ -244,10 +239,7 @@ async fn a_vm_start_counts_what_the_guests_already_there_may_still_take() {
         .define_and_boot(spec("resident01", 512, false))
         .await
         .expect("boot the first guest");
-    let held = std::fs::metadata(&resident.ram_file)
-        .expect("RAM file")
-        .blocks()
-        * 512;
+    let held = allocated_bytes(&resident.ram_file);
     let mut ca = a.client().await.expect("client");
     ca.define_vm(pb::DefineVmRequest {
         spec: Some(spec("big01", 128, true)),
@@ -284,8 +276,7 @@ async fn a_vm_start_counts_what_the_guests_already_there_may_still_take() {
     let big_held = started
         .as_ref()
         .ok()
-        .and_then(|vm| std::fs::metadata(&vm.get_ref().ram_file).ok())
-        .map(|m| m.blocks() * 512);
+        .map(|vm| allocated_bytes(&vm.get_ref().ram_file));
     let _ = ca
         .stop_vm(pb::StopVmRequest {
             name: "big01".into(),
@@ -318,16 +309,4 @@ async fn a_vm_start_counts_what_the_guests_already_there_may_still_take() {
     assert!(started.get_ref().pid != 0, "{started:?}");
     let big_held = big_held.expect("big01's RAM file");
     assert!(big_held >= 128 << 20, "preallocated: {big_held} bytes held");
-}
-
-/// Unmounts a test's tmpfs when dropped (also when the test fails).
-struct Unmount(PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
 }

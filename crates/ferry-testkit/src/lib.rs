@@ -5,6 +5,8 @@
 //! * [`console`]: the workload's line protocol on the serial console ([`GuestConsole`],
 //!   [`wait_for_log_line`], reply parsers).
 //! * [`agent`]: real `ferryd` processes for tests ([`TestAgent`], [`TestPki`]).
+//! * [`tmpfs`]: a tmpfs of a chosen size mounted for a test ([`Tmpfs`]), and what a file
+//!   holds of it ([`allocated_bytes`]).
 //!
 //! The console and agent helpers are async (tokio), to sit beside tonic clients in
 //! `#[tokio::test]`s.
@@ -14,6 +16,7 @@
 pub mod agent;
 pub mod console;
 pub mod guest;
+pub mod tmpfs;
 
 pub use agent::{
     connect_control, watch_to_end, QemuObserved, TestAgent, TestPki, AGENT_START_TIMEOUT,
@@ -26,3 +29,4 @@ pub use console::{
 pub use guest::{
     find_workspace_root, guest_artifacts, repo_root, workload_cmdline, GuestArtifacts,
 };
+pub use tmpfs::{allocated_bytes, Tmpfs};
