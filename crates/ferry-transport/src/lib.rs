@@ -5,6 +5,7 @@
 //! accepted only when both ends present a certificate from that CA.
 
 pub mod congestion;
+pub mod data_plane;
 pub mod identity;
 pub mod pki;
 mod quic;
@@ -66,6 +67,8 @@ pub enum TransportError {
     BadName(String),
     #[error("certificate generation: {0}")]
     Pki(#[from] rcgen::Error),
+    #[error("data plane: {0}")]
+    DataPlane(String),
     #[error("writing {path}: {source}")]
     WriteFile {
         path: String,

@@ -209,7 +209,7 @@ impl QuicEndpoint {
         tuning: &TransportTuning,
     ) -> Result<Self, TransportError> {
         let socket = udp_socket(addr, tuning.socket_buffer)?;
-        let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+        let runtime: Arc<dyn quinn::Runtime> = crate::data_plane::DataPlaneRuntime::new()?;
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(server_config(id, tuning)?),
@@ -234,7 +234,7 @@ impl QuicEndpoint {
         .parse()
         .map_err(|e: std::net::AddrParseError| TransportError::QuicConfig(e.to_string()))?;
         let socket = udp_socket(bind, tuning.socket_buffer)?;
-        let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+        let runtime: Arc<dyn quinn::Runtime> = crate::data_plane::DataPlaneRuntime::new()?;
         let endpoint =
             quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
                 .map_err(|source| TransportError::Bind { addr: bind, source })?;

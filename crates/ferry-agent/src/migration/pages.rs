@@ -270,7 +270,10 @@ impl PageSender {
                 sums: self.sums.clone(),
                 skip: self.skip.clone(),
             };
-            tasks.push(tokio::spawn(send_shard(w, shard, job)));
+            // On the thread that runs QUIC (encoding goes to its blocking pool).
+            tasks.push(ferry_transport::data_plane::spawn(send_shard(
+                w, shard, job,
+            )));
         }
         let mut first_err = None;
         for t in tasks {

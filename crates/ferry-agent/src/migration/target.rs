@@ -1412,7 +1412,8 @@ async fn accept_streams(conn: quinn::Connection, inc: Arc<Incoming>, err_tx: mps
             s = conn.accept_uni() => match s {
                 Ok(mut recv) => {
                     let (inc, err_tx) = (inc.clone(), err_tx.clone());
-                    tokio::spawn(async move {
+                    // On the thread that runs QUIC: the reader is woken without a switch.
+                    ferry_transport::data_plane::spawn(async move {
                         let r = match read_stream_header(&mut recv).await {
                             Ok(h) if h.kind == StreamKind::Pages => {
                                 match inc.ram() {
