@@ -1,5 +1,6 @@
 //! ferry's data plane transport: QUIC (quinn) with mutual TLS (rustls), a development
-//! PKI (rcgen), and typed reading/writing of ferry-wire frames on QUIC streams.
+//! PKI (rcgen), and typed reading/writing of ferry-wire frames on QUIC streams, all of it
+//! on a thread of its own ([`data_plane`]).
 //!
 //! Every agent of a mesh holds a certificate issued by the mesh's CA; a connection is
 //! accepted only when both ends present a certificate from that CA.
