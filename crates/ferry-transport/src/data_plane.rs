@@ -9,7 +9,10 @@
 //! quinn and hands the stream's bytes to its reader without a switch. What costs CPU per
 //! byte (compressing, decompressing, writing guest RAM) still runs on the runtime's
 //! blocking pool, so the thread only runs protocol work; quinn drives each connection
-//! from one task anyway, so one connection loses no parallelism to it.
+//! from one task anyway, so one migration loses little parallelism to it (its endpoint
+//! driver and connection driver no longer overlap). Several migrations at once, in or out,
+//! share the thread: their packet work is done one after another (not measured yet; on
+//! the 2-core benchmark host one migration at a time is what runs).
 
 use std::future::Future;
 use std::io;
@@ -33,17 +36,30 @@ pub fn data_plane() -> Result<Handle, TransportError> {
 }
 
 fn start() -> Result<Handle, String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .thread_name("ferry-quic-work")
-        .build()
-        .map_err(|e| format!("building the data plane's runtime: {e}"))?;
-    let handle = rt.handle().clone();
+    // The runtime is built and dropped on its own thread: dropping one (should the
+    // thread fail to start) inside the caller's async context would panic.
+    let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("ferry-quic".into())
-        .spawn(move || rt.block_on(std::future::pending::<()>()))
+        .spawn(move || {
+            let built = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .thread_name("ferry-quic-work")
+                .build();
+            match built {
+                Ok(rt) => {
+                    let _ = tx.send(Ok(rt.handle().clone()));
+                    rt.block_on(std::future::pending::<()>());
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(format!("building the data plane's runtime: {e}")));
+                }
+            }
+        })
         .map_err(|e| format!("starting the data plane's thread: {e}"))?;
-    Ok(handle)
+    // A one-time wait of well under a millisecond, the first time QUIC is used.
+    rx.recv()
+        .map_err(|_| "the data plane's thread ended before its runtime started".to_string())?
 }
 
 /// Runs `task` on the data plane's thread (on the caller's runtime if that thread could

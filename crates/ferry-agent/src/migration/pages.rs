@@ -673,13 +673,14 @@ mod tests {
         (connected.unwrap(), accepted.unwrap().unwrap(), dir)
     }
 
-    /// The target's side: applies the connection's first unidirectional stream to `dst`.
+    /// The target's side: applies the connection's first unidirectional stream to `dst`,
+    /// on the data plane's thread as `accept_streams` does.
     fn spawn_apply(
         conn: quinn::Connection,
         dst: Arc<RamFile>,
         applied: Arc<AppliedCounter>,
     ) -> tokio::task::JoinHandle<Result<(), PageError>> {
-        tokio::spawn(async move {
+        ferry_transport::data_plane::spawn(async move {
             let recv = conn.accept_uni().await.unwrap();
             let sums = Arc::new(PageSums::new(dst.page_count()));
             apply_page_stream(FrameReader::new(recv), dst, applied, sums).await
