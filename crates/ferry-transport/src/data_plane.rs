@@ -11,8 +11,9 @@
 //! blocking pool, so the thread only runs protocol work; quinn drives each connection
 //! from one task anyway, so one migration loses little parallelism to it (its endpoint
 //! driver and connection driver no longer overlap). Several migrations at once, in or out,
-//! share the thread: their packet work is done one after another (not measured yet; on
-//! the 2-core benchmark host one migration at a time is what runs).
+//! share the thread: their packet work is done one after another (two at once on the
+//! 2-core benchmark host lost nothing, `benches/concurrent.sh`; a bigger host with faster
+//! links is where it could show).
 
 use std::future::Future;
 use std::io;
