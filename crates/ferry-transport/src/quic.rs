@@ -132,18 +132,18 @@ fn transport_config(
             }
             cfg.congestion_controller_factory(Arc::new(bbr));
         }
-        Congestion::DelayFilteredCubic | Congestion::Cubic => {
+        Congestion::Cubic => {
             let mut cubic = quinn::congestion::CubicConfig::default();
             if let Some(w) = initial_window {
                 cubic.initial_window(w);
             }
-            if t.congestion == Congestion::Cubic {
-                cfg.congestion_controller_factory(Arc::new(cubic));
-            } else {
-                cfg.congestion_controller_factory(Arc::new(
-                    crate::congestion::DelayFilteredCubicConfig::new(cubic),
-                ));
-            }
+            cfg.congestion_controller_factory(Arc::new(cubic));
+        }
+        Congestion::DelayFilteredCubic => {
+            let w = initial_window.unwrap_or_else(default_initial_window);
+            cfg.congestion_controller_factory(Arc::new(
+                crate::congestion::DelayFilteredCubicConfig::new(w),
+            ));
         }
     }
     Ok(cfg)

@@ -2412,6 +2412,8 @@ impl Migration {
         };
         if let Some(c) = undo.conn.take() {
             let st = c.stats();
+            let (random_losses, floored) =
+                ferry_transport::congestion::loss_decisions(&c).unwrap_or_default();
             // What the data plane cost in packets: datagrams per send call says whether UDP
             // segmentation offload (GSO) batched them, ACKs per datagram what the peer sent back.
             info!(
@@ -2424,6 +2426,8 @@ impl Migration {
                 lost_packets = st.path.lost_packets,
                 congestion_events = st.path.congestion_events,
                 window_held_mb = ferry_transport::congestion::held_bytes(&c).unwrap_or(0) / 1_000_000,
+                random_losses,
+                floored,
                 mtu = st.path.current_mtu,
                 rtt = ?st.path.rtt,
                 "data plane totals"

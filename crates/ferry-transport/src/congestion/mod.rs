@@ -19,7 +19,10 @@
 //! compressor caught up the whole flow-control window (16 MiB) went out at once into a
 //! 2.5 MB queue and lost 15 MB.
 
-use quinn::congestion::{Controller, ControllerFactory, CubicConfig};
+pub mod cubic;
+
+use cubic::FlooredCubic;
+use quinn::congestion::{Controller, ControllerFactory};
 use quinn_proto::RttEstimator;
 use std::any::Any;
 use std::sync::Arc;
@@ -104,25 +107,29 @@ pub fn loss_is_congestion(rtt: Duration, min_rtt: Duration, loss_share: f64) -> 
 }
 
 /// Factory for [`DelayFilteredCubic`].
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct DelayFilteredCubicConfig {
-    cubic: Arc<CubicConfig>,
+    initial_window: u64,
+}
+
+impl Default for DelayFilteredCubicConfig {
+    fn default() -> Self {
+        DelayFilteredCubicConfig::new(crate::quic::default_initial_window())
+    }
 }
 
 impl DelayFilteredCubicConfig {
-    /// The filter around `cubic` (e.g. one whose connections start with a resumed window:
-    /// [`crate::resume`]).
-    pub fn new(cubic: CubicConfig) -> Self {
-        DelayFilteredCubicConfig {
-            cubic: Arc::new(cubic),
-        }
+    /// Connections starting with `initial_window` bytes (slow start's ten packets, or a
+    /// resumed window: [`crate::resume`]).
+    pub fn new(initial_window: u64) -> Self {
+        DelayFilteredCubicConfig { initial_window }
     }
 }
 
 impl ControllerFactory for DelayFilteredCubicConfig {
-    fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
+    fn build(self: Arc<Self>, _now: Instant, current_mtu: u16) -> Box<dyn Controller> {
         Box::new(DelayFilteredCubic {
-            inner: self.cubic.clone().build(now, current_mtu),
+            inner: FlooredCubic::new(self.initial_window, current_mtu),
             rtt: None,
             acked: 0,
             lost: 0,
@@ -142,9 +149,9 @@ struct LossTotals {
     random: u64,
 }
 
-/// quinn's cubic behind a filter that drops loss signals no queue explains.
+/// Cubic behind a filter that drops loss signals no queue explains.
 pub struct DelayFilteredCubic {
-    inner: Box<dyn Controller>,
+    inner: FlooredCubic,
     /// (smoothed RTT, minimum RTT) at the last ack.
     rtt: Option<(Duration, Duration)>,
     /// Bytes acknowledged and lost since the window was last aged.
@@ -162,6 +169,11 @@ impl DelayFilteredCubic {
     /// Loss events this controller did not pass on (random loss).
     pub fn ignored_losses(&self) -> u64 {
         self.ignored
+    }
+
+    /// Congestion events whose reduction stopped at the path's measured BDP.
+    pub fn floored_reductions(&self) -> u64 {
+        self.inner.floored_reductions()
     }
 
     /// Bytes acknowledged while the window was not what limited the sender: cubic did
@@ -285,7 +297,7 @@ impl Controller for DelayFilteredCubic {
 
     fn clone_box(&self) -> Box<dyn Controller> {
         Box::new(DelayFilteredCubic {
-            inner: self.inner.clone_box(),
+            inner: self.inner.clone(),
             rtt: self.rtt,
             acked: self.acked,
             lost: self.lost,
@@ -315,6 +327,12 @@ pub fn random_loss_share(conn: &quinn::Connection) -> Option<f64> {
 /// unless the connection runs [`DelayFilteredCubic`]).
 pub fn held_bytes(conn: &quinn::Connection) -> Option<u64> {
     filtered_state(conn).map(|c| c.held_bytes())
+}
+
+/// Loss events `conn`'s controller let pass as random, and congestion events whose
+/// reduction stopped at the measured BDP (`None` unless it runs [`DelayFilteredCubic`]).
+pub fn loss_decisions(conn: &quinn::Connection) -> Option<(u64, u64)> {
+    filtered_state(conn).map(|c| (c.ignored_losses(), c.floored_reductions()))
 }
 
 /// A copy of `conn`'s controller if it is a [`DelayFilteredCubic`].
