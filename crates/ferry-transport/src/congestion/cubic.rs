@@ -135,6 +135,9 @@ pub struct FlooredCubic {
     min_rtt: Duration,
     /// Reductions the floor held above β·cwnd, for the log.
     floored: u64,
+    /// Whether reductions stop at the measured BDP (off only in the tests, to show what
+    /// the floor is for).
+    floor: bool,
 }
 
 impl FlooredCubic {
@@ -150,11 +153,18 @@ impl FlooredCubic {
             rate: DeliveryRate::default(),
             min_rtt: Duration::ZERO,
             floored: 0,
+            floor: true,
         }
     }
 
     fn minimum_window(&self) -> u64 {
         2 * self.mtu
+    }
+
+    /// Reductions go to β·cwnd whatever the path delivered (quinn's cubic; for tests).
+    #[cfg(test)]
+    pub(crate) fn disable_floor(&mut self) {
+        self.floor = false;
     }
 
     /// Congestion events whose reduction the measured BDP held above β·cwnd.
@@ -166,21 +176,21 @@ impl FlooredCubic {
     pub fn measured_bdp(&self) -> u64 {
         self.rate.bdp(self.min_rtt)
     }
-}
 
-impl Controller for FlooredCubic {
-    fn on_ack(
+    /// [`Controller::on_ack`] with the smoothed and the minimum RTT.
+    pub fn ack(
         &mut self,
         now: Instant,
         sent: Instant,
         bytes: u64,
         app_limited: bool,
-        rtt: &RttEstimator,
+        srtt: Duration,
+        min_rtt: Duration,
     ) {
         // Every acknowledged byte counts for the delivery rate, whatever limited the
         // sender: an app-limited period only lowers its own sample.
-        self.min_rtt = rtt.min();
-        self.rate.on_ack(now, bytes, rtt.get());
+        self.min_rtt = min_rtt;
+        self.rate.on_ack(now, bytes, srtt);
         if app_limited || self.recovery_start.is_some_and(|t| sent <= t) {
             return;
         }
@@ -200,8 +210,8 @@ impl Controller for FlooredCubic {
             }
         };
         let t = now.saturating_duration_since(start);
-        let w_cubic = self.epoch.w_cubic(t + rtt.get(), self.mtu);
-        let w_est = self.epoch.w_est(t, rtt.get(), self.mtu);
+        let w_cubic = self.epoch.w_cubic(t + srtt, self.mtu);
+        let w_est = self.epoch.w_est(t, srtt, self.mtu);
         let mut target = self.window;
         if w_cubic < w_est {
             // Reno-friendly region.
@@ -216,6 +226,19 @@ impl Controller for FlooredCubic {
             self.window += self.mtu;
             self.epoch.cwnd_inc = 0;
         }
+    }
+}
+
+impl Controller for FlooredCubic {
+    fn on_ack(
+        &mut self,
+        now: Instant,
+        sent: Instant,
+        bytes: u64,
+        app_limited: bool,
+        rtt: &RttEstimator,
+    ) {
+        self.ack(now, sent, bytes, app_limited, rtt.get(), rtt.min());
     }
 
     fn on_congestion_event(
@@ -236,7 +259,7 @@ impl Controller for FlooredCubic {
         } else {
             window
         };
-        let bdp = self.measured_bdp();
+        let bdp = if self.floor { self.measured_bdp() } else { 0 };
         let reduced = loss_window(self.window, BETA, bdp, self.minimum_window());
         if reduced > ((window * BETA) as u64).max(self.minimum_window()) {
             self.floored += 1;
