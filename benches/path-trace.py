@@ -7,7 +7,7 @@
 Reads the `path` lines `migration::path_trace` logs every 10 ms (congestion window, RTT,
 bytes sent, packets lost, congestion events) and prints, per slice: the rate sent, packets
 lost, congestion events quinn counted (before ferry's filter decides), and the window's
-and RTT's range.
+and RTT's range; each migration in the log apart.
 """
 
 import collections
@@ -21,17 +21,22 @@ FIELDS = ["t_ms", "cwnd_kb", "rtt_us", "min_rtt_us", "sent_kb", "lost", "events"
 def main():
     path = sys.argv[1]
     slice_ms = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
-    rows = []
+    rows = collections.defaultdict(list)
     with open(path) as f:
         for line in f:
             if "path_trace" not in line:
                 continue
             d = dict(re.findall(r"(\w+)=(\S+)", ANSI.sub("", line)))
             try:
-                rows.append({k: int(d[k]) for k in FIELDS})
+                rows[d.get("migration", "?")].append({k: int(d[k]) for k in FIELDS})
             except (KeyError, ValueError):
                 continue
-    print(f"{len(rows)} samples")
+    for migration, samples in rows.items():
+        print(f"migration {migration}: {len(samples)} samples")
+        report(samples, slice_ms)
+
+
+def report(rows, slice_ms):
     b = collections.defaultdict(lambda: [0, 0, 0, [], []])
     for r in rows:
         s = b[r["t_ms"] // slice_ms]
