@@ -1,7 +1,8 @@
 //! Prometheus metrics, served as text on `metrics_listen` (`GET /metrics`).
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +25,20 @@ pub struct Metrics {
     pub rounds: Histogram,
     /// Dirty rate (pages/s) seen in the latest pre-copy round of any migration.
     pub dirty_rate: Gauge,
+    /// The data plane of migrations this host sent: UDP datagrams out, packets QUIC
+    /// declared lost, loss events the congestion controller let pass as random (no queue
+    /// behind them), and window reductions it stopped at the path's measured BDP. A lossy
+    /// link shows as random losses; a congested one as losses that are not.
+    pub data_plane: DataPlaneCounters,
+}
+
+/// Counters of the source side's QUIC connections, added when each migration's data
+/// plane closes ([`Metrics::data_plane`]).
+pub struct DataPlaneCounters {
+    pub datagrams: IntCounter,
+    pub lost_packets: IntCounter,
+    pub random_loss_events: IntCounter,
+    pub floored_reductions: IntCounter,
 }
 
 impl Metrics {
@@ -82,6 +97,29 @@ impl Metrics {
             registry.register(Box::new(h.clone()))?;
         }
         registry.register(Box::new(dirty_rate.clone()))?;
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let data_plane = DataPlaneCounters {
+            datagrams: counter(
+                "data_plane_datagrams_total",
+                "UDP datagrams sent by the data plane of migrations from this host",
+            )?,
+            lost_packets: counter(
+                "data_plane_lost_packets_total",
+                "Packets the data plane's QUIC declared lost (migrations from this host)",
+            )?,
+            random_loss_events: counter(
+                "data_plane_random_loss_events_total",
+                "Loss events the congestion controller let pass as random (no queue behind them)",
+            )?,
+            floored_reductions: counter(
+                "data_plane_floored_reductions_total",
+                "Congestion window reductions stopped at the path's measured bandwidth-delay product",
+            )?,
+        };
         Ok(Arc::new(Metrics {
             registry,
             migrations,
@@ -93,6 +131,7 @@ impl Metrics {
             duration,
             rounds,
             dirty_rate,
+            data_plane,
         }))
     }
 

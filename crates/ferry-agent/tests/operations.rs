@@ -126,6 +126,25 @@ async fn metrics_move_during_a_migration() {
         "{after}"
     );
     assert_eq!(metric(&after, "ferry_downtime_seconds_count"), 1.0);
+    // The data plane's counters: the datagrams that carried those pages (at least one
+    // per 1452 bytes of the wire), and the loss counters exported (loopback loses none
+    // or few).
+    let datagrams = metric(&after, "ferry_data_plane_datagrams_total");
+    let wire = metric(&after, "ferry_wire_bytes_total{codec=\"zstd:3\"}");
+    assert!(
+        datagrams >= wire / 1452.0,
+        "{datagrams} datagrams for {wire} bytes"
+    );
+    for name in [
+        "ferry_data_plane_lost_packets_total",
+        "ferry_data_plane_random_loss_events_total",
+        "ferry_data_plane_floored_reductions_total",
+    ] {
+        assert!(
+            after.lines().any(|l| l.starts_with(&format!("{name} "))),
+            "{name} exported: {after}"
+        );
+    }
     assert_eq!(metric(&after, "ferry_migrations_active"), 0.0);
     let target = scrape(&b.metrics_addr());
     assert_eq!(

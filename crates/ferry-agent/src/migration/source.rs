@@ -2414,6 +2414,11 @@ impl Migration {
             let st = c.stats();
             let (random_losses, floored) =
                 ferry_transport::congestion::loss_decisions(&c).unwrap_or_default();
+            let dp = &self.ctx.metrics.data_plane;
+            dp.datagrams.inc_by(st.udp_tx.datagrams);
+            dp.lost_packets.inc_by(st.path.lost_packets);
+            dp.random_loss_events.inc_by(random_losses);
+            dp.floored_reductions.inc_by(floored);
             // What the data plane cost in packets: datagrams per send call says whether UDP
             // segmentation offload (GSO) batched them, ACKs per datagram what the peer sent back.
             info!(
