@@ -5,7 +5,6 @@ use ferry_api::v1 as pb;
 use ferry_testkit::{
     allocated_bytes, guest_artifacts, workload_cmdline, TestAgent, TestPki, Tmpfs,
 };
-use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -29,28 +28,11 @@ async fn boot_guest(agent: &TestAgent, name: &str) -> pb::VmInfo {
     agent.define_and_boot(spec).await.expect("boot the guest")
 }
 
-/// `GET /metrics` over a plain TCP connection (what curl or Prometheus does).
 fn scrape(addr: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("response");
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
+    ferry_testkit::scrape_metrics(addr).expect("scrape /metrics")
 }
 
-/// Sum of a metric's samples whose line starts with `prefix` (name plus labels).
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+use ferry_testkit::metric_sum as metric;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_during_a_migration() {

@@ -5,6 +5,7 @@
 //! * [`console`]: the workload's line protocol on the serial console ([`GuestConsole`],
 //!   [`wait_for_log_line`], reply parsers).
 //! * [`agent`]: real `ferryd` processes for tests ([`TestAgent`], [`TestPki`]).
+//! * [`metrics`]: an agent's Prometheus endpoint read as Prometheus does ([`scrape_metrics`]).
 //! * [`tmpfs`]: a tmpfs of a chosen size mounted for a test ([`Tmpfs`]), and what a file
 //!   holds of it ([`allocated_bytes`]).
 //!
@@ -16,6 +17,7 @@
 pub mod agent;
 pub mod console;
 pub mod guest;
+pub mod metrics;
 pub mod tmpfs;
 
 pub use agent::{
@@ -29,4 +31,5 @@ pub use console::{
 pub use guest::{
     find_workspace_root, guest_artifacts, repo_root, workload_cmdline, GuestArtifacts,
 };
+pub use metrics::{metric_sum, scrape_metrics};
 pub use tmpfs::{allocated_bytes, Tmpfs};

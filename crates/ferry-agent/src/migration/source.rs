@@ -1921,6 +1921,38 @@ impl Migration {
         Ok(())
     }
 
+    /// Adds the data plane's packet totals to the metrics and the log, then closes it:
+    /// committed and aborted migrations alike (the failed ones are often the lossy ones).
+    fn close_data_plane(&self, c: quinn::Connection, code: u32, reason: &'static [u8]) {
+        let st = c.stats();
+        let (random_losses, floored) =
+            ferry_transport::congestion::loss_decisions(&c).unwrap_or_default();
+        let dp = &self.ctx.metrics.data_plane;
+        dp.datagrams.inc_by(st.udp_tx.datagrams);
+        dp.lost_packets.inc_by(st.path.lost_packets);
+        dp.random_loss_events.inc_by(random_losses);
+        dp.floored_reductions.inc_by(floored);
+        // What the data plane cost in packets: datagrams per send call says whether UDP
+        // segmentation offload (GSO) batched them, ACKs per datagram what the peer sent back.
+        info!(
+            migration = %self.p.job.id,
+            datagrams = st.udp_tx.datagrams,
+            send_calls = st.udp_tx.ios,
+            bytes = st.udp_tx.bytes,
+            acks_received = st.frame_rx.acks,
+            datagrams_received = st.udp_rx.datagrams,
+            lost_packets = st.path.lost_packets,
+            congestion_events = st.path.congestion_events,
+            window_held_mb = ferry_transport::congestion::held_bytes(&c).unwrap_or(0) / 1_000_000,
+            random_losses,
+            floored,
+            mtu = st.path.current_mtu,
+            rtt = ?st.path.rtt,
+            "data plane totals"
+        );
+        c.close(code.into(), reason);
+    }
+
     /// [`Phase::Commit`]. Not cancellable: from here on the source never resumes by itself.
     /// `CommitSent` is journaled with the VM record (held) before Commit leaves on the
     /// data plane's control stream; the target decides, journals, resumes and answers
@@ -2411,33 +2443,7 @@ impl Migration {
             _ => 0,
         };
         if let Some(c) = undo.conn.take() {
-            let st = c.stats();
-            let (random_losses, floored) =
-                ferry_transport::congestion::loss_decisions(&c).unwrap_or_default();
-            let dp = &self.ctx.metrics.data_plane;
-            dp.datagrams.inc_by(st.udp_tx.datagrams);
-            dp.lost_packets.inc_by(st.path.lost_packets);
-            dp.random_loss_events.inc_by(random_losses);
-            dp.floored_reductions.inc_by(floored);
-            // What the data plane cost in packets: datagrams per send call says whether UDP
-            // segmentation offload (GSO) batched them, ACKs per datagram what the peer sent back.
-            info!(
-                migration = %self.p.job.id,
-                datagrams = st.udp_tx.datagrams,
-                send_calls = st.udp_tx.ios,
-                bytes = st.udp_tx.bytes,
-                acks_received = st.frame_rx.acks,
-                datagrams_received = st.udp_rx.datagrams,
-                lost_packets = st.path.lost_packets,
-                congestion_events = st.path.congestion_events,
-                window_held_mb = ferry_transport::congestion::held_bytes(&c).unwrap_or(0) / 1_000_000,
-                random_losses,
-                floored,
-                mtu = st.path.current_mtu,
-                rtt = ?st.path.rtt,
-                "data plane totals"
-            );
-            c.close(0u32.into(), b"committed");
+            self.close_data_plane(c, 0, b"committed");
         }
         if let Some(t) = undo.throttle.take() {
             t.release();
@@ -2549,7 +2555,7 @@ impl Migration {
             }
         }
         if let Some(c) = undo.conn.take() {
-            c.close(1u32.into(), b"aborted");
+            self.close_data_plane(c, 1, b"aborted");
         }
         if let Some(p) = undo.relay_path.take() {
             let _ = std::fs::remove_file(p);

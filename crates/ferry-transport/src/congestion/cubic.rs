@@ -246,20 +246,38 @@ impl Controller for FlooredCubic {
         now: Instant,
         sent: Instant,
         is_persistent_congestion: bool,
-        _lost_bytes: u64,
+        lost_bytes: u64,
     ) {
         if self.recovery_start.is_some_and(|t| sent <= t) {
             return;
         }
         self.recovery_start = Some(now);
         let window = self.window as f64;
+        if is_persistent_congestion {
+            // RFC 9438 §4.8: a path that stopped answering starts over, no floor; what
+            // it delivered before says nothing about the path it comes back as.
+            self.recovery_start = None;
+            self.ssthresh = ((window * BETA) as u64).max(self.minimum_window());
+            self.epoch = Epoch {
+                w_max: self.ssthresh as f64,
+                ..Epoch::default()
+            };
+            self.window = self.minimum_window();
+            self.rate = DeliveryRate::default();
+            return;
+        }
         // Fast convergence (RFC 9438 §4.7).
         self.epoch.w_max = if window < self.epoch.w_max {
             window * (1.0 + BETA) / 2.0
         } else {
             window
         };
-        let bdp = if self.floor { self.measured_bdp() } else { 0 };
+        // An ECN mark (no bytes lost) always means a queue: no floor for it.
+        let bdp = if self.floor && lost_bytes > 0 {
+            self.measured_bdp()
+        } else {
+            0
+        };
         let reduced = loss_window(self.window, BETA, bdp, self.minimum_window());
         if reduced > ((window * BETA) as u64).max(self.minimum_window()) {
             self.floored += 1;
@@ -267,16 +285,11 @@ impl Controller for FlooredCubic {
         self.ssthresh = reduced;
         self.window = reduced;
         self.epoch.cwnd_epoch = reduced as f64;
+        // A floored window can stand above a W_max fast convergence lowered: the curve
+        // then starts from the window (K = 0), as Linux's cubic does, not below it.
+        self.epoch.w_max = self.epoch.w_max.max(self.epoch.cwnd_epoch);
         self.epoch.k = self.epoch.compute_k(self.mtu);
         self.epoch.cwnd_inc = (self.epoch.cwnd_inc as f64 * BETA) as u64;
-        if is_persistent_congestion {
-            // RFC 9438 §4.8: a path that stopped answering starts over, no floor.
-            self.recovery_start = None;
-            self.epoch.w_max = self.window as f64;
-            self.ssthresh = ((window * BETA) as u64).max(self.minimum_window());
-            self.epoch.cwnd_inc = 0;
-            self.window = self.minimum_window();
-        }
     }
 
     fn on_mtu_update(&mut self, new_mtu: u16) {
@@ -343,10 +356,12 @@ mod tests {
         assert_eq!(r.bdp(50 * MS), (rate * 0.05) as u64);
         // Then a slower stretch (the sender out of data): the rate while full is kept
         // for a few periods...
-        for _ in 0..3 {
+        for _ in 0..8 {
             r.on_ack(t, 1250, 50 * MS);
             t += 25 * MS;
         }
+        let slow = r.samples.iter().filter(|&&x| x < 1e6).count();
+        assert!(slow >= 3, "slow periods closed: {slow}");
         assert!((r.max() - 25e6).abs() / 25e6 < 0.01);
         // ...and forgotten after RATE_SAMPLES of them.
         for _ in 0..(2 * RATE_SAMPLES + 2) {
@@ -382,13 +397,44 @@ mod tests {
         assert!((at_0 - 1_250_000.0).abs() < 1.0, "{at_0}");
         let at_k = floored.w_cubic(Duration::from_secs_f64(k_floored), mtu);
         assert!((at_k - 1_425_000.0).abs() < 1.0);
-        // A window already above W_max (fast convergence lowered it): no wait at all.
-        let above = Epoch {
-            w_max: 1_211_000.0,
-            cwnd_epoch: 1_250_000.0,
-            ..Default::default()
-        };
-        assert_eq!(above.compute_k(mtu), 0.0);
+    }
+
+    #[test]
+    fn a_floored_window_above_a_converged_w_max_grows_from_where_it_is() {
+        // Fast convergence: a loss at 1.30 MB after one at 1.425 MB sets W_max to
+        // 0.85 x 1.30 = 1.105 MB; the floor holds the window at the path's 1.25 MB.
+        let t0 = Instant::now();
+        let mut c = FlooredCubic::new(1_425_000, 1200);
+        c.on_congestion_event(t0 + MS, t0, false, 1200);
+        for i in 0..200u32 {
+            c.rate.on_ack(t0 + i * MS, 25_000, 50 * MS);
+        }
+        c.min_rtt = 50 * MS;
+        c.window = 1_300_000;
+        c.on_congestion_event(t0 + 300 * MS, t0 + 250 * MS, false, 1200);
+        let w = c.window();
+        assert!((1_240_000..=1_260_000).contains(&w), "{w}");
+        // The curve starts at the window, not at a W_max below it (which would leave
+        // only Reno's slow term growing the window for seconds).
+        assert_eq!(c.epoch.k, 0.0);
+        let at_0 = c.epoch.w_cubic(Duration::ZERO, c.mtu);
+        assert!((at_0 - w as f64).abs() < 1.0, "{at_0} vs {w}");
+        let after_1s = c.epoch.w_cubic(Duration::from_secs(1), c.mtu);
+        assert!(after_1s > w as f64, "{after_1s}");
+    }
+
+    #[test]
+    fn an_ecn_mark_is_not_floored() {
+        let t0 = Instant::now();
+        let mut c = FlooredCubic::new(1_425_000, 1200);
+        for i in 0..200u32 {
+            c.rate.on_ack(t0 + i * MS, 25_000, 50 * MS);
+        }
+        c.min_rtt = 50 * MS;
+        // A congestion event with nothing lost: a mark.
+        c.on_congestion_event(t0 + 300 * MS, t0 + 250 * MS, false, 0);
+        assert_eq!(c.window(), (1_425_000.0 * BETA) as u64);
+        assert_eq!(c.floored_reductions(), 0);
     }
 
     #[test]
@@ -413,8 +459,13 @@ mod tests {
         assert!((1_240_000..=1_260_000).contains(&bdp), "{bdp}");
         assert_eq!(c.window(), bdp);
         assert_eq!(c.floored_reductions(), 1);
-        // Persistent congestion: two packets, whatever the path delivered.
+        // Persistent congestion: two packets, whatever the path delivered; it is not a
+        // floored reduction, ssthresh is β of the window before it, and the old path's
+        // rate is forgotten (the next loss reduces by β again).
         c.on_congestion_event(t0 + 900 * MS, t0 + 800 * MS, true, 1200);
         assert_eq!(c.window(), 2400);
+        assert_eq!(c.floored_reductions(), 1);
+        assert_eq!(c.ssthresh, (bdp as f64 * BETA) as u64);
+        assert_eq!(c.measured_bdp(), 0);
     }
 }
