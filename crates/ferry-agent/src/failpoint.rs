@@ -29,6 +29,7 @@ pub const POINTS: &[&str] = &[
     "src.commit.answered",
     "src.rollback.start",
     "src.settle.ask",
+    "tgt.copies.made",
     "tgt.prepare.done",
     "tgt.ram.reserve",
     "tgt.qemu.started",

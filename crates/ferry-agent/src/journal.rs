@@ -76,6 +76,11 @@ pub struct MigrationRecord {
     /// it does not commit, also after a restart).
     #[serde(default)]
     pub copies: Vec<std::path::PathBuf>,
+    /// Target side: disk images about to be made, journaled before the first is (state
+    /// "preparing"). A restart removes only those still linked to their staging name
+    /// (`ferry_disk::staged`): made by this migration, not found there.
+    #[serde(default)]
+    pub staged_copies: Vec<std::path::PathBuf>,
     /// Milliseconds since the epoch of the last write (history pruning).
     #[serde(default)]
     pub updated_ms: i64,
@@ -97,6 +102,7 @@ impl MigrationRecord {
             was_running: true,
             capture: None,
             copies: Vec::new(),
+            staged_copies: Vec::new(),
             updated_ms: 0,
         }
     }

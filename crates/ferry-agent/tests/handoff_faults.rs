@@ -245,7 +245,7 @@ async fn lists_vm(agent: &TestAgent) -> bool {
 /// the one QEMU running the guest — the source QEMU before its device state was captured
 /// whole, or the target QEMU after it resumed the guest.
 fn crash_allowed(point: &str, fault: Fault) -> bool {
-    const BEFORE_CAPTURE: [&str; 12] = [
+    const BEFORE_CAPTURE: [&str; 13] = [
         "src.preflight.done",
         "src.prepare.done",
         "src.connect.done",
@@ -254,6 +254,7 @@ fn crash_allowed(point: &str, fault: Fault) -> bool {
         "src.switchover.paused",
         "src.final_round.sent",
         "src.device_state.sent",
+        "tgt.copies.made",
         "tgt.prepare.done",
         "tgt.ram.reserve",
         "tgt.qemu.started",
@@ -366,7 +367,8 @@ async fn run_cell(point: &'static str, fault: Fault, skip_verify: bool) -> Cell 
         });
     }
     let mut p = pair(fa.as_deref(), fb.as_deref()).await;
-    let _info = boot_with(&p.a, point == "src.disks.ready", point == "tgt.ram.reserve").await;
+    let disk = matches!(point, "src.disks.ready" | "tgt.copies.made");
+    let _info = boot_with(&p.a, disk, point == "tgt.ram.reserve").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let id = start(&p, "lz4", skip_verify).await;
     let reached = wait_point(&mut p, point, &id).await;
@@ -561,6 +563,19 @@ async fn source_killed_at_committing_leaves_no_paused_copy() {
     let _s = SERIAL.lock().await;
     let c = run_cell("src.commit.journaled", Fault::KillSourceAgent, false).await;
     assert_cell(&c);
+}
+
+/// Regression: the target agent killed after making the empty copy of a travelling
+/// disk, before its Prepared record listed it (the QEMU start, about a second), left the
+/// copy behind for good. Now the copy's path is journaled before it is made and the copy
+/// is linked to a staging name until then: the restart removes it, staging name too (the
+/// cell looks at the target's storage directory itself, hidden files included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_killed_after_making_a_disk_copy_leaves_none() {
+    let _s = SERIAL.lock().await;
+    let c = run_cell("tgt.copies.made", Fault::KillTargetAgent, false).await;
+    assert_cell(&c);
+    assert_eq!(c.owner, "source");
 }
 
 /// The target agent dies after journaling the commit, before resuming: on restart it

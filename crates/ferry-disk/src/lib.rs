@@ -11,6 +11,7 @@
 //! * [`DataExtents`], [`ChunkReader`]: read a sparse image as non-zero chunks.
 //! * [`file_blake3`]: the end-to-end digest.
 //! * [`PartialImage`]: the resumable, verified receiving side.
+//! * [`staged`]: images made for a live migration's disks, provably its own after a crash.
 //!
 //! # A cold transfer (guest stopped, or the image not in use)
 //!
@@ -49,6 +50,7 @@ pub mod receive;
 pub mod roots;
 pub mod space;
 pub mod sparse;
+pub mod staged;
 pub mod token;
 
 use std::fs::File;

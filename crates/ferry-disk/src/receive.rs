@@ -459,7 +459,7 @@ fn lock(file: &File, path: &Path) -> Result<(), DiskError> {
 }
 
 /// `rename` that fails with `AlreadyExists` instead of replacing `to`.
-fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     let c_from = CString::new(from.as_os_str().as_bytes())?;
     let c_to = CString::new(to.as_os_str().as_bytes())?;
     // SAFETY: two valid NUL-terminated paths; renameat2 reads them and nothing else.

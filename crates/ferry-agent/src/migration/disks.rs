@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use ferry_api::v1 as pb;
 use ferry_api::v1::ferry_peer_client::FerryPeerClient;
-use ferry_disk::{image, token::SharedStorageToken, ImageFormat, StorageRoots};
+use ferry_disk::{image, staged, token::SharedStorageToken, ImageFormat, StorageRoots};
 use ferry_qemu::{DiskFormat, VmSpec};
 use ferry_transport::FrameWriter;
 use ferry_wire::{Codec, MAX_CHUNK};
@@ -259,57 +259,114 @@ pub fn localize(
     Ok(spec)
 }
 
-/// Target side: creates empty images for the disks that travel (`spec` already
-/// [`localize`]d); returns what it made (removed again if the migration does not commit).
-pub fn create_copies(
+/// Target side: where the disks that travel go (`spec` already [`localize`]d), checked
+/// before anything is made: inside the storage roots, nothing there yet, room for each.
+pub fn plan_copies(
     storage: &StorageRoots,
     host: &str,
     spec: &VmSpec,
     copies: &[pb::DiskProbe],
 ) -> Result<Vec<PathBuf>, Status> {
+    let mut planned = Vec::new();
+    for c in copies {
+        let disk =
+            spec.disks.iter().find(|d| d.id == c.id).ok_or_else(|| {
+                Status::invalid_argument(format!("copy of unknown disk '{}'", c.id))
+            })?;
+        let path = storage
+            .confine(&disk.path)
+            .map_err(|e| Status::permission_denied(format!("disk '{}' on {host}: {e}", c.id)))?;
+        if path.exists() {
+            return Err(Status::already_exists(format!(
+                "disk '{}': an image already exists at {} on {host}",
+                c.id,
+                path.display()
+            )));
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                Status::internal(format!(
+                    "disk '{}' on {host}: creating {}: {e}",
+                    c.id,
+                    dir.display()
+                ))
+            })?;
+            ferry_disk::space::ensure_space(dir, c.allocated_bytes, &format!("disk '{}'", c.id))
+                .map_err(|e| Status::resource_exhausted(format!("on {host}: {e}")))?;
+        }
+        planned.push(path);
+    }
+    Ok(planned)
+}
+
+/// Target side: creates the empty images [`plan_copies`] planned, each through a staging
+/// name of `migration` ([`ferry_disk::staged`]) that stays until [`release_staging`]:
+/// until then a restart can prove them this migration's. Returns what it made (removed
+/// again, staging names too, if anything fails).
+pub fn make_copies(
+    host: &str,
+    spec: &VmSpec,
+    copies: &[pb::DiskProbe],
+    planned: &[PathBuf],
+    migration: &str,
+) -> Result<Vec<PathBuf>, Status> {
     let mut made = Vec::new();
     let result = (|| {
-        for c in copies {
+        for (c, path) in copies.iter().zip(planned) {
             let disk = spec.disks.iter().find(|d| d.id == c.id).ok_or_else(|| {
                 Status::invalid_argument(format!("copy of unknown disk '{}'", c.id))
             })?;
-            let path = storage.confine(&disk.path).map_err(|e| {
-                Status::permission_denied(format!("disk '{}' on {host}: {e}", c.id))
-            })?;
-            if path.exists() {
-                return Err(Status::already_exists(format!(
-                    "disk '{}': an image already exists at {} on {host}",
-                    c.id,
-                    path.display()
-                )));
-            }
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    Status::internal(format!(
-                        "disk '{}' on {host}: creating {}: {e}",
-                        c.id,
-                        dir.display()
-                    ))
+            let placed =
+                staged::create_staged(path, image_format(disk.format), c.virtual_size, migration)
+                    .map_err(|e| match e {
+                    ferry_disk::DiskError::AlreadyExists { .. } => Status::already_exists(format!(
+                        "disk '{}' on {host}: {e} (it appeared meanwhile)",
+                        c.id
+                    )),
+                    e => Status::failed_precondition(format!("disk '{}' on {host}: {e}", c.id)),
                 })?;
-                ferry_disk::space::ensure_space(
-                    dir,
-                    c.allocated_bytes,
-                    &format!("disk '{}'", c.id),
-                )
-                .map_err(|e| Status::resource_exhausted(format!("on {host}: {e}")))?;
+            if placed == staged::Placed::Renamed {
+                tracing::warn!(migration, path = %path.display(), "no hard links on this filesystem: a crash before the migration is journaled would leave this copy behind");
             }
-            image::create(&path, image_format(disk.format), c.virtual_size, None).map_err(|e| {
-                Status::failed_precondition(format!("disk '{}' on {host}: {e}", c.id))
-            })?;
-            made.push(path);
+            made.push(path.clone());
         }
         Ok(())
     })();
     match result {
         Ok(()) => Ok(made),
         Err(e) => {
-            remove_copies(&made);
+            remove_copies(&made, migration);
             Err(e)
+        }
+    }
+}
+
+/// Drops the staging names of `copies` once the migration's record lists them.
+pub fn release_staging(copies: &[PathBuf], migration: &str) {
+    for p in copies {
+        if let Err(e) = staged::release_staging(p, migration) {
+            tracing::warn!(migration, "{e}");
+        }
+    }
+}
+
+/// Removes the images [`make_copies`] made (and their staging names, if still there).
+pub fn remove_copies(paths: &[PathBuf], migration: &str) {
+    for p in paths {
+        let _ = std::fs::remove_file(p);
+    }
+    release_staging(paths, migration);
+}
+
+/// After a restart: removes those of `planned` that are provably this migration's (still
+/// linked to their staging name); anything else at those paths is left alone.
+pub fn remove_staged_copies(planned: &[PathBuf], migration: &str) {
+    for p in planned {
+        match staged::remove_if_ours(p, migration) {
+            Ok(r) => {
+                tracing::info!(migration, path = %p.display(), outcome = ?r, "disk copy of an unprepared migration")
+            }
+            Err(e) => tracing::warn!(migration, "removing an unprepared disk copy: {e}"),
         }
     }
 }
@@ -327,13 +384,6 @@ pub fn confined_backing(storage: &StorageRoots, path: &Path) -> Result<PathBuf, 
         ));
     }
     Ok(p)
-}
-
-/// Removes images [`create_copies`] made.
-pub fn remove_copies(paths: &[PathBuf]) {
-    for p in paths {
-        let _ = std::fs::remove_file(p);
-    }
 }
 
 /// Bytes the source side of the tunnels sent.

@@ -2711,6 +2711,16 @@ pub async fn settle(
             meta.capture_whole(),
         );
         info!(migration = %h.id, ?answer, ?qemu, ?action, "settling with the target");
+        if answer == TargetAnswer::Unknown && meta.mark == SourceMark::BeforeCommit {
+            // Nothing prepared there yet, but a Prepare may still be under way (making
+            // disk copies): tell it not to wait for a source that will never come.
+            let req = pb::AbortRequest {
+                migration_id: h.id.clone(),
+                reason: "the source rolled back before the target was prepared".into(),
+                token: token.clone(),
+            };
+            let _ = peer_call(ctx, target, |mut peer| async move { peer.abort(req).await }).await;
+        }
         match action {
             None => return SourceAction::RollBack(Resume::AlreadyRunning),
             Some(a @ (SourceAction::Finish | SourceAction::RollBack(_))) => return a,
@@ -2722,10 +2732,16 @@ pub async fn settle(
                 };
                 let reply =
                     peer_call(ctx, target, |mut peer| async move { peer.abort(req).await }).await;
-                if let Some(Err(e)) = reply {
-                    info!(migration = %h.id, "target refused to abort: {}", e.message());
+                match reply {
+                    // Aborted: the next answer says so.
+                    Some(Ok(r)) if r.existed => continue,
+                    Some(Err(e)) => {
+                        info!(migration = %h.id, "target refused to abort: {}", e.message())
+                    }
+                    // Nothing live to abort yet (a Prepare still under way there, or a
+                    // restart not yet recovered): ask again after the pause, not at once.
+                    _ => {}
                 }
-                continue;
             }
             Some(SourceAction::AskAgain) => {}
             Some(SourceAction::HoldInDoubt) => {

@@ -243,6 +243,9 @@ pub struct IncomingRegistry {
     /// Woken when a migration joins `map`: a source's Hello may arrive while its Prepare
     /// still runs here (the source opens the data plane meanwhile).
     prepared: tokio::sync::Notify,
+    /// Migrations whose source asked to abort while their Prepare was still making disk
+    /// copies here: the Prepare discards what it made once it is done.
+    abort_asked: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Slots of incoming live migrations (`max_incoming`).
     slots: Arc<super::Slots>,
     /// Incoming cold (offline) migrations: `migration/cold.rs`.
@@ -267,6 +270,7 @@ impl IncomingRegistry {
             storage,
             map: std::sync::Mutex::new(HashMap::new()),
             prepared: tokio::sync::Notify::new(),
+            abort_asked: std::sync::Mutex::default(),
             slots: Arc::default(),
             cold: Arc::default(),
         })
@@ -303,7 +307,23 @@ impl IncomingRegistry {
     }
 
     /// Prepare: an empty RAM file and a paused QEMU waiting for this migration.
+    ///
+    /// Runs as a task of its own: a source that vanishes mid-call (its connection drops,
+    /// and the RPC's future with it) must not cut it short halfway — a reserved name, a
+    /// RAM file or disk copies nobody would remove. Finished, an unclaimed migration is
+    /// the watchdog's (or an abort's) to discard.
     pub async fn prepare(
+        self: &Arc<Self>,
+        req: pb::PrepareRequest,
+        caller: &PeerIdentity,
+    ) -> Result<pb::PrepareResponse, Status> {
+        let (me, caller) = (self.clone(), caller.clone());
+        tokio::spawn(async move { me.prepare_whole(req, &caller).await })
+            .await
+            .map_err(|e| Status::internal(format!("prepare: {e}")))?
+    }
+
+    async fn prepare_whole(
         self: &Arc<Self>,
         req: pb::PrepareRequest,
         caller: &PeerIdentity,
@@ -384,14 +404,18 @@ impl IncomingRegistry {
                     r
                 });
                 match put {
-                    Ok(()) => Ok(inc),
+                    Ok(()) => {
+                        // The record lists the copies now: their proof is not needed.
+                        super::disks::release_staging(&inc.copies, &inc.id);
+                        Ok(inc)
+                    }
                     Err(e) => {
                         // Nothing promised yet: what `create` made goes too.
                         if let Some(p) = inc.qemu.settle().await {
                             let _ = p.kill().await;
                         }
                         inc.release_ram();
-                        super::disks::remove_copies(&inc.copies);
+                        super::disks::remove_copies(&inc.copies, &inc.id);
                         Err(Status::internal(format!("journal: {e}")))
                     }
                 }
@@ -408,6 +432,18 @@ impl IncomingRegistry {
         };
         if let Ok(mut m) = self.map.lock() {
             m.insert(inc.id.clone(), inc.clone());
+        }
+        if self.abort_asked.lock().is_ok_and(|mut a| a.remove(&inc.id)) {
+            // Its source gave up while the copies were being made (and asked us to
+            // abort): nothing will connect, so discard now rather than at the watchdog.
+            let _ = self
+                .abort_internal(&inc, "the source asked to abort while this host prepared")
+                .await;
+            return Err(Status::aborted(format!(
+                "migration {} was aborted by its source while {} prepared it",
+                inc.id,
+                self.host()
+            )));
         }
         self.prepared.notify_waiters();
         self.spawn_watchdog(inc.clone());
@@ -461,7 +497,9 @@ impl IncomingRegistry {
             .map_err(|e| err("page sums", &e))?;
         // Disks that travel: empty images of the same format and size, made before QEMU
         // opens them. Shared disks are opened in place (inactive until the switchover).
-        let copies = super::disks::create_copies(&self.storage, &host, spec, copy_disks)?;
+        let copies = self
+            .make_copies(id, spec, copy_disks, peer, token, &host)
+            .await?;
         let incoming_sock = incoming_socket(&launch);
         let (loaded_tx, loaded) = watch::channel(None);
         let start = TargetQemuStart {
@@ -484,7 +522,8 @@ impl IncomingRegistry {
             match start.run(None).await {
                 Ok((p, nbd)) => (IncomingQemu::running(p), nbd),
                 Err(e) => {
-                    super::disks::remove_copies(&copies);
+                    super::disks::remove_copies(&copies, id);
+                    self.forget_intent(id);
                     return Err(Status::internal(format!(
                         "preparing VM '{}' on {host}: {e}",
                         spec.name
@@ -511,6 +550,78 @@ impl IncomingRegistry {
             sums: Arc::new(sums),
             slot: std::sync::Mutex::new(None),
         }))
+    }
+
+    /// The disk copies of an incoming migration, made so that no crash leaves one behind:
+    /// where they go is journaled first (a "preparing" record), each is made under a
+    /// staging name and linked into place, and the staging names stay until the Prepared
+    /// record lists the copies. A restart in between removes the copies still linked to
+    /// their staging names, and nothing else.
+    async fn make_copies(
+        &self,
+        id: &str,
+        spec: &VmSpec,
+        copy_disks: &[pb::DiskProbe],
+        peer: &str,
+        token: &str,
+        host: &str,
+    ) -> Result<Vec<PathBuf>, Status> {
+        if copy_disks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let planned = super::disks::plan_copies(&self.storage, host, spec, copy_disks)?;
+        let mut r = MigrationRecord::new(id, Role::Target, &spec.name, peer, "preparing");
+        r.token = Some(token.to_string());
+        r.receiver = Some(Receiver::Prepared);
+        r.staged_copies = planned.clone();
+        self.journal
+            .put_migration(&r)
+            .map_err(|e| Status::internal(format!("journal: {e}")))?;
+        let made = {
+            let (host, spec, copy_disks, id) = (
+                host.to_string(),
+                spec.clone(),
+                copy_disks.to_vec(),
+                id.to_string(),
+            );
+            tokio::task::spawn_blocking(move || {
+                super::disks::make_copies(&host, &spec, &copy_disks, &planned, &id)
+            })
+            .await
+            .map_err(|e| Status::internal(format!("disk copies: {e}")))
+            .and_then(|r| r)
+        };
+        let made = match made {
+            Ok(m) => m,
+            Err(e) => {
+                self.forget_intent(id);
+                return Err(e);
+            }
+        };
+        let failed = self.fail_point("tgt.copies.made").await.err();
+        let aborted = self.abort_asked.lock().is_ok_and(|a| a.contains(id));
+        if failed.is_some() || aborted {
+            super::disks::remove_copies(&made, id);
+            self.forget_intent(id);
+            return Err(failed.unwrap_or_else(|| {
+                Status::aborted(format!(
+                    "migration {id} was aborted by its source while {host} prepared it"
+                ))
+            }));
+        }
+        Ok(made)
+    }
+
+    /// Drops the "preparing" record of a Prepare that failed before it promised anything
+    /// (what it made is already removed). Left in place if the journal fails: a restart
+    /// settles it then.
+    fn forget_intent(&self, id: &str) {
+        if let Ok(mut a) = self.abort_asked.lock() {
+            a.remove(id);
+        }
+        if let Err(e) = self.journal.remove_migration(id) {
+            warn!(migration = %id, "journal: {e}");
+        }
     }
 
     /// Shared disks are opened in place by the incoming QEMU: each image's backing
@@ -798,7 +909,7 @@ impl IncomingRegistry {
         }
         self.vms.forget(vm, id).await;
         remove_vm_files(&self.cfg, vm);
-        super::disks::remove_copies(copies);
+        super::disks::remove_copies(copies, id);
     }
 
     fn record(&self, inc: &Incoming, state: &str) -> MigrationRecord {
@@ -860,7 +971,34 @@ impl IncomingRegistry {
                     .map_err(|e| Status::internal(format!("abort: {e}")))?
                     .map(|_| true)
             }
-            None => Ok(false),
+            None => self.abort_preparing(id, token, caller),
+        }
+    }
+
+    /// Abort of a migration whose Prepare is still making disk copies (journaled
+    /// "preparing", not registered yet): remembered, and carried out when the Prepare is
+    /// done. True if there was such a Prepare.
+    fn abort_preparing(
+        &self,
+        id: &str,
+        token: &str,
+        caller: &PeerIdentity,
+    ) -> Result<bool, Status> {
+        match self.journal.migration(id) {
+            Ok(Some(r)) if r.role == Role::Target && r.state == "preparing" => {
+                self.authorize(
+                    &r.id,
+                    r.token.as_deref().unwrap_or_default(),
+                    &r.peer,
+                    token,
+                    caller,
+                )?;
+                if let Ok(mut a) = self.abort_asked.lock() {
+                    a.insert(id.to_string());
+                }
+                Ok(true)
+            }
+            _ => Ok(false),
         }
     }
 
@@ -932,6 +1070,9 @@ impl IncomingRegistry {
                     caller,
                 )?;
                 Ok(match r.receiver {
+                    // A Prepare still making its disk copies (or one a crash cut short):
+                    // nothing was promised, nothing can commit it.
+                    _ if r.state == "preparing" => pb::IncomingState::Unknown,
                     Some(recv) => incoming_state(recv),
                     None if r.state == "committed" => pb::IncomingState::Committed,
                     None => pb::IncomingState::Aborted,
@@ -975,6 +1116,8 @@ impl IncomingRegistry {
             match action {
                 TargetAction::Discard => {
                     self.discard(&r.vm, &r.id, proc.as_ref(), &r.copies).await;
+                    // A Prepare that died making its copies: only what it provably made.
+                    super::disks::remove_staged_copies(&r.staged_copies, &r.id);
                     rec.receiver = Some(Receiver::Aborted);
                     rec.state = "aborted".into();
                     self.journal
