@@ -1039,6 +1039,112 @@ async fn ram_directory_filling_up_during_precopy_rolls_back() {
     assert_runs_on_the_source_only(&p).await;
 }
 
+/// A target whose storage fills up after Prepare made the disk's empty copy (someone
+/// else's file written while the target is held at `tgt.prepare.done`, leaving 64 KiB):
+/// the source's mirror meets ENOSPC writing the guest's disk into the copy; the migration
+/// fails saying so (QEMU's own error for the job, naming the disk and the target), rolls
+/// back, the guest runs on the source only (both QEMUs asked, its memory and disk checked
+/// by the guest itself), and the target keeps no VM and no copy: only the other file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_storage_filling_up_during_the_disk_mirror_rolls_back() {
+    let _s = SERIAL.lock().await;
+    let mut p = pair(None, Some("tgt.prepare.done=return(hang)")).await;
+    // Room for the copy at Prepare…
+    let _tmpfs = Tmpfs::mount(p.b.storage_dir(), 96);
+    boot_with(&p.a, true, false).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let id = start(&p, "", false).await;
+    assert!(
+        p.b.wait_failpoint("tgt.prepare.done", Duration::from_secs(60))
+            .await,
+        "the target prepared:\n{}",
+        p.b.log_tail()
+    );
+    assert!(
+        files_in(p.b.storage_dir()).contains(&"fault01.qcow2".to_string()),
+        "the copy exists: {:?}",
+        files_in(p.b.storage_dir())
+    );
+    // …then someone else's file: 64 KiB left, less than what the guest wrote.
+    let free = ferry_agent::preflight::fs_free(p.b.storage_dir());
+    let filler = p.b.storage_dir().join("someone-else");
+    std::fs::write(&filler, vec![1u8; (free - (64 << 10)) as usize]).expect("fill the storage");
+    p.b.release_failpoint().expect("release");
+    let end = wait_settled(&p.a, &id, Duration::from_secs(120))
+        .await
+        .expect("settled");
+    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+    assert!(
+        end.error.contains("No space left on device")
+            && end.error.contains("disk 'disk0'")
+            && end.error.contains(&p.b.grpc_addr()),
+        "the mirror's own reason, naming disk and target: {}",
+        end.error
+    );
+    assert!(!lists_vm(&p.b).await, "the target keeps no VM");
+    assert_eq!(
+        files_in(p.b.storage_dir()),
+        vec!["someone-else".to_string()],
+        "no disk copy left on the target"
+    );
+    assert_runs_on_the_source_only(&p).await;
+}
+
+/// The operator cancels a migration while the target is still preparing it (held at
+/// `tgt.copies.made`, the disk's copy made): the source rolls back and tells the target,
+/// whose Prepare — which runs on whatever the caller does — discards what it made as soon
+/// as it gets past that point. So the same guest migrates at once when asked again.
+/// (Before, the target kept the VM's name, RAM file and copy until its watchdog, a
+/// minute, and refused the retry.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_cancelled_while_the_target_prepares_can_be_retried_at_once() {
+    let _s = SERIAL.lock().await;
+    let mut p = pair(None, Some("tgt.copies.made=1*return(hang)")).await;
+    boot_with(&p.a, true, false).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let id = start(&p, "", false).await;
+    assert!(
+        p.b.wait_failpoint("tgt.copies.made", Duration::from_secs(60))
+            .await,
+        "the target is making the copy:\n{}",
+        p.b.log_tail()
+    );
+    let mut ca = p.a.client().await.expect("client a");
+    ca.cancel_migration(pb::MigrationRef { id: id.clone() })
+        .await
+        .expect("cancel");
+    let end = wait_settled(&p.a, &id, Duration::from_secs(30))
+        .await
+        .expect("settled");
+    assert_eq!(end.phase, pb::MigrationPhase::Cancelled as i32, "{end:?}");
+    p.b.release_failpoint().expect("release");
+    // The target lets go of everything within seconds, not at its watchdog.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while (lists_vm(&p.b).await || !files_in(p.b.storage_dir()).is_empty())
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!lists_vm(&p.b).await, "the target still holds the VM");
+    assert!(
+        files_in(p.b.storage_dir()).is_empty(),
+        "disk copy left on the target: {:?}",
+        files_in(p.b.storage_dir())
+    );
+    assert_runs_on_the_source_only(&p).await;
+    // Asked again, the guest moves.
+    let again = start(&p, "", false).await;
+    let end = wait_settled(&p.a, &again, Duration::from_secs(120))
+        .await
+        .expect("settled");
+    assert_eq!(end.phase, pb::MigrationPhase::Completed as i32, "{end:?}");
+    assert_eq!(p.b.observe_qemu(VM).await, QemuObserved::Running);
+    assert_eq!(p.a.observe_qemu(VM).await, QemuObserved::NoQemu);
+    guest_memory_ok(&p.b)
+        .await
+        .expect("guest memory and disk on the target");
+}
+
 /// Admission counts what the guests already on the target may still take: a guest's RAM
 /// is allocated as it writes it, so the room its file does not hold yet is promised to
 /// it. The target's RAM directory (a tmpfs) gets a running 512 MiB guest of its own and

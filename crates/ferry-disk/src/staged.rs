@@ -48,7 +48,11 @@ pub fn create_staged(
 ) -> Result<Placed, DiskError> {
     let staging = staging_path(path, tag);
     let _ = fs::remove_file(&staging);
-    image::create(&staging, format, virtual_size, None)?;
+    if let Err(e) = image::create(&staging, format, virtual_size, None) {
+        // qemu-img may leave a partial file behind (ENOSPC, a size refused late).
+        let _ = fs::remove_file(&staging);
+        return Err(e);
+    }
     let placed = match fs::hard_link(&staging, path) {
         Ok(()) => Ok(Placed::Linked),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(DiskError::AlreadyExists {

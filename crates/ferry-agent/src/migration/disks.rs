@@ -63,6 +63,35 @@ pub fn mirror_node(id: &str) -> String {
     format!("ferry-mir-{id}")
 }
 
+/// Why a mirror job among `nodes` ended, from the job events seen on `events` (QEMU drops
+/// a failed job from `query-block-jobs`; only its `BLOCK_JOB_COMPLETED` keeps the error).
+/// Drains what is queued without waiting.
+pub fn mirror_failure(
+    events: &mut tokio::sync::broadcast::Receiver<ferry_qmp::QmpEvent>,
+    nodes: &[String],
+) -> Option<String> {
+    use tokio::sync::broadcast::error::TryRecvError;
+    let mut why = None;
+    loop {
+        match events.try_recv() {
+            Ok(e) if e.name == "BLOCK_JOB_COMPLETED" || e.name == "BLOCK_JOB_CANCELLED" => {
+                let device = e.data.get("device").and_then(|d| d.as_str()).unwrap_or("");
+                let Some(node) = nodes.iter().find(|n| n.as_str() == device) else {
+                    continue;
+                };
+                let disk = node.strip_prefix("ferry-mir-").unwrap_or(node);
+                let error = e.data.get("error").and_then(|d| d.as_str());
+                why.get_or_insert(match error {
+                    Some(err) => format!("disk '{disk}': {err}"),
+                    None => format!("disk '{disk}': the mirror job ended ({})", e.name),
+                });
+            }
+            Ok(_) | Err(TryRecvError::Lagged(_)) => {}
+            Err(_) => return why,
+        }
+    }
+}
+
 /// The image format of a spec's disk.
 pub fn image_format(f: DiskFormat) -> ImageFormat {
     match f {

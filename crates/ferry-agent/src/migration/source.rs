@@ -831,6 +831,9 @@ impl Migration {
             let (a, ram_bytes) = (early_addr?, ram_bytes?);
             Some((a, this.open_data_plane(a, ram_bytes).await))
         };
+        // Set before the call: a Prepare that fails, times out or is cancelled may still
+        // finish on the target, and the rollback's Abort tells it not to wait for us.
+        undo.peer = Some(peer.clone());
         let (answer, early) = {
             let rpc = peer.prepare(request);
             tokio::pin!(rpc, early);
@@ -2130,6 +2133,9 @@ impl Migration {
             MirrorCopyMode::WriteBlocking
         };
         let relay = relay_path.display().to_string();
+        // Before the jobs start: a job that fails is gone from query-block-jobs, its error
+        // only in its event.
+        let mut job_events = self.qmp().subscribe();
         for c in copies {
             let node = super::disks::mirror_node(&c.id);
             self.qmp()
@@ -2161,9 +2167,12 @@ impl Migration {
                 .filter(|j| undo.mirrors.contains(&j.device))
                 .collect();
             if ours.len() < undo.mirrors.len() {
-                return Err(fail(Phase::Disks, "disk mirror")(
-                    "a mirror job ended by itself (the NBD connection to the target failed?)",
-                ));
+                let why = super::disks::mirror_failure(&mut job_events, &undo.mirrors)
+                    .unwrap_or_else(|| "a mirror job ended by itself".into());
+                return Err(fail(Phase::Disks, "disk mirror")(format!(
+                    "{why} (writing to {}: its storage full, or the NBD connection to it failed?)",
+                    self.p.job.target
+                )));
             }
             let (len, done) = ours
                 .iter()

@@ -231,6 +231,27 @@ impl IncomingQemu {
 /// source sends it while Prepare runs, to save the data plane's opening round trips).
 pub const HELLO_WAITS_FOR_PREPARE: Duration = Duration::from_secs(10);
 
+/// A Prepare under way (see [`IncomingRegistry`]'s `pending`).
+struct PendingPrepare {
+    token: String,
+    peer: String,
+    abort_asked: bool,
+}
+
+/// Takes a Prepare out of `pending` however it ends.
+struct PendingGuard<'a> {
+    reg: &'a IncomingRegistry,
+    id: String,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.reg.pending.lock() {
+            p.remove(&self.id);
+        }
+    }
+}
+
 /// Incoming migrations of this host.
 pub struct IncomingRegistry {
     cfg: Arc<AgentConfig>,
@@ -243,9 +264,11 @@ pub struct IncomingRegistry {
     /// Woken when a migration joins `map`: a source's Hello may arrive while its Prepare
     /// still runs here (the source opens the data plane meanwhile).
     prepared: tokio::sync::Notify,
-    /// Migrations whose source asked to abort while their Prepare was still making disk
-    /// copies here: the Prepare discards what it made once it is done.
-    abort_asked: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Prepares under way (not in `map` yet), with whether their source asked to abort
+    /// meanwhile: such a Prepare discards what it made as soon as it can. Looked at and
+    /// changed only with `map` locked too (lock `map` first), so that an abort finds a
+    /// migration in one or the other.
+    pending: std::sync::Mutex<HashMap<String, PendingPrepare>>,
     /// Slots of incoming live migrations (`max_incoming`).
     slots: Arc<super::Slots>,
     /// Incoming cold (offline) migrations: `migration/cold.rs`.
@@ -270,7 +293,7 @@ impl IncomingRegistry {
             storage,
             map: std::sync::Mutex::new(HashMap::new()),
             prepared: tokio::sync::Notify::new(),
-            abort_asked: std::sync::Mutex::default(),
+            pending: std::sync::Mutex::default(),
             slots: Arc::default(),
             cold: Arc::default(),
         })
@@ -369,6 +392,8 @@ impl IncomingRegistry {
                 "token must be 16 to 128 letters and digits",
             ));
         };
+        // From here until it joins `map`, an abort finds it here.
+        let _pending = self.pending_prepare(&req.migration_id, &token, caller)?;
         self.vms.check_spec_paths(&spec)?;
         self.vms.check_disks_unclaimed(&spec).await?;
         self.check_shared_chains(&spec, &req.shared_disks).await?;
@@ -430,20 +455,34 @@ impl IncomingRegistry {
                 return Err(e);
             }
         };
-        if let Ok(mut m) = self.map.lock() {
-            m.insert(inc.id.clone(), inc.clone());
-        }
-        if self.abort_asked.lock().is_ok_and(|mut a| a.remove(&inc.id)) {
-            // Its source gave up while the copies were being made (and asked us to
-            // abort): nothing will connect, so discard now rather than at the watchdog.
-            let _ = self
+        let abort_asked = match self.map.lock() {
+            Ok(mut m) => {
+                m.insert(inc.id.clone(), inc.clone());
+                self.pending
+                    .lock()
+                    .ok()
+                    .and_then(|mut p| p.remove(&inc.id))
+                    .is_some_and(|p| p.abort_asked)
+            }
+            Err(_) => false,
+        };
+        if abort_asked {
+            // Its source gave up while this host prepared (and asked to abort): nothing
+            // will connect, so discard now rather than at the watchdog.
+            match self
                 .abort_internal(&inc, "the source asked to abort while this host prepared")
-                .await;
-            return Err(Status::aborted(format!(
-                "migration {} was aborted by its source while {} prepared it",
-                inc.id,
-                self.host()
-            )));
+                .await
+            {
+                Ok(()) => {
+                    return Err(Status::aborted(format!(
+                        "migration {} was aborted by its source while {} prepared it",
+                        inc.id,
+                        self.host()
+                    )))
+                }
+                // The watchdog retries the discard.
+                Err(e) => warn!(migration = %inc.id, "abort during Prepare: {}", e.message()),
+            }
         }
         self.prepared.notify_waiters();
         self.spawn_watchdog(inc.clone());
@@ -599,7 +638,10 @@ impl IncomingRegistry {
             }
         };
         let failed = self.fail_point("tgt.copies.made").await.err();
-        let aborted = self.abort_asked.lock().is_ok_and(|a| a.contains(id));
+        let aborted = self
+            .pending
+            .lock()
+            .is_ok_and(|p| p.get(id).is_some_and(|p| p.abort_asked));
         if failed.is_some() || aborted {
             super::disks::remove_copies(&made, id);
             self.forget_intent(id);
@@ -616,9 +658,6 @@ impl IncomingRegistry {
     /// (what it made is already removed). Left in place if the journal fails: a restart
     /// settles it then.
     fn forget_intent(&self, id: &str) {
-        if let Ok(mut a) = self.abort_asked.lock() {
-            a.remove(id);
-        }
         if let Err(e) = self.journal.remove_migration(id) {
             warn!(migration = %id, "journal: {e}");
         }
@@ -798,6 +837,9 @@ impl IncomingRegistry {
                         .put_migration(&rec)
                         .map_err(|e| Status::internal(format!("journal: {e}")))?;
                     st.recv = Receiver::Owned;
+                    // The copies' staging names went when Prepared was journaled; again
+                    // here, should that have failed (a second name for a disk in use).
+                    super::disks::release_staging(&inc.copies, &inc.id);
                     // Only exit/hang here: an injected error must not cut the sequence short.
                     let _ = self.fail_point("tgt.commit.owned").await;
                 }
@@ -960,7 +1002,31 @@ impl IncomingRegistry {
         reason: &str,
         caller: &PeerIdentity,
     ) -> Result<bool, Status> {
-        match self.get(id) {
+        let found = {
+            let m = self
+                .map
+                .lock()
+                .map_err(|_| Status::internal("incoming registry lock"))?;
+            match m.get(id) {
+                Some(inc) => Some(inc.clone()),
+                None => {
+                    // A Prepare still under way: it discards itself when done.
+                    let mut p = self
+                        .pending
+                        .lock()
+                        .map_err(|_| Status::internal("incoming registry lock"))?;
+                    return match p.get_mut(id) {
+                        Some(pre) => {
+                            self.authorize(id, &pre.token, &pre.peer, token, caller)?;
+                            pre.abort_asked = true;
+                            Ok(true)
+                        }
+                        None => Ok(false),
+                    };
+                }
+            }
+        };
+        match found {
             Some(inc) => {
                 self.authorize(&inc.id, &inc.token, &inc.peer, token, caller)?;
                 // Its own task: a caller that gives up (its RPC deadline) does not cut the
@@ -971,35 +1037,39 @@ impl IncomingRegistry {
                     .map_err(|e| Status::internal(format!("abort: {e}")))?
                     .map(|_| true)
             }
-            None => self.abort_preparing(id, token, caller),
+            None => Ok(false),
         }
     }
 
-    /// Abort of a migration whose Prepare is still making disk copies (journaled
-    /// "preparing", not registered yet): remembered, and carried out when the Prepare is
-    /// done. True if there was such a Prepare.
-    fn abort_preparing(
+    /// Registers a Prepare under way (refused if one of the same id already is).
+    fn pending_prepare(
         &self,
         id: &str,
         token: &str,
         caller: &PeerIdentity,
-    ) -> Result<bool, Status> {
-        match self.journal.migration(id) {
-            Ok(Some(r)) if r.role == Role::Target && r.state == "preparing" => {
-                self.authorize(
-                    &r.id,
-                    r.token.as_deref().unwrap_or_default(),
-                    &r.peer,
-                    token,
-                    caller,
-                )?;
-                if let Ok(mut a) = self.abort_asked.lock() {
-                    a.insert(id.to_string());
-                }
-                Ok(true)
-            }
-            _ => Ok(false),
+    ) -> Result<PendingGuard<'_>, Status> {
+        let mut p = self
+            .pending
+            .lock()
+            .map_err(|_| Status::internal("incoming registry lock"))?;
+        if p.contains_key(id) {
+            return Err(Status::already_exists(format!(
+                "migration {id} is already being prepared on {}",
+                self.host()
+            )));
         }
+        p.insert(
+            id.to_string(),
+            PendingPrepare {
+                token: token.to_string(),
+                peer: caller.name.clone(),
+                abort_asked: false,
+            },
+        );
+        Ok(PendingGuard {
+            reg: self,
+            id: id.to_string(),
+        })
     }
 
     /// A later call of a migration: the token from its Prepare, from the agent that
@@ -1099,6 +1169,23 @@ impl IncomingRegistry {
             } else {
                 Receiver::Prepared
             });
+            // Never committed: the name may since belong to another VM of this host (the
+            // VM manager's recovery removed this migration's incoming VM already). That
+            // VM is not this migration's to kill or forget.
+            if recv == Receiver::Prepared
+                && self.vms.get(&r.vm).await.is_ok()
+                && self.vms.migration_of(&r.vm).await.as_deref() != Some(r.id.as_str())
+            {
+                // Its disk copies too may be that VM's disks now: only those still linked
+                // to their staging name are provably this migration's.
+                warn!(migration = %r.id, vm = %r.vm, copies = ?r.copies, "settling an incoming migration after restart: the name is another VM's now; its VM, files and listed disk copies are left alone");
+                super::disks::remove_staged_copies(&r.staged_copies, &r.id);
+                let mut rec = r.clone();
+                rec.receiver = Some(Receiver::Aborted);
+                rec.state = "aborted".into();
+                self.journal.put_migration(&rec)?;
+                continue;
+            }
             let proc = self
                 .vms
                 .spec_and_process(&r.vm)
