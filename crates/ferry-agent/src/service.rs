@@ -402,9 +402,14 @@ impl FerryPeer for PeerService {
         req: Request<pb::PrepareColdMigrationRequest>,
     ) -> Result<Response<pb::PrepareColdMigrationResponse>, Status> {
         let who = caller(&req)?;
-        Ok(Response::new(
-            crate::migration::cold::prepare(&self.ctx, req.into_inner(), &who).await?,
-        ))
+        // Its own task: a source whose connection drops mid-call must not leave the VM's
+        // name reserved here with nothing registered to release it.
+        let ctx = self.ctx.clone();
+        let req = req.into_inner();
+        let r = tokio::spawn(async move { crate::migration::cold::prepare(&ctx, req, &who).await })
+            .await
+            .map_err(|e| Status::internal(format!("prepare: {e}")))??;
+        Ok(Response::new(r))
     }
 
     async fn finish_cold_migration(
@@ -422,9 +427,13 @@ impl FerryPeer for PeerService {
         req: Request<pb::AbortColdMigrationRequest>,
     ) -> Result<Response<pb::AbortColdMigrationResponse>, Status> {
         let who = caller(&req)?;
-        Ok(Response::new(
-            crate::migration::cold::abort(&self.ctx, req.into_inner(), &who).await?,
-        ))
+        // Its own task, for the same reason as Prepare's: an abort is never half done.
+        let ctx = self.ctx.clone();
+        let req = req.into_inner();
+        let r = tokio::spawn(async move { crate::migration::cold::abort(&ctx, req, &who).await })
+            .await
+            .map_err(|e| Status::internal(format!("abort: {e}")))??;
+        Ok(Response::new(r))
     }
 
     async fn incoming_status(

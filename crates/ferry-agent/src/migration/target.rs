@@ -728,7 +728,7 @@ impl IncomingRegistry {
     /// time or 0 when left paused, ready time) in Unix microseconds once the VM is ours
     /// for good (`Owned`); an error when the commit is refused or the VM was handed back.
     pub async fn commit(
-        &self,
+        self: &Arc<Self>,
         id: &str,
         token: &str,
         leave_paused: bool,
@@ -753,7 +753,12 @@ impl IncomingRegistry {
                 None => "target QEMU has not loaded the device state".to_string(),
             })
         });
-        self.commit_decided(&inc, verdict, leave_paused).await
+        // Its own task, like Abort's: a caller whose connection drops must not leave the
+        // commit half carried out (journaled Committed, the guest never resumed).
+        let me = self.clone();
+        tokio::spawn(async move { me.commit_decided(&inc, verdict, leave_paused).await })
+            .await
+            .map_err(|e| Status::internal(format!("commit: {e}")))?
     }
 
     /// A commit's verdict ([`decide_commit`]) through the state machine, carried out.
