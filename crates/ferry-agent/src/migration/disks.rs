@@ -382,7 +382,13 @@ pub fn release_staging(copies: &[PathBuf], migration: &str) {
 /// Removes the images [`make_copies`] made (and their staging names, if still there).
 pub fn remove_copies(paths: &[PathBuf], migration: &str) {
     for p in paths {
-        let _ = std::fs::remove_file(p);
+        match std::fs::remove_file(p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                // Left behind: say where, so an operator can remove it.
+                tracing::warn!(migration, path = %p.display(), "disk copy not removed: {e}")
+            }
+            _ => {}
+        }
     }
     release_staging(paths, migration);
 }
