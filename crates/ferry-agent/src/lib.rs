@@ -24,6 +24,20 @@ pub mod vms;
 
 use std::sync::Arc;
 
+/// Runs `work` as a task of its own and waits for its result. A gRPC handler's future is
+/// dropped when its caller's connection goes; work that must not stop halfway (a VM half
+/// started, a Prepare with the name reserved and nothing to release it, a commit
+/// journaled but never resumed) goes through this. `what` names it in the error should
+/// the task panic.
+pub async fn to_completion<T: Send + 'static>(
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, tonic::Status>> + Send + 'static,
+) -> Result<T, tonic::Status> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| tonic::Status::internal(format!("{what}: {e}")))?
+}
+
 /// Everything a request handler or a migration task needs from its agent.
 pub struct AgentCtx {
     /// Who may call what (roles from certificates, the deny list).

@@ -406,9 +406,10 @@ impl FerryPeer for PeerService {
         // name reserved here with nothing registered to release it.
         let ctx = self.ctx.clone();
         let req = req.into_inner();
-        let r = tokio::spawn(async move { crate::migration::cold::prepare(&ctx, req, &who).await })
-            .await
-            .map_err(|e| Status::internal(format!("prepare: {e}")))??;
+        let r = crate::to_completion("prepare", async move {
+            crate::migration::cold::prepare(&ctx, req, &who).await
+        })
+        .await?;
         Ok(Response::new(r))
     }
 
@@ -430,9 +431,10 @@ impl FerryPeer for PeerService {
         // Its own task, for the same reason as Prepare's: an abort is never half done.
         let ctx = self.ctx.clone();
         let req = req.into_inner();
-        let r = tokio::spawn(async move { crate::migration::cold::abort(&ctx, req, &who).await })
-            .await
-            .map_err(|e| Status::internal(format!("abort: {e}")))??;
+        let r = crate::to_completion("abort", async move {
+            crate::migration::cold::abort(&ctx, req, &who).await
+        })
+        .await?;
         Ok(Response::new(r))
     }
 

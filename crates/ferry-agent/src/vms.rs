@@ -263,9 +263,10 @@ impl VmManager {
         };
         let me = self.clone();
         let name = name.to_string();
-        tokio::spawn(async move { me.finish_start(&name, spec, launch).await })
-            .await
-            .map_err(|e| Status::internal(format!("starting the VM: {e}")))?
+        crate::to_completion("starting the VM", async move {
+            me.finish_start(&name, spec, launch).await
+        })
+        .await
     }
 
     /// The rest of [`Self::start`], the VM marked `starting`: RAM, QEMU, then the record.

@@ -1021,22 +1021,33 @@ async fn ram_directory_filling_up_during_precopy_rolls_back() {
     // …then 300 MiB of someone else's: 20 MiB left, less than the guest's pages.
     let filler = p.b.ram_dir().join("someone-else");
     std::fs::write(&filler, vec![1u8; 300 << 20]).expect("fill the RAM directory");
-    p.b.release_failpoint().expect("release");
-    let end = wait_settled(&p.a, &id, Duration::from_secs(120))
-        .await
-        .expect("settled");
-    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+    let end = release_into_a_full_directory(&p, &id, p.b.ram_dir()).await;
     assert!(
         end.error.contains("target reported:") && end.error.contains("No space left on device"),
         "the target's reason: {end:?}"
     );
+}
+
+/// The end of a test that filled a directory of the target (`someone-else`, the only file
+/// allowed to remain there) while the target was held at a failpoint: releases it and
+/// checks the migration failed and rolled back — no VM and nothing of ours left in `dir`
+/// on the target, the guest running on the source only (both QEMUs asked, its memory
+/// checked). Returns the end for the caller's check of the reason.
+async fn release_into_a_full_directory(p: &Pair, id: &str, dir: &Path) -> pb::MigrationStatus {
+    p.b.release_failpoint().expect("release");
+    let end = wait_settled(&p.a, id, Duration::from_secs(120))
+        .await
+        .expect("settled");
+    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
     assert!(!lists_vm(&p.b).await, "the target keeps no VM");
     assert_eq!(
-        files_in(p.b.ram_dir()),
+        files_in(dir),
         vec!["someone-else".to_string()],
-        "no RAM file left on the target"
+        "nothing of the migration left in {} on the target",
+        dir.display()
     );
-    assert_runs_on_the_source_only(&p).await;
+    assert_runs_on_the_source_only(p).await;
+    end
 }
 
 /// A target whose storage fills up after Prepare made the disk's empty copy (someone
@@ -1069,11 +1080,7 @@ async fn target_storage_filling_up_during_the_disk_mirror_rolls_back() {
     let free = ferry_agent::preflight::fs_free(p.b.storage_dir());
     let filler = p.b.storage_dir().join("someone-else");
     std::fs::write(&filler, vec![1u8; (free - (64 << 10)) as usize]).expect("fill the storage");
-    p.b.release_failpoint().expect("release");
-    let end = wait_settled(&p.a, &id, Duration::from_secs(120))
-        .await
-        .expect("settled");
-    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+    let end = release_into_a_full_directory(&p, &id, p.b.storage_dir()).await;
     assert!(
         end.error.contains("No space left on device")
             && end.error.contains("disk 'disk0'")
@@ -1081,13 +1088,6 @@ async fn target_storage_filling_up_during_the_disk_mirror_rolls_back() {
         "the mirror's own reason, naming disk and target: {}",
         end.error
     );
-    assert!(!lists_vm(&p.b).await, "the target keeps no VM");
-    assert_eq!(
-        files_in(p.b.storage_dir()),
-        vec!["someone-else".to_string()],
-        "no disk copy left on the target"
-    );
-    assert_runs_on_the_source_only(&p).await;
 }
 
 /// The operator cancels a migration while the target is still preparing it (held at

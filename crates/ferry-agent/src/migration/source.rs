@@ -2689,6 +2689,22 @@ where
     answer
 }
 
+/// Asks the target to abort migration `id` (`peer_call`'s bounds and answer).
+async fn abort_target(
+    ctx: &AgentCtx,
+    target: &str,
+    id: &str,
+    token: &str,
+    reason: &str,
+) -> Option<Result<pb::AbortResponse, tonic::Status>> {
+    let req = pb::AbortRequest {
+        migration_id: id.to_string(),
+        reason: reason.to_string(),
+        token: token.to_string(),
+    };
+    peer_call(ctx, target, |mut peer| async move { peer.abort(req).await }).await
+}
+
 /// Asks the target until the outcome is known, per [`source_recovery`]; meanwhile the
 /// migration is IN_DOUBT (journaled, shown at once) and the guest stays paused here.
 /// Returns `Finish` (the target owns the VM) or `RollBack` (take it back).
@@ -2723,24 +2739,15 @@ pub async fn settle(
         if answer == TargetAnswer::Unknown && meta.mark == SourceMark::BeforeCommit {
             // Nothing prepared there yet, but a Prepare may still be under way (making
             // disk copies): tell it not to wait for a source that will never come.
-            let req = pb::AbortRequest {
-                migration_id: h.id.clone(),
-                reason: "the source rolled back before the target was prepared".into(),
-                token: token.clone(),
-            };
-            let _ = peer_call(ctx, target, |mut peer| async move { peer.abort(req).await }).await;
+            let why = "the source rolled back before the target was prepared";
+            let _ = abort_target(ctx, target, &h.id, &token, why).await;
         }
         match action {
             None => return SourceAction::RollBack(Resume::AlreadyRunning),
             Some(a @ (SourceAction::Finish | SourceAction::RollBack(_))) => return a,
             Some(SourceAction::AbortTargetThenRollBack) => {
-                let req = pb::AbortRequest {
-                    migration_id: h.id.clone(),
-                    reason: "the source is settling a commit it could not confirm".into(),
-                    token: token.clone(),
-                };
-                let reply =
-                    peer_call(ctx, target, |mut peer| async move { peer.abort(req).await }).await;
+                let why = "the source is settling a commit it could not confirm";
+                let reply = abort_target(ctx, target, &h.id, &token, why).await;
                 match reply {
                     // Aborted: the next answer says so.
                     Some(Ok(r)) if r.existed => continue,

@@ -341,9 +341,11 @@ impl IncomingRegistry {
         caller: &PeerIdentity,
     ) -> Result<pb::PrepareResponse, Status> {
         let (me, caller) = (self.clone(), caller.clone());
-        tokio::spawn(async move { me.prepare_whole(req, &caller).await })
-            .await
-            .map_err(|e| Status::internal(format!("prepare: {e}")))?
+        crate::to_completion(
+            "prepare",
+            async move { me.prepare_whole(req, &caller).await },
+        )
+        .await
     }
 
     async fn prepare_whole(
@@ -473,13 +475,7 @@ impl IncomingRegistry {
                 .abort_internal(&inc, "the source asked to abort while this host prepared")
                 .await
             {
-                Ok(()) => {
-                    return Err(Status::aborted(format!(
-                        "migration {} was aborted by its source while {} prepared it",
-                        inc.id,
-                        self.host()
-                    )))
-                }
+                Ok(()) => return Err(self.aborted_while_preparing(&inc.id)),
                 // The watchdog retries the discard.
                 Err(e) => warn!(migration = %inc.id, "abort during Prepare: {}", e.message()),
             }
@@ -645,13 +641,17 @@ impl IncomingRegistry {
         if failed.is_some() || aborted {
             super::disks::remove_copies(&made, id);
             self.forget_intent(id);
-            return Err(failed.unwrap_or_else(|| {
-                Status::aborted(format!(
-                    "migration {id} was aborted by its source while {host} prepared it"
-                ))
-            }));
+            return Err(failed.unwrap_or_else(|| self.aborted_while_preparing(id)));
         }
         Ok(made)
+    }
+
+    /// What a Prepare its source asked to abort meanwhile answers (to nobody waiting).
+    fn aborted_while_preparing(&self, id: &str) -> Status {
+        Status::aborted(format!(
+            "migration {id} was aborted by its source while {} prepared it",
+            self.host()
+        ))
     }
 
     /// Drops the "preparing" record of a Prepare that failed before it promised anything
@@ -756,9 +756,10 @@ impl IncomingRegistry {
         // Its own task, like Abort's: a caller whose connection drops must not leave the
         // commit half carried out (journaled Committed, the guest never resumed).
         let me = self.clone();
-        tokio::spawn(async move { me.commit_decided(&inc, verdict, leave_paused).await })
-            .await
-            .map_err(|e| Status::internal(format!("commit: {e}")))?
+        crate::to_completion("commit", async move {
+            me.commit_decided(&inc, verdict, leave_paused).await
+        })
+        .await
     }
 
     /// A commit's verdict ([`decide_commit`]) through the state machine, carried out.
@@ -1037,10 +1038,12 @@ impl IncomingRegistry {
                 // Its own task: a caller that gives up (its RPC deadline) does not cut the
                 // discard short halfway, under the state lock, with nothing to retry it.
                 let (me, reason) = (self.clone(), reason.to_string());
-                tokio::spawn(async move { me.abort_internal(&inc, &reason).await })
-                    .await
-                    .map_err(|e| Status::internal(format!("abort: {e}")))?
-                    .map(|_| true)
+                crate::to_completion(
+                    "abort",
+                    async move { me.abort_internal(&inc, &reason).await },
+                )
+                .await
+                .map(|_| true)
             }
             None => Ok(false),
         }

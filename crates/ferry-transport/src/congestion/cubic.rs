@@ -399,6 +399,14 @@ mod tests {
         assert!((at_k - 1_425_000.0).abs() < 1.0);
     }
 
+    /// 200 ms of ACKs at 25 MB/s with a 50 ms minimum RTT: a measured BDP of ~1.25 MB.
+    fn path_delivered_25_mb_per_s_at_50_ms(c: &mut FlooredCubic, t0: Instant) {
+        for i in 0..200u32 {
+            c.rate.on_ack(t0 + i * MS, 25_000, 50 * MS);
+        }
+        c.min_rtt = 50 * MS;
+    }
+
     #[test]
     fn a_floored_window_above_a_converged_w_max_grows_from_where_it_is() {
         // Fast convergence: a loss at 1.30 MB after one at 1.425 MB sets W_max to
@@ -406,10 +414,7 @@ mod tests {
         let t0 = Instant::now();
         let mut c = FlooredCubic::new(1_425_000, 1200);
         c.on_congestion_event(t0 + MS, t0, false, 1200);
-        for i in 0..200u32 {
-            c.rate.on_ack(t0 + i * MS, 25_000, 50 * MS);
-        }
-        c.min_rtt = 50 * MS;
+        path_delivered_25_mb_per_s_at_50_ms(&mut c, t0);
         c.window = 1_300_000;
         c.on_congestion_event(t0 + 300 * MS, t0 + 250 * MS, false, 1200);
         let w = c.window();
@@ -427,10 +432,7 @@ mod tests {
     fn an_ecn_mark_is_not_floored() {
         let t0 = Instant::now();
         let mut c = FlooredCubic::new(1_425_000, 1200);
-        for i in 0..200u32 {
-            c.rate.on_ack(t0 + i * MS, 25_000, 50 * MS);
-        }
-        c.min_rtt = 50 * MS;
+        path_delivered_25_mb_per_s_at_50_ms(&mut c, t0);
         // A congestion event with nothing lost: a mark.
         c.on_congestion_event(t0 + 300 * MS, t0 + 250 * MS, false, 0);
         assert_eq!(c.window(), (1_425_000.0 * BETA) as u64);
@@ -449,10 +451,7 @@ mod tests {
         c.on_congestion_event(t0 + 2 * MS, t0, false, 1200);
         assert_eq!(c.window(), 2_800_000);
         // With a measured 25 MB/s over 50 ms, a later reduction stops at 1.25 MB.
-        for i in 0..200u32 {
-            c.rate.on_ack(t0 + i * MS, 25_000, 50 * MS);
-        }
-        c.min_rtt = 50 * MS;
+        path_delivered_25_mb_per_s_at_50_ms(&mut c, t0);
         c.window = 1_425_000;
         c.on_congestion_event(t0 + 300 * MS, t0 + 250 * MS, false, 1200);
         let bdp = c.measured_bdp();
