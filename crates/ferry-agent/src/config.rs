@@ -134,6 +134,9 @@ pub struct MigrationDefaults {
     pub mirror_ready_timeout_s: u64,
     /// Settled migration records the journal keeps (history); older ones are pruned.
     pub journal_history: usize,
+    /// How often disk copies that a migration which did not commit left behind (their
+    /// removal failed) are tried again, seconds (also at start-up). 0: at start-up only.
+    pub left_behind_retry_s: u64,
     /// Live migrations this host runs as the source at once; more are refused.
     pub max_outgoing: usize,
     /// Live migrations this host receives at once; more Prepares are refused.
@@ -192,6 +195,7 @@ impl Default for MigrationDefaults {
             commit_timeout_s: 30,
             mirror_ready_timeout_s: 3600,
             journal_history: 500,
+            left_behind_retry_s: 60,
             // KubeVirt's defaults: two per node each way.
             max_outgoing: 2,
             max_incoming: 2,

@@ -81,6 +81,12 @@ pub struct MigrationRecord {
     /// (`ferry_disk::staged`): made by this migration, not found there.
     #[serde(default)]
     pub staged_copies: Vec<std::path::PathBuf>,
+    /// Target side, once settled: disk copies of a migration that did not commit whose
+    /// removal failed (an I/O error). Each kept its staging name, so another try removes it
+    /// only while it is provably this migration's; tried at start-up and periodically. A
+    /// record with any is not pruned.
+    #[serde(default)]
+    pub left_behind: Vec<std::path::PathBuf>,
     /// Milliseconds since the epoch of the last write (history pruning).
     #[serde(default)]
     pub updated_ms: i64,
@@ -103,6 +109,7 @@ impl MigrationRecord {
             capture: None,
             copies: Vec::new(),
             staged_copies: Vec::new(),
+            left_behind: Vec::new(),
             updated_ms: 0,
         }
     }
@@ -247,12 +254,13 @@ impl Journal {
     }
 
     /// Keeps the newest `keep` settled migration records (unsettled ones are never
-    /// pruned: they are what a restart settles). Returns how many were removed.
+    /// pruned: they are what a restart settles; nor are those with copies left behind).
+    /// Returns how many were removed.
     pub fn prune_migrations(&self, keep: usize) -> Result<usize, JournalError> {
         let mut settled: Vec<MigrationRecord> = self
             .migrations()?
             .into_iter()
-            .filter(|r| r.settled())
+            .filter(|r| r.settled() && r.left_behind.is_empty())
             .collect();
         if settled.len() <= keep {
             return Ok(0);
@@ -383,5 +391,16 @@ mod tests {
         let left = j.migrations().unwrap();
         assert_eq!(left.len(), 3, "two settled and the unsettled target record");
         assert!(left.iter().any(|r| r.id == "m"));
+        // A tombstone with a copy left behind stays until the copy is gone.
+        let mut t = MigrationRecord::new("t", Role::Target, "vm", "a", "aborted");
+        t.receiver = Some(ferry_handoff::Receiver::Aborted);
+        t.left_behind = vec!["/srv/vm.qcow2".into()];
+        j.put_migration(&t).unwrap();
+        assert_eq!(j.prune_migrations(0).unwrap(), 2);
+        let ids: Vec<String> = j.migrations().unwrap().into_iter().map(|r| r.id).collect();
+        assert!(
+            ids.contains(&"t".to_string()) && ids.contains(&"m".to_string()),
+            "{ids:?}"
+        );
     }
 }

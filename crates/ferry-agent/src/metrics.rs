@@ -25,6 +25,9 @@ pub struct Metrics {
     pub rounds: Histogram,
     /// Dirty rate (pages/s) seen in the latest pre-copy round of any migration.
     pub dirty_rate: Gauge,
+    /// Disk copies of incoming migrations that did not commit whose removal failed, as of
+    /// the latest try (tried again every `left_behind_retry_s`; paths in the log).
+    pub disk_copies_left_behind: IntGauge,
     /// The data plane of migrations this host sent: UDP datagrams out, packets QUIC
     /// declared lost, loss events the congestion controller let pass as random (no queue
     /// behind them), and window reductions it stopped at the path's measured BDP. A lossy
@@ -97,6 +100,11 @@ impl Metrics {
             registry.register(Box::new(h.clone()))?;
         }
         registry.register(Box::new(dirty_rate.clone()))?;
+        let disk_copies_left_behind = IntGauge::new(
+            "disk_copies_left_behind",
+            "Disk copies of incoming migrations that did not commit that could not be removed yet",
+        )?;
+        registry.register(Box::new(disk_copies_left_behind.clone()))?;
         let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
             let c = IntCounter::new(name, help)?;
             registry.register(Box::new(c.clone()))?;
@@ -131,6 +139,7 @@ impl Metrics {
             duration,
             rounds,
             dirty_rate,
+            disk_copies_left_behind,
             data_plane,
         }))
     }

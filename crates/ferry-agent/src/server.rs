@@ -73,6 +73,18 @@ pub async fn build(cfg: AgentConfig) -> anyhow::Result<Arc<AgentCtx>> {
         .recover()
         .await
         .context("settling incoming migrations from the journal")?;
+    if cfg.migration.left_behind_retry_s > 0 {
+        let (incoming, every) = (
+            incoming.clone(),
+            Duration::from_secs(cfg.migration.left_behind_retry_s),
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                incoming.remove_left_behind().await;
+            }
+        });
+    }
     let congestion: ferry_transport::Congestion = cfg
         .migration
         .congestion

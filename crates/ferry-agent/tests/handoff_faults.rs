@@ -1145,6 +1145,139 @@ async fn a_migration_cancelled_while_the_target_prepares_can_be_retried_at_once(
         .expect("guest memory and disk on the target");
 }
 
+/// The immutable flag on a file (`chattr +i`): unlink fails with EPERM, root's too. Cleared
+/// again on drop, so that a failing test does not leave an undeletable temp directory.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(path: &Path) -> Immutable {
+        chattr("+i", path);
+        Immutable(path.to_path_buf())
+    }
+    fn clear(&self) {
+        chattr("-i", &self.0);
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+fn chattr(flag: &str, path: &Path) {
+    let st = std::process::Command::new("chattr")
+        .arg(flag)
+        .arg(path)
+        .status()
+        .expect("run chattr (e2fsprogs)");
+    assert!(st.success(), "chattr {flag} {}", path.display());
+}
+
+/// The target's `ferry_disk_copies_left_behind` gauge once it reads `want` (its sweep
+/// runs every 2 s here), or what it read last after 20 s.
+async fn left_behind_gauge(agent: &TestAgent, want: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = ferry_testkit::scrape_metrics(&agent.metrics_addr()).expect("scrape");
+        let v = ferry_testkit::metric_sum(&text, "ferry_disk_copies_left_behind");
+        if v == want || Instant::now() > deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A disk copy whose removal fails when its migration is cancelled (made immutable while
+/// the target is held after Prepare: a real EPERM from unlink) is not forgotten: the
+/// target lets go of the VM at once, lists the copy in its journal (the gauge
+/// `ferry_disk_copies_left_behind` reads 1), a retry is refused naming the file, and once
+/// the file can be removed the target's periodic sweep removes it (with its staging name:
+/// nothing left in its storage) and the retry completes — guest memory and disk checked
+/// on the target, both QEMUs asked, the copy's staging name gone with the commit. (Before, the copy was logged and forgotten: it stayed
+/// until an operator found it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_copy_that_cannot_be_removed_yet_is_removed_when_it_can() {
+    let _s = SERIAL.lock().await;
+    let mut p = pair_with(
+        None,
+        Some("tgt.hello.done=1*return(hang)"),
+        "left_behind_retry_s = 2\n",
+    )
+    .await;
+    boot_with(&p.a, true, false).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let id = start(&p, "", false).await;
+    assert!(
+        p.b.wait_failpoint("tgt.hello.done", Duration::from_secs(60))
+            .await,
+        "the target prepared:\n{}",
+        p.b.log_tail()
+    );
+    let copy = p.b.storage_dir().join("fault01.qcow2");
+    assert!(copy.exists(), "{:?}", files_in(p.b.storage_dir()));
+    let pinned = Immutable::set(&copy);
+    let mut ca = p.a.client().await.expect("client a");
+    ca.cancel_migration(pb::MigrationRef { id: id.clone() })
+        .await
+        .expect("cancel");
+    let end = wait_settled(&p.a, &id, Duration::from_secs(30))
+        .await
+        .expect("settled");
+    assert_eq!(end.phase, pb::MigrationPhase::Cancelled as i32, "{end:?}");
+    p.b.release_failpoint().expect("release");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while lists_vm(&p.b).await && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!lists_vm(&p.b).await, "the target still holds the VM");
+    assert_runs_on_the_source_only(&p).await;
+    assert!(copy.exists(), "the copy could not be removed");
+    assert_eq!(
+        left_behind_gauge(&p.b, 1.0).await,
+        1.0,
+        "the target counts the copy it could not remove"
+    );
+    // While it stands there, a retry is refused, naming it.
+    let refused = start_failing(&p, Duration::from_secs(60)).await;
+    assert!(
+        refused.error.contains("fault01.qcow2") && refused.error.contains("already exists"),
+        "{}",
+        refused.error
+    );
+    assert_runs_on_the_source_only(&p).await;
+    // Removable again: the sweep takes it, staging name and all.
+    pinned.clear();
+    assert_eq!(
+        left_behind_gauge(&p.b, 0.0).await,
+        0.0,
+        "the sweep removed it"
+    );
+    assert!(
+        files_in(p.b.storage_dir()).is_empty(),
+        "left in the target's storage: {:?}",
+        files_in(p.b.storage_dir())
+    );
+    let again = start(&p, "", false).await;
+    let end = wait_settled(&p.a, &again, Duration::from_secs(120))
+        .await
+        .expect("settled");
+    assert_eq!(end.phase, pb::MigrationPhase::Completed as i32, "{end:?}");
+    assert_eq!(p.b.observe_qemu(VM).await, QemuObserved::Running);
+    assert_eq!(p.a.observe_qemu(VM).await, QemuObserved::NoQemu);
+    guest_memory_ok(&p.b)
+        .await
+        .expect("guest memory and disk on the target");
+    // Committed: the copy is the VM's disk now, its staging name gone.
+    assert_eq!(
+        files_in(p.b.storage_dir()),
+        vec!["fault01.qcow2".to_string()]
+    );
+}
+
 /// Admission counts what the guests already on the target may still take: a guest's RAM
 /// is allocated as it writes it, so the room its file does not hold yet is promised to
 /// it. The target's RAM directory (a tmpfs) gets a running 512 MiB guest of its own and

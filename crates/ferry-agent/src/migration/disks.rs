@@ -329,16 +329,17 @@ pub fn plan_copies(
 }
 
 /// Target side: creates the empty images [`plan_copies`] planned, each through a staging
-/// name of `migration` ([`ferry_disk::staged`]) that stays until [`release_staging`]:
-/// until then a restart can prove them this migration's. Returns what it made (removed
-/// again, staging names too, if anything fails).
+/// name of `migration` ([`ferry_disk::staged`]) that stays until [`release_staging`] at
+/// commit: until then a restart, or a second try at removing one, can prove them this
+/// migration's. Returns what it made, or why it failed with the copies it could not
+/// remove again ([`MadeOrLeft`]).
 pub fn make_copies(
     host: &str,
     spec: &VmSpec,
     copies: &[pb::DiskProbe],
     planned: &[PathBuf],
     migration: &str,
-) -> Result<Vec<PathBuf>, Status> {
+) -> MadeOrLeft {
     let mut made = Vec::new();
     let result = (|| {
         for (c, path) in copies.iter().zip(planned) {
@@ -363,14 +364,15 @@ pub fn make_copies(
     })();
     match result {
         Ok(()) => Ok(made),
-        Err(e) => {
-            remove_copies(&made, migration);
-            Err(e)
-        }
+        Err(e) => Err((e, remove_copies(&made, migration))),
     }
 }
 
-/// Drops the staging names of `copies` once the migration's record lists them.
+/// What [`make_copies`] made, or why it failed and the copies it could not remove again.
+pub type MadeOrLeft = Result<Vec<PathBuf>, (Status, Vec<PathBuf>)>;
+
+/// Drops the staging names of `copies` once the migration committed (they are a second
+/// name of disks in use from then on).
 pub fn release_staging(copies: &[PathBuf], migration: &str) {
     for p in copies {
         if let Err(e) = staged::release_staging(p, migration) {
@@ -379,31 +381,62 @@ pub fn release_staging(copies: &[PathBuf], migration: &str) {
     }
 }
 
-/// Removes the images [`make_copies`] made (and their staging names, if still there).
-pub fn remove_copies(paths: &[PathBuf], migration: &str) {
+/// Removes the images [`make_copies`] made for `migration`, and their staging names. A
+/// copy still linked to its staging name goes with it; one without a staging name (a
+/// filesystem without hard links, or a record older than the staging names) is removed by
+/// its path, which the caller's record says this migration made. Returns the copies that
+/// could not be removed (an I/O error): their staging names stay, so that
+/// [`remove_left_behind`] can still prove them this migration's later.
+pub fn remove_copies(paths: &[PathBuf], migration: &str) -> Vec<PathBuf> {
+    let mut left = Vec::new();
     for p in paths {
-        match std::fs::remove_file(p) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                // Left behind: say where, so an operator can remove it.
-                tracing::warn!(migration, path = %p.display(), "disk copy not removed: {e}")
+        let gone = match staged::remove_if_ours(p, migration) {
+            Ok(staged::Removal::Unproven) => match std::fs::remove_file(p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+                _ => Ok(()),
+            },
+            Ok(staged::Removal::Removed) => Ok(()),
+            Ok(staged::Removal::NotOurs) => {
+                if p.exists() {
+                    tracing::warn!(migration, path = %p.display(), "another file stands where this migration's disk copy was: left alone");
+                }
+                Ok(())
             }
-            _ => {}
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = gone {
+            // Left behind: say where; the journal keeps it for another try.
+            tracing::warn!(migration, path = %p.display(), "disk copy not removed: {e}; tried again later");
+            left.push(p.clone());
         }
     }
-    release_staging(paths, migration);
+    left
 }
 
 /// After a restart: removes those of `planned` that are provably this migration's (still
-/// linked to their staging name); anything else at those paths is left alone.
-pub fn remove_staged_copies(planned: &[PathBuf], migration: &str) {
-    for p in planned {
+/// linked to their staging name); anything else at those paths is left alone. Returns
+/// those whose removal failed (to try again later).
+pub fn remove_staged_copies(planned: &[PathBuf], migration: &str) -> Vec<PathBuf> {
+    remove_left_behind(planned, migration)
+}
+
+/// Another try at copies a removal left behind: only those still linked to their staging
+/// name go (the file at the path may be someone else's by now). Returns those still left
+/// (an I/O error again).
+pub fn remove_left_behind(paths: &[PathBuf], migration: &str) -> Vec<PathBuf> {
+    let mut left = Vec::new();
+    for p in paths {
         match staged::remove_if_ours(p, migration) {
             Ok(r) => {
-                tracing::info!(migration, path = %p.display(), outcome = ?r, "disk copy of an unprepared migration")
+                tracing::info!(migration, path = %p.display(), outcome = ?r, "disk copy of a migration that did not commit")
             }
-            Err(e) => tracing::warn!(migration, "removing an unprepared disk copy: {e}"),
+            Err(e) => {
+                tracing::warn!(migration, path = %p.display(), "removing a disk copy of a migration that did not commit: {e}; tried again later");
+                left.push(p.clone());
+            }
         }
     }
+    left
 }
 
 /// A backing file of an image this host's QEMU will open: it must lie inside the storage

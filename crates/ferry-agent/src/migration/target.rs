@@ -431,18 +431,17 @@ impl IncomingRegistry {
                     r
                 });
                 match put {
-                    Ok(()) => {
-                        // The record lists the copies now: their proof is not needed.
-                        super::disks::release_staging(&inc.copies, &inc.id);
-                        Ok(inc)
-                    }
+                    // The copies keep their staging names until the commit: whatever
+                    // removes them before then proves them this migration's first.
+                    Ok(()) => Ok(inc),
                     Err(e) => {
                         // Nothing promised yet: what `create` made goes too.
                         if let Some(p) = inc.qemu.settle().await {
                             let _ = p.kill().await;
                         }
                         inc.release_ram();
-                        super::disks::remove_copies(&inc.copies, &inc.id);
+                        let left = super::disks::remove_copies(&inc.copies, &inc.id);
+                        self.forget_intent(&inc.id, left);
                         Err(Status::internal(format!("journal: {e}")))
                     }
                 }
@@ -557,8 +556,8 @@ impl IncomingRegistry {
             match start.run(None).await {
                 Ok((p, nbd)) => (IncomingQemu::running(p), nbd),
                 Err(e) => {
-                    super::disks::remove_copies(&copies, id);
-                    self.forget_intent(id);
+                    let left = super::disks::remove_copies(&copies, id);
+                    self.forget_intent(id, left);
                     return Err(Status::internal(format!(
                         "preparing VM '{}' on {host}: {e}",
                         spec.name
@@ -623,13 +622,13 @@ impl IncomingRegistry {
                 super::disks::make_copies(&host, &spec, &copy_disks, &planned, &id)
             })
             .await
-            .map_err(|e| Status::internal(format!("disk copies: {e}")))
+            .map_err(|e| (Status::internal(format!("disk copies: {e}")), Vec::new()))
             .and_then(|r| r)
         };
         let made = match made {
             Ok(m) => m,
-            Err(e) => {
-                self.forget_intent(id);
+            Err((e, left)) => {
+                self.forget_intent(id, left);
                 return Err(e);
             }
         };
@@ -639,8 +638,8 @@ impl IncomingRegistry {
             .lock()
             .is_ok_and(|p| p.get(id).is_some_and(|p| p.abort_asked));
         if failed.is_some() || aborted {
-            super::disks::remove_copies(&made, id);
-            self.forget_intent(id);
+            let left = super::disks::remove_copies(&made, id);
+            self.forget_intent(id, left);
             return Err(failed.unwrap_or_else(|| self.aborted_while_preparing(id)));
         }
         Ok(made)
@@ -655,10 +654,24 @@ impl IncomingRegistry {
     }
 
     /// Drops the "preparing" record of a Prepare that failed before it promised anything
-    /// (what it made is already removed). Left in place if the journal fails: a restart
-    /// settles it then.
-    fn forget_intent(&self, id: &str) {
-        if let Err(e) = self.journal.remove_migration(id) {
+    /// (what it made is removed already), or, where a copy could not be removed (`left`),
+    /// turns it into a tombstone listing those for another try. Left in place if the
+    /// journal fails: a restart settles it then.
+    fn forget_intent(&self, id: &str, left: Vec<PathBuf>) {
+        let done = if left.is_empty() {
+            self.journal.remove_migration(id).map(|_| ())
+        } else {
+            match self.journal.migration(id) {
+                Ok(Some(mut r)) => {
+                    r.receiver = Some(Receiver::Aborted);
+                    r.state = "aborted".into();
+                    r.left_behind = left;
+                    self.journal.put_migration(&r)
+                }
+                other => other.map(|_| ()),
+            }
+        };
+        if let Err(e) = done {
             warn!(migration = %id, "journal: {e}");
         }
     }
@@ -790,6 +803,8 @@ impl IncomingRegistry {
         let mut queue: std::collections::VecDeque<Effect> = effects.into();
         let mut refusal: Option<String> = None;
         let mut owned = false;
+        // Copies the Discard effect could not remove, for the tombstone that follows it.
+        let mut left_behind: Vec<PathBuf> = Vec::new();
         // When each effect started (the commit's share of the guest's pause, logged).
         let t0 = std::time::Instant::now();
         let mut started: Vec<(String, Duration)> = Vec::new();
@@ -843,8 +858,8 @@ impl IncomingRegistry {
                         .put_migration(&rec)
                         .map_err(|e| Status::internal(format!("journal: {e}")))?;
                     st.recv = Receiver::Owned;
-                    // The copies' staging names went when Prepared was journaled; again
-                    // here, should that have failed (a second name for a disk in use).
+                    // The copies are this host's disks now: their staging names go (a
+                    // second name for a disk in use).
                     super::disks::release_staging(&inc.copies, &inc.id);
                     // Only exit/hang here: an injected error must not cut the sequence short.
                     let _ = self.fail_point("tgt.commit.owned").await;
@@ -854,7 +869,8 @@ impl IncomingRegistry {
                     inc.cancel.cancel();
                     inc.release_ram();
                     let proc = inc.qemu.settle().await;
-                    self.discard(&inc.spec.name, &inc.id, proc.as_ref(), &inc.copies)
+                    left_behind = self
+                        .discard(&inc.spec.name, &inc.id, proc.as_ref(), &inc.copies)
                         .await;
                     // Only exit/hang here: an injected error must not cut the sequence short.
                     let _ = self.fail_point("tgt.abort.discarded").await;
@@ -862,6 +878,7 @@ impl IncomingRegistry {
                 Effect::JournalAborted => {
                     let mut rec = self.record(inc, "aborted");
                     rec.receiver = Some(Receiver::Aborted);
+                    rec.left_behind = std::mem::take(&mut left_behind);
                     self.journal
                         .apply(&[Op::PutMigration(rec), Op::RemoveVm(inc.spec.name.clone())])
                         .map_err(|e| Status::internal(format!("journal: {e}")))?;
@@ -945,19 +962,23 @@ impl IncomingRegistry {
 
     /// The `Discard` effect's I/O, live and on restart: kill the QEMU, forget the VM,
     /// remove its RAM file, run directory and the disk copies made for it (idempotent).
+    /// Returns the copies whose removal failed (for the tombstone: tried again later).
     async fn discard(
         &self,
         vm: &str,
         id: &str,
         proc: Option<&Arc<QemuProcess>>,
         copies: &[PathBuf],
-    ) {
+    ) -> Vec<PathBuf> {
         if let Some(p) = proc {
             let _ = p.kill().await;
         }
         self.vms.forget(vm, id).await;
         remove_vm_files(&self.cfg, vm);
-        super::disks::remove_copies(copies, id);
+        let (copies, id) = (copies.to_vec(), id.to_string());
+        tokio::task::spawn_blocking(move || super::disks::remove_copies(&copies, &id))
+            .await
+            .unwrap_or_default()
     }
 
     fn record(&self, inc: &Incoming, state: &str) -> MigrationRecord {
@@ -1187,8 +1208,8 @@ impl IncomingRegistry {
                 // Its disk copies too may be that VM's disks now: only those still linked
                 // to their staging name are provably this migration's.
                 warn!(migration = %r.id, vm = %r.vm, copies = ?r.copies, "settling an incoming migration after restart: the name is another VM's now; its VM, files and listed disk copies are left alone");
-                super::disks::remove_staged_copies(&r.staged_copies, &r.id);
                 let mut rec = r.clone();
+                rec.left_behind = super::disks::remove_staged_copies(&r.staged_copies, &r.id);
                 rec.receiver = Some(Receiver::Aborted);
                 rec.state = "aborted".into();
                 self.journal.put_migration(&rec)?;
@@ -1210,9 +1231,14 @@ impl IncomingRegistry {
             let mut rec = r.clone();
             match action {
                 TargetAction::Discard => {
-                    self.discard(&r.vm, &r.id, proc.as_ref(), &r.copies).await;
+                    let mut left = self.discard(&r.vm, &r.id, proc.as_ref(), &r.copies).await;
                     // A Prepare that died making its copies: only what it provably made.
-                    super::disks::remove_staged_copies(&r.staged_copies, &r.id);
+                    for p in super::disks::remove_staged_copies(&r.staged_copies, &r.id) {
+                        if !left.contains(&p) {
+                            left.push(p);
+                        }
+                    }
+                    rec.left_behind = left;
                     rec.receiver = Some(Receiver::Aborted);
                     rec.state = "aborted".into();
                     self.journal
@@ -1230,11 +1256,47 @@ impl IncomingRegistry {
                     rec.receiver = Some(Receiver::Owned);
                     rec.state = "owned".into();
                     self.journal.put_migration(&rec)?;
+                    super::disks::release_staging(&r.copies, &r.id);
                 }
                 TargetAction::Keep => {}
             }
         }
+        self.remove_left_behind().await;
         Ok(())
+    }
+
+    /// Another try at the disk copies that migrations which did not commit left behind
+    /// (a removal that failed): each goes only while it is still linked to its staging
+    /// name; what fails again stays listed. Runs at start-up and every
+    /// `left_behind_retry_s`. Returns how many are still left.
+    pub async fn remove_left_behind(&self) -> usize {
+        let records = match self.journal.migrations() {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("journal: {e}");
+                return 0;
+            }
+        };
+        let mut still = 0;
+        for mut r in records {
+            if r.role != Role::Target || !r.settled() || r.left_behind.is_empty() {
+                continue;
+            }
+            let (paths, id) = (r.left_behind.clone(), r.id.clone());
+            let left =
+                tokio::task::spawn_blocking(move || super::disks::remove_left_behind(&paths, &id))
+                    .await
+                    .unwrap_or_else(|_| r.left_behind.clone());
+            still += left.len();
+            if left != r.left_behind {
+                r.left_behind = left;
+                if let Err(e) = self.journal.put_migration(&r) {
+                    warn!(migration = %r.id, "journal: {e}");
+                }
+            }
+        }
+        self.metrics.disk_copies_left_behind.set(still as i64);
+        still
     }
 
     /// Serves one QUIC connection from a source agent: a migration's data plane, or a
