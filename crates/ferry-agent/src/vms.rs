@@ -114,6 +114,20 @@ impl VmManager {
         Ok(())
     }
 
+    /// The VM of this host (defined, running or arriving) whose disk image is at `path`,
+    /// if any (paths compared after confinement to the storage roots).
+    pub async fn disk_owner(&self, path: &std::path::Path) -> Option<String> {
+        let vms = self.vms.lock().await;
+        vms.iter()
+            .find(|(_, e)| {
+                e.spec
+                    .disks
+                    .iter()
+                    .any(|d| self.storage.confine(&d.path).ok().as_deref() == Some(path))
+            })
+            .map(|(n, _)| n.clone())
+    }
+
     /// Refuses a spec whose disk images lie outside this host's storage roots.
     pub fn check_disk_paths(&self, spec: &VmSpec) -> Result<(), Status> {
         for d in &spec.disks {

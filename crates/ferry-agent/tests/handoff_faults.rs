@@ -1191,17 +1191,13 @@ async fn left_behind_gauge(agent: &TestAgent, want: f64) -> f64 {
     }
 }
 
-/// A disk copy whose removal fails when its migration is cancelled (made immutable while
-/// the target is held after Prepare: a real EPERM from unlink) is not forgotten: the
-/// target lets go of the VM at once, lists the copy in its journal (the gauge
-/// `ferry_disk_copies_left_behind` reads 1), a retry is refused naming the file, and once
-/// the file can be removed the target's periodic sweep removes it (with its staging name:
-/// nothing left in its storage) and the retry completes — guest memory and disk checked
-/// on the target, both QEMUs asked, the copy's staging name gone with the commit. (Before, the copy was logged and forgotten: it stayed
-/// until an operator found it.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_disk_copy_that_cannot_be_removed_yet_is_removed_when_it_can() {
-    let _s = SERIAL.lock().await;
+/// The start of the tests of copies left behind: agents whose target sweeps every 2 s,
+/// a migration with a travelling disk cancelled while the target is held after Prepare,
+/// its copy made immutable first (a real EPERM from unlink, root's too). Checks the
+/// target let go of the VM at once while the copy stands, the guest runs on the source
+/// only (both QEMUs asked), and the gauge `ferry_disk_copies_left_behind` reads 1.
+/// Returns the pair, the copy's path and its immutable flag.
+async fn leave_a_copy_behind() -> (Pair, PathBuf, Immutable) {
     let mut p = pair_with(
         None,
         Some("tgt.hello.done=1*return(hang)"),
@@ -1241,6 +1237,20 @@ async fn a_disk_copy_that_cannot_be_removed_yet_is_removed_when_it_can() {
         1.0,
         "the target counts the copy it could not remove"
     );
+    (p, copy, pinned)
+}
+
+/// A disk copy whose removal fails when its migration is cancelled is not forgotten: the
+/// target lists it in its journal (the gauge reads 1, after a restart of the target too),
+/// a retry is refused naming the file, and once the file can be removed the target's
+/// periodic sweep removes it (with its staging name: nothing left in its storage) and the
+/// retry completes — guest memory and disk checked on the target, both QEMUs asked, the
+/// copy's staging name gone with the commit. (Before, the copy was logged and
+/// forgotten: it stayed until an operator found it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_copy_that_cannot_be_removed_yet_is_removed_when_it_can() {
+    let _s = SERIAL.lock().await;
+    let (mut p, _copy, pinned) = leave_a_copy_behind().await;
     // While it stands there, a retry is refused, naming it.
     let refused = start_failing(&p, Duration::from_secs(60)).await;
     assert!(
@@ -1249,6 +1259,10 @@ async fn a_disk_copy_that_cannot_be_removed_yet_is_removed_when_it_can() {
         refused.error
     );
     assert_runs_on_the_source_only(&p).await;
+    // The journal keeps it across a restart (whose sweep fails on it again).
+    p.b.set_failpoints(None);
+    p.b.restart().await.expect("restart b");
+    assert_eq!(left_behind_gauge(&p.b, 1.0).await, 1.0, "after the restart");
     // Removable again: the sweep takes it, staging name and all.
     pinned.clear();
     assert_eq!(
@@ -1276,6 +1290,46 @@ async fn a_disk_copy_that_cannot_be_removed_yet_is_removed_when_it_can() {
         files_in(p.b.storage_dir()),
         vec!["fault01.qcow2".to_string()]
     );
+}
+
+/// A copy left behind that an operator has since defined a VM on is that VM's disk: the
+/// sweep, once it could remove the file, leaves it (and drops only the migration's hidden
+/// staging name) and stops counting it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_copy_left_behind_that_a_vm_now_uses_is_left_to_it() {
+    let _s = SERIAL.lock().await;
+    let (p, copy, pinned) = leave_a_copy_behind().await;
+    let g = guest_artifacts().expect("guest artifacts");
+    let mut cb = p.b.client().await.expect("client b");
+    cb.define_vm(pb::DefineVmRequest {
+        spec: Some(pb::VmSpec {
+            name: "claimer01".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            kernel: g.kernel.display().to_string(),
+            initrd: g.initrd.display().to_string(),
+            disks: vec![pb::DiskSpec {
+                id: "disk0".into(),
+                path: copy.display().to_string(),
+                format: "qcow2".into(),
+                read_only: false,
+            }],
+            ..Default::default()
+        }),
+    })
+    .await
+    .expect("define a VM on the copy");
+    pinned.clear();
+    assert_eq!(left_behind_gauge(&p.b, 0.0).await, 0.0, "no longer counted");
+    assert_eq!(
+        files_in(p.b.storage_dir()),
+        vec!["fault01.qcow2".to_string()],
+        "the VM's disk stays, the staging name goes"
+    );
+    // Still there a few sweeps later.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(copy.exists(), "the sweep removed a defined VM's disk");
+    assert_runs_on_the_source_only(&p).await;
 }
 
 /// Admission counts what the guests already on the target may still take: a guest's RAM

@@ -375,6 +375,20 @@ impl IncomingRegistry {
                 self.host()
             )));
         }
+        // An id is used once: a record of it (a tombstone listing copies left behind, say)
+        // must not be overwritten, nor its staging names taken over.
+        match self.journal.migration(&req.migration_id) {
+            Ok(None) => {}
+            Ok(Some(r)) => {
+                return Err(Status::already_exists(format!(
+                    "migration {} is known on {} already (state {}): a migration id is used once",
+                    req.migration_id,
+                    self.host(),
+                    r.state
+                )))
+            }
+            Err(e) => return Err(Status::unavailable(format!("journal: {e}"))),
+        }
         // Disk paths in the spec are the source's: map them to this host's storage.
         let spec = super::disks::localize(
             &self.storage,
@@ -612,17 +626,20 @@ impl IncomingRegistry {
             .put_migration(&r)
             .map_err(|e| Status::internal(format!("journal: {e}")))?;
         let made = {
-            let (host, spec, copy_disks, id) = (
+            let (host, spec, copy_disks, id, plan) = (
                 host.to_string(),
                 spec.clone(),
                 copy_disks.to_vec(),
                 id.to_string(),
+                planned.clone(),
             );
             tokio::task::spawn_blocking(move || {
-                super::disks::make_copies(&host, &spec, &copy_disks, &planned, &id)
+                super::disks::make_copies(&host, &spec, &copy_disks, &plan, &id)
             })
             .await
-            .map_err(|e| (Status::internal(format!("disk copies: {e}")), Vec::new()))
+            // The task died: any of the planned copies may be there (the sweep removes
+            // only those provably this migration's).
+            .map_err(|e| (Status::internal(format!("disk copies: {e}")), planned))
             .and_then(|r| r)
         };
         let made = match made {
@@ -663,12 +680,17 @@ impl IncomingRegistry {
         } else {
             match self.journal.migration(id) {
                 Ok(Some(mut r)) => {
+                    self.metrics.disk_copies_left_behind.add(left.len() as i64);
                     r.receiver = Some(Receiver::Aborted);
                     r.state = "aborted".into();
                     r.left_behind = left;
                     self.journal.put_migration(&r)
                 }
-                other => other.map(|_| ()),
+                Ok(None) => {
+                    warn!(migration = %id, copies = ?left, "disk copies left behind, and no record of the migration to list them in: remove them by hand");
+                    Ok(())
+                }
+                Err(e) => Err(e),
             }
         };
         if let Err(e) = done {
@@ -879,10 +901,12 @@ impl IncomingRegistry {
                     let mut rec = self.record(inc, "aborted");
                     rec.receiver = Some(Receiver::Aborted);
                     rec.left_behind = std::mem::take(&mut left_behind);
+                    let left = rec.left_behind.len() as i64;
                     self.journal
                         .apply(&[Op::PutMigration(rec), Op::RemoveVm(inc.spec.name.clone())])
                         .map_err(|e| Status::internal(format!("journal: {e}")))?;
                     st.recv = Receiver::Aborted;
+                    self.metrics.disk_copies_left_behind.add(left);
                     self.metrics
                         .migrations
                         .with_label_values(&["target", "aborted"])
@@ -975,10 +999,11 @@ impl IncomingRegistry {
         }
         self.vms.forget(vm, id).await;
         remove_vm_files(&self.cfg, vm);
-        let (copies, id) = (copies.to_vec(), id.to_string());
-        tokio::task::spawn_blocking(move || super::disks::remove_copies(&copies, &id))
+        let (all, id) = (copies.to_vec(), id.to_string());
+        tokio::task::spawn_blocking(move || super::disks::remove_copies(&all, &id))
             .await
-            .unwrap_or_default()
+            // The task died: list them all (the sweep removes only provable ones).
+            .unwrap_or_else(|_| copies.to_vec())
     }
 
     fn record(&self, inc: &Incoming, state: &str) -> MigrationRecord {
@@ -1210,6 +1235,9 @@ impl IncomingRegistry {
                 warn!(migration = %r.id, vm = %r.vm, copies = ?r.copies, "settling an incoming migration after restart: the name is another VM's now; its VM, files and listed disk copies are left alone");
                 let mut rec = r.clone();
                 rec.left_behind = super::disks::remove_staged_copies(&r.staged_copies, &r.id);
+                // Prepared copies: their staging names go (only this migration's hidden
+                // names; the files stay).
+                super::disks::release_staging(&r.copies, &r.id);
                 rec.receiver = Some(Receiver::Aborted);
                 rec.state = "aborted".into();
                 self.journal.put_migration(&rec)?;
@@ -1267,8 +1295,11 @@ impl IncomingRegistry {
 
     /// Another try at the disk copies that migrations which did not commit left behind
     /// (a removal that failed): each goes only while it is still linked to its staging
-    /// name; what fails again stays listed. Runs at start-up and every
-    /// `left_behind_retry_s`. Returns how many are still left.
+    /// name and no VM of this host names it as its disk (an operator may have defined one
+    /// on it meanwhile: then it is that VM's, and only the staging name goes); what fails
+    /// again stays listed. Committed migrations' copies lose their staging names here too,
+    /// should a crash or an error have kept one at the commit. Runs at start-up and every
+    /// `left_behind_retry_s`. Returns how many copies are still left.
     pub async fn remove_left_behind(&self) -> usize {
         let records = match self.journal.migrations() {
             Ok(r) => r,
@@ -1279,14 +1310,34 @@ impl IncomingRegistry {
         };
         let mut still = 0;
         for mut r in records {
-            if r.role != Role::Target || !r.settled() || r.left_behind.is_empty() {
+            if r.role != Role::Target {
                 continue;
             }
-            let (paths, id) = (r.left_behind.clone(), r.id.clone());
+            if r.receiver == Some(Receiver::Owned) && !r.copies.is_empty() {
+                let (copies, id) = (r.copies.clone(), r.id.clone());
+                let _ = tokio::task::spawn_blocking(move || {
+                    super::disks::release_staging(&copies, &id)
+                })
+                .await;
+            }
+            if !r.settled() || r.left_behind.is_empty() {
+                continue;
+            }
+            let mut paths = Vec::new();
+            for p in &r.left_behind {
+                match self.vms.disk_owner(p).await {
+                    Some(vm) => {
+                        warn!(migration = %r.id, path = %p.display(), %vm, "a disk copy left behind is VM '{vm}''s disk now: left to it");
+                        super::disks::release_staging(std::slice::from_ref(p), &r.id);
+                    }
+                    None => paths.push(p.clone()),
+                }
+            }
+            let (tried, id) = (paths.clone(), r.id.clone());
             let left =
-                tokio::task::spawn_blocking(move || super::disks::remove_left_behind(&paths, &id))
+                tokio::task::spawn_blocking(move || super::disks::remove_left_behind(&tried, &id))
                     .await
-                    .unwrap_or_else(|_| r.left_behind.clone());
+                    .unwrap_or(paths);
             still += left.len();
             if left != r.left_behind {
                 r.left_behind = left;

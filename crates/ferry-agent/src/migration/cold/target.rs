@@ -663,6 +663,15 @@ fn plan_images(host: &str, vm: &str, wanted: Vec<Wanted>) -> Result<Vec<Planned>
                 if !meta.is_file() || meta.len() != w.length {
                     return Err(clash());
                 }
+                // A file with other names is not adopted: it may be a live migration's
+                // copy that its staging name still claims (removed if that never commits).
+                if meta.nlink() > 1 {
+                    return Err(Status::already_exists(format!(
+                        "image {} already exists on host {host} with {} names (hard links): ferry does not adopt a file it cannot be sure is unshared (remove it there, or rename the image)",
+                        resolved.display(),
+                        meta.nlink()
+                    )));
+                }
                 let digest = ferry_disk::file_blake3(&resolved)
                     .map_err(|e| Status::internal(format!("host {host}: {e}")))?;
                 if digest != w.digest {
