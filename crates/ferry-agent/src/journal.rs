@@ -87,6 +87,11 @@ pub struct MigrationRecord {
     /// record with any is not pruned.
     #[serde(default)]
     pub left_behind: Vec<std::path::PathBuf>,
+    /// Source side of a cold migration: whether the definition goes from this host once
+    /// the target has the VM (`None`: a live migration). Kept so that a restart can finish
+    /// what the operator asked.
+    #[serde(default)]
+    pub cold_undefine: Option<bool>,
     /// Milliseconds since the epoch of the last write (history pruning).
     #[serde(default)]
     pub updated_ms: i64,
@@ -110,6 +115,7 @@ impl MigrationRecord {
             copies: Vec::new(),
             staged_copies: Vec::new(),
             left_behind: Vec::new(),
+            cold_undefine: None,
             updated_ms: 0,
         }
     }

@@ -152,12 +152,32 @@ async fn recover_outgoing(ctx: &Arc<AgentCtx>) {
             was_running: rec.was_running,
             capture: rec.capture.clone(),
             token: rec.token.clone(),
+            cold_undefine: rec.cold_undefine,
         };
         let why = format!(
             "agent on {} restarted during the migration",
             ctx.cfg.host_name
         );
         let h = ctx.outgoing.register(status.clone(), meta);
+        let target = status
+            .target
+            .split_once(" (")
+            .map(|(_, a)| a.trim_end_matches(')').to_string())
+            .unwrap_or(status.target.clone());
+        if rec.cold_undefine.is_some() && held.get(&rec.id) == Some(&rec.vm) {
+            // A cold migration whose Finish may have reached the target (its VM journaled
+            // as held): the target's answer says where the VM is.
+            warn!(migration = %rec.id, vm = %rec.vm, "settling a cold migration left unsettled by a restart");
+            ctx.vms.hold(&rec.vm, &rec.id).await;
+            crate::migration::cold::settle_after_restart(
+                ctx.clone(),
+                h,
+                rec.vm.clone(),
+                target,
+                why,
+            );
+            continue;
+        }
         if held.get(&rec.id) != Some(&rec.vm) {
             // Not a live handoff holding its VM (a cold copy, or a record from before):
             // nothing to settle with a target.
@@ -180,11 +200,6 @@ async fn recover_outgoing(ctx: &Arc<AgentCtx>) {
             .await
             .ok()
             .and_then(|(_, p)| p);
-        let target = status
-            .target
-            .split_once(" (")
-            .map(|(_, a)| a.trim_end_matches(')').to_string())
-            .unwrap_or(status.target.clone());
         // It holds one of the host's outgoing slots until settled, whatever the limit.
         let slot = ctx.outgoing.slots.take();
         let (ctx2, vm) = (ctx.clone(), rec.vm.clone());

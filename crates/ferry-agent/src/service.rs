@@ -191,6 +191,7 @@ impl FerryControl for ControlService {
             was_running,
             capture: None,
             token: None,
+            cold_undefine: None,
         };
         let handle = self.ctx.outgoing.register(status.clone(), meta);
         tokio::spawn(source::run_guarded(
@@ -260,6 +261,11 @@ impl FerryControl for ControlService {
         if s.phase == pb::MigrationPhase::Committing as i32 {
             return Err(Status::failed_precondition(format!(
                 "migration {id} is committing and can no longer be cancelled"
+            )));
+        }
+        if s.phase == pb::MigrationPhase::InDoubt as i32 {
+            return Err(Status::failed_precondition(format!(
+                "migration {id} is in doubt (whether the target took the VM is not known yet) and cannot be cancelled: it settles when the target answers"
             )));
         }
         h.cancel.cancel();
@@ -418,9 +424,15 @@ impl FerryPeer for PeerService {
         req: Request<pb::FinishColdMigrationRequest>,
     ) -> Result<Response<pb::FinishColdMigrationResponse>, Status> {
         let who = caller(&req)?;
-        Ok(Response::new(
-            crate::migration::cold::finish(&self.ctx, req.into_inner(), &who).await?,
-        ))
+        // Its own task: a caller that gives up mid-call (a deadline, a dropped connection)
+        // must not cut it off between defining the VM here and recording the answer.
+        let ctx = self.ctx.clone();
+        let req = req.into_inner();
+        let r = crate::to_completion("finish", async move {
+            crate::migration::cold::finish(&ctx, req, &who).await
+        })
+        .await?;
+        Ok(Response::new(r))
     }
 
     async fn abort_cold_migration(

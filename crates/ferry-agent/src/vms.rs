@@ -3,7 +3,7 @@
 
 use crate::config::AgentConfig;
 use crate::convert::spec_to_pb;
-use crate::journal::{Journal, VmRecord};
+use crate::journal::{Journal, Op, VmRecord};
 use ferry_api::v1 as pb;
 use ferry_qemu::{QemuLaunch, QemuProcess, VmSpec};
 use std::collections::HashMap;
@@ -874,8 +874,9 @@ impl VmManager {
     // ---- cold (offline) migration, see migration/cold.rs ----
 
     /// Marks a stopped VM as the source of cold migration `migration` and returns its
-    /// spec. While marked it cannot be started, undefined or migrated again; nothing of
-    /// this is journaled, so an agent restart frees it.
+    /// spec. While marked it cannot be started, undefined or migrated again. Not journaled
+    /// here: an agent restart frees it, until [`Self::offline_hold_record`] is journaled
+    /// before the target is asked to define it.
     pub async fn begin_offline(&self, name: &str, migration: &str) -> Result<VmSpec, Status> {
         let mut vms = self.vms.lock().await;
         let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
@@ -897,35 +898,60 @@ impl VmManager {
         Ok(e.spec.clone())
     }
 
-    /// Ends the source side of cold migration `migration`: with `undefine` the definition
-    /// is removed (the VM now lives on the target; its image files stay here), otherwise
-    /// the VM is stopped and free here again. A VM not marked by `migration` is left alone.
-    pub async fn end_offline(
+    /// The journal record of a VM that cold migration `migration` holds (`held_by`): the
+    /// source journals it with its migration record before it asks the target to define
+    /// the VM, so that a restart keeps the VM held until it knows where the VM is.
+    pub async fn offline_hold_record(
         &self,
         name: &str,
         migration: &str,
-        undefine: bool,
-    ) -> Result<(), Status> {
+    ) -> Result<VmRecord, Status> {
+        let vms = self.vms.lock().await;
+        let e = vms.get(name).ok_or_else(|| self.unknown(name))?;
+        if e.state != pb::VmState::Migrating || e.migration.as_deref() != Some(migration) {
+            return Err(Status::failed_precondition(format!(
+                "VM '{name}' on host {} is not held by migration {migration}",
+                self.cfg.host_name
+            )));
+        }
+        Ok(record_of(e))
+    }
+
+    /// Ends the source side of cold migration `migration` in memory: with `undefine` the
+    /// definition goes (the VM now lives on the target; its image files stay here),
+    /// otherwise the VM is stopped and free here again. Returns the journal change that
+    /// records it, for the caller to write with the migration's outcome (one
+    /// transaction); `None` for a VM not marked by `migration` (left alone).
+    pub async fn end_offline(&self, name: &str, migration: &str, undefine: bool) -> Option<Op> {
         let mut vms = self.vms.lock().await;
         if vms
             .get(name)
             .is_none_or(|e| e.migration.as_deref() != Some(migration))
         {
-            return Ok(());
+            return None;
         }
         if undefine {
-            self.journal.remove_vm(name).map_err(journal_err)?;
             vms.remove(name);
-        } else if let Some(e) = vms.get_mut(name) {
+            Some(Op::RemoveVm(name.to_string()))
+        } else {
+            let e = vms.get_mut(name)?;
             e.migration = None;
             e.state = pb::VmState::Defined;
+            Some(Op::PutVm(record_of(e)))
         }
-        Ok(())
     }
 
     /// Target side of a cold migration: the name reserved by [`Self::reserve_incoming`] for
-    /// `migration` becomes a VM defined (stopped) here, journaled like [`Self::define`].
-    pub async fn commit_offline(&self, name: &str, migration: &str) -> Result<pb::VmInfo, Status> {
+    /// `migration` becomes a VM defined (stopped) here. Journaled first, together with
+    /// `outcome` (the migration's record: a source asking after a lost answer or a restart
+    /// learns from it that the VM is here); only then does the VM change in memory, so a
+    /// journal that fails leaves the reservation as it was, which an abort removes.
+    pub async fn commit_offline(
+        &self,
+        name: &str,
+        migration: &str,
+        outcome: crate::journal::MigrationRecord,
+    ) -> Result<pb::VmInfo, Status> {
         let mut vms = self.vms.lock().await;
         let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
         if e.state != pb::VmState::Incoming || e.migration.as_deref() != Some(migration) {
@@ -934,9 +960,17 @@ impl VmManager {
                 self.cfg.host_name
             )));
         }
+        let rec = VmRecord {
+            spec: e.spec.clone(),
+            pid: None,
+            incoming_migration: None,
+            held_by: None,
+        };
+        self.journal
+            .apply(&[Op::PutVm(rec), Op::PutMigration(outcome)])
+            .map_err(journal_err)?;
         e.state = pb::VmState::Defined;
         e.migration = None;
-        self.persist(e)?;
         Ok(self.info(e))
     }
 }

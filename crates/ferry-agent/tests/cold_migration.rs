@@ -951,3 +951,185 @@ async fn running_vm_is_refused_without_stop_source() {
     .await
     .expect("stop");
 }
+
+/// A small VM on `a` (one qcow2 with 4 MiB of data) for the ownership tests.
+async fn small_vm(m: &Mesh, a: &TestAgent, name: &str) -> String {
+    let random = m.path(&format!("{name}.pat"));
+    random_pattern(&random, 4 * MIB);
+    let img = m.private("a").join(format!("{name}.qcow2"));
+    qemu_img_create(&img, "qcow2", "64M", None);
+    qemu_io_write(&img, "qcow2", &[(random.as_path(), 0, 4 * MIB)]);
+    define(
+        a,
+        spec(
+            name,
+            &[("vda", &m.root().join(format!("{name}.qcow2")), "qcow2")],
+        ),
+    )
+    .await;
+    digest(&img)
+}
+
+/// Starts a cold migration of `vm` to `b` that undefines the source; returns its id.
+async fn start_moving(a: &TestAgent, b: &TestAgent, vm: &str) -> String {
+    a.client()
+        .await
+        .expect("client a")
+        .start_migration(pb::StartMigrationRequest {
+            undefine_source: true,
+            ..offline(vm, b)
+        })
+        .await
+        .expect("start")
+        .into_inner()
+        .id
+}
+
+/// The migration's status on `a` once `done` says so, or the last one after `within`.
+async fn status_until(
+    a: &TestAgent,
+    id: &str,
+    within: Duration,
+    done: impl Fn(&pb::MigrationStatus) -> bool,
+) -> pb::MigrationStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = match a.client().await {
+            Ok(mut c) => c
+                .get_migration(pb::MigrationRef { id: id.into() })
+                .await
+                .ok()
+                .map(|r| r.into_inner()),
+            Err(_) => None,
+        };
+        if let Some(s) = s {
+            if done(&s) || Instant::now() > deadline {
+                return s;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no status of {id} from {}",
+            a.name()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The source agent is killed while the target defines the VM (held at
+/// `cold.tgt.finish.committed`, after journaling it): Finish's answer goes nowhere. The
+/// restarted source knows Finish may have got through (it journaled the VM as held
+/// first), asks the target, learns the VM is defined there and completes, removing its own
+/// definition as asked: the VM is defined on one host, the target's image byte for byte
+/// the source's. (Before, a restart marked the migration failed and freed the VM on the
+/// source: defined on both, startable on both.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_killed_while_the_target_defines_the_vm_settles_on_restart() {
+    let _serial = SERIAL.lock().await;
+    let m = Mesh::new();
+    let mut a = m.host("a", &m.root()).await;
+    let mut b = m.host("b", &m.root()).await;
+    b.set_failpoints(Some("cold.tgt.finish.committed=1*return(hang)"));
+    b.restart().await.expect("restart b armed");
+    let before = small_vm(&m, &a, "moved").await;
+    let id = start_moving(&a, &b, "moved").await;
+    assert!(
+        b.wait_failpoint("cold.tgt.finish.committed", Duration::from_secs(60))
+            .await,
+        "the target defined the VM:{}",
+        logs(&a, &b)
+    );
+    a.kill().expect("kill the source agent");
+    b.release_failpoint().expect("release");
+    assert_eq!(vm_state(&b, "moved").await, Some(pb::VmState::Defined));
+    a.restart().await.expect("restart the source agent");
+    let end = status_until(&a, &id, Duration::from_secs(60), |s| {
+        s.phase == pb::MigrationPhase::Completed as i32
+            || s.phase == pb::MigrationPhase::Failed as i32
+    })
+    .await;
+    assert_eq!(
+        end.phase,
+        pb::MigrationPhase::Completed as i32,
+        "{end:?}{}",
+        logs(&a, &b)
+    );
+    assert_eq!(
+        vm_state(&a, "moved").await,
+        None,
+        "the source's definition is gone"
+    );
+    assert_eq!(vm_state(&b, "moved").await, Some(pb::VmState::Defined));
+    assert_eq!(digest(&m.private("b").join("moved.qcow2")), before);
+}
+
+/// The target defines the VM and dies before answering (`cold.tgt.finish.committed`,
+/// SIGKILL): the source cannot know where the VM is, so it keeps it held — IN_DOUBT, not
+/// startable, not cancellable — and asks until the target is back; the restarted target's
+/// journal says the VM is defined there, and the source completes, removing its own
+/// definition. (Before, the failed Finish was answered with an Abort that found nobody,
+/// and the source freed the VM: defined on both hosts.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_finish_answer_keeps_the_vm_held_until_the_target_says() {
+    let _serial = SERIAL.lock().await;
+    let m = Mesh::new();
+    let a = m.host("a", &m.root()).await;
+    let mut b = m.host("b", &m.root()).await;
+    b.set_failpoints(Some("cold.tgt.finish.committed=1*return(exit)"));
+    b.restart().await.expect("restart b armed");
+    let before = small_vm(&m, &a, "moved").await;
+    let id = start_moving(&a, &b, "moved").await;
+    let doubt = status_until(&a, &id, Duration::from_secs(90), |s| {
+        s.phase == pb::MigrationPhase::InDoubt as i32 || is_final(s)
+    })
+    .await;
+    assert_eq!(
+        doubt.phase,
+        pb::MigrationPhase::InDoubt as i32,
+        "{doubt:?}{}",
+        logs(&a, &b)
+    );
+    assert_eq!(vm_state(&a, "moved").await, Some(pb::VmState::Migrating));
+    let mut ca = a.client().await.expect("client a");
+    let start = ca
+        .start_vm(pb::VmRef {
+            name: "moved".into(),
+        })
+        .await;
+    assert!(start.is_err(), "a held VM must not start: {start:?}");
+    let cancel = ca
+        .cancel_migration(pb::MigrationRef { id: id.clone() })
+        .await;
+    assert!(
+        cancel
+            .as_ref()
+            .is_err_and(|s| s.message().contains("in doubt")),
+        "{cancel:?}"
+    );
+    b.set_failpoints(None);
+    b.restart().await.expect("restart the target agent");
+    let end = status_until(&a, &id, Duration::from_secs(60), is_final).await;
+    assert_eq!(
+        end.phase,
+        pb::MigrationPhase::Completed as i32,
+        "{end:?}{}",
+        logs(&a, &b)
+    );
+    assert_eq!(
+        vm_state(&a, "moved").await,
+        None,
+        "the source's definition is gone"
+    );
+    assert_eq!(vm_state(&b, "moved").await, Some(pb::VmState::Defined));
+    assert_eq!(digest(&m.private("b").join("moved.qcow2")), before);
+}
+
+fn is_final(s: &pb::MigrationStatus) -> bool {
+    [
+        pb::MigrationPhase::Completed,
+        pb::MigrationPhase::Failed,
+        pb::MigrationPhase::Cancelled,
+    ]
+    .iter()
+    .any(|p| s.phase == *p as i32)
+}

@@ -128,6 +128,9 @@ pub struct SourceMeta {
     /// The target's token from Prepare: every later peer call of the migration carries
     /// it, also after a restart of this agent.
     pub token: Option<String>,
+    /// A cold migration: whether the definition goes from this host once the target has
+    /// the VM (`None`: live).
+    pub cold_undefine: Option<bool>,
 }
 
 impl SourceMeta {
@@ -162,6 +165,7 @@ impl OutgoingHandle {
             was_running: true,
             capture: None,
             token: None,
+            cold_undefine: None,
         })
     }
 
@@ -320,6 +324,7 @@ impl Outgoing {
         rec.was_running = meta.was_running;
         rec.capture = meta.capture;
         rec.token = meta.token;
+        rec.cold_undefine = meta.cold_undefine;
         ops.insert(0, Op::PutMigration(rec));
         self.journal.apply(&ops)
     }

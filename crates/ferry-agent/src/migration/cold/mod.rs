@@ -32,6 +32,16 @@
 //! path, length and digest). Only an operator's cancel discards them. The source VM is
 //! never changed by a failure.
 //!
+//! **Who has the VM** once Finish may have reached the target: the source journals the VM
+//! as held by the migration (with the migration, mark `CommitSent`) before it sends
+//! Finish; the target journals the VM defined together with the migration's outcome
+//! before it answers. A Finish whose answer is lost (the call's deadline, a dead
+//! connection, a target that died after defining the VM), or a source restart in between,
+//! is settled by asking the target ([`cold_settle`]): defined there, the source completes
+//! (undefining its copy if asked); not, it releases the VM; no answer, the VM stays held
+//! here (IN_DOUBT) and the source asks again. So an answer never lost makes the VM defined
+//! on two hosts when `undefine_source` was asked, nor on none.
+//!
 //! The target's registry of cold migrations is process-wide ([`serve_disk_streams`] is
 //! reached from the QUIC accept path, which has no [`AgentCtx`]); one agent runs per
 //! process.
@@ -39,10 +49,36 @@
 mod source;
 mod target;
 
-pub use source::start;
+pub use source::{settle_after_restart, start};
 pub use target::{abort, finish, prepare, serve_disk_streams, ColdRegistry};
 
+use ferry_api::v1 as pb;
 use std::time::Duration;
+
+/// What the source of a cold migration does with the target's answer to Abort, asked
+/// once Finish may have reached the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColdSettle {
+    /// The VM is defined on the target: complete (undefine here if asked).
+    Complete,
+    /// The target did not define it and now never will (aborted now or before, or it
+    /// knows no such migration: a definition is journaled with the migration's id).
+    Release,
+    /// No answer, or an error that says nothing about the outcome: keep the VM held and
+    /// ask again.
+    AskAgain,
+}
+
+/// The source's decision from the target's answer (`None`: none in time). Pure.
+pub fn cold_settle(
+    answer: &Option<Result<pb::AbortColdMigrationResponse, tonic::Status>>,
+) -> ColdSettle {
+    match answer {
+        Some(Ok(r)) if r.finished => ColdSettle::Complete,
+        Some(Ok(_)) => ColdSettle::Release,
+        Some(Err(_)) | None => ColdSettle::AskAgain,
+    }
+}
 
 /// The target makes received data durable after this many bytes…
 const CHECKPOINT_BYTES: u64 = 64 << 20;
@@ -61,3 +97,38 @@ const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
 const FINISH_WAIT: Duration = Duration::from_secs(1800);
 /// Time a new stream has to say which migration it belongs to.
 const STREAM_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(
+        existed: bool,
+        finished: bool,
+    ) -> Option<Result<pb::AbortColdMigrationResponse, tonic::Status>> {
+        Some(Ok(pb::AbortColdMigrationResponse {
+            existed,
+            finished,
+            error: String::new(),
+        }))
+    }
+
+    #[test]
+    fn only_the_targets_own_answer_settles_a_cold_finish() {
+        assert_eq!(cold_settle(&answer(true, true)), ColdSettle::Complete);
+        // Known and aborted (now or before), or unknown: the target never defined it.
+        assert_eq!(cold_settle(&answer(true, false)), ColdSettle::Release);
+        assert_eq!(cold_settle(&answer(false, false)), ColdSettle::Release);
+        // Silence or an error (unreachable, its journal unreadable, a refusal) says
+        // nothing about where the VM is.
+        assert_eq!(cold_settle(&None), ColdSettle::AskAgain);
+        assert_eq!(
+            cold_settle(&Some(Err(tonic::Status::unavailable("journal")))),
+            ColdSettle::AskAgain
+        );
+        assert_eq!(
+            cold_settle(&Some(Err(tonic::Status::permission_denied("token")))),
+            ColdSettle::AskAgain
+        );
+    }
+}

@@ -117,12 +117,14 @@ pub async fn start(
         message: "starting cold migration".into(),
         ..Default::default()
     };
-    // A cold migration has no handoff to settle: a restart marks it failed.
+    // Until Finish may be sent a restart marks it failed (the VM free here, the target
+    // never defines it); from then on (mark CommitSent, VM held) it settles with the target.
     let meta = crate::migration::SourceMeta {
         mark: ferry_handoff::SourceMark::BeforeCommit,
         was_running: false,
         capture: None,
         token: None,
+        cold_undefine: Some(p.undefine_source),
     };
     let h = ctx.outgoing.register(status.clone(), meta);
     let job = p.job.clone();
@@ -131,14 +133,26 @@ pub async fn start(
     // Should the task panic (a bug), the VM is still freed and the status ended.
     tokio::spawn(async move {
         crate::migration::job::run_guarded(&job.id.clone(), task, |panic| async move {
-            let _ = ctx2.vms.end_offline(&job.vm, &job.id, false).await;
+            if h2.meta().mark == ferry_handoff::SourceMark::CommitSent {
+                // Finish may have reached the target: only its answer says where the VM is.
+                let why = format!("internal error (a bug: {panic})");
+                return settle_and_end(ctx2, h2, job.vm, job.target, why).await;
+            }
+            let op = ctx2.vms.end_offline(&job.vm, &job.id, false).await;
             let reason = format!(
                 "internal error in the cold migration of VM '{}' from {} (a bug: {panic})",
                 job.vm, ctx2.cfg.host_name
             );
             let message = format!("VM '{}' stays defined on {}", job.vm, ctx2.cfg.host_name);
-            ctx2.outgoing
-                .end_unsuccessful(&h2, &ctx2.metrics, &reason, false, 0, message, vec![]);
+            ctx2.outgoing.end_unsuccessful(
+                &h2,
+                &ctx2.metrics,
+                &reason,
+                false,
+                0,
+                message,
+                op.into_iter().collect(),
+            );
         })
         .await
     });
@@ -161,12 +175,18 @@ async fn run(ctx: Arc<AgentCtx>, p: ColdParams, h: Arc<OutgoingHandle>, spec: Op
         target_label: p.job.target.clone(),
         p,
     };
-    let result = tokio::select! {
+    let copied = tokio::select! {
         r = job.drive(spec) => r,
         _ = h.cancel.cancelled() => Err(JobError::cancelled(ColdPhase::Inspect)),
     }
     // A cancel is charged to the phase that was running.
     .map_err(|e| ColdError { phase: job.at, ..e });
+    // Defining the VM on the target is outside the cancel's reach: once Finish may be on
+    // the wire, only the target's answer ends the migration.
+    let result = match copied {
+        Ok(mut peer) => job.define(&mut peer).await,
+        Err(e) => Err(e),
+    };
     match result {
         Ok(resp) => job.completed(resp).await,
         Err(e) => job.failed(e).await,
@@ -248,10 +268,11 @@ impl Job {
         self.ctx.outgoing.set_phase(&self.h, shown, message.into());
     }
 
-    /// The phases up to the target defining the VM, in order.
-    async fn drive(&mut self, spec: Option<VmSpec>) -> Res<pb::FinishColdMigrationResponse> {
+    /// The phases up to the images being on the target, in order (cancellable); returns
+    /// the target's client for [`Job::define`].
+    async fn drive(&mut self, spec: Option<VmSpec>) -> Res<FerryPeerClient<Channel>> {
         let spec = self.inspect(spec).await?;
-        let (mut peer, prep, plans) = self.prepare(&spec).await?;
+        let (peer, prep, plans) = self.prepare(&spec).await?;
         let todo: Vec<usize> = (0..plans.len())
             .filter(|&i| !plans[i].already_present)
             .collect();
@@ -259,7 +280,7 @@ impl Job {
             let conn = self.connect(&prep.quic_addr).await?;
             self.copy(conn, &plans, &todo).await?;
         }
-        self.define(&mut peer).await
+        Ok(peer)
     }
 
     /// [`ColdPhase::Inspect`]: stops the VM if asked to, then confines, inspects and
@@ -498,7 +519,9 @@ impl Job {
     }
 
     /// [`ColdPhase::Define`]: the target verifies and defines (optionally starts) the VM.
-    /// Not cancellable from here on.
+    /// Not cancellable. The VM is journaled as held by this migration first (mark
+    /// `CommitSent`): from here on only the target's answer — to Finish, or to the
+    /// questions of [`settle_with_target`] when that answer is lost — releases it.
     async fn define(
         &mut self,
         peer: &mut FerryPeerClient<Channel>,
@@ -509,25 +532,69 @@ impl Job {
             pb::MigrationPhase::Committing,
             format!("defining VM '{}' on {}", self.p.job.vm, self.target_label),
         );
+        let hold = self
+            .ctx
+            .vms
+            .offline_hold_record(&self.p.job.vm, &self.p.job.id)
+            .await
+            .map_err(|s| JobError::new(at, s.message().to_string()))?;
+        let token = self.token.clone();
+        self.h.set_meta(|m| {
+            m.mark = ferry_handoff::SourceMark::CommitSent;
+            m.token = Some(token);
+        });
+        if let Err(e) = self
+            .ctx
+            .outgoing
+            .persist_with(&self.h, vec![crate::journal::Op::PutVm(hold)])
+        {
+            // Nothing sent: the target cannot define it.
+            self.h
+                .set_meta(|m| m.mark = ferry_handoff::SourceMark::BeforeCommit);
+            return Err(JobError::new(
+                at,
+                format!("journal on {}: {e}", self.host()),
+            ));
+        }
+        // Only exit/hang here: from now on nothing may end this but the target's answer.
+        let _ = crate::failpoint::hit("cold.src.finish.journaled", &self.ctx.cfg.state_dir).await;
         let req = pb::FinishColdMigrationRequest {
             migration_id: self.p.job.id.clone(),
             token: self.token.clone(),
             start: self.p.start_on_target,
         };
-        let resp = tokio::time::timeout(
-            FINISH_WAIT + Duration::from_secs(30),
-            peer.finish_cold_migration(req),
+        // The target may still be verifying the last image (BLAKE3 of a large file): a
+        // channel whose deadline covers that, not the peer calls' usual minute.
+        let wait = FINISH_WAIT + Duration::from_secs(30);
+        let mut finish =
+            match crate::tls::connect_with_deadline(&self.p.job.target, &self.ctx.identity, wait)
+                .await
+            {
+                Ok(chan) => FerryPeerClient::new(chan),
+                Err(_) => peer.clone(),
+            };
+        let lost = match tokio::time::timeout(wait, finish.finish_cold_migration(req)).await {
+            Ok(Ok(resp)) => return Ok(resp.into_inner()),
+            Ok(Err(s)) => status_msg(&s),
+            Err(_) => format!("no answer within {} s", FINISH_WAIT.as_secs()),
+        };
+        warn!(migration = %self.p.job.id, "Finish on {}: {lost}; asking the target whether it defined the VM", self.target_label);
+        let defined = settle_with_target(
+            &self.ctx,
+            &self.h,
+            &self.p.job.target,
+            &self.target_label,
+            &lost,
         )
-        .await
-        .map_err(|_| {
-            JobError::new(
+        .await;
+        if defined {
+            Ok(pb::FinishColdMigrationResponse::default())
+        } else {
+            Err(JobError::new(
                 at,
-                format!("no answer from target within {} s", FINISH_WAIT.as_secs()),
-            )
-        })?
-        .map_err(|s| JobError::new(at, status_msg(&s)))?
-        .into_inner();
-        Ok(resp)
+                format!("target {}: {lost}", self.target_label),
+            ))
+        }
     }
 
     /// The VM is defined on the target: undefine or release it here.
@@ -535,14 +602,12 @@ impl Job {
         if let Some(c) = self.conn.take() {
             c.close(0u32.into(), b"finished");
         }
-        if let Err(e) = self
+        // Journaled with the outcome below, in one transaction.
+        let op = self
             .ctx
             .vms
             .end_offline(&self.p.job.vm, &self.p.job.id, self.p.undefine_source)
-            .await
-        {
-            warn!(migration = %self.p.job.id, "releasing VM '{}' after the migration: {}", self.p.job.vm, e.message());
-        }
+            .await;
         let there = match resp.vm.as_ref().map(|v| v.state()) {
             Some(pb::VmState::Running) => "running",
             _ => "defined (stopped)",
@@ -586,7 +651,7 @@ impl Job {
         self.ctx.metrics.duration.observe(elapsed as f64 / 1000.0);
         self.ctx
             .outgoing
-            .end_completed(&self.h, &self.ctx.metrics, msg, vec![]);
+            .end_completed(&self.h, &self.ctx.metrics, msg, op.into_iter().collect());
     }
 
     /// Aborts on the target (keeping partial images for a resume unless cancelled) and
@@ -613,21 +678,24 @@ impl Job {
                 Ok(Ok(r)) => {
                     let r = r.into_inner();
                     if r.finished {
-                        // The Finish call did get through: the VM is defined there.
+                        // The Finish call did get through: the VM is defined there, so it
+                        // completes (the answer's details are the target's to give).
                         let req = pb::FinishColdMigrationRequest {
                             migration_id: self.p.job.id.clone(),
                             token: self.token.clone(),
                             start: self.p.start_on_target,
                         };
-                        if let Ok(Ok(resp)) = tokio::time::timeout(
+                        let resp = tokio::time::timeout(
                             Duration::from_secs(30),
                             peer.finish_cold_migration(req),
                         )
-                        .await
-                        {
-                            return self.completed(resp.into_inner()).await;
-                        }
-                        reason.push_str("; the target reports the migration finished, so the VM is defined there too");
+                        .await;
+                        return self
+                            .completed(match resp {
+                                Ok(Ok(r)) => r.into_inner(),
+                                _ => pb::FinishColdMigrationResponse::default(),
+                            })
+                            .await;
                     } else if !r.error.is_empty() && !reason.contains(&r.error) {
                         reason.push_str(&format!(
                             " (target {} says: {})",
@@ -647,7 +715,7 @@ impl Job {
             c.close(1u32.into(), b"aborted");
         }
         warn!(migration = %self.p.job.id, "{reason}");
-        let _ = self
+        let op = self
             .ctx
             .vms
             .end_offline(&self.p.job.vm, &self.p.job.id, false)
@@ -671,9 +739,138 @@ impl Job {
             e.cancelled,
             elapsed,
             message,
-            vec![],
+            op.into_iter().collect(),
         );
     }
+}
+
+/// Asks the target of cold migration `h` whether it defined the VM, once Finish may
+/// have reached it: an Abort, which the target carries out if it did not (and then never
+/// will) and refuses, answering `finished`, if it did. Asks until it has an answer
+/// ([`cold_settle`]): meanwhile the migration is IN_DOUBT and the VM stays held here
+/// (journaled). Returns whether the VM is defined on the target.
+async fn settle_with_target(
+    ctx: &Arc<AgentCtx>,
+    h: &Arc<OutgoingHandle>,
+    target: &str,
+    label: &str,
+    why: &str,
+) -> bool {
+    let id = h.id.clone();
+    let token = h.meta().token.unwrap_or_default();
+    let vm = h.snapshot().vm;
+    let mut wait = Duration::from_millis(500);
+    let mut shown = false;
+    loop {
+        let req = pb::AbortColdMigrationRequest {
+            migration_id: id.clone(),
+            token: token.clone(),
+            reason: format!("the source lost Finish's answer ({why})"),
+            discard: false,
+        };
+        let ask = async {
+            let chan = ctx.peers.get(target, &ctx.identity).await.ok()?;
+            Some(
+                FerryPeerClient::new(chan)
+                    .abort_cold_migration(req)
+                    .await
+                    .map(tonic::Response::into_inner),
+            )
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(15), ask)
+            .await
+            .ok()
+            .flatten();
+        match &answer {
+            None => ctx.peers.forget(target),
+            Some(Err(s)) => ctx.peers.forget_if_unreached(target, s),
+            Some(Ok(_)) => {}
+        }
+        match cold_settle(&answer) {
+            ColdSettle::Complete => return true,
+            ColdSettle::Release => return false,
+            ColdSettle::AskAgain => {}
+        }
+        if !shown {
+            let said = match &answer {
+                Some(Err(s)) => status_msg(s),
+                _ => "no answer".to_string(),
+            };
+            ctx.outgoing.set_phase(
+                h,
+                pb::MigrationPhase::InDoubt,
+                format!(
+                    "{label} may have defined VM '{vm}' ({why}) and does not say ({said}): the VM stays held on {} until it does; asking again",
+                    ctx.cfg.host_name
+                ),
+            );
+            shown = true;
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Settles a cold migration whose Finish may have reached the target (after a restart of
+/// this agent, or a bug in its task) and ends it: completed (the definition removed here
+/// if asked) when the target has the VM, failed with the VM free here otherwise.
+async fn settle_and_end(
+    ctx: Arc<AgentCtx>,
+    h: Arc<OutgoingHandle>,
+    vm: String,
+    target: String,
+    why: String,
+) {
+    let label = h.snapshot().target;
+    let defined = settle_with_target(&ctx, &h, &target, &label, &why).await;
+    let undefine = h.meta().cold_undefine.unwrap_or(false);
+    let elapsed = (now_ms() - h.snapshot().started_unix_ms).max(0) as u64;
+    if defined {
+        let op = ctx.vms.end_offline(&vm, &h.id, undefine).await;
+        let here = if undefine {
+            format!("its definition was removed from {}", ctx.cfg.host_name)
+        } else {
+            format!("{} keeps its definition (stopped)", ctx.cfg.host_name)
+        };
+        h.update(|s| s.stats.get_or_insert_with(Default::default).elapsed_ms = elapsed);
+        ctx.outgoing.end_completed(
+            &h,
+            &ctx.metrics,
+            format!("VM '{vm}' is defined on {label} ({why}, settled with the target); {here}"),
+            op.into_iter().collect(),
+        );
+    } else {
+        let op = ctx.vms.end_offline(&vm, &h.id, false).await;
+        let reason = format!(
+            "cold migration of VM '{vm}' from {} to {label}: {why}; the target did not define it",
+            ctx.cfg.host_name
+        );
+        ctx.outgoing.end_unsuccessful(
+            &h,
+            &ctx.metrics,
+            &reason,
+            false,
+            elapsed,
+            format!(
+                "VM '{vm}' stays on {} (stopped, images unchanged)",
+                ctx.cfg.host_name
+            ),
+            op.into_iter().collect(),
+        );
+    }
+}
+
+/// After a restart of this agent: a cold migration journaled with mark `CommitSent` (the
+/// VM held here) is settled with its target in the background ([`settle_and_end`]).
+pub fn settle_after_restart(
+    ctx: Arc<AgentCtx>,
+    h: Arc<OutgoingHandle>,
+    vm: String,
+    target: String,
+    why: String,
+) {
+    ctx.metrics.active.inc();
+    tokio::spawn(settle_and_end(ctx, h, vm, target, why));
 }
 
 /// Every image file of `spec`'s disks, lowest backing layer first, each once, named

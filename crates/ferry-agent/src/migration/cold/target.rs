@@ -421,7 +421,11 @@ pub async fn prepare(
         req.spec.as_ref(),
     )?;
     let registry = ctx.incoming.cold();
-    if registry.lookup(&req.migration_id).is_some() {
+    let journaled = ctx
+        .journal
+        .migration(&req.migration_id)
+        .map_err(|e| Status::unavailable(format!("host {host}: journal: {e}")))?;
+    if registry.lookup(&req.migration_id).is_some() || journaled.is_some() {
         return Err(Status::already_exists(format!(
             "cold migration {} is already known on {host}",
             req.migration_id
@@ -910,16 +914,26 @@ pub async fn finish(
     caller: &PeerIdentity,
 ) -> Result<pb::FinishColdMigrationResponse, Status> {
     let host = &ctx.cfg.host_name;
-    let inc = ctx
-        .incoming
-        .cold()
-        .lookup(&req.migration_id)
-        .ok_or_else(|| {
-            Status::not_found(format!(
-                "no cold migration {} on host {host}: it was aborted or never prepared",
-                req.migration_id
-            ))
-        })?;
+    let Some(inc) = ctx.incoming.cold().lookup(&req.migration_id) else {
+        // Forgotten since (a restart, or long ago): the journal says if it was defined here.
+        if journaled_as_defined(ctx, &req.migration_id, &req.token, caller)? {
+            let vm = ctx
+                .journal
+                .migration(&req.migration_id)
+                .ok()
+                .flatten()
+                .map(|r| r.vm)
+                .unwrap_or_default();
+            return Ok(pb::FinishColdMigrationResponse {
+                vm: ctx.vms.get(&vm).await.ok(),
+                start_error: String::new(),
+            });
+        }
+        return Err(Status::not_found(format!(
+            "no cold migration {} on host {host}: it was aborted or never prepared",
+            req.migration_id
+        )));
+    };
     crate::access::same_peer(&inc.source_host, caller, host, &inc.id)?;
     if inc.token != req.token {
         return Err(Status::permission_denied("wrong migration token"));
@@ -990,7 +1004,23 @@ pub async fn finish(
         let _ = inc.abort(&reason, true, true).await;
         return Err(Status::permission_denied(reason));
     }
-    let defined = ctx.vms.commit_offline(&inc.spec.name, &inc.id).await?;
+    // The outcome is journaled with the VM: a source that loses this call's answer (or
+    // restarts) asks, and learns the VM is here even after this agent restarts.
+    let mut outcome = crate::journal::MigrationRecord::new(
+        &inc.id,
+        crate::journal::Role::Target,
+        &inc.spec.name,
+        &inc.source_host,
+        "owned",
+    );
+    outcome.receiver = Some(ferry_handoff::Receiver::Owned);
+    outcome.token = Some(inc.token.clone());
+    let defined = ctx
+        .vms
+        .commit_offline(&inc.spec.name, &inc.id, outcome)
+        .await?;
+    // Only exit/hang here: the VM is defined; nothing may turn that into an error.
+    let _ = crate::failpoint::hit("cold.tgt.finish.committed", &ctx.cfg.state_dir).await;
     let resp = if req.start {
         match ctx.vms.start(&inc.spec.name).await {
             Ok(vm) => pb::FinishColdMigrationResponse {
@@ -1093,8 +1123,11 @@ pub async fn abort(
     caller: &PeerIdentity,
 ) -> Result<pb::AbortColdMigrationResponse, Status> {
     let Some(inc) = ctx.incoming.cold().lookup(&req.migration_id) else {
+        // Forgotten since: if the journal says the VM was defined here, it is too late.
+        let finished = journaled_as_defined(ctx, &req.migration_id, &req.token, caller)?;
         return Ok(pb::AbortColdMigrationResponse {
-            existed: false,
+            existed: finished,
+            finished,
             ..Default::default()
         });
     };
@@ -1125,6 +1158,33 @@ pub async fn abort(
     };
     info!(migration = %inc.id, host = %ctx.cfg.host_name, finished = resp.finished, "abort of cold migration requested: {reason}");
     Ok(resp)
+}
+
+/// Whether this host's journal records cold migration `id` as having defined its VM here
+/// (the record [`finish`] writes with the VM), for a caller that is the migration's source
+/// and holds its token. A journal that cannot be read is an error: the answer must not
+/// say "unknown here" when it may be "defined here".
+fn journaled_as_defined(
+    ctx: &Arc<AgentCtx>,
+    id: &str,
+    token: &str,
+    caller: &PeerIdentity,
+) -> Result<bool, Status> {
+    let host = &ctx.cfg.host_name;
+    let rec = ctx
+        .journal
+        .migration(id)
+        .map_err(|e| Status::unavailable(format!("host {host}: journal: {e}")))?;
+    let Some(rec) = rec.filter(|r| {
+        r.role == crate::journal::Role::Target && r.receiver == Some(ferry_handoff::Receiver::Owned)
+    }) else {
+        return Ok(false);
+    };
+    crate::access::same_peer(&rec.peer, caller, host, id)?;
+    if rec.token.as_deref() != Some(token) {
+        return Err(Status::permission_denied("wrong migration token"));
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
