@@ -1124,6 +1124,52 @@ async fn a_lost_finish_answer_keeps_the_vm_held_until_the_target_says() {
     assert_eq!(digest(&m.private("b").join("moved.qcow2")), before);
 }
 
+/// The source agent is killed after journaling the VM held and before sending Finish
+/// (`cold.src.finish.journaled`): the target never defined it. The restarted source asks,
+/// the target aborts its side (all images there, nothing defined), and the source frees
+/// the VM: defined on the source only, and free to start or migrate again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_killed_before_sending_finish_keeps_the_vm() {
+    let _serial = SERIAL.lock().await;
+    let m = Mesh::new();
+    let mut a = m.host("a", &m.root()).await;
+    let b = m.host("b", &m.root()).await;
+    a.set_failpoints(Some("cold.src.finish.journaled=1*return(exit)"));
+    a.restart().await.expect("restart a armed");
+    small_vm(&m, &a, "kept").await;
+    let id = start_moving(&a, &b, "kept").await;
+    assert!(
+        a.wait_failpoint("cold.src.finish.journaled", Duration::from_secs(60))
+            .await,
+        "the source journaled its hold:{}",
+        logs(&a, &b)
+    );
+    a.set_failpoints(None);
+    a.restart().await.expect("restart the source agent");
+    let end = status_until(&a, &id, Duration::from_secs(60), is_final).await;
+    assert_eq!(
+        end.phase,
+        pb::MigrationPhase::Failed as i32,
+        "{end:?}{}",
+        logs(&a, &b)
+    );
+    assert_eq!(vm_state(&a, "kept").await, Some(pb::VmState::Defined));
+    assert_eq!(
+        vm_state(&b, "kept").await,
+        None,
+        "the target defined nothing"
+    );
+    // Free again: it moves when asked.
+    let again = migrate(&a, offline("kept", &b)).await;
+    assert_eq!(
+        again.phase,
+        pb::MigrationPhase::Completed as i32,
+        "{again:?}{}",
+        logs(&a, &b)
+    );
+    assert_eq!(vm_state(&b, "kept").await, Some(pb::VmState::Defined));
+}
+
 fn is_final(s: &pb::MigrationStatus) -> bool {
     [
         pb::MigrationPhase::Completed,
