@@ -92,6 +92,11 @@ pub struct MigrationRecord {
     /// what the operator asked.
     #[serde(default)]
     pub cold_undefine: Option<bool>,
+    /// Not pruned before this time (milliseconds since the epoch; 0: no such limit): a
+    /// cold migration's outcome on its target, which its source may ask for after an
+    /// outage ([`COLD_OUTCOME_KEPT_MS`]).
+    #[serde(default)]
+    pub keep_until_ms: i64,
     /// Milliseconds since the epoch of the last write (history pruning).
     #[serde(default)]
     pub updated_ms: i64,
@@ -116,6 +121,7 @@ impl MigrationRecord {
             staged_copies: Vec::new(),
             left_behind: Vec::new(),
             cold_undefine: None,
+            keep_until_ms: 0,
             updated_ms: 0,
         }
     }
@@ -131,6 +137,11 @@ impl MigrationRecord {
         }
     }
 }
+
+/// How long a cold migration's outcome stays in its target's journal: a source that lost
+/// Finish's answer asks for it, also after an outage of that long; past it the target
+/// answers "unknown" and the source frees its copy.
+pub const COLD_OUTCOME_KEPT_MS: i64 = 30 * 24 * 3600 * 1000;
 
 /// One change in a [`Journal::apply`] transaction.
 #[derive(Debug, Clone)]
@@ -260,13 +271,14 @@ impl Journal {
     }
 
     /// Keeps the newest `keep` settled migration records (unsettled ones are never
-    /// pruned: they are what a restart settles; nor are those with copies left behind).
-    /// Returns how many were removed.
+    /// pruned: they are what a restart settles; nor are those with copies left behind, nor
+    /// those kept until a time still ahead). Returns how many were removed.
     pub fn prune_migrations(&self, keep: usize) -> Result<usize, JournalError> {
+        let now = now_ms();
         let mut settled: Vec<MigrationRecord> = self
             .migrations()?
             .into_iter()
-            .filter(|r| r.settled() && r.left_behind.is_empty())
+            .filter(|r| r.settled() && r.left_behind.is_empty() && r.keep_until_ms <= now)
             .collect();
         if settled.len() <= keep {
             return Ok(0);
@@ -402,8 +414,14 @@ mod tests {
         t.receiver = Some(ferry_handoff::Receiver::Aborted);
         t.left_behind = vec!["/srv/vm.qcow2".into()];
         j.put_migration(&t).unwrap();
+        // So does a cold migration's outcome on its target, until its time is up.
+        let mut k = MigrationRecord::new("k", Role::Target, "vm", "a", "owned");
+        k.receiver = Some(ferry_handoff::Receiver::Owned);
+        k.keep_until_ms = i64::MAX;
+        j.put_migration(&k).unwrap();
         assert_eq!(j.prune_migrations(0).unwrap(), 2);
         let ids: Vec<String> = j.migrations().unwrap().into_iter().map(|r| r.id).collect();
+        assert!(ids.contains(&"k".to_string()), "{ids:?}");
         assert!(
             ids.contains(&"t".to_string()) && ids.contains(&"m".to_string()),
             "{ids:?}"

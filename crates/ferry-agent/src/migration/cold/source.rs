@@ -532,6 +532,11 @@ impl Job {
             pb::MigrationPhase::Committing,
             format!("defining VM '{}' on {}", self.p.job.vm, self.target_label),
         );
+        // A cancel accepted before the phase said Committing still counts: nothing is
+        // held or sent yet.
+        if self.h.cancel.is_cancelled() {
+            return Err(JobError::cancelled(at));
+        }
         let hold = self
             .ctx
             .vms
@@ -588,7 +593,20 @@ impl Job {
         )
         .await;
         if defined {
-            Ok(pb::FinishColdMigrationResponse::default())
+            // Its answer, asked again (the target repeats it, from its journal after a
+            // restart); without it the status says only that the VM is defined there.
+            let req = pb::FinishColdMigrationRequest {
+                migration_id: self.p.job.id.clone(),
+                token: self.token.clone(),
+                start: self.p.start_on_target,
+            };
+            let again =
+                tokio::time::timeout(Duration::from_secs(30), peer.finish_cold_migration(req))
+                    .await;
+            Ok(match again {
+                Ok(Ok(r)) => r.into_inner(),
+                _ => pb::FinishColdMigrationResponse::default(),
+            })
         } else {
             Err(JobError::new(
                 at,
@@ -644,6 +662,12 @@ impl Job {
                 s.error = format!(
                     "VM '{}' was defined on {} but starting it there failed: {}",
                     self.p.job.vm, self.target_label, resp.start_error
+                );
+            } else if self.p.start_on_target && there != "running" {
+                // Settled after a lost answer: the target had defined it, not said it ran.
+                s.error = format!(
+                    "VM '{}' was defined on {}, which does not say it started it: start it there",
+                    self.p.job.vm, self.target_label
                 );
             }
             s.stats.get_or_insert_with(Default::default).elapsed_ms = elapsed;

@@ -1015,6 +1015,7 @@ pub async fn finish(
     );
     outcome.receiver = Some(ferry_handoff::Receiver::Owned);
     outcome.token = Some(inc.token.clone());
+    outcome.keep_until_ms = crate::migration::now_ms() + crate::journal::COLD_OUTCOME_KEPT_MS;
     let defined = ctx
         .vms
         .commit_offline(&inc.spec.name, &inc.id, outcome)
