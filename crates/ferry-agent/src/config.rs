@@ -134,6 +134,9 @@ pub struct MigrationDefaults {
     pub mirror_ready_timeout_s: u64,
     /// Settled migration records the journal keeps (history); older ones are pruned.
     pub journal_history: usize,
+    /// A cold copy that moves no image byte for this long fails (the target is connected
+    /// but takes nothing: hung storage, say), seconds.
+    pub cold_stall_timeout_s: u64,
     /// How often disk copies that a migration which did not commit left behind (their
     /// removal failed) are tried again, seconds (also at start-up). 0: at start-up only.
     pub left_behind_retry_s: u64,
@@ -196,6 +199,7 @@ impl Default for MigrationDefaults {
             mirror_ready_timeout_s: 3600,
             journal_history: 500,
             left_behind_retry_s: 60,
+            cold_stall_timeout_s: 120,
             // KubeVirt's defaults: two per node each way.
             max_outgoing: 2,
             max_incoming: 2,

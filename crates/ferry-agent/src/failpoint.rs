@@ -50,6 +50,8 @@ pub const COLD_POINTS: &[&str] = &[
     "cold.src.finish.journaled",
     // The target defined the VM (journaled), before answering Finish.
     "cold.tgt.finish.committed",
+    // The target wrote a chunk of an image (hang: storage that stops answering).
+    "cold.tgt.chunk.written",
 ];
 
 /// Fires failpoint `name` if armed: see the module docs for what each action does.

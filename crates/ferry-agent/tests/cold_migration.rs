@@ -54,6 +54,11 @@ impl Mesh {
 
     /// Starts agent `name` in a mount namespace where `root` is its private directory.
     async fn host(&self, name: &str, root: &Path) -> TestAgent {
+        self.host_with(name, root, "").await
+    }
+
+    /// [`Mesh::host`] with more `[migration]` settings.
+    async fn host_with(&self, name: &str, root: &Path, migration: &str) -> TestAgent {
         let private = self.private(name);
         std::fs::create_dir_all(&private).expect("private dir");
         std::fs::create_dir_all(root).expect("root dir");
@@ -76,7 +81,7 @@ impl Mesh {
             &self.pki,
             self.dir.path(),
             "tcg",
-            "",
+            migration,
             Some(root),
         )
         .await
@@ -1168,6 +1173,52 @@ async fn source_killed_before_sending_finish_keeps_the_vm() {
         logs(&a, &b)
     );
     assert_eq!(vm_state(&b, "kept").await, Some(pb::VmState::Defined));
+}
+
+/// A target that stays connected but stops taking an image's data (held at
+/// `cold.tgt.chunk.written` after the first chunk: storage that does not answer; QUIC
+/// keeps the connection alive) fails the copy in bounded time (`cold_stall_timeout_s`, 3 s
+/// here) with an error saying so; the VM stays defined on the source only, free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_stops_taking_the_images_fails_the_copy_in_bounded_time() {
+    let _serial = SERIAL.lock().await;
+    let m = Mesh::new();
+    let a = m
+        .host_with("a", &m.root(), "cold_stall_timeout_s = 3\n")
+        .await;
+    let mut b = m.host("b", &m.root()).await;
+    b.set_failpoints(Some("cold.tgt.chunk.written=1*return(hang)"));
+    b.restart().await.expect("restart b armed");
+    // Incompressible and larger than what QUIC's windows let the source send ahead.
+    let random = m.path("stall.pat");
+    random_pattern(&random, 96 * MIB);
+    let img = m.private("a").join("stall.qcow2");
+    qemu_img_create(&img, "qcow2", "256M", None);
+    qemu_io_write(&img, "qcow2", &[(random.as_path(), 0, 96 * MIB)]);
+    define(
+        &a,
+        spec("stall", &[("vda", &m.root().join("stall.qcow2"), "qcow2")]),
+    )
+    .await;
+    let end = migrate(&a, offline("stall", &b)).await;
+    b.release_failpoint().expect("release");
+    assert_eq!(
+        end.phase,
+        pb::MigrationPhase::Failed as i32,
+        "{end:?}{}",
+        logs(&a, &b)
+    );
+    assert!(
+        end.error.contains("no image data taken for 3 s"),
+        "{}",
+        end.error
+    );
+    assert_eq!(vm_state(&a, "stall").await, Some(pb::VmState::Defined));
+    assert_eq!(
+        vm_state(&b, "stall").await,
+        None,
+        "the target let go of the name"
+    );
 }
 
 fn is_final(s: &pb::MigrationStatus) -> bool {

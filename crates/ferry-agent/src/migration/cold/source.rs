@@ -498,10 +498,28 @@ impl Job {
         let copy = send_images(streams, jobs);
         tokio::pin!(copy);
         let mut tick = tokio::time::interval(PUBLISH_EVERY);
+        // A target that stays connected (QUIC keeps the link alive) but takes nothing
+        // would hold the copy for ever: no image byte for this long fails it.
+        let stall = Duration::from_secs(self.ctx.cfg.migration.cold_stall_timeout_s.max(1));
+        let mut moved = (self.progress.done.load(Ordering::Relaxed), Instant::now());
         let result = loop {
             tokio::select! {
                 r = &mut copy => break r,
-                _ = tick.tick() => self.publish(),
+                _ = tick.tick() => {
+                    self.publish();
+                    let done = self.progress.done.load(Ordering::Relaxed);
+                    if done != moved.0 {
+                        moved = (done, Instant::now());
+                    } else if moved.1.elapsed() >= stall {
+                        break Err(JobError::new(
+                            ColdPhase::Copy,
+                            format!(
+                                "no image data taken for {} s: the target is connected but does not read (its storage not answering?)",
+                                stall.as_secs()
+                            ),
+                        ));
+                    }
+                }
             }
         };
         self.publish();

@@ -73,6 +73,8 @@ struct ColdIncoming {
     metrics: Arc<crate::metrics::Metrics>,
     /// The registry holding this migration (it removes itself from it later).
     registry: Arc<ColdRegistry>,
+    /// The agent's state directory (failpoints' release file).
+    state_dir: PathBuf,
 }
 
 /// This agent's incoming cold migrations (owned by the `IncomingRegistry`).
@@ -270,6 +272,11 @@ impl ColdIncoming {
                     written_to = at + n;
                     since_checkpoint += n;
                     self.touch();
+                    // Only hang here (storage that stops answering; an abort still ends it).
+                    tokio::select! {
+                        _ = crate::failpoint::hit("cold.tgt.chunk.written", &self.state_dir) => {}
+                        _ = self.cancel.cancelled() => break Err("the migration was aborted".into()),
+                    }
                     if since_checkpoint >= CHECKPOINT_BYTES
                         || last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL
                     {
@@ -507,6 +514,7 @@ pub async fn prepare(
         token: uuid::Uuid::new_v4().simple().to_string(),
         spec: spec.clone(),
         source_host: req.source_host.clone(),
+        state_dir: ctx.cfg.state_dir.clone(),
         images,
         state: tokio::sync::Mutex::new(TargetState::Receiving),
         cancel: CancellationToken::new(),
