@@ -57,6 +57,15 @@ impl Mesh {
         self.host_with(name, root, "").await
     }
 
+    /// [`Mesh::host`] with `failpoints` armed (by a restart, so that start-up itself runs
+    /// unarmed).
+    async fn armed_host(&self, name: &str, failpoints: &str) -> TestAgent {
+        let mut h = self.host(name, &self.root()).await;
+        h.set_failpoints(Some(failpoints));
+        h.restart().await.expect("restart armed");
+        h
+    }
+
     /// [`Mesh::host`] with more `[migration]` settings.
     async fn host_with(&self, name: &str, root: &Path, migration: &str) -> TestAgent {
         let private = self.private(name);
@@ -1033,9 +1042,9 @@ async fn source_killed_while_the_target_defines_the_vm_settles_on_restart() {
     let _serial = SERIAL.lock().await;
     let m = Mesh::new();
     let mut a = m.host("a", &m.root()).await;
-    let mut b = m.host("b", &m.root()).await;
-    b.set_failpoints(Some("cold.tgt.finish.committed=1*return(hang)"));
-    b.restart().await.expect("restart b armed");
+    let mut b = m
+        .armed_host("b", "cold.tgt.finish.committed=1*return(hang)")
+        .await;
     let before = small_vm(&m, &a, "moved").await;
     let id = start_moving(&a, &b, "moved").await;
     assert!(
@@ -1048,24 +1057,7 @@ async fn source_killed_while_the_target_defines_the_vm_settles_on_restart() {
     b.release_failpoint().expect("release");
     assert_eq!(vm_state(&b, "moved").await, Some(pb::VmState::Defined));
     a.restart().await.expect("restart the source agent");
-    let end = status_until(&a, &id, Duration::from_secs(60), |s| {
-        s.phase == pb::MigrationPhase::Completed as i32
-            || s.phase == pb::MigrationPhase::Failed as i32
-    })
-    .await;
-    assert_eq!(
-        end.phase,
-        pb::MigrationPhase::Completed as i32,
-        "{end:?}{}",
-        logs(&a, &b)
-    );
-    assert_eq!(
-        vm_state(&a, "moved").await,
-        None,
-        "the source's definition is gone"
-    );
-    assert_eq!(vm_state(&b, "moved").await, Some(pb::VmState::Defined));
-    assert_eq!(digest(&m.private("b").join("moved.qcow2")), before);
+    moved_to_b(&m, &a, &b, &id, &before).await;
 }
 
 /// The target defines the VM and dies before answering (`cold.tgt.finish.committed`,
@@ -1079,9 +1071,9 @@ async fn a_lost_finish_answer_keeps_the_vm_held_until_the_target_says() {
     let _serial = SERIAL.lock().await;
     let m = Mesh::new();
     let a = m.host("a", &m.root()).await;
-    let mut b = m.host("b", &m.root()).await;
-    b.set_failpoints(Some("cold.tgt.finish.committed=1*return(exit)"));
-    b.restart().await.expect("restart b armed");
+    let mut b = m
+        .armed_host("b", "cold.tgt.finish.committed=1*return(exit)")
+        .await;
     let before = small_vm(&m, &a, "moved").await;
     let id = start_moving(&a, &b, "moved").await;
     let doubt = status_until(&a, &id, Duration::from_secs(90), |s| {
@@ -1113,20 +1105,7 @@ async fn a_lost_finish_answer_keeps_the_vm_held_until_the_target_says() {
     );
     b.set_failpoints(None);
     b.restart().await.expect("restart the target agent");
-    let end = status_until(&a, &id, Duration::from_secs(60), is_final).await;
-    assert_eq!(
-        end.phase,
-        pb::MigrationPhase::Completed as i32,
-        "{end:?}{}",
-        logs(&a, &b)
-    );
-    assert_eq!(
-        vm_state(&a, "moved").await,
-        None,
-        "the source's definition is gone"
-    );
-    assert_eq!(vm_state(&b, "moved").await, Some(pb::VmState::Defined));
-    assert_eq!(digest(&m.private("b").join("moved.qcow2")), before);
+    moved_to_b(&m, &a, &b, &id, &before).await;
 }
 
 /// The source agent is killed after journaling the VM held and before sending Finish
@@ -1137,10 +1116,10 @@ async fn a_lost_finish_answer_keeps_the_vm_held_until_the_target_says() {
 async fn source_killed_before_sending_finish_keeps_the_vm() {
     let _serial = SERIAL.lock().await;
     let m = Mesh::new();
-    let mut a = m.host("a", &m.root()).await;
+    let mut a = m
+        .armed_host("a", "cold.src.finish.journaled=1*return(exit)")
+        .await;
     let b = m.host("b", &m.root()).await;
-    a.set_failpoints(Some("cold.src.finish.journaled=1*return(exit)"));
-    a.restart().await.expect("restart a armed");
     small_vm(&m, &a, "kept").await;
     let id = start_moving(&a, &b, "kept").await;
     assert!(
@@ -1186,9 +1165,9 @@ async fn a_target_that_stops_taking_the_images_fails_the_copy_in_bounded_time() 
     let a = m
         .host_with("a", &m.root(), "cold_stall_timeout_s = 3\n")
         .await;
-    let mut b = m.host("b", &m.root()).await;
-    b.set_failpoints(Some("cold.tgt.chunk.written=1*return(hang)"));
-    b.restart().await.expect("restart b armed");
+    let b = m
+        .armed_host("b", "cold.tgt.chunk.written=1*return(hang)")
+        .await;
     // Incompressible and larger than what QUIC's windows let the source send ahead.
     let random = m.path("stall.pat");
     random_pattern(&random, 96 * MIB);
@@ -1219,6 +1198,25 @@ async fn a_target_that_stops_taking_the_images_fails_the_copy_in_bounded_time() 
         None,
         "the target let go of the name"
     );
+}
+
+/// The end of a move of VM `moved` that settled after a fault: COMPLETED on `a`, the VM
+/// defined on `b` only (the source's definition gone), `b`'s image byte for byte `before`.
+async fn moved_to_b(m: &Mesh, a: &TestAgent, b: &TestAgent, id: &str, before: &str) {
+    let end = status_until(a, id, Duration::from_secs(60), is_final).await;
+    assert_eq!(
+        end.phase,
+        pb::MigrationPhase::Completed as i32,
+        "{end:?}{}",
+        logs(a, b)
+    );
+    assert_eq!(
+        vm_state(a, "moved").await,
+        None,
+        "the source's definition is gone"
+    );
+    assert_eq!(vm_state(b, "moved").await, Some(pb::VmState::Defined));
+    assert_eq!(digest(&m.private("b").join("moved.qcow2")), before);
 }
 
 fn is_final(s: &pb::MigrationStatus) -> bool {

@@ -1090,6 +1090,20 @@ async fn target_storage_filling_up_during_the_disk_mirror_rolls_back() {
     );
 }
 
+/// Cancels migration `id` while the target is held at a failpoint: the migration ends
+/// CANCELLED on the source; then the target is released.
+async fn cancel_while_the_target_is_held(p: &Pair, id: &str) {
+    let mut ca = p.a.client().await.expect("client a");
+    ca.cancel_migration(pb::MigrationRef { id: id.to_string() })
+        .await
+        .expect("cancel");
+    let end = wait_settled(&p.a, id, Duration::from_secs(30))
+        .await
+        .expect("settled");
+    assert_eq!(end.phase, pb::MigrationPhase::Cancelled as i32, "{end:?}");
+    p.b.release_failpoint().expect("release");
+}
+
 /// The operator cancels a migration while the target is still preparing it (held at
 /// `tgt.copies.made`, the disk's copy made): the source rolls back and tells the target,
 /// whose Prepare — which runs on whatever the caller does — discards what it made as soon
@@ -1109,15 +1123,7 @@ async fn a_migration_cancelled_while_the_target_prepares_can_be_retried_at_once(
         "the target is making the copy:\n{}",
         p.b.log_tail()
     );
-    let mut ca = p.a.client().await.expect("client a");
-    ca.cancel_migration(pb::MigrationRef { id: id.clone() })
-        .await
-        .expect("cancel");
-    let end = wait_settled(&p.a, &id, Duration::from_secs(30))
-        .await
-        .expect("settled");
-    assert_eq!(end.phase, pb::MigrationPhase::Cancelled as i32, "{end:?}");
-    p.b.release_failpoint().expect("release");
+    cancel_while_the_target_is_held(&p, &id).await;
     // The target lets go of everything within seconds, not at its watchdog.
     let deadline = Instant::now() + Duration::from_secs(15);
     while (lists_vm(&p.b).await || !files_in(p.b.storage_dir()).is_empty())
@@ -1216,15 +1222,7 @@ async fn leave_a_copy_behind() -> (Pair, PathBuf, Immutable) {
     let copy = p.b.storage_dir().join("fault01.qcow2");
     assert!(copy.exists(), "{:?}", files_in(p.b.storage_dir()));
     let pinned = Immutable::set(&copy);
-    let mut ca = p.a.client().await.expect("client a");
-    ca.cancel_migration(pb::MigrationRef { id: id.clone() })
-        .await
-        .expect("cancel");
-    let end = wait_settled(&p.a, &id, Duration::from_secs(30))
-        .await
-        .expect("settled");
-    assert_eq!(end.phase, pb::MigrationPhase::Cancelled as i32, "{end:?}");
-    p.b.release_failpoint().expect("release");
+    cancel_while_the_target_is_held(&p, &id).await;
     let deadline = Instant::now() + Duration::from_secs(15);
     while lists_vm(&p.b).await && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;

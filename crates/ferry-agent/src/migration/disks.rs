@@ -386,7 +386,7 @@ pub fn release_staging(copies: &[PathBuf], migration: &str) {
 /// filesystem without hard links, or a record older than the staging names) is removed by
 /// its path, which the caller's record says this migration made. Returns the copies that
 /// could not be removed (an I/O error): their staging names stay, so that
-/// [`remove_left_behind`] can still prove them this migration's later.
+/// [`remove_proven_copies`] can still prove them this migration's later.
 pub fn remove_copies(paths: &[PathBuf], migration: &str) -> Vec<PathBuf> {
     let mut left = Vec::new();
     for p in paths {
@@ -413,17 +413,11 @@ pub fn remove_copies(paths: &[PathBuf], migration: &str) -> Vec<PathBuf> {
     left
 }
 
-/// After a restart: removes those of `planned` that are provably this migration's (still
-/// linked to their staging name); anything else at those paths is left alone. Returns
-/// those whose removal failed (to try again later).
-pub fn remove_staged_copies(planned: &[PathBuf], migration: &str) -> Vec<PathBuf> {
-    remove_left_behind(planned, migration)
-}
-
-/// Another try at copies a removal left behind: only those still linked to their staging
-/// name go (the file at the path may be someone else's by now). Returns those still left
-/// (an I/O error again).
-pub fn remove_left_behind(paths: &[PathBuf], migration: &str) -> Vec<PathBuf> {
+/// Removes those of `paths` that are provably this migration's copies (still linked to
+/// their staging name: the file at a path may be someone else's by now) and nothing else:
+/// a restart's planned copies, or another try at copies a removal left behind. Returns
+/// those whose removal failed (an I/O error: tried again later).
+pub fn remove_proven_copies(paths: &[PathBuf], migration: &str) -> Vec<PathBuf> {
     let mut left = Vec::new();
     for p in paths {
         match staged::remove_if_ours(p, migration) {

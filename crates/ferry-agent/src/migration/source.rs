@@ -2670,6 +2670,20 @@ where
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let deadline = Duration::from_secs(ctx.cfg.migration.peer_call_timeout_s.clamp(1, 30));
+    peer_call_within(ctx, target, deadline, call).await
+}
+
+/// [`peer_call`] under `deadline` (cold migration's questions use their own).
+pub(crate) async fn peer_call_within<T, F, Fut>(
+    ctx: &AgentCtx,
+    target: &str,
+    deadline: Duration,
+    call: F,
+) -> Option<Result<T, tonic::Status>>
+where
+    F: FnOnce(FerryPeerClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
     let attempt = async {
         let chan = ctx.peers.get(target, &ctx.identity).await.ok()?;
         Some(

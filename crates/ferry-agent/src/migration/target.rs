@@ -1215,7 +1215,15 @@ impl IncomingRegistry {
     pub async fn recover(&self) -> anyhow::Result<()> {
         use ferry_handoff::{target_recovery, TargetAction, TargetQemu};
         for r in self.journal.migrations()? {
-            if r.role != Role::Target || r.settled() {
+            if r.role != Role::Target {
+                continue;
+            }
+            if r.settled() {
+                if r.receiver == Some(Receiver::Owned) {
+                    // A crash between journaling Owned and dropping the copies' staging
+                    // names (or an error then) kept a second name of a disk in use.
+                    super::disks::release_staging(&r.copies, &r.id);
+                }
                 continue;
             }
             let recv = r.receiver.unwrap_or(if r.state == "committed" {
@@ -1234,7 +1242,7 @@ impl IncomingRegistry {
                 // to their staging name are provably this migration's.
                 warn!(migration = %r.id, vm = %r.vm, copies = ?r.copies, "settling an incoming migration after restart: the name is another VM's now; its VM, files and listed disk copies are left alone");
                 let mut rec = r.clone();
-                rec.left_behind = super::disks::remove_staged_copies(&r.staged_copies, &r.id);
+                rec.left_behind = super::disks::remove_proven_copies(&r.staged_copies, &r.id);
                 // Prepared copies: their staging names go (only this migration's hidden
                 // names; the files stay).
                 super::disks::release_staging(&r.copies, &r.id);
@@ -1261,7 +1269,7 @@ impl IncomingRegistry {
                 TargetAction::Discard => {
                     let mut left = self.discard(&r.vm, &r.id, proc.as_ref(), &r.copies).await;
                     // A Prepare that died making its copies: only what it provably made.
-                    for p in super::disks::remove_staged_copies(&r.staged_copies, &r.id) {
+                    for p in super::disks::remove_proven_copies(&r.staged_copies, &r.id) {
                         if !left.contains(&p) {
                             left.push(p);
                         }
@@ -1297,9 +1305,8 @@ impl IncomingRegistry {
     /// (a removal that failed): each goes only while it is still linked to its staging
     /// name and no VM of this host names it as its disk (an operator may have defined one
     /// on it meanwhile: then it is that VM's, and only the staging name goes); what fails
-    /// again stays listed. Committed migrations' copies lose their staging names here too,
-    /// should a crash or an error have kept one at the commit. Runs at start-up and every
-    /// `left_behind_retry_s`. Returns how many copies are still left.
+    /// again stays listed. Runs at start-up and every `left_behind_retry_s`. Returns how
+    /// many copies are still left.
     pub async fn remove_left_behind(&self) -> usize {
         let records = match self.journal.migrations() {
             Ok(r) => r,
@@ -1310,17 +1317,7 @@ impl IncomingRegistry {
         };
         let mut still = 0;
         for mut r in records {
-            if r.role != Role::Target {
-                continue;
-            }
-            if r.receiver == Some(Receiver::Owned) && !r.copies.is_empty() {
-                let (copies, id) = (r.copies.clone(), r.id.clone());
-                let _ = tokio::task::spawn_blocking(move || {
-                    super::disks::release_staging(&copies, &id)
-                })
-                .await;
-            }
-            if !r.settled() || r.left_behind.is_empty() {
+            if r.role != Role::Target || !r.settled() || r.left_behind.is_empty() {
                 continue;
             }
             let mut paths = Vec::new();
@@ -1334,10 +1331,11 @@ impl IncomingRegistry {
                 }
             }
             let (tried, id) = (paths.clone(), r.id.clone());
-            let left =
-                tokio::task::spawn_blocking(move || super::disks::remove_left_behind(&tried, &id))
-                    .await
-                    .unwrap_or(paths);
+            let left = tokio::task::spawn_blocking(move || {
+                super::disks::remove_proven_copies(&tried, &id)
+            })
+            .await
+            .unwrap_or(paths);
             still += left.len();
             if left != r.left_behind {
                 r.left_behind = left;

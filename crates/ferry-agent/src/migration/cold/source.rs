@@ -581,11 +581,7 @@ impl Job {
         }
         // Only exit/hang here: from now on nothing may end this but the target's answer.
         let _ = crate::failpoint::hit("cold.src.finish.journaled", &self.ctx.cfg.state_dir).await;
-        let req = pb::FinishColdMigrationRequest {
-            migration_id: self.p.job.id.clone(),
-            token: self.token.clone(),
-            start: self.p.start_on_target,
-        };
+        let req = self.finish_request();
         // The target may still be verifying the last image (BLAKE3 of a large file): a
         // channel whose deadline covers that, not the peer calls' usual minute.
         let wait = FINISH_WAIT + Duration::from_secs(30);
@@ -611,25 +607,39 @@ impl Job {
         )
         .await;
         if defined {
-            // Its answer, asked again (the target repeats it, from its journal after a
-            // restart); without it the status says only that the VM is defined there.
-            let req = pb::FinishColdMigrationRequest {
-                migration_id: self.p.job.id.clone(),
-                token: self.token.clone(),
-                start: self.p.start_on_target,
-            };
-            let again =
-                tokio::time::timeout(Duration::from_secs(30), peer.finish_cold_migration(req))
-                    .await;
-            Ok(match again {
-                Ok(Ok(r)) => r.into_inner(),
-                _ => pb::FinishColdMigrationResponse::default(),
-            })
+            Ok(self.finish_answer_again(peer).await)
         } else {
             Err(JobError::new(
                 at,
                 format!("target {}: {lost}", self.target_label),
             ))
+        }
+    }
+
+    /// This migration's Finish request.
+    fn finish_request(&self) -> pb::FinishColdMigrationRequest {
+        pb::FinishColdMigrationRequest {
+            migration_id: self.p.job.id.clone(),
+            token: self.token.clone(),
+            start: self.p.start_on_target,
+        }
+    }
+
+    /// Finish's answer, asked again of a target known to have defined the VM (it repeats
+    /// it, from its journal after a restart); without it, an empty answer: the status then
+    /// says only that the VM is defined there.
+    async fn finish_answer_again(
+        &self,
+        peer: &mut FerryPeerClient<Channel>,
+    ) -> pb::FinishColdMigrationResponse {
+        let again = tokio::time::timeout(
+            Duration::from_secs(30),
+            peer.finish_cold_migration(self.finish_request()),
+        )
+        .await;
+        match again {
+            Ok(Ok(r)) => r.into_inner(),
+            _ => pb::FinishColdMigrationResponse::default(),
         }
     }
 
@@ -722,22 +732,8 @@ impl Job {
                     if r.finished {
                         // The Finish call did get through: the VM is defined there, so it
                         // completes (the answer's details are the target's to give).
-                        let req = pb::FinishColdMigrationRequest {
-                            migration_id: self.p.job.id.clone(),
-                            token: self.token.clone(),
-                            start: self.p.start_on_target,
-                        };
-                        let resp = tokio::time::timeout(
-                            Duration::from_secs(30),
-                            peer.finish_cold_migration(req),
-                        )
-                        .await;
-                        return self
-                            .completed(match resp {
-                                Ok(Ok(r)) => r.into_inner(),
-                                _ => pb::FinishColdMigrationResponse::default(),
-                            })
-                            .await;
+                        let resp = self.finish_answer_again(&mut peer).await;
+                        return self.completed(resp).await;
                     } else if !r.error.is_empty() && !reason.contains(&r.error) {
                         reason.push_str(&format!(
                             " (target {} says: {})",
@@ -810,24 +806,13 @@ async fn settle_with_target(
             reason: format!("the source lost Finish's answer ({why})"),
             discard: false,
         };
-        let ask = async {
-            let chan = ctx.peers.get(target, &ctx.identity).await.ok()?;
-            Some(
-                FerryPeerClient::new(chan)
-                    .abort_cold_migration(req)
-                    .await
-                    .map(tonic::Response::into_inner),
-            )
-        };
-        let answer = tokio::time::timeout(Duration::from_secs(15), ask)
-            .await
-            .ok()
-            .flatten();
-        match &answer {
-            None => ctx.peers.forget(target),
-            Some(Err(s)) => ctx.peers.forget_if_unreached(target, s),
-            Some(Ok(_)) => {}
-        }
+        let answer = crate::migration::source::peer_call_within(
+            ctx,
+            target,
+            Duration::from_secs(15),
+            |mut peer| async move { peer.abort_cold_migration(req).await },
+        )
+        .await;
         match cold_settle(&answer) {
             ColdSettle::Complete => return true,
             ColdSettle::Release => return false,

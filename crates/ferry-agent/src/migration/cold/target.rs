@@ -924,16 +924,9 @@ pub async fn finish(
     let host = &ctx.cfg.host_name;
     let Some(inc) = ctx.incoming.cold().lookup(&req.migration_id) else {
         // Forgotten since (a restart, or long ago): the journal says if it was defined here.
-        if journaled_as_defined(ctx, &req.migration_id, &req.token, caller)? {
-            let vm = ctx
-                .journal
-                .migration(&req.migration_id)
-                .ok()
-                .flatten()
-                .map(|r| r.vm)
-                .unwrap_or_default();
+        if let Some(rec) = journaled_as_defined(ctx, &req.migration_id, &req.token, caller)? {
             return Ok(pb::FinishColdMigrationResponse {
-                vm: ctx.vms.get(&vm).await.ok(),
+                vm: ctx.vms.get(&rec.vm).await.ok(),
                 start_error: String::new(),
             });
         }
@@ -1133,7 +1126,7 @@ pub async fn abort(
 ) -> Result<pb::AbortColdMigrationResponse, Status> {
     let Some(inc) = ctx.incoming.cold().lookup(&req.migration_id) else {
         // Forgotten since: if the journal says the VM was defined here, it is too late.
-        let finished = journaled_as_defined(ctx, &req.migration_id, &req.token, caller)?;
+        let finished = journaled_as_defined(ctx, &req.migration_id, &req.token, caller)?.is_some();
         return Ok(pb::AbortColdMigrationResponse {
             existed: finished,
             finished,
@@ -1169,7 +1162,7 @@ pub async fn abort(
     Ok(resp)
 }
 
-/// Whether this host's journal records cold migration `id` as having defined its VM here
+/// The record of cold migration `id` if this host's journal says it defined its VM here
 /// (the record [`finish`] writes with the VM), for a caller that is the migration's source
 /// and holds its token. A journal that cannot be read is an error: the answer must not
 /// say "unknown here" when it may be "defined here".
@@ -1178,7 +1171,7 @@ fn journaled_as_defined(
     id: &str,
     token: &str,
     caller: &PeerIdentity,
-) -> Result<bool, Status> {
+) -> Result<Option<crate::journal::MigrationRecord>, Status> {
     let host = &ctx.cfg.host_name;
     let rec = ctx
         .journal
@@ -1187,13 +1180,13 @@ fn journaled_as_defined(
     let Some(rec) = rec.filter(|r| {
         r.role == crate::journal::Role::Target && r.receiver == Some(ferry_handoff::Receiver::Owned)
     }) else {
-        return Ok(false);
+        return Ok(None);
     };
     crate::access::same_peer(&rec.peer, caller, host, id)?;
     if rec.token.as_deref() != Some(token) {
         return Err(Status::permission_denied("wrong migration token"));
     }
-    Ok(true)
+    Ok(Some(rec))
 }
 
 #[cfg(test)]
