@@ -1358,22 +1358,19 @@ impl IncomingRegistry {
             // A cold migration's connection carries only unidirectional DiskImage streams.
             Ok(uni) = conn.accept_uni() => return super::cold::serve_disk_streams(self.cold.clone(), conn, uni, peer).await,
         };
-        let first = async {
-            let (send, mut recv) = accepted
-                .map_err(|_| "no stream within 10 s".to_string())?
-                .map_err(|e| e.to_string())?;
-            let header = read_stream_header(&mut recv)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>((send, recv, header))
+        let refuse = |e: String| {
+            warn!(%remote, "refused data-plane connection: {e}");
+            conn.close(2u32.into(), e.as_bytes());
         };
-        let (send, recv, header) = match first.await {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(%remote, "refused data-plane connection: {e}");
-                conn.close(2u32.into(), e.as_bytes());
-                return;
-            }
+        let (send, mut recv) = match accepted {
+            Ok(Ok(streams)) => streams,
+            Ok(Err(e)) => return refuse(e.to_string()),
+            Err(_) => return refuse("no stream within 10 s".into()),
+        };
+        // Streams are dropped after the close, never before (see the control stream below).
+        let header = match read_stream_header(&mut recv).await {
+            Ok(h) => h,
+            Err(e) => return refuse(e.to_string()),
         };
         if header.kind == StreamKind::Probe {
             if let Err(e) = serve_probe(send, recv).await {
@@ -1381,20 +1378,23 @@ impl IncomingRegistry {
             }
             return;
         }
+        // The control stream lives until the connection is closed: dropped first, it would
+        // finish, and a source reading the FIN before the close would hear "closed" instead
+        // of the refusal's reason.
+        let mut ctl = ControlChannel::new(send, recv);
         // The Hello may wait for its Prepare: not beyond the connection's life.
         let handshake = tokio::select! {
-            h = self.handshake(header, send, recv, &peer) => h,
+            h = self.handshake(header, &mut ctl, &peer) => h,
             e = conn.closed() => Err(format!("connection closed before the handshake: {e}")),
         };
         let inc = match handshake {
             Ok(inc) => inc,
             Err(e) => {
-                warn!(%remote, "refused data-plane connection: {e}");
-                conn.close(2u32.into(), e.as_bytes());
+                refuse(e);
+                drop(ctl);
                 return;
             }
         };
-        let (inc, ctl) = inc;
         let reason = self.serve(&conn, &inc, ctl).await;
         let recv = inc.state.lock().await.recv;
         if recv == Receiver::Prepared {
@@ -1406,17 +1406,15 @@ impl IncomingRegistry {
     async fn handshake(
         &self,
         header: ferry_wire::StreamHeader,
-        send: quinn::SendStream,
-        recv: quinn::RecvStream,
+        ctl: &mut ControlChannel,
         peer: &PeerIdentity,
-    ) -> Result<(Arc<Incoming>, ControlChannel), String> {
+    ) -> Result<Arc<Incoming>, String> {
         if header.kind != StreamKind::Control {
             return Err(format!(
                 "first stream is {:?}, expected control",
                 header.kind
             ));
         }
-        let mut ctl = ControlChannel::new(send, recv);
         let hello = tokio::time::timeout(Duration::from_secs(10), ctl.recv())
             .await
             .map_err(|_| "no hello".to_string())?
@@ -1473,7 +1471,7 @@ impl IncomingRegistry {
         })
         .await
         .map_err(|e| e.to_string())?;
-        Ok((inc, ctl))
+        Ok(inc)
     }
 
     /// Runs the data plane until the connection ends; returns why it ended.
