@@ -109,15 +109,51 @@ pub async fn connect_control(addr: &str, id: &Identity) -> Result<FerryControlCl
     Ok(FerryControlClient::new(channel))
 }
 
-/// A port on 127.0.0.1 that was free a moment ago (TCP and UDP, bound and released).
+/// A port on 127.0.0.1 for an agent's listener that was free a moment ago, taken from
+/// below the kernel's ephemeral range: a port there is never handed to an outgoing
+/// connection (another agent's, a QEMU's), which could take a port bound and released
+/// inside the range before ferryd binds it (an agent that failed to start with "address
+/// in use"). `udp`: free for both protocols.
+fn free_port(udp: bool) -> Result<u16> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let (low, high) = listener_port_range();
+    let span = u32::from(high - low) + 1;
+    // Test processes that overlap start at different places.
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Ok(port) = u16::try_from(u32::from(low) + start.wrapping_add(n) % span) else {
+            continue;
+        };
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+        if tcp && (!udp || std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()) {
+            return Ok(port);
+        }
+    }
+    bail!("no free port in {low}-{high}")
+}
+
+/// Ports for listeners: 10000 up to the start of the ephemeral range
+/// (`ip_local_port_range`, 32768 by default).
+fn listener_port_range() -> (u16, u16) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if ephemeral_low > 11000 {
+        (10000, ephemeral_low - 1)
+    } else {
+        // An unusual range: above its end instead.
+        (61000, 65000)
+    }
+}
+
 fn free_port_tcp() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding a free TCP port")?;
-    Ok(l.local_addr()?.port())
+    free_port(false)
 }
 
 fn free_port_udp() -> Result<u16> {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").context("binding a free UDP port")?;
-    Ok(s.local_addr()?.port())
+    free_port(true)
 }
 
 /// A TOML basic string: quoted, with backslashes and quotes escaped.
