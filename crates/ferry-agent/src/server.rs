@@ -159,11 +159,7 @@ async fn recover_outgoing(ctx: &Arc<AgentCtx>) {
             ctx.cfg.host_name
         );
         let h = ctx.outgoing.register(status.clone(), meta);
-        let target = status
-            .target
-            .split_once(" (")
-            .map(|(_, a)| a.trim_end_matches(')').to_string())
-            .unwrap_or(status.target.clone());
+        let target = crate::migration::target_address(&status.target).to_string();
         if rec.cold_undefine.is_some() && held.get(&rec.id) == Some(&rec.vm) {
             // A cold migration whose Finish may have reached the target (its VM journaled
             // as held): the target's answer says where the VM is.

@@ -11,6 +11,7 @@ use ferry_api::v1::ferry_control_server::FerryControl;
 use ferry_api::v1::ferry_peer_server::FerryPeer;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -272,6 +273,72 @@ impl FerryControl for ControlService {
         Ok(Response::new(h.snapshot()))
     }
 
+    async fn resolve_migration(
+        &self,
+        req: Request<pb::ResolveMigrationRequest>,
+    ) -> Result<Response<pb::MigrationStatus>, Status> {
+        let who = require_operator(&req, "ResolveMigration")?;
+        let r = req.into_inner();
+        let Some(h) = self.ctx.outgoing.get(&r.id) else {
+            return Err(match self.ctx.outgoing.status(&r.id) {
+                Some(s) if is_terminal(s.phase) => Status::failed_precondition(format!(
+                    "migration {} already ended: nothing to resolve",
+                    r.id
+                )),
+                _ => unknown_migration(&self.ctx, &r.id),
+            });
+        };
+        let s = h.snapshot();
+        if s.phase != pb::MigrationPhase::InDoubt as i32 {
+            let phase = pb::MigrationPhase::try_from(s.phase)
+                .map(|p| p.as_str_name())
+                .unwrap_or("unknown");
+            return Err(Status::failed_precondition(format!(
+                "migration {} is {phase}, not in doubt: only a migration whose target cannot say whether it took the VM needs the operator's verdict",
+                r.id
+            )));
+        }
+        if !r.target_gone {
+            return Err(Status::invalid_argument(
+                "say what you know: target_gone (ferryctl migrations resolve --target-gone) declares the target host gone for good, so that the VM comes back here",
+            ));
+        }
+        // A target that answers at all is not gone: its word settles the migration (a
+        // target whose journal cannot be read answers IncomingStatus with an error, and
+        // HostFacts all the same).
+        let target = crate::migration::target_address(&s.target).to_string();
+        let alive = source::peer_call_within(
+            &self.ctx,
+            &target,
+            Duration::from_secs(5),
+            |mut peer| async move { peer.host_facts(pb::HostFactsRequest {}).await },
+        )
+        .await;
+        match alive {
+            Some(Ok(facts)) => {
+                return Err(Status::failed_precondition(format!(
+                    "the target {} ({target}) answers: it is not gone, and the migration settles by its word (asked again every few seconds); see its log if it keeps failing to say",
+                    facts.host_name
+                )))
+            }
+            // Refused by the target itself (not by a lost connection): it is there.
+            Some(Err(e)) if !crate::tls::unreached(e.code()) => {
+                return Err(Status::failed_precondition(format!(
+                    "the target {target} answers (it refused HostFacts: {}): it is not gone",
+                    e.message()
+                )))
+            }
+            _ => {}
+        }
+        tracing::warn!(migration = %r.id, vm = %s.vm, %target, operator = %who.name, "the operator declares the target gone for good");
+        h.verdict.declare(&who.name);
+        // Not ended within the wait (the last question still out): the status says where
+        // it stands; the verdict stays and is acted on.
+        let mut rx = h.status.subscribe();
+        let _ = tokio::time::timeout(RESOLVE_WAIT, rx.wait_for(|s| is_terminal(s.phase))).await;
+        Ok(Response::new(h.snapshot()))
+    }
+
     async fn get_migration(
         &self,
         req: Request<pb::MigrationRef>,
@@ -339,6 +406,10 @@ impl FerryControl for ControlService {
         Ok(Response::new(report))
     }
 }
+
+/// How long ResolveMigration waits for the migration to end: the last question to the
+/// target (30 s at most) and taking the VM back.
+const RESOLVE_WAIT: Duration = Duration::from_secs(60);
 
 fn unknown_migration(ctx: &AgentCtx, id: &str) -> Status {
     Status::not_found(format!("no migration {id} on host {}", ctx.cfg.host_name))

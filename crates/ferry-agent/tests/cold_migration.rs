@@ -11,7 +11,7 @@
 //! The tests share the machine's two cores: they run one at a time (a global lock).
 
 use ferry_api::v1 as pb;
-use ferry_testkit::{guest_artifacts, workload_cmdline, TestAgent, TestPki, Tmpfs};
+use ferry_testkit::{guest_artifacts, workload_cmdline, QemuObserved, TestAgent, TestPki, Tmpfs};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -1106,6 +1106,58 @@ async fn a_lost_finish_answer_keeps_the_vm_held_until_the_target_says() {
     b.set_failpoints(None);
     b.restart().await.expect("restart the target agent");
     moved_to_b(&m, &a, &b, &id, &before).await;
+}
+
+/// As above, but the target never comes back: the VM stays held on the source until the
+/// operator says the target is gone for good (`ResolveMigration`); then it is free there
+/// again — defined, startable, and started it runs (asked of its QEMU).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_frees_a_cold_vm_whose_target_is_gone_for_good() {
+    let _serial = SERIAL.lock().await;
+    let m = Mesh::new();
+    let a = m.host("a", &m.root()).await;
+    let b = m
+        .armed_host("b", "cold.tgt.finish.committed=1*return(exit)")
+        .await;
+    small_vm(&m, &a, "stranded").await;
+    let id = start_moving(&a, &b, "stranded").await;
+    let doubt = status_until(&a, &id, Duration::from_secs(90), |s| {
+        s.phase == pb::MigrationPhase::InDoubt as i32 || is_final(s)
+    })
+    .await;
+    assert_eq!(
+        doubt.phase,
+        pb::MigrationPhase::InDoubt as i32,
+        "{doubt:?}{}",
+        logs(&a, &b)
+    );
+    let mut ca = a.client().await.expect("client a");
+    let end = ca
+        .resolve_migration(pb::ResolveMigrationRequest {
+            id: id.clone(),
+            target_gone: true,
+        })
+        .await
+        .expect("verdict taken")
+        .into_inner();
+    assert_eq!(
+        end.phase,
+        pb::MigrationPhase::Failed as i32,
+        "{end:?}{}",
+        logs(&a, &b)
+    );
+    assert!(
+        end.error.contains("declared the target gone for good"),
+        "{}",
+        end.error
+    );
+    assert_eq!(vm_state(&a, "stranded").await, Some(pb::VmState::Defined));
+    ca.start_vm(pb::VmRef {
+        name: "stranded".into(),
+    })
+    .await
+    .expect("free again: it starts");
+    assert_eq!(a.observe_qemu("stranded").await, QemuObserved::Running);
 }
 
 /// The source agent is killed after journaling the VM held and before sending Finish

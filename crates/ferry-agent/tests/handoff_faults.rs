@@ -720,6 +720,106 @@ async fn in_doubt_survives_restart_and_refuses_resume() {
     guest_memory_ok(owner).await.expect("guest memory");
 }
 
+/// Waits (up to 60 s) until the source shows the migration IN_DOUBT.
+async fn wait_in_doubt(agent: &TestAgent, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if migration(agent, id)
+            .await
+            .is_some_and(|s| s.phase == pb::MigrationPhase::InDoubt as i32)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("not in doubt within 60 s\n{}", agent.log_tail());
+}
+
+/// The target host dies for good while the source waits for the commit's answer: the
+/// source is IN_DOUBT and keeps the guest paused (it cannot know), until the operator says
+/// the target is gone (`ResolveMigration`, `ferryctl migrations resolve --target-gone`).
+/// Then the guest resumes on the source — asked of both QEMUs — with its memory intact;
+/// the verdict is refused without the flag and once the migration has ended; and the
+/// target, when its agent comes back with its journal (Commit never reached it), discards
+/// its copy instead of running it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_takes_back_a_vm_whose_target_is_gone_for_good() {
+    let _s = SERIAL.lock().await;
+    let mut p = pair(Some("src.fence.done=return(hang)"), None).await;
+    boot(&p.a).await;
+    let id = start(&p, "lz4", false).await;
+    assert!(
+        p.a.wait_failpoint("src.fence.done", Duration::from_secs(120))
+            .await,
+        "fence reached"
+    );
+    // The target host stops (its agent and its QEMU), before the Commit can reach it.
+    p.b.signal(libc::SIGSTOP);
+    let b_qemu = p.b.qemu_pids();
+    kill_pids(&b_qemu);
+    p.a.release_failpoint().expect("release");
+    wait_in_doubt(&p.a, &id).await;
+    assert_ne!(
+        p.a.observe_qemu(VM).await,
+        QemuObserved::Running,
+        "the source guest stays paused while in doubt"
+    );
+    p.b.kill().expect("kill b");
+
+    let mut ca = p.a.client().await.expect("client a");
+    let resolve = |target_gone| pb::ResolveMigrationRequest {
+        id: id.clone(),
+        target_gone,
+    };
+    let err = ca
+        .resolve_migration(resolve(false))
+        .await
+        .expect_err("a verdict that says nothing is refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert_ne!(p.a.observe_qemu(VM).await, QemuObserved::Running);
+
+    let end = ca
+        .resolve_migration(resolve(true))
+        .await
+        .expect("verdict taken")
+        .into_inner();
+    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+    assert!(
+        end.error.contains("declared the target gone for good"),
+        "{}",
+        end.error
+    );
+    assert_eq!(
+        p.a.observe_qemu(VM).await,
+        QemuObserved::Running,
+        "resumed on the source\n{}",
+        p.a.log_tail()
+    );
+    guest_memory_ok(&p.a)
+        .await
+        .expect("guest memory on the source");
+    let err = ca
+        .resolve_migration(resolve(true))
+        .await
+        .expect_err("an ended migration needs no verdict");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+
+    // The target's agent comes back with its journal: it never saw the Commit, so it
+    // discards what it prepared; the guest runs on the source only.
+    p.b.restart().await.expect("restart b");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && !files_in(p.b.ram_dir()).is_empty() {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_runs_on_the_source_only(&p).await;
+    assert!(!lists_vm(&p.b).await, "the VM is not defined on the target");
+    assert!(
+        files_in(p.b.ram_dir()).is_empty(),
+        "target RAM dir: {:?}",
+        files_in(p.b.ram_dir())
+    );
+}
+
 /// The whole matrix (`FERRY_LONG=1`): every failpoint x every fault.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_matrix() {

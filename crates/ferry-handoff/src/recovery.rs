@@ -129,6 +129,17 @@ pub fn source_recovery(
     })
 }
 
+/// The answer settling acts on: the target's own, or `Aborted` (the VM comes back to the
+/// source) when the target gives none and the operator has declared it gone for good
+/// (`ferryctl migrations resolve --target-gone`, libvirt's "the operator judges" made
+/// explicit). A target that answers is believed over the operator, whatever it says.
+pub fn answer_with_verdict(answer: TargetAnswer, target_declared_gone: bool) -> TargetAnswer {
+    match answer {
+        TargetAnswer::Unreachable if target_declared_gone => TargetAnswer::Aborted,
+        a => a,
+    }
+}
+
 /// The target QEMU as QMP reports it on restart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetQemu {
@@ -173,6 +184,43 @@ mod tests {
     use super::*;
     use SourceAction as A;
     use TargetAnswer as T;
+
+    #[test]
+    fn a_target_declared_gone_gives_the_vm_back_only_while_it_does_not_answer() {
+        let all = [
+            T::Owned,
+            T::Settling,
+            T::Prepared,
+            T::Aborted,
+            T::Unknown,
+            T::Unreachable,
+        ];
+        for a in all {
+            assert_eq!(answer_with_verdict(a, false), a);
+            if a != T::Unreachable {
+                assert_eq!(answer_with_verdict(a, true), a, "{a:?} is believed");
+            }
+        }
+        assert_eq!(answer_with_verdict(T::Unreachable, true), T::Aborted);
+        // In doubt after the Commit: held without the verdict, rolled back with it.
+        let decide = |gone| {
+            source_recovery(
+                SourceMark::CommitSent,
+                answer_with_verdict(T::Unreachable, gone),
+                SourceQemu::Fenced,
+                true,
+                true,
+            )
+        };
+        assert_eq!(decide(false), Some(A::HoldInDoubt));
+        assert_eq!(decide(true), Some(A::RollBack(Resume::Cont)));
+        // An owner that answers after the verdict keeps the VM: never two copies.
+        let late = answer_with_verdict(T::Owned, true);
+        assert_eq!(
+            source_recovery(SourceMark::CommitSent, late, SourceQemu::Fenced, true, true),
+            Some(A::Finish)
+        );
+    }
 
     const QEMUS: [SourceQemu; 4] = [
         SourceQemu::Running,

@@ -427,6 +427,28 @@ async fn migrations(client: &mut Client, g: &GlobalOpts, cmd: MigrationsCommand)
             }
             Ok(0)
         }
+        MigrationsCommand::Resolve { id, target_gone } => {
+            let m = client
+                .resolve_migration(pb::ResolveMigrationRequest {
+                    id: id.clone(),
+                    target_gone,
+                })
+                .await
+                .map_err(|s| rpc_error(&format!("resolve migration {id}"), s))?
+                .into_inner();
+            if g.json {
+                print_json(&json::migration_status(&m));
+            } else if report::is_terminal(m.phase()) {
+                print!("{}", report::final_report(&m));
+            } else {
+                let phase = report::phase_name(m.phase());
+                println!(
+                    "migration {id}: verdict taken (now {phase}); follow it with \
+                     `ferryctl migrations watch {id}`"
+                );
+            }
+            Ok(0)
+        }
     }
 }
 

@@ -356,6 +356,20 @@ pub enum MigrationsCommand {
         /// Migration id.
         id: String,
     },
+    /// Settle a migration IN_DOUBT (the source cannot learn whether the target took the
+    /// VM) by the operator's word. Ask the source agent. The source asks the target once
+    /// more; only if it still gives no answer does the VM come back to the source (live:
+    /// the guest resumes there; cold: the VM is free there). A target that answers is
+    /// believed instead, and one that is reachable makes the agent refuse.
+    Resolve {
+        /// Migration id.
+        id: String,
+        /// The target host is gone for good: destroyed, or it will never run this VM
+        /// again (its disks wiped, its agent's state removed). If it comes back with its
+        /// state, it may resume the VM too: only say this when you know.
+        #[arg(long, required = true)]
+        target_gone: bool,
+    },
 }
 
 /// `ferryctl certs ...`

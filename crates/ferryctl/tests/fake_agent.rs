@@ -164,6 +164,16 @@ impl FerryControl for Fake {
             2,
         )))
     }
+    async fn resolve_migration(
+        &self,
+        r: Request<pb::ResolveMigrationRequest>,
+    ) -> Result<Response<pb::MigrationStatus>, Status> {
+        Ok(Response::new(status(
+            &r.into_inner().id,
+            pb::MigrationPhase::Failed,
+            3,
+        )))
+    }
     async fn get_migration(
         &self,
         r: Request<pb::MigrationRef>,

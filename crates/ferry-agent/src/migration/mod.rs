@@ -48,6 +48,15 @@ pub fn check_prepare(
     crate::convert::spec_from_pb(spec.ok_or_else(|| Status::invalid_argument("spec is missing"))?)
 }
 
+/// The target agent's address in a migration's shown target: "host (address)" once the
+/// target answered Prepare, the address alone before. Pure.
+pub fn target_address(shown: &str) -> &str {
+    shown
+        .split_once(" (")
+        .map(|(_, a)| a.trim_end_matches(')'))
+        .unwrap_or(shown)
+}
+
 /// Whether a phase is final. IN_DOUBT is not: the source settles it (COMPLETED or
 /// FAILED) once the target answers, and watchers see that end.
 pub fn is_terminal(phase: i32) -> bool {
@@ -154,6 +163,8 @@ pub struct OutgoingHandle {
     pub id: String,
     pub status: watch::Sender<pb::MigrationStatus>,
     pub cancel: CancellationToken,
+    /// The operator's word that the target is gone for good (`ResolveMigration`).
+    pub verdict: OperatorVerdict,
     pub meta: std::sync::Mutex<SourceMeta>,
 }
 
@@ -184,6 +195,51 @@ impl OutgoingHandle {
     /// The current status.
     pub fn snapshot(&self) -> pb::MigrationStatus {
         self.status.borrow().clone()
+    }
+}
+
+/// The operator's declaration, while a migration is IN_DOUBT, that its target is gone for
+/// good (`ResolveMigration`). Settling asks the target once more after it; only if that
+/// question does not reach the target does the verdict decide (the VM comes back here,
+/// [`ferry_handoff::answer_with_verdict`]); a target reached then is believed, and the
+/// verdict is spent. Not journaled: after a restart of this agent it is asked again.
+#[derive(Default)]
+pub struct OperatorVerdict {
+    declared: CancellationToken,
+    by: std::sync::Mutex<String>,
+    applied: std::sync::atomic::AtomicBool,
+}
+
+impl OperatorVerdict {
+    /// Records the declaration by operator `by` and wakes the settling loop.
+    pub fn declare(&self, by: &str) {
+        if let Ok(mut b) = self.by.lock() {
+            *b = by.to_string();
+        }
+        self.declared.cancel();
+    }
+
+    /// Whether it was declared.
+    pub fn declared(&self) -> bool {
+        self.declared.is_cancelled()
+    }
+
+    /// Resolves once declared.
+    pub async fn wait(&self) {
+        self.declared.cancelled().await
+    }
+
+    /// Marks it as what settled the migration (the target stayed unreached).
+    pub fn apply(&self) {
+        self.applied
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The operator whose verdict settled the migration, if one did.
+    pub fn applied_by(&self) -> Option<String> {
+        self.applied
+            .load(std::sync::atomic::Ordering::Acquire)
+            .then(|| self.by.lock().map(|b| b.clone()).unwrap_or_default())
     }
 }
 
@@ -289,6 +345,7 @@ impl Outgoing {
             id: status.id.clone(),
             status: tx,
             cancel: CancellationToken::new(),
+            verdict: OperatorVerdict::default(),
             meta: std::sync::Mutex::new(meta),
         });
         if let Ok(mut live) = self.live.lock() {
@@ -396,5 +453,17 @@ impl Outgoing {
                 (!settled).then_some((r, s))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_target_address_is_read_from_the_shown_target() {
+        assert_eq!(target_address("host-b (10.0.0.2:7000)"), "10.0.0.2:7000");
+        assert_eq!(target_address("10.0.0.2:7000"), "10.0.0.2:7000");
+        assert_eq!(target_address("[::1]:7000"), "[::1]:7000");
     }
 }

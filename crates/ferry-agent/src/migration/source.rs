@@ -19,8 +19,8 @@ use crate::AgentCtx;
 use ferry_api::v1 as pb;
 use ferry_api::v1::ferry_peer_client::FerryPeerClient;
 use ferry_handoff::{
-    rollback_resume, source_recovery, Phase, Resume, SourceAction, SourceMark, SourceQemu,
-    StallDecision, TargetAnswer,
+    answer_with_verdict, rollback_resume, source_recovery, Phase, Resume, SourceAction, SourceMark,
+    SourceQemu, StallDecision, TargetAnswer,
 };
 use ferry_memory::{
     DirtyBitmap, DirtyTracker, PageSums, RamFile, TrackerAudit, TrackerError, TrackerKind,
@@ -189,7 +189,7 @@ pub async fn run(
                 SourceAction::Finish => Ok(0),
                 _ => Err(JobError::new(
                     Phase::Settle,
-                    format!("{}; the target did not commit", e.message),
+                    not_committed_because(&m.h, &e.message),
                 )),
             }
         }
@@ -2633,8 +2633,9 @@ async fn source_qemu(proc: Option<&Arc<QemuProcess>>) -> SourceQemu {
 }
 
 /// `IncomingStatus` from the target, as a [`TargetAnswer`] (an error is `Unreachable`:
-/// the target fails closed).
-async fn ask_target(ctx: &AgentCtx, target: &str, id: &str, token: &str) -> TargetAnswer {
+/// the target fails closed), and whether the question reached it (an answer, or an error
+/// the target itself gave rather than the connection).
+async fn ask_target(ctx: &AgentCtx, target: &str, id: &str, token: &str) -> (TargetAnswer, bool) {
     let reply = peer_call(ctx, target, |mut peer| async move {
         peer.incoming_status(pb::IncomingStatusRequest {
             id: id.to_string(),
@@ -2643,7 +2644,12 @@ async fn ask_target(ctx: &AgentCtx, target: &str, id: &str, token: &str) -> Targ
         .await
     })
     .await;
-    match reply {
+    let reached = match &reply {
+        Some(Ok(_)) => true,
+        Some(Err(s)) => !crate::tls::unreached(s.code()),
+        None => false,
+    };
+    let answer = match reply {
         Some(Ok(r)) => match pb::IncomingState::try_from(r.state) {
             Ok(pb::IncomingState::Committed) => TargetAnswer::Owned,
             Ok(pb::IncomingState::Settling) => TargetAnswer::Settling,
@@ -2653,7 +2659,8 @@ async fn ask_target(ctx: &AgentCtx, target: &str, id: &str, token: &str) -> Targ
             _ => TargetAnswer::Unreachable,
         },
         _ => TargetAnswer::Unreachable,
-    }
+    };
+    (answer, reached)
 }
 
 /// A peer gRPC call under one deadline (`peer_call_timeout_s`, at most 30 s) covering
@@ -2729,6 +2736,7 @@ pub async fn settle(
     proc: Option<&Arc<QemuProcess>>,
 ) -> SourceAction {
     let mut in_doubt = false;
+    let mut verdict_spent = false;
     if h.meta().mark == SourceMark::CommitSent {
         // The outcome is the target's and unknown here until it answers: say so at once.
         let msg =
@@ -2740,7 +2748,16 @@ pub async fn settle(
         let _ = crate::failpoint::hit("src.settle.ask", &ctx.cfg.state_dir).await;
         let meta = h.meta();
         let token = meta.token.clone().unwrap_or_default();
-        let answer = ask_target(ctx, target, &h.id, &token).await;
+        // The operator's verdict counts for the first question after it, and only if
+        // that question does not reach the target.
+        let verdict = h.verdict.declared() && !verdict_spent;
+        let (answer, reached) = ask_target(ctx, target, &h.id, &token).await;
+        let by_verdict = verdict && !reached;
+        if verdict && reached {
+            verdict_spent = true;
+            warn!(migration = %h.id, ?answer, "{target} answered after the operator declared it gone: its word settles the migration");
+        }
+        let answer = answer_with_verdict(answer, by_verdict);
         let qemu = source_qemu(proc).await;
         let action = source_recovery(
             meta.mark,
@@ -2758,6 +2775,11 @@ pub async fn settle(
         }
         match action {
             None => return SourceAction::RollBack(Resume::AlreadyRunning),
+            Some(a @ SourceAction::RollBack(_)) if by_verdict => {
+                warn!(migration = %h.id, "the operator declared {target} gone for good and it still does not answer: the VM is taken back here");
+                h.verdict.apply();
+                return a;
+            }
             Some(a @ (SourceAction::Finish | SourceAction::RollBack(_))) => return a,
             Some(SourceAction::AbortTargetThenRollBack) => {
                 let why = "the source is settling a commit it could not confirm";
@@ -2792,7 +2814,11 @@ pub async fn settle(
                 }
             }
         }
-        tokio::time::sleep(pause).await;
+        // The operator's verdict is acted on at once, after one more question.
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = h.verdict.wait(), if !h.verdict.declared() => {}
+        }
         pause = (pause * 2).min(Duration::from_secs(5));
     }
 }
@@ -2915,7 +2941,20 @@ pub async fn settle_and_end(
             )
             .await
         }
-        _ => take_back(&ctx, &h, &vm, proc.as_ref(), &why, false, 0).await,
+        _ => {
+            let why = not_committed_because(&h, &why);
+            take_back(&ctx, &h, &vm, proc.as_ref(), &why, false, 0).await
+        }
+    }
+}
+
+/// Why a settled migration did not commit: `first` (what interrupted the commit), and
+/// whose word took the VM back.
+fn not_committed_because(h: &OutgoingHandle, first: &str) -> String {
+    if let Some(by) = h.verdict.applied_by() {
+        format!("{first}; the operator ({by}) declared the target gone for good and it did not answer: the VM was taken back here")
+    } else {
+        format!("{first}; the target did not commit")
     }
 }
 

@@ -69,13 +69,21 @@ pub enum ColdSettle {
     AskAgain,
 }
 
-/// The source's decision from the target's answer (`None`: none in time). Pure.
+/// The source's decision from the target's answer (`None`: none in time), and whether
+/// the operator has declared the target gone for good (`ResolveMigration`): then a target
+/// that is not reached releases the VM here. A target that answers is believed over the
+/// operator. Pure.
 pub fn cold_settle(
     answer: &Option<Result<pb::AbortColdMigrationResponse, tonic::Status>>,
+    target_declared_gone: bool,
 ) -> ColdSettle {
     match answer {
         Some(Ok(r)) if r.finished => ColdSettle::Complete,
         Some(Ok(_)) => ColdSettle::Release,
+        None if target_declared_gone => ColdSettle::Release,
+        Some(Err(s)) if target_declared_gone && crate::tls::unreached(s.code()) => {
+            ColdSettle::Release
+        }
         Some(Err(_)) | None => ColdSettle::AskAgain,
     }
 }
@@ -115,19 +123,46 @@ mod tests {
 
     #[test]
     fn only_the_targets_own_answer_settles_a_cold_finish() {
-        assert_eq!(cold_settle(&answer(true, true)), ColdSettle::Complete);
+        assert_eq!(
+            cold_settle(&answer(true, true), false),
+            ColdSettle::Complete
+        );
         // Known and aborted (now or before), or unknown: the target never defined it.
-        assert_eq!(cold_settle(&answer(true, false)), ColdSettle::Release);
-        assert_eq!(cold_settle(&answer(false, false)), ColdSettle::Release);
+        assert_eq!(
+            cold_settle(&answer(true, false), false),
+            ColdSettle::Release
+        );
+        assert_eq!(
+            cold_settle(&answer(false, false), false),
+            ColdSettle::Release
+        );
         // Silence or an error (unreachable, its journal unreadable, a refusal) says
         // nothing about where the VM is.
-        assert_eq!(cold_settle(&None), ColdSettle::AskAgain);
+        assert_eq!(cold_settle(&None, false), ColdSettle::AskAgain);
         assert_eq!(
-            cold_settle(&Some(Err(tonic::Status::unavailable("journal")))),
+            cold_settle(&Some(Err(tonic::Status::unavailable("journal"))), false),
             ColdSettle::AskAgain
         );
         assert_eq!(
-            cold_settle(&Some(Err(tonic::Status::permission_denied("token")))),
+            cold_settle(&Some(Err(tonic::Status::permission_denied("token"))), false),
+            ColdSettle::AskAgain
+        );
+    }
+
+    #[test]
+    fn a_target_declared_gone_releases_the_vm_only_while_it_is_not_reached() {
+        assert_eq!(cold_settle(&None, true), ColdSettle::Release);
+        for s in [
+            tonic::Status::unavailable("connect"),
+            tonic::Status::deadline_exceeded("slow"),
+        ] {
+            assert_eq!(cold_settle(&Some(Err(s)), true), ColdSettle::Release);
+        }
+        // It answered: believed, whatever the operator said.
+        assert_eq!(cold_settle(&answer(true, true), true), ColdSettle::Complete);
+        assert_eq!(cold_settle(&answer(true, false), true), ColdSettle::Release);
+        assert_eq!(
+            cold_settle(&Some(Err(tonic::Status::permission_denied("token"))), true),
             ColdSettle::AskAgain
         );
     }

@@ -611,7 +611,11 @@ impl Job {
         } else {
             Err(JobError::new(
                 at,
-                format!("target {}: {lost}", self.target_label),
+                format!(
+                    "target {}: {lost}{}",
+                    self.target_label,
+                    declared_gone_note(&self.h)
+                ),
             ))
         }
     }
@@ -799,6 +803,7 @@ async fn settle_with_target(
     let vm = h.snapshot().vm;
     let mut wait = Duration::from_millis(500);
     let mut shown = false;
+    let mut verdict_spent = false;
     loop {
         let req = pb::AbortColdMigrationRequest {
             migration_id: id.clone(),
@@ -806,6 +811,9 @@ async fn settle_with_target(
             reason: format!("the source lost Finish's answer ({why})"),
             discard: false,
         };
+        // The operator's verdict counts for the first question after it (see
+        // `OperatorVerdict`).
+        let verdict = h.verdict.declared() && !verdict_spent;
         let answer = crate::migration::source::peer_call_within(
             ctx,
             target,
@@ -813,9 +821,24 @@ async fn settle_with_target(
             |mut peer| async move { peer.abort_cold_migration(req).await },
         )
         .await;
-        match cold_settle(&answer) {
+        let reached = match &answer {
+            Some(Ok(_)) => true,
+            Some(Err(s)) => !crate::tls::unreached(s.code()),
+            None => false,
+        };
+        if verdict && reached {
+            verdict_spent = true;
+            warn!(migration = %id, "{label} answered after the operator declared it gone: its word settles the migration");
+        }
+        match cold_settle(&answer, verdict) {
             ColdSettle::Complete => return true,
-            ColdSettle::Release => return false,
+            ColdSettle::Release => {
+                if verdict && !reached {
+                    warn!(migration = %id, "the operator declared {label} gone for good and it does not answer: VM '{vm}' is released here");
+                    h.verdict.apply();
+                }
+                return false;
+            }
             ColdSettle::AskAgain => {}
         }
         if !shown {
@@ -833,7 +856,11 @@ async fn settle_with_target(
             );
             shown = true;
         }
-        tokio::time::sleep(wait).await;
+        // The operator's verdict is acted on at once, after one more question.
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = h.verdict.wait(), if !h.verdict.declared() => {}
+        }
         wait = (wait * 2).min(Duration::from_secs(5));
     }
 }
@@ -869,8 +896,14 @@ async fn settle_and_end(
     } else {
         let op = ctx.vms.end_offline(&vm, &h.id, false).await;
         let reason = format!(
-            "cold migration of VM '{vm}' from {} to {label}: {why}; the target did not define it",
-            ctx.cfg.host_name
+            "cold migration of VM '{vm}' from {} to {label}: {why}; {}",
+            ctx.cfg.host_name,
+            match h.verdict.applied_by() {
+                Some(by) => format!(
+                    "the operator ({by}) declared the target gone for good and it did not answer"
+                ),
+                None => "the target did not define it".to_string(),
+            }
         );
         ctx.outgoing.end_unsuccessful(
             &h,
@@ -884,6 +917,14 @@ async fn settle_and_end(
             ),
             op.into_iter().collect(),
         );
+    }
+}
+
+/// What the failure says when the operator's verdict released the VM.
+fn declared_gone_note(h: &OutgoingHandle) -> String {
+    match h.verdict.applied_by() {
+        Some(by) => format!("; the operator ({by}) declared the target gone for good and it did not answer: the VM was released here"),
+        None => String::new(),
     }
 }
 
