@@ -95,6 +95,25 @@ async fn http_status(addr: &str, path: &str, host: &str, cookie: Option<&str>) -
         .unwrap_or_else(|| panic!("no status in {text:?}"))
 }
 
+/// One raw HTTP/1.1 POST of a JSON body; returns the status code and the response body.
+async fn http_post(addr: &str, path: &str, host: &str, cookie: &str, body: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"));
+    (code, text)
+}
+
 async fn browser() -> (Reaped, Client) {
     for bin in ["chromedriver", "chromium"] {
         assert!(
@@ -268,6 +287,17 @@ async fn console_lists_hosts_migrates_a_vm_and_shows_errors() {
         http_status(addr, "/api/hosts", &local, Some(&cookie)).await,
         200
     );
+    // The operator's verdict goes to the agent, whose refusal comes back as it is.
+    let (code, text) = http_post(
+        addr,
+        "/api/resolve",
+        &local,
+        &cookie,
+        r#"{"host":"a","id":"no-such-migration"}"#,
+    )
+    .await;
+    assert_eq!(code, 404, "{text}");
+    assert!(text.contains("no migration no-such-migration on host a"), "{text}");
 
     let (_driver, c) = browser().await;
     c.goto(&url).await.expect("open the console");

@@ -42,6 +42,8 @@ const COOKIE_PREFIX: &str = "ferry_ui_";
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// A preflight probes the link and samples the guest: longer.
 const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(90);
+/// ResolveMigration: the agent's probe of the target (5 s) and its wait for the end (60 s).
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(75);
 
 type Client = FerryControlClient<Channel>;
 
@@ -231,6 +233,7 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/api/preflight", post(preflight))
         .route("/api/migrate", post(migrate))
         .route("/api/cancel", post(cancel))
+        .route("/api/resolve", post(resolve))
         .route("/api/migrations", get(migrations))
         .route("/api/watch", get(watch))
         .layer(middleware::from_fn_with_state(console.clone(), guard))
@@ -555,6 +558,34 @@ async fn cancel(
             &format!("cancel migration {}", m.id),
             CALL_TIMEOUT,
             |mut cl| async move { cl.cancel_migration(pb::MigrationRef { id }).await },
+        )
+        .await?;
+    Ok(Json(
+        json!({ "host": m.host, "status": json::migration_status(&s) }),
+    ))
+}
+
+/// The operator's verdict on a migration IN_DOUBT: its target host is gone for good
+/// (`ResolveMigration`; the page asks for confirmation first). The agent asks the target
+/// once more and answers with the migration's end, within about a minute.
+async fn resolve(
+    State(c): State<Arc<Console>>,
+    body: Result<Json<MigrationAt>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(m) = body.map_err(bad_json)?;
+    let id = m.id.clone();
+    let s = c
+        .call(
+            &m.host,
+            &format!("resolve migration {} (target gone)", m.id),
+            RESOLVE_TIMEOUT,
+            |mut cl| async move {
+                cl.resolve_migration(pb::ResolveMigrationRequest {
+                    id,
+                    target_gone: true,
+                })
+                .await
+            },
         )
         .await?;
     Ok(Json(
