@@ -1280,3 +1280,37 @@ fn is_final(s: &pb::MigrationStatus) -> bool {
     .iter()
     .any(|p| s.phase == *p as i32)
 }
+
+/// The target hashes every image it already has before it answers Prepare (an identical
+/// one is skipped): for a large image that outlasts a peer call's deadline (1 s here, 60 s
+/// by default), and the migration failed though nothing was wrong. The Prepare's deadline
+/// now covers reading the images once; the 6 GiB image already on B is not sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepare_that_hashes_a_large_image_already_there_is_waited_for() {
+    let _serial = SERIAL.lock().await;
+    let m = Mesh::new();
+    let a = m
+        .host_with("a", &m.root(), "peer_call_timeout_s = 1\n")
+        .await;
+    let b = m.host("b", &m.root()).await;
+    // Sparse and all zeros on both hosts: identical, and 6 GiB to read and hash.
+    for host in ["a", "b"] {
+        qemu_img_create(&m.private(host).join("big.raw"), "raw", "6G", None);
+    }
+    define(
+        &a,
+        spec("big", &[("vda", &m.root().join("big.raw"), "raw")]),
+    )
+    .await;
+    let end = migrate(&a, offline("big", &b)).await;
+    assert_eq!(
+        end.phase,
+        pb::MigrationPhase::Completed as i32,
+        "{end:?}{}",
+        logs(&a, &b)
+    );
+    let st = stats(&end);
+    assert_eq!(st.disk_bytes_resumed, 6 << 30, "already there: {st:?}");
+    assert!(st.disk_wire_bytes < MIB, "nothing travelled: {st:?}");
+    assert_eq!(vm_state(&b, "big").await, Some(pb::VmState::Defined));
+}

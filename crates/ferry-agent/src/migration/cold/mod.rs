@@ -88,6 +88,17 @@ pub fn cold_settle(
     }
 }
 
+/// The speed at which the source assumes the target reads the images it already has when
+/// it hashes them in Prepare (a slow disk's; BLAKE3 itself runs at GB/s).
+const PRESENT_HASH_BYTES_PER_S: u64 = 100 << 20;
+
+/// How long the source waits for the target's Prepare: the peer calls' deadline `base`,
+/// plus reading `image_bytes` once at [`PRESENT_HASH_BYTES_PER_S`] — the target hashes
+/// every image it already has, to skip identical ones, before it answers. Pure.
+pub fn prepare_deadline(base: Duration, image_bytes: u64) -> Duration {
+    base + Duration::from_secs(image_bytes / PRESENT_HASH_BYTES_PER_S)
+}
+
 /// The target makes received data durable after this many bytes…
 const CHECKPOINT_BYTES: u64 = 64 << 20;
 /// …or after this long, whichever comes first: on a slow link 64 MiB can take minutes,
@@ -146,6 +157,18 @@ mod tests {
         assert_eq!(
             cold_settle(&Some(Err(tonic::Status::permission_denied("token"))), false),
             ColdSettle::AskAgain
+        );
+    }
+
+    #[test]
+    fn the_prepare_deadline_covers_reading_the_images_once() {
+        let base = Duration::from_secs(60);
+        assert_eq!(prepare_deadline(base, 0), base);
+        assert_eq!(prepare_deadline(base, 50 << 20), base);
+        // 500 GiB at 100 MiB/s: 5120 s more.
+        assert_eq!(
+            prepare_deadline(base, 500 << 30),
+            base + Duration::from_secs(5120)
         );
     }
 
