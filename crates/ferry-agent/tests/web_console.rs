@@ -297,7 +297,10 @@ async fn console_lists_hosts_migrates_a_vm_and_shows_errors() {
     )
     .await;
     assert_eq!(code, 404, "{text}");
-    assert!(text.contains("no migration no-such-migration on host a"), "{text}");
+    assert!(
+        text.contains("no migration no-such-migration on host a"),
+        "{text}"
+    );
 
     let (_driver, c) = browser().await;
     c.goto(&url).await.expect("open the console");

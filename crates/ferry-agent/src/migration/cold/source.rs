@@ -401,13 +401,16 @@ impl Job {
         // deadline covers that (a large image takes minutes), not the peer calls' usual one.
         let base = Duration::from_secs(self.ctx.cfg.migration.peer_call_timeout_s.max(1));
         let deadline = prepare_deadline(base, self.images.iter().map(|i| i.length).sum());
-        let mut long =
-            match crate::tls::connect_with_deadline(&self.p.job.target, &self.ctx.identity, deadline)
-                .await
-            {
-                Ok(chan) => FerryPeerClient::new(chan),
-                Err(_) => peer.clone(),
-            };
+        let mut long = match crate::tls::connect_with_deadline(
+            &self.p.job.target,
+            &self.ctx.identity,
+            deadline,
+        )
+        .await
+        {
+            Ok(chan) => FerryPeerClient::new(chan),
+            Err(_) => peer.clone(),
+        };
         let prep = long
             .prepare_cold_migration(req)
             .await
