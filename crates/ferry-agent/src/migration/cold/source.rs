@@ -372,7 +372,7 @@ impl Job {
                     format!("cannot reach target agent {}: {e}", self.p.job.target),
                 )
             })?;
-        let mut peer = FerryPeerClient::new(chan);
+        let peer = FerryPeerClient::new(chan);
         let req = pb::PrepareColdMigrationRequest {
             migration_id: self.p.job.id.clone(),
             spec: Some(spec_to_pb(spec)),
