@@ -23,17 +23,40 @@ pub fn server_tls(id: &Identity) -> ServerTlsConfig {
 
 /// A gRPC channel to `addr` ("host:port") authenticated with `id`. The host part must
 /// appear in the server certificate's names.
-pub async fn connect(addr: &str, id: &Identity) -> Result<Channel, tonic::transport::Error> {
+pub async fn connect(addr: &str, id: &Identity) -> Result<Channel, ConnectError> {
     connect_with_deadline(addr, id, std::time::Duration::from_secs(60)).await
 }
 
+/// Why no channel to a peer was made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+    /// TCP connected (a frozen peer's kernel still accepts) but no TLS session followed.
+    #[error("no TLS session with {addr} within {} s: the peer accepts connections and does not answer", .within.as_secs())]
+    TimedOut {
+        addr: String,
+        within: std::time::Duration,
+    },
+}
+
+/// How long making a channel may take, TCP, TLS and HTTP/2 handshakes together.
+pub const CONNECT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// HTTP/2 pings while a call is out: a peer that powered off in the middle of a long call
+/// (a cold Prepare hashing, a Finish verifying) fails it within about 30 s, not at the
+/// end of the call's own deadline, which may be an hour away.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// [`connect`] with `deadline` on every call made over the channel: a peer that stops
-/// answering gives `DEADLINE_EXCEEDED` instead of a hang.
+/// answering gives `DEADLINE_EXCEEDED` instead of a hang. Connecting itself is bounded by
+/// [`CONNECT_DEADLINE`].
 pub async fn connect_with_deadline(
     addr: &str,
     id: &Identity,
     deadline: std::time::Duration,
-) -> Result<Channel, tonic::transport::Error> {
+) -> Result<Channel, ConnectError> {
     let host = addr
         .rsplit_once(':')
         .map(|(h, _)| h)
@@ -46,12 +69,20 @@ pub async fn connect_with_deadline(
             &id.key_pem,
         ))
         .domain_name(host.to_string());
-    Endpoint::from_shared(format!("https://{addr}"))?
+    let endpoint = Endpoint::from_shared(format!("https://{addr}"))?
         .tls_config(tls)?
         .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(deadline)
-        .connect()
-        .await
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .timeout(deadline);
+    // `connect_timeout` covers TCP only: the TLS handshake with a frozen peer never ends.
+    match tokio::time::timeout(CONNECT_DEADLINE, endpoint.connect()).await {
+        Ok(chan) => Ok(chan?),
+        Err(_) => Err(ConnectError::TimedOut {
+            addr: addr.to_string(),
+            within: CONNECT_DEADLINE,
+        }),
+    }
 }
 
 /// How long a cached peer channel serves before a new connection (and TLS handshake)
@@ -74,7 +105,7 @@ pub struct PeerChannels {
 impl PeerChannels {
     /// The channel to `addr`, connected now when none is cached or the cached one is older
     /// than [`PEER_CHANNEL_MAX_AGE`].
-    pub async fn get(&self, addr: &str, id: &Identity) -> Result<Channel, tonic::transport::Error> {
+    pub async fn get(&self, addr: &str, id: &Identity) -> Result<Channel, ConnectError> {
         let now = std::time::Instant::now();
         if let Ok(map) = self.map.lock() {
             if let Some((chan, made)) = map.get(addr) {
@@ -165,6 +196,31 @@ mod tests {
         ] {
             assert!(!unreached(c), "{c:?}");
         }
+    }
+
+    /// A peer that accepts the TCP connection and never speaks TLS (a frozen agent: its
+    /// kernel completes the handshake from the listen backlog): no channel, within
+    /// `CONNECT_DEADLINE`, saying why — before, the TLS handshake waited for ever.
+    #[tokio::test]
+    async fn a_peer_that_accepts_and_never_answers_gives_no_channel_in_bounded_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = ferry_testkit::TestPki::new(dir.path(), &["a"]).expect("pki");
+        let a = pki.identity("a").expect("a");
+        // Bound, listening, never accepting: the backlog holds the connection.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = format!("localhost:{}", silent.local_addr().expect("addr").port());
+        let t0 = Instant::now();
+        let e = connect_with_deadline(&addr, &a, Duration::from_secs(3600))
+            .await
+            .expect_err("no channel to a silent peer");
+        assert!(matches!(e, ConnectError::TimedOut { .. }), "{e:?}");
+        assert!(e.to_string().contains("does not answer"), "{e}");
+        let took = t0.elapsed();
+        assert!(
+            took >= CONNECT_DEADLINE && took < CONNECT_DEADLINE + Duration::from_secs(20),
+            "{took:?}"
+        );
+        drop(silent);
     }
 
     /// A real TLS gRPC server (no services: the handshake is what the channel pays) behind

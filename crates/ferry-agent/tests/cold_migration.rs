@@ -1282,9 +1282,11 @@ fn is_final(s: &pb::MigrationStatus) -> bool {
 }
 
 /// The target hashes every image it already has before it answers Prepare (an identical
-/// one is skipped): for a large image that outlasts a peer call's deadline (1 s here, 60 s
-/// by default), and the migration failed though nothing was wrong. The Prepare's deadline
-/// now covers reading the images once; the 6 GiB image already on B is not sent again.
+/// one is skipped): for a large image that outlasts a peer call's deadline, and the
+/// migration failed though nothing was wrong (before, a fixed minute: too long to hash
+/// here, so the test shortens the peer deadline to 1 s, which B's hash of 6 GiB outlasts —
+/// reproduced failing with the deadline's size term left out). The Prepare's deadline
+/// covers reading the images once; the image already on B is not sent again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prepare_that_hashes_a_large_image_already_there_is_waited_for() {
     let _serial = SERIAL.lock().await;

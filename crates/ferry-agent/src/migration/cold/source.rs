@@ -409,17 +409,27 @@ impl Job {
         .await
         {
             Ok(chan) => FerryPeerClient::new(chan),
-            Err(_) => peer.clone(),
+            Err(e) => {
+                // The cached channel's minute is all the target gets then.
+                warn!(migration = %self.p.job.id, "a channel for the Prepare's long deadline: {e}; asking over the usual one");
+                peer.clone()
+            }
         };
         let prep = long
             .prepare_cold_migration(req)
             .await
             .map_err(|s| {
                 self.ctx.peers.forget_if_unreached(&self.p.job.target, &s);
-                JobError::new(
-                    at,
-                    format!("target {} refused: {}", self.p.job.target, status_msg(&s)),
-                )
+                let why = if matches!(s.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled) {
+                    format!(
+                        "no answer to Prepare within {} s (the target hashes the images it already has; for {} that allows reading at 100 MiB/s)",
+                        deadline.as_secs(),
+                        ferry_disk::human_bytes(self.images.iter().map(|i| i.length).sum())
+                    )
+                } else {
+                    format!("refused: {}", status_msg(&s))
+                };
+                JobError::new(at, format!("target {} {why}", self.p.job.target))
             })?
             .into_inner();
         self.peer = Some(peer.clone());
@@ -599,13 +609,19 @@ impl Job {
         // The target may still be verifying the last image (BLAKE3 of a large file): a
         // channel whose deadline covers that, not the peer calls' usual minute.
         let wait = FINISH_WAIT + Duration::from_secs(30);
-        let mut finish =
-            match crate::tls::connect_with_deadline(&self.p.job.target, &self.ctx.identity, wait)
-                .await
-            {
-                Ok(chan) => FerryPeerClient::new(chan),
-                Err(_) => peer.clone(),
-            };
+        let mut finish = match crate::tls::connect_with_deadline(
+            &self.p.job.target,
+            &self.ctx.identity,
+            wait,
+        )
+        .await
+        {
+            Ok(chan) => FerryPeerClient::new(chan),
+            Err(e) => {
+                warn!(migration = %self.p.job.id, "a channel for Finish's long deadline: {e}; asking over the usual one");
+                peer.clone()
+            }
+        };
         let lost = match tokio::time::timeout(wait, finish.finish_cold_migration(req)).await {
             Ok(Ok(resp)) => return Ok(resp.into_inner()),
             Ok(Err(s)) => status_msg(&s),
