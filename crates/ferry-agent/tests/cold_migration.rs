@@ -1060,22 +1060,19 @@ async fn source_killed_while_the_target_defines_the_vm_settles_on_restart() {
     moved_to_b(&m, &a, &b, &id, &before).await;
 }
 
-/// The target defines the VM and dies before answering (`cold.tgt.finish.committed`,
-/// SIGKILL): the source cannot know where the VM is, so it keeps it held — IN_DOUBT, not
-/// startable, not cancellable — and asks until the target is back; the restarted target's
-/// journal says the VM is defined there, and the source completes, removing its own
-/// definition. (Before, the failed Finish was answered with an Abort that found nobody,
-/// and the source freed the VM: defined on both hosts.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_finish_answer_keeps_the_vm_held_until_the_target_says() {
-    let _serial = SERIAL.lock().await;
-    let m = Mesh::new();
+/// Hosts a and b, and a cold move of a new small VM `vm` from a to b whose target agent
+/// exits right after defining it (`cold.tgt.finish.committed`): returned once the source
+/// shows it IN_DOUBT, with the migration's id and the image's digest.
+async fn in_doubt_after_the_target_defined(
+    m: &Mesh,
+    vm: &str,
+) -> (TestAgent, TestAgent, String, String) {
     let a = m.host("a", &m.root()).await;
-    let mut b = m
+    let b = m
         .armed_host("b", "cold.tgt.finish.committed=1*return(exit)")
         .await;
-    let before = small_vm(&m, &a, "moved").await;
-    let id = start_moving(&a, &b, "moved").await;
+    let before = small_vm(m, &a, vm).await;
+    let id = start_moving(&a, &b, vm).await;
     let doubt = status_until(&a, &id, Duration::from_secs(90), |s| {
         s.phase == pb::MigrationPhase::InDoubt as i32 || is_final(s)
     })
@@ -1086,6 +1083,20 @@ async fn a_lost_finish_answer_keeps_the_vm_held_until_the_target_says() {
         "{doubt:?}{}",
         logs(&a, &b)
     );
+    (a, b, id, before)
+}
+
+/// The target defines the VM and dies before answering (`cold.tgt.finish.committed`,
+/// SIGKILL): the source cannot know where the VM is, so it keeps it held — IN_DOUBT, not
+/// startable, not cancellable — and asks until the target is back; the restarted target's
+/// journal says the VM is defined there, and the source completes, removing its own
+/// definition. (Before, the failed Finish was answered with an Abort that found nobody,
+/// and the source freed the VM: defined on both hosts.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_finish_answer_keeps_the_vm_held_until_the_target_says() {
+    let _serial = SERIAL.lock().await;
+    let m = Mesh::new();
+    let (a, mut b, id, before) = in_doubt_after_the_target_defined(&m, "moved").await;
     assert_eq!(vm_state(&a, "moved").await, Some(pb::VmState::Migrating));
     let mut ca = a.client().await.expect("client a");
     let start = ca
@@ -1115,22 +1126,7 @@ async fn a_lost_finish_answer_keeps_the_vm_held_until_the_target_says() {
 async fn the_operator_frees_a_cold_vm_whose_target_is_gone_for_good() {
     let _serial = SERIAL.lock().await;
     let m = Mesh::new();
-    let a = m.host("a", &m.root()).await;
-    let b = m
-        .armed_host("b", "cold.tgt.finish.committed=1*return(exit)")
-        .await;
-    small_vm(&m, &a, "stranded").await;
-    let id = start_moving(&a, &b, "stranded").await;
-    let doubt = status_until(&a, &id, Duration::from_secs(90), |s| {
-        s.phase == pb::MigrationPhase::InDoubt as i32 || is_final(s)
-    })
-    .await;
-    assert_eq!(
-        doubt.phase,
-        pb::MigrationPhase::InDoubt as i32,
-        "{doubt:?}{}",
-        logs(&a, &b)
-    );
+    let (a, b, id, _) = in_doubt_after_the_target_defined(&m, "stranded").await;
     let mut ca = a.client().await.expect("client a");
     let end = ca
         .resolve_migration(pb::ResolveMigrationRequest {

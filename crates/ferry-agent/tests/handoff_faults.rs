@@ -598,12 +598,9 @@ async fn silent_target_at_commit_rolls_back() {
     assert_eq!(c.owner, "source");
 }
 
-/// The fenced source QEMU is killed and the target agent dies before it commits: the
-/// source restarts its QEMU from the RAM file and the captured device state, and the
-/// guest's memory check passes there.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fenced_source_qemu_lost_is_restarted_from_the_capture() {
-    let _s = SERIAL.lock().await;
+/// A pair whose guest is migrating from a to b, the source held right after its QEMU was
+/// fenced (`src.fence.done`, before the Commit); returns the pair and the migration's id.
+async fn held_at_the_fence() -> (Pair, String) {
     let mut p = pair(Some("src.fence.done=return(hang)"), None).await;
     boot(&p.a).await;
     let id = start(&p, "lz4", false).await;
@@ -612,6 +609,16 @@ async fn fenced_source_qemu_lost_is_restarted_from_the_capture() {
             .await,
         "fence reached"
     );
+    (p, id)
+}
+
+/// The fenced source QEMU is killed and the target agent dies before it commits: the
+/// source restarts its QEMU from the RAM file and the captured device state, and the
+/// guest's memory check passes there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_source_qemu_lost_is_restarted_from_the_capture() {
+    let _s = SERIAL.lock().await;
+    let (mut p, id) = held_at_the_fence().await;
     assert_eq!(
         p.a.observe_qemu(VM).await,
         QemuObserved::Stopped("postmigrate".into()),
@@ -745,14 +752,7 @@ async fn wait_in_doubt(agent: &TestAgent, id: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_takes_back_a_vm_whose_target_is_gone_for_good() {
     let _s = SERIAL.lock().await;
-    let mut p = pair(Some("src.fence.done=return(hang)"), None).await;
-    boot(&p.a).await;
-    let id = start(&p, "lz4", false).await;
-    assert!(
-        p.a.wait_failpoint("src.fence.done", Duration::from_secs(120))
-            .await,
-        "fence reached"
-    );
+    let (mut p, id) = held_at_the_fence().await;
     // The target host stops (its agent and its QEMU), before the Commit can reach it.
     p.b.signal(libc::SIGSTOP);
     let b_qemu = p.b.qemu_pids();

@@ -401,20 +401,7 @@ impl Job {
         // deadline covers that (a large image takes minutes), not the peer calls' usual one.
         let base = Duration::from_secs(self.ctx.cfg.migration.peer_call_timeout_s.max(1));
         let deadline = prepare_deadline(base, self.images.iter().map(|i| i.length).sum());
-        let mut long = match crate::tls::connect_with_deadline(
-            &self.p.job.target,
-            &self.ctx.identity,
-            deadline,
-        )
-        .await
-        {
-            Ok(chan) => FerryPeerClient::new(chan),
-            Err(e) => {
-                // The cached channel's minute is all the target gets then.
-                warn!(migration = %self.p.job.id, "a channel for the Prepare's long deadline: {e}; asking over the usual one");
-                peer.clone()
-            }
-        };
+        let mut long = self.long_channel(deadline, "Prepare", &peer).await;
         let prep = long
             .prepare_cold_migration(req)
             .await
@@ -609,19 +596,7 @@ impl Job {
         // The target may still be verifying the last image (BLAKE3 of a large file): a
         // channel whose deadline covers that, not the peer calls' usual minute.
         let wait = FINISH_WAIT + Duration::from_secs(30);
-        let mut finish = match crate::tls::connect_with_deadline(
-            &self.p.job.target,
-            &self.ctx.identity,
-            wait,
-        )
-        .await
-        {
-            Ok(chan) => FerryPeerClient::new(chan),
-            Err(e) => {
-                warn!(migration = %self.p.job.id, "a channel for Finish's long deadline: {e}; asking over the usual one");
-                peer.clone()
-            }
-        };
+        let mut finish = self.long_channel(wait, "Finish", peer).await;
         let lost = match tokio::time::timeout(wait, finish.finish_cold_migration(req)).await {
             Ok(Ok(resp)) => return Ok(resp.into_inner()),
             Ok(Err(s)) => status_msg(&s),
@@ -647,6 +622,26 @@ impl Job {
                     declared_gone_note(&self.h)
                 ),
             ))
+        }
+    }
+
+    /// A channel to the target of its own whose calls may take `deadline` (`call` waits
+    /// for the target's hashing), or `usual` (the cached channel, a minute) if none can
+    /// be made.
+    async fn long_channel(
+        &self,
+        deadline: Duration,
+        call: &str,
+        usual: &FerryPeerClient<Channel>,
+    ) -> FerryPeerClient<Channel> {
+        match crate::tls::connect_with_deadline(&self.p.job.target, &self.ctx.identity, deadline)
+            .await
+        {
+            Ok(chan) => FerryPeerClient::new(chan),
+            Err(e) => {
+                warn!(migration = %self.p.job.id, "a channel for {call}'s long deadline: {e}; asking over the usual one");
+                usual.clone()
+            }
         }
     }
 
