@@ -159,6 +159,16 @@ pub fn unreached(code: tonic::Code) -> bool {
     )
 }
 
+/// Whether a call reached the peer: it answered, or refused with an error of its own
+/// (not one of [`unreached`]'s). `None`: no answer in time. Pure.
+pub fn reached<T>(answer: &Option<Result<T, tonic::Status>>) -> bool {
+    match answer {
+        Some(Ok(_)) => true,
+        Some(Err(s)) => !unreached(s.code()),
+        None => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +206,14 @@ mod tests {
         ] {
             assert!(!unreached(c), "{c:?}");
         }
+        assert!(reached(&Some(Ok::<(), _>(()))));
+        assert!(reached(&Some(Err::<(), _>(
+            tonic::Status::permission_denied("no")
+        ))));
+        assert!(!reached(&Some(Err::<(), _>(tonic::Status::unavailable(
+            "gone"
+        )))));
+        assert!(!reached::<()>(&None));
     }
 
     /// A peer that accepts the TCP connection and never speaks TLS (a frozen agent: its

@@ -235,11 +235,17 @@ impl OperatorVerdict {
             .store(true, std::sync::atomic::Ordering::Release);
     }
 
-    /// The operator whose verdict settled the migration, if one did.
-    pub fn applied_by(&self) -> Option<String> {
+    /// What settled the migration, if the verdict did: "the operator (NAME) declared the
+    /// target gone for good and it did not answer".
+    pub fn settled_note(&self) -> Option<String> {
         self.applied
             .load(std::sync::atomic::Ordering::Acquire)
-            .then(|| self.by.lock().map(|b| b.clone()).unwrap_or_default())
+            .then(|| {
+                let by = self.by.lock().map(|b| b.clone()).unwrap_or_default();
+                format!(
+                    "the operator ({by}) declared the target gone for good and it did not answer"
+                )
+            })
     }
 }
 

@@ -2644,11 +2644,7 @@ async fn ask_target(ctx: &AgentCtx, target: &str, id: &str, token: &str) -> (Tar
         .await
     })
     .await;
-    let reached = match &reply {
-        Some(Ok(_)) => true,
-        Some(Err(s)) => !crate::tls::unreached(s.code()),
-        None => false,
-    };
+    let reached = crate::tls::reached(&reply);
     let answer = match reply {
         Some(Ok(r)) => match pb::IncomingState::try_from(r.state) {
             Ok(pb::IncomingState::Committed) => TargetAnswer::Owned,
@@ -2951,8 +2947,8 @@ pub async fn settle_and_end(
 /// Why a settled migration did not commit: `first` (what interrupted the commit), and
 /// whose word took the VM back.
 fn not_committed_because(h: &OutgoingHandle, first: &str) -> String {
-    if let Some(by) = h.verdict.applied_by() {
-        format!("{first}; the operator ({by}) declared the target gone for good and it did not answer: the VM was taken back here")
+    if let Some(note) = h.verdict.settled_note() {
+        format!("{first}; {note}: the VM was taken back here")
     } else {
         format!("{first}; the target did not commit")
     }

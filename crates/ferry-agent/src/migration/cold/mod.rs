@@ -80,11 +80,8 @@ pub fn cold_settle(
     match answer {
         Some(Ok(r)) if r.finished => ColdSettle::Complete,
         Some(Ok(_)) => ColdSettle::Release,
-        None if target_declared_gone => ColdSettle::Release,
-        Some(Err(s)) if target_declared_gone && crate::tls::unreached(s.code()) => {
-            ColdSettle::Release
-        }
-        Some(Err(_)) | None => ColdSettle::AskAgain,
+        _ if target_declared_gone && !crate::tls::reached(answer) => ColdSettle::Release,
+        _ => ColdSettle::AskAgain,
     }
 }
 

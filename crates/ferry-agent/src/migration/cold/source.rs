@@ -400,7 +400,8 @@ impl Job {
         // The target hashes the images it already has before it answers: a channel whose
         // deadline covers that (a large image takes minutes), not the peer calls' usual one.
         let base = Duration::from_secs(self.ctx.cfg.migration.peer_call_timeout_s.max(1));
-        let deadline = prepare_deadline(base, self.images.iter().map(|i| i.length).sum());
+        let image_bytes: u64 = self.images.iter().map(|i| i.length).sum();
+        let deadline = prepare_deadline(base, image_bytes);
         let mut long = self.long_channel(deadline, "Prepare", &peer).await;
         let prep = long
             .prepare_cold_migration(req)
@@ -411,7 +412,7 @@ impl Job {
                     format!(
                         "no answer to Prepare within {} s (the target hashes the images it already has; for {} that allows reading at 100 MiB/s)",
                         deadline.as_secs(),
-                        ferry_disk::human_bytes(self.images.iter().map(|i| i.length).sum())
+                        ferry_disk::human_bytes(image_bytes)
                     )
                 } else {
                     format!("refused: {}", status_msg(&s))
@@ -846,11 +847,7 @@ async fn settle_with_target(
             |mut peer| async move { peer.abort_cold_migration(req).await },
         )
         .await;
-        let reached = match &answer {
-            Some(Ok(_)) => true,
-            Some(Err(s)) => !crate::tls::unreached(s.code()),
-            None => false,
-        };
+        let reached = crate::tls::reached(&answer);
         if verdict && reached {
             verdict_spent = true;
             warn!(migration = %id, "{label} answered after the operator declared it gone: its word settles the migration");
@@ -923,12 +920,9 @@ async fn settle_and_end(
         let reason = format!(
             "cold migration of VM '{vm}' from {} to {label}: {why}; {}",
             ctx.cfg.host_name,
-            match h.verdict.applied_by() {
-                Some(by) => format!(
-                    "the operator ({by}) declared the target gone for good and it did not answer"
-                ),
-                None => "the target did not define it".to_string(),
-            }
+            h.verdict
+                .settled_note()
+                .unwrap_or_else(|| "the target did not define it".to_string())
         );
         ctx.outgoing.end_unsuccessful(
             &h,
@@ -947,8 +941,8 @@ async fn settle_and_end(
 
 /// What the failure says when the operator's verdict released the VM.
 fn declared_gone_note(h: &OutgoingHandle) -> String {
-    match h.verdict.applied_by() {
-        Some(by) => format!("; the operator ({by}) declared the target gone for good and it did not answer: the VM was released here"),
+    match h.verdict.settled_note() {
+        Some(note) => format!("; {note}: the VM was released here"),
         None => String::new(),
     }
 }
