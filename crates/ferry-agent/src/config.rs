@@ -130,6 +130,11 @@ pub struct MigrationDefaults {
     /// How long the source waits for the target's answer to Commit before asking over
     /// gRPC (IN_DOUBT while it cannot), seconds.
     pub commit_timeout_s: u64,
+    /// How long a restarted target holding a committed, never-resumed VM keeps it paused
+    /// waiting for its source's word (the source may have taken it back on an operator's
+    /// verdict), seconds; then it resumes it. A source that is still settling asks within
+    /// seconds.
+    pub committed_await_source_s: u64,
     /// Deadline for every disk mirror to become READY, seconds.
     pub mirror_ready_timeout_s: u64,
     /// Settled migration records the journal keeps (history); older ones are pruned.
@@ -196,6 +201,7 @@ impl Default for MigrationDefaults {
             round_timeout_s: 120,
             switchover_timeout_s: 60,
             commit_timeout_s: 30,
+            committed_await_source_s: 300,
             mirror_ready_timeout_s: 3600,
             journal_history: 500,
             left_behind_retry_s: 60,

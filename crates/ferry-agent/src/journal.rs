@@ -92,6 +92,11 @@ pub struct MigrationRecord {
     /// what the operator asked.
     #[serde(default)]
     pub cold_undefine: Option<bool>,
+    /// Source side: the operator's verdict took the VM back here (the target, declared
+    /// gone for good, did not answer), journaled before the guest resumes; true until the
+    /// target has heard it (an Abort marked "taken back"). A record with it is not pruned.
+    #[serde(default)]
+    pub taken_back: bool,
     /// Not pruned before this time (milliseconds since the epoch; 0: no such limit): a
     /// cold migration's outcome on its target, which its source may ask for after an
     /// outage ([`COLD_OUTCOME_KEPT_MS`]).
@@ -121,6 +126,7 @@ impl MigrationRecord {
             staged_copies: Vec::new(),
             left_behind: Vec::new(),
             cold_undefine: None,
+            taken_back: false,
             keep_until_ms: 0,
             updated_ms: 0,
         }
@@ -278,7 +284,9 @@ impl Journal {
         let mut settled: Vec<MigrationRecord> = self
             .migrations()?
             .into_iter()
-            .filter(|r| r.settled() && r.left_behind.is_empty() && r.keep_until_ms <= now)
+            .filter(|r| {
+                r.settled() && r.left_behind.is_empty() && !r.taken_back && r.keep_until_ms <= now
+            })
             .collect();
         if settled.len() <= keep {
             return Ok(0);

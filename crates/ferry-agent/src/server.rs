@@ -139,6 +139,15 @@ async fn recover_outgoing(ctx: &Arc<AgentCtx>) {
         .into_iter()
         .filter_map(|v| v.held_by.map(|m| (m, v.spec.name)))
         .collect();
+    // Taken back on an operator's verdict, the target not told yet: tell it.
+    for rec in ctx.journal.migrations().unwrap_or_default() {
+        if rec.role == crate::journal::Role::Source && rec.settled() && rec.taken_back {
+            if let Some(status) = ctx.outgoing.status(&rec.id) {
+                let target = crate::migration::target_address(&status.target).to_string();
+                crate::migration::source::tell_target_taken_back(ctx.clone(), rec.id, target);
+            }
+        }
+    }
     for (rec, status) in ctx.outgoing.unsettled() {
         let mark = rec.mark.unwrap_or(
             if status.phase >= ferry_api::v1::MigrationPhase::Committing as i32 {
@@ -153,6 +162,7 @@ async fn recover_outgoing(ctx: &Arc<AgentCtx>) {
             capture: rec.capture.clone(),
             token: rec.token.clone(),
             cold_undefine: rec.cold_undefine,
+            taken_back: rec.taken_back,
         };
         let why = format!(
             "agent on {} restarted during the migration",

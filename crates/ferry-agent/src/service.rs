@@ -193,6 +193,7 @@ impl FerryControl for ControlService {
             capture: None,
             token: None,
             cold_undefine: None,
+            taken_back: false,
         };
         let handle = self.ctx.outgoing.register(status.clone(), meta);
         tokio::spawn(source::run_guarded(
@@ -462,7 +463,7 @@ impl FerryPeer for PeerService {
         let existed = self
             .ctx
             .incoming
-            .abort(&r.migration_id, &r.token, &r.reason, &who)
+            .abort(&r.migration_id, &r.token, &r.reason, r.taken_back, &who)
             .await?;
         Ok(Response::new(pb::AbortResponse { existed }))
     }

@@ -790,6 +790,21 @@ impl VmManager {
         }
     }
 
+    /// Lets go of a VM [`Self::hold`] held for `migration` (in memory: the journal never
+    /// knew of the hold): it runs, or stays paused.
+    pub async fn release_hold(&self, name: &str, migration: &str, running: bool) {
+        if let Some(e) = self.vms.lock().await.get_mut(name) {
+            if e.migration.as_deref() == Some(migration) {
+                e.migration = None;
+                e.state = if running {
+                    pb::VmState::Running
+                } else {
+                    pb::VmState::Paused
+                };
+            }
+        }
+    }
+
     /// Marks an adopted VM running (after its agent resumed it).
     pub async fn mark_running(&self, name: &str) {
         if let Some(e) = self.vms.lock().await.get_mut(name) {

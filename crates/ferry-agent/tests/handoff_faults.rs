@@ -579,7 +579,8 @@ async fn target_killed_after_making_a_disk_copy_leaves_none() {
 }
 
 /// The target agent dies after journaling the commit, before resuming: on restart it
-/// resumes the guest (the journal says it is its own).
+/// keeps the guest paused until its source's word; the source, still settling, asks, and
+/// the target resumes the guest (the journal says it is its own).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_killed_after_journaling_the_commit_resumes_on_restart() {
     let _s = SERIAL.lock().await;
@@ -809,6 +810,79 @@ async fn the_operator_takes_back_a_vm_whose_target_is_gone_for_good() {
     p.b.restart().await.expect("restart b");
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline && !files_in(p.b.ram_dir()).is_empty() {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_runs_on_the_source_only(&p).await;
+    assert!(!lists_vm(&p.b).await, "the VM is not defined on the target");
+    assert!(
+        files_in(p.b.ram_dir()).is_empty(),
+        "target RAM dir: {:?}",
+        files_in(p.b.ram_dir())
+    );
+}
+
+/// The target's agent dies right after journaling the commit (its QEMU alive, the guest
+/// paused there, never resumed), the source is left in doubt and the operator declares
+/// the target gone: the VM comes back to the source. When the target's agent comes back
+/// with its journal, it must not resume its committed copy (before, it did: the guest ran
+/// on both hosts); it waits for its source's word, hears that the VM was taken back, and
+/// discards the copy. Both QEMUs asked over QMP, throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_back_after_the_operator_took_the_vm_back_discards_its_committed_copy() {
+    let _s = SERIAL.lock().await;
+    let mut p = pair(None, Some("tgt.commit.journaled=return(exit)")).await;
+    boot(&p.a).await;
+    let id = start(&p, "lz4", false).await;
+    assert!(
+        p.b.wait_failpoint("tgt.commit.journaled", Duration::from_secs(180))
+            .await,
+        "the target committed\n{}",
+        p.a.log_tail()
+    );
+    wait_in_doubt(&p.a, &id).await;
+    assert!(!p.b.running(), "the target agent died at the failpoint");
+    assert!(
+        matches!(p.b.observe_qemu(VM).await, QemuObserved::Stopped(_)),
+        "the committed copy waits paused in the target QEMU"
+    );
+    assert_ne!(p.a.observe_qemu(VM).await, QemuObserved::Running);
+
+    let mut ca = p.a.client().await.expect("client a");
+    let end = ca
+        .resolve_migration(pb::ResolveMigrationRequest {
+            id: id.clone(),
+            target_gone: true,
+        })
+        .await
+        .expect("verdict taken")
+        .into_inner();
+    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+    assert_eq!(
+        p.a.observe_qemu(VM).await,
+        QemuObserved::Running,
+        "taken back on the source\n{}",
+        p.a.log_tail()
+    );
+
+    // The target's agent comes back with its journal at Committed and its QEMU alive.
+    p.b.set_failpoints(None);
+    p.b.restart().await.expect("restart b");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (a, b) = (p.a.observe_qemu(VM).await, p.b.observe_qemu(VM).await);
+        assert!(
+            !(a == QemuObserved::Running && b == QemuObserved::Running),
+            "the guest runs on both hosts\n{}",
+            p.b.log_tail()
+        );
+        if b == QemuObserved::NoQemu {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the target kept its copy ({b:?})\n{}",
+            p.b.log_tail()
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert_runs_on_the_source_only(&p).await;

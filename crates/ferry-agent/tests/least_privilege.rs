@@ -95,6 +95,7 @@ async fn aborts(peer: &mut FerryPeerClient<Channel>, mid: &str, token: &str, rea
             migration_id: mid.into(),
             reason: reason.into(),
             token: token.into(),
+            taken_back: false,
         })
         .await
         .expect("the preparing agent aborts")
@@ -257,6 +258,7 @@ async fn roles_tokens_and_the_deny_list() {
                 migration_id: mid.clone(),
                 reason: "hostile".into(),
                 token: prep.token.clone(),
+                taken_back: false,
             })
             .await,
         not_c,
@@ -277,6 +279,7 @@ async fn roles_tokens_and_the_deny_list() {
                 migration_id: mid.clone(),
                 reason: "no token".into(),
                 token: String::new(),
+                taken_back: false,
             })
             .await,
         "wrong token",

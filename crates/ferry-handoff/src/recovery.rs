@@ -156,6 +156,11 @@ pub enum TargetAction {
     ResumeAndOwn,
     /// Leave it paused (asked so), journal `Owned`.
     Own,
+    /// Committed, never resumed, its QEMU alive: keep the guest paused until the source
+    /// says where the VM is ([`SourceWord`], [`target_after_waiting`]). The source may have
+    /// taken the VM back meanwhile on its operator's verdict (this host declared gone for
+    /// good); resuming here at once would then run it on two hosts.
+    AwaitSource { leave_paused: bool },
     /// Nothing: an owned VM (re-adopted like any other) or a clean tombstone.
     Keep,
 }
@@ -164,18 +169,49 @@ pub enum TargetAction {
 pub fn target_recovery(mark: Receiver, qemu: TargetQemu) -> TargetAction {
     match (mark, qemu) {
         (Receiver::Prepared, _) => TargetAction::Discard,
-        (
-            Receiver::Committed {
-                leave_paused: false,
-            },
-            TargetQemu::Alive,
-        ) => TargetAction::ResumeAndOwn,
-        (Receiver::Committed { leave_paused: true }, TargetQemu::Alive) => TargetAction::Own,
+        (Receiver::Committed { leave_paused }, TargetQemu::Alive) => {
+            TargetAction::AwaitSource { leave_paused }
+        }
         // Never Owned, so the source still holds its fenced copy: hand the VM back.
         (Receiver::Committed { .. }, TargetQemu::Gone) => TargetAction::Discard,
         // A tombstone beside a live QEMU: a discard that did not finish.
         (Receiver::Aborted, TargetQemu::Alive) => TargetAction::Discard,
         (Receiver::Owned | Receiver::Aborted, _) => TargetAction::Keep,
+    }
+}
+
+/// What a restarted target holding a committed, never-resumed VM hears from its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceWord {
+    /// The source asked where the migration stands (`IncomingStatus` with its token): it
+    /// is still settling, so it has not taken the VM back, and it takes the target's
+    /// word for the outcome.
+    StillAsking,
+    /// The source took the VM back on its operator's verdict (`Abort` marked so): its
+    /// guest runs there.
+    TookBack,
+    /// Nothing within the wait (`committed_await_source_s`): the source host is gone or
+    /// cut off. It cannot have taken the VM back unless an operator declared this host
+    /// gone while it was not, and then it tells this host as soon as it reaches it.
+    Silent,
+}
+
+/// What a restarted target does once it hears from its source (or stops waiting), its
+/// QEMU as it is then: the VM is the target's unless the source took it back, or the QEMU
+/// died meanwhile (handed back, as on restart). Pure.
+pub fn target_after_waiting(
+    word: SourceWord,
+    leave_paused: bool,
+    qemu: TargetQemu,
+) -> TargetAction {
+    match (word, qemu) {
+        (SourceWord::TookBack, _) | (_, TargetQemu::Gone) => TargetAction::Discard,
+        (SourceWord::StillAsking | SourceWord::Silent, TargetQemu::Alive) if leave_paused => {
+            TargetAction::Own
+        }
+        (SourceWord::StillAsking | SourceWord::Silent, TargetQemu::Alive) => {
+            TargetAction::ResumeAndOwn
+        }
     }
 }
 
@@ -322,14 +358,16 @@ mod tests {
                 },
                 TargetQemu::Alive
             ),
-            TA::ResumeAndOwn
+            TA::AwaitSource {
+                leave_paused: false
+            }
         );
         assert_eq!(
             target_recovery(
                 Receiver::Committed { leave_paused: true },
                 TargetQemu::Alive
             ),
-            TA::Own
+            TA::AwaitSource { leave_paused: true }
         );
         assert_eq!(
             target_recovery(
@@ -349,5 +387,22 @@ mod tests {
             target_recovery(Receiver::Aborted, TargetQemu::Gone),
             TA::Keep
         );
+    }
+
+    #[test]
+    fn a_restarted_target_resumes_unless_its_source_took_the_vm_back() {
+        use SourceWord as W;
+        use TargetAction as TA;
+        for lp in [false, true] {
+            let own = if lp { TA::Own } else { TA::ResumeAndOwn };
+            let alive = TargetQemu::Alive;
+            assert_eq!(target_after_waiting(W::StillAsking, lp, alive), own);
+            assert_eq!(target_after_waiting(W::Silent, lp, alive), own);
+            assert_eq!(target_after_waiting(W::TookBack, lp, alive), TA::Discard);
+            for w in [W::StillAsking, W::Silent, W::TookBack] {
+                // Died while waiting: handed back, as a restart finding it gone does.
+                assert_eq!(target_after_waiting(w, lp, TargetQemu::Gone), TA::Discard);
+            }
+        }
     }
 }

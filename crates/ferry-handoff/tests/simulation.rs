@@ -10,13 +10,36 @@
 //! come back, and the world must settle with the guest running in exactly one QEMU and
 //! nothing left on the other host.
 //!
+//! The operator's verdict is in it too: while the source is in doubt and the target agent
+//! is down with no guest running there, the operator may declare the target gone; the
+//! source takes the VM back and tells the target (an Abort marked "taken back") until it
+//! answers, and a restarted target holding a committed copy waits for its source's word
+//! before resuming it. That wait runs out here only while the source agent is down with
+//! nothing left to tell: a wait that runs out while a source that took the VM back is down
+//! (an operator's verdict on a host that was not gone, then a source outage longer than
+//! the wait) is the risk ARCHITECTURE.md names, not modelled.
+//!
 //! `FERRY_SIM_SCHEDULES` sets the number of schedules (default 400; the long suite runs
-//! 10,000). A deliberately broken source (Commit sent before its QEMU is fenced, as ferry
-//! did before) must be caught.
+//! 10,000). Deliberately broken variants must be caught: a source that sends Commit before
+//! its QEMU is fenced (as ferry did before), and a restarted target that resumes its
+//! committed copy without its source's word.
 
 use ferry_handoff::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+/// The variants the simulation must catch.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Broken {
+    /// The real decisions.
+    No,
+    /// The source sends Commit as soon as the device state leaves (before its QEMU
+    /// completed), as ferry did before.
+    CommitBeforeFence,
+    /// A restarted target resumes its committed copy at once, without its source's word,
+    /// as ferry did before the operator's verdict could take a VM back.
+    ResumeWithoutSource,
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum SQ {
@@ -56,8 +79,10 @@ enum Msg {
     // gRPC.
     StatusReq,
     StatusResp(TargetAnswer),
-    AbortReq,
-    AbortResp(bool),
+    /// `true`: the source took the VM back on its operator's verdict.
+    AbortReq(bool),
+    /// Whether it existed there; whether it answers a "taken back" Abort.
+    AbortResp(bool, bool),
 }
 
 impl Msg {
@@ -67,7 +92,7 @@ impl Msg {
     fn to_target(&self) -> bool {
         matches!(
             self,
-            Msg::DeviceState | Msg::Commit | Msg::StatusReq | Msg::AbortReq
+            Msg::DeviceState | Msg::Commit | Msg::StatusReq | Msg::AbortReq(_)
         )
     }
 }
@@ -75,18 +100,20 @@ impl Msg {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Ctx {
     Commit,
-    Abort,
+    /// An Abort; `true`: marked "taken back".
+    Abort(bool),
     Internal,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 enum Item {
     Fx(Effect, Ctx),
-    ReplyAbort(bool),
+    /// Whether it existed; whether the Abort said "taken back".
+    ReplyAbort(bool, bool),
 }
 
 struct World {
-    broken: bool,
+    broken: Broken,
     s_up: bool,
     s_phase: SP,
     s_mark: SourceMark,
@@ -94,10 +121,16 @@ struct World {
     capture_whole: bool,
     /// A gRPC request of the source is outstanding.
     s_asking: bool,
+    /// Taken back on the operator's verdict; the target has not answered the news yet
+    /// (journaled: survives a restart).
+    s_tell: bool,
     t_up: bool,
     t_rec: Option<Receiver>,
     t_queue: Vec<Item>,
     t_pending_commit: bool,
+    /// Restarted with a committed copy: waiting for the source's word (its
+    /// `leave_paused`). In memory only.
+    t_awaiting: Option<bool>,
     tq: TQ,
     conn: bool,
     net: Vec<Msg>,
@@ -105,7 +138,7 @@ struct World {
 }
 
 impl World {
-    fn new(broken: bool) -> World {
+    fn new(broken: Broken) -> World {
         World {
             broken,
             s_up: true,
@@ -114,10 +147,12 @@ impl World {
             sq: SQ::Running,
             capture_whole: false,
             s_asking: false,
+            s_tell: false,
             t_up: true,
             t_rec: Some(Receiver::Prepared),
             t_queue: vec![],
             t_pending_commit: false,
+            t_awaiting: None,
             tq: TQ::Incoming,
             conn: true,
             net: vec![],
@@ -159,7 +194,7 @@ impl World {
         }
         self.s_mark = SourceMark::Settled;
         self.s_phase = SP::Done;
-        self.send(Msg::AbortReq);
+        self.send(Msg::AbortReq(false));
         // The source closes the data plane: a target that misses the Abort still sees
         // its source go away.
         self.conn = false;
@@ -177,7 +212,7 @@ impl World {
             }
             Some(SourceAction::AbortTargetThenRollBack) => {
                 self.s_asking = true;
-                self.send(Msg::AbortReq);
+                self.send(Msg::AbortReq(false));
             }
             Some(SourceAction::RollBack(r)) => self.roll_back(r),
             Some(SourceAction::HoldInDoubt) => {
@@ -203,7 +238,7 @@ impl World {
                 // migrate-continue: the device state leaves through the agent's relay.
                 self.send(Msg::DeviceState);
                 self.s_phase = SP::Continued;
-                if self.broken {
+                if self.broken == Broken::CommitBeforeFence {
                     self.s_mark = SourceMark::CommitSent;
                     self.send(Msg::Commit);
                 }
@@ -212,7 +247,7 @@ impl World {
                 self.sq = SQ::Fenced;
                 self.capture_whole = true;
                 self.s_phase = SP::Fenced;
-                if self.broken {
+                if self.broken == Broken::CommitBeforeFence {
                     self.s_phase = SP::Awaiting;
                 }
             }
@@ -231,7 +266,27 @@ impl World {
                 self.s_asking = false;
                 self.settle(TargetAnswer::Unreachable);
             }
+            SP::Done if self.s_tell => self.send(Msg::AbortReq(true)),
             SP::Done => return false,
+        }
+        true
+    }
+
+    /// The operator declares the target gone for good while the source is in doubt and
+    /// the target agent is down with no guest running there (a true verdict): the next
+    /// question does not reach it, so the verdict decides.
+    fn operator_verdict(&mut self) -> bool {
+        if !self.s_up || self.s_phase != SP::Settling || self.t_up || self.tq == TQ::Running {
+            return false;
+        }
+        // The verdict counts only for a question that did not reach the target: none of
+        // the source's questions gets there after it.
+        self.s_asking = false;
+        self.net.retain(|m| *m != Msg::StatusReq);
+        self.settle(answer_with_verdict(TargetAnswer::Unreachable, true));
+        if self.s_phase == SP::Done {
+            self.s_tell = true;
+            self.send(Msg::AbortReq(true));
         }
         true
     }
@@ -263,10 +318,14 @@ impl World {
                 }
             }
             Msg::StatusResp(a) if self.s_phase == SP::Settling && self.s_asking => self.settle(a),
-            Msg::AbortResp(true) if self.s_phase == SP::Settling && self.s_asking => {
+            // Any answer to the news settles it (discarded, nothing there, or refused).
+            Msg::AbortResp(_, true) if self.s_phase == SP::Done => self.s_tell = false,
+            Msg::AbortResp(true, false) if self.s_phase == SP::Settling && self.s_asking => {
                 self.settle(TargetAnswer::Aborted)
             }
-            Msg::AbortResp(false) if self.s_phase == SP::Settling && self.s_asking => self.ask(),
+            Msg::AbortResp(false, false) if self.s_phase == SP::Settling && self.s_asking => {
+                self.ask()
+            }
             _ => {}
         }
     }
@@ -300,9 +359,9 @@ impl World {
         // The state moves as its journal effects are carried out (crash in between).
         self.t_queue
             .extend(fx.into_iter().map(|e| Item::Fx(e, ctx)));
-        if ctx == Ctx::Abort {
+        if let Ctx::Abort(taken_back) = ctx {
             let aborted = matches!(rec, Receiver::Prepared | Receiver::Aborted);
-            self.t_queue.push(Item::ReplyAbort(aborted));
+            self.t_queue.push(Item::ReplyAbort(aborted, taken_back));
         }
         // Non-journaled transitions take effect at once.
         if let (Receiver::Prepared, ReceiverEvent::CommitAsked { .. }) = (rec, &ev) {
@@ -330,7 +389,9 @@ impl World {
         }
         // The agent holds the migration's state lock while it carries out a step's
         // effects: a commit or abort arriving meanwhile waits its turn.
-        if !self.t_queue.is_empty() && matches!(m, Msg::Commit | Msg::AbortReq | Msg::DeviceState) {
+        if !self.t_queue.is_empty()
+            && matches!(m, Msg::Commit | Msg::AbortReq(_) | Msg::DeviceState)
+        {
             self.net.push(m);
             return;
         }
@@ -352,13 +413,21 @@ impl World {
                 }
             }
             Msg::StatusReq => {
+                // A source still asking has not taken the VM back.
+                self.after_waiting(SourceWord::StillAsking);
                 let a = self
                     .t_rec
                     .map(TargetAnswer::from)
                     .unwrap_or(TargetAnswer::Unknown);
                 self.send(Msg::StatusResp(a));
             }
-            Msg::AbortReq => self.target_step(ReceiverEvent::AbortAsked, Ctx::Abort),
+            Msg::AbortReq(true) if self.t_awaiting.is_some() => {
+                self.after_waiting(SourceWord::TookBack);
+                self.send(Msg::AbortResp(true, true));
+            }
+            Msg::AbortReq(taken_back) => {
+                self.target_step(ReceiverEvent::AbortAsked, Ctx::Abort(taken_back))
+            }
             _ => {}
         }
     }
@@ -378,7 +447,7 @@ impl World {
         }
         let item = self.t_queue.remove(0);
         match item {
-            Item::ReplyAbort(ok) => self.send(Msg::AbortResp(ok)),
+            Item::ReplyAbort(ok, taken_back) => self.send(Msg::AbortResp(ok, taken_back)),
             Item::Fx(e, ctx) => match e {
                 Effect::JournalCommitted { leave_paused } => {
                     self.t_rec = Some(Receiver::Committed { leave_paused })
@@ -408,6 +477,7 @@ impl World {
 
     fn target_crash(&mut self) {
         self.t_up = false;
+        self.t_awaiting = None;
         self.t_queue.clear();
         self.t_pending_commit = false;
         self.conn = false;
@@ -422,23 +492,46 @@ impl World {
             } else {
                 TargetQemu::Alive
             };
-            match target_recovery(r, q) {
-                TargetAction::Discard => {
-                    self.tq = TQ::Gone;
-                    self.t_rec = Some(Receiver::Aborted);
-                }
-                TargetAction::ResumeAndOwn => {
-                    // `cont` is idempotent: it may have resumed before the crash.
-                    assert!(
-                        matches!(self.tq, TQ::Loaded | TQ::Running),
-                        "committed implies loaded"
-                    );
-                    self.tq = TQ::Running;
-                    self.t_rec = Some(Receiver::Owned);
-                }
-                TargetAction::Own => self.t_rec = Some(Receiver::Owned),
-                TargetAction::Keep => {}
+            self.target_act(target_recovery(r, q));
+        }
+    }
+
+    fn target_act(&mut self, a: TargetAction) {
+        match a {
+            TargetAction::Discard => {
+                self.tq = TQ::Gone;
+                self.t_rec = Some(Receiver::Aborted);
             }
+            TargetAction::ResumeAndOwn => {
+                // `cont` is idempotent: it may have resumed before the crash.
+                assert!(
+                    matches!(self.tq, TQ::Loaded | TQ::Running),
+                    "committed implies loaded"
+                );
+                self.tq = TQ::Running;
+                self.t_rec = Some(Receiver::Owned);
+            }
+            TargetAction::Own => self.t_rec = Some(Receiver::Owned),
+            TargetAction::AwaitSource { leave_paused }
+                if self.broken == Broken::ResumeWithoutSource =>
+            {
+                self.t_awaiting = Some(leave_paused);
+                self.after_waiting(SourceWord::Silent);
+            }
+            TargetAction::AwaitSource { leave_paused } => self.t_awaiting = Some(leave_paused),
+            TargetAction::Keep => {}
+        }
+    }
+
+    /// A restarted target waiting for its source hears `word` (nothing if not waiting).
+    fn after_waiting(&mut self, word: SourceWord) {
+        if let Some(leave_paused) = self.t_awaiting.take() {
+            let q = if self.tq == TQ::Gone {
+                TargetQemu::Gone
+            } else {
+                TargetQemu::Alive
+            };
+            self.target_act(target_after_waiting(word, leave_paused, q));
         }
     }
 
@@ -458,6 +551,8 @@ impl World {
 
     fn settled(&self) -> bool {
         self.s_phase == SP::Done
+            && !self.s_tell
+            && self.t_awaiting.is_none()
             && self.t_queue.is_empty()
             && self.net.is_empty()
             && (self.t_rec != Some(Receiver::Prepared) || self.conn)
@@ -491,14 +586,14 @@ impl World {
 }
 
 /// Runs one schedule; `Err` describes the violation with the event log.
-fn run(seed: u64, broken: bool) -> Result<(), String> {
+fn run(seed: u64, broken: Broken) -> Result<(), String> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut w = World::new(broken);
     let faults_max = rng.gen_range(0..=5);
     let mut faults = 0;
     for _ in 0..400 {
         let fault_ok = faults < faults_max;
-        let choice = rng.gen_range(0..100);
+        let choice = rng.gen_range(0..102);
         let what = match choice {
             0..=29 => {
                 if w.source_progress() {
@@ -558,6 +653,15 @@ fn run(seed: u64, broken: bool) -> Result<(), String> {
                 faults += 1;
                 w.tq = TQ::Gone;
                 "kill -9 target QEMU"
+            }
+            // The wait runs out (see the module docs for when).
+            100 if w.t_up && w.t_awaiting.is_some() && !w.s_up && !w.s_tell => {
+                w.after_waiting(SourceWord::Silent);
+                "target stops waiting for its source"
+            }
+            101 if fault_ok && w.operator_verdict() => {
+                faults += 1;
+                "operator declares the target gone"
             }
             99 if fault_ok && w.s_up => {
                 if w.source_fail() {
@@ -626,7 +730,7 @@ fn schedules() -> u64 {
 fn handoff_keeps_one_owner_under_seeded_faults() {
     let n = schedules();
     for seed in 0..n {
-        if let Err(e) = run(seed, false) {
+        if let Err(e) = run(seed, Broken::No) {
             panic!("{e}");
         }
     }
@@ -638,10 +742,28 @@ fn simulation_catches_a_commit_sent_before_the_fence() {
     // The broken source sends Commit as soon as the device state leaves (before its QEMU
     // completed): a source agent crash then lets its QEMU resume while the target commits.
     let n = schedules().max(400);
-    let caught = (0..n).filter_map(|seed| run(seed, true).err()).next();
+    let caught = (0..n)
+        .filter_map(|seed| run(seed, Broken::CommitBeforeFence).err())
+        .next();
     let e = caught.expect("the broken variant was not caught");
     assert!(
         e.contains("both hosts") || e.contains("2 QEMUs"),
         "caught for the wrong reason: {e}"
     );
+}
+
+#[test]
+fn simulation_catches_a_target_that_resumes_without_its_source() {
+    // After an operator's verdict took the VM back to the source, a restarted target that
+    // resumes its committed copy without waiting for the source's word runs it twice.
+    let n = schedules().max(20_000);
+    let caught = (0..n)
+        .filter_map(|seed| run(seed, Broken::ResumeWithoutSource).err())
+        .next();
+    let e = caught.expect("the broken variant was not caught");
+    assert!(
+        e.contains("both hosts") || e.contains("2 QEMUs"),
+        "caught for the wrong reason: {e}"
+    );
+    assert!(e.contains("operator declares"), "not after a verdict: {e}");
 }

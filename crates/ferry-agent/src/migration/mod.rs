@@ -140,6 +140,9 @@ pub struct SourceMeta {
     /// A cold migration: whether the definition goes from this host once the target has
     /// the VM (`None`: live).
     pub cold_undefine: Option<bool>,
+    /// The operator's verdict took the VM back here; the target has not heard it yet
+    /// ([`crate::journal::MigrationRecord::taken_back`]).
+    pub taken_back: bool,
 }
 
 impl SourceMeta {
@@ -177,6 +180,7 @@ impl OutgoingHandle {
             capture: None,
             token: None,
             cold_undefine: None,
+            taken_back: false,
         })
     }
 
@@ -388,6 +392,7 @@ impl Outgoing {
         rec.capture = meta.capture;
         rec.token = meta.token;
         rec.cold_undefine = meta.cold_undefine;
+        rec.taken_back = meta.taken_back;
         ops.insert(0, Op::PutMigration(rec));
         self.journal.apply(&ops)
     }

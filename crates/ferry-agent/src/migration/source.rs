@@ -39,7 +39,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// How long into round 0 the guest's write rate is sampled.
 const WRITE_RATE_SAMPLE: Duration = Duration::from_millis(500);
@@ -2558,6 +2558,7 @@ impl Migration {
                 migration_id: self.p.job.id.clone(),
                 reason: reason.clone(),
                 token: self.token.clone(),
+                taken_back: false,
             };
             if let Err(err) = tokio::time::timeout(Duration::from_secs(10), peer.abort(req)).await {
                 warn!(migration = %self.p.job.id, "target abort call: {err}");
@@ -2718,6 +2719,7 @@ async fn abort_target(
         migration_id: id.to_string(),
         reason: reason.to_string(),
         token: token.to_string(),
+        taken_back: false,
     };
     peer_call(ctx, target, |mut peer| async move { peer.abort(req).await }).await
 }
@@ -2726,11 +2728,27 @@ async fn abort_target(
 /// migration is IN_DOUBT (journaled, shown at once) and the guest stays paused here.
 /// Returns `Finish` (the target owns the VM) or `RollBack` (take it back).
 pub async fn settle(
-    ctx: &AgentCtx,
-    h: &OutgoingHandle,
+    ctx: &Arc<AgentCtx>,
+    h: &Arc<OutgoingHandle>,
     target: &str,
     proc: Option<&Arc<QemuProcess>>,
 ) -> SourceAction {
+    let meta = h.meta();
+    if meta.taken_back {
+        // The operator's verdict decided before this agent restarted: not a question to
+        // the target again (one waiting for its source's word would take it as "still
+        // settling" and resume its copy), only the news.
+        h.verdict
+            .declare("an operator, before this agent restarted");
+        h.verdict.apply();
+        tell_target_taken_back(ctx.clone(), h.id.clone(), target.to_string());
+        let qemu = source_qemu(proc).await;
+        return SourceAction::RollBack(rollback_resume(
+            qemu,
+            meta.was_running,
+            meta.capture_whole(),
+        ));
+    }
     let mut in_doubt = false;
     let mut verdict_spent = false;
     if h.meta().mark == SourceMark::CommitSent {
@@ -2774,6 +2792,11 @@ pub async fn settle(
             Some(a @ SourceAction::RollBack(_)) if by_verdict => {
                 warn!(migration = %h.id, "the operator declared {target} gone for good and it still does not answer: the VM is taken back here");
                 h.verdict.apply();
+                // Journaled before the guest resumes here: a restart then takes it back
+                // again without asking, and the target hears it when it comes back.
+                h.set_meta(|m| m.taken_back = true);
+                ctx.outgoing.persist(h);
+                tell_target_taken_back(ctx.clone(), h.id.clone(), target.to_string());
                 return a;
             }
             Some(a @ (SourceAction::Finish | SourceAction::RollBack(_))) => return a,
@@ -2817,6 +2840,70 @@ pub async fn settle(
         }
         pause = (pause * 2).min(Duration::from_secs(5));
     }
+}
+
+/// Tells the target, until it answers, that the operator's verdict took migration `id`'s
+/// VM back here: a target that comes back holding a committed copy discards it instead of
+/// resuming it (`ferry_handoff::SourceWord::TookBack`). Then, once the migration's end is
+/// journaled, clears the record's `taken_back` (a restart before that tells again).
+pub fn tell_target_taken_back(ctx: Arc<AgentCtx>, id: String, target: String) {
+    tokio::spawn(async move {
+        let token = ctx
+            .journal
+            .migration(&id)
+            .ok()
+            .flatten()
+            .and_then(|r| r.token)
+            .unwrap_or_default();
+        let mut pause = Duration::from_secs(1);
+        loop {
+            let req = pb::AbortRequest {
+                migration_id: id.clone(),
+                reason: "the source took the VM back on its operator's verdict".into(),
+                token: token.clone(),
+                taken_back: true,
+            };
+            let reply = peer_call(
+                &ctx,
+                &target,
+                |mut peer| async move { peer.abort(req).await },
+            )
+            .await;
+            match &reply {
+                Some(Ok(r)) => {
+                    info!(migration = %id, discarded = r.existed, "{target} heard that the VM was taken back");
+                    break;
+                }
+                Some(Err(s)) if crate::tls::reached(&reply) => {
+                    if s.code() == tonic::Code::FailedPrecondition {
+                        error!(migration = %id, "{target} answered that it runs the VM: it runs on two hosts (the operator's verdict found a host that was not gone); stop one: {}", s.message());
+                    } else {
+                        warn!(migration = %id, "{target} refused the news that the VM was taken back: {}", s.message());
+                    }
+                    break;
+                }
+                _ => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+        // The end is journaled right after the guest resumes; a restart before it tells
+        // again (the flag stays).
+        for _ in 0..600 {
+            match ctx.journal.migration(&id) {
+                Ok(Some(mut r)) if r.settled() => {
+                    r.taken_back = false;
+                    if let Err(e) = ctx.journal.put_migration(&r) {
+                        warn!(migration = %id, "journal: {e}");
+                    }
+                    return;
+                }
+                Ok(Some(_)) => tokio::time::sleep(Duration::from_secs(1)).await,
+                _ => return,
+            }
+        }
+    });
 }
 
 /// The target owns the VM: stop the source QEMU, remove RAM file and capture, forget the

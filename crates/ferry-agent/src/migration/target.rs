@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch, Mutex};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// An incoming migration's ownership state ([`Receiver`], journaled before its effects)
 /// and what the data plane has seen.
@@ -273,6 +273,16 @@ pub struct IncomingRegistry {
     slots: Arc<super::Slots>,
     /// Incoming cold (offline) migrations: `migration/cold.rs`.
     cold: Arc<super::cold::ColdRegistry>,
+    /// Migrations committed here before a restart and never resumed, waiting for their
+    /// source's word ([`ferry_handoff::TargetAction::AwaitSource`]): where to tell it.
+    awaiting: std::sync::Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<Heard>>>,
+}
+
+/// What a restarted target waiting for its source heard, and (for an Abort) where to say
+/// how it was settled.
+pub struct Heard {
+    word: ferry_handoff::SourceWord,
+    settled: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
 }
 
 impl IncomingRegistry {
@@ -296,6 +306,7 @@ impl IncomingRegistry {
             pending: std::sync::Mutex::default(),
             slots: Arc::default(),
             cold: Arc::default(),
+            awaiting: std::sync::Mutex::default(),
         })
     }
 
@@ -1046,12 +1057,15 @@ impl IncomingRegistry {
     }
 
     /// Abort (asked by the source that prepared it): discard everything; refused once
-    /// committed.
+    /// committed. `taken_back`: the source took the VM back on its operator's verdict —
+    /// a copy committed before a restart and waiting for its source is discarded too, and
+    /// one that runs here is refused (FAILED_PRECONDITION: the VM runs on both hosts).
     pub async fn abort(
         self: &Arc<Self>,
         id: &str,
         token: &str,
         reason: &str,
+        taken_back: bool,
         caller: &PeerIdentity,
     ) -> Result<bool, Status> {
         let found = {
@@ -1067,14 +1081,12 @@ impl IncomingRegistry {
                         .pending
                         .lock()
                         .map_err(|_| Status::internal("incoming registry lock"))?;
-                    return match p.get_mut(id) {
-                        Some(pre) => {
-                            self.authorize(id, &pre.token, &pre.peer, token, caller)?;
-                            pre.abort_asked = true;
-                            Ok(true)
-                        }
-                        None => Ok(false),
-                    };
+                    if let Some(pre) = p.get_mut(id) {
+                        self.authorize(id, &pre.token, &pre.peer, token, caller)?;
+                        pre.abort_asked = true;
+                        return Ok(true);
+                    }
+                    None
                 }
             }
         };
@@ -1091,7 +1103,54 @@ impl IncomingRegistry {
                 .await
                 .map(|_| true)
             }
+            None if taken_back => self.taken_back(id, token, caller).await,
             None => Ok(false),
+        }
+    }
+
+    /// The source's news that its operator's verdict took the VM back, for a migration
+    /// only the journal knows: a copy waiting for its source's word is discarded (`true`);
+    /// one owned here is refused; nothing here, `false`.
+    async fn taken_back(
+        self: &Arc<Self>,
+        id: &str,
+        token: &str,
+        caller: &PeerIdentity,
+    ) -> Result<bool, Status> {
+        let journal_err =
+            |e| Status::unavailable(format!("host {} cannot read its journal: {e}", self.host()));
+        let Some(r) = self
+            .journal
+            .migration(id)
+            .map_err(journal_err)?
+            .filter(|r| r.role == Role::Target)
+        else {
+            return Ok(false);
+        };
+        self.authorize(
+            &r.id,
+            r.token.as_deref().unwrap_or_default(),
+            &r.peer,
+            token,
+            caller,
+        )?;
+        if let Some(settled) = self.hear(id, ferry_handoff::SourceWord::TookBack) {
+            // Stopped waiting meanwhile (its source asked first): the journal says.
+            if let Ok(done) = settled.await {
+                warn!(migration = %id, vm = %r.vm, "the source took the VM back on its operator's verdict: the copy committed here before a restart is discarded");
+                return done.map(|()| true).map_err(Status::internal);
+            }
+        }
+        let r = self.journal.migration(id).map_err(journal_err)?;
+        match r.and_then(|r| r.receiver) {
+            Some(Receiver::Committed { .. } | Receiver::Owned) => {
+                error!(migration = %id, "the source took the VM back on its operator's verdict, but it runs here: it runs on two hosts");
+                Err(Status::failed_precondition(format!(
+                    "migration {id}: the VM runs on {} (committed here); the source's verdict found a host that was not gone: the VM runs on two hosts, stop one",
+                    self.host()
+                )))
+            }
+            _ => Ok(false),
         }
     }
 
@@ -1193,6 +1252,11 @@ impl IncomingRegistry {
                     token,
                     caller,
                 )?;
+                if matches!(r.receiver, Some(Receiver::Committed { .. })) {
+                    // A source still asking has not taken the VM back: a copy waiting for
+                    // its word resumes (and says Owned at the next question).
+                    let _ = self.hear(id, ferry_handoff::SourceWord::StillAsking);
+                }
                 Ok(match r.receiver {
                     // A Prepare still making its disk copies (or one a crash cut short):
                     // nothing was promised, nothing can commit it.
@@ -1212,7 +1276,7 @@ impl IncomingRegistry {
 
     /// After a restart: settles every journaled incoming migration that was not, per
     /// [`ferry_handoff::target_recovery`] (runs after [`VmManager::recover`]).
-    pub async fn recover(&self) -> anyhow::Result<()> {
+    pub async fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
         use ferry_handoff::{target_recovery, TargetAction, TargetQemu};
         for r in self.journal.migrations()? {
             if r.role != Role::Target {
@@ -1264,41 +1328,125 @@ impl IncomingRegistry {
             };
             let action = target_recovery(recv, alive);
             info!(migration = %r.id, vm = %r.vm, ?recv, ?alive, ?action, "settling incoming migration after restart");
-            let mut rec = r.clone();
             match action {
-                TargetAction::Discard => {
-                    let mut left = self.discard(&r.vm, &r.id, proc.as_ref(), &r.copies).await;
-                    // A Prepare that died making its copies: only what it provably made.
-                    for p in super::disks::remove_proven_copies(&r.staged_copies, &r.id) {
-                        if !left.contains(&p) {
-                            left.push(p);
-                        }
-                    }
-                    rec.left_behind = left;
-                    rec.receiver = Some(Receiver::Aborted);
-                    rec.state = "aborted".into();
-                    self.journal
-                        .apply(&[Op::PutMigration(rec), Op::RemoveVm(r.vm.clone())])?;
+                TargetAction::AwaitSource { leave_paused } => {
+                    self.await_source(r, leave_paused).await
                 }
-                TargetAction::ResumeAndOwn | TargetAction::Own => {
-                    if action == TargetAction::ResumeAndOwn {
-                        if let Some(p) = proc {
-                            p.qmp().cont().await.map_err(|e| {
-                                anyhow::anyhow!("resuming committed VM '{}': {e}", r.vm)
-                            })?;
-                        }
-                        self.vms.mark_running(&r.vm).await;
-                    }
-                    rec.receiver = Some(Receiver::Owned);
-                    rec.state = "owned".into();
-                    self.journal.put_migration(&rec)?;
-                    super::disks::release_staging(&r.copies, &r.id);
-                }
-                TargetAction::Keep => {}
+                a => self.settle_restarted(&r, proc, a).await?,
             }
         }
         self.remove_left_behind().await;
         Ok(())
+    }
+
+    /// Carries out a restart's decision on journaled migration `r` (not `AwaitSource`).
+    async fn settle_restarted(
+        &self,
+        r: &MigrationRecord,
+        proc: Option<Arc<QemuProcess>>,
+        action: ferry_handoff::TargetAction,
+    ) -> anyhow::Result<()> {
+        use ferry_handoff::TargetAction;
+        let mut rec = r.clone();
+        match action {
+            TargetAction::Discard => {
+                let mut left = self.discard(&r.vm, &r.id, proc.as_ref(), &r.copies).await;
+                // A Prepare that died making its copies: only what it provably made.
+                for p in super::disks::remove_proven_copies(&r.staged_copies, &r.id) {
+                    if !left.contains(&p) {
+                        left.push(p);
+                    }
+                }
+                rec.left_behind = left;
+                rec.receiver = Some(Receiver::Aborted);
+                rec.state = "aborted".into();
+                self.journal
+                    .apply(&[Op::PutMigration(rec), Op::RemoveVm(r.vm.clone())])?;
+            }
+            TargetAction::ResumeAndOwn | TargetAction::Own => {
+                let resume = action == TargetAction::ResumeAndOwn;
+                if resume {
+                    if let Some(p) = proc {
+                        p.qmp().cont().await.map_err(|e| {
+                            anyhow::anyhow!("resuming committed VM '{}': {e}", r.vm)
+                        })?;
+                    }
+                    self.vms.mark_running(&r.vm).await;
+                }
+                self.vms.release_hold(&r.vm, &r.id, resume).await;
+                rec.receiver = Some(Receiver::Owned);
+                rec.state = "owned".into();
+                self.journal.put_migration(&rec)?;
+                super::disks::release_staging(&r.copies, &r.id);
+            }
+            TargetAction::AwaitSource { .. } | TargetAction::Keep => {}
+        }
+        Ok(())
+    }
+
+    /// A VM committed here before a restart and never resumed: held paused (nothing may
+    /// resume it meanwhile) until its source's word, or `committed_await_source_s`; then
+    /// settled per [`ferry_handoff::target_after_waiting`], in the background. The source,
+    /// if it took the VM back on its operator's verdict, says so with an Abort marked
+    /// "taken back"; if it is still settling, it asks `IncomingStatus` within seconds.
+    async fn await_source(self: &Arc<Self>, r: MigrationRecord, leave_paused: bool) {
+        use ferry_handoff::{target_after_waiting, SourceWord, TargetQemu};
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Heard>();
+        if let Ok(mut a) = self.awaiting.lock() {
+            a.insert(r.id.clone(), tx);
+        }
+        self.vms.hold(&r.vm, &r.id).await;
+        let wait = Duration::from_secs(self.cfg.migration.committed_await_source_s);
+        warn!(migration = %r.id, vm = %r.vm, "committed here before a restart and never resumed: the guest stays paused until {} says where the VM is (at most {} s)", r.peer, wait.as_secs());
+        let me = self.clone();
+        tokio::spawn(async move {
+            let heard = tokio::time::timeout(wait, rx.recv()).await.ok().flatten();
+            // Later words find no one waiting and are answered from the journal.
+            if let Ok(mut a) = me.awaiting.lock() {
+                a.remove(&r.id);
+            }
+            let (word, settled) = match heard {
+                Some(h) => (h.word, h.settled),
+                None => (SourceWord::Silent, None),
+            };
+            let proc = me
+                .vms
+                .spec_and_process(&r.vm)
+                .await
+                .ok()
+                .and_then(|(_, p)| p);
+            let alive = if proc.is_some() {
+                TargetQemu::Alive
+            } else {
+                TargetQemu::Gone
+            };
+            let action = target_after_waiting(word, leave_paused, alive);
+            info!(migration = %r.id, vm = %r.vm, ?word, ?alive, ?action, "the source's word on a VM committed here before a restart");
+            let result = me.settle_restarted(&r, proc, action).await;
+            if let Err(e) = &result {
+                error!(migration = %r.id, vm = %r.vm, "settling after the source's word: {e:#}");
+            }
+            if let Some(s) = settled {
+                let _ = s.send(result.map_err(|e| format!("{e:#}")));
+            }
+        });
+    }
+
+    /// Tells a migration waiting for its source's word (if it is) what it heard; returns
+    /// where the settlement will be said for `TookBack`, `None` if none is waiting.
+    fn hear(
+        &self,
+        id: &str,
+        word: ferry_handoff::SourceWord,
+    ) -> Option<tokio::sync::oneshot::Receiver<Result<(), String>>> {
+        let tx = self.awaiting.lock().ok()?.get(id).cloned()?;
+        let (settled, rx) = tokio::sync::oneshot::channel();
+        tx.send(Heard {
+            word,
+            settled: Some(settled),
+        })
+        .ok()?;
+        Some(rx)
     }
 
     /// Another try at the disk copies that migrations which did not commit left behind

@@ -125,6 +125,7 @@ pub async fn start(
         capture: None,
         token: None,
         cold_undefine: Some(p.undefine_source),
+        taken_back: false,
     };
     let h = ctx.outgoing.register(status.clone(), meta);
     let job = p.job.clone();
