@@ -140,11 +140,21 @@ async fn recover_outgoing(ctx: &Arc<AgentCtx>) {
         .filter_map(|v| v.held_by.map(|m| (m, v.spec.name)))
         .collect();
     // Taken back on an operator's verdict, the target not told yet: tell it.
-    for rec in ctx.journal.migrations().unwrap_or_default() {
+    let records = ctx.journal.migrations().unwrap_or_else(|e| {
+        error!("journal: {e}: migrations not read at start-up");
+        Vec::new()
+    });
+    for rec in records {
         if rec.role == crate::journal::Role::Source && rec.settled() && rec.taken_back {
             if let Some(status) = ctx.outgoing.status(&rec.id) {
                 let target = crate::migration::target_address(&status.target).to_string();
-                crate::migration::source::tell_target_taken_back(ctx.clone(), rec.id, target);
+                let token = rec.token.clone().unwrap_or_default();
+                crate::migration::source::tell_target_taken_back(
+                    ctx.clone(),
+                    rec.id,
+                    target,
+                    token,
+                );
             }
         }
     }

@@ -39,6 +39,9 @@ enum Broken {
     /// A restarted target resumes its committed copy at once, without its source's word,
     /// as ferry did before the operator's verdict could take a VM back.
     ResumeWithoutSource,
+    /// The operator's verdict counts for a question that was sent and not answered (it may
+    /// still reach the target), as the first version of the verdict's rule had it.
+    VerdictOnAQuestionSent,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -279,10 +282,14 @@ impl World {
         if !self.s_up || self.s_phase != SP::Settling || self.t_up || self.tq == TQ::Running {
             return false;
         }
-        // The verdict counts only for a question that did not reach the target: none of
-        // the source's questions gets there after it.
+        // The verdict counts only for a question that was never sent (no connection to
+        // the target): none of the source's questions may still be on its way there — a
+        // target back from a restart and waiting for its source would take one as "still
+        // settling" and resume.
+        if self.net.contains(&Msg::StatusReq) && self.broken != Broken::VerdictOnAQuestionSent {
+            return false;
+        }
         self.s_asking = false;
-        self.net.retain(|m| *m != Msg::StatusReq);
         self.settle(answer_with_verdict(TargetAnswer::Unreachable, true));
         if self.s_phase == SP::Done {
             self.s_tell = true;
@@ -766,4 +773,20 @@ fn simulation_catches_a_target_that_resumes_without_its_source() {
         "caught for the wrong reason: {e}"
     );
     assert!(e.contains("operator declares"), "not after a verdict: {e}");
+}
+
+#[test]
+fn simulation_catches_a_verdict_on_a_question_that_may_still_arrive() {
+    // The question was sent, its answer did not come back in time, the verdict took the VM
+    // back; the question then reaches a target back from a restart, which resumes.
+    // Rare: the target must restart while the question is still on its way.
+    let n = schedules().max(200_000);
+    let caught = (0..n)
+        .filter_map(|seed| run(seed, Broken::VerdictOnAQuestionSent).err())
+        .next();
+    let e = caught.expect("the broken variant was not caught");
+    assert!(
+        e.contains("both hosts") || e.contains("2 QEMUs"),
+        "caught for the wrong reason: {e}"
+    );
 }

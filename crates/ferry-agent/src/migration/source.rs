@@ -2633,11 +2633,27 @@ async fn source_qemu(proc: Option<&Arc<QemuProcess>>) -> SourceQemu {
     }
 }
 
+/// How a question to the target went, besides its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// It answered, or refused with an error of its own.
+    Reached,
+    /// Written to a channel, no answer: it may have been read and acted on.
+    MaybeRead,
+    /// No channel could be made: never written.
+    NeverSent,
+}
+
 /// `IncomingStatus` from the target, as a [`TargetAnswer`] (an error is `Unreachable`:
-/// the target fails closed), and whether the question reached it (an answer, or an error
-/// the target itself gave rather than the connection).
-async fn ask_target(ctx: &AgentCtx, target: &str, id: &str, token: &str) -> (TargetAnswer, bool) {
-    let reply = peer_call(ctx, target, |mut peer| async move {
+/// the target fails closed), and how the question went ([`Delivery`]).
+async fn ask_target(
+    ctx: &AgentCtx,
+    target: &str,
+    id: &str,
+    token: &str,
+) -> (TargetAnswer, Delivery) {
+    let deadline = Duration::from_secs(ctx.cfg.migration.peer_call_timeout_s.clamp(1, 30));
+    let (reply, sent) = peer_call_traced(ctx, target, deadline, |mut peer| async move {
         peer.incoming_status(pb::IncomingStatusRequest {
             id: id.to_string(),
             token: token.to_string(),
@@ -2645,7 +2661,13 @@ async fn ask_target(ctx: &AgentCtx, target: &str, id: &str, token: &str) -> (Tar
         .await
     })
     .await;
-    let reached = crate::tls::reached(&reply);
+    let delivery = if crate::tls::reached(&reply) {
+        Delivery::Reached
+    } else if sent {
+        Delivery::MaybeRead
+    } else {
+        Delivery::NeverSent
+    };
     let answer = match reply {
         Some(Ok(r)) => match pb::IncomingState::try_from(r.state) {
             Ok(pb::IncomingState::Committed) => TargetAnswer::Owned,
@@ -2657,7 +2679,7 @@ async fn ask_target(ctx: &AgentCtx, target: &str, id: &str, token: &str) -> (Tar
         },
         _ => TargetAnswer::Unreachable,
     };
-    (answer, reached)
+    (answer, delivery)
 }
 
 /// A peer gRPC call under one deadline (`peer_call_timeout_s`, at most 30 s) covering
@@ -2688,8 +2710,27 @@ where
     F: FnOnce(FerryPeerClient<Channel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
+    peer_call_traced(ctx, target, deadline, call).await.0
+}
+
+/// [`peer_call_within`], and whether the request may have reached the peer: `false` only
+/// when no channel to it could be made (connect, TLS or HTTP/2 set-up failed or ran out of
+/// time), so the request was never written. A request written and not answered may still
+/// be read and acted on (a frozen peer that thaws, an answer lost on the way back).
+async fn peer_call_traced<T, F, Fut>(
+    ctx: &AgentCtx,
+    target: &str,
+    deadline: Duration,
+    call: F,
+) -> (Option<Result<T, tonic::Status>>, bool)
+where
+    F: FnOnce(FerryPeerClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let sent = AtomicBool::new(false);
     let attempt = async {
         let chan = ctx.peers.get(target, &ctx.identity).await.ok()?;
+        sent.store(true, Ordering::Release);
         Some(
             call(FerryPeerClient::new(chan))
                 .await
@@ -2704,7 +2745,7 @@ where
         Some(Err(s)) => ctx.peers.forget_if_unreached(target, s),
         Some(Ok(_)) => {}
     }
-    answer
+    (answer, sent.load(Ordering::Acquire))
 }
 
 /// Asks the target to abort migration `id` (`peer_call`'s bounds and answer).
@@ -2741,7 +2782,8 @@ pub async fn settle(
         h.verdict
             .declare("an operator, before this agent restarted");
         h.verdict.apply();
-        tell_target_taken_back(ctx.clone(), h.id.clone(), target.to_string());
+        let token = meta.token.clone().unwrap_or_default();
+        tell_target_taken_back(ctx.clone(), h.id.clone(), target.to_string(), token);
         let qemu = source_qemu(proc).await;
         return SourceAction::RollBack(rollback_resume(
             qemu,
@@ -2762,12 +2804,15 @@ pub async fn settle(
         let _ = crate::failpoint::hit("src.settle.ask", &ctx.cfg.state_dir).await;
         let meta = h.meta();
         let token = meta.token.clone().unwrap_or_default();
-        // The operator's verdict counts for the first question after it, and only if
-        // that question does not reach the target.
+        // The operator's verdict counts only for a question that provably never reached
+        // the target (no channel to it could be made): one written and unanswered may
+        // still be read — by a target back from a restart and waiting for its source, it
+        // is "still settling", and it resumes its copy. A target that answers after the
+        // verdict settles it by its word.
         let verdict = h.verdict.declared() && !verdict_spent;
-        let (answer, reached) = ask_target(ctx, target, &h.id, &token).await;
-        let by_verdict = verdict && !reached;
-        if verdict && reached {
+        let (answer, delivery) = ask_target(ctx, target, &h.id, &token).await;
+        let by_verdict = verdict && delivery == Delivery::NeverSent;
+        if verdict && delivery == Delivery::Reached {
             verdict_spent = true;
             warn!(migration = %h.id, ?answer, "{target} answered after the operator declared it gone: its word settles the migration");
         }
@@ -2790,14 +2835,28 @@ pub async fn settle(
         match action {
             None => return SourceAction::RollBack(Resume::AlreadyRunning),
             Some(a @ SourceAction::RollBack(_)) if by_verdict => {
-                warn!(migration = %h.id, "the operator declared {target} gone for good and it still does not answer: the VM is taken back here");
-                h.verdict.apply();
                 // Journaled before the guest resumes here: a restart then takes it back
                 // again without asking, and the target hears it when it comes back.
                 h.set_meta(|m| m.taken_back = true);
-                ctx.outgoing.persist(h);
-                tell_target_taken_back(ctx.clone(), h.id.clone(), target.to_string());
-                return a;
+                match ctx.outgoing.persist_with(h, vec![]) {
+                    Ok(()) => {
+                        warn!(migration = %h.id, "the operator declared {target} gone for good and it cannot be reached: the VM is taken back here");
+                        h.verdict.apply();
+                        tell_target_taken_back(
+                            ctx.clone(),
+                            h.id.clone(),
+                            target.to_string(),
+                            token,
+                        );
+                        return a;
+                    }
+                    Err(e) => {
+                        // Unjournaled, a restart would ask the target again, and a target
+                        // waiting for its source would resume: stay in doubt.
+                        h.set_meta(|m| m.taken_back = false);
+                        error!(migration = %h.id, "journal: {e}: the operator's verdict cannot be recorded; the VM stays paused here, in doubt");
+                    }
+                }
             }
             Some(a @ (SourceAction::Finish | SourceAction::RollBack(_))) => return a,
             Some(SourceAction::AbortTargetThenRollBack) => {
@@ -2842,19 +2901,14 @@ pub async fn settle(
     }
 }
 
-/// Tells the target, until it answers, that the operator's verdict took migration `id`'s
-/// VM back here: a target that comes back holding a committed copy discards it instead of
-/// resuming it (`ferry_handoff::SourceWord::TookBack`). Then, once the migration's end is
-/// journaled, clears the record's `taken_back` (a restart before that tells again).
-pub fn tell_target_taken_back(ctx: Arc<AgentCtx>, id: String, target: String) {
+/// Tells the target, until it takes the news, that the operator's verdict took migration
+/// `id`'s VM back here: a target that comes back holding a committed copy discards it
+/// instead of resuming it (`ferry_handoff::SourceWord::TookBack`). Stops on an answer, or
+/// on the target's word that the VM runs there (logged as an error: it runs on two hosts);
+/// any other error is told again. Then, once the migration's end is journaled, clears the
+/// record's `taken_back` (a restart before that tells again).
+pub fn tell_target_taken_back(ctx: Arc<AgentCtx>, id: String, target: String, token: String) {
     tokio::spawn(async move {
-        let token = ctx
-            .journal
-            .migration(&id)
-            .ok()
-            .flatten()
-            .and_then(|r| r.token)
-            .unwrap_or_default();
         let mut pause = Duration::from_secs(1);
         loop {
             let req = pb::AbortRequest {
@@ -2874,19 +2928,20 @@ pub fn tell_target_taken_back(ctx: Arc<AgentCtx>, id: String, target: String) {
                     info!(migration = %id, discarded = r.existed, "{target} heard that the VM was taken back");
                     break;
                 }
-                Some(Err(s)) if crate::tls::reached(&reply) => {
-                    if s.code() == tonic::Code::FailedPrecondition {
-                        error!(migration = %id, "{target} answered that it runs the VM: it runs on two hosts (the operator's verdict found a host that was not gone); stop one: {}", s.message());
-                    } else {
-                        warn!(migration = %id, "{target} refused the news that the VM was taken back: {}", s.message());
-                    }
+                Some(Err(s)) if s.code() == tonic::Code::FailedPrecondition => {
+                    error!(migration = %id, "{target} answered that it runs the VM: it runs on two hosts (the operator's verdict found a host that was not gone); stop one: {}", s.message());
                     break;
                 }
-                _ => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(30));
+                // Not heard (unreachable, or an error of its own such as a journal it
+                // cannot read, a wrong token): a target that has not heard may still
+                // resume its copy. Told again, with backoff.
+                Some(Err(s)) => {
+                    warn!(migration = %id, "{target} did not take the news that the VM was taken back: {}", s.message());
                 }
+                None => {}
             }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(30));
         }
         // The end is journaled right after the guest resumes; a restart before it tells
         // again (the flag stays).

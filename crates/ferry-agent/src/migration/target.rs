@@ -1143,7 +1143,13 @@ impl IncomingRegistry {
         }
         let r = self.journal.migration(id).map_err(journal_err)?;
         match r.and_then(|r| r.receiver) {
-            Some(Receiver::Committed { .. } | Receiver::Owned) => {
+            // Settling (its source's question came first, or settling failed): the
+            // source tells again, and by then the journal says which.
+            Some(Receiver::Committed { .. }) => Err(Status::unavailable(format!(
+                "migration {id}: committed on {} and settling; tell again",
+                self.host()
+            ))),
+            Some(Receiver::Owned) => {
                 error!(migration = %id, "the source took the VM back on its operator's verdict, but it runs here: it runs on two hosts");
                 Err(Status::failed_precondition(format!(
                     "migration {id}: the VM runs on {} (committed here); the source's verdict found a host that was not gone: the VM runs on two hosts, stop one",
@@ -1348,6 +1354,15 @@ impl IncomingRegistry {
     ) -> anyhow::Result<()> {
         use ferry_handoff::TargetAction;
         let mut rec = r.clone();
+        let mut action = action;
+        if let (TargetAction::ResumeAndOwn, Some(p)) = (action, &proc) {
+            if let Err(e) = p.qmp().cont().await {
+                // As in the live commit (`ResumeFailed`): the source still holds its copy
+                // (fenced, or its capture), so the VM is handed back, not left nowhere.
+                warn!(migration = %r.id, vm = %r.vm, "committed, but resuming after the restart failed: {e}; handing the VM back");
+                action = TargetAction::Discard;
+            }
+        }
         match action {
             TargetAction::Discard => {
                 let mut left = self.discard(&r.vm, &r.id, proc.as_ref(), &r.copies).await;
@@ -1364,13 +1379,9 @@ impl IncomingRegistry {
                     .apply(&[Op::PutMigration(rec), Op::RemoveVm(r.vm.clone())])?;
             }
             TargetAction::ResumeAndOwn | TargetAction::Own => {
+                // Resumed above (unless left paused as asked).
                 let resume = action == TargetAction::ResumeAndOwn;
                 if resume {
-                    if let Some(p) = proc {
-                        p.qmp().cont().await.map_err(|e| {
-                            anyhow::anyhow!("resuming committed VM '{}': {e}", r.vm)
-                        })?;
-                    }
                     self.vms.mark_running(&r.vm).await;
                 }
                 self.vms.release_hold(&r.vm, &r.id, resume).await;
@@ -1422,8 +1433,17 @@ impl IncomingRegistry {
             };
             let action = target_after_waiting(word, leave_paused, alive);
             info!(migration = %r.id, vm = %r.vm, ?word, ?alive, ?action, "the source's word on a VM committed here before a restart");
-            let result = me.settle_restarted(&r, proc, action).await;
+            let (me2, r2) = (me.clone(), r.clone());
+            let result =
+                match tokio::spawn(async move { me2.settle_restarted(&r2, proc, action).await })
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => Err(anyhow::anyhow!("the settling task died: {e}")),
+                };
             if let Err(e) = &result {
+                // The VM stays paused here, not held: the operator can see and act.
+                me.vms.release_hold(&r.vm, &r.id, false).await;
                 error!(migration = %r.id, vm = %r.vm, "settling after the source's word: {e:#}");
             }
             if let Some(s) = settled {
