@@ -966,6 +966,84 @@ async fn running_vm_is_refused_without_stop_source() {
     .expect("stop");
 }
 
+/// An operator cancels a cold migration after one of its images arrived whole (renamed
+/// into place on the target) while another is still copied: the target removes both —
+/// before, the finished one stayed there, taking space, named like the VM's disk. An
+/// image the target had before the migration stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_cold_migration_leaves_no_finished_image_behind() {
+    let _serial = SERIAL.lock().await;
+    let m = Mesh::new();
+    let a = m.host("a", &m.root()).await;
+    let b = m.host("b", &m.root()).await;
+    // vda: small, arrives at once; vdb: 8 MiB of random data at 1 MiB/s; vdc: already on
+    // the target, identical (adopted, not received).
+    let small = m.private("a").join("two-small.qcow2");
+    qemu_img_create(&small, "qcow2", "1M", None);
+    let big = m.private("a").join("two-big.qcow2");
+    qemu_img_create(&big, "qcow2", "64M", None);
+    let random = m.path("random.pat");
+    random_pattern(&random, 8 * MIB);
+    qemu_io_write(&big, "qcow2", &[(random.as_path(), 0, 8 * MIB)]);
+    let there = m.private("a").join("two-there.qcow2");
+    qemu_img_create(&there, "qcow2", "1M", None);
+    std::fs::copy(&there, m.private("b").join("two-there.qcow2")).expect("copy to b");
+    define(
+        &a,
+        spec(
+            "two",
+            &[
+                ("vda", &m.root().join("two-small.qcow2"), "qcow2"),
+                ("vdb", &m.root().join("two-big.qcow2"), "qcow2"),
+                ("vdc", &m.root().join("two-there.qcow2"), "qcow2"),
+            ],
+        ),
+    )
+    .await;
+    let b_before = tree(&m.private("b"));
+    let mut ca = a.client().await.expect("client");
+    let mig = ca
+        .start_migration(pb::StartMigrationRequest {
+            bandwidth_bytes_per_sec: MIB,
+            ..offline("two", &b)
+        })
+        .await
+        .expect("start")
+        .into_inner();
+    let arrived = m.private("b").join("two-small.qcow2");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !arrived.exists() {
+        let s = ca
+            .get_migration(pb::MigrationRef { id: mig.id.clone() })
+            .await
+            .expect("get")
+            .into_inner();
+        assert!(
+            Instant::now() < deadline
+                && !is_final(&s)
+                && s.phase != pb::MigrationPhase::Committing as i32,
+            "the small image did not arrive while the big one was copied: {s:?}{}",
+            logs(&a, &b)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ca.cancel_migration(pb::MigrationRef { id: mig.id.clone() })
+        .await
+        .expect("cancel");
+    let end = ferry_testkit::watch_to_end(&mut ca, &mig.id)
+        .await
+        .expect("watch migration");
+    assert_eq!(end.phase, pb::MigrationPhase::Cancelled as i32, "{end:?}");
+    assert_eq!(vm_state(&b, "two").await, None);
+    assert_eq!(vm_state(&a, "two").await, Some(pb::VmState::Defined));
+    assert_eq!(
+        tree(&m.private("b")),
+        b_before,
+        "cancelled: the finished image goes too, the one already there stays{}",
+        logs(&a, &b)
+    );
+}
+
 /// A small VM on `a` (one qcow2 with 4 MiB of data) for the ownership tests.
 async fn small_vm(m: &Mesh, a: &TestAgent, name: &str) -> String {
     let random = m.path(&format!("{name}.pat"));

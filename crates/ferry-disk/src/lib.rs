@@ -62,7 +62,7 @@ pub use image::{
     backing_chain, backing_chain_as, compare, create, inspect, inspect_as, BackingInfo,
     ImageFormat, ImageInfo,
 };
-pub use receive::PartialImage;
+pub use receive::{remove_if_same_file, FileId, PartialImage};
 pub use roots::StorageRoots;
 pub use space::{ensure_space, existing_ancestor, free_bytes, human_bytes};
 pub use sparse::{

@@ -14,7 +14,7 @@ use std::ffi::{CString, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -283,6 +283,12 @@ impl PartialImage {
     /// final path (refusing, with [`DiskError::AlreadyExists`], if something appeared
     /// there meanwhile) and the sidecar removed. Other errors leave both files for a retry.
     pub fn finish(self, expected: Blake3Digest) -> Result<PathBuf, DiskError> {
+        self.finish_placed(expected).map(|(path, _)| path)
+    }
+
+    /// [`Self::finish`], and which file now has the final path, taken from the open file
+    /// after the rename ([`remove_if_same_file`] removes it later only while it still does).
+    pub fn finish_placed(self, expected: Blake3Digest) -> Result<(PathBuf, FileId), DiskError> {
         self.file
             .sync_all()
             .map_err(|e| DiskError::io("fsync", &self.part_path, e))?;
@@ -311,8 +317,13 @@ impl PartialImage {
         if let Some(dir) = self.final_path.parent() {
             sync_dir(dir)?;
         }
+        let id = self
+            .file
+            .metadata()
+            .map(|m| FileId::of(&m))
+            .map_err(|e| DiskError::io("stat", &self.final_path, e))?;
         tracing::info!(path = %self.final_path.display(), digest = %actual, "disk image received");
-        Ok(self.final_path)
+        Ok((self.final_path, id))
     }
 
     /// Give up: remove the part file and the sidecar.
@@ -368,6 +379,49 @@ fn check_absent(path: &Path) -> Result<(), DiskError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(DiskError::io("stat", path, e)),
     }
+}
+
+/// A file as the kernel knows it: device, inode and the time of its last status change.
+/// The inode alone is not enough: a file removed and another created under the same name
+/// often gets the freed inode number back; its change time differs (nanoseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    /// Device.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+    /// Last status change, nanoseconds since the epoch.
+    pub ctime_ns: i128,
+}
+
+impl FileId {
+    /// The id of the file `m` describes.
+    pub fn of(m: &fs::Metadata) -> FileId {
+        FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        }
+    }
+}
+
+/// Removes `path` if it still names file `id` and nothing else does (no other hard link):
+/// a file this host made, which nothing has since replaced or given a second name. Returns
+/// whether it did; a path that is gone is `Ok(false)`.
+pub fn remove_if_same_file(path: &Path, id: FileId) -> Result<bool, DiskError> {
+    let m = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(DiskError::io("stat", path, e)),
+    };
+    if FileId::of(&m) != id || m.nlink() != 1 || !m.is_file() {
+        return Ok(false);
+    }
+    fs::remove_file(path).map_err(|e| DiskError::io("remove", path, e))?;
+    if let Some(dir) = path.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(true)
 }
 
 fn remove_if_exists(path: &Path) -> Result<(), DiskError> {
@@ -520,6 +574,43 @@ mod tests {
         assert_eq!(sc.committed, 0);
         assert_eq!(sc.source_blake3, None);
         assert!(!fin.exists());
+    }
+
+    /// A received image is removed later only while its path still names that file with
+    /// no second name: not once something replaced it, nor while a hard link shares it.
+    #[test]
+    fn a_finished_image_is_removed_only_while_it_is_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let receive = |name: &str| {
+            let fin = dir.path().join(name);
+            let mut img = PartialImage::open_or_resume(&fin, 4, "t").unwrap();
+            img.write_chunk(0, b"data").unwrap();
+            img.checkpoint(4).unwrap();
+            let (path, id) = img.finish_placed(Blake3Digest::of_bytes(b"data")).unwrap();
+            assert_eq!(path, fin);
+            (fin, id)
+        };
+        let (fin, id) = receive("a.raw");
+        assert!(remove_if_same_file(&fin, id).unwrap());
+        assert!(!fin.exists());
+        assert!(
+            !remove_if_same_file(&fin, id).unwrap(),
+            "gone: nothing to do"
+        );
+
+        // Replaced by another file of the same name: left alone.
+        let (fin, id) = receive("b.raw");
+        fs::remove_file(&fin).unwrap();
+        fs::write(&fin, b"mine").unwrap();
+        assert!(!remove_if_same_file(&fin, id).unwrap());
+        assert_eq!(fs::read(&fin).unwrap(), b"mine");
+
+        // A second name shares it: left alone.
+        let (fin, id) = receive("c.raw");
+        let other = dir.path().join("c-link.raw");
+        fs::hard_link(&fin, &other).unwrap();
+        assert!(!remove_if_same_file(&fin, id).unwrap());
+        assert!(fin.exists() && other.exists());
     }
 
     #[test]

@@ -52,6 +52,9 @@ struct TargetImage {
     /// Received in this migration (not already present): its backing reference is ours
     /// to point at this host's copy of the layer below.
     received: bool,
+    /// The file this migration received and renamed into place (not one already present):
+    /// an operator's cancel removes it while its path still names it alone.
+    placed: std::sync::Mutex<Option<ferry_disk::FileId>>,
 }
 
 /// An incoming cold migration on the target.
@@ -152,6 +155,7 @@ impl ColdIncoming {
                         // It failed first (e.g. the cancelled source's streams ended before
                         // its Abort came), which kept the partial images: remove them now.
                         self.discard_kept().await;
+                        self.remove_placed().await;
                     }
                     return before;
                 }
@@ -188,6 +192,9 @@ impl ColdIncoming {
             }
             drop(slot);
         }
+        if discard {
+            self.remove_placed().await;
+        }
         if let Err(e) = self.vms.drop_incoming(&self.spec.name, &self.id).await {
             warn!(migration = %self.id, "dropping the reservation of VM '{}': {}", self.spec.name, e.message());
         }
@@ -198,6 +205,38 @@ impl ColdIncoming {
         self.bump();
         forget_later(self.clone());
         Aborted::Now
+    }
+
+    /// Removes the images this migration received whole and renamed into place (a cancel
+    /// after some finished): each only while its path still names that file alone and no
+    /// VM of this host has it as a disk. Images that were here before stay.
+    async fn remove_placed(&self) {
+        for img in &self.images {
+            let Some(id) = img.placed.lock().ok().and_then(|mut p| p.take()) else {
+                continue;
+            };
+            if let Some(vm) = self.vms.disk_owner(&img.path).await {
+                warn!(migration = %self.id, image = %img.path.display(), %vm, "an image this cancelled migration received is VM '{vm}''s disk now: left to it");
+                continue;
+            }
+            let path = img.path.clone();
+            match tokio::task::spawn_blocking(move || ferry_disk::remove_if_same_file(&path, id))
+                .await
+            {
+                Ok(Ok(true)) => {
+                    info!(migration = %self.id, image = %img.path.display(), "cancelled: the image it had received is removed")
+                }
+                Ok(Ok(false)) => {
+                    info!(migration = %self.id, image = %img.path.display(), "cancelled: the image it had received is gone, or was replaced or linked since; left as it is")
+                }
+                Ok(Err(e)) => {
+                    warn!(migration = %self.id, image = %img.path.display(), "cancelled, removing the image it had received: {e}")
+                }
+                Err(e) => {
+                    warn!(migration = %self.id, image = %img.path.display(), "cancelled, removing the image it had received: {e}")
+                }
+            }
+        }
     }
 
     /// Removes the partial images an earlier abort kept. Reopening takes the part file's
@@ -312,8 +351,14 @@ impl ColdIncoming {
                         break Err("image closed".into());
                     };
                     let digest = img.digest;
-                    match tokio::task::spawn_blocking(move || p.finish(digest)).await {
-                        Ok(Ok(_)) => break Ok(()),
+                    let finish = move || p.finish_placed(digest).map(|(_, id)| id);
+                    match tokio::task::spawn_blocking(finish).await {
+                        Ok(Ok(id)) => {
+                            if let Ok(mut placed) = img.placed.lock() {
+                                *placed = Some(id);
+                            }
+                            break Ok(());
+                        }
                         Ok(Err(e)) => break Err(e.to_string()),
                         Err(e) => break Err(format!("verifying: {e}")),
                     }
@@ -778,6 +823,7 @@ fn open_images(planned: Vec<Planned>) -> Result<Vec<TargetImage>, Status> {
             format: w.format,
             backing: w.backing,
             received: !p.present,
+            placed: std::sync::Mutex::new(None),
         });
     }
     Ok(out)
