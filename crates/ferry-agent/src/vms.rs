@@ -117,8 +117,19 @@ impl VmManager {
     /// The VM of this host (defined, running or arriving) whose disk image is at `path`,
     /// if any (paths compared after confinement to the storage roots).
     pub async fn disk_owner(&self, path: &std::path::Path) -> Option<String> {
+        self.disk_owner_besides(path, None).await
+    }
+
+    /// [`Self::disk_owner`], not counting the VM that migration `besides` is bringing here
+    /// (its reservation names the very images it receives).
+    pub async fn disk_owner_besides(
+        &self,
+        path: &std::path::Path,
+        besides: Option<&str>,
+    ) -> Option<String> {
         let vms = self.vms.lock().await;
         vms.iter()
+            .filter(|(_, e)| besides.is_none() || e.migration.as_deref() != besides)
             .find(|(_, e)| {
                 e.spec
                     .disks

@@ -969,17 +969,23 @@ async fn running_vm_is_refused_without_stop_source() {
 /// An operator cancels a cold migration after one of its images arrived whole (renamed
 /// into place on the target) while another is still copied: the target removes both —
 /// before, the finished one stayed there, taking space, named like the VM's disk. An
-/// image the target had before the migration stays.
+/// image the target had before the migration stays. The target's storage stops taking
+/// the second image (`cold.tgt.chunk.written=return(hang)`), so the cancel reaches a
+/// target still receiving, whose own reservation names the images.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_cold_migration_leaves_no_finished_image_behind() {
     let _serial = SERIAL.lock().await;
     let m = Mesh::new();
     let a = m.host("a", &m.root()).await;
-    let b = m.host("b", &m.root()).await;
-    // vda: small, arrives at once; vdb: 8 MiB of random data at 1 MiB/s; vdc: already on
-    // the target, identical (adopted, not received).
-    let small = m.private("a").join("two-small.qcow2");
-    qemu_img_create(&small, "qcow2", "1M", None);
+    let b = m
+        .armed_host("b", "cold.tgt.chunk.written=return(hang)")
+        .await;
+    // vda: all zeros (no chunk to write: whole at once); vdb: 8 MiB of random data, whose
+    // first chunk hangs on b; vdc: already on the target, identical (adopted).
+    let small = m.private("a").join("two-small.raw");
+    std::fs::File::create(&small)
+        .and_then(|f| f.set_len(MIB))
+        .expect("sparse raw image");
     let big = m.private("a").join("two-big.qcow2");
     qemu_img_create(&big, "qcow2", "64M", None);
     let random = m.path("random.pat");
@@ -993,7 +999,7 @@ async fn a_cancelled_cold_migration_leaves_no_finished_image_behind() {
         spec(
             "two",
             &[
-                ("vda", &m.root().join("two-small.qcow2"), "qcow2"),
+                ("vda", &m.root().join("two-small.raw"), "raw"),
                 ("vdb", &m.root().join("two-big.qcow2"), "qcow2"),
                 ("vdc", &m.root().join("two-there.qcow2"), "qcow2"),
             ],
@@ -1010,7 +1016,7 @@ async fn a_cancelled_cold_migration_leaves_no_finished_image_behind() {
         .await
         .expect("start")
         .into_inner();
-    let arrived = m.private("b").join("two-small.qcow2");
+    let arrived = m.private("b").join("two-small.raw");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !arrived.exists() {
         let s = ca

@@ -313,15 +313,18 @@ impl PartialImage {
             }
             Err(e) => return Err(DiskError::io("rename part file to", &self.final_path, e)),
         }
-        remove_if_exists(&self.sidecar_path)?;
-        if let Some(dir) = self.final_path.parent() {
-            sync_dir(dir)?;
+        // In place and verified from here on: what follows is tidying, not a failure of
+        // the image (a stale sidecar is never taken for another transfer's).
+        let id = self.file.metadata().map(|m| FileId::of(&m));
+        if let Err(e) = remove_if_exists(&self.sidecar_path) {
+            tracing::warn!(path = %self.sidecar_path.display(), error = %e, "could not remove the sidecar of a received image");
         }
-        let id = self
-            .file
-            .metadata()
-            .map(|m| FileId::of(&m))
-            .map_err(|e| DiskError::io("stat", &self.final_path, e))?;
+        if let Some(dir) = self.final_path.parent() {
+            if let Err(e) = sync_dir(dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "fsync of a received image's directory");
+            }
+        }
+        let id = id.map_err(|e| DiskError::io("stat", &self.final_path, e))?;
         tracing::info!(path = %self.final_path.display(), digest = %actual, "disk image received");
         Ok((self.final_path, id))
     }

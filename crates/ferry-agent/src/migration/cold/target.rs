@@ -208,33 +208,43 @@ impl ColdIncoming {
     }
 
     /// Removes the images this migration received whole and renamed into place (a cancel
-    /// after some finished): each only while its path still names that file alone and no
-    /// VM of this host has it as a disk. Images that were here before stay.
+    /// after some finished): each only while its path still names that very file alone
+    /// and no other VM of this host has it as a disk. Images that were here before stay,
+    /// and so do backing layers: another VM's overlay may have been made on one meanwhile
+    /// (adopted by a later migration), and no VM's disk names a layer below it.
     async fn remove_placed(&self) {
-        for img in &self.images {
-            let Some(id) = img.placed.lock().ok().and_then(|mut p| p.take()) else {
+        for (i, img) in self.images.iter().enumerate() {
+            if self.images.iter().any(|o| o.backing == Some(i)) {
+                continue;
+            }
+            let Some(id) = img.placed.lock().ok().and_then(|p| *p) else {
                 continue;
             };
-            if let Some(vm) = self.vms.disk_owner(&img.path).await {
+            if let Some(vm) = self.vms.disk_owner_besides(&img.path, Some(&self.id)).await {
                 warn!(migration = %self.id, image = %img.path.display(), %vm, "an image this cancelled migration received is VM '{vm}''s disk now: left to it");
                 continue;
             }
             let path = img.path.clone();
-            match tokio::task::spawn_blocking(move || ferry_disk::remove_if_same_file(&path, id))
-                .await
-            {
-                Ok(Ok(true)) => {
+            let removed =
+                tokio::task::spawn_blocking(move || ferry_disk::remove_if_same_file(&path, id))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+            match removed {
+                Ok(true) => {
                     info!(migration = %self.id, image = %img.path.display(), "cancelled: the image it had received is removed")
                 }
-                Ok(Ok(false)) => {
+                Ok(false) => {
                     info!(migration = %self.id, image = %img.path.display(), "cancelled: the image it had received is gone, or was replaced or linked since; left as it is")
                 }
-                Ok(Err(e)) => {
-                    warn!(migration = %self.id, image = %img.path.display(), "cancelled, removing the image it had received: {e}")
-                }
                 Err(e) => {
-                    warn!(migration = %self.id, image = %img.path.display(), "cancelled, removing the image it had received: {e}")
+                    // Kept: a cancel asked again tries again.
+                    warn!(migration = %self.id, image = %img.path.display(), "cancelled, removing the image it had received: {e}");
+                    continue;
                 }
+            }
+            if let Ok(mut p) = img.placed.lock() {
+                p.take();
             }
         }
     }
