@@ -158,6 +158,16 @@ async fn assert_runs_on_the_source_only(p: &Pair) {
         .expect("guest memory on the source");
 }
 
+/// The target neither defines the VM nor keeps a RAM file of it.
+async fn assert_nothing_on_the_target(p: &Pair) {
+    assert!(!lists_vm(&p.b).await, "the VM is not defined on the target");
+    assert!(
+        files_in(p.b.ram_dir()).is_empty(),
+        "target RAM dir: {:?}",
+        files_in(p.b.ram_dir())
+    );
+}
+
 async fn client(agent: &TestAgent) -> Option<FerryControlClient<Channel>> {
     tokio::time::timeout(Duration::from_secs(5), agent.client())
         .await
@@ -813,12 +823,7 @@ async fn the_operator_takes_back_a_vm_whose_target_is_gone_for_good() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert_runs_on_the_source_only(&p).await;
-    assert!(!lists_vm(&p.b).await, "the VM is not defined on the target");
-    assert!(
-        files_in(p.b.ram_dir()).is_empty(),
-        "target RAM dir: {:?}",
-        files_in(p.b.ram_dir())
-    );
+    assert_nothing_on_the_target(&p).await;
 }
 
 /// The target's agent dies right after journaling the commit (its QEMU alive, the guest
@@ -886,12 +891,7 @@ async fn a_target_back_after_the_operator_took_the_vm_back_discards_its_committe
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert_runs_on_the_source_only(&p).await;
-    assert!(!lists_vm(&p.b).await, "the VM is not defined on the target");
-    assert!(
-        files_in(p.b.ram_dir()).is_empty(),
-        "target RAM dir: {:?}",
-        files_in(p.b.ram_dir())
-    );
+    assert_nothing_on_the_target(&p).await;
 }
 
 /// The whole matrix (`FERRY_LONG=1`): every failpoint x every fault.

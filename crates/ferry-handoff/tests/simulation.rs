@@ -733,6 +733,19 @@ fn schedules() -> u64 {
         .unwrap_or(400)
 }
 
+/// The first schedule (of at least `at_least`) in which the `broken` variant runs the
+/// guest twice; fails if none does, or one fails for another reason.
+fn caught_running_twice(broken: Broken, at_least: u64) -> String {
+    let n = schedules().max(at_least);
+    let caught = (0..n).filter_map(|seed| run(seed, broken).err()).next();
+    let e = caught.expect("the broken variant was not caught");
+    assert!(
+        e.contains("both hosts") || e.contains("2 QEMUs"),
+        "caught for the wrong reason: {e}"
+    );
+    e
+}
+
 #[test]
 fn handoff_keeps_one_owner_under_seeded_faults() {
     let n = schedules();
@@ -748,30 +761,14 @@ fn handoff_keeps_one_owner_under_seeded_faults() {
 fn simulation_catches_a_commit_sent_before_the_fence() {
     // The broken source sends Commit as soon as the device state leaves (before its QEMU
     // completed): a source agent crash then lets its QEMU resume while the target commits.
-    let n = schedules().max(400);
-    let caught = (0..n)
-        .filter_map(|seed| run(seed, Broken::CommitBeforeFence).err())
-        .next();
-    let e = caught.expect("the broken variant was not caught");
-    assert!(
-        e.contains("both hosts") || e.contains("2 QEMUs"),
-        "caught for the wrong reason: {e}"
-    );
+    caught_running_twice(Broken::CommitBeforeFence, 400);
 }
 
 #[test]
 fn simulation_catches_a_target_that_resumes_without_its_source() {
     // After an operator's verdict took the VM back to the source, a restarted target that
     // resumes its committed copy without waiting for the source's word runs it twice.
-    let n = schedules().max(20_000);
-    let caught = (0..n)
-        .filter_map(|seed| run(seed, Broken::ResumeWithoutSource).err())
-        .next();
-    let e = caught.expect("the broken variant was not caught");
-    assert!(
-        e.contains("both hosts") || e.contains("2 QEMUs"),
-        "caught for the wrong reason: {e}"
-    );
+    let e = caught_running_twice(Broken::ResumeWithoutSource, 20_000);
     assert!(e.contains("operator declares"), "not after a verdict: {e}");
 }
 
@@ -780,13 +777,5 @@ fn simulation_catches_a_verdict_on_a_question_that_may_still_arrive() {
     // The question was sent, its answer did not come back in time, the verdict took the VM
     // back; the question then reaches a target back from a restart, which resumes.
     // Rare: the target must restart while the question is still on its way.
-    let n = schedules().max(200_000);
-    let caught = (0..n)
-        .filter_map(|seed| run(seed, Broken::VerdictOnAQuestionSent).err())
-        .next();
-    let e = caught.expect("the broken variant was not caught");
-    assert!(
-        e.contains("both hosts") || e.contains("2 QEMUs"),
-        "caught for the wrong reason: {e}"
-    );
+    caught_running_twice(Broken::VerdictOnAQuestionSent, 200_000);
 }

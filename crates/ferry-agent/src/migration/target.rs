@@ -1283,7 +1283,7 @@ impl IncomingRegistry {
     /// After a restart: settles every journaled incoming migration that was not, per
     /// [`ferry_handoff::target_recovery`] (runs after [`VmManager::recover`]).
     pub async fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
-        use ferry_handoff::{target_recovery, TargetAction, TargetQemu};
+        use ferry_handoff::{target_recovery, TargetAction};
         for r in self.journal.migrations()? {
             if r.role != Role::Target {
                 continue;
@@ -1321,17 +1321,7 @@ impl IncomingRegistry {
                 self.journal.put_migration(&rec)?;
                 continue;
             }
-            let proc = self
-                .vms
-                .spec_and_process(&r.vm)
-                .await
-                .ok()
-                .and_then(|(_, p)| p);
-            let alive = if proc.is_some() {
-                TargetQemu::Alive
-            } else {
-                TargetQemu::Gone
-            };
+            let (proc, alive) = self.qemu_of(&r.vm).await;
             let action = target_recovery(recv, alive);
             info!(migration = %r.id, vm = %r.vm, ?recv, ?alive, ?action, "settling incoming migration after restart");
             match action {
@@ -1343,6 +1333,22 @@ impl IncomingRegistry {
         }
         self.remove_left_behind().await;
         Ok(())
+    }
+
+    /// VM `vm`'s QEMU here, if it runs, and that as the restart decisions take it.
+    async fn qemu_of(&self, vm: &str) -> (Option<Arc<QemuProcess>>, ferry_handoff::TargetQemu) {
+        let proc = self
+            .vms
+            .spec_and_process(vm)
+            .await
+            .ok()
+            .and_then(|(_, p)| p);
+        let alive = if proc.is_some() {
+            ferry_handoff::TargetQemu::Alive
+        } else {
+            ferry_handoff::TargetQemu::Gone
+        };
+        (proc, alive)
     }
 
     /// Carries out a restart's decision on journaled migration `r` (not `AwaitSource`).
@@ -1401,7 +1407,7 @@ impl IncomingRegistry {
     /// if it took the VM back on its operator's verdict, says so with an Abort marked
     /// "taken back"; if it is still settling, it asks `IncomingStatus` within seconds.
     async fn await_source(self: &Arc<Self>, r: MigrationRecord, leave_paused: bool) {
-        use ferry_handoff::{target_after_waiting, SourceWord, TargetQemu};
+        use ferry_handoff::{target_after_waiting, SourceWord};
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Heard>();
         if let Ok(mut a) = self.awaiting.lock() {
             a.insert(r.id.clone(), tx);
@@ -1420,17 +1426,7 @@ impl IncomingRegistry {
                 Some(h) => (h.word, h.settled),
                 None => (SourceWord::Silent, None),
             };
-            let proc = me
-                .vms
-                .spec_and_process(&r.vm)
-                .await
-                .ok()
-                .and_then(|(_, p)| p);
-            let alive = if proc.is_some() {
-                TargetQemu::Alive
-            } else {
-                TargetQemu::Gone
-            };
+            let (proc, alive) = me.qemu_of(&r.vm).await;
             let action = target_after_waiting(word, leave_paused, alive);
             info!(migration = %r.id, vm = %r.vm, ?word, ?alive, ?action, "the source's word on a VM committed here before a restart");
             let (me2, r2) = (me.clone(), r.clone());
