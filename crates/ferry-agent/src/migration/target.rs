@@ -282,7 +282,7 @@ pub struct IncomingRegistry {
 /// how it was settled.
 pub struct Heard {
     word: ferry_handoff::SourceWord,
-    settled: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    settled: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
 impl IncomingRegistry {
@@ -1127,13 +1127,7 @@ impl IncomingRegistry {
         else {
             return Ok(false);
         };
-        self.authorize(
-            &r.id,
-            r.token.as_deref().unwrap_or_default(),
-            &r.peer,
-            token,
-            caller,
-        )?;
+        self.authorize_record(&r, token, caller)?;
         if let Some(settled) = self.hear(id, ferry_handoff::SourceWord::TookBack) {
             // Stopped waiting meanwhile (its source asked first): the journal says.
             if let Ok(done) = settled.await {
@@ -1189,6 +1183,17 @@ impl IncomingRegistry {
             reg: self,
             id: id.to_string(),
         })
+    }
+
+    /// [`Self::authorize`] against a migration only the journal knows.
+    fn authorize_record(
+        &self,
+        r: &MigrationRecord,
+        given: &str,
+        caller: &PeerIdentity,
+    ) -> Result<(), Status> {
+        let token = r.token.as_deref().unwrap_or_default();
+        self.authorize(&r.id, token, &r.peer, given, caller)
     }
 
     /// A later call of a migration: the token from its Prepare, from the agent that
@@ -1251,13 +1256,7 @@ impl IncomingRegistry {
         }
         match self.journal.migration(id) {
             Ok(Some(r)) if r.role == Role::Target => {
-                self.authorize(
-                    &r.id,
-                    r.token.as_deref().unwrap_or_default(),
-                    &r.peer,
-                    token,
-                    caller,
-                )?;
+                self.authorize_record(&r, token, caller)?;
                 if matches!(r.receiver, Some(Receiver::Committed { .. })) {
                     // A source still asking has not taken the VM back: a copy waiting for
                     // its word resumes (and says Owned at the next question).
@@ -1423,7 +1422,7 @@ impl IncomingRegistry {
                 a.remove(&r.id);
             }
             let (word, settled) = match heard {
-                Some(h) => (h.word, h.settled),
+                Some(h) => (h.word, Some(h.settled)),
                 None => (SourceWord::Silent, None),
             };
             let (proc, alive) = me.qemu_of(&r.vm).await;
@@ -1457,11 +1456,7 @@ impl IncomingRegistry {
     ) -> Option<tokio::sync::oneshot::Receiver<Result<(), String>>> {
         let tx = self.awaiting.lock().ok()?.get(id).cloned()?;
         let (settled, rx) = tokio::sync::oneshot::channel();
-        tx.send(Heard {
-            word,
-            settled: Some(settled),
-        })
-        .ok()?;
+        tx.send(Heard { word, settled }).ok()?;
         Some(rx)
     }
 
