@@ -54,11 +54,18 @@ pub const COLD_POINTS: &[&str] = &[
     "cold.tgt.chunk.written",
 ];
 
+/// Failpoints of the operator's verdict on a migration in doubt: not in [`POINTS`] (the
+/// matrix gives no verdict); `handoff_faults.rs` arms them.
+pub const VERDICT_POINTS: &[&str] = &[
+    // The source journaled that the verdict takes the VM back, before its guest resumes.
+    "src.verdict.journaled",
+];
+
 /// Fires failpoint `name` if armed: see the module docs for what each action does.
 #[cfg(feature = "failpoints")]
 pub async fn hit(name: &'static str, state_dir: &std::path::Path) -> Result<(), String> {
     debug_assert!(
-        POINTS.contains(&name) || COLD_POINTS.contains(&name),
+        POINTS.contains(&name) || COLD_POINTS.contains(&name) || VERDICT_POINTS.contains(&name),
         "unknown failpoint {name}"
     );
     let Some(action) = fail::eval(name, |arg| arg.unwrap_or_default()) else {

@@ -894,6 +894,111 @@ async fn a_target_back_after_the_operator_took_the_vm_back_discards_its_committe
     assert_nothing_on_the_target(&p).await;
 }
 
+/// The source's agent dies right after journaling the operator's verdict, before its
+/// guest resumes (the target's agent died after journaling the commit, its QEMU alive
+/// and paused). Back with its journal, the source takes the VM back without asking the
+/// target again (a question would read to a waiting target as "still settling") and
+/// tells it, across its own restart, that it did: the target, back later, discards its
+/// committed copy. Both QEMUs asked over QMP, throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_restarted_after_journaling_the_verdict_takes_the_vm_back_and_tells_the_target() {
+    let _s = SERIAL.lock().await;
+    let mut p = pair(
+        Some("src.verdict.journaled=return(exit)"),
+        Some("tgt.commit.journaled=return(exit)"),
+    )
+    .await;
+    boot(&p.a).await;
+    let id = start(&p, "lz4", false).await;
+    assert!(
+        p.b.wait_failpoint("tgt.commit.journaled", Duration::from_secs(180))
+            .await,
+        "the target committed\n{}",
+        p.a.log_tail()
+    );
+    wait_in_doubt(&p.a, &id).await;
+    assert!(!p.b.running(), "the target agent died at the failpoint");
+
+    let mut ca = p.a.client().await.expect("client a");
+    // The source's agent dies within the call: its answer is a broken connection.
+    let _ = ca
+        .resolve_migration(pb::ResolveMigrationRequest {
+            id: id.clone(),
+            target_gone: true,
+        })
+        .await;
+    assert!(
+        p.a.wait_failpoint("src.verdict.journaled", Duration::from_secs(30))
+            .await,
+        "the verdict was journaled\n{}",
+        p.a.log_tail()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.a.running() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!p.a.running(), "the source agent died at the failpoint");
+    assert!(
+        matches!(p.a.observe_qemu(VM).await, QemuObserved::Stopped(_)),
+        "the source's guest is still paused: the agent died before resuming it"
+    );
+    assert!(
+        matches!(p.b.observe_qemu(VM).await, QemuObserved::Stopped(_)),
+        "the committed copy waits paused in the target QEMU"
+    );
+
+    // The source comes back with `taken_back` journaled: it resumes the guest, asking
+    // nobody, while the target is still down.
+    p.a.set_failpoints(None);
+    p.a.restart().await.expect("restart a");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while p.a.observe_qemu(VM).await != QemuObserved::Running {
+        assert!(
+            Instant::now() < deadline,
+            "the source did not take the VM back\n{}",
+            p.a.log_tail()
+        );
+        assert_ne!(p.b.observe_qemu(VM).await, QemuObserved::Running);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let end = wait_settled(&p.a, &id, Duration::from_secs(30))
+        .await
+        .expect("settled on the source");
+    assert_eq!(
+        end.phase,
+        pb::MigrationPhase::Failed as i32,
+        "{end:?}\n{}",
+        p.a.log_tail()
+    );
+
+    // The target comes back: it hears the news the restarted source keeps telling.
+    p.b.set_failpoints(None);
+    p.b.restart().await.expect("restart b");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (a, b) = (p.a.observe_qemu(VM).await, p.b.observe_qemu(VM).await);
+        assert!(
+            !(a == QemuObserved::Running && b == QemuObserved::Running),
+            "the guest runs on both hosts\n{}",
+            p.b.log_tail()
+        );
+        if b == QemuObserved::NoQemu {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the target kept its copy ({b:?})\n{}",
+            p.b.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_runs_on_the_source_only(&p).await;
+    assert_nothing_on_the_target(&p).await;
+    guest_memory_ok(&p.a)
+        .await
+        .expect("guest memory on the source");
+}
+
 /// The whole matrix (`FERRY_LONG=1`): every failpoint x every fault.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_matrix() {

@@ -2840,6 +2840,8 @@ pub async fn settle(
                 h.set_meta(|m| m.taken_back = true);
                 match ctx.outgoing.persist_with(h, vec![]) {
                     Ok(()) => {
+                        let _ = crate::failpoint::hit("src.verdict.journaled", &ctx.cfg.state_dir)
+                            .await;
                         warn!(migration = %h.id, "the operator declared {target} gone for good and it cannot be reached: the VM is taken back here");
                         h.verdict.apply();
                         tell_target_taken_back(
