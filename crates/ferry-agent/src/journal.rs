@@ -37,6 +37,11 @@ pub struct VmRecord {
     /// refusing resume/start/migrate — until that migration is settled.
     #[serde(default)]
     pub held_by: Option<String>,
+    /// Target side of a cold migration: the migration that defined the VM here, until it
+    /// first starts (cleared, journaled, before its QEMU spawns). Only such a definition
+    /// goes when the source says it took the VM back on its operator's verdict.
+    #[serde(default)]
+    pub arrived_by: Option<String>,
 }
 
 /// Which side of a migration this host was.
@@ -361,6 +366,7 @@ mod tests {
                 pid: Some(42),
                 incoming_migration: None,
                 held_by: None,
+                arrived_by: None,
             })
             .unwrap();
             j.put_migration(&MigrationRecord::new(
@@ -402,6 +408,7 @@ mod tests {
                 pid: None,
                 incoming_migration: None,
                 held_by: None,
+                arrived_by: None,
             }),
         ])
         .unwrap();

@@ -149,11 +149,13 @@ async fn recover_outgoing(ctx: &Arc<AgentCtx>) {
             if let Some(status) = ctx.outgoing.status(&rec.id) {
                 let target = crate::migration::target_address(&status.target).to_string();
                 let token = rec.token.clone().unwrap_or_default();
+                let cold = rec.cold_undefine.is_some();
                 crate::migration::source::tell_target_taken_back(
                     ctx.clone(),
                     rec.id,
                     target,
                     token,
+                    cold,
                 );
             }
         }

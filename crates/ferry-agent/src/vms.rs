@@ -28,6 +28,9 @@ pub struct VmEntry {
     pub starting: bool,
     /// A cold migration's copy on its way here (state `Incoming`): it arrives stopped.
     pub arriving_cold: bool,
+    /// The cold migration that defined it here, until it first starts
+    /// ([`VmRecord::arrived_by`]).
+    pub arrived_by: Option<String>,
 }
 
 /// Registry and supervisor of this host's VMs.
@@ -210,6 +213,7 @@ impl VmManager {
             resume_latency_us: 0,
             starting: false,
             arriving_cold: false,
+            arrived_by: None,
         };
         self.persist(&e)?;
         let info = self.info(&e);
@@ -277,6 +281,16 @@ impl VmManager {
                     self.cfg.host_name
                 ))
             })?;
+            if e.arrived_by.is_some() {
+                // Journaled before QEMU spawns: from here the VM has a life of its own on
+                // this host, which a verdict elsewhere must not undefine.
+                let mut rec = record_of(e);
+                rec.arrived_by = None;
+                self.journal.put_vm(&rec).map_err(journal_err)?;
+                if let Some(e) = vms.get_mut(name) {
+                    e.arrived_by = None;
+                }
+            }
             let launch = self.launch_for(&spec, false);
             prepare_dirs(&launch).map_err(|err| Status::internal(format!("VM '{name}': {err}")))?;
             // A RAM file left by a crash would be reused by QEMU: start from a clean one.
@@ -728,6 +742,7 @@ impl VmManager {
             resume_latency_us: 0,
             starting: false,
             arriving_cold: !admit_ram,
+            arrived_by: None,
         };
         self.persist(&e)?;
         vms.insert(spec.name.clone(), e);
@@ -786,6 +801,7 @@ impl VmManager {
             pid: e.process.as_ref().map(|p| p.pid()),
             incoming_migration: None,
             held_by: None,
+            arrived_by: None,
         })
     }
 
@@ -886,6 +902,8 @@ impl VmManager {
                 resume_latency_us: 0,
                 starting: false,
                 arriving_cold: false,
+                // A QEMU adopted has started: the mark would have been cleared before.
+                arrived_by: rec.arrived_by.filter(|_| adopted.is_none()),
             };
             self.persist(&e)?;
             self.vms.lock().await.insert(name.clone(), e);
@@ -991,13 +1009,49 @@ impl VmManager {
             pid: None,
             incoming_migration: None,
             held_by: None,
+            arrived_by: Some(migration.to_string()),
         };
         self.journal
             .apply(&[Op::PutVm(rec), Op::PutMigration(outcome)])
             .map_err(journal_err)?;
         e.state = pb::VmState::Defined;
         e.migration = None;
+        e.arrived_by = Some(migration.to_string());
         Ok(self.info(e))
+    }
+}
+
+impl VmManager {
+    /// Target side of a cold migration whose source took the VM back on its operator's
+    /// verdict: removes the definition `migration` made here if the VM has not started
+    /// since ([`crate::migration::cold::cold_taken_back`]), journaled with `outcome` (the
+    /// migration's record, no longer saying the VM is here) in one transaction. The
+    /// outcome is journaled too when no VM of that name is left. Returns the decision.
+    pub async fn undo_cold_arrival(
+        &self,
+        name: &str,
+        migration: &str,
+        outcome: crate::journal::MigrationRecord,
+    ) -> Result<crate::migration::cold::ColdTakenBack, Status> {
+        use crate::migration::cold::{cold_taken_back, ColdTakenBack, DefinedHere};
+        let mut vms = self.vms.lock().await;
+        let here = vms.get(name).map(|e| DefinedHere {
+            arrived_by: e.arrived_by.as_deref(),
+            busy: e.starting || e.migration.is_some() || e.state != pb::VmState::Defined,
+        });
+        let decision = cold_taken_back(here, migration);
+        let ops = match decision {
+            ColdTakenBack::Undefine => {
+                vec![Op::RemoveVm(name.to_string()), Op::PutMigration(outcome)]
+            }
+            ColdTakenBack::NothingHere => vec![Op::PutMigration(outcome)],
+            ColdTakenBack::Busy | ColdTakenBack::Stays => return Ok(decision),
+        };
+        self.journal.apply(&ops).map_err(journal_err)?;
+        if decision == ColdTakenBack::Undefine {
+            vms.remove(name);
+        }
+        Ok(decision)
     }
 }
 
@@ -1012,6 +1066,7 @@ fn record_of(e: &VmEntry) -> VmRecord {
         held_by: (e.state == pb::VmState::Migrating)
             .then(|| e.migration.clone())
             .flatten(),
+        arrived_by: e.arrived_by.clone(),
     }
 }
 

@@ -1240,6 +1240,65 @@ async fn the_operator_frees_a_cold_vm_whose_target_is_gone_for_good() {
     assert_eq!(a.observe_qemu("stranded").await, QemuObserved::Running);
 }
 
+/// As above, but the target was not gone for good: its agent comes back with the VM
+/// defined (journaled, never started). The source, which journaled the verdict's decision,
+/// tells it that the VM was taken back, and the target removes the definition it made:
+/// defined on the source only (asked of both agents), it starts there, and no QEMU runs on
+/// the target. Before, the target kept the definition: the VM was defined on two hosts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_target_back_after_the_verdict_removes_the_definition_it_never_started() {
+    let _serial = SERIAL.lock().await;
+    let m = Mesh::new();
+    let (a, mut b, id, _) = in_doubt_after_the_target_defined(&m, "returned").await;
+    let mut ca = a.client().await.expect("client a");
+    let end = ca
+        .resolve_migration(pb::ResolveMigrationRequest {
+            id: id.clone(),
+            target_gone: true,
+        })
+        .await
+        .expect("verdict taken")
+        .into_inner();
+    assert_eq!(
+        end.phase,
+        pb::MigrationPhase::Failed as i32,
+        "{end:?}{}",
+        logs(&a, &b)
+    );
+    assert_eq!(vm_state(&a, "returned").await, Some(pb::VmState::Defined));
+
+    b.set_failpoints(None);
+    b.restart().await.expect("restart the target agent");
+    let mut cb = b.client().await.expect("client b");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let got = cb
+            .get_vm(pb::VmRef {
+                name: "returned".into(),
+            })
+            .await;
+        match got {
+            Err(e) if e.code() == tonic::Code::NotFound => break,
+            Err(e) => panic!("the target's answer: {e:?}{}", logs(&a, &b)),
+            Ok(_) => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the target kept the definition: defined on two hosts{}",
+            logs(&a, &b)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(vm_state(&a, "returned").await, Some(pb::VmState::Defined));
+    ca.start_vm(pb::VmRef {
+        name: "returned".into(),
+    })
+    .await
+    .expect("the source's VM starts");
+    assert_eq!(a.observe_qemu("returned").await, QemuObserved::Running);
+    assert_eq!(b.observe_qemu("returned").await, QemuObserved::NoQemu);
+}
+
 /// The source agent is killed after journaling the VM held and before sending Finish
 /// (`cold.src.finish.journaled`): the target never defined it. The restarted source asks,
 /// the target aborts its side (all images there, nothing defined), and the source frees

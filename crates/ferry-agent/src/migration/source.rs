@@ -2783,7 +2783,7 @@ pub async fn settle(
             .declare("an operator, before this agent restarted");
         h.verdict.apply();
         let token = meta.token.clone().unwrap_or_default();
-        tell_target_taken_back(ctx.clone(), h.id.clone(), target.to_string(), token);
+        tell_target_taken_back(ctx.clone(), h.id.clone(), target.to_string(), token, false);
         let qemu = source_qemu(proc).await;
         return SourceAction::RollBack(rollback_resume(
             qemu,
@@ -2849,6 +2849,7 @@ pub async fn settle(
                             h.id.clone(),
                             target.to_string(),
                             token,
+                            false,
                         );
                         return a;
                     }
@@ -2909,29 +2910,55 @@ pub async fn settle(
 /// on the target's word that the VM runs there (logged as an error: it runs on two hosts);
 /// any other error is told again. Then, once the migration's end is journaled, clears the
 /// record's `taken_back` (a restart before that tells again).
-pub fn tell_target_taken_back(ctx: Arc<AgentCtx>, id: String, target: String, token: String) {
+///
+/// A cold migration's target (`cold`) is told with an AbortColdMigration marked the same
+/// way: it removes the definition the migration made there, if the VM never started.
+pub fn tell_target_taken_back(
+    ctx: Arc<AgentCtx>,
+    id: String,
+    target: String,
+    token: String,
+    cold: bool,
+) {
     tokio::spawn(async move {
         let mut pause = Duration::from_secs(1);
+        let reason = "the source took the VM back on its operator's verdict";
         loop {
-            let req = pb::AbortRequest {
-                migration_id: id.clone(),
-                reason: "the source took the VM back on its operator's verdict".into(),
-                token: token.clone(),
-                taken_back: true,
+            let reply = if cold {
+                let req = pb::AbortColdMigrationRequest {
+                    migration_id: id.clone(),
+                    token: token.clone(),
+                    reason: reason.into(),
+                    discard: true,
+                    taken_back: true,
+                };
+                peer_call(&ctx, &target, |mut peer| async move {
+                    peer.abort_cold_migration(req).await
+                })
+                .await
+                .map(|r| r.map(|r| r.existed))
+            } else {
+                let req = pb::AbortRequest {
+                    migration_id: id.clone(),
+                    reason: reason.into(),
+                    token: token.clone(),
+                    taken_back: true,
+                };
+                peer_call(
+                    &ctx,
+                    &target,
+                    |mut peer| async move { peer.abort(req).await },
+                )
+                .await
+                .map(|r| r.map(|r| r.existed))
             };
-            let reply = peer_call(
-                &ctx,
-                &target,
-                |mut peer| async move { peer.abort(req).await },
-            )
-            .await;
             match &reply {
-                Some(Ok(r)) => {
-                    info!(migration = %id, discarded = r.existed, "{target} heard that the VM was taken back");
+                Some(Ok(existed)) => {
+                    info!(migration = %id, discarded = existed, "{target} heard that the VM was taken back");
                     break;
                 }
                 Some(Err(s)) if s.code() == tonic::Code::FailedPrecondition => {
-                    error!(migration = %id, "{target} answered that it runs the VM: it runs on two hosts (the operator's verdict found a host that was not gone); stop one: {}", s.message());
+                    error!(migration = %id, "{target} answered that the VM lives there too (the operator's verdict found a host that was not gone); remove one: {}", s.message());
                     break;
                 }
                 // Not heard (unreachable, or an error of its own such as a journal it

@@ -85,6 +85,44 @@ pub fn cold_settle(
     }
 }
 
+/// What the target of a cold migration does when its source says it took the VM back on
+/// its operator's verdict (an Abort marked `taken_back`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColdTakenBack {
+    /// The VM this migration defined here has not started since: its definition goes
+    /// (its images stay: data is never removed on a verdict).
+    Undefine,
+    /// No VM of that name here (never defined, or removed since): nothing to undo.
+    NothingHere,
+    /// The VM is busy (a migration of it under way): tell again later.
+    Busy,
+    /// It has started since (or the name is another VM's now): it stays, and the VM is
+    /// defined on two hosts — the operator's to settle.
+    Stays,
+}
+
+/// A VM of the migration's name on the target, as [`cold_taken_back`] needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct DefinedHere<'a> {
+    /// The cold migration that defined it here and that it has not started since.
+    pub arrived_by: Option<&'a str>,
+    /// Something is under way with it (a migration, a start).
+    pub busy: bool,
+}
+
+/// The target's decision on the news that migration `migration`'s VM was taken back by
+/// its source, from the VM of that name here, if any. Only a definition this very
+/// migration made and that never started goes: a VM that started since has a life of its
+/// own here (its disks may have changed). Pure.
+pub fn cold_taken_back(here: Option<DefinedHere<'_>>, migration: &str) -> ColdTakenBack {
+    match here {
+        None => ColdTakenBack::NothingHere,
+        Some(h) if h.arrived_by != Some(migration) => ColdTakenBack::Stays,
+        Some(h) if h.busy => ColdTakenBack::Busy,
+        Some(_) => ColdTakenBack::Undefine,
+    }
+}
+
 /// The speed at which the source assumes the target reads the images it already has when
 /// it hashes them in Prepare (a slow disk's; BLAKE3 itself runs at GB/s).
 const PRESENT_HASH_BYTES_PER_S: u64 = 100 << 20;
@@ -154,6 +192,33 @@ mod tests {
         assert_eq!(
             cold_settle(&Some(Err(tonic::Status::permission_denied("token"))), false),
             ColdSettle::AskAgain
+        );
+    }
+
+    #[test]
+    fn only_a_definition_the_migration_made_and_never_started_goes_when_taken_back() {
+        let here = |arrived_by, busy| Some(DefinedHere { arrived_by, busy });
+        assert_eq!(
+            cold_taken_back(here(Some("m1"), false), "m1"),
+            ColdTakenBack::Undefine
+        );
+        assert_eq!(cold_taken_back(None, "m1"), ColdTakenBack::NothingHere);
+        // Started since (the mark cleared), or another migration's VM of that name.
+        assert_eq!(
+            cold_taken_back(here(None, false), "m1"),
+            ColdTakenBack::Stays
+        );
+        assert_eq!(
+            cold_taken_back(here(Some("m2"), false), "m1"),
+            ColdTakenBack::Stays
+        );
+        assert_eq!(
+            cold_taken_back(here(None, true), "m1"),
+            ColdTakenBack::Stays
+        );
+        assert_eq!(
+            cold_taken_back(here(Some("m1"), true), "m1"),
+            ColdTakenBack::Busy
         );
     }
 

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Semaphore};
 use tonic::transport::Channel;
 use tonic::Status;
-use tracing::warn;
+use tracing::{error, warn};
 
 /// What the operator asked for.
 #[derive(Debug, Clone)]
@@ -754,6 +754,7 @@ impl Job {
                 token: self.token.clone(),
                 reason: reason.clone(),
                 discard: e.cancelled,
+                taken_back: false,
             };
             match tokio::time::timeout(Duration::from_secs(15), peer.abort_cold_migration(req))
                 .await
@@ -828,6 +829,21 @@ async fn settle_with_target(
     let id = h.id.clone();
     let token = h.meta().token.unwrap_or_default();
     let vm = h.snapshot().vm;
+    if h.meta().taken_back {
+        // The operator's verdict released the VM before this agent restarted: not asked
+        // again, only told (as the live source does).
+        h.verdict
+            .declare("an operator, before this agent restarted");
+        h.verdict.apply();
+        crate::migration::source::tell_target_taken_back(
+            ctx.clone(),
+            id,
+            target.to_string(),
+            token,
+            true,
+        );
+        return false;
+    }
     let mut wait = Duration::from_millis(500);
     let mut shown = false;
     let mut verdict_spent = false;
@@ -837,6 +853,7 @@ async fn settle_with_target(
             token: token.clone(),
             reason: format!("the source lost Finish's answer ({why})"),
             discard: false,
+            taken_back: false,
         };
         // The operator's verdict counts for the first question after it (see
         // `OperatorVerdict`).
@@ -855,13 +872,30 @@ async fn settle_with_target(
         }
         match cold_settle(&answer, verdict) {
             ColdSettle::Complete => return true,
-            ColdSettle::Release => {
-                if verdict && !reached {
-                    warn!(migration = %id, "the operator declared {label} gone for good and it does not answer: VM '{vm}' is released here");
-                    h.verdict.apply();
+            ColdSettle::Release if verdict && !reached => {
+                // Journaled before the VM is free here: a target back later with the VM
+                // defined is told to remove it, also after a restart of this agent.
+                h.set_meta(|m| m.taken_back = true);
+                match ctx.outgoing.persist_with(h, vec![]) {
+                    Ok(()) => {
+                        warn!(migration = %id, "the operator declared {label} gone for good and it does not answer: VM '{vm}' is released here");
+                        h.verdict.apply();
+                        crate::migration::source::tell_target_taken_back(
+                            ctx.clone(),
+                            id,
+                            target.to_string(),
+                            token,
+                            true,
+                        );
+                        return false;
+                    }
+                    Err(e) => {
+                        h.set_meta(|m| m.taken_back = false);
+                        error!(migration = %id, "journal: {e}: the operator's verdict cannot be recorded; VM '{vm}' stays held here, in doubt");
+                    }
                 }
-                return false;
             }
+            ColdSettle::Release => return false,
             ColdSettle::AskAgain => {}
         }
         if !shown {

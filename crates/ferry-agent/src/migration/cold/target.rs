@@ -1180,6 +1180,9 @@ pub async fn abort(
     req: pb::AbortColdMigrationRequest,
     caller: &PeerIdentity,
 ) -> Result<pb::AbortColdMigrationResponse, Status> {
+    if req.taken_back {
+        return taken_back(ctx, req, caller).await;
+    }
     let Some(inc) = ctx.incoming.cold().lookup(&req.migration_id) else {
         // Forgotten since: if the journal says the VM was defined here, it is too late.
         let finished = journaled_as_defined(ctx, &req.migration_id, &req.token, caller)?.is_some();
@@ -1216,6 +1219,75 @@ pub async fn abort(
     };
     info!(migration = %inc.id, host = %ctx.cfg.host_name, finished = resp.finished, "abort of cold migration requested: {reason}");
     Ok(resp)
+}
+
+/// The source took the VM back on its operator's verdict (this host, declared gone for
+/// good, did not answer): a migration still receiving is aborted (its images discarded);
+/// a definition it made here goes if the VM has not started since
+/// ([`super::cold_taken_back`]; the images stay) — else FAILED_PRECONDITION (the VM is
+/// defined on two hosts, logged as an error), or UNAVAILABLE while the VM is busy.
+async fn taken_back(
+    ctx: &Arc<AgentCtx>,
+    req: pb::AbortColdMigrationRequest,
+    caller: &PeerIdentity,
+) -> Result<pb::AbortColdMigrationResponse, Status> {
+    let host = &ctx.cfg.host_name;
+    let id = &req.migration_id;
+    let inc = ctx.incoming.cold().lookup(id);
+    if let Some(inc) = &inc {
+        crate::access::same_peer(&inc.source_host, caller, host, &inc.id)?;
+        if inc.token != req.token {
+            return Err(Status::permission_denied("wrong migration token"));
+        }
+        let reason = "the source took the VM back on its operator's verdict";
+        if !matches!(inc.abort(reason, false, true).await, Aborted::Finished) {
+            return Ok(pb::AbortColdMigrationResponse {
+                existed: true,
+                ..Default::default()
+            });
+        }
+    }
+    let Some(mut rec) = journaled_as_defined(ctx, id, &req.token, caller)? else {
+        // Aborted here, never known, or taken back already.
+        return Ok(pb::AbortColdMigrationResponse {
+            existed: inc.is_some(),
+            ..Default::default()
+        });
+    };
+    let vm = rec.vm.clone();
+    rec.receiver = Some(ferry_handoff::Receiver::Aborted);
+    rec.state = "taken back by the source".into();
+    match ctx.vms.undo_cold_arrival(&vm, id, rec).await? {
+        ColdTakenBack::Undefine => {
+            if let Some(inc) = &inc {
+                // A repeated Finish must not answer that the VM is here.
+                *inc.state.lock().await = TargetState::Failed {
+                    reason: "the source took the VM back on its operator's verdict".into(),
+                    by_target: false,
+                };
+            }
+            warn!(migration = %id, %vm, "the source took VM '{vm}' back on its operator's verdict: its definition here, never started, is removed (its image files stay)");
+        }
+        ColdTakenBack::NothingHere => {
+            info!(migration = %id, %vm, "the source took VM '{vm}' back; no VM of that name is left here")
+        }
+        ColdTakenBack::Busy => {
+            return Err(Status::unavailable(format!(
+                "VM '{vm}' on host {host} is busy (a migration of it under way): tell again"
+            )))
+        }
+        ColdTakenBack::Stays => {
+            let msg = format!(
+                "VM '{vm}' on host {host} has started since migration {id} defined it (or the name is another VM's now): it stays, and it is defined on two hosts; remove one"
+            );
+            tracing::error!(migration = %id, "{msg}");
+            return Err(Status::failed_precondition(msg));
+        }
+    }
+    Ok(pb::AbortColdMigrationResponse {
+        existed: true,
+        ..Default::default()
+    })
 }
 
 /// The record of cold migration `id` if this host's journal says it defined its VM here
