@@ -59,6 +59,8 @@ pub const COLD_POINTS: &[&str] = &[
 pub const VERDICT_POINTS: &[&str] = &[
     // The source journaled that the verdict takes the VM back, before its guest resumes.
     "src.verdict.journaled",
+    // The same for a cold migration, before the VM is free on the source.
+    "cold.src.verdict.journaled",
 ];
 
 /// Fires failpoint `name` if armed: see the module docs for what each action does.

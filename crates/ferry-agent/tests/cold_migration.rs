@@ -1151,7 +1151,19 @@ async fn in_doubt_after_the_target_defined(
     m: &Mesh,
     vm: &str,
 ) -> (TestAgent, TestAgent, String, String) {
-    let a = m.host("a", &m.root()).await;
+    in_doubt_after_the_target_defined_armed(m, vm, None).await
+}
+
+/// [`in_doubt_after_the_target_defined`] with the source armed with `source_failpoints`.
+async fn in_doubt_after_the_target_defined_armed(
+    m: &Mesh,
+    vm: &str,
+    source_failpoints: Option<&str>,
+) -> (TestAgent, TestAgent, String, String) {
+    let a = match source_failpoints {
+        Some(fp) => m.armed_host("a", fp).await,
+        None => m.host("a", &m.root()).await,
+    };
     let b = m
         .armed_host("b", "cold.tgt.finish.committed=1*return(exit)")
         .await;
@@ -1269,26 +1281,7 @@ async fn a_cold_target_back_after_the_verdict_removes_the_definition_it_never_st
 
     b.set_failpoints(None);
     b.restart().await.expect("restart the target agent");
-    let mut cb = b.client().await.expect("client b");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let got = cb
-            .get_vm(pb::VmRef {
-                name: "returned".into(),
-            })
-            .await;
-        match got {
-            Err(e) if e.code() == tonic::Code::NotFound => break,
-            Err(e) => panic!("the target's answer: {e:?}{}", logs(&a, &b)),
-            Ok(_) => {}
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the target kept the definition: defined on two hosts{}",
-            logs(&a, &b)
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_undefined(&a, &b, "returned").await;
     assert_eq!(vm_state(&a, "returned").await, Some(pb::VmState::Defined));
     ca.start_vm(pb::VmRef {
         name: "returned".into(),
@@ -1297,6 +1290,89 @@ async fn a_cold_target_back_after_the_verdict_removes_the_definition_it_never_st
     .expect("the source's VM starts");
     assert_eq!(a.observe_qemu("returned").await, QemuObserved::Running);
     assert_eq!(b.observe_qemu("returned").await, QemuObserved::NoQemu);
+}
+
+/// The source's agent dies right after journaling the operator's verdict
+/// (`cold.src.verdict.journaled`), before the VM is free there. Back with its journal, it
+/// releases the VM without asking the target again and tells it, across its own restart,
+/// that it took the VM back: the target, back later, removes the definition it made.
+/// Defined on the source only (asked of both agents); it starts there, no QEMU on the
+/// target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_source_restarted_after_journaling_the_verdict_releases_the_vm_and_tells_the_target()
+{
+    let _serial = SERIAL.lock().await;
+    let m = Mesh::new();
+    let (mut a, mut b, id, _) = in_doubt_after_the_target_defined_armed(
+        &m,
+        "twice",
+        Some("cold.src.verdict.journaled=return(exit)"),
+    )
+    .await;
+    let mut ca = a.client().await.expect("client a");
+    // The source's agent dies within the call: its answer is a broken connection.
+    let _ = ca
+        .resolve_migration(pb::ResolveMigrationRequest {
+            id: id.clone(),
+            target_gone: true,
+        })
+        .await;
+    assert!(
+        a.wait_failpoint("cold.src.verdict.journaled", Duration::from_secs(30))
+            .await,
+        "the verdict was journaled{}",
+        logs(&a, &b)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.running() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!a.running(), "the source agent died at the failpoint");
+
+    a.set_failpoints(None);
+    a.restart().await.expect("restart the source agent");
+    let end = status_until(&a, &id, Duration::from_secs(60), is_final).await;
+    assert_eq!(
+        end.phase,
+        pb::MigrationPhase::Failed as i32,
+        "{end:?}{}",
+        logs(&a, &b)
+    );
+    assert_eq!(vm_state(&a, "twice").await, Some(pb::VmState::Defined));
+
+    b.set_failpoints(None);
+    b.restart().await.expect("restart the target agent");
+    wait_undefined(&a, &b, "twice").await;
+    assert_eq!(vm_state(&a, "twice").await, Some(pb::VmState::Defined));
+    let mut ca = a.client().await.expect("client a");
+    ca.start_vm(pb::VmRef {
+        name: "twice".into(),
+    })
+    .await
+    .expect("the source's VM starts");
+    assert_eq!(a.observe_qemu("twice").await, QemuObserved::Running);
+    assert_eq!(b.observe_qemu("twice").await, QemuObserved::NoQemu);
+}
+
+/// Waits (up to 90 s) until `b` answers that it has no VM `vm`: NotFound, not merely an
+/// error.
+async fn wait_undefined(a: &TestAgent, b: &TestAgent, vm: &str) {
+    let mut cb = b.client().await.expect("client b");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let got = cb.get_vm(pb::VmRef { name: vm.into() }).await;
+        match got {
+            Err(e) if e.code() == tonic::Code::NotFound => return,
+            Err(e) => panic!("the target's answer: {e:?}{}", logs(a, b)),
+            Ok(_) => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the target kept the definition: defined on two hosts{}",
+            logs(a, b)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// The source agent is killed after journaling the VM held and before sending Finish

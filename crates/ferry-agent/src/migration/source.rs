@@ -2936,7 +2936,16 @@ pub fn tell_target_taken_back(
                     peer.abort_cold_migration(req).await
                 })
                 .await
-                .map(|r| r.map(|r| r.existed))
+                .map(|r| {
+                    r.and_then(|r| match r.finished {
+                        // This news is never answered "finished": a target from before
+                        // it read a plain Abort, and kept the VM.
+                        true => Err(tonic::Status::failed_precondition(
+                            "it does not know this news (an older ferry) and keeps the VM",
+                        )),
+                        false => Ok(r.existed),
+                    })
+                })
             } else {
                 let req = pb::AbortRequest {
                     migration_id: id.clone(),

@@ -746,6 +746,14 @@ impl Job {
             self.host(),
             self.target_label,
         );
+        // The operator's verdict took the VM back (journaled): final. The target hears
+        // it from `tell_target_taken_back`; a plain Abort's "finished" from a target back
+        // in the meantime must not turn it into a completion (and the news would then
+        // remove the target's copy too: the VM defined nowhere).
+        let taken_back = self.h.meta().taken_back;
+        if taken_back {
+            self.peer = None;
+        }
         // Abort first, then close: the target then sees the streams end as part of the
         // abort rather than as a failure of its own.
         if let Some(mut peer) = self.peer.take() {
@@ -792,7 +800,7 @@ impl Job {
             .await;
         let elapsed = self.started.elapsed().as_millis() as u64;
         self.publish();
-        let kept = if e.cancelled {
+        let kept = if e.cancelled || taken_back {
             ""
         } else {
             "; what reached the target is kept there for a resume"
@@ -878,6 +886,9 @@ async fn settle_with_target(
                 h.set_meta(|m| m.taken_back = true);
                 match ctx.outgoing.persist_with(h, vec![]) {
                     Ok(()) => {
+                        let _ =
+                            crate::failpoint::hit("cold.src.verdict.journaled", &ctx.cfg.state_dir)
+                                .await;
                         warn!(migration = %id, "the operator declared {label} gone for good and it does not answer: VM '{vm}' is released here");
                         h.verdict.apply();
                         crate::migration::source::tell_target_taken_back(

@@ -1269,7 +1269,8 @@ async fn taken_back(
             warn!(migration = %id, %vm, "the source took VM '{vm}' back on its operator's verdict: its definition here, never started, is removed (its image files stay)");
         }
         ColdTakenBack::NothingHere => {
-            info!(migration = %id, %vm, "the source took VM '{vm}' back; no VM of that name is left here")
+            info!(migration = %id, %vm, "the source took VM '{vm}' back; no VM of that name is left here");
+            return Ok(pb::AbortColdMigrationResponse::default());
         }
         ColdTakenBack::Busy => {
             return Err(Status::unavailable(format!(
