@@ -1022,6 +1022,15 @@ impl VmManager {
 }
 
 impl VmManager {
+    /// The VM that cold migration `migration` defined here and that has not started
+    /// since, if there is one ([`VmRecord::arrived_by`]).
+    pub async fn arrived_by(&self, migration: &str) -> Option<String> {
+        let vms = self.vms.lock().await;
+        vms.iter()
+            .find(|(_, e)| e.arrived_by.as_deref() == Some(migration))
+            .map(|(name, _)| name.clone())
+    }
+
     /// Target side of a cold migration whose source took the VM back on its operator's
     /// verdict: removes the definition `migration` made here if the VM has not started
     /// since ([`crate::migration::cold::cold_taken_back`]), journaled with `outcome` (the
@@ -1035,10 +1044,15 @@ impl VmManager {
     ) -> Result<crate::migration::cold::ColdTakenBack, Status> {
         use crate::migration::cold::{cold_taken_back, ColdTakenBack, DefinedHere};
         let mut vms = self.vms.lock().await;
-        let here = vms.get(name).map(|e| DefinedHere {
-            arrived_by: e.arrived_by.as_deref(),
-            busy: e.starting || e.migration.is_some() || e.state != pb::VmState::Defined,
-        });
+        // A name reserved by an incoming migration is no VM defined here: whatever this
+        // migration defined under it is gone already.
+        let here = vms
+            .get(name)
+            .filter(|e| e.state != pb::VmState::Incoming)
+            .map(|e| DefinedHere {
+                arrived_by: e.arrived_by.as_deref(),
+                busy: e.starting || e.migration.is_some() || e.state != pb::VmState::Defined,
+            });
         let decision = cold_taken_back(here, migration);
         let ops = match decision {
             ColdTakenBack::Undefine => {

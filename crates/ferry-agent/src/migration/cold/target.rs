@@ -1248,6 +1248,15 @@ async fn taken_back(
         }
     }
     let Some(mut rec) = journaled_as_defined(ctx, id, &req.token, caller)? else {
+        if let Some(vm) = ctx.vms.arrived_by(id).await {
+            // Its record pruned (kept 30 days): the caller cannot be checked against it,
+            // so nothing is removed — but the source must not take this for "nothing here".
+            let msg = format!(
+                "VM '{vm}' on host {host} was defined by migration {id}, whose record here is gone (pruned): it stays, and it is defined on two hosts; remove one"
+            );
+            tracing::error!(migration = %id, "{msg}");
+            return Err(Status::failed_precondition(msg));
+        }
         // Aborted here, never known, or taken back already.
         return Ok(pb::AbortColdMigrationResponse {
             existed: inc.is_some(),
