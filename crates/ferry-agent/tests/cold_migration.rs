@@ -1223,10 +1223,33 @@ async fn the_operator_frees_a_cold_vm_whose_target_is_gone_for_good() {
     let _serial = SERIAL.lock().await;
     let m = Mesh::new();
     let (a, b, id, _) = in_doubt_after_the_target_defined(&m, "stranded").await;
+    let end = declare_the_target_gone(&a, &b, &id, "stranded").await;
+    assert!(
+        end.error.contains("declared the target gone for good"),
+        "{}",
+        end.error
+    );
+    let mut ca = a.client().await.expect("client a");
+    ca.start_vm(pb::VmRef {
+        name: "stranded".into(),
+    })
+    .await
+    .expect("free again: it starts");
+    assert_eq!(a.observe_qemu("stranded").await, QemuObserved::Running);
+}
+
+/// The operator's verdict on `a`'s migration `id` (the target gone for good): it ends
+/// FAILED with `vm` defined (stopped) on `a` again. Returns the migration's end.
+async fn declare_the_target_gone(
+    a: &TestAgent,
+    b: &TestAgent,
+    id: &str,
+    vm: &str,
+) -> pb::MigrationStatus {
     let mut ca = a.client().await.expect("client a");
     let end = ca
         .resolve_migration(pb::ResolveMigrationRequest {
-            id: id.clone(),
+            id: id.to_string(),
             target_gone: true,
         })
         .await
@@ -1236,20 +1259,10 @@ async fn the_operator_frees_a_cold_vm_whose_target_is_gone_for_good() {
         end.phase,
         pb::MigrationPhase::Failed as i32,
         "{end:?}{}",
-        logs(&a, &b)
+        logs(a, b)
     );
-    assert!(
-        end.error.contains("declared the target gone for good"),
-        "{}",
-        end.error
-    );
-    assert_eq!(vm_state(&a, "stranded").await, Some(pb::VmState::Defined));
-    ca.start_vm(pb::VmRef {
-        name: "stranded".into(),
-    })
-    .await
-    .expect("free again: it starts");
-    assert_eq!(a.observe_qemu("stranded").await, QemuObserved::Running);
+    assert_eq!(vm_state(a, vm).await, Some(pb::VmState::Defined));
+    end
 }
 
 /// As above, but the target was not gone for good: its agent comes back with the VM
@@ -1262,22 +1275,8 @@ async fn a_cold_target_back_after_the_verdict_removes_the_definition_it_never_st
     let _serial = SERIAL.lock().await;
     let m = Mesh::new();
     let (a, mut b, id, _) = in_doubt_after_the_target_defined(&m, "returned").await;
+    declare_the_target_gone(&a, &b, &id, "returned").await;
     let mut ca = a.client().await.expect("client a");
-    let end = ca
-        .resolve_migration(pb::ResolveMigrationRequest {
-            id: id.clone(),
-            target_gone: true,
-        })
-        .await
-        .expect("verdict taken")
-        .into_inner();
-    assert_eq!(
-        end.phase,
-        pb::MigrationPhase::Failed as i32,
-        "{end:?}{}",
-        logs(&a, &b)
-    );
-    assert_eq!(vm_state(&a, "returned").await, Some(pb::VmState::Defined));
 
     b.set_failpoints(None);
     b.restart().await.expect("restart the target agent");

@@ -870,26 +870,7 @@ async fn a_target_back_after_the_operator_took_the_vm_back_discards_its_committe
     );
 
     // The target's agent comes back with its journal at Committed and its QEMU alive.
-    p.b.set_failpoints(None);
-    p.b.restart().await.expect("restart b");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (a, b) = (p.a.observe_qemu(VM).await, p.b.observe_qemu(VM).await);
-        assert!(
-            !(a == QemuObserved::Running && b == QemuObserved::Running),
-            "the guest runs on both hosts\n{}",
-            p.b.log_tail()
-        );
-        if b == QemuObserved::NoQemu {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the target kept its copy ({b:?})\n{}",
-            p.b.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    restart_the_target_until_its_copy_is_gone(&mut p).await;
     assert_runs_on_the_source_only(&p).await;
     assert_nothing_on_the_target(&p).await;
 }
@@ -972,6 +953,17 @@ async fn a_source_restarted_after_journaling_the_verdict_takes_the_vm_back_and_t
     );
 
     // The target comes back: it hears the news the restarted source keeps telling.
+    restart_the_target_until_its_copy_is_gone(&mut p).await;
+    assert_runs_on_the_source_only(&p).await;
+    assert_nothing_on_the_target(&p).await;
+    guest_memory_ok(&p.a)
+        .await
+        .expect("guest memory on the source");
+}
+
+/// Restarts the target's agent unarmed and waits (up to 120 s) until its QEMU is gone,
+/// asking both QEMUs every 250 ms that the guest never runs on both hosts meanwhile.
+async fn restart_the_target_until_its_copy_is_gone(p: &mut Pair) {
     p.b.set_failpoints(None);
     p.b.restart().await.expect("restart b");
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -983,7 +975,7 @@ async fn a_source_restarted_after_journaling_the_verdict_takes_the_vm_back_and_t
             p.b.log_tail()
         );
         if b == QemuObserved::NoQemu {
-            break;
+            return;
         }
         assert!(
             Instant::now() < deadline,
@@ -992,11 +984,6 @@ async fn a_source_restarted_after_journaling_the_verdict_takes_the_vm_back_and_t
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert_runs_on_the_source_only(&p).await;
-    assert_nothing_on_the_target(&p).await;
-    guest_memory_ok(&p.a)
-        .await
-        .expect("guest memory on the source");
 }
 
 /// The whole matrix (`FERRY_LONG=1`): every failpoint x every fault.
