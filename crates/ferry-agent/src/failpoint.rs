@@ -52,6 +52,8 @@ pub const COLD_POINTS: &[&str] = &[
     "cold.tgt.finish.committed",
     // The target wrote a chunk of an image (hang: storage that stops answering).
     "cold.tgt.chunk.written",
+    // The target heard that its source took the VM back, before acting on it.
+    "cold.tgt.taken_back.heard",
 ];
 
 /// Failpoints of the operator's verdict on a migration in doubt: not in [`POINTS`] (the

@@ -1291,6 +1291,51 @@ async fn a_cold_target_back_after_the_verdict_removes_the_definition_it_never_st
     assert_eq!(b.observe_qemu("returned").await, QemuObserved::NoQemu);
 }
 
+/// As above, but the target's operator starts the VM there before the source's news is
+/// acted on (held at `cold.tgt.taken_back.heard` meanwhile): the VM has a life of its own
+/// there now, so the target refuses the news and keeps it running (asked over QMP), and
+/// the source logs it as an error — defined on two hosts, the operator's to settle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_target_that_started_the_vm_before_the_news_keeps_it_and_says_so() {
+    let _serial = SERIAL.lock().await;
+    let m = Mesh::new();
+    let (a, mut b, id, _) = in_doubt_after_the_target_defined(&m, "started").await;
+    declare_the_target_gone(&a, &b, &id, "started").await;
+
+    b.set_failpoints(Some("cold.tgt.taken_back.heard=return(hang)"));
+    b.restart().await.expect("restart the target agent");
+    assert!(
+        b.wait_failpoint("cold.tgt.taken_back.heard", Duration::from_secs(90))
+            .await,
+        "the news reached the target{}",
+        logs(&a, &b)
+    );
+    let mut cb = b.client().await.expect("client b");
+    cb.start_vm(pb::VmRef {
+        name: "started".into(),
+    })
+    .await
+    .expect("the target's operator starts the VM defined there");
+    b.release_failpoint().expect("release");
+    let refused = "answered that the VM lives there too";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(a.log_path())
+        .unwrap_or_default()
+        .contains(refused)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the source did not log the refusal{}",
+            logs(&a, &b)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(b.observe_qemu("started").await, QemuObserved::Running);
+    assert_eq!(vm_state(&b, "started").await, Some(pb::VmState::Running));
+    assert_eq!(a.observe_qemu("started").await, QemuObserved::NoQemu);
+    assert_eq!(vm_state(&a, "started").await, Some(pb::VmState::Defined));
+}
+
 /// The source's agent dies right after journaling the operator's verdict
 /// (`cold.src.verdict.journaled`), before the VM is free there. Back with its journal, it
 /// releases the VM without asking the target again and tells it, across its own restart,

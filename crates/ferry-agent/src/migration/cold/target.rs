@@ -1233,6 +1233,7 @@ async fn taken_back(
 ) -> Result<pb::AbortColdMigrationResponse, Status> {
     let host = &ctx.cfg.host_name;
     let id = &req.migration_id;
+    let _ = crate::failpoint::hit("cold.tgt.taken_back.heard", &ctx.cfg.state_dir).await;
     let inc = ctx.incoming.cold().lookup(id);
     if let Some(inc) = &inc {
         crate::access::same_peer(&inc.source_host, caller, host, &inc.id)?;
