@@ -366,7 +366,9 @@ pub enum MigrationsCommand {
         id: String,
         /// The target host is gone for good: destroyed, or it will never run this VM
         /// again (its disks wiped, its agent's state removed). If it comes back with its
-        /// state, it may resume the VM too: only say this when you know.
+        /// state it is told: a copy it has not run yet is discarded (cold: a definition
+        /// it has not started is removed), but one that ran there meanwhile stays, and the
+        /// VM is then on two hosts: only say this when you know.
         #[arg(long, required = true)]
         target_gone: bool,
     },
