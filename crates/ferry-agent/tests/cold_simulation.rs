@@ -13,16 +13,23 @@
 //! survives), the operator's verdict while the target cannot be reached (wrong whenever the
 //! target comes back), and an operator starting the VM on either host where it is free to.
 //!
-//! Then faults stop, both agents are up, and the world must settle: the source's migration
-//! ended, the VM never held for ever, defined on at least one host, on one only unless the
-//! target's operator started it there before the news could undo it (then the source must
-//! have heard the refusal: it logs the VM defined on two hosts), and a migration reported
-//! completed only with the VM defined on the target.
+//! The target also answers with errors of its own, now and then and for stretches (reached: a failed task;
+//! unreached: a journal it cannot read), and the operator declares again when a target
+//! that answered once went away. After every event: the VM is defined somewhere, runs on
+//! two hosts only after the verdict took it back, and the news never removes a VM that ran
+//! on the target. Then faults stop, the source agent is up, and the target is back — or,
+//! in a quarter of the schedules, gone for good — and the world must settle: the source's
+//! migration ended, the VM never held for ever, defined on at least one host (free on the
+//! source when the target is gone and the migration did not complete), on one only unless
+//! the target's operator started it there before the news could undo it (then the source
+//! must have heard the refusal: it logs the VM defined on two hosts), and a migration
+//! reported completed only with the VM defined on the target.
 //!
 //! `FERRY_SIM_SCHEDULES` sets the number of schedules (default 400). Broken variants must be
 //! caught: the failed copy's plain Abort after a verdict (the bug a review found: its
 //! "finished" completed the migration, the news then removed the target's copy), a source
-//! that does not tell the target, and a start that leaves the VM marked as the migration's.
+//! that does not tell the target, a start that leaves the VM marked as the migration's, and
+//! a verdict spent on an answer that cannot be given again (the second review's finding).
 
 use ferry_agent::migration::cold::{
     cold_settle, cold_taken_back, ColdSettle, ColdTakenBack, DefinedHere,
@@ -39,6 +46,8 @@ enum Broken {
     NoNews,
     /// Starting the VM on the target leaves it marked as the migration's (`arrived_by`).
     StartKeepsMark,
+    /// A verdict spent on a target that answered cannot be given again.
+    OneShotVerdict,
 }
 
 /// Who sent a request (the source's task that waits for its answer).
@@ -98,6 +107,8 @@ enum Inc {
 struct TVm {
     arrived_by: bool,
     running: bool,
+    /// It has run on the target (the news must never remove it).
+    started: bool,
 }
 
 struct Rng(u64);
@@ -132,13 +143,15 @@ struct World {
     /// One news call at a time, as the telling task makes them.
     tell_out: bool,
     asking: bool,
-    verdict: bool,
-    verdict_spent: bool,
+    /// The operator's declarations so far (in memory), the one the settling question in
+    /// flight was asked under, and the one a target's answer spent.
+    declarations: u64,
+    asked_under: u64,
+    verdict_spent: u64,
     /// In `Failing`: the plain Abort not sent yet.
     failed_pending: bool,
     completed: bool,
     refusal_heard: bool,
-    ever_verdict: bool,
     // Target.
     t_up: bool,
     inc: Option<Inc>,
@@ -146,6 +159,11 @@ struct World {
     t_vm: Option<TVm>,
     // Network.
     partition: bool,
+    /// The target answers every question with an error of its own for a while (a task
+    /// that keeps failing).
+    t_erring: bool,
+    /// The target host is gone for good (from the end of the faults on): never back.
+    t_gone: bool,
     net: Vec<Msg>,
     log: Vec<String>,
     /// The first invariant broken after an event.
@@ -164,17 +182,19 @@ impl World {
             telling: false,
             tell_out: false,
             asking: false,
-            verdict: false,
-            verdict_spent: false,
+            declarations: 0,
+            asked_under: 0,
+            verdict_spent: 0,
             failed_pending: false,
             completed: false,
             refusal_heard: false,
-            ever_verdict: false,
             t_up: true,
             inc: Some(Inc::Receiving),
             owned: false,
             t_vm: None,
             partition: false,
+            t_erring: false,
+            t_gone: false,
             net: vec![],
             log: vec![],
             violation: None,
@@ -214,10 +234,23 @@ impl World {
             })
             .map_err(|c| tonic::Status::new(c, "sim"))
         });
-        let verdict = self.verdict && !self.verdict_spent;
+        let verdict = if self.broken == Broken::OneShotVerdict {
+            // The old rule: one declaration, spent for good by a target's answer.
+            self.asked_under > 0 && self.verdict_spent == 0
+        } else {
+            self.asked_under != self.verdict_spent
+        };
         let reached = ferry_agent::tls::reached(&answer);
         if verdict && reached {
-            self.verdict_spent = true;
+            self.verdict_spent = self.asked_under;
+            self.log.push(format!(
+                "source: the target answered after the verdict ({}): spent",
+                match &answer {
+                    Some(Ok(_)) => "an answer".to_string(),
+                    Some(Err(e)) => format!("{:?}", e.code()),
+                    None => "none".to_string(),
+                }
+            ));
         }
         match cold_settle(&answer, verdict) {
             ColdSettle::Complete => self.complete(),
@@ -230,9 +263,15 @@ impl World {
                     .push("source: the verdict takes the VM back".into());
             }
             ColdSettle::Release => {
-                self.phase = SPhase::Failing;
-                self.failed_pending = true;
                 self.log.push("source: the target did not define it".into());
+                if self.epoch == 0 {
+                    // The migration's own task: `Job::failed`.
+                    self.phase = SPhase::Failing;
+                    self.failed_pending = true;
+                } else {
+                    // After a restart, `settle_and_end` frees the VM.
+                    self.release();
+                }
             }
             ColdSettle::AskAgain => {}
         }
@@ -276,6 +315,7 @@ impl World {
                     return true;
                 }
                 self.asking = true;
+                self.asked_under = self.declarations;
                 self.send(Msg::Abort {
                     epoch: self.epoch,
                     asker: Asker::Settle,
@@ -347,8 +387,9 @@ impl World {
         self.epoch += 1;
         self.asking = false;
         self.tell_out = false;
-        self.verdict = false;
-        self.verdict_spent = false;
+        self.declarations = 0;
+        self.asked_under = 0;
+        self.verdict_spent = 0;
         self.failed_pending = false;
         match self.phase {
             // Before Finish may go: marked failed, the VM free.
@@ -380,6 +421,7 @@ impl World {
                     self.t_vm = Some(TVm {
                         arrived_by: true,
                         running: false,
+                        started: false,
                     });
                     self.inc = Some(Inc::Finished);
                     Ok((true, true))
@@ -418,6 +460,11 @@ impl World {
                 });
                 Some(match cold_taken_back(here, "m1") {
                     ColdTakenBack::Undefine => {
+                        if self.t_vm.is_some_and(|v| v.started) {
+                            self.violation.get_or_insert(
+                                "the news removed a VM that had run on the target".into(),
+                            );
+                        }
                         self.t_vm = None;
                         self.owned = false;
                         if self.inc.is_some() {
@@ -469,6 +516,24 @@ impl World {
                     self.reply_or_lose(epoch, asker, Err(tonic::Code::Unavailable), rng);
                     return;
                 }
+                if matches!(
+                    m,
+                    Msg::Abort {
+                        taken_back: false,
+                        ..
+                    }
+                ) && (self.t_erring || rng.chance(10))
+                {
+                    // An error of its own that settles nothing: reached (a failed task),
+                    // or not (its journal unreadable: Unavailable).
+                    let code = if rng.chance(50) {
+                        tonic::Code::Internal
+                    } else {
+                        tonic::Code::Unavailable
+                    };
+                    self.reply_or_lose(epoch, asker, Err(code), rng);
+                    return;
+                }
                 if let Some(answer) = self.target_handles(&m) {
                     self.reply_or_lose(epoch, asker, answer, rng);
                 }
@@ -512,7 +577,7 @@ impl World {
     // ---- the world ----
 
     fn step(&mut self, rng: &mut Rng, faults: bool) -> bool {
-        let n = 11;
+        let n = 12;
         for _ in 0..n * 3 {
             let did = match rng.below(n) {
                 0 | 1 => self.source_step(),
@@ -554,18 +619,22 @@ impl World {
                     self.partition = !self.partition;
                     true
                 }
+                // The operator declares (again, if the last one was spent on an answer).
                 9 if self.s_up
                     && self.phase == SPhase::Settling
-                    && !self.verdict
+                    && (self.declarations == 0 || self.declarations == self.verdict_spent)
                     && (!self.t_up || self.partition) =>
                 {
-                    self.verdict = true;
-                    self.ever_verdict = true;
+                    self.declarations += 1;
                     self.log
                         .push("operator: the target is gone for good".into());
                     true
                 }
                 10 => self.operator_starts(rng),
+                11 if faults && rng.chance(20) => {
+                    self.t_erring = !self.t_erring;
+                    true
+                }
                 _ => false,
             };
             if did {
@@ -582,15 +651,21 @@ impl World {
     /// An operator starts the VM where it is free to (their agent allows it).
     fn operator_starts(&mut self, rng: &mut Rng) -> bool {
         if rng.chance(50) {
-            if self.s_up && self.s_vm == SVm::Free && rng.chance(20) {
+            if self.s_up && self.s_vm == SVm::Free && self.phase == SPhase::Done && rng.chance(20) {
                 self.s_vm = SVm::Running;
                 self.log.push("operator starts the VM on the source".into());
                 return true;
             }
         } else if self.t_up {
             if let Some(v) = self.t_vm.as_mut() {
+                if v.running && rng.chance(20) {
+                    v.running = false;
+                    self.log.push("operator stops the VM on the target".into());
+                    return true;
+                }
                 if !v.running && rng.chance(20) {
                     v.running = true;
+                    v.started = true;
                     if self.broken != Broken::StartKeepsMark {
                         v.arrived_by = false;
                     }
@@ -609,14 +684,15 @@ impl World {
             return Err("the VM is defined on no host".into());
         }
         let both = self.s_vm == SVm::Running && self.t_vm.is_some_and(|v| v.running);
-        if both && !self.ever_verdict {
+        if both && !self.taken_back {
             return Err("the VM runs on two hosts without a verdict".into());
         }
         Ok(())
     }
 
     fn settled(&self) -> bool {
-        self.phase == SPhase::Done && !self.telling && self.net.is_empty()
+        // A target gone for good never hears the news.
+        self.phase == SPhase::Done && (self.t_gone || (!self.telling && self.net.is_empty()))
     }
 
     fn check_end(&self) -> Result<(), String> {
@@ -631,9 +707,13 @@ impl World {
         if !on_source && !on_target {
             return Err("the VM is defined on no host".into());
         }
-        if on_source && on_target {
-            let started_there = self.t_vm.is_some_and(|v| v.running);
-            if !(self.ever_verdict && started_there && self.refusal_heard) {
+        if self.t_gone && !on_source && !self.completed {
+            return Err("the target is gone for good and the VM is not free on the source".into());
+        }
+        // A target gone for good holds nothing anyone can start.
+        if on_source && on_target && !self.t_gone {
+            let started_there = self.t_vm.is_some_and(|v| v.started);
+            if !(self.taken_back && started_there && self.refusal_heard) {
                 return Err(
                     "the VM is defined on two hosts, not from a target that started it before the news (or the source did not hear it refused)"
                         .into(),
@@ -656,13 +736,22 @@ fn run(broken: Broken, schedules: u64) -> Result<(), String> {
         for _ in 0..fault_events {
             w.step(&mut rng, true);
         }
-        // Faults stop: both agents up, the network whole.
+        // Faults stop: the source agent up, the network whole, and the target back — or
+        // gone for good (the case the operator's verdict exists for).
         w.partition = false;
+        w.t_erring = false;
         if !w.s_up {
             w.s_up = true;
             w.restart_source();
         }
-        w.t_up = true;
+        if rng.chance(25) {
+            w.t_gone = true;
+            w.t_up = false;
+            w.inc = None;
+            w.log.push("target host gone for good".into());
+        } else {
+            w.t_up = true;
+        }
         let mut quiet = 0;
         for _ in 0..5000 {
             if w.settled() {
@@ -725,11 +814,15 @@ fn simulation_catches_a_source_that_does_not_tell() {
 }
 
 #[test]
+fn simulation_catches_a_verdict_that_cannot_be_given_again() {
+    let e = run(Broken::OneShotVerdict, schedules().max(5000))
+        .expect_err("the broken variant must be caught");
+    assert!(e.contains("never settles"), "{e}");
+}
+
+#[test]
 fn simulation_catches_a_start_that_keeps_the_mark() {
     let e = run(Broken::StartKeepsMark, schedules().max(5000))
         .expect_err("the broken variant must be caught");
-    assert!(
-        e.contains("never settles") || e.contains("two hosts"),
-        "{e}"
-    );
+    assert!(e.contains("removed a VM that had run"), "{e}");
 }

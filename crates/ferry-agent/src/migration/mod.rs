@@ -206,10 +206,13 @@ impl OutgoingHandle {
 /// good (`ResolveMigration`). Settling asks the target once more after it; only if that
 /// question does not reach the target does the verdict decide (the VM comes back here,
 /// [`ferry_handoff::answer_with_verdict`]); a target reached then is believed, and the
-/// verdict is spent. Not journaled: after a restart of this agent it is asked again.
+/// verdict is spent — until the operator declares it again (a target that answered once
+/// and then went for good). Not journaled: after a restart of this agent it is asked again.
 #[derive(Default)]
 pub struct OperatorVerdict {
     declared: CancellationToken,
+    /// Declarations so far: a settling loop spends one, and a later one counts afresh.
+    declarations: std::sync::atomic::AtomicU64,
     by: std::sync::Mutex<String>,
     applied: std::sync::atomic::AtomicBool,
 }
@@ -220,12 +223,20 @@ impl OperatorVerdict {
         if let Ok(mut b) = self.by.lock() {
             *b = by.to_string();
         }
+        self.declarations
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.declared.cancel();
     }
 
     /// Whether it was declared.
     pub fn declared(&self) -> bool {
         self.declared.is_cancelled()
+    }
+
+    /// Which declaration stands (0: none yet): a settling loop that spent this one on a
+    /// target that answered acts on the verdict again only once this number changes.
+    pub fn declaration(&self) -> u64 {
+        self.declarations.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Resolves once declared.

@@ -2792,7 +2792,8 @@ pub async fn settle(
         ));
     }
     let mut in_doubt = false;
-    let mut verdict_spent = false;
+    // The declaration a target's answer spent (0: none).
+    let mut verdict_spent = 0;
     if h.meta().mark == SourceMark::CommitSent {
         // The outcome is the target's and unknown here until it answers: say so at once.
         let msg =
@@ -2809,11 +2810,12 @@ pub async fn settle(
         // still be read — by a target back from a restart and waiting for its source, it
         // is "still settling", and it resumes its copy. A target that answers after the
         // verdict settles it by its word.
-        let verdict = h.verdict.declared() && !verdict_spent;
+        let declaration = h.verdict.declaration();
+        let verdict = declaration != verdict_spent;
         let (answer, delivery) = ask_target(ctx, target, &h.id, &token).await;
         let by_verdict = verdict && delivery == Delivery::NeverSent;
         if verdict && delivery == Delivery::Reached {
-            verdict_spent = true;
+            verdict_spent = declaration;
             warn!(migration = %h.id, ?answer, "{target} answered after the operator declared it gone: its word settles the migration");
         }
         let answer = answer_with_verdict(answer, by_verdict);

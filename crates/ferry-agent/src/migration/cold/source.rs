@@ -854,7 +854,8 @@ async fn settle_with_target(
     }
     let mut wait = Duration::from_millis(500);
     let mut shown = false;
-    let mut verdict_spent = false;
+    // The declaration a target's answer spent (0: none).
+    let mut verdict_spent = 0;
     loop {
         let req = pb::AbortColdMigrationRequest {
             migration_id: id.clone(),
@@ -865,7 +866,8 @@ async fn settle_with_target(
         };
         // The operator's verdict counts for the first question after it (see
         // `OperatorVerdict`).
-        let verdict = h.verdict.declared() && !verdict_spent;
+        let declaration = h.verdict.declaration();
+        let verdict = declaration != verdict_spent;
         let answer = crate::migration::source::peer_call_within(
             ctx,
             target,
@@ -875,7 +877,7 @@ async fn settle_with_target(
         .await;
         let reached = crate::tls::reached(&answer);
         if verdict && reached {
-            verdict_spent = true;
+            verdict_spent = declaration;
             warn!(migration = %id, "{label} answered after the operator declared it gone: its word settles the migration");
         }
         match cold_settle(&answer, verdict) {
