@@ -1373,15 +1373,7 @@ async fn a_cold_source_restarted_after_journaling_the_verdict_releases_the_vm_an
     }
     assert!(!a.running(), "the source agent died at the failpoint");
 
-    a.set_failpoints(None);
-    a.restart().await.expect("restart the source agent");
-    let end = status_until(&a, &id, Duration::from_secs(60), is_final).await;
-    assert_eq!(
-        end.phase,
-        pb::MigrationPhase::Failed as i32,
-        "{end:?}{}",
-        logs(&a, &b)
-    );
+    restart_the_source_until_it_fails(&mut a, &b, &id).await;
     assert_eq!(vm_state(&a, "twice").await, Some(pb::VmState::Defined));
 
     b.set_failpoints(None);
@@ -1396,6 +1388,20 @@ async fn a_cold_source_restarted_after_journaling_the_verdict_releases_the_vm_an
     .expect("the source's VM starts");
     assert_eq!(a.observe_qemu("twice").await, QemuObserved::Running);
     assert_eq!(b.observe_qemu("twice").await, QemuObserved::NoQemu);
+}
+
+/// Restarts the source agent unarmed and waits (up to 60 s) for migration `id` to end
+/// FAILED there.
+async fn restart_the_source_until_it_fails(a: &mut TestAgent, b: &TestAgent, id: &str) {
+    a.set_failpoints(None);
+    a.restart().await.expect("restart the source agent");
+    let end = status_until(a, id, Duration::from_secs(60), is_final).await;
+    assert_eq!(
+        end.phase,
+        pb::MigrationPhase::Failed as i32,
+        "{end:?}{}",
+        logs(a, b)
+    );
 }
 
 /// Waits (up to 90 s) until `b` answers that it has no VM `vm`: NotFound, not merely an
@@ -1439,15 +1445,7 @@ async fn source_killed_before_sending_finish_keeps_the_vm() {
         "the source journaled its hold:{}",
         logs(&a, &b)
     );
-    a.set_failpoints(None);
-    a.restart().await.expect("restart the source agent");
-    let end = status_until(&a, &id, Duration::from_secs(60), is_final).await;
-    assert_eq!(
-        end.phase,
-        pb::MigrationPhase::Failed as i32,
-        "{end:?}{}",
-        logs(&a, &b)
-    );
+    restart_the_source_until_it_fails(&mut a, &b, &id).await;
     assert_eq!(vm_state(&a, "kept").await, Some(pb::VmState::Defined));
     assert_eq!(
         vm_state(&b, "kept").await,

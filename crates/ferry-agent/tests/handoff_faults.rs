@@ -835,17 +835,7 @@ async fn the_operator_takes_back_a_vm_whose_target_is_gone_for_good() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_back_after_the_operator_took_the_vm_back_discards_its_committed_copy() {
     let _s = SERIAL.lock().await;
-    let mut p = pair(None, Some("tgt.commit.journaled=return(exit)")).await;
-    boot(&p.a).await;
-    let id = start(&p, "lz4", false).await;
-    assert!(
-        p.b.wait_failpoint("tgt.commit.journaled", Duration::from_secs(180))
-            .await,
-        "the target committed\n{}",
-        p.a.log_tail()
-    );
-    wait_in_doubt(&p.a, &id).await;
-    assert!(!p.b.running(), "the target agent died at the failpoint");
+    let (mut p, id) = in_doubt_with_the_target_dead_after_committing(None).await;
     assert!(
         matches!(p.b.observe_qemu(VM).await, QemuObserved::Stopped(_)),
         "the committed copy waits paused in the target QEMU"
@@ -884,21 +874,9 @@ async fn a_target_back_after_the_operator_took_the_vm_back_discards_its_committe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_restarted_after_journaling_the_verdict_takes_the_vm_back_and_tells_the_target() {
     let _s = SERIAL.lock().await;
-    let mut p = pair(
-        Some("src.verdict.journaled=return(exit)"),
-        Some("tgt.commit.journaled=return(exit)"),
-    )
-    .await;
-    boot(&p.a).await;
-    let id = start(&p, "lz4", false).await;
-    assert!(
-        p.b.wait_failpoint("tgt.commit.journaled", Duration::from_secs(180))
-            .await,
-        "the target committed\n{}",
-        p.a.log_tail()
-    );
-    wait_in_doubt(&p.a, &id).await;
-    assert!(!p.b.running(), "the target agent died at the failpoint");
+    let (mut p, id) =
+        in_doubt_with_the_target_dead_after_committing(Some("src.verdict.journaled=return(exit)"))
+            .await;
 
     let mut ca = p.a.client().await.expect("client a");
     // The source's agent dies within the call: its answer is a broken connection.
@@ -959,6 +937,25 @@ async fn a_source_restarted_after_journaling_the_verdict_takes_the_vm_back_and_t
     guest_memory_ok(&p.a)
         .await
         .expect("guest memory on the source");
+}
+
+/// A migration whose target agent died right after journaling the commit (its QEMU alive,
+/// the guest paused there), the source IN_DOUBT; the source armed with `source_failpoints`.
+async fn in_doubt_with_the_target_dead_after_committing(
+    source_failpoints: Option<&str>,
+) -> (Pair, String) {
+    let mut p = pair(source_failpoints, Some("tgt.commit.journaled=return(exit)")).await;
+    boot(&p.a).await;
+    let id = start(&p, "lz4", false).await;
+    assert!(
+        p.b.wait_failpoint("tgt.commit.journaled", Duration::from_secs(180))
+            .await,
+        "the target committed\n{}",
+        p.a.log_tail()
+    );
+    wait_in_doubt(&p.a, &id).await;
+    assert!(!p.b.running(), "the target agent died at the failpoint");
+    (p, id)
 }
 
 /// Restarts the target's agent unarmed and waits (up to 120 s) until its QEMU is gone,
