@@ -1367,11 +1367,10 @@ async fn a_cold_source_restarted_after_journaling_the_verdict_releases_the_vm_an
         "the verdict was journaled{}",
         logs(&a, &b)
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while a.running() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(!a.running(), "the source agent died at the failpoint");
+    assert!(
+        a.wait_exit(Duration::from_secs(10)).await,
+        "the source agent died at the failpoint"
+    );
 
     restart_the_source_until_it_fails(&mut a, &b, &id).await;
     assert_eq!(vm_state(&a, "twice").await, Some(pb::VmState::Defined));

@@ -395,10 +395,7 @@ async fn run_cell(point: &'static str, fault: Fault, skip_verify: bool) -> Cell 
             Fault::KillSourceAgent | Fault::KillTargetAgent => {
                 // Wait for the self-kill to land.
                 let agent = if on_source { &mut p.a } else { &mut p.b };
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while agent.running() && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
+                agent.wait_exit(Duration::from_secs(10)).await;
             }
             Fault::KillSourceQemu => kill_pids(&p.a.qemu_pids()),
             Fault::KillTargetQemu => kill_pids(&p.b.qemu_pids()),
@@ -892,11 +889,10 @@ async fn a_source_restarted_after_journaling_the_verdict_takes_the_vm_back_and_t
         "the verdict was journaled\n{}",
         p.a.log_tail()
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while p.a.running() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(!p.a.running(), "the source agent died at the failpoint");
+    assert!(
+        p.a.wait_exit(Duration::from_secs(10)).await,
+        "the source agent died at the failpoint"
+    );
     assert!(
         matches!(p.a.observe_qemu(VM).await, QemuObserved::Stopped(_)),
         "the source's guest is still paused: the agent died before resuming it"

@@ -491,6 +491,16 @@ impl TestAgent {
         false
     }
 
+    /// Waits up to `timeout` for the agent process to exit (a failpoint's self-kill);
+    /// returns whether it did.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.running() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        !self.running()
+    }
+
     /// Defines `spec`, starts it and waits (up to 120 s) for its workload's `FERRY-READY`.
     /// A failed start says why, with the agent's log.
     pub async fn define_and_boot(

@@ -2781,9 +2781,8 @@ pub async fn settle(
         // settling" and resume its copy), only the news.
         h.verdict
             .declare("an operator, before this agent restarted");
-        h.verdict.apply();
         let token = meta.token.clone().unwrap_or_default();
-        tell_target_taken_back(ctx.clone(), h.id.clone(), target.to_string(), token, false);
+        verdict_took_back(ctx, h, target, token, false);
         let qemu = source_qemu(proc).await;
         return SourceAction::RollBack(rollback_resume(
             qemu,
@@ -2845,14 +2844,7 @@ pub async fn settle(
                         let _ = crate::failpoint::hit("src.verdict.journaled", &ctx.cfg.state_dir)
                             .await;
                         warn!(migration = %h.id, "the operator declared {target} gone for good and it cannot be reached: the VM is taken back here");
-                        h.verdict.apply();
-                        tell_target_taken_back(
-                            ctx.clone(),
-                            h.id.clone(),
-                            target.to_string(),
-                            token,
-                            false,
-                        );
+                        verdict_took_back(ctx, h, target, token, false);
                         return a;
                     }
                     Err(e) => {
@@ -2904,6 +2896,20 @@ pub async fn settle(
         }
         pause = (pause * 2).min(Duration::from_secs(5));
     }
+}
+
+/// The operator's verdict took migration `h`'s VM back here (journaled as `taken_back`):
+/// marks the verdict as what settled it and tells the target ([`tell_target_taken_back`];
+/// `cold` for a cold migration).
+pub fn verdict_took_back(
+    ctx: &Arc<AgentCtx>,
+    h: &OutgoingHandle,
+    target: &str,
+    token: String,
+    cold: bool,
+) {
+    h.verdict.apply();
+    tell_target_taken_back(ctx.clone(), h.id.clone(), target.to_string(), token, cold);
 }
 
 /// Tells the target, until it takes the news, that the operator's verdict took migration

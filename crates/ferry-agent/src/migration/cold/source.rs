@@ -751,12 +751,9 @@ impl Job {
         // in the meantime must not turn it into a completion (and the news would then
         // remove the target's copy too: the VM defined nowhere).
         let taken_back = self.h.meta().taken_back;
-        if taken_back {
-            self.peer = None;
-        }
         // Abort first, then close: the target then sees the streams end as part of the
         // abort rather than as a failure of its own.
-        if let Some(mut peer) = self.peer.take() {
+        if let Some(mut peer) = self.peer.take().filter(|_| !taken_back) {
             let req = pb::AbortColdMigrationRequest {
                 migration_id: self.p.job.id.clone(),
                 token: self.token.clone(),
@@ -842,14 +839,7 @@ async fn settle_with_target(
         // again, only told (as the live source does).
         h.verdict
             .declare("an operator, before this agent restarted");
-        h.verdict.apply();
-        crate::migration::source::tell_target_taken_back(
-            ctx.clone(),
-            id,
-            target.to_string(),
-            token,
-            true,
-        );
+        crate::migration::source::verdict_took_back(ctx, h, target, token, true);
         return false;
     }
     let mut wait = Duration::from_millis(500);
@@ -892,14 +882,7 @@ async fn settle_with_target(
                             crate::failpoint::hit("cold.src.verdict.journaled", &ctx.cfg.state_dir)
                                 .await;
                         warn!(migration = %id, "the operator declared {label} gone for good and it does not answer: VM '{vm}' is released here");
-                        h.verdict.apply();
-                        crate::migration::source::tell_target_taken_back(
-                            ctx.clone(),
-                            id,
-                            target.to_string(),
-                            token,
-                            true,
-                        );
+                        crate::migration::source::verdict_took_back(ctx, h, target, token, true);
                         return false;
                     }
                     Err(e) => {
