@@ -145,6 +145,10 @@ pub struct MigrationDefaults {
     /// How often disk copies that a migration which did not commit left behind (their
     /// removal failed) are tried again, seconds (also at start-up). 0: at start-up only.
     pub left_behind_retry_s: u64,
+    /// A partial image that a failed cold copy kept for a resume is removed once nothing
+    /// has touched it for this long, seconds (checked every quarter of it, at most hourly).
+    /// 0: kept until an attempt resumes it or the operator's cancel reaches this host.
+    pub partial_keep_s: u64,
     /// Live migrations this host runs as the source at once; more are refused.
     pub max_outgoing: usize,
     /// Live migrations this host receives at once; more Prepares are refused.
@@ -205,6 +209,9 @@ impl Default for MigrationDefaults {
             mirror_ready_timeout_s: 3600,
             journal_history: 500,
             left_behind_retry_s: 60,
+            // A day: a failed copy retried the same day resumes; a week of them does not
+            // fill the host.
+            partial_keep_s: 86_400,
             cold_stall_timeout_s: 120,
             // KubeVirt's defaults: two per node each way.
             max_outgoing: 2,

@@ -28,6 +28,11 @@ pub struct Metrics {
     /// Disk copies of incoming migrations that did not commit whose removal failed, as of
     /// the latest try (tried again every `left_behind_retry_s`; paths in the log).
     pub disk_copies_left_behind: IntGauge,
+    /// Bytes taken by partial images that failed cold copies kept for a resume, as of the
+    /// latest pass of their expiry (`partial_keep_s`).
+    pub partial_images_kept_bytes: IntGauge,
+    /// Partial images removed because no attempt resumed them within `partial_keep_s`.
+    pub partial_images_expired: IntCounter,
     /// The data plane of migrations this host sent: UDP datagrams out, packets QUIC
     /// declared lost, loss events the congestion controller let pass as random (no queue
     /// behind them), and window reductions it stopped at the path's measured BDP. A lossy
@@ -105,11 +110,20 @@ impl Metrics {
             "Disk copies of incoming migrations that did not commit that could not be removed yet",
         )?;
         registry.register(Box::new(disk_copies_left_behind.clone()))?;
+        let partial_images_kept_bytes = IntGauge::new(
+            "partial_images_kept_bytes",
+            "Bytes taken by partial images that failed cold copies kept for a resume",
+        )?;
+        registry.register(Box::new(partial_images_kept_bytes.clone()))?;
         let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
             let c = IntCounter::new(name, help)?;
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
+        let partial_images_expired = counter(
+            "partial_images_expired_total",
+            "Partial images removed because no attempt resumed them within partial_keep_s",
+        )?;
         let data_plane = DataPlaneCounters {
             datagrams: counter(
                 "data_plane_datagrams_total",
@@ -140,6 +154,8 @@ impl Metrics {
             rounds,
             dirty_rate,
             disk_copies_left_behind,
+            partial_images_kept_bytes,
+            partial_images_expired,
             data_plane,
         }))
     }

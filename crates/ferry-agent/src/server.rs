@@ -85,6 +85,14 @@ pub async fn build(cfg: AgentConfig) -> anyhow::Result<Arc<AgentCtx>> {
             }
         });
     }
+    if cfg.migration.partial_keep_s > 0 {
+        crate::migration::cold::kept::spawn_expiry(
+            storage.clone(),
+            incoming.cold(),
+            metrics.clone(),
+            Duration::from_secs(cfg.migration.partial_keep_s),
+        );
+    }
     let congestion: ferry_transport::Congestion = cfg
         .migration
         .congestion

@@ -1050,6 +1050,140 @@ async fn a_cancelled_cold_migration_leaves_no_finished_image_behind() {
     );
 }
 
+/// The target restarts in the middle of a cold copy: the restarted agent has forgotten
+/// the migration, and the source's attempt failed with it, so nothing would ever ask for
+/// the partial image kept for a resume. It expires once untouched for `partial_keep_s`
+/// (1 s here), and a new attempt copies the image afresh. Before that, the target's
+/// storage stops answering after the first chunk (`cold.tgt.chunk.written` hangs) for
+/// several of the expiry's passes: the part, untouched for longer than the keep, stays
+/// because it is being received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_image_no_attempt_resumes_expires_and_one_being_received_stays() {
+    let _serial = SERIAL.lock().await;
+    let m = Mesh::new();
+    let a = m.host("a", &m.root()).await;
+    let mut b = m.host_with("b", &m.root(), "partial_keep_s = 1\n").await;
+    b.set_failpoints(Some("cold.tgt.chunk.written=return(hang)"));
+    b.restart().await.expect("restart armed");
+    let random = m.path("random.pat");
+    random_pattern(&random, 48 * MIB);
+    let img_a = m.private("a").join("kept.qcow2");
+    qemu_img_create(&img_a, "qcow2", "256M", None);
+    qemu_io_write(&img_a, "qcow2", &[(random.as_path(), 0, 48 * MIB)]);
+    let before = digest(&img_a);
+    define(
+        &a,
+        spec("kept", &[("vda", &m.root().join("kept.qcow2"), "qcow2")]),
+    )
+    .await;
+    let part = m.private("b").join("kept.qcow2.ferry-part");
+
+    // 8 MiB/s once released: ~6 s of copying.
+    let mut ca = a.client().await.expect("client a");
+    let first = ca
+        .start_migration(pb::StartMigrationRequest {
+            bandwidth_bytes_per_sec: 8 * MIB,
+            ..offline("kept", &b)
+        })
+        .await
+        .expect("start")
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !b
+        .log_tail()
+        .contains("failpoint cold.tgt.chunk.written hit")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no chunk written on b{}",
+            logs(&a, &b)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let idle = std::fs::metadata(&part)
+        .and_then(|md| md.modified())
+        .map(|t| t.elapsed().unwrap_or_default())
+        .unwrap_or_else(|e| {
+            panic!(
+                "the image being received was removed: {e}: {:?}{}",
+                tree(&m.private("b")),
+                logs(&a, &b)
+            )
+        });
+    assert!(
+        idle > Duration::from_secs(2),
+        "the part was touched {idle:?} ago: its age alone would have kept it"
+    );
+    b.release_failpoint().expect("release");
+    loop {
+        let s = ca
+            .get_migration(pb::MigrationRef {
+                id: first.id.clone(),
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        assert!(!is_final(&s), "ended too early: {s:?}{}", logs(&a, &b));
+        let st = stats(&s);
+        if st.disk_bytes_done * 100 > st.disk_bytes_total * 35 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the copy never got to 35%: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    b.set_failpoints(None);
+    b.kill().expect("kill target agent");
+    b.restart().await.expect("restart target agent");
+    let end = status_until(&a, &first.id, Duration::from_secs(60), is_final).await;
+    assert_eq!(
+        end.phase,
+        pb::MigrationPhase::Failed as i32,
+        "{end:?}{}",
+        logs(&a, &b)
+    );
+    // Gone from b's storage, and counted (after the pass that removed it).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = ferry_testkit::scrape_metrics(&b.metrics_addr()).expect("scrape b");
+        let expired = ferry_testkit::metric_sum(&text, "ferry_partial_images_expired_total");
+        let left = tree(&m.private("b"));
+        if expired >= 1.0 && !left.iter().any(|f| f.contains("ferry-part")) {
+            assert_eq!(expired, 1.0, "{text}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the partial image nothing resumes was kept: {left:?}, expired {expired}{}",
+            logs(&a, &b)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        std::fs::read_to_string(b.log_path())
+            .expect("b's log")
+            .contains("removed a partial image kept for a resume"),
+        "{}",
+        b.log_tail()
+    );
+
+    // Nothing left to resume: the next attempt copies the whole image, byte for byte.
+    let again = migrate(&a, offline("kept", &b)).await;
+    assert_eq!(
+        again.phase,
+        pb::MigrationPhase::Completed as i32,
+        "{again:?}{}",
+        logs(&a, &b)
+    );
+    assert_eq!(stats(&again).disk_bytes_resumed, 0, "{again:?}");
+    assert_eq!(digest(&m.private("b").join("kept.qcow2")), before);
+    assert_eq!(vm_state(&b, "kept").await, Some(pb::VmState::Defined));
+}
+
 /// A small VM on `a` (one qcow2 with 4 MiB of data) for the ownership tests.
 async fn small_vm(m: &Mesh, a: &TestAgent, name: &str) -> String {
     let random = m.path(&format!("{name}.pat"));

@@ -10,7 +10,8 @@
 //! * [`SharedStorageToken`]: do both hosts see the same directory (then nothing is copied)?
 //! * [`DataExtents`], [`ChunkReader`]: read a sparse image as non-zero chunks.
 //! * [`file_blake3`]: the end-to-end digest.
-//! * [`PartialImage`]: the resumable, verified receiving side.
+//! * [`PartialImage`]: the resumable, verified receiving side; [`kept`]: the partial
+//!   images failed copies kept for a resume, found and expired.
 //! * [`staged`]: images made for a live migration's disks, provably its own after a crash.
 //!
 //! # A cold transfer (guest stopped, or the image not in use)
@@ -46,6 +47,7 @@
 mod error;
 pub mod hash;
 pub mod image;
+pub mod kept;
 pub mod receive;
 pub mod roots;
 pub mod space;

@@ -77,16 +77,7 @@ impl PartialImage {
         check_absent(final_path)?;
         let part_path = with_suffix(final_path, PART_SUFFIX);
         let sidecar_path = with_suffix(final_path, SIDECAR_SUFFIX);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false) // the content may be resumed
-            // Never write through a symlink planted at the part's name.
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&part_path)
-            .map_err(|e| DiskError::io("open part file", &part_path, e))?;
-        lock(&file, &part_path)?;
+        let file = open_locked(&part_path)?;
 
         let part_len = file
             .metadata()
@@ -368,7 +359,7 @@ impl PartialImage {
 }
 
 /// `path` with `suffix` appended to its file name.
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+pub(crate) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut s = OsString::from(path.as_os_str());
     s.push(suffix);
     PathBuf::from(s)
@@ -427,7 +418,7 @@ pub fn remove_if_same_file(path: &Path, id: FileId) -> Result<bool, DiskError> {
     Ok(true)
 }
 
-fn remove_if_exists(path: &Path) -> Result<(), DiskError> {
+pub(crate) fn remove_if_exists(path: &Path) -> Result<(), DiskError> {
     match fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DiskError::io("remove", path, e)),
         _ => Ok(()),
@@ -465,6 +456,42 @@ fn parse_sidecar(bytes: &[u8]) -> Option<Sidecar> {
         .filter(|sc| sc.version == SIDECAR_VERSION)
 }
 
+/// Opens (creating it if need be) and locks the part file, and checks that its name still
+/// names the file locked: one removed meanwhile (an expired partial image,
+/// [`crate::kept::discard_if_idle`], whose remover held the lock) is not written into
+/// unlinked; the name is opened again.
+fn open_locked(part_path: &Path) -> Result<File, DiskError> {
+    for _ in 0..3 {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false) // the content may be resumed
+            // Never write through a symlink planted at the part's name.
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(part_path)
+            .map_err(|e| DiskError::io("open part file", part_path, e))?;
+        lock(&file, part_path)?;
+        let held = file
+            .metadata()
+            .map_err(|e| DiskError::io("stat", part_path, e))?;
+        match fs::symlink_metadata(part_path) {
+            Ok(n) if n.dev() == held.dev() && n.ino() == held.ino() => return Ok(file),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(DiskError::io("stat", part_path, e)),
+        }
+    }
+    Err(DiskError::Busy {
+        path: part_path.to_path_buf(),
+    })
+}
+
+/// The transfer a sidecar names, if it can be read as one of this version.
+pub(crate) fn read_sidecar_transfer(path: &Path) -> Option<String> {
+    parse_sidecar(&fs::read(path).ok()?).map(|sc| sc.transfer_id)
+}
+
 fn read_sidecar(path: &Path) -> Result<Option<Sidecar>, DiskError> {
     let bytes = match fs::read(path) {
         Ok(b) => b,
@@ -491,7 +518,7 @@ const LOCK_PATIENCE: Duration = Duration::from_millis(500);
 
 /// Take an exclusive `flock` on the part file (released when it is closed); busy when
 /// another holder keeps it for [`LOCK_PATIENCE`].
-fn lock(file: &File, path: &Path) -> Result<(), DiskError> {
+pub(crate) fn lock(file: &File, path: &Path) -> Result<(), DiskError> {
     let give_up = Instant::now() + LOCK_PATIENCE;
     loop {
         // SAFETY: flock on a descriptor we own.
@@ -776,5 +803,28 @@ mod tests {
         assert!(img.resumed());
         assert_eq!(img.resume_offset(), 100);
         assert_eq!(img.source_digest(), Some(d));
+    }
+
+    /// A receiver that opened the part just before a remover (the expiry of kept partial
+    /// images) unlinked it under its lock writes into the new file under the name, not
+    /// into the unlinked one.
+    #[test]
+    fn a_part_removed_while_its_lock_was_awaited_is_opened_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("a.qcow2.ferry-part");
+        fs::write(&part, b"old").unwrap();
+        let remover = File::open(&part).unwrap();
+        lock(&remover, &part).unwrap();
+        let p = part.clone();
+        let receiver = std::thread::spawn(move || open_locked(&p));
+        // The receiver has opened the old file and waits for its lock (patience: 500 ms).
+        std::thread::sleep(Duration::from_millis(150));
+        fs::remove_file(&part).unwrap();
+        drop(remover);
+        let file = receiver.join().unwrap().unwrap();
+        let named = fs::metadata(&part).expect("a new part under the name");
+        let held = file.metadata().unwrap();
+        assert_eq!((named.dev(), named.ino()), (held.dev(), held.ino()));
+        assert_eq!(held.len(), 0, "the new file, not the old one");
     }
 }

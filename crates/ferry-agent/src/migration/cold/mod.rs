@@ -46,6 +46,7 @@
 //! reached from the QUIC accept path, which has no [`AgentCtx`]); one agent runs per
 //! process.
 
+pub mod kept;
 mod source;
 mod target;
 

@@ -88,6 +88,22 @@ impl ColdRegistry {
     fn lookup(&self, id: &str) -> Option<Arc<ColdIncoming>> {
         self.0.lock().ok()?.get(id).cloned()
     }
+
+    /// The final paths of the images incoming migrations are still receiving (their
+    /// partial images must not expire, whatever their age).
+    pub async fn receiving_images(&self) -> std::collections::HashSet<PathBuf> {
+        let all: Vec<Arc<ColdIncoming>> = match self.0.lock() {
+            Ok(m) => m.values().cloned().collect(),
+            Err(_) => Vec::new(),
+        };
+        let mut paths = std::collections::HashSet::new();
+        for inc in all {
+            if matches!(*inc.state.lock().await, TargetState::Receiving) {
+                paths.extend(inc.images.iter().map(|i| i.path.clone()));
+            }
+        }
+        paths
+    }
 }
 
 /// Counts a stream or call as busy while it lives.
