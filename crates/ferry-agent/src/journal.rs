@@ -7,6 +7,7 @@ use std::path::Path;
 
 const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const MIGRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("migrations");
+const COLD_PLACED: TableDefinition<&str, &[u8]> = TableDefinition::new("cold_placed");
 
 /// Journal failures.
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +150,26 @@ impl MigrationRecord {
     }
 }
 
+/// Target side: the disk images an incoming cold migration received whole and renamed
+/// into place, while it has not defined its VM. Journaled as each arrives, so that images
+/// of a copy that never finishes (the source gone, this agent restarted) are found and
+/// removed once nothing uses them for `partial_keep_s`. Backing layers are not listed:
+/// another VM's overlay may come to rest on one, and no VM's disk names the layer below.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColdPlacedRecord {
+    /// The migration.
+    pub id: String,
+    /// The VM it brought.
+    pub vm: String,
+    /// The source host.
+    pub source: String,
+    /// Each image, with the file this migration placed there (the path may name another
+    /// file since: then it is not this migration's to remove).
+    pub placed: Vec<(std::path::PathBuf, ferry_disk::FileId)>,
+    /// Milliseconds since the epoch of the last write.
+    pub updated_ms: i64,
+}
+
 /// How long a cold migration's outcome stays in its target's journal: a source that lost
 /// Finish's answer asks for it, also after an outage of that long; past it the target
 /// answers "unknown" and the source frees its copy.
@@ -176,6 +197,7 @@ impl Journal {
         let tx = db.begin_write().map_err(db_err)?;
         tx.open_table(VMS).map_err(db_err)?;
         tx.open_table(MIGRATIONS).map_err(db_err)?;
+        tx.open_table(COLD_PLACED).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(Journal { db })
     }
@@ -333,6 +355,30 @@ impl Journal {
     /// Every migration record.
     pub fn migrations(&self) -> Result<Vec<MigrationRecord>, JournalError> {
         self.all(MIGRATIONS)
+    }
+
+    /// Records (or replaces) what a cold migration placed here, stamped now if its
+    /// `updated_ms` is 0 (kept otherwise: a rewrite that only drops entries does not make
+    /// the rest younger); a record with nothing placed is removed.
+    pub fn put_cold_placed(&self, rec: &ColdPlacedRecord) -> Result<(), JournalError> {
+        if rec.placed.is_empty() {
+            return self.remove(COLD_PLACED, &rec.id).map(|_| ());
+        }
+        let mut rec = rec.clone();
+        if rec.updated_ms == 0 {
+            rec.updated_ms = now_ms();
+        }
+        self.put(COLD_PLACED, &rec.id.clone(), &rec)
+    }
+
+    /// Forgets what a cold migration placed (its VM is defined here, or they are gone).
+    pub fn remove_cold_placed(&self, id: &str) -> Result<bool, JournalError> {
+        self.remove(COLD_PLACED, id)
+    }
+
+    /// Every cold migration's placed images.
+    pub fn cold_placed(&self) -> Result<Vec<ColdPlacedRecord>, JournalError> {
+        self.all(COLD_PLACED)
     }
 }
 

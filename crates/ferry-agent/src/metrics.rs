@@ -33,6 +33,11 @@ pub struct Metrics {
     pub partial_images_kept_bytes: IntGauge,
     /// Partial images removed because no attempt resumed them within `partial_keep_s`.
     pub partial_images_expired: IntCounter,
+    /// Whole images a cold copy that never finished had placed, removed because no VM
+    /// used them within `partial_keep_s`.
+    pub placed_images_expired: IntCounter,
+    /// Passes of that expiry (it runs every quarter of `partial_keep_s`, at most hourly).
+    pub expiry_passes: IntCounter,
     /// The data plane of migrations this host sent: UDP datagrams out, packets QUIC
     /// declared lost, loss events the congestion controller let pass as random (no queue
     /// behind them), and window reductions it stopped at the path's measured BDP. A lossy
@@ -124,6 +129,14 @@ impl Metrics {
             "partial_images_expired_total",
             "Partial images removed because no attempt resumed them within partial_keep_s",
         )?;
+        let placed_images_expired = counter(
+            "placed_images_expired_total",
+            "Whole images a cold copy that never finished had placed, removed unused after partial_keep_s",
+        )?;
+        let expiry_passes = counter(
+            "kept_images_expiry_passes_total",
+            "Passes of the expiry of what failed cold copies left (partial and placed images)",
+        )?;
         let data_plane = DataPlaneCounters {
             datagrams: counter(
                 "data_plane_datagrams_total",
@@ -156,6 +169,8 @@ impl Metrics {
             disk_copies_left_behind,
             partial_images_kept_bytes,
             partial_images_expired,
+            placed_images_expired,
+            expiry_passes,
             data_plane,
         }))
     }

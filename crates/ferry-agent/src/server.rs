@@ -89,6 +89,8 @@ pub async fn build(cfg: AgentConfig) -> anyhow::Result<Arc<AgentCtx>> {
         crate::migration::cold::kept::spawn_expiry(
             storage.clone(),
             incoming.cold(),
+            journal.clone(),
+            vms.clone(),
             metrics.clone(),
             Duration::from_secs(cfg.migration.partial_keep_s),
         );

@@ -142,6 +142,16 @@ impl VmManager {
             .map(|(n, _)| n.clone())
     }
 
+    /// Every disk image path of this host's VMs (defined, running or arriving), confined
+    /// to the storage roots.
+    pub async fn disk_paths(&self) -> std::collections::HashSet<std::path::PathBuf> {
+        let vms = self.vms.lock().await;
+        vms.values()
+            .flat_map(|e| e.spec.disks.iter())
+            .filter_map(|d| self.storage.confine(&d.path).ok())
+            .collect()
+    }
+
     /// Refuses a spec whose disk images lie outside this host's storage roots.
     pub fn check_disk_paths(&self, spec: &VmSpec) -> Result<(), Status> {
         for d in &spec.disks {

@@ -1052,13 +1052,15 @@ async fn a_cancelled_cold_migration_leaves_no_finished_image_behind() {
 
 /// The target restarts in the middle of a cold copy: the restarted agent has forgotten
 /// the migration, and the source's attempt failed with it, so nothing would ever ask for
-/// the partial image kept for a resume. It expires once untouched for `partial_keep_s`
-/// (1 s here), and a new attempt copies the image afresh. Before that, the target's
-/// storage stops answering after the first chunk (`cold.tgt.chunk.written` hangs) for
-/// several of the expiry's passes: the part, untouched for longer than the keep, stays
-/// because it is being received.
+/// what the copy left there — the partial image kept for a resume, and a small image
+/// already received whole and renamed into place. Both expire once untouched (the part)
+/// or unused by any VM (the placed image, journaled) for `partial_keep_s` (1 s here), and
+/// a new attempt copies the images afresh. Before that, the target's storage stops
+/// answering after the first chunk (`cold.tgt.chunk.written` hangs) for two of the
+/// expiry's passes that begin once both are older than the keep
+/// (`ferry_kept_images_expiry_passes_total`): both stay because they are being received.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_partial_image_no_attempt_resumes_expires_and_one_being_received_stays() {
+async fn what_a_copy_no_attempt_resumes_left_expires_and_what_is_being_received_stays() {
     let _serial = SERIAL.lock().await;
     let m = Mesh::new();
     let a = m.host("a", &m.root()).await;
@@ -1071,12 +1073,24 @@ async fn a_partial_image_no_attempt_resumes_expires_and_one_being_received_stays
     qemu_img_create(&img_a, "qcow2", "256M", None);
     qemu_io_write(&img_a, "qcow2", &[(random.as_path(), 0, 48 * MIB)]);
     let before = digest(&img_a);
+    // All zeros: no chunk to write, so it arrives whole while the other hangs.
+    let zeros = m.private("a").join("kept-zeros.raw");
+    std::fs::File::create(&zeros)
+        .and_then(|f| f.set_len(MIB))
+        .expect("sparse raw image");
     define(
         &a,
-        spec("kept", &[("vda", &m.root().join("kept.qcow2"), "qcow2")]),
+        spec(
+            "kept",
+            &[
+                ("vda", &m.root().join("kept.qcow2"), "qcow2"),
+                ("vdb", &m.root().join("kept-zeros.raw"), "raw"),
+            ],
+        ),
     )
     .await;
     let part = m.private("b").join("kept.qcow2.ferry-part");
+    let placed = m.private("b").join("kept-zeros.raw");
 
     // 8 MiB/s once released: ~6 s of copying.
     let mut ca = a.client().await.expect("client a");
@@ -1100,20 +1114,42 @@ async fn a_partial_image_no_attempt_resumes_expires_and_one_being_received_stays
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(Duration::from_millis(3500)).await;
-    let idle = std::fs::metadata(&part)
-        .and_then(|md| md.modified())
-        .map(|t| t.elapsed().unwrap_or_default())
-        .unwrap_or_else(|e| {
-            panic!(
-                "the image being received was removed: {e}: {:?}{}",
-                tree(&m.private("b")),
-                logs(&a, &b)
-            )
-        });
+    // Once the part, its sidecar and the placed image's record are older than the keep,
+    // two more of the expiry's passes (the second began after that) leave both alone.
+    let sidecar = m.private("b").join("kept.qcow2.ferry-part.json");
+    let idle = |f: &Path| {
+        std::fs::metadata(f)
+            .and_then(|md| md.modified())
+            .map(|t| t.elapsed().unwrap_or_default())
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{} was removed while being received: {e}: {:?}{}",
+                    f.display(),
+                    tree(&m.private("b")),
+                    logs(&a, &b)
+                )
+            })
+    };
+    let passes = || {
+        let text = ferry_testkit::scrape_metrics(&b.metrics_addr()).expect("scrape b");
+        ferry_testkit::metric_sum(&text, "ferry_kept_images_expiry_passes_total")
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let p0 = passes();
     assert!(
-        idle > Duration::from_secs(2),
-        "the part was touched {idle:?} ago: its age alone would have kept it"
+        idle(&part) > Duration::from_secs(1) && idle(&sidecar) > Duration::from_secs(1),
+        "touched within the keep: its age alone would keep it"
+    );
+    while passes() < p0 + 2.0 {
+        assert!(Instant::now() < deadline, "the expiry stopped passing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(idle(&part) > Duration::from_secs(1));
+    assert!(
+        placed.exists(),
+        "the image received whole while the copy went on was removed: {:?}{}",
+        tree(&m.private("b")),
+        logs(&a, &b)
     );
     b.release_failpoint().expect("release");
     loop {
@@ -1146,27 +1182,28 @@ async fn a_partial_image_no_attempt_resumes_expires_and_one_being_received_stays
         "{end:?}{}",
         logs(&a, &b)
     );
-    // Gone from b's storage, and counted (after the pass that removed it).
+    // Gone from b's storage, and counted (after the pass that removed them).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let text = ferry_testkit::scrape_metrics(&b.metrics_addr()).expect("scrape b");
-        let expired = ferry_testkit::metric_sum(&text, "ferry_partial_images_expired_total");
+        let parts = ferry_testkit::metric_sum(&text, "ferry_partial_images_expired_total");
+        let whole = ferry_testkit::metric_sum(&text, "ferry_placed_images_expired_total");
         let left = tree(&m.private("b"));
-        if expired >= 1.0 && !left.iter().any(|f| f.contains("ferry-part")) {
-            assert_eq!(expired, 1.0, "{text}");
+        if parts >= 1.0 && whole >= 1.0 && left.is_empty() {
+            assert_eq!((parts, whole), (1.0, 1.0), "{text}");
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "the partial image nothing resumes was kept: {left:?}, expired {expired}{}",
+            "what the copy left was kept: {left:?}, expired {parts} partial, {whole} placed{}",
             logs(&a, &b)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let log = std::fs::read_to_string(b.log_path()).expect("b's log");
     assert!(
-        std::fs::read_to_string(b.log_path())
-            .expect("b's log")
-            .contains("removed a partial image kept for a resume"),
+        log.contains("removed a partial image kept for a resume")
+            && log.contains("removed an image a cold copy that never finished had received"),
         "{}",
         b.log_tail()
     );
@@ -1181,6 +1218,7 @@ async fn a_partial_image_no_attempt_resumes_expires_and_one_being_received_stays
     );
     assert_eq!(stats(&again).disk_bytes_resumed, 0, "{again:?}");
     assert_eq!(digest(&m.private("b").join("kept.qcow2")), before);
+    assert_eq!(digest(&placed), digest(&zeros));
     assert_eq!(vm_state(&b, "kept").await, Some(pb::VmState::Defined));
 }
 

@@ -24,6 +24,10 @@ use crate::{sync_dir, DiskError};
 /// Suffix of a sidecar being replaced (written, synced, then renamed over the sidecar).
 const SIDECAR_TMP_SUFFIX: &str = ".ferry-part.json.tmp";
 
+/// The suffixes of a partial image's files (part, sidecar, sidecar being replaced),
+/// longest first.
+pub const PARTIAL_SUFFIXES: [&str; 3] = [SIDECAR_TMP_SUFFIX, SIDECAR_SUFFIX, PART_SUFFIX];
+
 /// How deep under a storage root part files are looked for (images sit in per-VM
 /// directories, rarely deeper than a few levels).
 pub const SEARCH_DEPTH: usize = 8;
@@ -52,7 +56,7 @@ pub fn idle_for(touched: SystemTime, now: SystemTime, keep: Duration) -> bool {
 /// The final name a file belongs to, if it is one of a partial image's files.
 fn final_of(name: &Path) -> Option<PathBuf> {
     let s = name.to_str()?;
-    [SIDECAR_TMP_SUFFIX, SIDECAR_SUFFIX, PART_SUFFIX]
+    PARTIAL_SUFFIXES
         .iter()
         .find_map(|suffix| s.strip_suffix(suffix))
         .filter(|stem| !stem.is_empty() && !stem.ends_with('/'))
@@ -123,78 +127,94 @@ pub enum Discard {
 
 /// Removes the partial image of `final_path` (part file, sidecar, a sidecar being
 /// replaced) if no receiver holds it and none of its files changed after `idle_since`.
-/// The part's lock is held while its files go, so a receiver cannot take it meanwhile.
+/// Every removal happens under the part's lock, so a receiver cannot take it meanwhile
+/// (a sidecar left without its part: the lock of an empty part made for the purpose and
+/// removed with it). The part is opened for writing: on NFS, `flock` is emulated with a
+/// byte-range lock, which needs it — and is seen by other clients only where the mount
+/// does not keep locks local (`local_lock=none`, the default).
 pub fn discard_if_idle(final_path: &Path, idle_since: SystemTime) -> Result<Discard, DiskError> {
     let part_path = with_suffix(final_path, PART_SUFFIX);
     let sidecars = [
         with_suffix(final_path, SIDECAR_TMP_SUFFIX),
         with_suffix(final_path, SIDECAR_SUFFIX),
     ];
-    let newer = |p: &Path| -> Result<Option<(bool, u64)>, DiskError> {
-        match fs::symlink_metadata(p) {
-            Ok(m) => Ok(Some((
-                m.modified().map(|t| t > idle_since).unwrap_or(true),
-                m.blocks() * 512,
-            ))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(DiskError::io("stat", p, e)),
+    let open = |create: bool| {
+        let mut o = OpenOptions::new();
+        o.read(true)
+            .write(true)
+            // A symlink planted at the part's name is not followed (nor removed: not ours).
+            .custom_flags(libc::O_NOFOLLOW);
+        if create {
+            o.create_new(true);
         }
+        o.open(&part_path)
     };
-    let file = match OpenOptions::new()
-        .read(true)
-        // A symlink planted at the part's name is not followed (and not removed: not ours).
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&part_path)
-    {
-        Ok(f) => Some(f),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+    let (file, made) = match open(false) {
+        Ok(f) => (f, false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => match open(true) {
+            Ok(f) => (f, true),
+            // A receiver made it meanwhile.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(Discard::InUse),
+            Err(e) => return Err(DiskError::io("create part file", &part_path, e)),
+        },
         Err(e) => return Err(DiskError::io("open part file", &part_path, e)),
     };
-    let mut freed = 0;
-    if let Some(file) = &file {
-        match lock(file, &part_path) {
-            Ok(()) => {}
-            Err(DiskError::Busy { .. }) => return Ok(Discard::InUse),
-            Err(e) => return Err(e),
-        }
-        let held = file
-            .metadata()
-            .map_err(|e| DiskError::io("stat", &part_path, e))?;
-        let named = fs::symlink_metadata(&part_path).ok();
-        if named.is_none_or(|n| n.dev() != held.dev() || n.ino() != held.ino()) {
-            // Replaced (or removed) between the open and the lock: someone else's now.
-            return Ok(Discard::InUse);
-        }
-        if held.modified().map(|t| t > idle_since).unwrap_or(true) {
-            return Ok(Discard::Fresh);
-        }
-        freed += held.blocks() * 512;
+    match lock(&file, &part_path) {
+        Ok(()) => {}
+        Err(DiskError::Busy { .. }) => return Ok(Discard::InUse),
+        Err(e) => return Err(e),
     }
-    let mut any = file.is_some();
-    for s in &sidecars {
-        if let Some((fresh, bytes)) = newer(s)? {
-            if fresh {
+    let held = file
+        .metadata()
+        .map_err(|e| DiskError::io("stat", &part_path, e))?;
+    let named = fs::symlink_metadata(&part_path).ok();
+    if named.is_none_or(|n| n.dev() != held.dev() || n.ino() != held.ino()) {
+        // Replaced (or removed) between the open and the lock: someone else's now.
+        return Ok(Discard::InUse);
+    }
+    // Everything below runs under the lock. The empty part made for it goes in any case
+    // (a receiver that opened it meanwhile finds its name gone and makes its own).
+    let result = (|| {
+        let mut freed = 0;
+        if !made {
+            if held.modified().map(|t| t > idle_since).unwrap_or(true) {
                 return Ok(Discard::Fresh);
             }
-            freed += bytes;
-            any = true;
+            freed += held.blocks() * 512;
+        }
+        let mut any = !made;
+        for s in &sidecars {
+            match fs::symlink_metadata(s) {
+                Ok(m) => {
+                    if m.modified().map(|t| t > idle_since).unwrap_or(true) {
+                        return Ok(Discard::Fresh);
+                    }
+                    freed += m.blocks() * 512;
+                    any = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(DiskError::io("stat", s, e)),
+            }
+        }
+        if !any {
+            return Ok(Discard::Gone);
+        }
+        // The sidecars first, as a receiver starting over does: a crash in between leaves
+        // a part no sidecar vouches for, which the next attempt starts over on (or the
+        // next pass removes).
+        for s in &sidecars {
+            remove_if_exists(s)?;
+        }
+        Ok(Discard::Removed { freed })
+    })();
+    if made || matches!(result, Ok(Discard::Removed { .. })) {
+        remove_if_exists(&part_path)?;
+        if let Some(dir) = final_path.parent() {
+            sync_dir(dir)?;
         }
     }
-    if !any {
-        return Ok(Discard::Gone);
-    }
-    // The sidecars first, as a receiver starting over does: a crash in between leaves a
-    // part no sidecar vouches for, which the next attempt starts over on (or the next
-    // sweep removes).
-    for s in &sidecars {
-        remove_if_exists(s)?;
-    }
-    remove_if_exists(&part_path)?;
-    if let Some(dir) = final_path.parent() {
-        sync_dir(dir)?;
-    }
     drop(file);
-    Ok(Discard::Removed { freed })
+    result
 }
 
 #[cfg(test)]
@@ -296,6 +316,12 @@ mod tests {
             Discard::Removed { .. }
         ));
         assert!(!with_suffix(&fin, SIDECAR_SUFFIX).exists());
+        assert!(
+            !with_suffix(&fin, PART_SUFFIX).exists(),
+            "the part made for its lock goes too"
+        );
+        assert_eq!(discard_if_idle(&fin, later).unwrap(), Discard::Gone);
+        assert!(!with_suffix(&fin, PART_SUFFIX).exists());
 
         let victim = dir.path().join("victim");
         fs::write(&victim, b"not ferry's").unwrap();

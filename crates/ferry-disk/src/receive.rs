@@ -92,6 +92,11 @@ impl PartialImage {
                     committed = sc.committed,
                     "resuming disk transfer"
                 );
+                // Touched now: the expiry of kept partial images (`crate::kept`) reads a
+                // part's age from its times, and a resume that has not written yet (the
+                // source not connected) must not look idle.
+                file.set_modified(std::time::SystemTime::now())
+                    .map_err(|e| DiskError::io("touch part file", &part_path, e))?;
                 let next = sc.committed;
                 return Ok(PartialImage {
                     final_path: final_path.to_path_buf(),
@@ -378,7 +383,7 @@ fn check_absent(path: &Path) -> Result<(), DiskError> {
 /// A file as the kernel knows it: device, inode and the time of its last status change.
 /// The inode alone is not enough: a file removed and another created under the same name
 /// often gets the freed inode number back; its change time differs (nanoseconds).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileId {
     /// Device.
     pub dev: u64,
@@ -817,8 +822,20 @@ mod tests {
         lock(&remover, &part).unwrap();
         let p = part.clone();
         let receiver = std::thread::spawn(move || open_locked(&p));
-        // The receiver has opened the old file and waits for its lock (patience: 500 ms).
-        std::thread::sleep(Duration::from_millis(150));
+        // Until the receiver has opened the old file too (two descriptors of this process
+        // name it); it then waits for the lock (patience: 500 ms).
+        let opened = || {
+            fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+                .filter(|l| l == &part)
+                .count()
+        };
+        let since = Instant::now();
+        while opened() < 2 {
+            assert!(since.elapsed() < Duration::from_millis(400), "never opened");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         fs::remove_file(&part).unwrap();
         drop(remover);
         let file = receiver.join().unwrap().unwrap();

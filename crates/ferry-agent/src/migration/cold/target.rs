@@ -78,6 +78,10 @@ struct ColdIncoming {
     registry: Arc<ColdRegistry>,
     /// The agent's state directory (failpoints' release file).
     state_dir: PathBuf,
+    /// Where the images it placed are journaled ([`ColdIncoming::journal_placed`]).
+    journal: Arc<crate::journal::Journal>,
+    /// Serialises the rewrites of that record (streams place images concurrently).
+    placed_journal: std::sync::Mutex<()>,
 }
 
 /// This agent's incoming cold migrations (owned by the `IncomingRegistry`).
@@ -152,6 +156,36 @@ impl ColdIncoming {
 
     fn bump(&self) {
         self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Journals the images this migration has placed and not removed (backing layers
+    /// left out: see [`crate::journal::ColdPlacedRecord`]), so that a copy that never
+    /// finishes leaves nothing behind for good ([`super::kept`]). Nothing placed: the
+    /// record goes.
+    fn journal_placed(&self) {
+        let Ok(_one_at_a_time) = self.placed_journal.lock() else {
+            return;
+        };
+        let placed = self
+            .images
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !self.images.iter().any(|o| o.backing == Some(*i)))
+            .filter_map(|(_, img)| {
+                let id = img.placed.lock().ok().and_then(|p| *p)?;
+                Some((img.path.clone(), id))
+            })
+            .collect();
+        let rec = crate::journal::ColdPlacedRecord {
+            id: self.id.clone(),
+            vm: self.spec.name.clone(),
+            source: self.source_host.clone(),
+            placed,
+            updated_ms: 0,
+        };
+        if let Err(e) = self.journal.put_cold_placed(&rec) {
+            warn!(migration = %self.id, "journal: the images this migration placed: {e}");
+        }
     }
 
     /// Gives up: stops the streams, drops the name reservation and the partial images —
@@ -263,6 +297,7 @@ impl ColdIncoming {
                 p.take();
             }
         }
+        self.journal_placed();
     }
 
     /// Removes the partial images an earlier abort kept. Reopening takes the part file's
@@ -383,6 +418,7 @@ impl ColdIncoming {
                             if let Ok(mut placed) = img.placed.lock() {
                                 *placed = Some(id);
                             }
+                            self.journal_placed();
                             break Ok(());
                         }
                         Ok(Err(e)) => break Err(e.to_string()),
@@ -595,6 +631,8 @@ pub async fn prepare(
         vms: ctx.vms.clone(),
         metrics: ctx.metrics.clone(),
         registry: registry.clone(),
+        journal: ctx.journal.clone(),
+        placed_journal: std::sync::Mutex::new(()),
     });
     if let Ok(mut m) = registry.0.lock() {
         m.insert(inc.id.clone(), inc.clone());
@@ -1093,6 +1131,11 @@ pub async fn finish(
         .vms
         .commit_offline(&inc.spec.name, &inc.id, outcome)
         .await?;
+    // Its VM's disks now: nothing for the expiry of unused placed images to look at. (A
+    // crash before this line leaves the record; the expiry finds the images in use.)
+    if let Err(e) = ctx.journal.remove_cold_placed(&inc.id) {
+        warn!(migration = %inc.id, "journal: {e}");
+    }
     // Only exit/hang here: the VM is defined; nothing may turn that into an error.
     let _ = crate::failpoint::hit("cold.tgt.finish.committed", &ctx.cfg.state_dir).await;
     let resp = if req.start {
