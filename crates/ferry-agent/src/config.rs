@@ -145,10 +145,12 @@ pub struct MigrationDefaults {
     /// How often disk copies that a migration which did not commit left behind (their
     /// removal failed) are tried again, seconds (also at start-up). 0: at start-up only.
     pub left_behind_retry_s: u64,
-    /// What a failed cold copy left for a resume — partial images, and images it received
-    /// whole but never defined a VM on — is removed once untouched (unused) for this long,
-    /// seconds (checked every quarter of it, at most hourly). 0: kept until an attempt
-    /// resumes or adopts it, or the operator's cancel reaches this host.
+    /// What a failed cold copy left for a resume is removed after this long, seconds
+    /// (checked every quarter of it, at most hourly): a partial image untouched that long,
+    /// an image it received whole and never defined a VM on once that long has passed
+    /// since it arrived or the copy was given up — unless a VM or an incoming migration
+    /// uses it. 0: kept until an attempt resumes or adopts it, or the operator's cancel
+    /// reaches this host (and nothing is journaled for it).
     pub partial_keep_s: u64,
     /// Live migrations this host runs as the source at once; more are refused.
     pub max_outgoing: usize,

@@ -33,6 +33,17 @@ pub struct VmEntry {
     pub arrived_by: Option<String>,
 }
 
+/// What [`VmManager::remove_unless_a_disk`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// Removed.
+    Removed,
+    /// A VM (or a reserved name) has it as a disk: left.
+    ADisk,
+    /// Gone, replaced or given a second name since: not the file meant, left.
+    NotThatFile,
+}
+
 /// Registry and supervisor of this host's VMs.
 pub struct VmManager {
     cfg: Arc<AgentConfig>,
@@ -150,6 +161,84 @@ impl VmManager {
             .flat_map(|e| e.spec.disks.iter())
             .filter_map(|d| self.storage.confine(&d.path).ok())
             .collect()
+    }
+
+    /// The VM of this host (defined, running or stopped; not a name reserved for an
+    /// incoming migration) with a disk image at `path`.
+    pub async fn vm_using(&self, path: &std::path::Path) -> Option<String> {
+        let vms = self.vms.lock().await;
+        vms.iter()
+            .filter(|(_, e)| e.state != pb::VmState::Incoming)
+            .find(|(_, e)| {
+                e.spec
+                    .disks
+                    .iter()
+                    .any(|d| self.storage.confine(&d.path).ok().as_deref() == Some(path))
+            })
+            .map(|(n, _)| n.clone())
+    }
+
+    /// Every layer below the disks of this host's VMs (reservations included), as
+    /// `qemu-img` resolves their backing chains (canonical paths). An error when a chain
+    /// cannot be read: then nothing can be said to be no VM's layer.
+    pub async fn backing_layers(
+        &self,
+    ) -> Result<std::collections::HashSet<std::path::PathBuf>, String> {
+        let disks: Vec<(std::path::PathBuf, ferry_disk::ImageFormat)> = {
+            let vms = self.vms.lock().await;
+            vms.values()
+                .flat_map(|e| e.spec.disks.iter())
+                .filter_map(|d| {
+                    let top = self.storage.confine(&d.path).ok()?;
+                    Some((top, crate::migration::disks::image_format(d.format)))
+                })
+                .collect()
+        };
+        tokio::task::spawn_blocking(move || {
+            let mut layers = std::collections::HashSet::new();
+            for (top, format) in disks {
+                if !top.exists() {
+                    continue;
+                }
+                let chain = ferry_disk::backing_chain_as(&top, format)
+                    .map_err(|e| format!("{}: {e}", top.display()))?;
+                layers.extend(chain.into_iter().skip(1).map(|l| l.path));
+            }
+            Ok(layers)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Removes `path` if no VM of this host (nor a name reserved for an incoming
+    /// migration) has it as a disk and it still names file `id` alone, holding the VMs'
+    /// lock meanwhile so that none can be defined on it in between.
+    pub async fn remove_unless_a_disk(
+        &self,
+        path: &std::path::Path,
+        id: ferry_disk::FileId,
+    ) -> Result<Removal, String> {
+        let vms = self.vms.lock().await;
+        let named = vms.values().any(|e| {
+            e.spec
+                .disks
+                .iter()
+                .any(|d| self.storage.confine(&d.path).ok().as_deref() == Some(path))
+        });
+        if named {
+            return Ok(Removal::ADisk);
+        }
+        let p = path.to_path_buf();
+        let removed = tokio::task::spawn_blocking(move || ferry_disk::remove_if_same_file(&p, id))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        drop(vms);
+        Ok(if removed {
+            Removal::Removed
+        } else {
+            Removal::NotThatFile
+        })
     }
 
     /// Refuses a spec whose disk images lie outside this host's storage roots.

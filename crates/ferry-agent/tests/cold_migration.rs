@@ -1222,6 +1222,212 @@ async fn what_a_copy_no_attempt_resumes_left_expires_and_what_is_being_received_
     assert_eq!(vm_state(&b, "kept").await, Some(pb::VmState::Defined));
 }
 
+/// An image a cold copy had placed, on which this host's operator made an overlay and
+/// defined a VM while the copy went on, is a layer below that VM's disk: when the copy
+/// (ended by the target's restart) expires, it stays (the copy's partial image goes, so
+/// the expiry ran, and two more passes follow).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_a_vm_now_rests_on_does_not_expire() {
+    let _serial = SERIAL.lock().await;
+    let m = Mesh::new();
+    let a = m.host("a", &m.root()).await;
+    let mut b = m.host_with("b", &m.root(), "partial_keep_s = 1\n").await;
+    let random = m.path("random.pat");
+    random_pattern(&random, 48 * MIB);
+    let img = m.private("a").join("base.qcow2");
+    qemu_img_create(&img, "qcow2", "256M", None);
+    qemu_io_write(&img, "qcow2", &[(random.as_path(), 0, 48 * MIB)]);
+    qemu_img_create(
+        &m.private("a").join("base-small.qcow2"),
+        "qcow2",
+        "1M",
+        None,
+    );
+    define(
+        &a,
+        spec(
+            "base",
+            &[
+                ("vda", &m.root().join("base.qcow2"), "qcow2"),
+                ("vdb", &m.root().join("base-small.qcow2"), "qcow2"),
+            ],
+        ),
+    )
+    .await;
+    let placed = m.private("b").join("base-small.qcow2");
+    let mut ca = a.client().await.expect("client a");
+    let first = ca
+        .start_migration(pb::StartMigrationRequest {
+            bandwidth_bytes_per_sec: 8 * MIB,
+            ..offline("base", &b)
+        })
+        .await
+        .expect("start")
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !placed.exists() || !m.private("b").join("base.qcow2.ferry-part").exists() {
+        assert!(Instant::now() < deadline, "nothing arrived{}", logs(&a, &b));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // b's operator: an overlay on the image that arrived, and a VM on the overlay.
+    qemu_img_create(
+        &m.private("b").join("mine.qcow2"),
+        "qcow2",
+        "1M",
+        Some("base-small.qcow2"),
+    );
+    define(
+        &b,
+        spec("mine", &[("vda", &m.root().join("mine.qcow2"), "qcow2")]),
+    )
+    .await;
+    b.kill().expect("kill target agent");
+    b.restart().await.expect("restart target agent");
+    let end = status_until(&a, &first.id, Duration::from_secs(60), is_final).await;
+    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while m.private("b").join("base.qcow2.ferry-part").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the partial image was kept{}",
+            logs(&a, &b)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let passes = || {
+        let text = ferry_testkit::scrape_metrics(&b.metrics_addr()).expect("scrape b");
+        ferry_testkit::metric_sum(&text, "ferry_kept_images_expiry_passes_total")
+    };
+    let p0 = passes();
+    while passes() < p0 + 2.0 {
+        assert!(Instant::now() < deadline, "the expiry stopped passing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        placed.exists(),
+        "the layer below VM 'mine''s disk was removed{}",
+        logs(&a, &b)
+    );
+    let text = ferry_testkit::scrape_metrics(&b.metrics_addr()).expect("scrape b");
+    assert_eq!(
+        ferry_testkit::metric_sum(&text, "ferry_placed_images_expired_total"),
+        0.0
+    );
+}
+
+/// The target's storage fills up in the middle of a cold copy (someone else's file takes
+/// the room Prepare had found): the copy fails within the bounded wait, naming the
+/// target's "No space left on device"; the VM stays defined on the source, its image
+/// unchanged, and nothing is defined on the target. Once room is made, the next attempt
+/// resumes from the target's last checkpoint and the image arrives byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_whose_storage_fills_during_a_cold_copy_fails_it_clearly_and_a_retry_resumes() {
+    let _serial = SERIAL.lock().await;
+    let m = Mesh::new();
+    // b's storage: a tmpfs of its own, mounted before b's agent binds it in.
+    let fs = Tmpfs::mount(&m.private("b"), 80);
+    let a = m.host("a", &m.root()).await;
+    let b = m.host("b", &m.root()).await;
+    let random = m.path("random.pat");
+    random_pattern(&random, 48 * MIB);
+    let img_a = m.private("a").join("full.qcow2");
+    qemu_img_create(&img_a, "qcow2", "256M", None);
+    qemu_io_write(&img_a, "qcow2", &[(random.as_path(), 0, 48 * MIB)]);
+    let before = digest(&img_a);
+    define(
+        &a,
+        spec("full", &[("vda", &m.root().join("full.qcow2"), "qcow2")]),
+    )
+    .await;
+
+    let mut ca = a.client().await.expect("client a");
+    let first = ca
+        .start_migration(pb::StartMigrationRequest {
+            bandwidth_bytes_per_sec: 8 * MIB,
+            ..offline("full", &b)
+        })
+        .await
+        .expect("start")
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = ca
+            .get_migration(pb::MigrationRef {
+                id: first.id.clone(),
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        assert!(!is_final(&s), "ended too early: {s:?}{}", logs(&a, &b));
+        let st = stats(&s);
+        // Past the first checkpoint (every 2 s): something to resume from.
+        if st.disk_bytes_done * 100 > st.disk_bytes_total * 50 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the copy never got to 50%: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Someone else takes every byte left (the sidecar's next checkpoint fails too: the
+    // resume starts from the last one that did not).
+    let filler = fs.path().join("someone-else.bin");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).expect("filler");
+        let block = vec![0x5au8; MIB as usize];
+        while f.write_all(&block).is_ok() {}
+    }
+    let end = status_until(&a, &first.id, Duration::from_secs(120), is_final).await;
+    assert_eq!(
+        end.phase,
+        pb::MigrationPhase::Failed as i32,
+        "{end:?}{}",
+        logs(&a, &b)
+    );
+    assert!(
+        end.error.contains("No space left on device"),
+        "the error names the target's full storage: {}{}",
+        end.error,
+        logs(&a, &b)
+    );
+    assert_eq!(vm_state(&a, "full").await, Some(pb::VmState::Defined));
+    assert_eq!(digest(&img_a), before, "the source's image is unchanged");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vm_state(&b, "full").await.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the target still holds VM 'full'{}",
+            logs(&a, &b)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !m.private("b").join("full.qcow2").exists(),
+        "no image took the final name"
+    );
+
+    std::fs::remove_file(&filler).expect("make room");
+    let again = migrate(&a, offline("full", &b)).await;
+    assert_eq!(
+        again.phase,
+        pb::MigrationPhase::Completed as i32,
+        "{again:?}{}",
+        logs(&a, &b)
+    );
+    assert!(
+        stats(&again).disk_bytes_resumed > 0,
+        "resumed from the last checkpoint: {again:?}"
+    );
+    assert_eq!(digest(&m.private("b").join("full.qcow2")), before);
+    assert_eq!(vm_state(&b, "full").await, Some(pb::VmState::Defined));
+    drop(b);
+    drop(a);
+    drop(fs);
+}
+
 /// A small VM on `a` (one qcow2 with 4 MiB of data) for the ownership tests.
 async fn small_vm(m: &Mesh, a: &TestAgent, name: &str) -> String {
     let random = m.path(&format!("{name}.pat"));

@@ -295,6 +295,13 @@ impl Outgoing {
         ops: Vec<Op>,
     ) {
         tracing::info!(migration = %h.id, vm = %h.status.borrow().vm, "{message}");
+        // Counted before the status says it ended: whoever sees COMPLETED and then reads
+        // the metrics finds it there.
+        metrics
+            .migrations
+            .with_label_values(&["source", "completed"])
+            .inc();
+        metrics.active.dec();
         h.set_meta(|m| m.mark = SourceMark::Settled);
         h.update(|s| {
             s.phase = pb::MigrationPhase::Completed as i32;
@@ -304,11 +311,6 @@ impl Outgoing {
         if let Err(e) = self.persist_with(h, ops) {
             tracing::error!(migration = %h.id, "journal: {e}");
         }
-        metrics
-            .migrations
-            .with_label_values(&["source", "completed"])
-            .inc();
-        metrics.active.dec();
         self.release(&h.id);
     }
 
@@ -332,6 +334,12 @@ impl Outgoing {
             ("failed", pb::MigrationPhase::Failed)
         };
         tracing::info!(migration = %h.id, vm = %h.status.borrow().vm, ?phase, "{message}");
+        // Counted before the status says it ended (see `end_completed`).
+        metrics
+            .migrations
+            .with_label_values(&["source", result])
+            .inc();
+        metrics.active.dec();
         h.update(|s| {
             s.error = reason.to_string();
             s.finished_unix_ms = now_ms();
@@ -343,11 +351,6 @@ impl Outgoing {
         if let Err(e) = self.persist_with(h, ops) {
             tracing::error!(migration = %h.id, "journal: {e}");
         }
-        metrics
-            .migrations
-            .with_label_values(&["source", result])
-            .inc();
-        metrics.active.dec();
         self.release(&h.id);
     }
 

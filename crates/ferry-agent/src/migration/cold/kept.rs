@@ -2,15 +2,16 @@
 //! received so that the next attempt resumes, and an attempt that never comes (the source
 //! gone, the operator's mind changed, this host restarted before a cancel reached it)
 //! would leave a VM's worth of disk here for good. Every partial image under the storage
-//! roots that no incoming migration is receiving and that nothing has touched for
+//! roots that no incoming migration (nor a Prepare) names and that nothing has touched for
 //! `partial_keep_s` is removed ([`ferry_disk::kept`]); a later attempt then copies the
 //! image afresh.
 //!
 //! The same holds for the images such a copy received whole and renamed into place
 //! (journaled as each arrives: [`crate::journal::ColdPlacedRecord`]): once the record has
-//! not changed for `partial_keep_s`, each image that no VM of this host has as a disk and
-//! no incoming migration is receiving (a later attempt adopts what is already there) is
-//! removed while its path still names the file the copy placed, with no second name.
+//! not changed for `partial_keep_s` (placed, or the copy given up), each image that no VM
+//! of this host has as a disk or as a layer below one, and that no incoming migration
+//! names (a later attempt adopts what is already there), is removed while its path still
+//! names the file the copy placed, with no second name.
 
 use super::ColdRegistry;
 use crate::journal::Journal;
@@ -37,8 +38,8 @@ pub struct Swept {
 /// What to do with one partial image found on disk. Pure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeptVerdict {
-    /// An incoming migration is receiving into it (its streams may be between
-    /// connections, its part unlocked): left alone whatever its age.
+    /// An incoming migration (or a Prepare) names it — its streams may be between
+    /// connections, its part unlocked: left alone whatever its age.
     Receiving,
     /// Touched within the keep: a resume may still come.
     Young,
@@ -142,7 +143,8 @@ pub enum PlacedVerdict {
     /// VM after a crash inside Finish; not the migration's reservation while it
     /// receives): its now; the record forgets it.
     AVmsDisk,
-    /// An incoming migration is receiving it, or adopted it as already here: kept.
+    /// An incoming migration (or a Prepare still planning) names it — receiving it, or
+    /// adopted as already here: kept.
     Receiving,
     /// Placed (or the record last changed) within the keep: kept.
     Young,
@@ -152,8 +154,9 @@ pub enum PlacedVerdict {
 
 /// Decides for one placed image. Pure.
 pub fn placed_verdict(vms_disk: bool, receiving: bool, idle: bool) -> PlacedVerdict {
-    // Receiving first: a later attempt's reservation names what it adopted, and is not
-    // its VM yet (cancelled, it leaves the image to this record).
+    // Named by a migration first: a later attempt adopts what is already here and is not
+    // its VM yet (cancelled, it leaves the image to this record). `vms_disk` counts VMs
+    // only, not names reserved for incoming migrations.
     if receiving {
         PlacedVerdict::Receiving
     } else if vms_disk {
@@ -166,11 +169,14 @@ pub fn placed_verdict(vms_disk: bool, receiving: bool, idle: bool) -> PlacedVerd
 }
 
 /// One pass over the journaled images of cold copies that never finished; returns how
-/// many were removed.
+/// many were removed. An image goes only when, besides [`placed_verdict`], it is no layer
+/// below any VM's disk (backing chains read with `qemu-img`; a chain that cannot be read
+/// keeps everything this pass), no migration or Prepare names it when it goes, and no VM
+/// is defined on it meanwhile ([`VmManager::remove_unless_a_disk`]).
 pub async fn expire_placed(
     journal: &Journal,
     vms: &VmManager,
-    receiving: &HashSet<PathBuf>,
+    registry: &ColdRegistry,
     keep: Duration,
     warned: &mut HashSet<PathBuf>,
 ) -> usize {
@@ -183,31 +189,52 @@ pub async fn expire_placed(
     };
     let now = crate::migration::now_ms();
     let keep_ms = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
+    // Read only when some image has expired (one `qemu-img info` per layer).
+    let mut layers: Option<Result<HashSet<PathBuf>, String>> = None;
     let mut removed = 0;
     for rec in records {
         let idle = now.saturating_sub(rec.updated_ms) >= keep_ms;
         let mut left = Vec::new();
         for (path, id) in &rec.placed {
-            // The migration's own reservation (while it lives) names these very images.
-            let vms_disk = vms.disk_owner_besides(path, Some(&rec.id)).await.is_some();
-            match placed_verdict(vms_disk, receiving.contains(path), idle) {
-                PlacedVerdict::AVmsDisk => {}
+            let claimed = registry.claimed_images().contains(path);
+            let vms_disk = vms.vm_using(path).await.is_some();
+            let mut verdict = placed_verdict(vms_disk, claimed, idle);
+            if verdict == PlacedVerdict::Expired {
+                if layers.is_none() {
+                    layers = Some(vms.backing_layers().await);
+                }
+                match layers.as_ref() {
+                    Some(Ok(below)) => {
+                        let canonical = std::fs::canonicalize(path).unwrap_or(path.clone());
+                        if below.contains(&canonical) {
+                            // A layer under some VM's disk now: that VM's.
+                            verdict = PlacedVerdict::AVmsDisk;
+                        }
+                    }
+                    _ => verdict = PlacedVerdict::Young,
+                }
+            }
+            match verdict {
+                PlacedVerdict::AVmsDisk => {
+                    info!(migration = %rec.id, image = %path.display(), "an image a cold copy that never finished had received is a VM's disk (or a layer below one) now: left to it");
+                }
                 PlacedVerdict::Receiving | PlacedVerdict::Young => left.push((path.clone(), *id)),
                 PlacedVerdict::Expired => {
-                    let (p, file) = (path.clone(), *id);
-                    let gone = tokio::task::spawn_blocking(move || {
-                        ferry_disk::remove_if_same_file(&p, file)
-                    })
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()));
-                    match gone {
-                        Ok(true) => {
+                    // Asked again right before it goes: a Prepare may have begun since.
+                    if registry.claimed_images().contains(path) {
+                        left.push((path.clone(), *id));
+                        continue;
+                    }
+                    match vms.remove_unless_a_disk(path, *id).await {
+                        Ok(crate::vms::Removal::Removed) => {
                             removed += 1;
+                            warned.remove(path);
                             info!(migration = %rec.id, vm = %rec.vm, source = %rec.source, image = %path.display(), "removed an image a cold copy that never finished had received: no VM here has used it within partial_keep_s");
                         }
-                        // Gone, replaced or linked since: not the copy's to remove.
-                        Ok(false) => {}
+                        Ok(crate::vms::Removal::ADisk) => left.push((path.clone(), *id)),
+                        Ok(crate::vms::Removal::NotThatFile) => {
+                            info!(migration = %rec.id, image = %path.display(), "an image a cold copy that never finished had received is gone, replaced or linked since: left as it is");
+                        }
                         Err(e) => {
                             if warned.insert(path.clone()) {
                                 warn!(migration = %rec.id, image = %path.display(), "an image a cold copy that never finished had received could not be removed (said once): {e}");
@@ -230,6 +257,9 @@ pub async fn expire_placed(
             }
         }
     }
+    if let Some(Err(e)) = layers {
+        debug!("placed images kept this pass: a VM's backing chain could not be read: {e}");
+    }
     removed
 }
 
@@ -247,8 +277,8 @@ pub fn spawn_expiry(
     tokio::spawn(async move {
         let mut warned = HashSet::new();
         loop {
-            let receiving = Arc::new(registry.receiving_images().await);
-            let placed = expire_placed(&journal, &vms, &receiving, keep, &mut warned).await;
+            let placed = expire_placed(&journal, &vms, &registry, keep, &mut warned).await;
+            let receiving = Arc::new(registry.claimed_images());
             metrics.placed_images_expired.inc_by(placed as u64);
             let disks = vms.disk_paths().await;
             let (storage, receiving, mut w) = (

@@ -80,31 +80,58 @@ struct ColdIncoming {
     state_dir: PathBuf,
     /// Where the images it placed are journaled ([`ColdIncoming::journal_placed`]).
     journal: Arc<crate::journal::Journal>,
-    /// Serialises the rewrites of that record (streams place images concurrently).
-    placed_journal: std::sync::Mutex<()>,
+    /// Serialises the rewrites of that record (streams place images concurrently); `None`
+    /// where nothing expires (`partial_keep_s = 0`): nothing is journaled either.
+    placed_journal: Option<std::sync::Mutex<()>>,
 }
 
-/// This agent's incoming cold migrations (owned by the `IncomingRegistry`).
+/// This agent's incoming cold migrations (owned by the `IncomingRegistry`), and the
+/// image paths of Prepares not registered yet (they may adopt what is already there).
 #[derive(Default)]
-pub struct ColdRegistry(std::sync::Mutex<HashMap<String, Arc<ColdIncoming>>>);
+pub struct ColdRegistry(
+    std::sync::Mutex<HashMap<String, Arc<ColdIncoming>>>,
+    std::sync::Mutex<HashMap<String, Vec<PathBuf>>>,
+);
+
+/// A Prepare's claim on the image paths it plans (see [`ColdRegistry::claimed_images`]),
+/// dropped when the Prepare returns (by then the migration is registered, or nothing).
+struct PrepareClaim<'a>(&'a ColdRegistry, String);
+
+impl<'a> PrepareClaim<'a> {
+    fn new(registry: &'a ColdRegistry, id: &str, paths: Vec<PathBuf>) -> Self {
+        if let Ok(mut c) = registry.1.lock() {
+            c.insert(id.to_string(), paths);
+        }
+        PrepareClaim(registry, id.to_string())
+    }
+}
+
+impl Drop for PrepareClaim<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.0 .1.lock() {
+            c.remove(&self.1);
+        }
+    }
+}
 
 impl ColdRegistry {
     fn lookup(&self, id: &str) -> Option<Arc<ColdIncoming>> {
         self.0.lock().ok()?.get(id).cloned()
     }
 
-    /// The final paths of the images incoming migrations are still receiving (their
-    /// partial images must not expire, whatever their age).
-    pub async fn receiving_images(&self) -> std::collections::HashSet<PathBuf> {
-        let all: Vec<Arc<ColdIncoming>> = match self.0.lock() {
-            Ok(m) => m.values().cloned().collect(),
-            Err(_) => Vec::new(),
-        };
+    /// The final paths of every image an incoming migration of this host names —
+    /// receiving it, having adopted it as already here, or finished or failed not long ago
+    /// — and those of Prepares still planning: none of them may expire
+    /// ([`super::kept`]).
+    pub fn claimed_images(&self) -> std::collections::HashSet<PathBuf> {
         let mut paths = std::collections::HashSet::new();
-        for inc in all {
-            if matches!(*inc.state.lock().await, TargetState::Receiving) {
+        if let Ok(m) = self.0.lock() {
+            for inc in m.values() {
                 paths.extend(inc.images.iter().map(|i| i.path.clone()));
             }
+        }
+        if let Ok(c) = self.1.lock() {
+            paths.extend(c.values().flatten().cloned());
         }
         paths
     }
@@ -163,7 +190,7 @@ impl ColdIncoming {
     /// finishes leaves nothing behind for good ([`super::kept`]). Nothing placed: the
     /// record goes.
     fn journal_placed(&self) {
-        let Ok(_one_at_a_time) = self.placed_journal.lock() else {
+        let Some(Ok(_one_at_a_time)) = self.placed_journal.as_ref().map(|m| m.lock()) else {
             return;
         };
         let placed = self
@@ -186,6 +213,24 @@ impl ColdIncoming {
         if let Err(e) = self.journal.put_cold_placed(&rec) {
             warn!(migration = %self.id, "journal: the images this migration placed: {e}");
         }
+    }
+
+    /// Takes the ids of the files this migration placed afresh (same device and inode,
+    /// a new change time after `qemu-img rebase -u`) and journals them.
+    fn refresh_placed(&self) {
+        for img in &self.images {
+            let Ok(mut placed) = img.placed.lock() else {
+                continue;
+            };
+            let Some(id) = *placed else { continue };
+            if let Ok(m) = std::fs::symlink_metadata(&img.path) {
+                let now = ferry_disk::FileId::of(&m);
+                if (now.dev, now.ino) == (id.dev, id.ino) {
+                    *placed = Some(now);
+                }
+            }
+        }
+        self.journal_placed();
     }
 
     /// Gives up: stops the streams, drops the name reservation and the partial images —
@@ -218,6 +263,8 @@ impl ColdIncoming {
             }
         }
         warn!(migration = %self.id, vm = %self.spec.name, "aborting incoming cold migration: {reason}");
+        // What it placed is kept for a resume from now: its age starts again.
+        self.journal_placed();
         self.cancel.cancel();
         for img in &self.images {
             // Waits for a stream still holding the image to notice the cancel; the slot
@@ -546,6 +593,11 @@ pub async fn prepare(
         )));
     }
     let wanted = parse_images(&ctx.storage, &host, &req.images, &spec)?;
+    let _claim = PrepareClaim::new(
+        &registry,
+        &req.migration_id,
+        wanted.iter().map(|w| w.resolved.clone()).collect(),
+    );
     // The VM is defined here with this host's paths for its disks.
     let mut spec = spec;
     for d in spec.disks.iter_mut() {
@@ -632,7 +684,7 @@ pub async fn prepare(
         metrics: ctx.metrics.clone(),
         registry: registry.clone(),
         journal: ctx.journal.clone(),
-        placed_journal: std::sync::Mutex::new(()),
+        placed_journal: (ctx.cfg.migration.partial_keep_s > 0).then(|| std::sync::Mutex::new(())),
     });
     if let Ok(mut m) = registry.0.lock() {
         m.insert(inc.id.clone(), inc.clone());
@@ -1103,6 +1155,9 @@ pub async fn finish(
     })
     .await
     .map_err(|e| Status::internal(format!("checking images: {e}")))?;
+    // The rebase rewrote received overlays' headers (a new change time): the files placed
+    // are still these, and must still be recognised as the copy's.
+    inc.refresh_placed();
     if let Err(why) = checked {
         drop(st);
         for img in inc.images.iter().filter(|i| i.received) {
