@@ -211,20 +211,24 @@ impl VmManager {
     }
 
     /// Removes `path` if no VM of this host (nor a name reserved for an incoming
-    /// migration) has it as a disk and it still names file `id` alone, holding the VMs'
-    /// lock meanwhile so that none can be defined on it in between.
+    /// migration other than `besides`) has it as a disk and it still names file `id`
+    /// alone, holding the VMs' lock meanwhile so that none can be defined on it in between.
     pub async fn remove_unless_a_disk(
         &self,
         path: &std::path::Path,
         id: ferry_disk::FileId,
+        besides: Option<&str>,
     ) -> Result<Removal, String> {
         let vms = self.vms.lock().await;
-        let named = vms.values().any(|e| {
-            e.spec
-                .disks
-                .iter()
-                .any(|d| self.storage.confine(&d.path).ok().as_deref() == Some(path))
-        });
+        let named = vms
+            .values()
+            .filter(|e| besides.is_none() || e.migration.as_deref() != besides)
+            .any(|e| {
+                e.spec
+                    .disks
+                    .iter()
+                    .any(|d| self.storage.confine(&d.path).ok().as_deref() == Some(path))
+            });
         if named {
             return Ok(Removal::ADisk);
         }

@@ -174,10 +174,11 @@ async fn acks_for_paced_transfer(ack_every: u32, bursts: usize) -> (u64, u64) {
 async fn thinned_acks_are_requested_of_the_receiver() {
     let (rx_default, acks_default) = acks_for_paced_transfer(2, 300).await;
     let (rx_thin, acks_thin) = acks_for_paced_transfer(10, 300).await;
-    // RFC 9000's rule: an ACK for every second packet; asked for one per ten (or 5 ms),
-    // the receiver sends a fraction of that.
+    // RFC 9000's rule: an ACK for every second packet (one per 2.3 datagrams here, one
+    // per 3.1 seen on a loaded host, which reads more packets per wake-up); asked for one
+    // per ten (or 5 ms), the receiver sends a fraction of that.
     assert!(
-        acks_default * 3 >= rx_default,
+        acks_default * 4 >= rx_default,
         "default: {acks_default} ACKs for {rx_default} datagrams"
     );
     assert!(

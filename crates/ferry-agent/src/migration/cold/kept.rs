@@ -225,7 +225,7 @@ pub async fn expire_placed(
                         left.push((path.clone(), *id));
                         continue;
                     }
-                    match vms.remove_unless_a_disk(path, *id).await {
+                    match vms.remove_unless_a_disk(path, *id, None).await {
                         Ok(crate::vms::Removal::Removed) => {
                             removed += 1;
                             warned.remove(path);

@@ -310,6 +310,8 @@ impl ColdIncoming {
     /// and so do backing layers: another VM's overlay may have been made on one meanwhile
     /// (adopted by a later migration), and no VM's disk names a layer below it.
     async fn remove_placed(&self) {
+        // Read once, and only if something is to go (one `qemu-img info` per layer).
+        let mut layers: Option<Result<std::collections::HashSet<PathBuf>, String>> = None;
         for (i, img) in self.images.iter().enumerate() {
             if self.images.iter().any(|o| o.backing == Some(i)) {
                 continue;
@@ -317,21 +319,35 @@ impl ColdIncoming {
             let Some(id) = img.placed.lock().ok().and_then(|p| *p) else {
                 continue;
             };
-            if let Some(vm) = self.vms.disk_owner_besides(&img.path, Some(&self.id)).await {
-                warn!(migration = %self.id, image = %img.path.display(), %vm, "an image this cancelled migration received is VM '{vm}''s disk now: left to it");
-                continue;
+            if layers.is_none() {
+                layers = Some(self.vms.backing_layers().await);
             }
-            let path = img.path.clone();
-            let removed =
-                tokio::task::spawn_blocking(move || ferry_disk::remove_if_same_file(&path, id))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()));
-            match removed {
-                Ok(true) => {
+            let canonical = std::fs::canonicalize(&img.path).unwrap_or(img.path.clone());
+            match layers.as_ref() {
+                Some(Ok(below)) if below.contains(&canonical) => {
+                    warn!(migration = %self.id, image = %img.path.display(), "an image this cancelled migration received is a layer below a VM's disk now: left to it");
+                    continue;
+                }
+                Some(Err(e)) => {
+                    // Kept: a cancel asked again tries again.
+                    warn!(migration = %self.id, image = %img.path.display(), "cancelled, the image it had received is kept: a VM's backing chain could not be read: {e}");
+                    continue;
+                }
+                _ => {}
+            }
+            match self
+                .vms
+                .remove_unless_a_disk(&img.path, id, Some(&self.id))
+                .await
+            {
+                Ok(crate::vms::Removal::Removed) => {
                     info!(migration = %self.id, image = %img.path.display(), "cancelled: the image it had received is removed")
                 }
-                Ok(false) => {
+                Ok(crate::vms::Removal::ADisk) => {
+                    warn!(migration = %self.id, image = %img.path.display(), "an image this cancelled migration received is a VM's disk now: left to it");
+                    continue;
+                }
+                Ok(crate::vms::Removal::NotThatFile) => {
                     info!(migration = %self.id, image = %img.path.display(), "cancelled: the image it had received is gone, or was replaced or linked since; left as it is")
                 }
                 Err(e) => {
