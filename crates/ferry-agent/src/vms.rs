@@ -144,13 +144,16 @@ impl VmManager {
         let vms = self.vms.lock().await;
         vms.iter()
             .filter(|(_, e)| besides.is_none() || e.migration.as_deref() != besides)
-            .find(|(_, e)| {
-                e.spec
-                    .disks
-                    .iter()
-                    .any(|d| self.storage.confine(&d.path).ok().as_deref() == Some(path))
-            })
+            .find(|(_, e)| self.has_disk(e, path))
             .map(|(n, _)| n.clone())
+    }
+
+    /// Whether VM entry `e` has a disk image at `path` (compared after confinement).
+    fn has_disk(&self, e: &VmEntry, path: &std::path::Path) -> bool {
+        e.spec
+            .disks
+            .iter()
+            .any(|d| self.storage.confine(&d.path).ok().as_deref() == Some(path))
     }
 
     /// Every disk image path of this host's VMs (defined, running or arriving), confined
@@ -169,12 +172,7 @@ impl VmManager {
         let vms = self.vms.lock().await;
         vms.iter()
             .filter(|(_, e)| e.state != pb::VmState::Incoming)
-            .find(|(_, e)| {
-                e.spec
-                    .disks
-                    .iter()
-                    .any(|d| self.storage.confine(&d.path).ok().as_deref() == Some(path))
-            })
+            .find(|(_, e)| self.has_disk(e, path))
             .map(|(n, _)| n.clone())
     }
 
@@ -223,12 +221,7 @@ impl VmManager {
         let named = vms
             .values()
             .filter(|e| besides.is_none() || e.migration.as_deref() != besides)
-            .any(|e| {
-                e.spec
-                    .disks
-                    .iter()
-                    .any(|d| self.storage.confine(&d.path).ok().as_deref() == Some(path))
-            });
+            .any(|e| self.has_disk(e, path));
         if named {
             return Ok(Removal::ADisk);
         }

@@ -1050,6 +1050,41 @@ async fn a_cancelled_cold_migration_leaves_no_finished_image_behind() {
     );
 }
 
+/// A 256 MiB qcow2 `<name>.qcow2` in `host`'s storage holding 48 MiB of random data
+/// (`random` made first if missing); its digest.
+fn random_image(m: &Mesh, host: &str, name: &str) -> (PathBuf, String) {
+    let random = m.path("random.pat");
+    if !random.exists() {
+        random_pattern(&random, 48 * MIB);
+    }
+    let img = m.private(host).join(format!("{name}.qcow2"));
+    qemu_img_create(&img, "qcow2", "256M", None);
+    qemu_io_write(&img, "qcow2", &[(random.as_path(), 0, 48 * MIB)]);
+    let d = digest(&img);
+    (img, d)
+}
+
+/// Starts a cold copy of `vm` from `a` to `b` at 8 MiB/s (~6 s for 48 MiB); its id.
+async fn start_slow_copy(a: &TestAgent, b: &TestAgent, vm: &str) -> String {
+    a.client()
+        .await
+        .expect("client a")
+        .start_migration(pb::StartMigrationRequest {
+            bandwidth_bytes_per_sec: 8 * MIB,
+            ..offline(vm, b)
+        })
+        .await
+        .expect("start")
+        .into_inner()
+        .id
+}
+
+/// Passes of `agent`'s expiry of what cold copies left.
+fn expiry_passes(agent: &TestAgent) -> f64 {
+    let text = ferry_testkit::scrape_metrics(&agent.metrics_addr()).expect("scrape");
+    ferry_testkit::metric_sum(&text, "ferry_kept_images_expiry_passes_total")
+}
+
 /// The target restarts in the middle of a cold copy: the restarted agent has forgotten
 /// the migration, and the source's attempt failed with it, so nothing would ever ask for
 /// what the copy left there — the partial image kept for a resume, and a small image
@@ -1067,12 +1102,7 @@ async fn what_a_copy_no_attempt_resumes_left_expires_and_what_is_being_received_
     let mut b = m.host_with("b", &m.root(), "partial_keep_s = 1\n").await;
     b.set_failpoints(Some("cold.tgt.chunk.written=return(hang)"));
     b.restart().await.expect("restart armed");
-    let random = m.path("random.pat");
-    random_pattern(&random, 48 * MIB);
-    let img_a = m.private("a").join("kept.qcow2");
-    qemu_img_create(&img_a, "qcow2", "256M", None);
-    qemu_io_write(&img_a, "qcow2", &[(random.as_path(), 0, 48 * MIB)]);
-    let before = digest(&img_a);
+    let (_, before) = random_image(&m, "a", "kept");
     // All zeros: no chunk to write, so it arrives whole while the other hangs.
     let zeros = m.private("a").join("kept-zeros.raw");
     std::fs::File::create(&zeros)
@@ -1092,16 +1122,8 @@ async fn what_a_copy_no_attempt_resumes_left_expires_and_what_is_being_received_
     let part = m.private("b").join("kept.qcow2.ferry-part");
     let placed = m.private("b").join("kept-zeros.raw");
 
-    // 8 MiB/s once released: ~6 s of copying.
     let mut ca = a.client().await.expect("client a");
-    let first = ca
-        .start_migration(pb::StartMigrationRequest {
-            bandwidth_bytes_per_sec: 8 * MIB,
-            ..offline("kept", &b)
-        })
-        .await
-        .expect("start")
-        .into_inner();
+    let first = start_slow_copy(&a, &b, "kept").await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while !b
         .log_tail()
@@ -1130,10 +1152,7 @@ async fn what_a_copy_no_attempt_resumes_left_expires_and_what_is_being_received_
                 )
             })
     };
-    let passes = || {
-        let text = ferry_testkit::scrape_metrics(&b.metrics_addr()).expect("scrape b");
-        ferry_testkit::metric_sum(&text, "ferry_kept_images_expiry_passes_total")
-    };
+    let passes = || expiry_passes(&b);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let p0 = passes();
     assert!(
@@ -1154,9 +1173,7 @@ async fn what_a_copy_no_attempt_resumes_left_expires_and_what_is_being_received_
     b.release_failpoint().expect("release");
     loop {
         let s = ca
-            .get_migration(pb::MigrationRef {
-                id: first.id.clone(),
-            })
+            .get_migration(pb::MigrationRef { id: first.clone() })
             .await
             .expect("get")
             .into_inner();
@@ -1175,7 +1192,7 @@ async fn what_a_copy_no_attempt_resumes_left_expires_and_what_is_being_received_
     b.set_failpoints(None);
     b.kill().expect("kill target agent");
     b.restart().await.expect("restart target agent");
-    let end = status_until(&a, &first.id, Duration::from_secs(60), is_final).await;
+    let end = status_until(&a, &first, Duration::from_secs(60), is_final).await;
     assert_eq!(
         end.phase,
         pb::MigrationPhase::Failed as i32,
@@ -1232,11 +1249,7 @@ async fn an_image_a_vm_now_rests_on_does_not_expire() {
     let m = Mesh::new();
     let a = m.host("a", &m.root()).await;
     let mut b = m.host_with("b", &m.root(), "partial_keep_s = 1\n").await;
-    let random = m.path("random.pat");
-    random_pattern(&random, 48 * MIB);
-    let img = m.private("a").join("base.qcow2");
-    qemu_img_create(&img, "qcow2", "256M", None);
-    qemu_io_write(&img, "qcow2", &[(random.as_path(), 0, 48 * MIB)]);
+    random_image(&m, "a", "base");
     qemu_img_create(
         &m.private("a").join("base-small.qcow2"),
         "qcow2",
@@ -1255,15 +1268,7 @@ async fn an_image_a_vm_now_rests_on_does_not_expire() {
     )
     .await;
     let placed = m.private("b").join("base-small.qcow2");
-    let mut ca = a.client().await.expect("client a");
-    let first = ca
-        .start_migration(pb::StartMigrationRequest {
-            bandwidth_bytes_per_sec: 8 * MIB,
-            ..offline("base", &b)
-        })
-        .await
-        .expect("start")
-        .into_inner();
+    let first = start_slow_copy(&a, &b, "base").await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while !placed.exists() || !m.private("b").join("base.qcow2.ferry-part").exists() {
         assert!(Instant::now() < deadline, "nothing arrived{}", logs(&a, &b));
@@ -1283,7 +1288,7 @@ async fn an_image_a_vm_now_rests_on_does_not_expire() {
     .await;
     b.kill().expect("kill target agent");
     b.restart().await.expect("restart target agent");
-    let end = status_until(&a, &first.id, Duration::from_secs(60), is_final).await;
+    let end = status_until(&a, &first, Duration::from_secs(60), is_final).await;
     assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
 
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1295,10 +1300,7 @@ async fn an_image_a_vm_now_rests_on_does_not_expire() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let passes = || {
-        let text = ferry_testkit::scrape_metrics(&b.metrics_addr()).expect("scrape b");
-        ferry_testkit::metric_sum(&text, "ferry_kept_images_expiry_passes_total")
-    };
+    let passes = || expiry_passes(&b);
     let p0 = passes();
     while passes() < p0 + 2.0 {
         assert!(Instant::now() < deadline, "the expiry stopped passing");
@@ -1329,12 +1331,7 @@ async fn a_target_whose_storage_fills_during_a_cold_copy_fails_it_clearly_and_a_
     let fs = Tmpfs::mount(&m.private("b"), 80);
     let a = m.host("a", &m.root()).await;
     let b = m.host("b", &m.root()).await;
-    let random = m.path("random.pat");
-    random_pattern(&random, 48 * MIB);
-    let img_a = m.private("a").join("full.qcow2");
-    qemu_img_create(&img_a, "qcow2", "256M", None);
-    qemu_io_write(&img_a, "qcow2", &[(random.as_path(), 0, 48 * MIB)]);
-    let before = digest(&img_a);
+    let (img_a, before) = random_image(&m, "a", "full");
     define(
         &a,
         spec("full", &[("vda", &m.root().join("full.qcow2"), "qcow2")]),
@@ -1342,20 +1339,11 @@ async fn a_target_whose_storage_fills_during_a_cold_copy_fails_it_clearly_and_a_
     .await;
 
     let mut ca = a.client().await.expect("client a");
-    let first = ca
-        .start_migration(pb::StartMigrationRequest {
-            bandwidth_bytes_per_sec: 8 * MIB,
-            ..offline("full", &b)
-        })
-        .await
-        .expect("start")
-        .into_inner();
+    let first = start_slow_copy(&a, &b, "full").await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let s = ca
-            .get_migration(pb::MigrationRef {
-                id: first.id.clone(),
-            })
+            .get_migration(pb::MigrationRef { id: first.clone() })
             .await
             .expect("get")
             .into_inner();
@@ -1380,7 +1368,7 @@ async fn a_target_whose_storage_fills_during_a_cold_copy_fails_it_clearly_and_a_
         let block = vec![0x5au8; MIB as usize];
         while f.write_all(&block).is_ok() {}
     }
-    let end = status_until(&a, &first.id, Duration::from_secs(120), is_final).await;
+    let end = status_until(&a, &first, Duration::from_secs(120), is_final).await;
     assert_eq!(
         end.phase,
         pb::MigrationPhase::Failed as i32,
