@@ -1079,6 +1079,29 @@ async fn start_slow_copy(a: &TestAgent, b: &TestAgent, vm: &str) -> String {
         .id
 }
 
+/// Waits until cold copy `id` from `a` to `b` has moved more than `percent` of its
+/// bytes; fails if it ends first or is still short by `deadline`.
+async fn copied_past(a: &TestAgent, b: &TestAgent, id: &str, percent: u64, deadline: Instant) {
+    let mut ca = a.client().await.expect("client a");
+    loop {
+        let s = ca
+            .get_migration(pb::MigrationRef { id: id.into() })
+            .await
+            .expect("get")
+            .into_inner();
+        assert!(!is_final(&s), "ended too early: {s:?}{}", logs(a, b));
+        let st = stats(&s);
+        if st.disk_bytes_done * 100 > st.disk_bytes_total * percent {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the copy never got to {percent}%: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Passes of `agent`'s expiry of what cold copies left.
 fn expiry_passes(agent: &TestAgent) -> f64 {
     let text = ferry_testkit::scrape_metrics(&agent.metrics_addr()).expect("scrape");
@@ -1122,7 +1145,6 @@ async fn what_a_copy_no_attempt_resumes_left_expires_and_what_is_being_received_
     let part = m.private("b").join("kept.qcow2.ferry-part");
     let placed = m.private("b").join("kept-zeros.raw");
 
-    let mut ca = a.client().await.expect("client a");
     let first = start_slow_copy(&a, &b, "kept").await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while !b
@@ -1171,23 +1193,7 @@ async fn what_a_copy_no_attempt_resumes_left_expires_and_what_is_being_received_
         logs(&a, &b)
     );
     b.release_failpoint().expect("release");
-    loop {
-        let s = ca
-            .get_migration(pb::MigrationRef { id: first.clone() })
-            .await
-            .expect("get")
-            .into_inner();
-        assert!(!is_final(&s), "ended too early: {s:?}{}", logs(&a, &b));
-        let st = stats(&s);
-        if st.disk_bytes_done * 100 > st.disk_bytes_total * 35 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the copy never got to 35%: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    copied_past(&a, &b, &first, 35, deadline).await;
 
     b.set_failpoints(None);
     b.kill().expect("kill target agent");
@@ -1338,27 +1344,10 @@ async fn a_target_whose_storage_fills_during_a_cold_copy_fails_it_clearly_and_a_
     )
     .await;
 
-    let mut ca = a.client().await.expect("client a");
     let first = start_slow_copy(&a, &b, "full").await;
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let s = ca
-            .get_migration(pb::MigrationRef { id: first.clone() })
-            .await
-            .expect("get")
-            .into_inner();
-        assert!(!is_final(&s), "ended too early: {s:?}{}", logs(&a, &b));
-        let st = stats(&s);
-        // Past the first checkpoint (every 2 s): something to resume from.
-        if st.disk_bytes_done * 100 > st.disk_bytes_total * 50 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the copy never got to 50%: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Past the first checkpoint (every 2 s): something to resume from.
+    copied_past(&a, &b, &first, 50, deadline).await;
     // Someone else takes every byte left (the sidecar's next checkpoint fails too: the
     // resume starts from the last one that did not).
     let filler = fs.path().join("someone-else.bin");
