@@ -44,6 +44,29 @@ pub enum Removal {
     NotThatFile,
 }
 
+/// The layers below this host's VMs' disks, read once when first asked
+/// ([`VmManager::layers`]).
+pub struct VmLayers<'a> {
+    vms: &'a VmManager,
+    read: Option<Result<std::collections::HashSet<std::path::PathBuf>, String>>,
+}
+
+impl VmLayers<'_> {
+    /// Whether `path` is a layer below some VM's disk; an error when a chain could not
+    /// be read (then nothing can be said to be no VM's layer).
+    pub async fn holds(&mut self, path: &std::path::Path) -> Result<bool, String> {
+        if self.read.is_none() {
+            self.read = Some(self.vms.backing_layers().await);
+        }
+        let canonical = std::fs::canonicalize(path).unwrap_or(path.to_path_buf());
+        match self.read.as_ref() {
+            Some(Ok(below)) => Ok(below.contains(&canonical)),
+            Some(Err(e)) => Err(e.clone()),
+            None => Ok(false),
+        }
+    }
+}
+
 /// Registry and supervisor of this host's VMs.
 pub struct VmManager {
     cfg: Arc<AgentConfig>,
@@ -131,19 +154,8 @@ impl VmManager {
     /// The VM of this host (defined, running or arriving) whose disk image is at `path`,
     /// if any (paths compared after confinement to the storage roots).
     pub async fn disk_owner(&self, path: &std::path::Path) -> Option<String> {
-        self.disk_owner_besides(path, None).await
-    }
-
-    /// [`Self::disk_owner`], not counting the VM that migration `besides` is bringing here
-    /// (its reservation names the very images it receives).
-    pub async fn disk_owner_besides(
-        &self,
-        path: &std::path::Path,
-        besides: Option<&str>,
-    ) -> Option<String> {
         let vms = self.vms.lock().await;
         vms.iter()
-            .filter(|(_, e)| besides.is_none() || e.migration.as_deref() != besides)
             .find(|(_, e)| self.has_disk(e, path))
             .map(|(n, _)| n.clone())
     }
@@ -206,6 +218,15 @@ impl VmManager {
         })
         .await
         .map_err(|e| e.to_string())?
+    }
+
+    /// The layers below this host's VMs' disks, read ([`Self::backing_layers`]) the first
+    /// time [`VmLayers::holds`] is asked, then kept for the caller's pass.
+    pub fn layers(&self) -> VmLayers<'_> {
+        VmLayers {
+            vms: self,
+            read: None,
+        }
     }
 
     /// Removes `path` if no VM of this host (nor a name reserved for an incoming

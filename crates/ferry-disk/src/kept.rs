@@ -18,11 +18,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use crate::receive::{lock, read_sidecar_transfer, remove_if_exists, with_suffix};
-use crate::receive::{PART_SUFFIX, SIDECAR_SUFFIX};
+use crate::receive::{PART_SUFFIX, SIDECAR_SUFFIX, SIDECAR_TMP_SUFFIX};
 use crate::{sync_dir, DiskError};
-
-/// Suffix of a sidecar being replaced (written, synced, then renamed over the sidecar).
-const SIDECAR_TMP_SUFFIX: &str = ".ferry-part.json.tmp";
 
 /// The suffixes of a partial image's files (part, sidecar, sidecar being replaced),
 /// longest first.

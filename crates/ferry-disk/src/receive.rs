@@ -29,6 +29,8 @@ use crate::{sync_dir, DiskError};
 pub const PART_SUFFIX: &str = ".ferry-part";
 /// Suffix of the sidecar.
 pub const SIDECAR_SUFFIX: &str = ".ferry-part.json";
+/// Suffix of a sidecar being replaced (written, synced, then renamed over the sidecar).
+pub const SIDECAR_TMP_SUFFIX: &str = ".ferry-part.json.tmp";
 /// Granularity of the holes kept inside received chunks: the common filesystem block.
 const SPARSE_BLOCK: u64 = 4096;
 /// Sidecar format version; any other version is ignored (the transfer starts over).
@@ -333,7 +335,7 @@ impl PartialImage {
     fn remove_files(&self) -> Result<(), DiskError> {
         remove_if_exists(&self.part_path)?;
         remove_if_exists(&self.sidecar_path)?;
-        remove_if_exists(&with_suffix(&self.sidecar_path, ".tmp"))?;
+        remove_if_exists(&with_suffix(&self.final_path, SIDECAR_TMP_SUFFIX))?;
         if let Some(dir) = self.final_path.parent() {
             sync_dir(dir)?;
         }
@@ -343,7 +345,7 @@ impl PartialImage {
     /// Replace the sidecar atomically. No directory fsync: if the rename is lost in a crash
     /// the previous sidecar remains, which claims less, never more.
     fn write_sidecar(&self) -> Result<(), DiskError> {
-        let tmp = with_suffix(&self.sidecar_path, ".tmp");
+        let tmp = with_suffix(&self.final_path, SIDECAR_TMP_SUFFIX);
         let json = serde_json::to_vec_pretty(&self.state).map_err(|e| {
             DiskError::io("encode sidecar", &self.sidecar_path, io::Error::other(e))
         })?;

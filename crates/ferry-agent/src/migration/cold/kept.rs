@@ -190,28 +190,25 @@ pub async fn expire_placed(
     let now = crate::migration::now_ms();
     let keep_ms = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
     // Read only when some image has expired (one `qemu-img info` per layer).
-    let mut layers: Option<Result<HashSet<PathBuf>, String>> = None;
+    let mut layers = vms.layers();
+    let mut unreadable = None;
+    let claimed = registry.claimed_images();
     let mut removed = 0;
     for rec in records {
         let idle = now.saturating_sub(rec.updated_ms) >= keep_ms;
         let mut left = Vec::new();
         for (path, id) in &rec.placed {
-            let claimed = registry.claimed_images().contains(path);
             let vms_disk = vms.vm_using(path).await.is_some();
-            let mut verdict = placed_verdict(vms_disk, claimed, idle);
+            let mut verdict = placed_verdict(vms_disk, claimed.contains(path), idle);
             if verdict == PlacedVerdict::Expired {
-                if layers.is_none() {
-                    layers = Some(vms.backing_layers().await);
-                }
-                match layers.as_ref() {
-                    Some(Ok(below)) => {
-                        let canonical = std::fs::canonicalize(path).unwrap_or(path.clone());
-                        if below.contains(&canonical) {
-                            // A layer under some VM's disk now: that VM's.
-                            verdict = PlacedVerdict::AVmsDisk;
-                        }
+                match layers.holds(path).await {
+                    // A layer under some VM's disk now: that VM's.
+                    Ok(true) => verdict = PlacedVerdict::AVmsDisk,
+                    Ok(false) => {}
+                    Err(e) => {
+                        verdict = PlacedVerdict::Young;
+                        unreadable = Some(e);
                     }
-                    _ => verdict = PlacedVerdict::Young,
                 }
             }
             match verdict {
@@ -257,7 +254,7 @@ pub async fn expire_placed(
             }
         }
     }
-    if let Some(Err(e)) = layers {
+    if let Some(e) = unreadable {
         debug!("placed images kept this pass: a VM's backing chain could not be read: {e}");
     }
     removed
@@ -278,14 +275,10 @@ pub fn spawn_expiry(
         let mut warned = HashSet::new();
         loop {
             let placed = expire_placed(&journal, &vms, &registry, keep, &mut warned).await;
-            let receiving = Arc::new(registry.claimed_images());
             metrics.placed_images_expired.inc_by(placed as u64);
+            let receiving = registry.claimed_images();
             let disks = vms.disk_paths().await;
-            let (storage, receiving, mut w) = (
-                storage.clone(),
-                receiving.clone(),
-                std::mem::take(&mut warned),
-            );
+            let (storage, mut w) = (storage.clone(), std::mem::take(&mut warned));
             let pass = tokio::task::spawn_blocking(move || {
                 let swept = expire_kept(&storage, &receiving, &disks, keep, &mut w);
                 (swept, w)

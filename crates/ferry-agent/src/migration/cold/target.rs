@@ -311,7 +311,7 @@ impl ColdIncoming {
     /// (adopted by a later migration), and no VM's disk names a layer below it.
     async fn remove_placed(&self) {
         // Read once, and only if something is to go (one `qemu-img info` per layer).
-        let mut layers: Option<Result<std::collections::HashSet<PathBuf>, String>> = None;
+        let mut layers = self.vms.layers();
         for (i, img) in self.images.iter().enumerate() {
             if self.images.iter().any(|o| o.backing == Some(i)) {
                 continue;
@@ -319,21 +319,17 @@ impl ColdIncoming {
             let Some(id) = img.placed.lock().ok().and_then(|p| *p) else {
                 continue;
             };
-            if layers.is_none() {
-                layers = Some(self.vms.backing_layers().await);
-            }
-            let canonical = std::fs::canonicalize(&img.path).unwrap_or(img.path.clone());
-            match layers.as_ref() {
-                Some(Ok(below)) if below.contains(&canonical) => {
+            match layers.holds(&img.path).await {
+                Ok(true) => {
                     warn!(migration = %self.id, image = %img.path.display(), "an image this cancelled migration received is a layer below a VM's disk now: left to it");
                     continue;
                 }
-                Some(Err(e)) => {
+                Err(e) => {
                     // Kept: a cancel asked again tries again.
                     warn!(migration = %self.id, image = %img.path.display(), "cancelled, the image it had received is kept: a VM's backing chain could not be read: {e}");
                     continue;
                 }
-                _ => {}
+                Ok(false) => {}
             }
             match self
                 .vms
