@@ -43,6 +43,35 @@ pub struct VmRecord {
     /// goes when the source says it took the VM back on its operator's verdict.
     #[serde(default)]
     pub arrived_by: Option<String>,
+    /// Set when this copy was fenced ([`Fence`]): paused and held until the operator
+    /// clears it. A restart that finds its QEMU running pauses it again.
+    #[serde(default)]
+    pub fenced: Option<Fence>,
+}
+
+/// A copy that ran on this host after a migration's commit while that migration's source
+/// took the VM back on its operator's verdict (the host declared gone was not): the VM ran
+/// on two hosts. This copy gives way — the verdict said the VM lives on the source — and
+/// stays paused, never removed (what its guest did since the commit is the operator's to
+/// keep or drop).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fence {
+    /// The migration whose source took the VM back.
+    pub migration: String,
+    /// The host that runs the VM now (the migration's source).
+    pub runs_on: String,
+    /// When the fence was set (ms since the Unix epoch).
+    pub at_ms: i64,
+}
+
+impl std::fmt::Display for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "fenced: migration {} committed here, then its source {} took the VM back on its operator's verdict (at {} ms since the epoch); the VM runs there",
+            self.migration, self.runs_on, self.at_ms
+        )
+    }
 }
 
 /// Which side of a migration this host was.
@@ -105,7 +134,8 @@ pub struct MigrationRecord {
     pub taken_back: bool,
     /// Not pruned before this time (milliseconds since the epoch; 0: no such limit): a
     /// cold migration's outcome on its target, which its source may ask for after an
-    /// outage ([`COLD_OUTCOME_KEPT_MS`]).
+    /// outage ([`COLD_OUTCOME_KEPT_MS`]); a live migration's `Owned` on its target
+    /// ([`OWNED_KEPT_MS`]).
     #[serde(default)]
     pub keep_until_ms: i64,
     /// Milliseconds since the epoch of the last write (history pruning).
@@ -174,6 +204,12 @@ pub struct ColdPlacedRecord {
 /// Finish's answer asks for it, also after an outage of that long; past it the target
 /// answers "unknown" and the source frees its copy.
 pub const COLD_OUTCOME_KEPT_MS: i64 = 30 * 24 * 3600 * 1000;
+
+/// How long a live migration's `Owned` record stays in its target's journal (whatever
+/// number of migrations come after): a source whose operator took the VM back on a wrong
+/// verdict tells this host so when it reaches it again, and the record is what says which
+/// VM to fence here. Past it the news finds nothing and is only logged.
+pub const OWNED_KEPT_MS: i64 = COLD_OUTCOME_KEPT_MS;
 
 /// One change in a [`Journal::apply`] transaction.
 #[derive(Debug, Clone)]
@@ -413,6 +449,7 @@ mod tests {
                 incoming_migration: None,
                 held_by: None,
                 arrived_by: None,
+                fenced: None,
             })
             .unwrap();
             j.put_migration(&MigrationRecord::new(
@@ -455,6 +492,7 @@ mod tests {
                 incoming_migration: None,
                 held_by: None,
                 arrived_by: None,
+                fenced: None,
             }),
         ])
         .unwrap();

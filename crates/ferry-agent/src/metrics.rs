@@ -38,6 +38,11 @@ pub struct Metrics {
     pub placed_images_expired: IntCounter,
     /// Passes of that expiry (it runs every quarter of `partial_keep_s`, at most hourly).
     pub expiry_passes: IntCounter,
+    /// Copies fenced here: their guest ran here after a migration's commit while that
+    /// migration's source took the VM back on its operator's verdict (the VM ran on two
+    /// hosts until then). Each is paused and held (`ferryctl vm list` marks it) for the
+    /// operator: alert on any increase.
+    pub vms_fenced: IntCounter,
     /// The data plane of migrations this host sent: UDP datagrams out, packets QUIC
     /// declared lost, loss events the congestion controller let pass as random (no queue
     /// behind them), and window reductions it stopped at the path's measured BDP. A lossy
@@ -137,6 +142,10 @@ impl Metrics {
             "kept_images_expiry_passes_total",
             "Passes of the expiry of what failed cold copies left (partial and placed images)",
         )?;
+        let vms_fenced = counter(
+            "vms_fenced_total",
+            "Copies fenced here (paused, held): their guest ran here while a verdict took the VM back to its source",
+        )?;
         let data_plane = DataPlaneCounters {
             datagrams: counter(
                 "data_plane_datagrams_total",
@@ -171,6 +180,7 @@ impl Metrics {
             partial_images_expired,
             placed_images_expired,
             expiry_passes,
+            vms_fenced,
             data_plane,
         }))
     }

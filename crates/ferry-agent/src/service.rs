@@ -79,6 +79,13 @@ impl FerryControl for ControlService {
         ))
     }
 
+    async fn clear_fence(&self, req: Request<pb::VmRef>) -> Result<Response<pb::VmInfo>, Status> {
+        require_operator(&req, "ClearFence")?;
+        Ok(Response::new(
+            self.ctx.vms.clear_fence(&req.into_inner().name).await?,
+        ))
+    }
+
     async fn get_vm(&self, req: Request<pb::VmRef>) -> Result<Response<pb::VmInfo>, Status> {
         Ok(Response::new(
             self.ctx.vms.get(&req.into_inner().name).await?,
@@ -460,12 +467,12 @@ impl FerryPeer for PeerService {
     ) -> Result<Response<pb::AbortResponse>, Status> {
         let who = caller(&req)?;
         let r = req.into_inner();
-        let existed = self
-            .ctx
-            .incoming
-            .abort(&r.migration_id, &r.token, &r.reason, r.taken_back, &who)
-            .await?;
-        Ok(Response::new(pb::AbortResponse { existed }))
+        Ok(Response::new(
+            self.ctx
+                .incoming
+                .abort(&r.migration_id, &r.token, &r.reason, r.taken_back, &who)
+                .await?,
+        ))
     }
 
     async fn host_facts(

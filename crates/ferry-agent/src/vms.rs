@@ -3,7 +3,7 @@
 
 use crate::config::AgentConfig;
 use crate::convert::spec_to_pb;
-use crate::journal::{Journal, Op, VmRecord};
+use crate::journal::{Fence, Journal, Op, VmRecord};
 use ferry_api::v1 as pb;
 use ferry_qemu::{QemuLaunch, QemuProcess, VmSpec};
 use std::collections::HashMap;
@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::Status;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// One VM known to this host.
 pub struct VmEntry {
@@ -31,6 +31,8 @@ pub struct VmEntry {
     /// The cold migration that defined it here, until it first starts
     /// ([`VmRecord::arrived_by`]).
     pub arrived_by: Option<String>,
+    /// Fenced ([`VmRecord::fenced`]): paused and held until the operator clears it.
+    pub fenced: Option<Fence>,
 }
 
 /// What [`VmManager::remove_unless_a_disk`] did.
@@ -303,6 +305,7 @@ impl VmManager {
             console_log: l.console_log().display().to_string(),
             ram_file: l.ram_path.display().to_string(),
             resume_latency_us: e.resume_latency_us,
+            fenced: e.fenced.as_ref().map(|f| f.to_string()).unwrap_or_default(),
         }
     }
 
@@ -331,6 +334,7 @@ impl VmManager {
             starting: false,
             arriving_cold: false,
             arrived_by: None,
+            fenced: None,
         };
         self.persist(&e)?;
         let info = self.info(&e);
@@ -377,6 +381,7 @@ impl VmManager {
             let mut vms = self.vms.lock().await;
             let e = vms.get(name).ok_or_else(|| self.unknown(name))?;
             not_starting(e)?;
+            not_fenced(e, &self.cfg.host_name, "start")?;
             if let Some(m) = &e.migration {
                 // A VM being copied away (cold migration) must not change under the copy.
                 return Err(Status::failed_precondition(format!(
@@ -561,6 +566,7 @@ impl VmManager {
                 "VM '{name}' is held by migration {m} (its outcome is being settled with the target): resuming it here could run it on two hosts"
             )));
         }
+        not_fenced(e, &self.cfg.host_name, "resume")?;
         let proc = match (&e.process, e.state) {
             (Some(p), pb::VmState::Paused) => p.clone(),
             _ => {
@@ -587,6 +593,90 @@ impl VmManager {
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
         e.state = pb::VmState::Running;
+        Ok(self.info(e))
+    }
+
+    /// Fences the copy of a VM that ran here after migration `fence.migration`'s commit,
+    /// its source having taken the VM back on its operator's verdict: the fence is journaled
+    /// first (a restart pauses a guest it finds running), then a guest that has a QEMU is
+    /// paused (QMP `stop`, also when this agent believes it paused already: a `cont` behind
+    /// its back would go unseen; a QEMU that does not answer within [`FENCE_PAUSE_WAIT`] is
+    /// killed: the VM's other copy runs). Start, resume and migrate are refused until
+    /// [`Self::clear_fence`]; stop and undefine stay the operator's. UNAVAILABLE while a
+    /// start or a migration of the VM is under way here (the source tells again); `None`
+    /// when no VM of that name is here. The caller runs it to completion (a caller that
+    /// gives up must not leave a QEMU neither paused nor killed).
+    pub async fn fence(&self, name: &str, fence: Fence) -> Result<Option<FenceDone>, Status> {
+        let mut vms = self.vms.lock().await;
+        let Some(e) = vms.get_mut(name) else {
+            return Ok(None);
+        };
+        let step = fence_step(e.state, e.starting, e.migration.is_some());
+        if step == FenceStep::NotNow {
+            return Err(Status::unavailable(format!(
+                "VM '{name}' on host {} is {}: fence it later",
+                self.cfg.host_name,
+                if e.starting { "starting" } else { "migrating" }
+            )));
+        }
+        // The same news told again keeps the first fence's time.
+        let new = e.fenced.as_ref().map(|f| &f.migration) != Some(&fence.migration);
+        if new {
+            let mut rec = record_of(e);
+            rec.fenced = Some(fence.clone());
+            self.journal.put_vm(&rec).map_err(journal_err)?;
+            e.fenced = Some(fence);
+        }
+        let proc = match (step, &e.process) {
+            (FenceStep::Pause, Some(p)) => p.clone(),
+            _ => {
+                return Ok(Some(FenceDone {
+                    new,
+                    guest: FencedGuest::NotRunning,
+                }))
+            }
+        };
+        let ran = e.state == pb::VmState::Running;
+        let guest = match proc
+            .qmp()
+            .execute_timeout("stop", None, FENCE_PAUSE_WAIT)
+            .await
+        {
+            Ok(_) => {
+                e.state = pb::VmState::Paused;
+                if ran {
+                    FencedGuest::Paused
+                } else {
+                    FencedGuest::NotRunning
+                }
+            }
+            Err(err) => {
+                error!(vm = %name, "fencing: pausing the guest failed ({err}); killing its QEMU");
+                let _ = proc.kill().await;
+                e.process = None;
+                e.state = pb::VmState::Crashed;
+                FencedGuest::Killed
+            }
+        };
+        Ok(Some(FenceDone { new, guest }))
+    }
+
+    /// Lifts a fence ([`Self::fence`]): the operator has settled which copy lives. The
+    /// guest stays as it is (paused) until resumed.
+    pub async fn clear_fence(&self, name: &str) -> Result<pb::VmInfo, Status> {
+        let mut vms = self.vms.lock().await;
+        let e = vms.get_mut(name).ok_or_else(|| self.unknown(name))?;
+        let Some(f) = e.fenced.clone() else {
+            return Err(Status::failed_precondition(format!(
+                "VM '{name}' on host {} is not fenced",
+                self.cfg.host_name
+            )));
+        };
+        let mut rec = record_of(e);
+        rec.fenced = None;
+        self.journal.put_vm(&rec).map_err(journal_err)?;
+        e.fenced = None;
+        warn!(vm = %name, migration = %f.migration, "fence cleared by the operator");
         Ok(self.info(e))
     }
 
@@ -683,6 +773,7 @@ impl VmManager {
                 "VM '{name}' is already migrating ({m})"
             )));
         }
+        not_fenced(e, &self.cfg.host_name, "migrate")?;
         let proc = match (&e.process, e.state) {
             (Some(p), pb::VmState::Running | pb::VmState::Paused) => p.clone(),
             _ => {
@@ -860,6 +951,7 @@ impl VmManager {
             starting: false,
             arriving_cold: !admit_ram,
             arrived_by: None,
+            fenced: None,
         };
         self.persist(&e)?;
         vms.insert(spec.name.clone(), e);
@@ -919,6 +1011,7 @@ impl VmManager {
             incoming_migration: None,
             held_by: None,
             arrived_by: None,
+            fenced: None,
         })
     }
 
@@ -974,7 +1067,7 @@ impl VmManager {
         for rec in self.journal.vms()? {
             let name = rec.spec.name.clone();
             let run_dir = self.cfg.run_dir(&name);
-            let adopted = match rec.pid {
+            let mut adopted = match rec.pid {
                 Some(pid) => QemuProcess::adopt(pid, &run_dir).await.ok().map(Arc::new),
                 None => None,
             };
@@ -1006,6 +1099,42 @@ impl VmManager {
                 },
                 None => pb::VmState::Defined,
             };
+            if rec.fenced.is_some() && adopted.is_none() {
+                // A fenced copy's QEMU that cannot be adopted (QMP not answering) would run
+                // untracked beside the VM's other copy: killed, as a fence's failed pause.
+                match QemuProcess::kill_stray(&run_dir).await {
+                    Ok(Some(pid)) => {
+                        error!(vm = %name, pid, "killed the QEMU of a fenced copy that could not be adopted")
+                    }
+                    Ok(None) => {}
+                    Err(e) => warn!(vm = %name, "fenced copy: {e}"),
+                }
+            }
+            // A fenced copy found running (the agent died between journaling the fence and
+            // pausing the guest): paused now, before anything else may see it run.
+            let state = match (&rec.fenced, &adopted, state) {
+                (Some(f), Some(p), pb::VmState::Running) => {
+                    match p
+                        .qmp()
+                        .execute_timeout("stop", None, FENCE_PAUSE_WAIT)
+                        .await
+                    {
+                        Ok(_) => {
+                            warn!(vm = %name, "{f}: its guest was running here; paused");
+                            pb::VmState::Paused
+                        }
+                        Err(e) => {
+                            // A QEMU that cannot be paused must not run beside the VM's
+                            // other copy: its guest is lost here, the other copy runs.
+                            error!(vm = %name, "{f}: pausing its running guest failed ({e}); killing its QEMU");
+                            let _ = p.kill().await;
+                            adopted = None;
+                            pb::VmState::Crashed
+                        }
+                    }
+                }
+                _ => state,
+            };
             // Held by an unsettled outgoing migration: the source recovery settles it.
             let (state, migration) = match &rec.held_by {
                 Some(m) => (pb::VmState::Migrating, Some(m.clone())),
@@ -1021,6 +1150,7 @@ impl VmManager {
                 arriving_cold: false,
                 // A QEMU adopted has started: the mark would have been cleared before.
                 arrived_by: rec.arrived_by.filter(|_| adopted.is_none()),
+                fenced: rec.fenced,
             };
             self.persist(&e)?;
             self.vms.lock().await.insert(name.clone(), e);
@@ -1047,6 +1177,7 @@ impl VmManager {
                 "VM '{name}' is already migrating ({m})"
             )));
         }
+        not_fenced(e, &self.cfg.host_name, "migrate")?;
         if e.process.is_some() || !matches!(e.state, pb::VmState::Defined | pb::VmState::Crashed) {
             return Err(Status::failed_precondition(format!(
                 "VM '{name}' is {} on host {}: stop it or pass --stop-source",
@@ -1127,6 +1258,7 @@ impl VmManager {
             incoming_migration: None,
             held_by: None,
             arrived_by: Some(migration.to_string()),
+            fenced: None,
         };
         self.journal
             .apply(&[Op::PutVm(rec), Op::PutMigration(outcome)])
@@ -1198,6 +1330,7 @@ fn record_of(e: &VmEntry) -> VmRecord {
             .then(|| e.migration.clone())
             .flatten(),
         arrived_by: e.arrived_by.clone(),
+        fenced: e.fenced.clone(),
     }
 }
 
@@ -1228,6 +1361,65 @@ pub async fn preallocate_ram(path: &Path, bytes: u64) -> Result<(), String> {
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+/// What fencing does to a VM as it stands here ([`VmManager::fence`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FenceStep {
+    /// Journal the fence, then pause the guest (its QEMU runs: the guest runs, or this
+    /// agent believes it paused).
+    Pause,
+    /// Journal the fence: no QEMU here (stopped, crashed).
+    Hold,
+    /// A start or a migration of the VM is under way here: ask again later.
+    NotNow,
+}
+
+/// How long a fence waits for QEMU to pause its guest before it kills the QEMU.
+pub const FENCE_PAUSE_WAIT: Duration = Duration::from_secs(5);
+
+/// [`FenceStep`] for a VM in `state`, `starting`, taking part in a migration or not (pure).
+pub fn fence_step(state: pb::VmState, starting: bool, migrating: bool) -> FenceStep {
+    use pb::VmState as S;
+    if starting || migrating {
+        return FenceStep::NotNow;
+    }
+    match state {
+        S::Running | S::Paused => FenceStep::Pause,
+        S::Defined | S::Crashed => FenceStep::Hold,
+        S::Migrating | S::Incoming | S::Unspecified => FenceStep::NotNow,
+    }
+}
+
+/// What [`VmManager::fence`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FenceDone {
+    /// The fence is new (not this migration's news told again).
+    pub new: bool,
+    /// What became of the guest.
+    pub guest: FencedGuest,
+}
+
+/// The guest of a fenced copy ([`FenceDone`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FencedGuest {
+    /// It ran; paused now.
+    Paused,
+    /// It ran or may have, and its QEMU did not answer the pause: killed.
+    Killed,
+    /// It did not run here (paused already, or no QEMU): held from now on.
+    NotRunning,
+}
+
+/// Refuses to run, or move, a fenced copy ([`VmManager::fence`]).
+fn not_fenced(e: &VmEntry, host: &str, what: &str) -> Result<(), Status> {
+    match &e.fenced {
+        Some(f) => Err(Status::failed_precondition(format!(
+            "VM '{}' on host {host} is {f}: it cannot {what} here while the copy on {} may run; settle which copy lives, then `ferryctl vm clear-fence {}`",
+            e.spec.name, f.runs_on, e.spec.name
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Refuses a change to a VM whose start is under way.
@@ -1277,6 +1469,61 @@ pub fn state_name(s: pb::VmState) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fence_pauses_any_guest_with_a_qemu_holds_one_without_and_waits_for_a_busy_one() {
+        use pb::VmState as S;
+        // Paused as this agent believes, paused again: a `cont` behind its back is unseen.
+        for s in [S::Running, S::Paused] {
+            assert_eq!(fence_step(s, false, false), FenceStep::Pause, "{s:?}");
+        }
+        for s in [S::Defined, S::Crashed] {
+            assert_eq!(fence_step(s, false, false), FenceStep::Hold, "{s:?}");
+        }
+        // A start or a migration under way (either side) is asked again later: pausing
+        // under it would race what it does to the QEMU.
+        assert_eq!(fence_step(S::Defined, true, false), FenceStep::NotNow);
+        assert_eq!(fence_step(S::Running, false, true), FenceStep::NotNow);
+        for s in [S::Migrating, S::Incoming, S::Unspecified] {
+            assert_eq!(fence_step(s, false, false), FenceStep::NotNow, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn a_fenced_copy_refuses_to_run_or_move_and_says_where_the_vm_runs() {
+        let spec: VmSpec = serde_json::from_value(
+            serde_json::json!({"name": "web01", "memory_mib": 256, "kernel": "/k"}),
+        )
+        .unwrap();
+        let mut e = VmEntry {
+            spec,
+            state: pb::VmState::Paused,
+            process: None,
+            migration: None,
+            resume_latency_us: 0,
+            starting: false,
+            arriving_cold: false,
+            arrived_by: None,
+            fenced: None,
+        };
+        assert!(not_fenced(&e, "h2", "resume").is_ok());
+        e.fenced = Some(Fence {
+            migration: "m1".into(),
+            runs_on: "h1".into(),
+            at_ms: 1,
+        });
+        let err = not_fenced(&e, "h2", "resume").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        for part in ["web01", "h2", "m1", "h1", "clear-fence"] {
+            assert!(err.message().contains(part), "{part}: {}", err.message());
+        }
+        // Journaled with the VM, and a record from before fences reads as unfenced.
+        assert_eq!(record_of(&e).fenced, e.fenced);
+        let mut old = serde_json::to_value(record_of(&e)).unwrap();
+        old.as_object_mut().unwrap().remove("fenced");
+        let old: VmRecord = serde_json::from_value(old).unwrap();
+        assert_eq!(old.fenced, None);
+    }
 
     /// Two incoming live migrations admitted one after the other (the manager's lock,
     /// held from the admission to the name's entry, makes two racing Prepares do just

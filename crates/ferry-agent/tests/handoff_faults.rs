@@ -862,6 +862,169 @@ async fn a_target_back_after_the_operator_took_the_vm_back_discards_its_committe
     assert_nothing_on_the_target(&p).await;
 }
 
+/// A verdict on a host that was not gone. The target's agent dies right after its guest
+/// resumed and `Owned` was journaled (its QEMU runs the guest on), before the source heard;
+/// the source is left in doubt and the operator declares the target gone: the source
+/// resumes its copy and the VM runs on two hosts — what a wrong verdict does, and no agent
+/// can prevent while the hosts cannot talk. Once the target's agent is back, the source's
+/// news that it took the VM back must end it: the target pauses its copy and holds it
+/// (resume refused, the fence journaled: a restart that finds the guest running pauses it
+/// again) until the operator clears the fence. Before, the target refused the news and
+/// both guests ran on. Both QEMUs asked over their observer QMP sockets throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_ran_on_a_host_wrongly_declared_gone_is_fenced_when_that_host_hears_of_it() {
+    let _s = SERIAL.lock().await;
+    let mut p = pair(None, Some("tgt.commit.owned=return(exit)")).await;
+    boot(&p.a).await;
+    let id = start(&p, "lz4", false).await;
+    assert!(
+        p.b.wait_failpoint("tgt.commit.owned", Duration::from_secs(180))
+            .await,
+        "the target owned the VM\n{}",
+        p.a.log_tail()
+    );
+    wait_in_doubt(&p.a, &id).await;
+    assert!(!p.b.running(), "the target agent died at the failpoint");
+    assert_eq!(
+        p.b.observe_qemu(VM).await,
+        QemuObserved::Running,
+        "the target's guest runs on without its agent"
+    );
+    assert_ne!(p.a.observe_qemu(VM).await, QemuObserved::Running);
+
+    // The wrong verdict: the target's agent does not answer, so the source takes the VM
+    // back and the guest runs on both hosts until the target hears of it.
+    let mut ca = p.a.client().await.expect("client a");
+    let end = ca
+        .resolve_migration(pb::ResolveMigrationRequest {
+            id: id.clone(),
+            target_gone: true,
+        })
+        .await
+        .expect("verdict taken")
+        .into_inner();
+    assert_eq!(end.phase, pb::MigrationPhase::Failed as i32, "{end:?}");
+    assert_eq!(p.a.observe_qemu(VM).await, QemuObserved::Running);
+    assert_eq!(p.b.observe_qemu(VM).await, QemuObserved::Running);
+
+    // The target's agent comes back with its journal (Owned, its QEMU adopted). The source
+    // tells it (retried with backoff, at most 30 s apart) that it took the VM back.
+    p.b.set_failpoints(None);
+    p.b.restart().await.expect("restart b");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let b = p.b.observe_qemu(VM).await;
+        assert_eq!(
+            p.a.observe_qemu(VM).await,
+            QemuObserved::Running,
+            "the copy the verdict took back runs on"
+        );
+        if matches!(b, QemuObserved::Stopped(_)) {
+            break;
+        }
+        assert_eq!(
+            b,
+            QemuObserved::Running,
+            "the target's copy is kept, paused"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the target's copy still runs: the VM runs on two hosts\n{}\n{}",
+            p.b.log_tail(),
+            p.a.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut cb = p.b.client().await.expect("client b");
+    let vm = |name: &str| pb::VmRef { name: name.into() };
+    let info = cb.get_vm(vm(VM)).await.expect("get vm b").into_inner();
+    assert!(
+        info.fenced.contains(&id) && info.state == pb::VmState::Paused as i32,
+        "{info:?}"
+    );
+    let err = cb
+        .resume_vm(vm(VM))
+        .await
+        .expect_err("a fenced copy does not resume");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("clear-fence"), "{err:?}");
+    let err = cb
+        .start_migration(pb::StartMigrationRequest {
+            vm: VM.into(),
+            target: p.a.grpc_addr(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a fenced copy does not migrate");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("fenced"), "{err:?}");
+    assert!(
+        matches!(p.b.observe_qemu(VM).await, QemuObserved::Stopped(_)),
+        "still paused after the refused resume and migration"
+    );
+    guest_memory_ok(&p.a)
+        .await
+        .expect("guest memory on the source");
+    // The source hears the target's answer just after the pause.
+    let said = || {
+        std::fs::read_to_string(p.a.dir().join("ferryd.log"))
+            .unwrap_or_default()
+            .contains("was not gone after all: it holds the copy committed there, now fenced")
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !said() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(said(), "the source says what happened\n{}", p.a.log_tail());
+    let text = ferry_testkit::scrape_metrics(&p.b.metrics_addr()).expect("scrape b");
+    assert_eq!(
+        ferry_testkit::metric_sum(&text, "ferry_vms_fenced_total"),
+        1.0,
+        "counted once on the target"
+    );
+
+    // The guest set running behind the agent's back (what an agent that died between
+    // journaling the fence and pausing the guest leaves): a restart pauses it again.
+    let observer =
+        p.b.state_dir()
+            .join("run")
+            .join(VM)
+            .join("qmp-observe.sock");
+    ferry_qmp::QmpClient::connect(&observer)
+        .await
+        .expect("observer QMP of b")
+        .cont()
+        .await
+        .expect("cont on b");
+    assert_eq!(p.b.observe_qemu(VM).await, QemuObserved::Running);
+    p.b.restart().await.expect("restart b again");
+    assert!(
+        matches!(p.b.observe_qemu(VM).await, QemuObserved::Stopped(_)),
+        "a restart pauses a fenced copy it finds running\n{}",
+        p.b.log_tail()
+    );
+
+    // The operator settles it: the source's copy goes, the fence is cleared, the target's
+    // copy resumes. One copy runs throughout.
+    let mut ca = p.a.client().await.expect("client a");
+    ca.stop_vm(pb::StopVmRequest {
+        name: VM.into(),
+        force: true,
+    })
+    .await
+    .expect("stop the source's copy");
+    let mut cb = p.b.client().await.expect("client b");
+    let info = cb
+        .clear_fence(vm(VM))
+        .await
+        .expect("clear fence")
+        .into_inner();
+    assert!(info.fenced.is_empty(), "{info:?}");
+    cb.resume_vm(vm(VM)).await.expect("resume on b");
+    assert_eq!(p.b.observe_qemu(VM).await, QemuObserved::Running);
+    assert_ne!(p.a.observe_qemu(VM).await, QemuObserved::Running);
+}
+
 /// The source's agent dies right after journaling the operator's verdict, before its
 /// guest resumes (the target's agent died after journaling the commit, its QEMU alive
 /// and paused). Back with its journal, the source takes the VM back without asking the

@@ -26,9 +26,9 @@ pub mod verify;
 pub use phase::Phase;
 pub use receiver::{decide_commit, Effect, Receiver, ReceiverEvent};
 pub use recovery::{
-    answer_with_verdict, rollback_resume, source_recovery, target_after_waiting, target_recovery,
-    Resume, SourceAction, SourceMark, SourceQemu, SourceWord, TargetAction, TargetAnswer,
-    TargetQemu,
+    answer_with_verdict, on_taken_back, rollback_resume, source_recovery, target_after_waiting,
+    target_recovery, OnTakenBack, Resume, SourceAction, SourceMark, SourceQemu, SourceWord,
+    TargetAction, TargetAnswer, TargetQemu,
 };
 pub use stall::{
     compare_rounds, round_comparable, shrank, stall_decision, worth_another_round, StallDecision,

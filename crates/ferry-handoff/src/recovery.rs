@@ -215,6 +215,33 @@ pub fn target_after_waiting(
     }
 }
 
+/// What a target does with its source's word that the operator's verdict took the VM
+/// back ([`SourceWord::TookBack`]), by the receiver state it has journaled for the
+/// migration (none: it never heard of it, or forgot it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnTakenBack {
+    /// Committed here and never resumed: a copy waiting for its source's word is discarded
+    /// ([`target_after_waiting`] with [`SourceWord::TookBack`]); one not waiting is being
+    /// settled right now, and the source tells again.
+    Discard,
+    /// Owned here: its guest ran here after the commit, so the verdict found a host that
+    /// was not gone and the VM has run on two hosts since. The verdict said the VM lives on
+    /// the source, where it runs: pause this copy and hold it (never removed: what its
+    /// guest did since the commit is the operator's to keep or drop).
+    Fence,
+    /// Nothing of it here (prepared and discarded, aborted, never known).
+    Nothing,
+}
+
+/// [`OnTakenBack`] for the receiver state journaled here. Pure.
+pub fn on_taken_back(mark: Option<Receiver>) -> OnTakenBack {
+    match mark {
+        Some(Receiver::Committed { .. }) => OnTakenBack::Discard,
+        Some(Receiver::Owned) => OnTakenBack::Fence,
+        Some(Receiver::Prepared | Receiver::Aborted) | None => OnTakenBack::Nothing,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,6 +430,20 @@ mod tests {
                 // Died while waiting: handed back, as a restart finding it gone does.
                 assert_eq!(target_after_waiting(w, lp, TargetQemu::Gone), TA::Discard);
             }
+        }
+    }
+
+    #[test]
+    fn a_copy_that_ran_here_is_fenced_when_its_source_took_the_vm_back() {
+        assert_eq!(on_taken_back(Some(Receiver::Owned)), OnTakenBack::Fence);
+        for leave_paused in [false, true] {
+            assert_eq!(
+                on_taken_back(Some(Receiver::Committed { leave_paused })),
+                OnTakenBack::Discard
+            );
+        }
+        for m in [Some(Receiver::Prepared), Some(Receiver::Aborted), None] {
+            assert_eq!(on_taken_back(m), OnTakenBack::Nothing, "{m:?}");
         }
     }
 }

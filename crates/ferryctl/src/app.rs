@@ -281,6 +281,13 @@ async fn vm(
                 .map_err(|s| rpc_error(&format!("resume VM {name}"), s))?,
             "resumed",
         ),
+        VmCommand::ClearFence { name } => (
+            client
+                .clear_fence(name_ref(&name))
+                .await
+                .map_err(|s| rpc_error(&format!("clear the fence of VM {name}"), s))?,
+            "unfenced",
+        ),
         VmCommand::Undefine { name } => (
             client
                 .undefine_vm(name_ref(&name))

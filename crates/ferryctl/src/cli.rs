@@ -131,6 +131,12 @@ pub enum VmCommand {
         /// VM name.
         name: String,
     },
+    /// Let a fenced copy run again (`vm show` says why it is fenced): only once you have
+    /// settled which copy lives, e.g. stopped the one on the other host.
+    ClearFence {
+        /// VM name.
+        name: String,
+    },
     /// Remove a stopped VM's definition.
     Undefine {
         /// VM name.

@@ -39,6 +39,7 @@ pub fn vm_info(vm: &VmInfo) -> Value {
         "console_log": vm.console_log,
         "ram_file": vm.ram_file,
         "resume_latency_us": vm.resume_latency_us,
+        "fenced": vm.fenced,
     })
 }
 

@@ -185,7 +185,12 @@ pub fn vm_table(vms: &[VmInfo]) -> String {
             let spec = vm.spec.clone().unwrap_or_default();
             vec![
                 spec.name,
-                vm_state_name(vm.state()).to_string(),
+                // A fenced copy must catch the eye in the list: `vm show` says why.
+                if vm.fenced.is_empty() {
+                    vm_state_name(vm.state()).to_string()
+                } else {
+                    format!("{} (fenced)", vm_state_name(vm.state()))
+                },
                 spec.vcpus.to_string(),
                 bytes(spec.memory_mib.saturating_mul(1024 * 1024)),
                 if vm.pid == 0 {
@@ -208,6 +213,9 @@ pub fn vm_details(vm: &VmInfo) -> String {
     };
     kv("name", or_dash(&spec.name));
     kv("state", vm_state_name(vm.state()));
+    if !vm.fenced.is_empty() {
+        kv("fence", &vm.fenced);
+    }
     kv("vcpus", &spec.vcpus.to_string());
     kv(
         "memory",
@@ -866,6 +874,7 @@ mod tests {
             console_log: "/s/console.log".into(),
             ram_file: "/dev/shm/ferry/web01.ram".into(),
             resume_latency_us: 0,
+            fenced: String::new(),
         }
     }
 
@@ -898,6 +907,19 @@ mod tests {
             d.contains("memory          512 MiB (preallocated)\n"),
             "{d}"
         );
+        assert!(!d.contains("fence"), "{d}");
+        // A fenced copy is marked in the list and `show` says why.
+        let mut fenced = vm();
+        fenced.state = VmState::Paused as i32;
+        fenced.fenced =
+            "fenced: migration m1 committed here, then its source a took the VM back".into();
+        assert!(
+            vm_table(&[fenced.clone()]).contains("PAUSED (fenced)"),
+            "{}",
+            vm_table(&[fenced.clone()])
+        );
+        let d = vm_details(&fenced);
+        assert!(d.contains("fence           fenced: migration m1"), "{d}");
     }
 
     fn status(phase: MigrationPhase) -> MigrationStatus {

@@ -110,6 +110,9 @@ impl FerryControl for Fake {
     async fn resume_vm(&self, r: Request<pb::VmRef>) -> Result<Response<pb::VmInfo>, Status> {
         Ok(Response::new(vm(&r.into_inner().name)))
     }
+    async fn clear_fence(&self, r: Request<pb::VmRef>) -> Result<Response<pb::VmInfo>, Status> {
+        Ok(Response::new(vm(&r.into_inner().name)))
+    }
     async fn get_vm(&self, r: Request<pb::VmRef>) -> Result<Response<pb::VmInfo>, Status> {
         let name = r.into_inner().name;
         if name == "missing" {

@@ -2967,11 +2967,26 @@ pub fn tell_target_taken_back(
                     |mut peer| async move { peer.abort(req).await },
                 )
                 .await
-                .map(|r| r.map(|r| r.existed))
+                .map(|r| {
+                    r.and_then(|r| match r.fenced {
+                        true => Err(tonic::Status::already_exists(
+                            "it holds the copy committed there, now fenced (paused, held for the operator; its guest may have run beside this one)",
+                        )),
+                        false => Ok(r.existed),
+                    })
+                })
             };
             match &reply {
                 Some(Ok(existed)) => {
                     info!(migration = %id, discarded = existed, "{target} heard that the VM was taken back");
+                    break;
+                }
+                // The verdict found a host that was not gone: the VM may have run on both
+                // until the target heard this and fenced its copy (the target never answers
+                // this news ALREADY_EXISTS: the code stands for "fenced" here). Which
+                // copy's work to keep is the operator's to decide.
+                Some(Err(s)) if s.code() == tonic::Code::AlreadyExists => {
+                    error!(migration = %id, "{target} was not gone after all: {}. The VM runs here; `ferryctl vm show` there tells what its copy did, `ferryctl vm clear-fence` there lets it run again", s.message());
                     break;
                 }
                 Some(Err(s)) if s.code() == tonic::Code::FailedPrecondition => {

@@ -11,8 +11,9 @@ use super::relay::relay_to_qemu;
 use super::source::spawn_control_reader;
 use crate::config::AgentConfig;
 use crate::journal::{Journal, MigrationRecord, Op, Role};
-use crate::vms::{prepare_dirs, remove_vm_files, VmManager};
+use crate::vms::{prepare_dirs, remove_vm_files, FencedGuest, VmManager};
 use ferry_api::v1 as pb;
+use ferry_handoff::OnTakenBack;
 use ferry_handoff::{decide_commit, Effect, Receiver, ReceiverEvent};
 use ferry_memory::{PageSums, RamFile, PAGE_SIZE};
 use ferry_qemu::{QemuProcess, VmSpec};
@@ -887,6 +888,7 @@ impl IncomingRegistry {
                 Effect::JournalOwned => {
                     let mut rec = self.record(inc, "owned");
                     rec.receiver = Some(Receiver::Owned);
+                    rec.keep_until_ms = super::now_ms() + crate::journal::OWNED_KEPT_MS;
                     self.journal
                         .put_migration(&rec)
                         .map_err(|e| Status::internal(format!("journal: {e}")))?;
@@ -1059,7 +1061,7 @@ impl IncomingRegistry {
     /// Abort (asked by the source that prepared it): discard everything; refused once
     /// committed. `taken_back`: the source took the VM back on its operator's verdict —
     /// a copy committed before a restart and waiting for its source is discarded too, and
-    /// one that runs here is refused (FAILED_PRECONDITION: the VM runs on both hosts).
+    /// one owned here (its guest ran here: the VM ran on both hosts) is fenced.
     pub async fn abort(
         self: &Arc<Self>,
         id: &str,
@@ -1067,7 +1069,11 @@ impl IncomingRegistry {
         reason: &str,
         taken_back: bool,
         caller: &PeerIdentity,
-    ) -> Result<bool, Status> {
+    ) -> Result<pb::AbortResponse, Status> {
+        let existed = |existed| pb::AbortResponse {
+            existed,
+            fenced: false,
+        };
         let found = {
             let m = self
                 .map
@@ -1084,7 +1090,7 @@ impl IncomingRegistry {
                     if let Some(pre) = p.get_mut(id) {
                         self.authorize(id, &pre.token, &pre.peer, token, caller)?;
                         pre.abort_asked = true;
-                        return Ok(true);
+                        return Ok(existed(true));
                     }
                     None
                 }
@@ -1093,6 +1099,15 @@ impl IncomingRegistry {
         match found {
             Some(inc) => {
                 self.authorize(&inc.id, &inc.token, &inc.peer, token, caller)?;
+                if taken_back && inc.state.lock().await.recv.owns() {
+                    // Its commit under way here (the state lock waited for it): once it
+                    // settles, the registry forgets the migration and the news told again
+                    // meets what the journal says (a copy owned here is fenced).
+                    return Err(Status::unavailable(format!(
+                        "migration {id}: committed on {} and settling; tell again",
+                        self.host()
+                    )));
+                }
                 // Its own task: a caller that gives up (its RPC deadline) does not cut the
                 // discard short halfway, under the state lock, with nothing to retry it.
                 let (me, reason) = (self.clone(), reason.to_string());
@@ -1101,22 +1116,26 @@ impl IncomingRegistry {
                     async move { me.abort_internal(&inc, &reason).await },
                 )
                 .await
-                .map(|_| true)
+                .map(|_| existed(true))
             }
             None if taken_back => self.taken_back(id, token, caller).await,
-            None => Ok(false),
+            None => Ok(existed(false)),
         }
     }
 
     /// The source's news that its operator's verdict took the VM back, for a migration
-    /// only the journal knows: a copy waiting for its source's word is discarded (`true`);
-    /// one owned here is refused; nothing here, `false`.
+    /// only the journal knows: a copy waiting for its source's word is discarded
+    /// (`existed`); one owned here is fenced (`fenced`: its guest paused and held for the
+    /// operator, [`VmManager::fence`]) — the verdict said the VM lives on the source, and
+    /// it runs there; a VM gone from here since is refused (FAILED_PRECONDITION: it may
+    /// run elsewhere too); nothing here, neither.
     async fn taken_back(
         self: &Arc<Self>,
         id: &str,
         token: &str,
         caller: &PeerIdentity,
-    ) -> Result<bool, Status> {
+    ) -> Result<pb::AbortResponse, Status> {
+        let answer = |existed, fenced| pb::AbortResponse { existed, fenced };
         let journal_err =
             |e| Status::unavailable(format!("host {} cannot read its journal: {e}", self.host()));
         let Some(r) = self
@@ -1125,32 +1144,60 @@ impl IncomingRegistry {
             .map_err(journal_err)?
             .filter(|r| r.role == Role::Target)
         else {
-            return Ok(false);
+            return Ok(answer(false, false));
         };
         self.authorize_record(&r, token, caller)?;
         if let Some(settled) = self.hear(id, ferry_handoff::SourceWord::TookBack) {
             // Stopped waiting meanwhile (its source asked first): the journal says.
             if let Ok(done) = settled.await {
                 warn!(migration = %id, vm = %r.vm, "the source took the VM back on its operator's verdict: the copy committed here before a restart is discarded");
-                return done.map(|()| true).map_err(Status::internal);
+                return done.map(|()| answer(true, false)).map_err(Status::internal);
             }
         }
-        let r = self.journal.migration(id).map_err(journal_err)?;
-        match r.and_then(|r| r.receiver) {
-            // Settling (its source's question came first, or settling failed): the
-            // source tells again, and by then the journal says which.
-            Some(Receiver::Committed { .. }) => Err(Status::unavailable(format!(
+        let now = self.journal.migration(id).map_err(journal_err)?;
+        match ferry_handoff::on_taken_back(now.and_then(|now| now.receiver)) {
+            // Committed and no longer waiting (its source's question came first, or
+            // settling failed): the source tells again, and by then the journal says which.
+            OnTakenBack::Discard => Err(Status::unavailable(format!(
                 "migration {id}: committed on {} and settling; tell again",
                 self.host()
             ))),
-            Some(Receiver::Owned) => {
-                error!(migration = %id, "the source took the VM back on its operator's verdict, but it runs here: it runs on two hosts");
-                Err(Status::failed_precondition(format!(
-                    "migration {id}: the VM runs on {} (committed here); the source's verdict found a host that was not gone: the VM runs on two hosts, stop one",
-                    self.host()
-                )))
+            OnTakenBack::Fence => {
+                let fence = crate::journal::Fence {
+                    migration: id.to_string(),
+                    runs_on: r.peer.clone(),
+                    at_ms: super::now_ms(),
+                };
+                // To completion: a caller that gives up (its deadline) must not leave the
+                // guest neither paused nor killed, or the VMs' lock held by a dropped call.
+                let vms = self.vms.clone();
+                let vm = r.vm.clone();
+                match crate::to_completion("fence", async move { vms.fence(&vm, fence).await })
+                    .await?
+                {
+                    None => {
+                        error!(migration = %id, vm = %r.vm, "the source took the VM back on its operator's verdict, but the VM ran here after the commit and has left this host since: it may run on two hosts");
+                        Err(Status::failed_precondition(format!(
+                            "migration {id}: VM '{}' ran on {} after the commit and is no longer here (moved on or removed): the source's verdict found a host that was not gone; find where else it runs and stop one",
+                            r.vm,
+                            self.host()
+                        )))
+                    }
+                    Some(done) => {
+                        if done.new {
+                            self.metrics.vms_fenced.inc();
+                        }
+                        let what = match done.guest {
+                            FencedGuest::Paused => "its guest ran here after the commit, so the VM ran on two hosts; the guest is paused now",
+                            FencedGuest::Killed => "its guest ran here after the commit, so the VM ran on two hosts; its QEMU did not answer the pause and was killed",
+                            FencedGuest::NotRunning => "the copy committed here does not run (paused or stopped)",
+                        };
+                        error!(migration = %id, vm = %r.vm, source = %r.peer, "the source took the VM back on its operator's verdict (this host was not gone): {what}; the copy is fenced, held until the operator clears it (`ferryctl vm clear-fence`)");
+                        Ok(answer(false, true))
+                    }
+                }
             }
-            _ => Ok(false),
+            OnTakenBack::Nothing => Ok(answer(false, false)),
         }
     }
 
@@ -1392,6 +1439,7 @@ impl IncomingRegistry {
                 self.vms.release_hold(&r.vm, &r.id, resume).await;
                 rec.receiver = Some(Receiver::Owned);
                 rec.state = "owned".into();
+                rec.keep_until_ms = super::now_ms() + crate::journal::OWNED_KEPT_MS;
                 self.journal.put_migration(&rec)?;
                 super::disks::release_staging(&r.copies, &r.id);
             }
