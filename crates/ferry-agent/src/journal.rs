@@ -49,28 +49,49 @@ pub struct VmRecord {
     pub fenced: Option<Fence>,
 }
 
-/// A copy that ran on this host after a migration's commit while that migration's source
-/// took the VM back on its operator's verdict (the host declared gone was not): the VM ran
-/// on two hosts. This copy gives way — the verdict said the VM lives on the source — and
-/// stays paused, never removed (what its guest did since the commit is the operator's to
-/// keep or drop).
+/// A copy of a VM held here because the VM runs on another host after an operator's
+/// verdict on a migration found a host that was not gone ([`FenceWhy`]). It stays paused
+/// or stopped, never removed (what its guest did is the operator's to keep or drop), until
+/// the operator clears the fence.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fence {
-    /// The migration whose source took the VM back.
+    /// The migration the verdict was given on.
     pub migration: String,
-    /// The host that runs the VM now (the migration's source).
+    /// The host that runs the VM now.
     pub runs_on: String,
     /// When the fence was set (ms since the Unix epoch).
     pub at_ms: i64,
+    /// Which side of the migration this copy is.
+    #[serde(default)]
+    pub why: FenceWhy,
+}
+
+/// Why a copy is fenced ([`Fence`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FenceWhy {
+    /// Live, on the target: this copy ran here after the commit while the source took the
+    /// VM back on its operator's verdict; the source's copy runs (the verdict's word).
+    #[default]
+    TakenBack,
+    /// Cold, on the source: the verdict took the VM back here, stopped, but the target had
+    /// started the VM already; that copy runs, and this one must not start beside it.
+    StartedThere,
 }
 
 impl std::fmt::Display for Fence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "fenced: migration {} committed here, then its source {} took the VM back on its operator's verdict (at {} ms since the epoch); the VM runs there",
-            self.migration, self.runs_on, self.at_ms
-        )
+        match self.why {
+            FenceWhy::TakenBack => write!(
+                f,
+                "fenced: migration {} committed here, then its source {} took the VM back on its operator's verdict (at {} ms since the epoch); the VM runs there",
+                self.migration, self.runs_on, self.at_ms
+            ),
+            FenceWhy::StartedThere => write!(
+                f,
+                "fenced: the operator's verdict took the VM back here from cold migration {}, but its target {} had started the VM already (heard at {} ms since the epoch); the VM runs there",
+                self.migration, self.runs_on, self.at_ms
+            ),
+        }
     }
 }
 

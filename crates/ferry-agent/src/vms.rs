@@ -661,6 +661,27 @@ impl VmManager {
         Ok(Some(FenceDone { new, guest }))
     }
 
+    /// Fences a copy that does not run here (no QEMU, nothing under way with it) and
+    /// returns true; leaves anything else as it is (false): a guest that runs is never
+    /// stopped this way. The cold source's hold when its target started the VM before it
+    /// heard that the verdict took the VM back ([`crate::journal::FenceWhy::StartedThere`]).
+    pub async fn fence_if_stopped(&self, name: &str, fence: Fence) -> Result<bool, Status> {
+        let mut vms = self.vms.lock().await;
+        let Some(e) = vms.get_mut(name) else {
+            return Ok(false);
+        };
+        if fence_step(e.state, e.starting, e.migration.is_some()) != FenceStep::Hold {
+            return Ok(false);
+        }
+        if e.fenced.as_ref().map(|f| &f.migration) != Some(&fence.migration) {
+            let mut rec = record_of(e);
+            rec.fenced = Some(fence.clone());
+            self.journal.put_vm(&rec).map_err(journal_err)?;
+            e.fenced = Some(fence);
+        }
+        Ok(true)
+    }
+
     /// Lifts a fence ([`Self::fence`]): the operator has settled which copy lives. The
     /// guest stays as it is (paused) until resumed.
     pub async fn clear_fence(&self, name: &str) -> Result<pb::VmInfo, Status> {
@@ -1511,6 +1532,7 @@ mod tests {
             migration: "m1".into(),
             runs_on: "h1".into(),
             at_ms: 1,
+            why: crate::journal::FenceWhy::TakenBack,
         });
         let err = not_fenced(&e, "h2", "resume").unwrap_err();
         assert_eq!(err.code(), tonic::Code::FailedPrecondition);
@@ -1523,6 +1545,23 @@ mod tests {
         old.as_object_mut().unwrap().remove("fenced");
         let old: VmRecord = serde_json::from_value(old).unwrap();
         assert_eq!(old.fenced, None);
+        // A fence from before its reason was recorded is the live target's.
+        let mut f = serde_json::to_value(e.fenced.clone().unwrap()).unwrap();
+        f.as_object_mut().unwrap().remove("why");
+        let f: Fence = serde_json::from_value(f).unwrap();
+        assert_eq!(f.why, crate::journal::FenceWhy::TakenBack);
+        // The cold source's hold says the target started the VM.
+        e.fenced = Some(Fence {
+            why: crate::journal::FenceWhy::StartedThere,
+            ..f
+        });
+        let err = not_fenced(&e, "h2", "start").unwrap_err();
+        assert!(
+            err.message()
+                .contains("its target h1 had started the VM already"),
+            "{}",
+            err.message()
+        );
     }
 
     /// Two incoming live migrations admitted one after the other (the manager's lock,

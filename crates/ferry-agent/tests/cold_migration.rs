@@ -1649,9 +1649,12 @@ async fn a_cold_target_back_after_the_verdict_removes_the_definition_it_never_st
 /// As above, but the target's operator starts the VM there before the source's news is
 /// acted on (held at `cold.tgt.taken_back.heard` meanwhile): the VM has a life of its own
 /// there now, so the target refuses the news and keeps it running (asked over QMP), and
-/// the source logs it as an error — defined on two hosts, the operator's to settle.
+/// the source logs it as an error — defined on two hosts, the operator's to settle — and
+/// fences its own stopped copy: a start there is refused until the operator clears it
+/// (before, the source's copy started beside the target's on a mere `vm start`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cold_target_that_started_the_vm_before_the_news_keeps_it_and_says_so() {
+async fn a_cold_target_that_started_the_vm_before_the_news_keeps_it_and_the_source_holds_its_copy()
+{
     let _serial = SERIAL.lock().await;
     let m = Mesh::new();
     let (a, mut b, id, _) = in_doubt_after_the_target_defined(&m, "started").await;
@@ -1689,6 +1692,37 @@ async fn a_cold_target_that_started_the_vm_before_the_news_keeps_it_and_says_so(
     assert_eq!(vm_state(&b, "started").await, Some(pb::VmState::Running));
     assert_eq!(a.observe_qemu("started").await, QemuObserved::NoQemu);
     assert_eq!(vm_state(&a, "started").await, Some(pb::VmState::Defined));
+    // The source's copy, freed by the verdict, must not start beside the target's: held
+    // (fenced) until the operator settles it.
+    let vm = || pb::VmRef {
+        name: "started".into(),
+    };
+    let mut ca = a.client().await.expect("client a");
+    let info = ca.get_vm(vm()).await.expect("get vm a").into_inner();
+    assert!(
+        info.fenced.contains(&id) && info.fenced.contains("had started the VM already"),
+        "{info:?}{}",
+        logs(&a, &b)
+    );
+    let err = ca
+        .start_vm(vm())
+        .await
+        .expect_err("the source's copy does not start beside the target's");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("clear-fence"), "{err:?}");
+    assert_eq!(a.observe_qemu("started").await, QemuObserved::NoQemu);
+    // The operator settles it: the target's copy stops, the source's fence is cleared
+    // and its copy starts. One copy runs.
+    cb.stop_vm(pb::StopVmRequest {
+        name: "started".into(),
+        force: true,
+    })
+    .await
+    .expect("stop the target's copy");
+    ca.clear_fence(vm()).await.expect("clear the fence");
+    ca.start_vm(vm()).await.expect("the source's copy starts");
+    assert_eq!(a.observe_qemu("started").await, QemuObserved::Running);
+    assert_eq!(b.observe_qemu("started").await, QemuObserved::NoQemu);
 }
 
 /// The source's agent dies right after journaling the operator's verdict

@@ -2990,7 +2990,19 @@ pub fn tell_target_taken_back(
                     break;
                 }
                 Some(Err(s)) if s.code() == tonic::Code::FailedPrecondition => {
-                    error!(migration = %id, "{target} answered that the VM lives there too (the operator's verdict found a host that was not gone); remove one: {}", s.message());
+                    // Cold: the target started the VM there (or keeps its definition)
+                    // before it heard; the copy here, freed by the verdict and stopped,
+                    // must not start beside it — held until the operator settles it. A
+                    // guest that runs here is left running (never stopped on this news).
+                    let held = match cold {
+                        true => hold_cold_copy_here(&ctx, &id, &target).await,
+                        false => false,
+                    };
+                    if held {
+                        error!(migration = %id, "{target} answered that the VM lives there too (the operator's verdict found a host that was not gone): {}; the VM's definition here is fenced (start refused until `ferryctl vm clear-fence`)", s.message());
+                    } else {
+                        error!(migration = %id, "{target} answered that the VM lives there too (the operator's verdict found a host that was not gone); remove one: {}", s.message());
+                    }
                     break;
                 }
                 // Not heard (unreachable, or an error of its own such as a journal it
@@ -3020,6 +3032,32 @@ pub fn tell_target_taken_back(
             }
         }
     });
+}
+
+/// The cold source's hold on its own copy when the target of migration `id` answered that
+/// it keeps the VM ([`crate::vms::VmManager::fence_if_stopped`]): true when held.
+async fn hold_cold_copy_here(ctx: &Arc<AgentCtx>, id: &str, target: &str) -> bool {
+    let vm = match ctx.journal.migration(id) {
+        Ok(Some(r)) => r.vm,
+        Ok(None) => return false,
+        Err(e) => {
+            warn!(migration = %id, "journal: {e}");
+            return false;
+        }
+    };
+    let fence = crate::journal::Fence {
+        migration: id.to_string(),
+        runs_on: target.to_string(),
+        at_ms: super::now_ms(),
+        why: crate::journal::FenceWhy::StartedThere,
+    };
+    match ctx.vms.fence_if_stopped(&vm, fence).await {
+        Ok(held) => held,
+        Err(e) => {
+            warn!(migration = %id, vm = %vm, "fencing the copy here: {}", e.message());
+            false
+        }
+    }
 }
 
 /// The target owns the VM: stop the source QEMU, remove RAM file and capture, forget the

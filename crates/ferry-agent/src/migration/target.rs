@@ -1167,6 +1167,7 @@ impl IncomingRegistry {
                     migration: id.to_string(),
                     runs_on: r.peer.clone(),
                     at_ms: super::now_ms(),
+                    why: crate::journal::FenceWhy::TakenBack,
                 };
                 // To completion: a caller that gives up (its deadline) must not leave the
                 // guest neither paused nor killed, or the VMs' lock held by a dropped call.
