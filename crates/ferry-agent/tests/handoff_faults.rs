@@ -874,17 +874,7 @@ async fn a_target_back_after_the_operator_took_the_vm_back_discards_its_committe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_that_ran_on_a_host_wrongly_declared_gone_is_fenced_when_that_host_hears_of_it() {
     let _s = SERIAL.lock().await;
-    let mut p = pair(None, Some("tgt.commit.owned=return(exit)")).await;
-    boot(&p.a).await;
-    let id = start(&p, "lz4", false).await;
-    assert!(
-        p.b.wait_failpoint("tgt.commit.owned", Duration::from_secs(180))
-            .await,
-        "the target owned the VM\n{}",
-        p.a.log_tail()
-    );
-    wait_in_doubt(&p.a, &id).await;
-    assert!(!p.b.running(), "the target agent died at the failpoint");
+    let (mut p, id) = in_doubt_with_the_target_dead_at("tgt.commit.owned", None).await;
     assert_eq!(
         p.b.observe_qemu(VM).await,
         QemuObserved::Running,
@@ -1103,13 +1093,22 @@ async fn a_source_restarted_after_journaling_the_verdict_takes_the_vm_back_and_t
 async fn in_doubt_with_the_target_dead_after_committing(
     source_failpoints: Option<&str>,
 ) -> (Pair, String) {
-    let mut p = pair(source_failpoints, Some("tgt.commit.journaled=return(exit)")).await;
+    in_doubt_with_the_target_dead_at("tgt.commit.journaled", source_failpoints).await
+}
+
+/// The source in doubt, the target's agent dead at failpoint `point` of its commit (its
+/// QEMU alive).
+async fn in_doubt_with_the_target_dead_at(
+    point: &str,
+    source_failpoints: Option<&str>,
+) -> (Pair, String) {
+    let armed = format!("{point}=return(exit)");
+    let mut p = pair(source_failpoints, Some(&armed)).await;
     boot(&p.a).await;
     let id = start(&p, "lz4", false).await;
     assert!(
-        p.b.wait_failpoint("tgt.commit.journaled", Duration::from_secs(180))
-            .await,
-        "the target committed\n{}",
+        p.b.wait_failpoint(point, Duration::from_secs(180)).await,
+        "the target reached {point}\n{}",
         p.a.log_tail()
     );
     wait_in_doubt(&p.a, &id).await;
