@@ -622,10 +622,7 @@ impl VmManager {
         // The same news told again keeps the first fence's time.
         let new = e.fenced.as_ref().map(|f| &f.migration) != Some(&fence.migration);
         if new {
-            let mut rec = record_of(e);
-            rec.fenced = Some(fence.clone());
-            self.journal.put_vm(&rec).map_err(journal_err)?;
-            e.fenced = Some(fence);
+            self.journal_fence(e, Some(fence))?;
         }
         let proc = match (step, &e.process) {
             (FenceStep::Pause, Some(p)) => p.clone(),
@@ -674,12 +671,18 @@ impl VmManager {
             return Ok(false);
         }
         if e.fenced.as_ref().map(|f| &f.migration) != Some(&fence.migration) {
-            let mut rec = record_of(e);
-            rec.fenced = Some(fence.clone());
-            self.journal.put_vm(&rec).map_err(journal_err)?;
-            e.fenced = Some(fence);
+            self.journal_fence(e, Some(fence))?;
         }
         Ok(true)
+    }
+
+    /// Sets (or, `None`, lifts) a VM's fence: journaled first, then in memory.
+    fn journal_fence(&self, e: &mut VmEntry, fence: Option<Fence>) -> Result<(), Status> {
+        let mut rec = record_of(e);
+        rec.fenced = fence.clone();
+        self.journal.put_vm(&rec).map_err(journal_err)?;
+        e.fenced = fence;
+        Ok(())
     }
 
     /// Lifts a fence ([`Self::fence`]): the operator has settled which copy lives. The
@@ -693,10 +696,7 @@ impl VmManager {
                 self.cfg.host_name
             )));
         };
-        let mut rec = record_of(e);
-        rec.fenced = None;
-        self.journal.put_vm(&rec).map_err(journal_err)?;
-        e.fenced = None;
+        self.journal_fence(e, None)?;
         warn!(vm = %name, migration = %f.migration, "fence cleared by the operator");
         Ok(self.info(e))
     }
